@@ -1,0 +1,132 @@
+"""Atomic writes and safe loads: a crash never leaves half a file, a load never runs code."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ._version import __version__
+from .errors import OutputError, WeightsError
+
+CHECKPOINT_FORMAT = 1
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write ``path`` through ``write(tmp_path)``: temp file in the same folder, fsync, rename.
+
+    The rename is atomic on POSIX, so readers see the old complete file or the new complete
+    one, never a mix. On any failure the temp file is removed and the old file is intact.
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise OutputError(f"disk full while writing {path}; free space and resume (the previous file is intact)") from e
+        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise OutputError(f"cannot write {path}: permission denied; choose another --out") from e
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """torch.save a dict of tensors and plain values (loadable with weights_only=True)."""
+    state = {"format": CHECKPOINT_FORMAT, "rotnet_version": __version__, **state}
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint without unpickling code; every failure is a WeightsError."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path} does not exist; give a run directory, checkpoint.pt or .safetensors file")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{path} is empty (0 bytes); it was not written completely, use another checkpoint")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise WeightsError(
+            f"{path} needs arbitrary code to load and was refused (weights_only=True); "
+            "re-save it as plain tensors or safetensors"
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise WeightsError(f"{path} is not a readable checkpoint (truncated or another format): {str(e).splitlines()[0][:160]}") from e
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} holds a {type(state).__name__}, not a rotnet checkpoint dict")
+    fmt = state.get("format")
+    if isinstance(fmt, int) and fmt > CHECKPOINT_FORMAT:
+        raise WeightsError(
+            f"{path} was written by a newer rotnet ({state.get('rotnet_version', '?')}); upgrade rotnet to read it"
+        )
+    return state
+
+
+def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Atomic safetensors write; tensors are made contiguous and unshared first."""
+    from safetensors.torch import save_file
+
+    clean = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(clean, str(tmp), metadata=metadata))
+
+
+def load_safetensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata); truncated or foreign files are a WeightsError."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError and OSError subclasses
+        raise WeightsError(f"{path} is not a readable safetensors file (truncated or corrupt): {str(e)[:160]}") from e
+    return tensors, metadata

@@ -1,0 +1,92 @@
+"""What every command shares: consoles, the error boundary, option types, rendering helpers.
+
+Only the CLI imports typer and rich. Nothing here imports torch: `rotnet --help` must
+stay fast, so commands import the library inside their bodies.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import RotnetError
+
+# Results go to stdout; messages, progress and errors to stderr, so `--json` output
+# on stdout stays machine-readable.
+out_console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+_state = {"debug": False}
+
+
+def set_debug(flag: bool) -> None:
+    _state["debug"] = flag or os.environ.get("ROTNET_DEBUG", "") not in ("", "0")
+
+
+def debug_enabled() -> bool:
+    return _state["debug"] or os.environ.get("ROTNET_DEBUG", "") not in ("", "0")
+
+
+def error_boundary(command: Callable) -> Callable:
+    """Turn known errors into one red line and an exit code; tracebacks only with --debug."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except RotnetError as e:
+            if debug_enabled():
+                raise
+            style = "yellow" if e.exit_code == 130 else "bold red"
+            prefix = "stopped" if e.exit_code == 130 else "error"
+            err_console.print(f"[{style}]{prefix}:[/] {e}", soft_wrap=True, markup=True, highlight=False)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            if debug_enabled():
+                raise
+            err_console.print("[yellow]stopped:[/] interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def print_json(obj: Any) -> None:
+    """Machine output: one JSON document on stdout, nothing else there."""
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def note(message: str) -> None:
+    err_console.print(message, highlight=False, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+# ----------------------------------------------------------------------------- shared options
+# Names follow timm's train.py where it has one.
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, N or mps.")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (and nothing else there).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (data order, splits, initialisation).")]
+WorkersOpt = Annotated[int, typer.Option("--workers", "-j", help="Loader worker processes for image folders.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch (before rotation).")]
+ImgSizeOpt = Annotated[Optional[int], typer.Option("--img-size", help="Square input size in pixels (default: the dataset's own, else the model's).")]
+DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Where torchvision datasets live (default ~/.cache/rotnet/datasets/NAME).")]
+DownloadOpt = Annotated[bool, typer.Option("--download", help="Allow downloading a torchvision dataset (needs internet).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty output.")]
+WeightsArg = Annotated[
+    str,
+    typer.Argument(
+        help="Weights: a run directory, checkpoint.pt, model.safetensors, an exported folder, timm:NAME or random:NAME.",
+        show_default=False,
+    ),
+]

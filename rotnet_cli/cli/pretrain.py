@@ -1,0 +1,170 @@
+"""rotnet pretrain: RotNet pretraining of any timm backbone."""
+
+from __future__ import annotations
+
+import signal
+from typing import Annotated, Optional
+
+import typer
+from click.core import ParameterSource
+from rich.table import Table
+
+from ..config import PretrainConfig, format_rotations, parse_int_list, parse_rotations
+from . import app
+from ._common import (
+    BatchSizeOpt, DataDirOpt, DeviceOpt, DownloadOpt, ImgSizeOpt, JsonOpt, OverwriteOpt, PrecisionOpt, SeedOpt,
+    WorkersOpt, err_console, error_boundary, note, out_console, print_json, warn,
+)
+from .progress import ProgressView
+
+EXAMPLES = """
+[b]Examples[/b]
+
+  rotnet pretrain                                   [dim]# resnet18 on the built-in digits, CPU ok[/dim]
+  rotnet pretrain --model vit_small_patch16_224 --data ~/photos --epochs 50 --device cuda:1
+  rotnet pretrain --model resnet50 --data cifar10 --download --rotations 0,90,180,270 -b 128
+  rotnet pretrain --resume runs/resnet18-20261124-101500  [dim]# continue where it stopped[/dim]
+  torchrun --nproc-per-node 4 -m rotnet_cli pretrain --model resnet50 --data ~/photos
+"""
+
+
+@app.command(epilog=EXAMPLES)
+@error_boundary
+def pretrain(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option("--model", "-m", help="Any timm model name (also timm/NAME).")] = "resnet18",
+    data: Annotated[str, typer.Option("--data", help="digits (built in), a folder of images (flat or class sub-folders; train/ + val/ used as such), or cifar10, cifar100, stl10, mnist, fashionmnist, svhn.")] = "digits",
+    data_dir: DataDirOpt = None,
+    download: DownloadOpt = False,
+    val_split: Annotated[float, typer.Option("--val-split", help="Share of images held out for validation rotation accuracy (seeded).")] = 0.1,
+    rotations: Annotated[str, typer.Option("--rotations", help="Angles in degrees, comma-separated; the label of a copy is its angle's index. Non-multiples of 90 are interpolated and disc-masked.")] = "0,90,180,270",
+    copies: Annotated[str, typer.Option("--copies", help="all: every rotated copy of each image in the batch (the paper); one: one sampled rotation per image.")] = "all",
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs.")] = 10,
+    batch_size: BatchSizeOpt = 128,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default 0.1 for SGD as in the paper, 1e-3 for AdamW).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay (default 5e-4 SGD, 0.05 AdamW).")] = None,
+    momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum (Nesterov).")] = 0.9,
+    optimizer: Annotated[str, typer.Option("--optimizer", "--opt", help="sgd (Nesterov, the paper) or adamw.")] = "sgd",
+    schedule: Annotated[str, typer.Option("--schedule", "--sched", help="cosine, or step (with --milestones and --gamma).")] = "cosine",
+    milestones: Annotated[Optional[str], typer.Option("--milestones", help="Epochs where a step schedule multiplies the lr by --gamma, e.g. 30,60,80.")] = None,
+    gamma: Annotated[float, typer.Option("--gamma", help="lr factor at each milestone (the paper: 0.2).")] = 0.2,
+    warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear lr warm-up, in epochs.")] = 0.0,
+    img_size: ImgSizeOpt = None,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random crop with padding + horizontal flip, before rotating.")] = True,
+    workers: WorkersOpt = 2,
+    seed: SeedOpt = 0,
+    init: Annotated[Optional[str], typer.Option("--init", help="Start from these weights (a run, checkpoint, safetensors, export, timm:NAME); a new run.")] = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="channels_last memory format (faster convs on GPU).")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    cache: Annotated[str, typer.Option("--cache", help="auto, none, ram or device: keep decoded uint8 images in memory / on the GPU.")] = "auto",
+    strict_data: Annotated[bool, typer.Option("--strict-data", help="Stop at the first unreadable image instead of skipping it.")] = False,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run directory (default runs/MODEL-DATE-TIME).")] = None,
+    overwrite: OverwriteOpt = False,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue the run in this directory exactly where its checkpoint stopped.")] = None,
+    save_every: Annotated[int, typer.Option("--save-every", help="Also checkpoint every N steps (0: at the end of each epoch only).")] = 0,
+    log_every: Annotated[int, typer.Option("--log-every", help="Read loss/accuracy from the device every N steps (fewer host syncs).")] = 10,
+    max_steps_per_epoch: Annotated[Optional[int], typer.Option("--max-steps-per-epoch", hidden=True)] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Pretrain a timm backbone by predicting image rotations; writes a run directory."""
+    from ..pretrain import pretrain as run_pretrain, resume_config
+
+    values = {
+        "model": model, "data": data, "data_dir": data_dir, "download": download, "val_split": val_split,
+        "rotations": parse_rotations(rotations), "copies": copies, "epochs": epochs, "batch_size": batch_size,
+        "lr": lr, "weight_decay": weight_decay, "momentum": momentum, "optimizer": optimizer, "schedule": schedule,
+        "milestones": parse_int_list("--milestones", milestones), "gamma": gamma, "warmup_epochs": warmup_epochs,
+        "img_size": img_size, "augment": augment, "workers": workers, "seed": seed, "init": init, "device": device,
+        "precision": precision, "channels_last": channels_last, "compile": compile, "cache": cache,
+        "strict_data": strict_data, "out": out, "overwrite": overwrite, "save_every": save_every,
+        "log_every": log_every, "max_steps_per_epoch": max_steps_per_epoch,
+    }
+    if resume:
+        given = {k: v for k, v in values.items() if _given(ctx, k)}
+        config = resume_config(resume, given)
+    else:
+        config = PretrainConfig(**values)
+
+    stop = _StopFlag()
+    view = ProgressView(err_console, title="pretrain")
+    with stop.installed(), view:
+        result = run_pretrain(config, progress=view, should_stop=stop)
+
+    if result.skipped_files:
+        warn(f"{len(result.skipped_files)} unreadable image file(s) were skipped, e.g. {result.skipped_files[0]}")
+    if json_out:
+        print_json(result.to_dict())
+        return
+    _render_summary(result, config)
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
+class _StopFlag:
+    """Ctrl-C asks the loop to stop at the next step boundary (it checkpoints, then exits 130).
+
+    A second Ctrl-C stops at once.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        err_console.print("[yellow]Ctrl-C: saving a checkpoint at the end of this step (press again to abort)[/]")
+
+    def installed(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def handler():
+            try:
+                previous = signal.signal(signal.SIGINT, self._handle)
+            except ValueError:  # not the main thread (e.g. some test runners)
+                yield
+                return
+            try:
+                yield
+            finally:
+                signal.signal(signal.SIGINT, previous)
+
+        return handler()
+
+
+def _fmt(value, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.2f}%" if pct else f"{value:.4f}"
+
+
+def _render_summary(result, config: PretrainConfig) -> None:
+    final = result.final
+    table = Table(title=f"RotNet pretraining: {config.model} on {config.data}", title_justify="left")
+    table.add_column("epoch", justify="right")
+    table.add_column("loss", justify="right")
+    table.add_column("rot acc", justify="right")
+    table.add_column("val loss", justify="right")
+    table.add_column("val rot acc", justify="right")
+    table.add_column("img/s", justify="right")
+    for row in result.history[-10:]:
+        table.add_row(
+            str(row["epoch"]), _fmt(row["loss"]), _fmt(row["rot_acc"], True), _fmt(row["val_loss"]),
+            _fmt(row["val_rot_acc"], True), f"{row['images_per_s']:.0f}",
+        )
+    out_console.print(table)
+    if result.val_rot_acc_per_rotation:
+        per = "  ".join(f"{angle}°: {100 * acc:.1f}%" for angle, acc in result.val_rot_acc_per_rotation.items())
+        out_console.print(f"validation accuracy per rotation ({format_rotations(config.rotations)}): {per}")
+    out_console.print(f"run directory: [bold]{result.out_dir}[/]  (export: rotnet export {result.out_dir} --out {result.out_dir}/export)")
+    if final.get("val_rot_acc") is None:
+        note("no validation split (--val-split 0); accuracy above is on training images")

@@ -1,0 +1,450 @@
+"""Dataset sources, uint8 batches, and the on-device transforms.
+
+Everything leaves this module as uint8 (N, 3, S, S) batches: decoding and resizing happen
+once (small datasets are decoded a single time into memory) or in loader workers (large
+folders), and conversion, normalisation and augmentation happen on the training device,
+batched. Nothing about rotation lives here (see rotations.py).
+
+Sources: ``digits`` (built in), a folder of class sub-folders, a flat folder of images
+(recursive), a folder with ``train/`` and ``val/``, and torchvision dataset names.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+TORCHVISION_DATASETS = ("cifar10", "cifar100", "stl10", "mnist", "fashionmnist", "svhn")
+BUILTIN_DIGITS = Path(__file__).parent / "data" / "digits.npz"
+DEFAULT_DATA_DIR = Path(os.environ.get("ROTNET_DATA_DIR", Path.home() / ".cache" / "rotnet" / "datasets"))
+# In-memory caching of a folder is automatic below this many bytes of decoded uint8 pixels.
+AUTO_RAM_CACHE_BYTES = 2 * 2**30
+
+
+@dataclass
+class ImageSet:
+    """One split of a dataset: decoded in memory (``images``) or files on disk (``paths``)."""
+
+    name: str
+    img_size: int
+    images: torch.Tensor | None = None  # (N, 3, S, S) uint8, when in memory
+    paths: list[Path] | None = None  # when read from disk
+    labels: torch.Tensor | None = None  # (N,) int64, None when unlabelled
+    classes: list[str] | None = None
+    skipped: list[str] = field(default_factory=list)  # unreadable files left out
+
+    def __len__(self) -> int:
+        return len(self.images) if self.images is not None else len(self.paths or [])
+
+    @property
+    def in_memory(self) -> bool:
+        return self.images is not None
+
+    def subset(self, indices: torch.Tensor | list[int]) -> "ImageSet":
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return ImageSet(
+            name=self.name,
+            img_size=self.img_size,
+            images=self.images[idx] if self.images is not None else None,
+            paths=[self.paths[i] for i in idx.tolist()] if self.paths is not None else None,
+            labels=self.labels[idx] if self.labels is not None else None,
+            classes=self.classes,
+            skipped=self.skipped,
+        )
+
+
+@dataclass
+class DataSource:
+    """A resolved ``--data``: a training split and, when the source has one, a validation split."""
+
+    spec: str
+    train: ImageSet
+    val: ImageSet | None
+    native_size: int | None  # the source's own image size, when it has one
+
+
+# ----------------------------------------------------------------------------- resolving --data
+
+
+def native_size(spec: str) -> int | None:
+    """The image size of a built-in or torchvision source (None for folders)."""
+    key = spec.lower().replace("-", "").replace("_", "")
+    return {"digits": 32, "cifar10": 32, "cifar100": 32, "mnist": 32, "fashionmnist": 32, "svhn": 32, "stl10": 96}.get(key)
+
+
+def open_source(
+    spec: str,
+    img_size: int,
+    *,
+    need_labels: bool = False,
+    download: bool = False,
+    data_dir: str | Path | None = None,
+    cache: str = "auto",
+    workers: int = 2,
+    strict: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> DataSource:
+    """Resolve ``--data`` into train (and maybe val) ImageSets of uint8 at ``img_size``."""
+    key = spec.lower().replace("-", "").replace("_", "")
+    if key == "digits":
+        return DataSource(spec, _digits(img_size), None, 32)
+    if key in TORCHVISION_DATASETS and not Path(spec).exists():
+        root = Path(data_dir) if data_dir else DEFAULT_DATA_DIR / key
+        train = _torchvision(key, root, "train", img_size, download)
+        val = _torchvision(key, root, "test", img_size, download)
+        return DataSource(spec, train, val, native_size(key))
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"--data {spec}: no such folder, and not a known dataset name "
+            f"(digits, {', '.join(TORCHVISION_DATASETS)})"
+        )
+    if not path.is_dir():
+        raise DataError(f"--data {spec} is a file; give a folder of images (or of class sub-folders)")
+    load = dict(img_size=img_size, need_labels=need_labels, cache=cache, workers=workers, strict=strict, progress=progress)
+    if (path / "train").is_dir() and (path / "val").is_dir():
+        return DataSource(spec, _folder(path / "train", **load), _folder(path / "val", **load), None)
+    return DataSource(spec, _folder(path, **load), None, None)
+
+
+def _digits(img_size: int) -> ImageSet:
+    """The built-in UCI digits (1,797 8x8 grey images): upsampled, grey replicated to RGB."""
+    with np.load(BUILTIN_DIGITS) as d:
+        images = torch.from_numpy(d["images"]).unsqueeze(1)  # (N, 1, 8, 8) uint8
+        labels = torch.from_numpy(d["labels"].astype(np.int64))
+    images = resize_uint8(images, img_size).expand(-1, 3, -1, -1).contiguous()
+    return ImageSet("digits", img_size, images=images, labels=labels, classes=[str(i) for i in range(10)])
+
+
+def _torchvision(key: str, root: Path, split: str, img_size: int, download: bool) -> ImageSet:
+    """A torchvision dataset's arrays straight into uint8 tensors (no per-image PIL)."""
+    import torchvision.datasets as tvd
+
+    train = split == "train"
+    makers = {
+        "cifar10": lambda: tvd.CIFAR10(str(root), train=train, download=download),
+        "cifar100": lambda: tvd.CIFAR100(str(root), train=train, download=download),
+        "mnist": lambda: tvd.MNIST(str(root), train=train, download=download),
+        "fashionmnist": lambda: tvd.FashionMNIST(str(root), train=train, download=download),
+        "svhn": lambda: tvd.SVHN(str(root), split="train" if train else "test", download=download),
+        "stl10": lambda: tvd.STL10(str(root), split="train" if train else "test", download=download),
+    }
+    try:
+        ds = makers[key]()
+    except RuntimeError as e:
+        if download:
+            raise DataError(f"could not download {key} into {root}: {str(e).splitlines()[0]}") from e
+        raise DataError(
+            f"{key} was not found in {root}; pass --download to fetch it there, or --data-dir FOLDER where it already lies"
+        ) from None
+    except OSError as e:
+        raise DataError(f"could not download {key} into {root} (offline?): {str(e).splitlines()[0]}") from e
+    data = ds.data
+    data = torch.as_tensor(np.asarray(data))
+    if data.ndim == 3:  # (N, H, W) grey
+        data = data.unsqueeze(1)
+    elif data.shape[-1] in (1, 3):  # (N, H, W, C) -> (N, C, H, W)
+        data = data.permute(0, 3, 1, 2)
+    images = resize_uint8(data.contiguous(), img_size)
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1).contiguous()
+    targets = getattr(ds, "targets", None)
+    if targets is None:
+        targets = getattr(ds, "labels", None)
+    labels = torch.as_tensor(np.asarray(targets), dtype=torch.long) if targets is not None else None
+    classes = list(getattr(ds, "classes", [])) or None
+    return ImageSet(key, img_size, images=images, labels=labels, classes=classes)
+
+
+def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """Resize a (N, C, H, W) uint8 batch to (N, C, size, size): bilinear, antialiased when shrinking."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = []
+    for start in range(0, len(images), chunk):
+        x = images[start : start + chunk].float()
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out.append(x.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out) if out else images.new_zeros((0, images.shape[1], size, size))
+
+
+def scan_images(folder: Path) -> list[Path]:
+    """Every image file below ``folder`` (recursive), sorted so the order is reproducible."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _class_layout(folder: Path) -> tuple[list[str], list[Path], list[int]] | None:
+    """(classes, paths, labels) when ``folder`` holds only class sub-folders, else None."""
+    subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    loose = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not subdirs or loose:
+        return None
+    classes, paths, labels = [], [], []
+    for label, d in enumerate(subdirs):
+        found = scan_images(d)
+        if not found:
+            raise DataError(f"class folder {d} has no images; remove it or add images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        classes.append(d.name)
+        paths += found
+        labels += [label] * len(found)
+    return classes, paths, labels
+
+
+def _folder(
+    folder: Path, img_size: int, need_labels: bool, cache: str, workers: int, strict: bool,
+    progress: Callable[[int, int], None] | None,
+) -> ImageSet:
+    layout = _class_layout(folder)
+    if layout is None:
+        if need_labels:
+            raise DataError(
+                f"{folder} has no class sub-folders, so it has no labels; arrange it as {folder}/CLASS/image.jpg"
+            )
+        paths, labels, classes = scan_images(folder), None, None
+    else:
+        classes, paths, label_list = layout
+        labels = torch.tensor(label_list, dtype=torch.long)
+    if not paths:
+        raise DataError(f"{folder} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)")
+    images = ImageSet(folder.name, img_size, paths=paths, labels=labels, classes=classes)
+    decoded_bytes = len(paths) * 3 * img_size * img_size
+    if cache in ("ram", "device") or (cache == "auto" and decoded_bytes <= AUTO_RAM_CACHE_BYTES):
+        images = decode_all(images, workers=workers, strict=strict, progress=progress)
+    return images
+
+
+# ----------------------------------------------------------------------------- decoding files
+
+
+def decode_file(path: Path, size: int) -> torch.Tensor:
+    """One image file -> (3, size, size) uint8: EXIF orientation applied, RGB, shorter side
+    resized to ``size`` (antialiased), centre crop. Raises on unreadable files."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        # JPEG draft mode decodes at a reduced scale directly: much cheaper for big photos.
+        im.draft("RGB", (size * 2, size * 2))
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        w, h = im.size
+        scale = size / min(w, h)
+        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR, reducing_gap=None)
+        w, h = im.size
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+        array = np.asarray(im, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+class FileDataset(torch.utils.data.Dataset):
+    """Decodes files in loader workers; an unreadable file yields None (counted, skipped)."""
+
+    def __init__(self, paths: list[Path], size: int, strict: bool = False):
+        self.paths, self.size, self.strict = paths, size, strict
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, decode_file(self.paths[index], self.size)
+        except Exception as e:  # PIL raises many types for broken files
+            if self.strict:
+                raise DataError(f"unreadable image {self.paths[index]}: {e}; remove it or drop --strict-data") from None
+            return index, None
+
+
+def _collate(items):
+    """-> (indices (n,), images (n, 3, S, S) uint8, bad_indices list) with failed reads left out."""
+    good = [(i, x) for i, x in items if x is not None]
+    bad = [i for i, x in items if x is None]
+    if not good:
+        return torch.empty(0, dtype=torch.long), None, bad
+    idx = torch.tensor([i for i, _ in good], dtype=torch.long)
+    return idx, torch.stack([x for _, x in good]), bad
+
+
+def decode_all(
+    images: ImageSet, workers: int = 2, strict: bool = False, progress: Callable[[int, int], None] | None = None
+) -> ImageSet:
+    """Decode every file once into memory (skipping unreadable ones) -> in-memory ImageSet."""
+    assert images.paths is not None
+    loader = torch.utils.data.DataLoader(
+        FileDataset(images.paths, images.img_size, strict), batch_size=64, num_workers=workers, collate_fn=_collate
+    )
+    out = torch.empty((len(images.paths), 3, images.img_size, images.img_size), dtype=torch.uint8)
+    ok = torch.zeros(len(images.paths), dtype=torch.bool)
+    bad: list[int] = []
+    done = 0
+    for idx, batch, failed in loader:
+        if batch is not None:
+            out[idx] = batch
+            ok[idx] = True
+        bad += failed
+        done += len(idx) + len(failed)
+        if progress:
+            progress(done, len(images.paths))
+    keep = ok.nonzero().squeeze(1)
+    if len(keep) == 0:
+        raise DataError(f"none of the {len(images.paths)} image files in {images.name} could be read")
+    return ImageSet(
+        images.name, images.img_size, images=out[keep], paths=[images.paths[i] for i in keep.tolist()],
+        labels=images.labels[keep] if images.labels is not None else None, classes=images.classes,
+        skipped=images.skipped + [str(images.paths[i]) for i in sorted(bad)],
+    )
+
+
+# ----------------------------------------------------------------------------- splits and batches
+
+
+def split_indices(n: int, fraction: float, seed: int, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) index tensors; seeded; stratified by class when labels are given."""
+    g = torch.Generator().manual_seed(seed)
+    if fraction <= 0:
+        return torch.arange(n), torch.empty(0, dtype=torch.long)
+    if labels is None:
+        perm = torch.randperm(n, generator=g)
+        k = max(1, round(n * fraction))
+        return perm[k:].sort().values, perm[:k].sort().values
+    train, val = [], []
+    for c in labels.unique(sorted=True).tolist():
+        members = (labels == c).nonzero().squeeze(1)
+        members = members[torch.randperm(len(members), generator=g)]
+        k = max(1, round(len(members) * fraction)) if len(members) > 1 else 0
+        val.append(members[:k])
+        train.append(members[k:])
+    return torch.cat(train).sort().values, torch.cat(val).sort().values
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+    """The order of one epoch, a pure function of (seed, epoch): resume replays it exactly."""
+    if not shuffle:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (n, 3, S, S) uint8 on the target device
+    labels: torch.Tensor | None  # (n,) int64 on the target device
+    skipped: list[str]  # files that failed to decode in this batch
+
+
+def iterate_batches(
+    images: ImageSet,
+    order: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    *,
+    drop_last: bool,
+    workers: int = 2,
+    start_batch: int = 0,
+) -> Iterator[Batch]:
+    """uint8 batches in ``order`` on ``device``, from ``start_batch`` on (mid-epoch resume).
+
+    In-memory sets are indexed directly (on the device if cached there); files are decoded
+    by DataLoader workers into pinned memory. The next batch is copied while the current
+    one trains (non_blocking transfers from pinned memory).
+    """
+    n_batches = len(order) // batch_size if drop_last else math.ceil(len(order) / batch_size)
+    chunks = [order[i * batch_size : (i + 1) * batch_size] for i in range(start_batch, n_batches)]
+    pin = device.type == "cuda"
+    labels = images.labels
+
+    def to_device(x: torch.Tensor) -> torch.Tensor:
+        if x.device == device:
+            return x
+        return (x.pin_memory() if pin else x).to(device, non_blocking=pin)
+
+    if images.in_memory:
+        assert images.images is not None
+        for idx in chunks:
+            idx_on = idx.to(images.images.device)
+            yield Batch(
+                to_device(images.images[idx_on]),
+                to_device(labels[idx]) if labels is not None else None,
+                [],
+            )
+        return
+
+    assert images.paths is not None
+    loader = torch.utils.data.DataLoader(
+        FileDataset(images.paths, images.img_size),
+        batch_sampler=[c.tolist() for c in chunks],
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=pin,
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    for idx, batch, failed in loader:
+        skipped = [str(images.paths[i]) for i in failed]
+        if batch is None:
+            continue
+        yield Batch(
+            batch.to(device, non_blocking=pin),
+            labels[idx].to(device, non_blocking=pin) if labels is not None else None,
+            skipped,
+        )
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+# ----------------------------------------------------------------------------- on-device transforms
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Per-image random crop after zero padding, and a random horizontal flip; one batched op.
+
+    images: (N, C, S, S) uint8 -> (N, C, S, S) uint8. The same as torchvision's
+    RandomCrop(S, padding) + RandomHorizontalFlip on each image, without a Python loop.
+    """
+    n, _, h, w = images.shape
+    dev = images.device
+    if padding > 0:
+        padded = F.pad(images, (padding, padding, padding, padding))  # zeros, as RandomCrop's default fill
+        oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=dev)
+        ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=dev)
+        rows = oy[:, None] + torch.arange(h, device=dev)  # (N, S)
+        cols = ox[:, None] + torch.arange(w, device=dev)  # (N, S)
+        batch = torch.arange(n, device=dev)[:, None, None]
+        # advanced indexing around the channel slice gives (N, S, S, C)
+        images = padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    flip = torch.rand((n,), generator=generator, device=dev) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(3), images).contiguous()
+
+
+def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(N, 3, S, S) uint8 -> float32 normalised with the model's mean and std."""
+    m = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    s = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    return (images.float() - m) / s
+
+
+def warn_skipped(skipped: list[str]) -> str | None:
+    """The one-line warning about unreadable files (None when there were none)."""
+    if not skipped:
+        return None
+    first = ", ".join(skipped[:3])
+    return f"skipped {len(skipped)} unreadable image file(s): {first}{' ...' if len(skipped) > 3 else ''}"
+
+
+__all__ = [
+    "ImageSet", "DataSource", "open_source", "native_size", "split_indices", "epoch_order", "iterate_batches",
+    "random_crop_flip", "normalize", "decode_file", "scan_images", "num_batches", "warn_skipped", "Batch",
+]
+
+warnings.filterwarnings("ignore", message=".*Palette images with Transparency.*")

@@ -1,0 +1,481 @@
+"""RotNet pretraining: the training loop, read top to bottom.
+
+``pretrain(config, progress)`` builds everything from a validated PretrainConfig, trains
+backbone + rotation head on the rotation pretext task, writes the run directory
+(config.json, metrics.jsonl, checkpoint.pt, model.safetensors) and returns a result.
+It never prints: progress goes through the ``progress(kind, info)`` callback.
+
+Exact resume: the data order is a pure function of (seed, epoch), the augmentation and
+rotation randomness of a step a pure function of (seed, step, rank), and the checkpoint
+holds model, optimizer, scaler, partial epoch sums and the global RNG state (dropout,
+drop-path). So a resumed run replays the same computation as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import data as data_lib
+from ._version import __version__
+from .checkpoint import load_checkpoint, save_checkpoint, save_safetensors, write_json, write_text
+from .config import RESUME_FREE_OPTIONS, PretrainConfig, format_rotations
+from .errors import ConfigError, DataError, Interrupted, NonFiniteLossError, OutputError
+from .models import RUN_CHECKPOINT, RUN_CONFIG, RUN_WEIGHTS, RotNet, create_backbone, data_config, load_weights
+from .rotations import make_rotation_batch, rotate_all
+from .runtime import (
+    DistInfo, autocast, describe_device, dist_from_env, init_distributed, resolve_device, resolve_precision,
+    seed_everything, shutdown_distributed,
+)
+
+METRICS = "metrics.jsonl"
+RUN_FILES = (RUN_CONFIG, METRICS, RUN_CHECKPOINT, RUN_WEIGHTS, "probe.json")
+
+Progress = Callable[[str, dict], None]
+
+
+@dataclass
+class PretrainResult:
+    out_dir: Path
+    model: str
+    device: str
+    epochs_done: int
+    history: list[dict] = field(default_factory=list)
+    val_rot_acc_per_rotation: dict[str, float] = field(default_factory=dict)
+    skipped_files: list[str] = field(default_factory=list)
+    resumed_from: dict | None = None
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+    def to_dict(self) -> dict:
+        return {
+            "out_dir": str(self.out_dir), "model": self.model, "device": self.device, "epochs_done": self.epochs_done,
+            "final": self.final, "val_rot_acc_per_rotation": self.val_rot_acc_per_rotation,
+            "skipped_files": len(self.skipped_files), "resumed_from": self.resumed_from,
+        }
+
+
+def rotation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the rotation classes (a module-level function so tests can poison it)."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def lr_at(step: int, cfg: PretrainConfig, steps_per_epoch: int) -> float:
+    """Learning rate of a global step: linear warm-up, then cosine or step decay (per step)."""
+    base = cfg.resolved_lr
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if cfg.schedule == "step":
+        epoch = step // steps_per_epoch
+        return base * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_generator(device: torch.device, seed: int, step: int, rank: int) -> torch.Generator:
+    """The randomness of one step (crop, flip, sampled rotation) as a function of its index."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 64 + rank)
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> PretrainConfig:
+    """The saved config of ``run_dir``, with ``overrides`` that must not contradict it."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_CHECKPOINT).is_file() or not (run_dir / RUN_CONFIG).is_file():
+        raise ConfigError(f"--resume {run_dir}: no {RUN_CHECKPOINT} and {RUN_CONFIG} there; it is not a run to resume")
+    try:
+        saved = json.loads((run_dir / RUN_CONFIG).read_text())["config"]
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--resume {run_dir}: {RUN_CONFIG} is unreadable ({e}); start a new run instead") from None
+    base = PretrainConfig.from_dict(saved)
+    given = PretrainConfig.from_dict({**base.to_dict(), **overrides})
+    clashes = [
+        f"--{k.replace('_', '-')} {_show(getattr(given, k))} (the run used {_show(getattr(base, k))})"
+        for k in overrides
+        if k not in RESUME_FREE_OPTIONS and getattr(given, k) != getattr(base, k)
+    ]
+    if clashes:
+        raise ConfigError(f"--resume {run_dir}: options contradict the saved run: {'; '.join(clashes)}; drop them or start a new run")
+    return PretrainConfig.from_dict({**given.to_dict(), "out": str(run_dir), "resume": True, "overwrite": False})
+
+
+def _show(v: Any) -> str:
+    return format_rotations(v) if isinstance(v, tuple) and v and isinstance(v[0], float) else str(v)
+
+
+def default_out_dir(cfg: PretrainConfig) -> Path:
+    safe = cfg.model.replace("/", "-").replace(":", "-")
+    return Path("runs") / f"{safe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_out_dir(cfg: PretrainConfig) -> Path:
+    """Refuse a non-empty --out unless --resume or --overwrite; nothing is changed here."""
+    out = Path(cfg.out) if cfg.out else default_out_dir(cfg)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; choose a folder name")
+    if cfg.resume:
+        return out
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise OutputError(f"{out} exists and is not empty; pass --resume {out} to continue it, --overwrite to replace it, or another --out")
+    return out
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {out}: {e.strerror}; choose another --out") from None
+    if overwrite:  # only rotnet's own files go; anything else the user put there stays
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        for extra in ("export",):
+            shutil.rmtree(out / extra, ignore_errors=True)
+    probe = out / ".rotnet-write-test"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"cannot write into {out}: {e.strerror}; choose another --out") from None
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> PretrainResult:
+    """Run RotNet pretraining as configured; see the module docstring."""
+    emit = progress or (lambda kind, info: None)
+    stop_requested = should_stop or (lambda: False)
+    dist = dist_from_env()
+    device = resolve_device(cfg.device, dist.local_rank)
+    precision = resolve_precision(cfg.precision, device)
+    out = check_out_dir(cfg)
+    resume_state = load_checkpoint(out / RUN_CHECKPOINT) if cfg.resume else None
+    if dist.enabled and cfg.batch_size % dist.world_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} must divide by the {dist.world_size} processes of torchrun")
+    init_distributed(dist, device)
+    try:
+        return _train(cfg, dist, device, precision, out, resume_state, emit, stop_requested)
+    finally:
+        shutdown_distributed()
+
+
+def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit: Progress, stop_requested) -> PretrainResult:
+    seed_everything(cfg.seed)  # the same initial weights on every rank
+    emit("device", {"device": describe_device(device), "precision": precision, "world_size": dist.world_size})
+
+    # -- model: a headless timm backbone + Linear(num_features, R) rotation head
+    R = cfg.num_rotations
+    img_size = cfg.img_size or data_lib.native_size(cfg.data)
+    backbone = create_backbone(cfg.model, img_size=img_size)
+    dcfg = data_config(backbone)
+    img_size = img_size or int(dcfg["input_size"][-1])
+    mean, std = tuple(dcfg["mean"]), tuple(dcfg["std"])
+    model = RotNet(backbone, R)
+    if cfg.init and resume_state is None:
+        _load_init(model, cfg)
+
+    # -- data: uint8 (N, 3, S, S) train and validation sets
+    source = data_lib.open_source(
+        cfg.data, img_size, download=cfg.download, data_dir=cfg.data_dir, cache=cfg.cache, workers=cfg.workers,
+        strict=cfg.strict_data, progress=lambda done, total: emit("decode", {"done": done, "total": total}),
+    )
+    train_set, val_set = source.train, source.val
+    if val_set is None and cfg.val_split > 0:
+        train_idx, val_idx = data_lib.split_indices(len(train_set), cfg.val_split, cfg.seed)
+        train_set, val_set = train_set.subset(train_idx), train_set.subset(val_idx)
+    skipped = list(train_set.skipped) + (list(val_set.skipped) if val_set is not None and val_set.skipped is not train_set.skipped else [])
+    if skipped:
+        emit("warning", {"message": data_lib.warn_skipped(skipped)})
+    per_rank_batch = cfg.batch_size // dist.world_size
+    images_per_rank = len(train_set) // dist.world_size
+    if images_per_rank < per_rank_batch:
+        raise DataError(
+            f"the training set has {len(train_set)} images, fewer than one batch of {cfg.batch_size}; "
+            f"lower --batch-size to at most {max(1, len(train_set) // dist.world_size)}"
+        )
+    if cfg.cache == "device" or (cfg.cache == "auto" and device.type == "cuda" and train_set.in_memory and _fits_on(device, train_set)):
+        train_set = _on_device(train_set, device)
+        if val_set is not None and val_set.in_memory:
+            val_set = _on_device(val_set, device)
+    steps_per_epoch = images_per_rank // per_rank_batch
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    padding = max(1, img_size // 8)  # 4 px at 32 px, the paper's CIFAR crop
+
+    # -- optimizer (timm's factory: SGD here is Nesterov, no weight decay on norms and biases)
+    import timm.optim
+
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = timm.optim.create_optimizer_v2(
+        model, opt=cfg.optimizer, lr=cfg.resolved_lr, weight_decay=cfg.resolved_weight_decay,
+        **({"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}),
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    # -- resume: everything that decides the next step
+    start_epoch, start_step, history, partial = 0, 0, [], None
+    if resume_state is not None:
+        _restore(resume_state, model, optimizer, scaler, device, out)
+        start_epoch, start_step = int(resume_state["epoch"]), int(resume_state["step"])
+        history = list(resume_state.get("history", []))
+        partial = resume_state.get("partial")
+        emit("resume", {"epoch": start_epoch, "step": start_step})
+
+    train_model = model
+    if dist.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    if dist.is_main:
+        if resume_state is None:
+            _prepare_out_dir(out, cfg.overwrite)
+            write_json(out / RUN_CONFIG, _run_config(cfg, out, img_size, mean, std, device, precision, dist, len(train_set), len(val_set or [])))
+        write_text(out / METRICS, "".join(json.dumps(row) + "\n" for row in history))
+    emit("start", {
+        "out_dir": str(out), "model": cfg.model, "img_size": img_size, "train_images": len(train_set),
+        "val_images": len(val_set) if val_set is not None else 0, "steps_per_epoch": steps_per_epoch,
+        "epochs": cfg.epochs, "start_epoch": start_epoch, "batch_images": per_rank_batch * dist.world_size * (R if cfg.copies == "all" else 1),
+    })
+
+    def checkpoint(epoch: int, step: int, sums: dict | None) -> None:
+        """Everything needed to continue at (epoch, step); rank 0 writes it atomically."""
+        if not dist.is_main:
+            return
+        save_checkpoint(out / RUN_CHECKPOINT, {
+            "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "partial": sums, "history": history,
+            "img_size": img_size, "mean": list(mean), "std": list(std), "rng": _rng_state(),
+        })
+
+    for epoch in range(start_epoch, cfg.epochs):
+        # this rank's share of the epoch's order: (images_per_rank,)
+        order = data_lib.epoch_order(len(train_set), cfg.seed, epoch)[dist.rank :: dist.world_size][:images_per_rank]
+        first = start_step if epoch == start_epoch else 0
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        if first and partial:
+            loss_sum += partial["loss_sum"]
+            correct += int(partial["correct"])
+            seen = int(partial["seen"])
+        train_model.train()
+        t0 = time.perf_counter()
+        waited = 0.0
+        batches = data_lib.iterate_batches(
+            train_set, order, per_rank_batch, device, drop_last=True, workers=cfg.workers, start_batch=first
+        )
+        step = first
+        while step < steps_per_epoch:
+            t_wait = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - t_wait
+            if batch is None:
+                break
+            if batch.skipped:
+                skipped += batch.skipped
+            global_step = epoch * steps_per_epoch + step
+            lr = lr_at(global_step, cfg, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            # on-device: crop+flip on uint8, normalise, then the rotated copies and their labels
+            gen = step_generator(device, cfg.seed, global_step, dist.rank)
+            x = data_lib.random_crop_flip(batch.images, padding, gen) if cfg.augment else batch.images
+            x = data_lib.normalize(x, mean, std)  # (B, 3, S, S) float32
+            x, y = make_rotation_batch(x, cfg.rotations, cfg.copies, gen)  # (R*B or B, 3, S, S), labels
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+
+            with autocast(device, precision):
+                logits = train_model(x)  # (R*B, R)
+            loss = rotation_loss(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+            # running sums stay on the device; the host reads them every log_every steps only
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+            step += 1
+            if step % cfg.log_every == 0 or step == steps_per_epoch:
+                mean_loss = loss_sum.item() / seen
+                if not math.isfinite(mean_loss):
+                    raise NonFiniteLossError(
+                        f"the loss became {mean_loss} at epoch {epoch + 1}, step {step}; the last good checkpoint "
+                        f"in {out} is kept; lower --lr or use --precision fp32"
+                    )
+                elapsed = time.perf_counter() - t0
+                emit("step", {
+                    "epoch": epoch + 1, "step": step, "steps": steps_per_epoch, "loss": mean_loss,
+                    "rot_acc": correct.item() / seen, "lr": lr, "images_per_s": seen * dist.world_size / max(elapsed, 1e-9),
+                    "data_wait": waited / max(elapsed, 1e-9),
+                })
+            sums = lambda: {"loss_sum": loss_sum.item(), "correct": int(correct.item()), "seen": seen}  # noqa: E731
+            if cfg.save_every and (global_step + 1) % cfg.save_every == 0 and step < steps_per_epoch:
+                checkpoint(epoch, step, sums())
+            if stop_requested():
+                checkpoint(epoch, step, sums()) if step < steps_per_epoch else None
+                if step >= steps_per_epoch:
+                    break
+                raise Interrupted(f"stopped at epoch {epoch + 1}, step {step}; resume with: rotnet pretrain --resume {out}")
+
+        # -- end of epoch: reduce across ranks, validate, log, checkpoint
+        seconds = time.perf_counter() - t0
+        totals = torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=device)])
+        if dist.enabled:
+            torch.distributed.all_reduce(totals)
+        val = _validate(train_model, val_set, cfg, mean, std, device, precision, per_rank_batch, dist) if val_set is not None and len(val_set) else {}
+        row = {
+            "epoch": epoch + 1,
+            "loss": totals[0].item() / totals[2].item(),
+            "rot_acc": totals[1].item() / totals[2].item(),
+            "val_loss": val.get("loss"),
+            "val_rot_acc": val.get("acc"),
+            "lr": lr_at(epoch * steps_per_epoch + steps_per_epoch - 1, cfg, steps_per_epoch),
+            "images_per_s": totals[2].item() / max(seconds, 1e-9),
+            "seconds": seconds,
+            "data_wait": waited / max(seconds, 1e-9),
+            "val_rot_acc_per_rotation": val.get("per_rotation", {}),
+        }
+        if not math.isfinite(row["loss"]):
+            raise NonFiniteLossError(f"the loss became {row['loss']} in epoch {epoch + 1}; the last good checkpoint in {out} is kept; lower --lr")
+        history.append(row)
+        if dist.is_main:
+            write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+        checkpoint(epoch + 1, 0, None)
+        emit("epoch", row)
+        if stop_requested():
+            raise Interrupted(f"stopped after epoch {epoch + 1}; resume with: rotnet pretrain --resume {out}")
+
+    if dist.is_main:
+        save_safetensors(out / RUN_WEIGHTS, model.state_dict(), {
+            "format": "rotnet", "rotnet_version": __version__, "model": cfg.model,
+            "rotations": json.dumps(list(cfg.rotations)), "img_size": json.dumps(img_size),
+            "mean": json.dumps(list(mean)), "std": json.dumps(list(std)),
+            "num_features": json.dumps(model.backbone.num_features), "data": cfg.data,
+            "epochs": json.dumps(cfg.epochs),
+        })
+    return PretrainResult(
+        out_dir=out, model=cfg.model, device=describe_device(device), epochs_done=len(history), history=history,
+        val_rot_acc_per_rotation=history[-1]["val_rot_acc_per_rotation"] if history else {}, skipped_files=skipped,
+        resumed_from={"epoch": start_epoch, "step": start_step} if resume_state is not None else None,
+    )
+
+
+@torch.no_grad()
+def _validate(model, val_set, cfg: PretrainConfig, mean, std, device, precision, batch_size, dist: DistInfo) -> dict:
+    """Rotation accuracy on every rotated copy of the held-out images (no augmentation)."""
+    model.eval()
+    R = cfg.num_rotations
+    order = torch.arange(len(val_set))[dist.rank :: dist.world_size]
+    correct = torch.zeros(R, device=device)
+    count = torch.zeros(R, device=device)
+    loss_sum = torch.zeros((), device=device)
+    for batch in data_lib.iterate_batches(val_set, order, batch_size, device, drop_last=False, workers=cfg.workers):
+        x, y = rotate_all(data_lib.normalize(batch.images, mean, std), cfg.rotations)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += torch.bincount(y, weights=(logits.argmax(1) == y).float(), minlength=R)
+        count += torch.bincount(y, minlength=R).float()
+    if dist.enabled:
+        for t in (correct, count, loss_sum):
+            torch.distributed.all_reduce(t)
+    total = count.sum().item()
+    if total == 0:
+        return {}
+    per_rotation = {f"{a:g}": (correct[i] / count[i]).item() for i, a in enumerate(cfg.rotations)}
+    return {"loss": loss_sum.item() / total, "acc": correct.sum().item() / total, "per_rotation": per_rotation}
+
+
+def _fits_on(device: torch.device, images) -> bool:
+    """Keep a uint8 dataset on the GPU when it takes under a quarter of the free memory."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return images.images.numel() < free // 4
+
+
+def _on_device(images, device):
+    images.images = images.images.to(device)
+    return images
+
+
+def _load_init(model: RotNet, cfg: PretrainConfig) -> None:
+    """--init: start from existing weights (backbone; the head too when the rotations match)."""
+    loaded = load_weights(cfg.init)
+    try:
+        model.backbone.load_state_dict(loaded.backbone.state_dict(), strict=True)
+    except RuntimeError:
+        raise ConfigError(f"--init {cfg.init} holds {loaded.model_name} weights, which do not fit --model {cfg.model}") from None
+    if loaded.head is not None and loaded.rotations == cfg.rotations:
+        model.head.load_state_dict(loaded.head.state_dict())
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore(state: dict, model, optimizer, scaler, device, out: Path) -> None:
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ConfigError(f"{out / RUN_CHECKPOINT} does not fit this run's model or optimizer: {str(e).splitlines()[0][:160]}") from None
+    rng = state.get("rng", {})
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _run_config(cfg, out, img_size, mean, std, device, precision, dist, n_train, n_val) -> dict:
+    import timm
+    import torchvision
+
+    return {
+        "config": cfg.to_dict(),
+        "resolved": {
+            "out": str(out), "img_size": img_size, "mean": list(mean), "std": list(std), "lr": cfg.resolved_lr,
+            "weight_decay": cfg.resolved_weight_decay, "device": str(device), "precision": precision,
+            "world_size": dist.world_size, "train_images": n_train, "val_images": n_val,
+        },
+        "versions": {
+            "rotnet": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "python": platform.python_version(),
+        },
+        "command": sys.argv,
+        "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,101 @@
+"""The RotNet pretext task: rotate a batch on its own device and label each copy.
+
+Pure tensor functions with explicit randomness; nothing here knows about data loading.
+Angles are in degrees, counter-clockwise (``torch.rot90``'s direction for dims (H, W)).
+The label of a copy is the index of its angle in the rotation set.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def is_exact(angle: float) -> bool:
+    """Multiples of 90 degrees are flips and transposes: no interpolation."""
+    return float(angle) % 90 == 0
+
+
+def needs_mask(angles: tuple[float, ...]) -> bool:
+    """Any angle that is not a multiple of 90 leaves empty corners, which give the answer away."""
+    return not all(is_exact(a) for a in angles)
+
+
+def disc_mask(height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(1, 1, H, W) float mask: 1 inside the centred disc that fits the image, 0 outside.
+
+    Every copy, the 0-degree one included, is multiplied by the same mask, so the corners
+    carry no cue about the rotation.
+    """
+    ys = torch.arange(height, device=device, dtype=torch.float32) - (height - 1) / 2
+    xs = torch.arange(width, device=device, dtype=torch.float32) - (width - 1) / 2
+    radius = min(height, width) / 2
+    inside = (ys[:, None] ** 2 + xs[None, :] ** 2) <= radius**2
+    return inside.to(torch.float32)[None, None]
+
+
+def rotate(images: torch.Tensor, angle: float) -> torch.Tensor:
+    """Rotate a (N, C, H, W) batch counter-clockwise by ``angle`` degrees.
+
+    Multiples of 90 use ``torch.rot90`` (exact); any other angle is resampled bilinearly
+    about the centre with ``affine_grid``/``grid_sample`` (zeros outside), one batched op.
+    """
+    if is_exact(angle):
+        return torch.rot90(images, k=int(angle // 90) % 4, dims=(2, 3))
+    n, _, h, w = images.shape
+    theta = math.radians(angle)
+    cos, sin = math.cos(theta), math.sin(theta)
+    # affine_grid maps output pixel coordinates to input ones (inverse rotation), in the
+    # normalised [-1, 1] frame; y points down, so a counter-clockwise turn on screen is
+    # [[cos, -sin], [sin, cos]] in (x, y) with the aspect ratio folded in.
+    matrix = torch.tensor(
+        [[cos, -sin * h / w, 0.0], [sin * w / h, cos, 0.0]], dtype=images.dtype if images.is_floating_point() else torch.float32,
+        device=images.device,
+    )
+    grid = F.affine_grid(matrix.expand(n, 2, 3), [n, images.shape[1], h, w], align_corners=False)
+    source = images if images.is_floating_point() else images.float()
+    out = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.to(images.dtype)
+
+
+def rotate_all(images: torch.Tensor, angles: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All R rotated copies of every image, as in the paper.
+
+    images: (N, C, H, W) -> copies (R*N, C, H, W) rotation-major (copy r of image i is at
+    r*N + i), labels (R*N,) int64 on the same device. Square images keep their shape for
+    every angle; for other angles the output is masked with the same centred disc.
+    """
+    copies = torch.cat([rotate(images, a) for a in angles], dim=0)
+    labels = torch.arange(len(angles), device=images.device).repeat_interleave(images.shape[0])
+    if needs_mask(angles):
+        copies = copies * disc_mask(*copies.shape[-2:], device=images.device).to(copies.dtype)
+    return copies, labels
+
+
+def rotate_one(
+    images: torch.Tensor, angles: tuple[float, ...], generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One rotation per image, sampled uniformly from the set.
+
+    images: (N, C, H, W) -> (N, C, H, W), labels (N,). All R rotations are computed and the
+    sampled one is gathered with tensor indexing, so nothing waits on the host (boolean
+    masks would force a device sync to learn their sizes).
+    """
+    n = images.shape[0]
+    labels = torch.randint(len(angles), (n,), generator=generator, device=images.device)
+    stacked = torch.stack([rotate(images, a) for a in angles], dim=0)  # (R, N, C, H, W)
+    chosen = stacked[labels, torch.arange(n, device=images.device)]
+    if needs_mask(angles):
+        chosen = chosen * disc_mask(*chosen.shape[-2:], device=images.device).to(chosen.dtype)
+    return chosen, labels
+
+
+def make_rotation_batch(
+    images: torch.Tensor, angles: tuple[float, ...], copies: str = "all", generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training batch of the pretext task: ``copies`` is 'all' or 'one'."""
+    if copies == "all":
+        return rotate_all(images, angles)
+    return rotate_one(images, angles, generator)

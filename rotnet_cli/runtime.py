@@ -1,0 +1,135 @@
+"""Where and how the work runs: device, precision, seeding, torchrun/DDP."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, DeviceError
+
+
+def available_devices() -> list[str]:
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'N' | 'mps' -> a torch.device that exists here.
+
+    Under torchrun, 'auto' and 'cuda' mean this process's own GPU (LOCAL_RANK).
+    """
+    text = str(spec).strip().lower()
+    here = ", ".join(available_devices())
+    if text == "auto":
+        if torch.cuda.is_available():
+            text = "cuda"
+        elif "mps" in available_devices():
+            return torch.device("mps")
+        else:
+            return torch.device("cpu")
+    if text.isdigit():
+        text = f"cuda:{text}"
+    if text == "cuda" and local_rank is not None:
+        text = f"cuda:{local_rank}"
+    if text == "cuda":
+        text = "cuda:0"
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise DeviceError(f"--device {spec!r} is not a device name; use one of: {here}") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {spec}: no CUDA GPU is visible here; available: {here}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {spec}: there is no GPU {device.index}; available: {here}")
+        return device
+    if device.type == "mps":
+        if "mps" not in available_devices():
+            raise DeviceError(f"--device mps: Apple MPS is not available here; available: {here}")
+        return device
+    raise DeviceError(f"--device {spec!r} is not supported; use one of: {here}")
+
+
+def describe_device(device: torch.device) -> str:
+    """One line naming the device, e.g. 'cuda:0 (NVIDIA H100 80GB HBM3, 79.2 GiB)'."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{device} ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return str(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' is bf16 where the GPU supports it, else fp32 (CPU and MPS default to fp32)."""
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("--precision fp16 needs a GPU; on CPU use fp32 or bf16")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for a resolved precision (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a torchrun job (world_size 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_from_env() -> DistInfo:
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; their presence switches DDP on."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    return DistInfo(rank=int(os.environ["RANK"]), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_distributed(dist: DistInfo, device: torch.device) -> None:
+    if not dist.enabled or torch.distributed.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend=backend)
+
+
+def shutdown_distributed() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
