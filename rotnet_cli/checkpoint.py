@@ -17,36 +17,59 @@ from ._version import __version__
 from .errors import OutputError, WeightsError
 
 CHECKPOINT_FORMAT = 1
+TEMP_SUFFIX = ".tmp"
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Write ``path`` through ``write(tmp_path)``: temp file in the same folder, fsync, rename.
 
     The rename is atomic on POSIX, so readers see the old complete file or the new complete
-    one, never a mix. On any failure the temp file is removed and the old file is intact.
+    one, never a mix. On any failure the temp file is removed and the old file is intact; a
+    full disk or a folder that cannot be written is an OutputError naming the file.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
     try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
+    except BaseException as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        os_error = _os_error_behind(e) if isinstance(e, Exception) else None
+        if os_error is not None and os_error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise OutputError(f"disk full while writing {path}; free space and resume (the previous file is intact)") from e
-        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise OutputError(f"cannot write {path}: permission denied; choose another --out") from e
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        if os_error is not None and os_error.errno in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOENT, errno.ENOTDIR):
+            raise OutputError(f"cannot write {path}: {os_error.strerror}; choose another --out") from e
         raise
     return path
+
+
+def _os_error_behind(e: BaseException) -> OSError | None:
+    """The OSError that caused ``e``: torch.save reports a full disk as a RuntimeError raised
+    while handling the OSError, so the chain of causes is searched."""
+    seen = 0
+    current: BaseException | None = e
+    while current is not None and seen < 8:
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return None
+
+
+def remove_stale_temp_files(folder: str | Path, names: tuple[str, ...]) -> list[Path]:
+    """Delete the temp files of ``names`` that a killed process left in ``folder`` (``.NAME.XXXX.tmp``)."""
+    stale = [p for name in names for p in Path(folder).glob(f".{name}.*{TEMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def _umask() -> int:
@@ -79,7 +102,12 @@ def write_json(path: str | Path, obj: Any) -> Path:
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """torch.save a dict of tensors and plain values (loadable with weights_only=True)."""
     state = {"format": CHECKPOINT_FORMAT, "rotnet_version": __version__, **state}
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # through a Python file, so a full disk surfaces as an OSError
+            torch.save(state, f)
+
+    return atomic_write(path, write)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -110,10 +138,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Atomic safetensors write; tensors are made contiguous and unshared first."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     clean = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(clean, str(tmp), metadata=metadata))
+    # serialised in memory and written by Python, so a full disk is an OSError (safetensors'
+    # own file writer reports it as a SafetensorError)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(save(clean, metadata=metadata)))
 
 
 def load_safetensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:

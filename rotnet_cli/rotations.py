@@ -39,25 +39,32 @@ def disc_mask(height: int, width: int, device: torch.device | str = "cpu") -> to
 def rotate(images: torch.Tensor, angle: float) -> torch.Tensor:
     """Rotate a (N, C, H, W) batch counter-clockwise by ``angle`` degrees.
 
-    Multiples of 90 use ``torch.rot90`` (exact); any other angle is resampled bilinearly
-    about the centre with ``affine_grid``/``grid_sample`` (zeros outside), one batched op.
+    Multiples of 90 use ``torch.rot90`` (exact); any other angle is resampled bilinearly.
     """
     if is_exact(angle):
         return torch.rot90(images, k=int(angle // 90) % 4, dims=(2, 3))
-    n, _, h, w = images.shape
+    return rotate_resampled(images, angle)
+
+
+def rotate_resampled(images: torch.Tensor, angle: float) -> torch.Tensor:
+    """Bilinear rotation about the centre with ``affine_grid``/``grid_sample`` (zeros outside).
+
+    One batched op for the whole batch; used for angles that are not multiples of 90.
+    """
+    n, c, h, w = images.shape
     theta = math.radians(angle)
     cos, sin = math.cos(theta), math.sin(theta)
-    # affine_grid maps output pixel coordinates to input ones (inverse rotation), in the
-    # normalised [-1, 1] frame; y points down, so a counter-clockwise turn on screen is
-    # [[cos, -sin], [sin, cos]] in (x, y) with the aspect ratio folded in.
-    matrix = torch.tensor(
-        [[cos, -sin * h / w, 0.0], [sin * w / h, cos, 0.0]], dtype=images.dtype if images.is_floating_point() else torch.float32,
-        device=images.device,
-    )
-    grid = F.affine_grid(matrix.expand(n, 2, 3), [n, images.shape[1], h, w], align_corners=False)
+    # affine_grid maps each output pixel to the input pixel it samples, in normalised
+    # [-1, 1] (x right, y down) coordinates. A counter-clockwise turn on screen samples
+    # the input at R(-angle) in the y-down frame: [[cos, -sin], [sin, cos]], with the
+    # aspect ratio folded in for non-square images.
     source = images if images.is_floating_point() else images.float()
+    matrix = torch.tensor(
+        [[cos, -sin * h / w, 0.0], [sin * w / h, cos, 0.0]], dtype=source.dtype, device=images.device
+    )
+    grid = F.affine_grid(matrix.expand(n, 2, 3), [n, c, h, w], align_corners=False)
     out = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out.to(images.dtype)
+    return out if images.is_floating_point() else out.round().clamp(0, 255).to(images.dtype)
 
 
 def rotate_all(images: torch.Tensor, angles: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,6 @@ import signal
 from typing import Annotated, Optional
 
 import typer
-from click.core import ParameterSource
 from rich.table import Table
 
 from ..config import PretrainConfig, format_rotations, parse_int_list, parse_rotations
@@ -70,6 +69,7 @@ def pretrain(
 ) -> None:
     """Pretrain a timm backbone by predicting image rotations; writes a run directory."""
     from ..pretrain import pretrain as run_pretrain, resume_config
+    from ..runtime import dist_from_env
 
     values = {
         "model": model, "data": data, "data_dir": data_dir, "download": download, "val_split": val_split,
@@ -91,6 +91,8 @@ def pretrain(
     view = ProgressView(err_console, title="pretrain")
     with stop.installed(), view:
         result = run_pretrain(config, progress=view, should_stop=stop)
+    if not dist_from_env().is_main:  # under torchrun, rank 0 alone reports
+        return
 
     if result.skipped_files:
         warn(f"{len(result.skipped_files)} unreadable image file(s) were skipped, e.g. {result.skipped_files[0]}")
@@ -101,8 +103,9 @@ def pretrain(
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
+    # compared by name: typer may bring its own copy of click's ParameterSource enum
     source = ctx.get_parameter_source(name)
-    return source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT")
 
 
 class _StopFlag:
