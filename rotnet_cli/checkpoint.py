@@ -120,6 +120,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; this is something else
+            raise WeightsError(
+                f"{path} is not a PyTorch checkpoint and was not loaded; give a run directory, checkpoint.pt or .safetensors file"
+            ) from e
         raise WeightsError(
             f"{path} needs arbitrary code to load and was refused (weights_only=True); "
             "re-save it as plain tensors or safetensors"

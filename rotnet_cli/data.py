@@ -280,13 +280,15 @@ def decode_all(
     """Decode every file once into memory (skipping unreadable ones) -> in-memory ImageSet."""
     assert images.paths is not None
     loader = torch.utils.data.DataLoader(
-        FileDataset(images.paths, images.img_size, strict), batch_size=64, num_workers=workers, collate_fn=_collate
+        FileDataset(images.paths, images.img_size), batch_size=64, num_workers=workers, collate_fn=_collate
     )
     out = torch.empty((len(images.paths), 3, images.img_size, images.img_size), dtype=torch.uint8)
     ok = torch.zeros(len(images.paths), dtype=torch.bool)
     bad: list[int] = []
     done = 0
     for idx, batch, failed in loader:
+        if strict and failed:  # raised here, not in a worker, whose errors arrive wrapped in a traceback
+            raise DataError(f"unreadable image {images.paths[failed[0]]}; remove it or drop --strict-data")
         if batch is not None:
             out[idx] = batch
             ok[idx] = True

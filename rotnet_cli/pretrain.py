@@ -26,10 +26,11 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
 
 from . import data as data_lib
 from ._version import __version__
-from .checkpoint import load_checkpoint, save_checkpoint, save_safetensors, write_json, write_text
+from .checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint, save_safetensors, write_json, write_text
 from .config import RESUME_FREE_OPTIONS, PretrainConfig, format_rotations
 from .errors import ConfigError, DataError, Interrupted, NonFiniteLossError, OutputError
 from .models import RUN_CHECKPOINT, RUN_CONFIG, RUN_WEIGHTS, RotNet, create_backbone, data_config, load_weights
@@ -40,6 +41,7 @@ from .runtime import (
 )
 
 METRICS = "metrics.jsonl"
+NO_STEP = 2**62  # "no such step yet" for the first non-finite loss (a MIN over ranks keeps real steps)
 RUN_FILES = (RUN_CONFIG, METRICS, RUN_CHECKPOINT, RUN_WEIGHTS, "probe.json")
 
 Progress = Callable[[str, dict], None]
@@ -98,8 +100,14 @@ def step_generator(device: torch.device, seed: int, step: int, rank: int) -> tor
 def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> PretrainConfig:
     """The saved config of ``run_dir``, with ``overrides`` that must not contradict it."""
     run_dir = Path(run_dir)
-    if not (run_dir / RUN_CHECKPOINT).is_file() or not (run_dir / RUN_CONFIG).is_file():
-        raise ConfigError(f"--resume {run_dir}: no {RUN_CHECKPOINT} and {RUN_CONFIG} there; it is not a run to resume")
+    if overrides.get("overwrite"):
+        raise ConfigError("--overwrite and --resume contradict each other: choose one")
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise ConfigError(f"--resume {run_dir}: no {RUN_CONFIG} there, so it is not a rotnet run; give the run directory to continue")
+    if not (run_dir / RUN_CHECKPOINT).is_file():
+        raise ConfigError(
+            f"--resume {run_dir}: the run stopped before its first checkpoint; start it again with --out {run_dir} --overwrite"
+        )
     try:
         saved = json.loads((run_dir / RUN_CONFIG).read_text())["config"]
     except (OSError, KeyError, json.JSONDecodeError) as e:
@@ -163,16 +171,20 @@ def pretrain(
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> PretrainResult:
-    """Run RotNet pretraining as configured; see the module docstring."""
-    emit = progress or (lambda kind, info: None)
-    stop_requested = should_stop or (lambda: False)
+    """Run RotNet pretraining as configured; see the module docstring.
+
+    ``should_stop`` is polled at step boundaries (Ctrl-C): the loop then writes a checkpoint
+    and raises Interrupted. Under torchrun only rank 0 reports progress and writes files.
+    """
     dist = dist_from_env()
+    emit = (progress if dist.is_main else None) or (lambda kind, info: None)
+    stop_requested = should_stop or (lambda: False)
     device = resolve_device(cfg.device, dist.local_rank)
     precision = resolve_precision(cfg.precision, device)
-    out = check_out_dir(cfg)
-    resume_state = load_checkpoint(out / RUN_CHECKPOINT) if cfg.resume else None
     if dist.enabled and cfg.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} must divide by the {dist.world_size} processes of torchrun")
+    out = check_out_dir(cfg)
+    resume_state = load_checkpoint(out / RUN_CHECKPOINT) if cfg.resume else None
     init_distributed(dist, device)
     try:
         return _train(cfg, dist, device, precision, out, resume_state, emit, stop_requested)
@@ -194,6 +206,7 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
     model = RotNet(backbone, R)
     if cfg.init and resume_state is None:
         _load_init(model, cfg)
+    seed_everything(cfg.seed + dist.rank)  # from here on each rank draws its own dropout/drop-path noise
 
     # -- data: uint8 (N, 3, S, S) train and validation sets
     source = data_lib.open_source(
@@ -238,10 +251,11 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
     # -- resume: everything that decides the next step
     start_epoch, start_step, history, partial = 0, 0, [], None
     if resume_state is not None:
-        _restore(resume_state, model, optimizer, scaler, device, out)
         start_epoch, start_step = int(resume_state["epoch"]), int(resume_state["step"])
+        _check_resumable(resume_state, out, len(train_set), dist, start_step)
+        _restore(resume_state, model, optimizer, scaler, dist, out)
         history = list(resume_state.get("history", []))
-        partial = resume_state.get("partial")
+        partial = resume_state["partial"][dist.rank] if start_step else None
         emit("resume", {"epoch": start_epoch, "step": start_step})
 
     train_model = model
@@ -252,10 +266,13 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
     if cfg.compile:
         train_model = torch.compile(train_model)
 
+    _barrier(dist)  # every rank has checked --out and read the checkpoint before rank 0 writes there
     if dist.is_main:
         if resume_state is None:
             _prepare_out_dir(out, cfg.overwrite)
             write_json(out / RUN_CONFIG, _run_config(cfg, out, img_size, mean, std, device, precision, dist, len(train_set), len(val_set or [])))
+        else:
+            remove_stale_temp_files(out, RUN_FILES)  # left by a process killed while writing
         write_text(out / METRICS, "".join(json.dumps(row) + "\n" for row in history))
     emit("start", {
         "out_dir": str(out), "model": cfg.model, "img_size": img_size, "train_images": len(train_set),
@@ -263,19 +280,54 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
         "epochs": cfg.epochs, "start_epoch": start_epoch, "batch_images": per_rank_batch * dist.world_size * (R if cfg.copies == "all" else 1),
     })
 
-    def checkpoint(epoch: int, step: int, sums: dict | None) -> None:
-        """Everything needed to continue at (epoch, step); rank 0 writes it atomically."""
-        if not dist.is_main:
+    # the first global step whose loss was NaN or inf, kept on the device (no host sync per step)
+    first_bad_step = torch.full((), NO_STEP, device=device, dtype=torch.long)
+    saved_at = (start_epoch, start_step) if resume_state is not None else None
+
+    def check_finite() -> None:
+        """Stop before anything is saved from a diverged model; all ranks agree on the step."""
+        bad = _min_over_ranks(first_bad_step, dist)
+        if bad == NO_STEP:
             return
-        save_checkpoint(out / RUN_CHECKPOINT, {
-            "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "partial": sums, "history": history,
-            "img_size": img_size, "mean": list(mean), "std": list(std), "rng": _rng_state(),
-        })
+        kept = f"the last good checkpoint {out / RUN_CHECKPOINT} (epoch {saved_at[0] + 1}, step {saved_at[1]}) is kept" if saved_at else "no checkpoint had been written yet"
+        raise NonFiniteLossError(
+            f"the loss became NaN or infinite at step {bad + 1} (epoch {bad // steps_per_epoch + 1}, step "
+            f"{bad % steps_per_epoch + 1}); {kept}; lower --lr, add --warmup-epochs or use --precision fp32"
+        )
+
+    def checkpoint(epoch: int, step: int, sums: dict | None) -> None:
+        """Everything needed to continue at (epoch, step); rank 0 writes it atomically.
+
+        The partial epoch sums and the RNG state differ per rank, so every rank sends its own.
+        """
+        nonlocal saved_at
+        check_finite()
+        per_rank = _gather({"partial": sums, "rng": _rng_state()}, dist)
+        if dist.is_main:
+            save_checkpoint(out / RUN_CHECKPOINT, {
+                "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "history": history,
+                "img_size": img_size, "mean": list(mean), "std": list(std), "train_images": len(train_set),
+                "world_size": dist.world_size, "partial": [r["partial"] for r in per_rank], "rng": [r["rng"] for r in per_rank],
+            })
+        saved_at = (epoch, step)
+
+    def epoch_so_far() -> dict:
+        """This rank's running sums of the current epoch (reads them from the device)."""
+        return {"loss_sum": loss_sum.item(), "correct": int(correct.item()), "seen": seen}
+
+    def stop_now(sync_point: bool) -> bool:
+        """Ctrl-C seen (on any rank; ranks compare only at sync points so they stop together)."""
+        if not dist.enabled:
+            return stop_requested()
+        return sync_point and _max_over_ranks(stop_requested(), device)
 
     for epoch in range(start_epoch, cfg.epochs):
-        # this rank's share of the epoch's order: (images_per_rank,)
-        order = data_lib.epoch_order(len(train_set), cfg.seed, epoch)[dist.rank :: dist.world_size][:images_per_rank]
+        # this rank's share of the epoch's order: DistributedSampler deals positions round-robin
+        # (rank r gets r, r+W, ...), so the ranks' k-th batches together are the k-th global batch
+        order = data_lib.epoch_order(len(train_set), cfg.seed, epoch)
+        share = DistributedSampler(order, num_replicas=dist.world_size, rank=dist.rank, shuffle=False, drop_last=True)
+        order = order[list(share)]  # (images_per_rank,)
         first = start_step if epoch == start_epoch else 0
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -297,8 +349,7 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
             waited += time.perf_counter() - t_wait
             if batch is None:
                 break
-            if batch.skipped:
-                skipped += batch.skipped
+            skipped += [p for p in batch.skipped if p not in skipped]  # files read per epoch: count each once
             global_step = epoch * steps_per_epoch + step
             lr = lr_at(global_step, cfg, steps_per_epoch)
             for group in optimizer.param_groups:
@@ -317,37 +368,37 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
             loss = rotation_loss(logits, y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.step(optimizer)
+            scaler.step(optimizer)  # fp16: skips the update when the scaled gradients overflowed
             scaler.update()
 
             # running sums stay on the device; the host reads them every log_every steps only
             loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
+            first_bad_step = torch.where(
+                torch.isfinite(loss.detach()) | (first_bad_step != NO_STEP), first_bad_step, global_step
+            )
             step += 1
-            if step % cfg.log_every == 0 or step == steps_per_epoch:
-                mean_loss = loss_sum.item() / seen
-                if not math.isfinite(mean_loss):
-                    raise NonFiniteLossError(
-                        f"the loss became {mean_loss} at epoch {epoch + 1}, step {step}; the last good checkpoint "
-                        f"in {out} is kept; lower --lr or use --precision fp32"
-                    )
+            log_now = step % cfg.log_every == 0 or step == steps_per_epoch
+            if log_now:
+                check_finite()
                 elapsed = time.perf_counter() - t0
                 emit("step", {
-                    "epoch": epoch + 1, "step": step, "steps": steps_per_epoch, "loss": mean_loss,
+                    "epoch": epoch + 1, "step": step, "steps": steps_per_epoch, "loss": loss_sum.item() / seen,
                     "rot_acc": correct.item() / seen, "lr": lr, "images_per_s": seen * dist.world_size / max(elapsed, 1e-9),
                     "data_wait": waited / max(elapsed, 1e-9),
                 })
-            sums = lambda: {"loss_sum": loss_sum.item(), "correct": int(correct.item()), "seen": seen}  # noqa: E731
-            if cfg.save_every and (global_step + 1) % cfg.save_every == 0 and step < steps_per_epoch:
-                checkpoint(epoch, step, sums())
-            if stop_requested():
-                checkpoint(epoch, step, sums()) if step < steps_per_epoch else None
-                if step >= steps_per_epoch:
-                    break
-                raise Interrupted(f"stopped at epoch {epoch + 1}, step {step}; resume with: rotnet pretrain --resume {out}")
+            if step == steps_per_epoch:
+                break  # the epoch-end checkpoint follows (a Ctrl-C now is handled after it)
+            if cfg.save_every and (global_step + 1) % cfg.save_every == 0:
+                checkpoint(epoch, step, epoch_so_far())
+            if stop_now(sync_point=log_now):
+                if saved_at != (epoch, step):
+                    checkpoint(epoch, step, epoch_so_far())
+                raise Interrupted(f"stopped at epoch {epoch + 1}, step {step}; checkpoint saved; resume with: rotnet pretrain --resume {out}")
 
         # -- end of epoch: reduce across ranks, validate, log, checkpoint
+        check_finite()
         seconds = time.perf_counter() - t0
         totals = torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=device)])
         if dist.enabled:
@@ -365,15 +416,13 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
             "data_wait": waited / max(seconds, 1e-9),
             "val_rot_acc_per_rotation": val.get("per_rotation", {}),
         }
-        if not math.isfinite(row["loss"]):
-            raise NonFiniteLossError(f"the loss became {row['loss']} in epoch {epoch + 1}; the last good checkpoint in {out} is kept; lower --lr")
         history.append(row)
-        if dist.is_main:
-            write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
         checkpoint(epoch + 1, 0, None)
+        if dist.is_main:  # after the checkpoint: a kill between the two leaves metrics a row short, never ahead
+            write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
         emit("epoch", row)
-        if stop_requested():
-            raise Interrupted(f"stopped after epoch {epoch + 1}; resume with: rotnet pretrain --resume {out}")
+        if stop_now(sync_point=True) and epoch + 1 < cfg.epochs:
+            raise Interrupted(f"stopped after epoch {epoch + 1}; checkpoint saved; resume with: rotnet pretrain --resume {out}")
 
     if dist.is_main:
         save_safetensors(out / RUN_WEIGHTS, model.state_dict(), {
@@ -441,24 +490,95 @@ def _load_init(model: RotNet, cfg: PretrainConfig) -> None:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
+    """This process's random number generators (Python, NumPy, torch CPU and CUDA) as plain values."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _restore(state: dict, model, optimizer, scaler, device, out: Path) -> None:
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_resumable(state: dict, out: Path, train_images: int, dist: DistInfo, step: int) -> None:
+    """Refuse a resume that could not continue the same computation."""
+    saved_images = state.get("train_images")
+    if saved_images is not None and saved_images != train_images:
+        raise DataError(
+            f"--resume {out}: the training data changed ({saved_images} images when the run started, {train_images} now); "
+            "restore the data or start a new run"
+        )
+    saved_world = int(state.get("world_size", 1))
+    if step and saved_world != dist.world_size:
+        raise ConfigError(
+            f"--resume {out}: this checkpoint is from the middle of an epoch of a run on {saved_world} process(es); "
+            f"resume it with {saved_world} (here: {dist.world_size})"
+        )
+
+
+def _restore(state: dict, model, optimizer, scaler, dist: DistInfo, out: Path) -> None:
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
     except (KeyError, RuntimeError, ValueError) as e:
         raise ConfigError(f"{out / RUN_CHECKPOINT} does not fit this run's model or optimizer: {str(e).splitlines()[0][:160]}") from None
-    rng = state.get("rng", {})
-    if "torch" in rng:
-        torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    rng = state.get("rng", [])
+    if dist.rank < len(rng):  # a run resumed on more processes than it had: new ranks keep their fresh seeds
+        _set_rng_state(rng[dist.rank])
+
+
+# ----------------------------------------------------------------------------- torchrun helpers
+# With one process these are no-ops; under torchrun every rank calls them at the same points.
+
+
+def _barrier(dist: DistInfo) -> None:
+    if dist.enabled:
+        torch.distributed.barrier()
+
+
+def _gather(obj: dict, dist: DistInfo) -> list[dict]:
+    """[rank 0's obj, rank 1's obj, ...] on every rank."""
+    if not dist.enabled:
+        return [obj]
+    gathered: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _min_over_ranks(value: torch.Tensor, dist: DistInfo) -> int:
+    if dist.enabled:
+        value = value.clone()
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return int(value.item())
+
+
+def _max_over_ranks(flag: bool, device: torch.device) -> bool:
+    value = torch.tensor(int(flag), device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _run_config(cfg, out, img_size, mean, std, device, precision, dist, n_train, n_val) -> dict:
