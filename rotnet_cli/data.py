@@ -181,23 +181,37 @@ def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Te
 
 def scan_images(folder: Path) -> list[Path]:
     """Every image file below ``folder`` (recursive), sorted so the order is reproducible."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return _scan(folder)[0]
 
 
-def _class_layout(folder: Path) -> tuple[list[str], list[Path], list[int]] | None:
+def _scan(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) below ``folder``, recursive and sorted; hidden files are not counted."""
+    images, others = [], []
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        (images if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(p)
+    return images, others
+
+
+def _class_layout(folder: Path, image_paths: list[Path]) -> tuple[list[str], list[Path], list[int]] | None:
     """(classes, paths, labels) when ``folder`` holds only class sub-folders, else None."""
-    subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    loose = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    if not subdirs or loose:
+    subdirs = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    by_class: dict[str, list[Path]] = {name: [] for name in subdirs}
+    for p in image_paths:
+        parts = p.relative_to(folder).parts
+        if len(parts) == 1:  # a loose image: this is a flat folder
+            return None
+        by_class.setdefault(parts[0], []).append(p)
+    if not subdirs:
         return None
     classes, paths, labels = [], [], []
-    for label, d in enumerate(subdirs):
-        found = scan_images(d)
-        if not found:
-            raise DataError(f"class folder {d} has no images; remove it or add images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
-        classes.append(d.name)
-        paths += found
-        labels += [label] * len(found)
+    for label, name in enumerate(subdirs):
+        if not by_class[name]:
+            raise DataError(f"class folder {folder / name} has no images; remove it or add images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        classes.append(name)
+        paths += by_class[name]
+        labels += [label] * len(by_class[name])
     return classes, paths, labels
 
 
@@ -205,19 +219,21 @@ def _folder(
     folder: Path, img_size: int, need_labels: bool, cache: str, workers: int, strict: bool,
     progress: Callable[[int, int], None] | None,
 ) -> ImageSet:
-    layout = _class_layout(folder)
+    paths, non_images = _scan(folder)
+    layout = _class_layout(folder, paths)
     if layout is None:
         if need_labels:
             raise DataError(
                 f"{folder} has no class sub-folders, so it has no labels; arrange it as {folder}/CLASS/image.jpg"
             )
-        paths, labels, classes = scan_images(folder), None, None
+        classes, labels = None, None
     else:
         classes, paths, label_list = layout
         labels = torch.tensor(label_list, dtype=torch.long)
     if not paths:
         raise DataError(f"{folder} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)")
-    images = ImageSet(folder.name, img_size, paths=paths, labels=labels, classes=classes)
+    # files that are not images are skipped and counted, like unreadable ones
+    images = ImageSet(folder.name, img_size, paths=paths, labels=labels, classes=classes, skipped=[str(p) for p in non_images])
     decoded_bytes = len(paths) * 3 * img_size * img_size
     if cache in ("ram", "device") or (cache == "auto" and decoded_bytes <= AUTO_RAM_CACHE_BYTES):
         images = decode_all(images, workers=workers, strict=strict, progress=progress)
@@ -247,10 +263,14 @@ def decode_file(path: Path, size: int) -> torch.Tensor:
 
 
 class FileDataset(torch.utils.data.Dataset):
-    """Decodes files in loader workers; an unreadable file yields None (counted, skipped)."""
+    """Decodes files in loader workers; an unreadable file yields None (counted, skipped).
 
-    def __init__(self, paths: list[Path], size: int, strict: bool = False):
-        self.paths, self.size, self.strict = paths, size, strict
+    Errors are not raised here: raised in a worker they would reach the user wrapped in
+    the worker's traceback. The main process decides (skip, or --strict-data's error).
+    """
+
+    def __init__(self, paths: list[Path], size: int):
+        self.paths, self.size = paths, size
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -258,10 +278,19 @@ class FileDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         try:
             return index, decode_file(self.paths[index], self.size)
-        except Exception as e:  # PIL raises many types for broken files
-            if self.strict:
-                raise DataError(f"unreadable image {self.paths[index]}: {e}; remove it or drop --strict-data") from None
+        except Exception:  # PIL raises many types for broken files
             return index, None
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """Ctrl-C is the main process's business (it checkpoints); workers must not die of it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _strict_error(path) -> DataError:
+    return DataError(f"unreadable image {path}; remove it or drop --strict-data")
 
 
 def _collate(items):
@@ -280,7 +309,8 @@ def decode_all(
     """Decode every file once into memory (skipping unreadable ones) -> in-memory ImageSet."""
     assert images.paths is not None
     loader = torch.utils.data.DataLoader(
-        FileDataset(images.paths, images.img_size), batch_size=64, num_workers=workers, collate_fn=_collate
+        FileDataset(images.paths, images.img_size), batch_size=64, num_workers=workers, collate_fn=_collate,
+        worker_init_fn=_ignore_sigint,
     )
     out = torch.empty((len(images.paths), 3, images.img_size, images.img_size), dtype=torch.uint8)
     ok = torch.zeros(len(images.paths), dtype=torch.bool)
@@ -288,7 +318,7 @@ def decode_all(
     done = 0
     for idx, batch, failed in loader:
         if strict and failed:  # raised here, not in a worker, whose errors arrive wrapped in a traceback
-            raise DataError(f"unreadable image {images.paths[failed[0]]}; remove it or drop --strict-data")
+            raise _strict_error(images.paths[failed[0]])
         if batch is not None:
             out[idx] = batch
             ok[idx] = True
@@ -352,6 +382,7 @@ def iterate_batches(
     drop_last: bool,
     workers: int = 2,
     start_batch: int = 0,
+    strict: bool = False,
 ) -> Iterator[Batch]:
     """uint8 batches in ``order`` on ``device``, from ``start_batch`` on (mid-epoch resume).
 
@@ -389,8 +420,11 @@ def iterate_batches(
         pin_memory=pin,
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_ignore_sigint,
     )
     for idx, batch, failed in loader:
+        if strict and failed:
+            raise _strict_error(images.paths[failed[0]])
         skipped = [str(images.paths[i]) for i in failed]
         if batch is None:
             continue
@@ -441,7 +475,7 @@ def warn_skipped(skipped: list[str]) -> str | None:
     if not skipped:
         return None
     first = ", ".join(skipped[:3])
-    return f"skipped {len(skipped)} unreadable image file(s): {first}{' ...' if len(skipped) > 3 else ''}"
+    return f"skipped {len(skipped)} file(s) that are not readable images: {first}{' ...' if len(skipped) > 3 else ''}"
 
 
 __all__ = [

@@ -340,7 +340,8 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
         t0 = time.perf_counter()
         waited = 0.0
         batches = data_lib.iterate_batches(
-            train_set, order, per_rank_batch, device, drop_last=True, workers=cfg.workers, start_batch=first
+            train_set, order, per_rank_batch, device, drop_last=True, workers=cfg.workers, start_batch=first,
+            strict=cfg.strict_data,
         )
         step = first
         while step < steps_per_epoch:

@@ -211,7 +211,8 @@ def folder_with_broken_files(tmp_path) -> tuple[Path, list[Path]]:
     broken[1].write_bytes(good[: len(good) // 2])
     broken[2].write_text("Dear colleague, this is not a JPEG.")
     broken[3].write_bytes(os.urandom(300))
-    (data / "README.txt").write_text("not an image, and not named like one: ignored")
+    broken.append(data / "README.txt")
+    broken[4].write_text("not an image, and not named like one: counted too")
     return data, broken
 
 
@@ -221,7 +222,7 @@ def test_unreadable_images_are_counted_skipped_and_the_run_completes(tmp_path, f
     result = CliRunner().invoke(app, ["pretrain", "--model", "test_resnet", "--data", str(data), "--epochs", "1", "-b", "8",
                                       "--device", "cpu", "--workers", str(workers), "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.stderr
-    assert "skipped 4 unreadable image file(s)" in result.stderr
+    assert "skipped 5 file(s) that are not readable images" in result.stderr
     assert str(sorted(broken)[0]) in result.stderr  # the first few are named
     assert (tmp_path / "run" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]["train_images"] + \

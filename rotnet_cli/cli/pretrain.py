@@ -95,7 +95,7 @@ def pretrain(
         return
 
     if result.skipped_files:
-        warn(f"{len(result.skipped_files)} unreadable image file(s) were skipped, e.g. {result.skipped_files[0]}")
+        warn(f"{len(result.skipped_files)} file(s) that are not readable images were skipped, e.g. {result.skipped_files[0]}")
     if json_out:
         print_json(result.to_dict())
         return
