@@ -170,7 +170,7 @@ def _split_prefixed(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     return backbone, head
 
 
-def _build(model_name: str, img_size: int | None, rotations: tuple[float, ...] | None,
+def _build(model_name: str, img_size: int | list[int] | None, rotations: tuple[float, ...] | None,
            backbone_state: dict[str, torch.Tensor], head_state: dict[str, torch.Tensor] | None, source: str
            ) -> tuple[nn.Module, nn.Linear | None]:
     backbone = create_backbone(model_name, img_size=img_size)
@@ -211,14 +211,22 @@ def _load_rotnet_safetensors(path: Path, device, kind: str, run_dir: Path | None
     img_size = _meta_json(meta, "img_size")
     backbone, head = _build(meta["model"], img_size, rotations, backbone_state, head_state, str(path))
     return _finish(
-        backbone, head, device, model_name=meta["model"], rotations=rotations if head is not None else rotations,
+        backbone, head, device, model_name=meta["model"], rotations=rotations,
         img_size=img_size, mean=_meta_json(meta, "mean"), std=_meta_json(meta, "std"),
         source=str(path), kind=kind, run_dir=run_dir, info=meta,
     )
 
 
 def _load_checkpoint_file(path: Path, device, run_dir: Path | None) -> LoadedWeights:
-    state = load_checkpoint(path)
+    try:
+        state = load_checkpoint(path)
+    except WeightsError:
+        raise
+    except Exception as e:  # torch's unpickler trips over foreign bytes in its own ways (KeyError, struct.error, ...)
+        raise WeightsError(
+            f"{path} is not a checkpoint (torch.load failed: {type(e).__name__}); give a run directory, "
+            "checkpoint.pt, .safetensors file or an exported folder"
+        ) from e
     config = state.get("config")
     model_state = state.get("model")
     if not isinstance(config, dict) or not isinstance(model_state, dict) or "model" not in config:
@@ -244,14 +252,16 @@ def _load_exported(folder: Path, device) -> LoadedWeights:
         raise WeightsError(f"{folder / EXPORT_CONFIG} names no 'architecture'; it is not a timm/rotnet export")
     tensors, meta = load_safetensors(folder / EXPORT_WEIGHTS)
     pcfg = config.get("pretrained_cfg", {})
-    model_args = config.get("model_args", {}) or {}
-    img_size = model_args.get("img_size") or (pcfg.get("input_size") or [None])[-1]
+    # timm records the build size of fixed-size models (ViTs) in model_args, as [H, W];
+    # the size the weights were trained at is pretrained_cfg's input_size (C, H, W).
+    build_size = (config.get("model_args") or {}).get("img_size")
+    img_size = (pcfg.get("input_size") or [None])[-1]
     rotations, head_state = None, None
     if (folder / EXPORT_HEAD).is_file():
         head_tensors, head_meta = load_safetensors(folder / EXPORT_HEAD)
         rotations = tuple(_meta_json(head_meta, "rotations", [])) or None
         head_state = {k[len("head."):] if k.startswith("head.") else k: v for k, v in head_tensors.items()}
-    backbone, head = _build(name, img_size, rotations, tensors, head_state, str(folder))
+    backbone, head = _build(name, build_size, rotations, tensors, head_state, str(folder))
     return _finish(
         backbone, head, device, model_name=name, rotations=rotations, img_size=img_size,
         mean=pcfg.get("mean"), std=pcfg.get("std"), source=str(folder), kind="exported", info=meta,
@@ -268,9 +278,9 @@ def load_weights(spec: str, device: torch.device | str = "cpu", seed: int = 0) -
     if text.startswith("random:") or text.startswith("timm:"):
         kind, name = text.split(":", 1)
         name = canonical_model_name(name)
-        if kind == "random":
-            torch.manual_seed(seed)  # the same "random" baseline every time
-        backbone = create_backbone(name, pretrained=(kind == "timm"))
+        with torch.random.fork_rng(devices=[]):  # the same "random" baseline every time; the caller's RNG is untouched
+            torch.manual_seed(seed)
+            backbone = create_backbone(name, pretrained=(kind == "timm"))
         return _finish(backbone, None, device, model_name=name, rotations=None, source=text, kind=kind)
 
     path = Path(text).expanduser()

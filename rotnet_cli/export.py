@@ -1,0 +1,420 @@
+"""rotnet export: a pretrained backbone as a folder timm and the Hugging Face hub load directly.
+
+The folder (timm's ``local-dir:`` / hub layout)::
+
+    DIR/model.safetensors            the backbone only: keys of timm.create_model(name, num_classes=0)
+    DIR/config.json                  timm's save_config_for_hf: architecture, model_args, pretrained_cfg
+    DIR/README.md                    a model card
+    DIR/rotation_head.safetensors    with --with-head: Linear(num_features, R) as weight/bias (timm ignores it)
+
+Everything is written into a temporary sibling folder, loaded back through timm both
+ways (and through rotnet's own loader), and only then renamed into place: a failed
+export leaves nothing behind and changes no existing file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ._version import __version__
+from .checkpoint import save_safetensors, write_text
+from .config import ExportConfig, format_rotations
+from .errors import OutputError, WeightsError
+from .models import EXPORT_CONFIG, EXPORT_HEAD, EXPORT_WEIGHTS, RUN_CONFIG, LoadedWeights, load_weights
+from .pretrain import METRICS
+
+PROBE_RESULTS = "probe.json"  # written into the run directory by `rotnet probe`
+MODEL_CARD = "README.md"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+Progress = Callable[[str, dict], None]
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    model: str
+    dtype: str
+    source: str
+    num_features: int
+    num_params: int
+    img_size: int
+    rotations: tuple[float, ...] | None
+    with_head: bool
+    files: dict[str, int] = field(default_factory=dict)  # file name -> bytes
+    round_trip: dict[str, float] = field(default_factory=dict)  # how it was loaded back -> max |feature diff|
+
+    @property
+    def snippet(self) -> str:
+        """The two lines that load the export in timm (no rotnet needed)."""
+        return f'import timm\nmodel = timm.create_model("local-dir:{self.out_dir}", pretrained=True)'
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir), "model": self.model, "dtype": self.dtype, "source": self.source,
+            "num_features": self.num_features, "num_params": self.num_params, "img_size": self.img_size,
+            "rotations": list(self.rotations) if self.rotations else None, "with_head": self.with_head,
+            "files": [{"name": n, "path": str(self.out_dir / n), "bytes": b} for n, b in self.files.items()],
+            "total_bytes": sum(self.files.values()), "round_trip_max_abs_diff": self.round_trip, "snippet": self.snippet,
+        }
+
+
+def export(config: ExportConfig, progress: Progress | None = None) -> ExportResult:
+    """Write ``config.out`` as a timm/hub folder from any weights spec, verified by loading it back."""
+    emit = progress or (lambda kind, info: None)
+    out = Path(config.out).expanduser()
+    _check_out_dir(out, config.weights, config.overwrite)
+
+    def stage(done: int, description: str) -> None:
+        emit("task", {"id": "export", "description": description, "done": done, "total": 3})
+
+    stage(0, "export: loading weights")
+    loaded = load_weights(config.weights, device="cpu")
+    if config.with_head and (loaded.head is None or not loaded.rotations):
+        raise WeightsError(
+            f"--with-head: {loaded.source} has no rotation head; export a run directory, its model.safetensors "
+            "or checkpoint.pt, or leave out --with-head"
+        )
+    record = _run_record(loaded)
+
+    staging = _staging_dir(out)
+    try:
+        stage(1, "export: writing")
+        _write_backbone(staging, loaded, config, record)
+        if config.with_head:
+            _write_head(staging, loaded, config)
+        model_args = json.loads((staging / EXPORT_CONFIG).read_text()).get("model_args", {})
+        write_text(staging / MODEL_CARD, model_card(loaded, config, record, model_args))
+        stage(2, "export: loading back")
+        round_trip = _verify_round_trip(staging, loaded, config.with_head)
+        _make_shareable(staging)
+        _install(staging, out)
+    except OSError as e:  # timm's config writer and the renames raise plain OSErrors (disk full, permissions)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OutputError(f"cannot write {out}: {e.strerror or e}; nothing was written, free space or choose another --out") from e
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    stage(3, "export")
+    return ExportResult(
+        out_dir=out, model=loaded.model_name, dtype=config.dtype, source=loaded.source,
+        num_features=loaded.backbone.num_features, num_params=sum(p.numel() for p in loaded.backbone.parameters()),
+        img_size=loaded.img_size, rotations=tuple(record["rotations"] or ()) or None, with_head=config.with_head,
+        files={p.name: p.stat().st_size for p in sorted(out.iterdir())}, round_trip=round_trip,
+    )
+
+
+# ----------------------------------------------------------------------------- output folder
+
+def _check_out_dir(out: Path, weights: str, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; give a folder to write the export into")
+    source = Path(weights).expanduser()
+    if source.exists() and (source.resolve() == out.resolve() or out.resolve() in source.resolve().parents):
+        raise OutputError(f"--out {out} holds the weights being exported; choose another folder, e.g. --out {out}/export")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"--out {out} exists and is not empty; choose another folder or add --overwrite")
+
+
+def _staging_dir(out: Path) -> Path:
+    """An empty hidden sibling of ``out``: the final rename then stays on one file system."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise OutputError(f"cannot create {out}: {e.strerror}; choose another --out") from e
+
+
+def _make_shareable(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder; an export is meant to be shared, so give it the usual mode."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+
+
+def _install(staging: Path, out: Path) -> None:
+    """Rename the verified folder into place; an existing ``out`` is replaced only now, after success."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    previous = staging.with_name(staging.name + ".previous")
+    os.replace(out, previous)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        os.replace(previous, out)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- files
+
+def _metadata(loaded: LoadedWeights, config: ExportConfig, record: dict[str, Any]) -> dict[str, str]:
+    """safetensors metadata (str -> str): what rotnet's loader and the model card read back."""
+    meta = {
+        "format": "pt",  # what the Hugging Face loaders expect of a PyTorch safetensors file
+        "rotnet_version": __version__,
+        "model": loaded.model_name,
+        # the training run; a re-export keeps naming the run its input was exported from
+        "source": str(loaded.run_dir) if loaded.run_dir else loaded.info.get("source", loaded.source),
+        "dtype": config.dtype,
+        "img_size": json.dumps(loaded.img_size),
+        "mean": json.dumps(list(loaded.mean)),
+        "std": json.dumps(list(loaded.std)),
+    }
+    for key in ("rotations", "data", "epochs", "val_rot_acc"):
+        if record[key] is not None:
+            meta[key] = record[key] if isinstance(record[key], str) else json.dumps(record[key])
+    return meta
+
+
+def _rounded_state(module: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The module's state in ``dtype``, loaded back into the module itself.
+
+    timm loads fp16/bf16 tensors into fp32 parameters, so the module rounded the same way
+    is the exact reference the round trip must reproduce.
+    """
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in module.state_dict().items()}
+    module.load_state_dict(state)
+    return state
+
+
+def _write_backbone(folder: Path, loaded: LoadedWeights, config: ExportConfig, record: dict[str, Any]) -> None:
+    from timm.models._hub import save_config_for_hf
+
+    state = _rounded_state(loaded.backbone, DTYPES[config.dtype])
+    save_safetensors(folder / EXPORT_WEIGHTS, state, _metadata(loaded, config, record))
+    size = loaded.img_size
+    # rotnet resizes the shorter side and centre-crops, bilinear: crop_pct 1 makes timm's eval transform the same.
+    save_config_for_hf(
+        loaded.backbone, str(folder / EXPORT_CONFIG),
+        model_config={"pretrained_cfg": {"tag": "rotnet"}},  # not the tag of timm's own weights for this model
+        data_config={"input_size": (3, size, size), "mean": tuple(loaded.mean), "std": tuple(loaded.std),
+                     "crop_pct": 1.0, "interpolation": "bilinear"},
+    )
+
+
+def _write_head(folder: Path, loaded: LoadedWeights, config: ExportConfig) -> None:
+    tensors = _rounded_state(loaded.head, DTYPES[config.dtype])  # weight (R, num_features), bias (R,)
+    save_safetensors(folder / EXPORT_HEAD, tensors, {
+        "format": "pt", "rotnet_version": __version__, "model": loaded.model_name,
+        "rotations": json.dumps(list(loaded.rotations)),
+    })
+
+
+# ----------------------------------------------------------------------------- round trip
+
+def _verify_round_trip(folder: Path, loaded: LoadedWeights, with_head: bool) -> dict[str, float]:
+    """Load ``folder`` back three ways; each must load strictly and give the reference's features.
+
+    Returns how each was loaded -> the largest absolute feature difference (0.0 when identical).
+    """
+    import timm
+
+    cfg = json.loads((folder / EXPORT_CONFIG).read_text())
+    model_args = cfg.get("model_args", {})  # num_classes=0 and, for fixed-size models, img_size
+    input_size = cfg["pretrained_cfg"]["input_size"]  # (C, H, W)
+    x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = loaded.backbone.eval()(x)  # (2, num_features)
+
+    def through_rotnet() -> torch.nn.Module:
+        again = load_weights(str(folder))
+        if with_head and (again.head is None or not all(
+            torch.equal(a, b) for a, b in zip(again.head.state_dict().values(), loaded.head.state_dict().values())
+        )):
+            raise WeightsError("the rotation head did not load back")
+        return again.backbone
+
+    loaders = {
+        'timm.create_model("local-dir:DIR", pretrained=True)':
+            lambda: timm.create_model(f"local-dir:{folder}", pretrained=True),
+        f'timm.create_model("{cfg["architecture"]}", checkpoint_path="DIR/{EXPORT_WEIGHTS}", **model_args)':
+            lambda: timm.create_model(cfg["architecture"], checkpoint_path=str(folder / EXPORT_WEIGHTS), **model_args),
+        "rotnet_cli.load_weights(DIR)": through_rotnet,
+    }
+    diffs: dict[str, float] = {}
+    for how, build in loaders.items():
+        try:
+            model = build().eval()
+            with torch.no_grad():
+                got = model(x)
+        except Exception as e:  # any failure here means the export is broken; nothing is kept
+            raise WeightsError(
+                f"the export did not load back with {how}: {(str(e).splitlines() or [type(e).__name__])[0][:200]}; nothing was written "
+                "(run with --debug and report this)"
+            ) from e
+        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+            raise WeightsError(
+                f"the export loaded back with {how} gives other features ({tuple(got.shape)} vs {tuple(expected.shape)}); "
+                "nothing was written (run with --debug and report this)"
+            )
+        diffs[how] = (got - expected).abs().max().item()
+    return diffs
+
+
+# ----------------------------------------------------------------------------- model card
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash; the others still count
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _run_record(loaded: LoadedWeights) -> dict[str, Any]:
+    """What the card tells about the training run: rotations, data, epochs, final accuracy, probe results.
+
+    Read defensively: the run directory may be partial and probe.json's schema belongs to `rotnet probe`.
+    Weights without a run directory (a re-export, a lone safetensors) fall back to their metadata.
+    """
+    info = loaded.info or {}
+    rotations = list(loaded.rotations) if loaded.rotations else _maybe_json(info.get("rotations"))
+    if not isinstance(rotations, list) or not rotations:
+        rotations = None
+    record: dict[str, Any] = {"rotations": rotations, "data": info.get("data"), "epochs": _maybe_json(info.get("epochs")),
+                              "val_rot_acc": _maybe_json(info.get("val_rot_acc")), "probe": None}
+    if loaded.run_dir is None:
+        return record
+    run_config = _read_json(loaded.run_dir / RUN_CONFIG)
+    if isinstance(run_config, dict) and isinstance(run_config.get("config"), dict):
+        record["data"] = run_config["config"].get("data", record["data"])
+    rows = _read_metrics(loaded.run_dir / METRICS)
+    if rows:
+        record["epochs"] = rows[-1].get("epoch", len(rows))
+        record["val_rot_acc"] = rows[-1].get("val_rot_acc")
+    record["probe"] = _read_json(loaded.run_dir / PROBE_RESULTS)
+    return record
+
+
+def _maybe_json(text: Any) -> Any:
+    if not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        text = f"{value:.4g}" if math.isfinite(value) else str(value)
+    elif isinstance(value, (dict, list, tuple)):
+        text = json.dumps(value)
+    else:
+        text = "" if value is None else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _rows_table(rows: list[dict], first: str | None = None) -> str:
+    """Markdown table of dict rows (columns: the union of their keys, in first-seen order)."""
+    rows = [{str(k): v for k, v in row.items()} for row in rows]
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def probe_tables(obj: Any, title: str = "", depth: int = 0) -> list[str]:
+    """Markdown for whatever table-like content probe results hold.
+
+    A list of dicts is a table; a dict of dicts a table with one row per key; a dict of
+    plain values a two-column table; anything nested deeper is searched (a few levels).
+    """
+    heading = [f"**{title}**"] if title else []
+    if isinstance(obj, list) and obj and all(isinstance(r, dict) for r in obj):
+        return heading + [_rows_table(obj)]
+    if not isinstance(obj, dict) or not obj or depth > 3:
+        return []
+    if all(isinstance(v, dict) for v in obj.values()) and all(
+        not isinstance(x, (dict, list)) for v in obj.values() for x in v.values()
+    ):
+        return heading + [_rows_table([{"": k, **v} for k, v in obj.items()])]
+    scalars = {k: v for k, v in obj.items() if not isinstance(v, (dict, list))}
+    parts = heading + ([_rows_table([{"": k, "value": v} for k, v in scalars.items()])] if scalars else [])
+    for key, value in obj.items():
+        if isinstance(value, (dict, list)):
+            parts += probe_tables(value, f"{title} / {key}" if title else str(key), depth + 1)
+    return parts
+
+
+def model_card(loaded: LoadedWeights, config: ExportConfig, record: dict[str, Any], model_args: dict[str, Any]) -> str:
+    """README.md in the hub's model-card format (YAML front matter, then markdown)."""
+    name = loaded.model_name
+    folder = Path(config.out).name or "exported"
+    angles = record.get("rotations")
+    rotations = f"{format_rotations(angles)} degrees ({len(angles)} classes)" if angles else "-"
+    acc = record.get("val_rot_acc")
+    facts = {
+        "model": f"`{name}` ({loaded.backbone.num_features} features, "
+                 f"{sum(p.numel() for p in loaded.backbone.parameters()):,} parameters)",
+        "rotations": rotations,
+        "data": record.get("data") or "-",
+        "epochs": record.get("epochs") if record.get("epochs") is not None else "-",
+        "final validation rotation accuracy": f"{100 * acc:.2f}%" if isinstance(acc, (int, float)) else "-",
+        "input": f"{loaded.img_size} x {loaded.img_size} px, mean {_cell(list(loaded.mean))}, std {_cell(list(loaded.std))}",
+        "weights": f"{config.dtype}, exported by rotnet {__version__} from `{loaded.source}`",
+        "rotation head": f"`{EXPORT_HEAD}`" if config.with_head else "not included (export with --with-head)",
+    }
+    lines = [
+        "---", "library_name: timm", "pipeline_tag: image-feature-extraction",
+        "tags:", "- image-feature-extraction", "- timm", "- rotnet", "- self-supervised-learning", "---", "",
+        f"# {name}: RotNet self-supervised backbone", "",
+        f"A `{name}` backbone trained without labels by predicting which rotation was applied to an image "
+        "(RotNet: Gidaris, Singh, Komodakis, *Unsupervised Representation Learning by Predicting Image "
+        f"Rotations*, ICLR 2018), with rotnet {__version__}.", "",
+        "| | |", "|---|---|", *[f"| {k} | {_cell(v)} |" for k, v in facts.items()], "",
+    ]
+    probe = record.get("probe")
+    if probe is not None:
+        tables = probe_tables(probe)
+        lines += ["## Probe results", "", "Frozen-feature probes (`rotnet probe`):", ""]
+        lines += ["\n\n".join(tables) if tables else "(probe.json holds no table-like results)", ""]
+    # the arguments timm recorded to rebuild this backbone (num_classes=0, img_size for fixed-size models, ...)
+    build_args = "".join(f", {k}={v!r}" for k, v in model_args.items())
+    lines += [
+        "## How to load", "",
+        "With timm alone (this folder, or the hub repository it is uploaded to):", "",
+        "```python", "import timm", "",
+        f'model = timm.create_model("local-dir:{folder}", pretrained=True)  # or "hf-hub:USER/REPO"',
+        "model.eval()", "data_config = timm.data.resolve_model_data_config(model)",
+        "transform = timm.data.create_transform(**data_config, is_training=False)",
+        "features = model(transform(image).unsqueeze(0))  # (1, num_features)", "```", "",
+        "Or the weights file on its own:", "", "```python",
+        f'model = timm.create_model("{name}", checkpoint_path="{folder}/{EXPORT_WEIGHTS}"{build_args})', "```", "",
+    ]
+    if config.with_head:
+        lines += [
+            f"The rotation head is `{EXPORT_HEAD}` (`weight` (R, num_features), `bias` (R,), metadata `rotations`):",
+            "`torch.nn.Linear(model.num_features, R)` loads it with `safetensors.torch.load_file`. "
+            f"`rotnet predict {folder}` uses it.", "",
+        ]
+    return "\n".join(lines)
+

@@ -1,0 +1,236 @@
+"""rotnet export: a folder timm loads on its own, strictly, with the features of the trained backbone."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from rotnet_cli.cli import app
+from rotnet_cli.config import PretrainConfig
+from rotnet_cli.models import load_weights
+from rotnet_cli.pretrain import pretrain
+
+MODELS = ["test_resnet", "test_vit", "test_convnext", "test_efficientnet"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """One tiny pretraining run per architecture family (a few steps each)."""
+    root = tmp_path_factory.mktemp("export-runs")
+    for name in MODELS:
+        pretrain(PretrainConfig(model=name, epochs=1, out=str(root / name), max_steps_per_epoch=1, batch_size=8,
+                                val_split=0.05, workers=0))
+    return {name: root / name for name in MODELS}
+
+
+def rotnet(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def export_ok(*args) -> dict:
+    result = rotnet("export", *args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def random_batch(out: Path) -> torch.Tensor:
+    input_size = json.loads((out / "config.json").read_text())["pretrained_cfg"]["input_size"]
+    return torch.randn(3, *input_size, generator=torch.Generator().manual_seed(1))
+
+
+def features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_export_loads_in_timm_both_ways_with_the_trained_features(runs, tmp_path, name):
+    out = tmp_path / "exported"
+    report = export_ok(runs[name], "--out", out)
+    trained = load_weights(str(runs[name])).backbone
+    x = random_batch(out)
+    expected = features(trained, x)  # (3, num_features)
+
+    config = json.loads((out / "config.json").read_text())
+    by_folder = timm.create_model(f"local-dir:{out}", pretrained=True)
+    by_file = timm.create_model(config["architecture"], checkpoint_path=str(out / "model.safetensors"), **config["model_args"])
+    assert torch.equal(features(by_folder, x), expected)
+    assert torch.equal(features(by_file, x), expected)
+
+    # the file holds exactly the keys of a headless timm model, nothing of the rotation head
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert keys == set(timm.create_model(name, num_classes=0).state_dict())
+    assert meta["model"] == name and meta["rotnet_version"] and meta["source"].startswith(str(runs[name]))
+    assert json.loads(meta["rotations"]) == [0, 90, 180, 270]
+
+    # config.json: what timm needs to rebuild it, with the preprocessing it was trained with
+    run_config = json.loads((runs[name] / "config.json").read_text())["resolved"]
+    size = run_config["img_size"]
+    assert config["architecture"] == name and config["num_classes"] == 0
+    assert config["num_features"] == trained.num_features
+    assert config["pretrained_cfg"]["input_size"] == [3, size, size]
+    assert config["pretrained_cfg"]["mean"] == run_config["mean"] and config["pretrained_cfg"]["std"] == run_config["std"]
+    assert timm.data.resolve_model_data_config(by_folder)["input_size"] == (3, size, size)
+
+    assert sorted(f["name"] for f in report["files"]) == ["README.md", "config.json", "model.safetensors"]
+    assert all(Path(f["path"]).stat().st_size == f["bytes"] for f in report["files"])
+
+
+def test_model_card_and_snippet(runs, tmp_path):
+    run = runs["test_resnet"]
+    out = tmp_path / "card"
+    result = rotnet("export", run, "--out", out)
+    assert result.exit_code == 0, result.output
+    snippet = f'import timm\nmodel = timm.create_model("local-dir:{out}", pretrained=True)'
+    assert snippet in result.stdout
+    scope: dict = {}
+    exec(snippet, scope)  # the printed lines work as they are
+    x = random_batch(out)
+    assert torch.equal(features(scope["model"], x), features(load_weights(str(run)).backbone, x))
+
+    card = (out / "README.md").read_text()
+    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert card.startswith("---\nlibrary_name: timm\n")
+    assert "test_resnet" in card and "0,90,180,270" in card and "digits" in card
+    assert f"{100 * final['val_rot_acc']:.2f}%" in card
+    assert f'timm.create_model("local-dir:{out.name}", pretrained=True)' in card
+
+
+def test_card_renders_probe_results_and_survives_an_unreadable_probe_file(runs, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["test_resnet"], run)
+    (run / "probe.json").write_text(json.dumps({
+        "head": "linear",
+        "results": {"stage 1": {"accuracy": 0.8125, "epochs": 30}, "stage 2": {"accuracy": 0.6875, "epochs": 30}},
+    }))
+    assert rotnet("export", run, "--out", tmp_path / "a").exit_code == 0
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "## Probe results" in card
+    assert "| stage 1 | 0.8125 | 30 |" in card and "| stage 2 | 0.6875 | 30 |" in card and "linear" in card
+
+    (run / "probe.json").write_text("{ not json")
+    assert rotnet("export", run, "--out", tmp_path / "b").exit_code == 0
+    assert "## Probe results" not in (tmp_path / "b" / "README.md").read_text()
+
+
+def test_with_head_keeps_the_rotation_head_and_timm_still_loads_strictly(runs, tmp_path):
+    run = runs["test_vit"]
+    out = tmp_path / "with-head"
+    report = export_ok(run, "--out", out, "--with-head")
+    assert "rotation_head.safetensors" in {f["name"] for f in report["files"]}
+
+    original, again = load_weights(str(run)), load_weights(str(out))
+    assert again.kind == "exported" and again.rotations == original.rotations
+    assert torch.equal(again.head.weight, original.head.weight) and torch.equal(again.head.bias, original.head.bias)
+    x = random_batch(out)
+    assert torch.equal(features(again.rotnet(), x), features(original.rotnet(), x))
+    assert torch.equal(features(timm.create_model(f"local-dir:{out}", pretrained=True), x), features(original.backbone, x))
+
+    # an export is itself a weights spec: exporting it again keeps every tensor and the ViT's input size
+    again_out = tmp_path / "again"
+    export_ok(out, "--out", again_out, "--with-head")
+    for name in ("model.safetensors", "rotation_head.safetensors"):
+        with safe_open(str(out / name), "pt") as a, safe_open(str(again_out / name), "pt") as b:
+            assert a.keys() == b.keys() and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+            assert b.metadata()["model"] == "test_vit"
+    assert json.loads((again_out / "config.json").read_text())["pretrained_cfg"]["input_size"] == list(x.shape[1:])
+
+    without, without_again = tmp_path / "without-head", tmp_path / "without-head-again"
+    export_ok(run, "--out", without)
+    assert load_weights(str(without)).head is None
+    assert export_ok(without, "--out", without_again)["rotations"] == list(original.rotations)
+    with safe_open(str(without_again / "model.safetensors"), "pt") as f:
+        assert f.metadata()["source"] == str(run)  # still names the training run
+
+
+@pytest.mark.parametrize("dtype, torch_dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_dtype_stores_half_precision_that_timm_loads(runs, tmp_path, dtype, torch_dtype):
+    run = runs["test_resnet"]
+    out = tmp_path / dtype
+    export_ok(run, "--out", out, "--dtype", dtype)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert torch_dtype in dtypes and torch.float32 not in dtypes
+    x = random_batch(out)
+    got = features(timm.create_model(f"local-dir:{out}", pretrained=True), x)
+    expected = features(load_weights(str(run)).backbone, x)
+    assert torch.allclose(got, expected, rtol=0.05, atol=0.05)
+
+
+def test_existing_folder_is_kept_unless_overwrite(runs, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    refused = rotnet("export", runs["test_resnet"], "--out", out)
+    assert refused.exit_code == 1 and "--overwrite" in refused.output
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
+
+    export_ok(runs["test_resnet"], "--out", out, "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no staging folder left behind
+
+
+def test_failed_export_changes_nothing(runs, tmp_path, monkeypatch):
+    import rotnet_cli.export as export_lib
+    from rotnet_cli.errors import WeightsError
+
+    out = tmp_path / "previous"
+    export_ok(runs["test_resnet"], "--out", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken_round_trip(*args, **kwargs):
+        raise WeightsError("the export did not load back")
+
+    monkeypatch.setattr(export_lib, "_verify_round_trip", broken_round_trip)
+    result = rotnet("export", runs["test_vit"], "--out", out, "--overwrite")
+    assert result.exit_code == 1 and "did not load back" in result.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["previous"]
+
+
+@pytest.mark.parametrize("case", ["missing", "into-the-run", "head-of-random", "bad-dtype"])
+def test_bad_requests_are_one_line_errors_that_write_nothing(runs, tmp_path, case):
+    run = runs["test_resnet"]
+    args, code, says = {
+        "missing": ([tmp_path / "nope", "--out", tmp_path / "out"], 1, "does not exist"),
+        "into-the-run": ([run, "--out", run, "--overwrite"], 1, "holds the weights"),
+        "head-of-random": (["random:test_resnet", "--out", tmp_path / "out", "--with-head"], 1, "no rotation head"),
+        "bad-dtype": ([run, "--out", tmp_path / "out", "--dtype", "int8"], 1, "--dtype"),
+    }[case]
+    files_before = sorted(p.name for p in run.iterdir())
+    result = rotnet("export", *args)
+    assert result.exit_code == code, result.output
+    assert says in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in run.iterdir()) == files_before
+
+
+def test_export_loads_where_rotnet_is_not_installed(runs, tmp_path):
+    out = tmp_path / "exported"
+    export_ok(runs["test_efficientnet"], "--out", out)
+    # A fresh interpreter in which any import of rotnet_cli fails: only timm reads the folder.
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["rotnet_cli"] = None
+        import timm, torch
+        model = timm.create_model("local-dir:{out}", pretrained=True).eval()
+        x = torch.randn(3, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            torch.save(model(x), sys.argv[1])
+    """)
+    saved = tmp_path / "features.pt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script, str(saved)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    x = random_batch(out)
+    assert torch.equal(torch.load(saved, weights_only=True), features(load_weights(str(runs["test_efficientnet"])).backbone, x))
