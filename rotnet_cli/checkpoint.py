@@ -128,8 +128,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path} needs arbitrary code to load and was refused (weights_only=True); "
             "re-save it as plain tensors or safetensors"
         ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise WeightsError(f"{path} is not a readable checkpoint (truncated or another format): {str(e).splitlines()[0][:160]}") from e
+    except Exception as e:  # torch raises many types (KeyError, RuntimeError, EOFError...) for foreign bytes
+        raise WeightsError(
+            f"{path} is not a readable checkpoint (truncated, or not written by torch.save: {type(e).__name__}); "
+            "give a run directory, checkpoint.pt or .safetensors file"
+        ) from e
     if not isinstance(state, dict):
         raise WeightsError(f"{path} holds a {type(state).__name__}, not a rotnet checkpoint dict")
     fmt = state.get("format")

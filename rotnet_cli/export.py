@@ -55,8 +55,10 @@ class ExportResult:
 
     @property
     def snippet(self) -> str:
-        """The two lines that load the export in timm (no rotnet needed)."""
-        return f'import timm\nmodel = timm.create_model("local-dir:{self.out_dir}", pretrained=True)'
+        """The two lines that load the export in timm (no rotnet needed, unless rotnet defines the model)."""
+        lines = [registration_import(self.model)] if registration_import(self.model) else []
+        lines += ["import timm", f'model = timm.create_model("local-dir:{self.out_dir}", pretrained=True)']
+        return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -365,6 +367,17 @@ def probe_tables(obj: Any, title: str = "", depth: int = 0) -> list[str]:
     return parts
 
 
+def registration_import(model_name: str) -> str | None:
+    """The import that registers a model rotnet itself defines (the paper's NIN) with timm, else None."""
+    import timm
+
+    arch = timm.models.split_model_name_tag(model_name)[0]
+    module = timm.models.model_entrypoint(arch).__module__
+    if module.startswith("rotnet_cli"):
+        return f"import rotnet_cli  # defines {arch}; pip install rotnet-cli"
+    return None
+
+
 def model_card(loaded: LoadedWeights, config: ExportConfig, record: dict[str, Any], model_args: dict[str, Any]) -> str:
     """README.md in the hub's model-card format (YAML front matter, then markdown)."""
     name = loaded.model_name
@@ -402,7 +415,7 @@ def model_card(loaded: LoadedWeights, config: ExportConfig, record: dict[str, An
     lines += [
         "## How to load", "",
         "With timm alone (this folder, or the hub repository it is uploaded to):", "",
-        "```python", "import timm", "",
+        "```python", *([registration_import(name)] if registration_import(name) else []), "import timm", "",
         f'model = timm.create_model("local-dir:{folder}", pretrained=True)  # or "hf-hub:USER/REPO"',
         "model.eval()", "data_config = timm.data.resolve_model_data_config(model)",
         "transform = timm.data.create_transform(**data_config, is_training=False)",

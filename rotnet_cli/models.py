@@ -74,8 +74,8 @@ def create_backbone(name: str, img_size: int | None = None, pretrained: bool = F
     except (RuntimeError, ValueError, OSError) as e:
         if pretrained:
             raise WeightsError(
-                f"could not get timm's pretrained weights for {name} (they come from the Hugging Face hub; "
-                f"offline here?): {str(e).splitlines()[0][:160]}"
+                f"could not get timm's pretrained weights for {name} from the Hugging Face hub ({type(e).__name__}); "
+                f"connect to the internet, point HF_HOME at a cache that holds them, or compare with random:{name}"
             ) from e
         raise ModelError(f"timm could not build {name!r}: {str(e).splitlines()[0][:200]}") from e
 

@@ -71,5 +71,5 @@ def _render(result) -> None:
     out_console.print(
         f"verified (strict load, features equal up to {worst:.2g}): {loaders}", markup=False, highlight=False, soft_wrap=True
     )
-    out_console.print("load it with timm (rotnet not needed):")
+    out_console.print("load it with timm:")
     out_console.print(result.snippet, markup=False, highlight=False, soft_wrap=True)  # unwrapped: it is copied
