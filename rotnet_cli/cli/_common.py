@@ -14,6 +14,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import RotnetError
 
@@ -45,7 +46,8 @@ def error_boundary(command: Callable) -> Callable:
                 raise
             style = "yellow" if e.exit_code == 130 else "bold red"
             prefix = "stopped" if e.exit_code == 130 else "error"
-            err_console.print(f"[{style}]{prefix}:[/] {e}", soft_wrap=True, markup=True, highlight=False)
+            # the message is plain text: square brackets in it (pip extras, paths) must survive
+            err_console.print(f"[{style}]{prefix}:[/] {escape(str(e))}", soft_wrap=True, markup=True, highlight=False)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             if debug_enabled():
@@ -67,7 +69,7 @@ def note(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------- shared options
