@@ -426,6 +426,8 @@ def iterate_batches(
         if strict and failed:
             raise _strict_error(images.paths[failed[0]])
         skipped = [str(images.paths[i]) for i in failed]
+        # the set remembers its unreadable files, also those of a batch with no good image left
+        images.skipped.extend(p for p in skipped if p not in images.skipped)
         if batch is None:
             continue
         yield Batch(

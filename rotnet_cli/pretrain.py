@@ -217,7 +217,7 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
     if val_set is None and cfg.val_split > 0:
         train_idx, val_idx = data_lib.split_indices(len(train_set), cfg.val_split, cfg.seed)
         train_set, val_set = train_set.subset(train_idx), train_set.subset(val_idx)
-    skipped = list(train_set.skipped) + (list(val_set.skipped) if val_set is not None and val_set.skipped is not train_set.skipped else [])
+    skipped = list(dict.fromkeys(train_set.skipped + (val_set.skipped if val_set is not None else [])))
     if skipped:
         emit("warning", {"message": data_lib.warn_skipped(skipped)})
     per_rank_batch = cfg.batch_size // dist.world_size
@@ -350,7 +350,6 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
             waited += time.perf_counter() - t_wait
             if batch is None:
                 break
-            skipped += [p for p in batch.skipped if p not in skipped]  # files read per epoch: count each once
             global_step = epoch * steps_per_epoch + step
             lr = lr_at(global_step, cfg, steps_per_epoch)
             for group in optimizer.param_groups:
@@ -425,6 +424,8 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
         if stop_now(sync_point=True) and epoch + 1 < cfg.epochs:
             raise Interrupted(f"stopped after epoch {epoch + 1}; checkpoint saved; resume with: rotnet pretrain --resume {out}")
 
+    # streamed folders learn of unreadable files while reading; the sets keep them, once each
+    skipped = list(dict.fromkeys(train_set.skipped + (val_set.skipped if val_set is not None else [])))
     if dist.is_main:
         save_safetensors(out / RUN_WEIGHTS, model.state_dict(), {
             "format": "rotnet", "rotnet_version": __version__, "model": cfg.model,
