@@ -26,7 +26,7 @@ def child(kind: str, args) -> None:
     import pipeline
 
     from rotnet_cli.config import PretrainConfig
-    from rotnet_cli.pretrain import pretrain
+    from rotnet_cli.pretraining import pretrain
     from rotnet_cli.runtime import resolve_device, resolve_precision
 
     device = resolve_device(args.device)

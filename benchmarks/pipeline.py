@@ -31,7 +31,7 @@ from _common import emit, machine  # noqa: E402
 from rotnet_cli import data as data_lib  # noqa: E402
 from rotnet_cli.config import PretrainConfig  # noqa: E402
 from rotnet_cli.models import RotNet, create_backbone, data_config  # noqa: E402
-from rotnet_cli.pretrain import pretrain  # noqa: E402
+from rotnet_cli.pretraining import pretrain  # noqa: E402
 from rotnet_cli.runtime import autocast, resolve_device, resolve_precision  # noqa: E402
 
 ROTATIONS = (0.0, 90.0, 180.0, 270.0)

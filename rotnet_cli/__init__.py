@@ -23,11 +23,28 @@ from .errors import RotnetError
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {
-    "pretrain": "pretrain",
-    "PretrainResult": "pretrain",
+    "pretrain": "pretraining",
+    "PretrainResult": "pretraining",
     "load_weights": "models",
     "LoadedWeights": "models",
     "create_backbone": "models",
+    "export": "exporting",
+    "ExportResult": "exporting",
+    "ExportConfig": "config",
+    "probe": "probing",
+    "ProbeResult": "probing",
+    "ProbeConfig": "config",
+    "draw_filters": "viz",
+    "draw_attention": "viz",
+    "draw_curves": "viz",
+    "FiltersConfig": "config",
+    "AttentionConfig": "config",
+    "CurvesConfig": "config",
+    "predict": "prediction",
+    "PredictResult": "prediction",
+    "PredictConfig": "config",
+    "reproduce": "reproduction",
+    "ReproduceConfig": "config",
 }
 
 

@@ -186,3 +186,244 @@ __all__ = [
     "parse_int_list",
     "RESUME_FREE_OPTIONS",
 ]
+
+
+EXPORT_DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class ExportConfig(_Serializable):
+    """Everything `rotnet export` needs; see `rotnet export --help` for each field."""
+
+    weights: str
+    out: str
+    with_head: bool = False
+    dtype: str = "fp32"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not str(self.weights).strip():
+            raise ConfigError("WEIGHTS is empty: give a run directory, checkpoint.pt, .safetensors or an exported folder")
+        if not str(self.out).strip():
+            raise ConfigError("--out is empty: give the folder to write, e.g. --out exported/")
+        _check_choice("--dtype", self.dtype, EXPORT_DTYPES)
+
+
+PROBE_HEADS = ("linear", "mlp", "knn", "conv")
+PROBE_POOLS = ("avg", "max", "flatten")
+
+
+def parse_layers(text: str | tuple | list | None) -> tuple[int, ...] | None:
+    """'all' -> None (every stage); '1,2,-1' -> (1, 2, -1): 1-based, negative counts from the last stage."""
+    if text is None or (isinstance(text, str) and text.strip().lower() in ("", "all")):
+        return None
+    layers = parse_int_list("--layers", ",".join(map(str, text)) if isinstance(text, (tuple, list)) else text)
+    if 0 in layers:
+        raise ConfigError("--layers counts stages from 1 (first) or -1 (last); 0 is not a stage")
+    if len(set(layers)) != len(layers):
+        raise ConfigError(f"--layers names a stage twice ({','.join(map(str, layers))})")
+    return layers
+
+
+def parse_name_list(option: str, text: str | tuple | list, choices: tuple[str, ...]) -> tuple[str, ...]:
+    """'linear,mlp' -> ('linear', 'mlp'), each one of ``choices``, none twice."""
+    items = list(text) if isinstance(text, (tuple, list)) else [t.strip().lower() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise ConfigError(f"{option} is empty: give one or more of {', '.join(choices)}")
+    for item in items:
+        _check_choice(option, item, choices)
+    if len(set(items)) != len(items):
+        raise ConfigError(f"{option} names {', '.join(sorted({i for i in items if items.count(i) > 1}))} twice")
+    return tuple(items)
+
+
+@dataclass(frozen=True)
+class ProbeConfig(_Serializable):
+    """Everything `rotnet probe` needs; see `rotnet probe --help` for each field."""
+
+    weights: str = ""
+    data: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    val_data: str | None = None
+    val_split: float = 0.2
+    layers: tuple[int, ...] | None = None  # None: every stage
+    heads: tuple[str, ...] = ("linear", "mlp", "knn")
+    pool: str = "avg"
+    epochs: int = 100
+    lr: float | None = None
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    labels_per_class: int | None = None
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    compare: tuple[str, ...] = ()
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    save: bool = True
+
+    def __post_init__(self) -> None:
+        if not str(self.weights).strip():
+            raise ConfigError("give the weights to probe: a run directory, checkpoint.pt, .safetensors, an export, timm:NAME or random:NAME")
+        object.__setattr__(self, "layers", parse_layers(self.layers))
+        object.__setattr__(self, "heads", parse_name_list("--head", self.heads, PROBE_HEADS))
+        compare = self.compare.split(",") if isinstance(self.compare, str) else self.compare
+        object.__setattr__(self, "compare", tuple(c.strip() for c in compare if c.strip()))
+        _check_choice("--pool", self.pool, PROBE_POOLS)
+        _check_choice("--precision", self.precision, PRECISIONS)
+        _check_positive("--epochs", self.epochs)
+        _check_positive("--lr", self.lr)
+        _check_positive("--weight-decay", self.weight_decay, allow_zero=True)
+        _check_positive("--batch-size", self.batch_size)
+        _check_positive("--labels-per-class", self.labels_per_class)
+        _check_positive("--knn-k", self.knn_k)
+        _check_positive("--knn-temperature", self.knn_temperature)
+        _check_positive("--workers", self.workers, allow_zero=True)
+        if not 0 < self.val_split < 1:
+            raise ConfigError(f"--val-split must be in (0, 1) (got {self.val_split}); or give --val-data")
+
+    def head_lr(self, head: str) -> float:
+        # AdamW: a BN + linear head on normalised features converges within 100 epochs only with a
+        # larger step (1e-3 leaves it far from its optimum); the mlp and conv heads like 1e-3.
+        return self.lr if self.lr is not None else (1e-2 if head == "linear" else 1e-3)
+
+
+__all__ += ["ProbeConfig", "parse_layers", "parse_name_list", "PROBE_HEADS", "PROBE_POOLS"]
+
+
+VIZ_COLORMAPS = ("jet", "inferno")
+
+
+@dataclass(frozen=True)
+class FiltersConfig(_Serializable):
+    """Everything `rotnet viz filters` needs; see `rotnet viz filters --help` for each field."""
+
+    weights: tuple[str, ...] = ()
+    out: str = "filters.png"
+    labels: tuple[str, ...] = ()  # one per weights; default: the weights spec itself
+    scale: int | None = None  # None: enlarge each tile to about 32 pixels
+    cols: int | None = None  # None: a square-ish grid
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weights", tuple(self.weights))
+        object.__setattr__(self, "labels", tuple(self.labels))
+        if not self.weights:
+            raise ConfigError("give the weights to draw: a run directory, checkpoint, .safetensors, an export, timm:NAME or random:NAME")
+        if self.labels and len(self.labels) != len(self.weights):
+            raise ConfigError(f"--label: give one per weights ({len(self.weights)}), got {len(self.labels)}")
+        _check_positive("--scale", self.scale)
+        _check_positive("--cols", self.cols)
+        if not str(self.out).lower().endswith(".png"):
+            raise ConfigError(f"--out {self.out}: the picture is a PNG; give a file name ending in .png")
+
+
+@dataclass(frozen=True)
+class AttentionConfig(_Serializable):
+    """Everything `rotnet viz attention` needs; see `rotnet viz attention --help` for each field."""
+
+    weights: str = ""
+    images: tuple[str, ...] = ()
+    out: str = "attention"
+    layers: tuple[int, ...] | None = None  # 1-based, negative from the last; None: every stage
+    power: float | None = None  # None: 1, 2, 4 for early, middle, late stages (the paper)
+    rotations: tuple[float, ...] | None = None  # None: the model's own set, else 0,90,180,270
+    align: bool = False
+    img_size: int | None = None  # None: the size the weights were trained at
+    scale: int | None = None  # None: enlarge tiles to at least 128 pixels
+    cmap: str = "jet"
+    alpha: float = 0.5
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not str(self.weights).strip():
+            raise ConfigError("give the weights: a run directory, checkpoint, .safetensors, an export, timm:NAME or random:NAME")
+        object.__setattr__(self, "images", tuple(self.images))
+        if not self.images:
+            raise ConfigError("give one or more image files or folders after the weights")
+        object.__setattr__(self, "layers", parse_layers(self.layers))
+        if self.rotations is not None:
+            object.__setattr__(self, "rotations", parse_rotations(self.rotations))
+        _check_positive("--power", self.power)
+        _check_positive("--scale", self.scale)
+        _check_choice("--cmap", self.cmap, VIZ_COLORMAPS)
+        if self.img_size is not None and self.img_size < 8:
+            raise ConfigError(f"--img-size must be at least 8 pixels (got {self.img_size})")
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"--alpha must be in [0, 1] (got {self.alpha})")
+
+
+@dataclass(frozen=True)
+class CurvesConfig(_Serializable):
+    """Everything `rotnet viz curves` needs."""
+
+    run: str = ""
+    out: str = "curves.png"
+
+    def __post_init__(self) -> None:
+        if not str(self.run).strip():
+            raise ConfigError("give a run directory made by rotnet pretrain (it holds metrics.jsonl)")
+        if not str(self.out).lower().endswith(".png"):
+            raise ConfigError(f"--out {self.out}: the picture is a PNG; give a file name ending in .png")
+
+
+__all__ += ["FiltersConfig", "AttentionConfig", "CurvesConfig", "VIZ_COLORMAPS"]
+
+
+@dataclass(frozen=True)
+class PredictConfig(_Serializable):
+    """Everything `rotnet predict` needs; see `rotnet predict --help` for each field."""
+
+    weights: str = ""
+    inputs: tuple[str, ...] = ()
+    tta: bool = False
+    fix: bool = False
+    out: str | None = None
+    min_confidence: float = 0.5
+    overwrite: bool = False
+    batch_size: int = 64
+    workers: int = 2
+    device: str = "auto"
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(str(p) for p in self.inputs))
+        if not str(self.weights).strip():
+            raise ConfigError("give the weights: a run directory, checkpoint.pt or model.safetensors with a rotation head")
+        if not self.inputs:
+            raise ConfigError("give at least one image file or folder to predict")
+        if self.fix and not self.out:
+            raise ConfigError("--fix needs --out DIR: the upright copies go there, the originals are never changed")
+        if not 0 <= self.min_confidence <= 1:
+            raise ConfigError(f"--min-confidence is a probability in [0, 1] (got {self.min_confidence})")
+        _check_choice("--precision", self.precision, PRECISIONS)
+        _check_positive("--batch-size", self.batch_size)
+        _check_positive("--workers", self.workers, allow_zero=True)
+
+
+__all__ += ["PredictConfig"]
+
+
+@dataclass(frozen=True)
+class ReproduceConfig(_Serializable):
+    """Everything `rotnet reproduce` needs: the paper's CIFAR-10 study (or its smoke mode)."""
+
+    recipe: str = "paper-cifar10"
+    data: str = "cifar10"
+    data_dir: str | None = None
+    download: bool = False
+    out: str = "runs/paper-cifar10"
+    smoke: bool = False
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("recipe", self.recipe, ("paper-cifar10",))
+        _check_choice("--precision", self.precision, PRECISIONS)
+        _check_positive("--workers", self.workers, allow_zero=True)
+
+
+__all__ += ["ReproduceConfig"]

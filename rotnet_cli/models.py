@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, load_safetensors
-from .errors import ModelError, WeightsError
+from .errors import ConfigError, ModelError, WeightsError
 
 # Files of a run directory and of an exported folder (the contract between commands).
 RUN_WEIGHTS = "model.safetensors"
@@ -104,6 +104,19 @@ def num_stages(backbone: nn.Module) -> int:
     if not info:
         raise ModelError(f"{type(backbone).__name__} has no feature_info, so its stages are unknown")
     return len(info)
+
+
+def resolve_stages(layers: tuple[int, ...] | None, count: int, label: str = "run") -> list[int]:
+    """--layers (1-based, negative from the end; None = all) -> sorted 1-based stage numbers."""
+    if layers is None:
+        return list(range(1, count + 1))
+    bad = [s for s in layers if not -count <= s <= count]
+    if bad:
+        whose = "the model" if label == "run" else f"the {label} baseline"
+        raise ConfigError(
+            f"--layers {','.join(map(str, bad))}: {whose} has {count} stages; use 1..{count} or -{count}..-1, or all"
+        )
+    return sorted({s if s > 0 else count + 1 + s for s in layers})
 
 
 def forward_stages(backbone: nn.Module, x: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
@@ -268,11 +281,13 @@ def _load_exported(folder: Path, device) -> LoadedWeights:
     )
 
 
-def load_weights(spec: str, device: torch.device | str = "cpu", seed: int = 0) -> LoadedWeights:
+def load_weights(spec: str, device: torch.device | str = "cpu", seed: int = 0, img_size: int | None = None) -> LoadedWeights:
     """Resolve any weights spec rotnet accepts to a ready (eval-mode) backbone and head.
 
     Specs: a run directory, its checkpoint.pt or model.safetensors, an exported folder,
     ``timm:NAME`` (timm's pretrained weights; needs the hub) or ``random:NAME``.
+    ``img_size`` builds ``timm:``/``random:`` models that need a fixed input size (ViTs) for
+    that size, e.g. the size of the run they are compared with; saved weights know theirs.
     """
     text = str(spec)
     if text.startswith("random:") or text.startswith("timm:"):
@@ -280,8 +295,8 @@ def load_weights(spec: str, device: torch.device | str = "cpu", seed: int = 0) -
         name = canonical_model_name(name)
         with torch.random.fork_rng(devices=[]):  # the same "random" baseline every time; the caller's RNG is untouched
             torch.manual_seed(seed)
-            backbone = create_backbone(name, pretrained=(kind == "timm"))
-        return _finish(backbone, None, device, model_name=name, rotations=None, source=text, kind=kind)
+            backbone = create_backbone(name, img_size=img_size, pretrained=(kind == "timm"))
+        return _finish(backbone, None, device, model_name=name, rotations=None, source=text, kind=kind, img_size=img_size)
 
     path = Path(text).expanduser()
     if not path.exists():

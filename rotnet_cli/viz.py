@@ -27,8 +27,7 @@ from . import data as data_lib
 from .checkpoint import atomic_write
 from .config import AttentionConfig, CurvesConfig, FiltersConfig
 from .errors import DataError, ModelError, OutputError, RotnetError
-from .models import forward_stages, load_weights, num_stages
-from .probe import resolve_stages
+from .models import forward_stages, load_weights, num_stages, resolve_stages
 from .rotations import disc_mask, needs_mask, rotate, rotate_all
 
 Progress = Callable[[str, dict], None]
@@ -480,7 +479,7 @@ def draw_attention(config: AttentionConfig, progress: Progress | None = None) ->
 
 def read_metrics(run: str) -> tuple[Path, list[dict[str, Any]]]:
     """(run directory, rows of metrics.jsonl): RUN is a run directory or its metrics.jsonl."""
-    from .pretrain import METRICS
+    from .pretraining import METRICS
 
     path = Path(run).expanduser()
     file = path / METRICS if path.is_dir() else path

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from rotnet_cli.cli import app
 from rotnet_cli.config import PretrainConfig
-from rotnet_cli.pretrain import pretrain
+from rotnet_cli.pretraining import pretrain
 
 # args (with {placeholders} for sentinel paths), expected exit code, text the error line must contain
 MATRIX = [

@@ -27,7 +27,7 @@ OPTIONS = dict(model="test_vit", epochs=2, max_steps_per_epoch=4, batch_size=16,
 HARNESS = '''
 import json, os, sys
 from pathlib import Path
-import rotnet_cli.pretrain as P
+import rotnet_cli.pretraining as P
 from rotnet_cli.config import PretrainConfig
 from rotnet_cli.errors import Interrupted
 from safetensors.torch import save_file
@@ -85,7 +85,7 @@ def test_both_ranks_end_with_identical_weights_and_rank_0_writes_the_run(ddp_run
 
 
 def test_loss_matches_one_process_with_the_same_global_batch(ddp_run, tmp_path):
-    from rotnet_cli.pretrain import pretrain
+    from rotnet_cli.pretraining import pretrain
 
     torch.set_num_threads(1)
     single = tmp_path / "single"

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from rotnet_cli.cli import app
 from rotnet_cli.config import PretrainConfig
 from rotnet_cli.models import load_weights
-from rotnet_cli.pretrain import pretrain
+from rotnet_cli.pretraining import pretrain
 
 MODELS = ["test_resnet", "test_vit", "test_convnext", "test_efficientnet"]
 
@@ -181,7 +181,7 @@ def test_existing_folder_is_kept_unless_overwrite(runs, tmp_path):
 
 
 def test_failed_export_changes_nothing(runs, tmp_path, monkeypatch):
-    import rotnet_cli.export as export_lib
+    import rotnet_cli.exporting as export_lib
     from rotnet_cli.errors import WeightsError
 
     out = tmp_path / "previous"

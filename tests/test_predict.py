@@ -17,8 +17,8 @@ from rotnet_cli import data
 from rotnet_cli.cli import app
 from rotnet_cli.config import PredictConfig, PretrainConfig
 from rotnet_cli.errors import ConfigError
-from rotnet_cli.predict import combine_votes, predict, tta_index_table, write_upright
-from rotnet_cli.pretrain import pretrain
+from rotnet_cli.prediction import combine_votes, predict, tta_index_table, write_upright
+from rotnet_cli.pretraining import pretrain
 
 SEED = 0
 VAL_SPLIT = 0.1

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from rotnet_cli.cli import app
 from rotnet_cli.config import PretrainConfig
 from rotnet_cli.errors import Interrupted
-from rotnet_cli.pretrain import pretrain
+from rotnet_cli.pretraining import pretrain
 
 FAST = dict(model="test_resnet", batch_size=32, max_steps_per_epoch=3, workers=0, device="cpu")
 METRIC_FIELDS = {"epoch", "loss", "rot_acc", "val_loss", "val_rot_acc", "lr", "images_per_s", "seconds"}
@@ -148,3 +148,11 @@ def test_installed_rotnet_command_runs():
     assert out.returncode == 0 and out.stdout.startswith("rotnet ")
     out = subprocess.run([sys.executable, "-m", "rotnet_cli", "pretrain", "--rotations", "0,0"], capture_output=True, text=True)
     assert out.returncode == 1 and "appears twice" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_python_api_names_are_the_functions_even_after_the_cli_loaded_the_modules():
+    import rotnet_cli.cli  # noqa: F401 - imports the library modules behind the commands
+    from rotnet_cli import export, pretrain as api_pretrain, predict, probe
+
+    assert api_pretrain is pretrain
+    assert all(callable(f) and f.__name__ == name for f, name in ((export, "export"), (predict, "predict"), (probe, "probe")))

@@ -23,13 +23,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import rotnet_cli.pretrain as pretrain_module
+import rotnet_cli.pretraining as pretrain_module
 from rotnet_cli.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from rotnet_cli.cli import app
 from rotnet_cli.config import PretrainConfig
 from rotnet_cli.errors import Interrupted, OutputError, WeightsError
 from rotnet_cli.models import load_weights
-from rotnet_cli.pretrain import pretrain, resume_config
+from rotnet_cli.pretraining import pretrain, resume_config
 
 TIMING = ("images_per_s", "seconds", "data_wait")
 ROTNET = str(Path(sys.executable).parent / "rotnet")

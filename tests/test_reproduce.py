@@ -6,7 +6,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from rotnet_cli.cli import app
-from rotnet_cli.reproduce import TABLE1_PAPER, TABLE3_CONV_PAPER
+from rotnet_cli.reproduction import TABLE1_PAPER, TABLE3_CONV_PAPER
 
 
 def test_smoke_recipe_runs_every_experiment_and_reuses_runs(tmp_path):

@@ -66,7 +66,7 @@ def save_disc_png(path, size: int = 48) -> None:
 def tiny_run(tmp_path_factory):
     """A real (very short) pretraining run on two rotations, so its rotation set is (0, 180)."""
     from rotnet_cli.config import PretrainConfig
-    from rotnet_cli.pretrain import pretrain
+    from rotnet_cli.pretraining import pretrain
 
     out = tmp_path_factory.mktemp("viz") / "run"
     pretrain(PretrainConfig(model="test_resnet", epochs=1, out=str(out), max_steps_per_epoch=2, batch_size=16,

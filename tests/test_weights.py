@@ -18,7 +18,7 @@ from rotnet_cli.checkpoint import load_safetensors
 from rotnet_cli.config import PretrainConfig
 from rotnet_cli.errors import WeightsError
 from rotnet_cli.models import load_weights
-from rotnet_cli.pretrain import pretrain
+from rotnet_cli.pretraining import pretrain
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,11 @@ def _root(
 from . import pretrain as _pretrain  # noqa: E402,F401
 
 # --- more commands register below (one import each) ---
+from . import reproduce as _reproduce  # noqa: E402,F401
+from . import predict as _predict  # noqa: E402,F401
+from . import export as _export  # noqa: E402,F401
+from . import probe as _probe  # noqa: E402,F401
+from . import viz as _viz  # noqa: E402,F401
 
 
 def main() -> None:

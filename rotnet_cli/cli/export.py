@@ -34,7 +34,7 @@ def export(
     json_out: JsonOpt = False,
 ) -> None:
     """Export the backbone as safetensors + config.json that timm loads with one line; verified by loading it back."""
-    from ..export import export as run_export
+    from ..exporting import export as run_export
 
     config = ExportConfig(weights=weights, out=out, with_head=with_head, dtype=dtype, overwrite=overwrite)
     with ProgressView(err_console, title="export") as view:

@@ -44,7 +44,7 @@ def predict(
     json_out: JsonOpt = False,
 ) -> None:
     """Predict how each image is rotated (and how to turn it upright); --fix writes upright copies."""
-    from ..predict import predict as run_predict
+    from ..prediction import predict as run_predict
 
     config = PredictConfig(
         weights=weights, inputs=tuple(images), tta=tta, fix=fix, out=out, min_confidence=min_confidence,

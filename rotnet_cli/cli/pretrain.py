@@ -68,7 +68,7 @@ def pretrain(
     json_out: JsonOpt = False,
 ) -> None:
     """Pretrain a timm backbone by predicting image rotations; writes a run directory."""
-    from ..pretrain import pretrain as run_pretrain, resume_config
+    from ..pretraining import pretrain as run_pretrain, resume_config
     from ..runtime import dist_from_env
 
     values = {

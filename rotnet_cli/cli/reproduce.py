@@ -36,7 +36,7 @@ def reproduce(
     json_out: JsonOpt = False,
 ) -> None:
     """Pretrain the paper's NIN on CIFAR-10 with its recipe, probe every block, print the paper's tables beside ours."""
-    from ..reproduce import reproduce as run_reproduce
+    from ..reproduction import reproduce as run_reproduce
 
     config = ReproduceConfig(recipe=recipe, data=data, data_dir=data_dir, download=download, out=out, smoke=smoke,
                              device=device, precision=precision, workers=workers, seed=seed)

@@ -39,7 +39,7 @@ ATTENTION_EXAMPLES = """
 CURVES_EXAMPLES = """
 [b]Examples[/b]
 
-  rotnet viz curves runs/demo --out curves.png   [dim]# needs: pip install 'rotnet-cli[plot]'[/dim]
+  rotnet viz curves runs/demo --out curves.png   [dim]# needs: pip install 'rotnet-cli\\[plot]'[/dim]
 """
 
 

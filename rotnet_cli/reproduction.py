@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 from .config import PretrainConfig, ProbeConfig, ReproduceConfig, format_rotations
-from .probe import probe
-from .pretrain import pretrain
+from .probing import probe
+from .pretraining import pretrain
 
 Progress = Callable[[str, dict], None]
 

@@ -30,7 +30,7 @@ from .checkpoint import save_safetensors, write_text
 from .config import ExportConfig, format_rotations
 from .errors import OutputError, WeightsError
 from .models import EXPORT_CONFIG, EXPORT_HEAD, EXPORT_WEIGHTS, RUN_CONFIG, LoadedWeights, load_weights
-from .pretrain import METRICS
+from .pretraining import METRICS
 
 PROBE_RESULTS = "probe.json"  # written into the run directory by `rotnet probe`
 MODEL_CARD = "README.md"

@@ -1,0 +1,110 @@
+"""rotnet probe: train classifiers on frozen features of each stage and compare them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ..config import ProbeConfig
+from . import app
+from ._common import (
+    DataDirOpt, DeviceOpt, DownloadOpt, JsonOpt, PrecisionOpt, SeedOpt, WeightsArg, WorkersOpt,
+    err_console, error_boundary, out_console, print_json, warn,
+)
+from .progress import ProgressView
+
+EXAMPLES = """
+[b]Examples[/b]
+
+  rotnet probe runs/demo --compare random           [dim]# every stage, linear/mlp/knn, vs random weights[/dim]
+  rotnet probe runs/demo --layers 2,-1 --head linear --epochs 50
+  rotnet probe runs/nin --data cifar10 --download --head mlp,conv --pool flatten  [dim]# the paper's recipe[/dim]
+  rotnet probe runs/demo --labels-per-class 20      [dim]# semi-supervised: 20 labelled images per class[/dim]
+  rotnet probe runs/demo --data ~/pets --val-data ~/pets-val --json
+"""
+
+
+@app.command(epilog=EXAMPLES)
+@error_boundary
+def probe(
+    weights: WeightsArg,
+    data: Annotated[str, typer.Option("--data", help="Labelled data: digits (built in), a folder of class sub-folders (train/ + val/ used as such), or cifar10, cifar100, stl10, mnist, fashionmnist, svhn.")] = "digits",
+    data_dir: DataDirOpt = None,
+    download: DownloadOpt = False,
+    val_data: Annotated[Optional[str], typer.Option("--val-data", help="Labelled validation data (same classes); default: the dataset's own split, else --val-split.")] = None,
+    val_split: Annotated[float, typer.Option("--val-split", help="Share of the labelled images held out for validation (stratified, seeded).")] = 0.2,
+    layers: Annotated[str, typer.Option("--layers", help="Stages to probe: all, or 1-based indices such as 1,2,-1 (negative: from the last).")] = "all",
+    head: Annotated[str, typer.Option("--head", help="Comma list of linear (BN + linear on pooled features), mlp (2x200 hidden, BN + ReLU), knn (cosine k-NN vote), conv (NIN block + linear on spatial maps).")] = "linear,mlp,knn",
+    pool: Annotated[str, typer.Option("--pool", help="How the mlp head sees a stage: avg or max (global pooling) or flatten (every position).")] = "avg",
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs of each head (on cached features: cheap).")] = 100,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate of the heads, cosine-decayed (default 1e-2 for linear, 1e-3 for mlp and conv).")] = None,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay of the heads.")] = 5e-4,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch, both for extracting features and for training the heads.")] = 256,
+    labels_per_class: Annotated[Optional[int], typer.Option("--labels-per-class", help="Keep only K labelled training images per class (seeded); the paper's semi-supervised study.")] = None,
+    knn_k: Annotated[int, typer.Option("--knn-k", help="Neighbours that vote in the knn head.")] = 20,
+    compare: Annotated[Optional[str], typer.Option("--compare", help="Baseline rows: random (the same architecture, random weights) and/or other weights, e.g. timm:resnet18; comma list.")] = None,
+    workers: WorkersOpt = 2,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    save: Annotated[bool, typer.Option("--save/--no-save", help="Write probe.json into the run directory when WEIGHTS is one.")] = True,
+    json_out: JsonOpt = False,
+) -> None:
+    """Measure frozen features: a classifier per stage and head, top-1 on held-out labelled images."""
+    from ..probing import probe as run_probe
+
+    config = ProbeConfig(
+        weights=weights, data=data, data_dir=data_dir, download=download, val_data=val_data, val_split=val_split,
+        layers=layers, heads=head, pool=pool, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+        labels_per_class=labels_per_class, knn_k=knn_k, compare=compare or (), workers=workers, seed=seed,
+        device=device, precision=precision, save=save,
+    )
+    with ProgressView(err_console, title="probe") as view:
+        result = run_probe(config, progress=view)
+
+    if result.skipped_files:
+        warn(f"{len(result.skipped_files)} unreadable image file(s) were skipped, e.g. {result.skipped_files[0]}")
+    if json_out:
+        print_json(result.to_dict())
+        return
+    _render(result)
+
+
+def _render(result) -> None:
+    best = result.best()
+    table = Table(
+        title=f"Frozen-feature probe: {result.model} on {result.data} ({result.num_classes} classes, "
+              f"{result.train_images} train / {result.val_images} val, top-1)",
+        title_justify="left",
+    )
+    table.add_column("weights")
+    table.add_column("stage", justify="right")
+    table.add_column("C x H x W", justify="right")
+    for head in result.heads:
+        table.add_column(f"{head} ({result.pool})" if head == "mlp" else head, justify="right")
+    previous = None
+    for row in result.rows:
+        if previous is not None and row.weights != previous:
+            table.add_section()
+        previous = row.weights
+        cells = []
+        for head in result.heads:
+            text = f"{100 * row.accuracy[head]:.2f}%"
+            cells.append(f"[bold green]{text}[/]" if best and row is best[0] and head == best[1] else text)
+        style = None if row.weights == "run" else "dim"
+        table.add_row(row.weights, str(row.stage), " x ".join(map(str, row.shape)), *cells, style=style)
+    out_console.print(table)
+    if best:
+        line = f"best: stage {best[0].stage} with the {best[1]} head, {100 * best[0].accuracy[best[1]]:.2f}%"
+        for other in dict.fromkeys(r.weights for r in result.rows if r.weights != "run"):  # in row order
+            same = next((r for r in result.rows if r.weights == other and r.stage == best[0].stage), None)
+            if same is not None:
+                line += f" ({other}: {100 * same.accuracy[best[1]]:.2f}%)"
+        out_console.print(line)
+    seconds = result.extract_seconds + sum(result.train_seconds.values())
+    out_console.print(f"[dim]features {result.extract_seconds:.1f}s, heads {sum(result.train_seconds.values()):.1f}s, "
+                      f"total {seconds:.1f}s on {result.device}[/]")
+    if result.saved_to:
+        out_console.print(f"saved: {result.saved_to}")
