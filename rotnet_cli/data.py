@@ -43,6 +43,8 @@ class ImageSet:
     labels: torch.Tensor | None = None  # (N,) int64, None when unlabelled
     classes: list[str] | None = None
     skipped: list[str] = field(default_factory=list)  # unreadable files left out
+    # (settings, DataLoader, batch sampler) for files: workers that live across epochs
+    loader_cache: tuple | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.images) if self.images is not None else len(self.paths or [])
@@ -412,16 +414,8 @@ def iterate_batches(
         return
 
     assert images.paths is not None
-    loader = torch.utils.data.DataLoader(
-        FileDataset(images.paths, images.img_size),
-        batch_sampler=[c.tolist() for c in chunks],
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=pin,
-        persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=_ignore_sigint,
-    )
+    loader, sampler = _file_loader(images, workers, pin)
+    sampler.batches = [c.tolist() for c in chunks]
     for idx, batch, failed in loader:
         if strict and failed:
             raise _strict_error(images.paths[failed[0]])
@@ -435,6 +429,42 @@ def iterate_batches(
             labels[idx].to(device, non_blocking=pin) if labels is not None else None,
             skipped,
         )
+
+
+class _EpochBatches(torch.utils.data.Sampler):
+    """A batch sampler whose batches are set anew for every epoch (and resume point)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _file_loader(images: ImageSet, workers: int, pin: bool) -> tuple[torch.utils.data.DataLoader, _EpochBatches]:
+    """One DataLoader per image set, its workers kept alive across epochs.
+
+    Starting worker processes every epoch costs seconds that the model then waits for;
+    with persistent workers the next epoch only swaps the batches they are handed.
+    """
+    key = (workers, pin)
+    if images.loader_cache is None or images.loader_cache[0] != key:
+        sampler = _EpochBatches()
+        loader = torch.utils.data.DataLoader(
+            FileDataset(images.paths, images.img_size),
+            batch_sampler=sampler,
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=pin,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=_ignore_sigint,
+        )
+        images.loader_cache = (key, loader, sampler)
+    return images.loader_cache[1], images.loader_cache[2]
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool) -> int:

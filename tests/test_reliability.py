@@ -338,27 +338,11 @@ def test_read_only_run_directory_on_resume_keeps_the_checkpoint(tmp_path):
 # ----------------------------------------------------------------------------- loading is safe
 
 
-class _Payload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 @pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
-def test_a_checkpoint_with_a_pickled_payload_is_refused_and_never_run(tmp_path, writer):
-    import pickle
-
+def test_a_checkpoint_with_a_pickled_payload_is_refused_and_never_run(tmp_path, writer, write_malicious_checkpoint):
     run = tmp_path / "run"
     stopped_early(run)
-    marker = tmp_path / "PWNED"
-    state = {**load_checkpoint(run / "checkpoint.pt"), "extra": _Payload(marker)}
-    if writer == "torch.save":
-        torch.save(state, run / "checkpoint.pt")
-    else:
-        with open(run / "checkpoint.pt", "wb") as f:
-            pickle.dump(state, f)
+    marker = write_malicious_checkpoint(run / "checkpoint.pt", load_checkpoint(run / "checkpoint.pt"), writer)
     result = CliRunner().invoke(app, ["pretrain", "--resume", str(run)])
     assert result.exit_code == 1 and "Traceback" not in result.stderr
     with pytest.raises(WeightsError):

@@ -3,7 +3,6 @@
 Every refusal is a WeightsError whose message is one line that names the problem.
 """
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -144,25 +143,10 @@ def test_file_that_is_not_a_checkpoint(tmp_path, content):
     assert str(path) in message and ("checkpoint" in message or "empty" in message)
 
 
-class _Payload:
-    """Unpickling this runs code (it creates a marker file): what a malicious checkpoint does."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 @pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
-def test_malicious_pickle_is_refused_without_running_it(tmp_path, writer):
-    marker = tmp_path / "code-ran"
+def test_malicious_pickle_is_refused_without_running_it(tmp_path, writer, write_malicious_checkpoint):
     path = tmp_path / "checkpoint.pt"
-    state = {"config": {"model": "test_resnet"}, "model": _Payload(marker)}
-    if writer == "torch.save":
-        torch.save(state, path)
-    else:
-        path.write_bytes(pickle.dumps(state))
+    marker = write_malicious_checkpoint(path, {"config": {"model": "test_resnet"}, "model": {}}, writer)
     message = refusal(path)
     assert "needs arbitrary code" in message or "not a PyTorch checkpoint" in message
     assert not marker.exists()
