@@ -85,7 +85,7 @@ class PretrainConfig(_Serializable):
     val_split: float = 0.1
     rotations: tuple[float, ...] = (0.0, 90.0, 180.0, 270.0)
     copies: str = "all"
-    epochs: int = 10
+    epochs: int = 30
     batch_size: int = 128
     lr: float | None = None
     weight_decay: float | None = None

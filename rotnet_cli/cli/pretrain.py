@@ -38,7 +38,7 @@ def pretrain(
     val_split: Annotated[float, typer.Option("--val-split", help="Share of images held out for validation rotation accuracy (seeded).")] = 0.1,
     rotations: Annotated[str, typer.Option("--rotations", help="Angles in degrees, comma-separated; the label of a copy is its angle's index. Non-multiples of 90 are interpolated and disc-masked.")] = "0,90,180,270",
     copies: Annotated[str, typer.Option("--copies", help="all: every rotated copy of each image in the batch (the paper); one: one sampled rotation per image.")] = "all",
-    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs.")] = 10,
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (the paper: 100).")] = 30,
     batch_size: BatchSizeOpt = 128,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default 0.1 for SGD as in the paper, 1e-3 for AdamW).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay (default 5e-4 SGD, 0.05 AdamW).")] = None,
