@@ -169,6 +169,16 @@ def test_ctrl_c_writes_a_checkpoint_says_how_to_resume_and_exits_130(tmp_path, u
     assert_same_run(uninterrupted, run)
 
 
+def test_sigterm_from_a_scheduler_checkpoints_like_ctrl_c(tmp_path):
+    run = tmp_path / "run"
+    proc = start([*SLOW_RUN, "--out", str(run)], tmp_path / "log")
+    before = wait_for_checkpoint(proc, run, (0, 4))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    assert "SIGTERM: saving a checkpoint" in (tmp_path / "log").read_text()
+    assert position(run) >= before and not (run / "model.safetensors").exists()
+
+
 def test_resume_with_contradicting_options_names_them(tmp_path):
     run = tmp_path / "run"
     pretrain(PretrainConfig(**{**FAST, "epochs": 1, "max_steps_per_epoch": 2}, out=str(run)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from typing import Annotated, Optional
 
@@ -109,10 +110,11 @@ def _given(ctx: typer.Context, name: str) -> bool:
 
 
 class _StopFlag:
-    """Ctrl-C asks the loop to stop at the next step boundary (it checkpoints, then exits 130).
-
-    A second Ctrl-C stops at once.
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM asks the loop to stop at the next step
+    boundary: it checkpoints, then exits 130. A second Ctrl-C stops at once.
     """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
@@ -124,24 +126,21 @@ class _StopFlag:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        err_console.print("[yellow]Ctrl-C: saving a checkpoint at the end of this step (press again to abort)[/]")
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        err_console.print(f"[yellow]{name}: saving a checkpoint at the end of this step (Ctrl-C again to abort)[/]")
 
+    @contextlib.contextmanager
     def installed(self):
-        import contextlib
-
-        @contextlib.contextmanager
-        def handler():
-            try:
-                previous = signal.signal(signal.SIGINT, self._handle)
-            except ValueError:  # not the main thread (e.g. some test runners)
-                yield
-                return
-            try:
-                yield
-            finally:
-                signal.signal(signal.SIGINT, previous)
-
-        return handler()
+        try:
+            previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        except ValueError:  # not the main thread (e.g. some test runners): no handlers
+            yield
+            return
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _fmt(value, pct: bool = False) -> str:
