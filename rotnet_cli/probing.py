@@ -372,24 +372,46 @@ def extract_features(
 class StackedLinear(nn.Module):
     """R independent linear layers applied at once: (B, R, D) -> (B, R, K).
 
-    Row r reads only its first ``in_dims[r]`` inputs: the weights beyond start at zero and,
-    as those inputs are always zero, get zero gradient and stay zero (also under weight decay).
+    Row r reads its first ``in_dims[r]`` inputs (the rest is the zero padding of narrower
+    stages). Rows of the same width share one batched matmul, so no work goes into the
+    padding: with resnet18's stages (64 ... 512 wide) that is 2.5x less than padding all.
     Each row is initialised like its own ``nn.Linear(in_dims[r], K)``.
     """
 
     def __init__(self, in_dims: list[int], out_dim: int, bias: bool = True):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(len(in_dims), max(in_dims), out_dim))  # (R, D, K)
-        self.bias = nn.Parameter(torch.zeros(len(in_dims), out_dim)) if bias else None  # (R, K)
-        with torch.no_grad():
-            for r, dim in enumerate(in_dims):
-                bound = 1 / math.sqrt(dim)
-                self.weight[r, :dim].uniform_(-bound, bound)
-                if self.bias is not None:
-                    self.bias[r].uniform_(-bound, bound)
+        # (width, rows of that width) per group; one (G, width, K) weight per group
+        self.groups = [(width, [r for r, d in enumerate(in_dims) if d == width]) for width in sorted(set(in_dims))]
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.empty(len(rows), width, out_dim).uniform_(-1 / math.sqrt(width), 1 / math.sqrt(width)))
+            for width, rows in self.groups
+        )
+        bounds = torch.tensor([1 / math.sqrt(d) for d in in_dims])[:, None]
+        self.bias = nn.Parameter((torch.rand(len(in_dims), out_dim) * 2 - 1) * bounds) if bias else None  # (R, K)
+        grouped_rows = [r for _, rows in self.groups for r in rows]
+        # position of every row in the groups' concatenated output (None: already in row order)
+        self.register_buffer(
+            "row_position", None if grouped_rows == sorted(grouped_rows) else torch.tensor(grouped_rows).argsort(),
+            persistent=False,
+        )
+        # a group's rows as a slice when they are consecutive: a view, no gather (and no scatter in backward)
+        self.row_index = [slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows for _, rows in self.groups]
+
+    def row(self, r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight (D_r, K), bias (K,)) of row r, as its own nn.Linear would hold them (transposed)."""
+        for (_, rows), weight in zip(self.groups, self.weights):
+            if r in rows:
+                return weight[rows.index(r)], None if self.bias is None else self.bias[r]
+        raise IndexError(r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.einsum("brd,rdk->brk", x, self.weight)
+        parts = [
+            torch.einsum("brd,rdk->brk", x[:, rows, :width], weight)  # (B, G, K)
+            for (width, _), rows, weight in zip(self.groups, self.row_index, self.weights)
+        ]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if self.row_position is not None:
+            y = y.index_select(1, self.row_position)  # back to row order: (B, R, K)
         return y + self.bias if self.bias is not None else y
 
 
