@@ -31,8 +31,8 @@ from .config import ExportConfig, format_rotations
 from .errors import OutputError, WeightsError
 from .models import EXPORT_CONFIG, EXPORT_HEAD, EXPORT_WEIGHTS, RUN_CONFIG, LoadedWeights, load_weights
 from .pretraining import METRICS
+from .probing import PROBE_FILE
 
-PROBE_RESULTS = "probe.json"  # written into the run directory by `rotnet probe`
 MODEL_CARD = "README.md"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -56,7 +56,8 @@ class ExportResult:
     @property
     def snippet(self) -> str:
         """The two lines that load the export in timm (no rotnet needed, unless rotnet defines the model)."""
-        lines = [registration_import(self.model)] if registration_import(self.model) else []
+        registration = registration_import(self.model)
+        lines = [registration] if registration else []
         lines += ["import timm", f'model = timm.create_model("local-dir:{self.out_dir}", pretrained=True)']
         return "\n".join(lines)
 
@@ -94,10 +95,10 @@ def export(config: ExportConfig, progress: Progress | None = None) -> ExportResu
         _write_backbone(staging, loaded, config, record)
         if config.with_head:
             _write_head(staging, loaded, config)
-        model_args = json.loads((staging / EXPORT_CONFIG).read_text()).get("model_args", {})
-        write_text(staging / MODEL_CARD, model_card(loaded, config, record, model_args))
+        hf_config = json.loads((staging / EXPORT_CONFIG).read_text())  # what timm's save_config_for_hf wrote
+        write_text(staging / MODEL_CARD, model_card(loaded, config, record, hf_config.get("model_args", {})))
         stage(2, "export: loading back")
-        round_trip = _verify_round_trip(staging, loaded, config.with_head)
+        round_trip = _verify_round_trip(staging, hf_config, loaded, config.with_head)
         _make_shareable(staging)
         _install(staging, out)
     except OSError as e:  # timm's config writer and the renames raise plain OSErrors (disk full, permissions)
@@ -215,14 +216,14 @@ def _write_head(folder: Path, loaded: LoadedWeights, config: ExportConfig) -> No
 
 # ----------------------------------------------------------------------------- round trip
 
-def _verify_round_trip(folder: Path, loaded: LoadedWeights, with_head: bool) -> dict[str, float]:
-    """Load ``folder`` back three ways; each must load strictly and give the reference's features.
+def _verify_round_trip(folder: Path, cfg: dict[str, Any], loaded: LoadedWeights, with_head: bool) -> dict[str, float]:
+    """Load ``folder`` (whose config.json holds ``cfg``) back three ways; each must load strictly
+    and give the reference's features.
 
     Returns how each was loaded -> the largest absolute feature difference (0.0 when identical).
     """
     import timm
 
-    cfg = json.loads((folder / EXPORT_CONFIG).read_text())
     model_args = cfg.get("model_args", {})  # num_classes=0 and, for fixed-size models, img_size
     input_size = cfg["pretrained_cfg"]["input_size"]  # (C, H, W)
     x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
@@ -310,7 +311,7 @@ def _run_record(loaded: LoadedWeights) -> dict[str, Any]:
     if rows:
         record["epochs"] = rows[-1].get("epoch", len(rows))
         record["val_rot_acc"] = rows[-1].get("val_rot_acc")
-    record["probe"] = _read_json(loaded.run_dir / PROBE_RESULTS)
+    record["probe"] = _read_json(loaded.run_dir / PROBE_FILE)
     return record
 
 
@@ -333,7 +334,7 @@ def _cell(value: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _rows_table(rows: list[dict], first: str | None = None) -> str:
+def _rows_table(rows: list[dict]) -> str:
     """Markdown table of dict rows (columns: the union of their keys, in first-seen order)."""
     rows = [{str(k): v for k, v in row.items()} for row in rows]
     columns: list[str] = []
@@ -381,6 +382,7 @@ def registration_import(model_name: str) -> str | None:
 def model_card(loaded: LoadedWeights, config: ExportConfig, record: dict[str, Any], model_args: dict[str, Any]) -> str:
     """README.md in the hub's model-card format (YAML front matter, then markdown)."""
     name = loaded.model_name
+    registration = registration_import(name)
     folder = Path(config.out).name or "exported"
     angles = record.get("rotations")
     rotations = f"{format_rotations(angles)} degrees ({len(angles)} classes)" if angles else "-"
@@ -415,7 +417,7 @@ def model_card(loaded: LoadedWeights, config: ExportConfig, record: dict[str, An
     lines += [
         "## How to load", "",
         "With timm alone (this folder, or the hub repository it is uploaded to):", "",
-        "```python", *([registration_import(name)] if registration_import(name) else []), "import timm", "",
+        "```python", *([registration] if registration else []), "import timm", "",
         f'model = timm.create_model("local-dir:{folder}", pretrained=True)  # or "hf-hub:USER/REPO"',
         "model.eval()", "data_config = timm.data.resolve_model_data_config(model)",
         "transform = timm.data.create_transform(**data_config, is_training=False)",

@@ -62,12 +62,17 @@ class PredictResult:
     def count(self, action: str) -> int:
         return sum(p.action == action for p in self.predictions)
 
+    def counts(self) -> dict[str, int]:
+        """action -> number of images, for the actions that happened (in ACTIONS order)."""
+        counts = {a: self.count(a) for a in ACTIONS}
+        return {a: n for a, n in counts.items() if n}
+
     def to_dict(self) -> dict:
         return {
             "model": self.model, "weights": self.weights, "rotations": list(self.rotations), "device": self.device,
             "tta": self.tta, "out_dir": str(self.out_dir) if self.out_dir else None,
             "reports": [str(p) for p in self.reports],
-            "counts": {a: self.count(a) for a in ACTIONS if self.count(a)},
+            "counts": self.counts(),
             "predictions": [asdict(p) for p in self.predictions],
         }
 
@@ -219,7 +224,7 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
 
     result = PredictResult(weights.model_name, weights.source, rotations, describe_device(device), cfg.tta, predictions, out)
     if out is not None:
-        _prepare_out_dir(out)
+        _make_dir(out)
         if cfg.fix:
             _write_upright_copies(inputs, predictions, out, cfg.min_confidence, emit)
         result.reports = write_reports(out, predictions)
@@ -229,11 +234,12 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
 # ----------------------------------------------------------------------------- upright copies
 
 
-def _prepare_out_dir(out: Path) -> None:
+def _make_dir(folder: Path) -> None:
+    """mkdir -p; a failure (no permission, a file in the way) is an OutputError, not a traceback."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"cannot create {out}: {e.strerror}; choose another --out") from None
+        raise OutputError(f"cannot create {folder}: {e.strerror}; choose another --out") from None
 
 
 def _write_upright_copies(inputs: list[InputImage], predictions: list[ImagePrediction], out: Path,
@@ -287,7 +293,7 @@ def write_upright(source: Path, target: Path, correction: float) -> str:
         notes = [f"resampled (bicubic) for {correction:g} degrees"]
     if fmt in ("JPEG", "WEBP"):
         notes.append(f"re-encoded as {fmt} (lossy)")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_dir(target.parent)
     atomic_write(target, lambda tmp: image.save(tmp, format=fmt, **params))
     return ", ".join(notes)
 

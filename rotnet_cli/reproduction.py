@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import PretrainConfig, ProbeConfig, ReproduceConfig, format_rotations
+from .models import RUN_CHECKPOINT, RUN_WEIGHTS
 from .probing import probe
 from .pretraining import pretrain
 
@@ -46,7 +47,7 @@ class ReproduceRow:
     experiment: str
     stage: int
     head: str
-    ours: float | None  # top-1 in percent
+    ours: float  # top-1 in percent
     paper: float
 
     def to_dict(self) -> dict:
@@ -71,7 +72,7 @@ def pretrain_config(cfg: ReproduceConfig, rotations: tuple[float, ...], out: Pat
     common = dict(
         model="rotnet_nin4", rotations=rotations, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
         batch_size=128, augment=True, device=cfg.device, precision=cfg.precision, workers=cfg.workers,
-        seed=cfg.seed, out=str(out), resume=(out / "checkpoint.pt").is_file(),
+        seed=cfg.seed, out=str(out), resume=(out / RUN_CHECKPOINT).is_file(),
     )
     if cfg.smoke:
         return PretrainConfig(**common | {"batch_size": 16}, data="digits", img_size=8, epochs=2, schedule="step",
@@ -92,13 +93,13 @@ def probe_config(cfg: ReproduceConfig, run: Path, layers: tuple[int, ...], heads
 def reproduce(cfg: ReproduceConfig, progress: Progress | None = None) -> ReproduceResult:
     """Run Tables 1-3 of the paper's CIFAR-10 study; see the module docstring."""
     emit = progress or (lambda kind, info: None)
-    out = Path(cfg.out)
+    out = Path(cfg.out).expanduser()
     result = ReproduceResult(out_dir=out, smoke=cfg.smoke)
     for name, rotations, paper_block2 in ROTATION_STUDY:
         run = out / ("nin4-rot" + format_rotations(rotations).replace(",", "-"))
         result.runs[name] = str(run)
         emit("message", {"message": f"[{name}] pretraining rotnet_nin4 -> {run}"})
-        if not (run / "model.safetensors").is_file():  # a finished run is reused, a stopped one resumed
+        if not (run / RUN_WEIGHTS).is_file():  # a finished run is reused, a stopped one resumed
             pretrain(pretrain_config(cfg, rotations, run), progress)
         if rotations == FOUR:
             emit("message", {"message": f"[{name}] probing every block (mlp on flattened maps, conv head)"})
@@ -117,5 +118,5 @@ def reproduce(cfg: ReproduceConfig, progress: Progress | None = None) -> Reprodu
     return result
 
 
-def _pct(accuracy: float | None) -> float | None:
-    return None if accuracy is None else round(100 * accuracy, 2)
+def _pct(accuracy: float) -> float:
+    return round(100 * accuracy, 2)

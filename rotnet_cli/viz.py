@@ -29,6 +29,7 @@ from .config import AttentionConfig, CurvesConfig, FiltersConfig
 from .errors import DataError, ModelError, OutputError, RotnetError
 from .models import forward_stages, load_weights, num_stages, resolve_stages
 from .rotations import disc_mask, needs_mask, rotate, rotate_all
+from .runtime import resolve_device
 
 Progress = Callable[[str, dict], None]
 
@@ -141,12 +142,17 @@ def to_pil(image: torch.Tensor):
     return Image.fromarray(array, mode="RGB")
 
 
-def save_png(image, path: Path) -> Path:
-    """Write a PIL image atomically (parent folders made), so a failure leaves no half PNG."""
+def make_parent(path: Path) -> None:
+    """Create the folder ``path`` goes into; a failure (a file in the way, no permission) is an OutputError."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot create the folder {path.parent}: {e.strerror}; choose another --out") from e
+
+
+def save_png(image, path: Path) -> Path:
+    """Write a PIL image atomically (parent folders made), so a failure leaves no half PNG."""
+    make_parent(path)
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
@@ -388,9 +394,7 @@ def collect_images(inputs: tuple[str, ...]) -> list[Path]:
             paths.append(path)
         else:
             raise DataError(f"{path} does not exist; give image files or folders of images")
-    if not paths:
-        raise DataError("no images given; pass image files or folders, e.g. rotnet viz attention runs/demo photos/")
-    return paths
+    return paths  # never empty: AttentionConfig requires inputs and each one yields an image or raises
 
 
 def unique_names(paths: list[Path]) -> list[str]:
@@ -422,8 +426,6 @@ def attention_figure(rows: torch.Tensor, scale: int, column_labels: list[str], r
 
 def draw_attention(config: AttentionConfig, progress: Progress | None = None) -> AttentionResult:
     """For every image: a PNG with a row per rotated copy and a column per stage's attention map."""
-    from .runtime import resolve_device
-
     device = resolve_device(config.device)
     paths = collect_images(config.images)
     loaded = load_weights(config.weights, device)
@@ -538,7 +540,7 @@ def draw_curves(config: CurvesConfig, progress: Progress | None = None) -> Curve
     figure.suptitle(f"RotNet pretraining: {run_dir.name}")
     out = Path(config.out).expanduser()
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(out)
         atomic_write(out, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     finally:
         plt.close(figure)

@@ -269,3 +269,22 @@ def test_curves_png(tmp_path):
     assert "4 epochs" in result.stdout
     picture = Image.open(tmp_path / "c.png")
     assert picture.format == "PNG" and picture.width > picture.height > 100
+
+
+def test_curves_into_a_folder_that_is_a_file_is_a_one_line_error_that_changes_nothing(tmp_path):
+    pytest.importorskip("matplotlib")
+    write_metrics(tmp_path / "run")
+    blocker = tmp_path / "taken"
+    blocker.write_text("mine")
+    line = one_line_error(invoke("viz", "curves", tmp_path / "run", "--out", blocker / "c.png"))
+    assert "cannot create the folder" in line and "--out" in line
+    assert blocker.read_text() == "mine"
+
+
+def test_curves_names_an_output_path_with_brackets_as_it_is(tmp_path):
+    pytest.importorskip("matplotlib")
+    write_metrics(tmp_path / "run")
+    out = tmp_path / "[draft]c.png"  # rich markup would take [draft] for a style tag
+    result = invoke("viz", "curves", tmp_path / "run", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and str(out) in result.stdout.replace("\n", "")

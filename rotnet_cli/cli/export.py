@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..config import ExportConfig, format_rotations
@@ -59,7 +60,7 @@ def _render(result) -> None:
     rotations = f", rotations {format_rotations(result.rotations)}" if result.rotations else ""
     out_console.print(
         f"exported {result.model} ({result.num_params:,} parameters, {result.num_features} features, "
-        f"{result.img_size} px, {result.dtype}{rotations}) to [bold]{result.out_dir}[/]", highlight=False, soft_wrap=True,
+        f"{result.img_size} px, {result.dtype}{rotations}) to [bold]{escape(str(result.out_dir))}[/]", highlight=False, soft_wrap=True,
     )
     table = Table("file", "size")
     table.columns[1].justify = "right"

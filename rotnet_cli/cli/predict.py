@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..config import PredictConfig
@@ -69,16 +70,16 @@ def _render(result) -> None:
     for p in result.predictions:
         readable = p.predicted is not None
         table.add_row(
-            p.path,
+            escape(p.path),
             f"{p.predicted:g}°" if readable else "-",
             f"{p.correction:g}° ccw" if readable else "-",
             f"{100 * p.confidence:.1f}%" if readable else "-",
             f"[{_ACTION_STYLE.get(p.action, 'default')}]{p.action}[/]",
         )
     out_console.print(table)
-    counts = ", ".join(f"{n} {action}" for action, n in result.to_dict()["counts"].items())
+    counts = ", ".join(f"{n} {action}" for action, n in result.counts().items())
     out_console.print(f"{counts}; angles counter-clockwise, confidence = softmax probability")
     if result.reports:
-        out_console.print(f"report: [bold]{result.reports[0]}[/] and {result.reports[1].name}")
+        out_console.print(f"report: [bold]{escape(str(result.reports[0]))}[/] and {escape(result.reports[1].name)}")
     if any("lossy" in p.note for p in result.predictions if p.action == "fixed"):
         note("JPEG/WebP copies were re-encoded (quality 95, EXIF and ICC profile kept); PNG and other lossless copies are exact")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..config import ProbeConfig
@@ -75,7 +76,7 @@ def probe(
 def _render(result) -> None:
     best = result.best()
     table = Table(
-        title=f"Frozen-feature probe: {result.model} on {result.data} ({result.num_classes} classes, "
+        title=f"Frozen-feature probe: {result.model} on {escape(result.data)} ({result.num_classes} classes, "
               f"{result.train_images} train / {result.val_images} val, top-1)",
         title_justify="left",
     )
@@ -94,17 +95,17 @@ def _render(result) -> None:
             text = f"{100 * row.accuracy[head]:.2f}%"
             cells.append(f"[bold green]{text}[/]" if best and row is best[0] and head == best[1] else text)
         style = None if row.weights == "run" else "dim"
-        table.add_row(row.weights, str(row.stage), " x ".join(map(str, row.shape)), *cells, style=style)
+        table.add_row(escape(row.weights), str(row.stage), " x ".join(map(str, row.shape)), *cells, style=style)
     out_console.print(table)
     if best:
         line = f"best: stage {best[0].stage} with the {best[1]} head, {100 * best[0].accuracy[best[1]]:.2f}%"
         for other in dict.fromkeys(r.weights for r in result.rows if r.weights != "run"):  # in row order
             same = next((r for r in result.rows if r.weights == other and r.stage == best[0].stage), None)
             if same is not None:
-                line += f" ({other}: {100 * same.accuracy[best[1]]:.2f}%)"
+                line += f" ({escape(other)}: {100 * same.accuracy[best[1]]:.2f}%)"
         out_console.print(line)
     seconds = result.extract_seconds + sum(result.train_seconds.values())
     out_console.print(f"[dim]features {result.extract_seconds:.1f}s, heads {sum(result.train_seconds.values()):.1f}s, "
-                      f"total {seconds:.1f}s on {result.device}[/]")
+                      f"total {seconds:.1f}s on {escape(result.device)}[/]")
     if result.saved_to:
-        out_console.print(f"saved: {result.saved_to}")
+        out_console.print(f"saved: {escape(str(result.saved_to))}")

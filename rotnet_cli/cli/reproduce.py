@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..config import ReproduceConfig
@@ -45,13 +46,13 @@ def reproduce(
     if json_out:
         print_json(result.to_dict())
         return
-    title = "Gidaris et al. 2018 on CIFAR-10: ours vs the paper (top-1 %)" + ("  [smoke mode: digits, a few steps]" if smoke else "")
+    # escaped: rich would take the bracketed smoke note for a style tag and drop it
+    title = "Gidaris et al. 2018 on CIFAR-10: ours vs the paper (top-1 %)" + (escape("  [smoke mode: digits, a few steps]") if smoke else "")
     table = Table(title=title, title_justify="left")
     for column in ("table", "experiment", "block", "classifier", "ours", "paper", "ours - paper"):
         table.add_column(column, justify="right" if column in ("block", "ours", "paper", "ours - paper") else "left")
     for row in result.rows:
-        diff = "-" if row.ours is None else f"{row.ours - row.paper:+.2f}"
-        ours = "-" if row.ours is None else f"{row.ours:.2f}"
-        table.add_row(row.table, row.experiment, str(row.stage), row.head, ours, f"{row.paper:.2f}", diff)
+        table.add_row(row.table, row.experiment, str(row.stage), row.head, f"{row.ours:.2f}", f"{row.paper:.2f}",
+                      f"{row.ours - row.paper:+.2f}")
     out_console.print(table)
-    out_console.print(f"runs: {result.out_dir}")
+    out_console.print(f"runs: {escape(str(result.out_dir))}")

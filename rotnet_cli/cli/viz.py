@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Annotated, List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from ..config import AttentionConfig, CurvesConfig, FiltersConfig, parse_layers, parse_rotations
+from ..config import AttentionConfig, CurvesConfig, FiltersConfig
+from ..errors import ConfigError
 from . import app
 from ._common import DeviceOpt, JsonOpt, WeightsArg, err_console, error_boundary, out_console, print_json, warn
 from .progress import ProgressView
@@ -64,10 +66,10 @@ def filters(
     for panel in result.panels:
         kernel = "x".join(map(str, panel.kernel))
         out_console.print(
-            f"{panel.label}: {panel.num_filters} filters of {panel.model}.{panel.layer} "
+            f"{escape(panel.label)}: {panel.num_filters} filters of {panel.model}.{panel.layer} "
             f"({panel.in_channels} x {kernel}, scale {panel.scale})"
         )
-    out_console.print(f"wrote [bold]{result.out}[/] ({result.width}x{result.height} px, {result.num_filters} filters)")
+    out_console.print(f"wrote [bold]{escape(str(result.out))}[/] ({result.width}x{result.height} px, {result.num_filters} filters)")
 
 
 @viz_app.command(epilog=ATTENTION_EXAMPLES)
@@ -88,7 +90,6 @@ def attention(
     json_out: JsonOpt = False,
 ) -> None:
     """Attention maps of every stage for every rotated copy of each image (paper Figures 3 and 6)."""
-    from ..errors import ConfigError
     from ..viz import draw_attention
 
     try:
@@ -96,8 +97,8 @@ def attention(
     except ValueError:
         raise ConfigError(f"--power must be a number or auto (got {power!r})") from None
     config = AttentionConfig(
-        weights=weights, images=tuple(images), out=out, layers=parse_layers(layers), power=power_value,
-        rotations=parse_rotations(rotations) if rotations is not None else None, align=align, img_size=img_size,
+        weights=weights, images=tuple(images), out=out, layers=layers, power=power_value,
+        rotations=rotations, align=align, img_size=img_size,
         scale=scale, cmap=cmap, alpha=alpha, device=device,
     )
     with ProgressView(err_console, title="attention") as view:
@@ -108,7 +109,7 @@ def attention(
         print_json(result.to_dict())
         return
     for image in result.images:
-        out_console.print(f"{image.source} -> {image.out}")
+        out_console.print(f"{escape(image.source)} -> {escape(str(image.out))}")
     table = Table(title=f"{result.model}, {len(result.images)} image(s)", title_justify="left")
     table.add_column("stage", justify="right")
     table.add_column("p", justify="right")
@@ -136,4 +137,4 @@ def curves(
     if json_out:
         print_json(result.to_dict())
         return
-    out_console.print(f"wrote [bold]{result.out}[/] ({result.epochs} epochs)")
+    out_console.print(f"wrote [bold]{escape(str(result.out))}[/] ({result.epochs} epochs)")
