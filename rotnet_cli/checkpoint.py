@@ -64,6 +64,16 @@ def _os_error_behind(e: BaseException) -> OSError | None:
     return None
 
 
+def make_dir(folder: str | Path) -> Path:
+    """mkdir -p; a failure (no permission, a file in the way) is an OutputError, not a traceback."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {folder}: {e.strerror}; choose another --out") from None
+    return folder
+
+
 def remove_stale_temp_files(folder: str | Path, names: tuple[str, ...]) -> list[Path]:
     """Delete the temp files of ``names`` that a killed process left in ``folder`` (``.NAME.XXXX.tmp``)."""
     stale = [p for name in names for p in Path(folder).glob(f".{name}.*{TEMP_SUFFIX}") if p.is_file()]

@@ -58,8 +58,19 @@ def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
 def _check_positive(option: str, value: float | int | None, allow_zero: bool = False) -> None:
     if value is None:
         return
-    if value < 0 or (value == 0 and not allow_zero):
+    # nan and inf pass the comparisons below and would only fail deep inside training
+    if (isinstance(value, float) and not math.isfinite(value)) or value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{option} must be {'>= 0' if allow_zero else '> 0'} (got {value})")
+
+
+def _check_img_size(img_size: int | None) -> None:
+    if img_size is not None and img_size < 8:
+        raise ConfigError(f"--img-size must be at least 8 pixels (got {img_size})")
+
+
+def _check_png(out: str) -> None:
+    if not str(out).lower().endswith(".png"):
+        raise ConfigError(f"--out {out}: the picture is a PNG; give a file name ending in .png")
 
 
 class _Serializable:
@@ -129,8 +140,10 @@ class PretrainConfig(_Serializable):
         _check_positive("--save-every", self.save_every, allow_zero=True)
         _check_positive("--log-every", self.log_every)
         _check_positive("--max-steps-per-epoch", self.max_steps_per_epoch)
-        if self.img_size is not None and self.img_size < 8:
-            raise ConfigError(f"--img-size must be at least 8 pixels (got {self.img_size})")
+        _check_positive("--momentum", self.momentum, allow_zero=True)
+        _check_img_size(self.img_size)
+        if not 0 <= self.seed < 2**32:  # the per-step generators derive their seeds from it (64-bit)
+            raise ConfigError(f"--seed must be in [0, 2**32) (got {self.seed})")
         if not 0 <= self.val_split < 1:
             raise ConfigError(f"--val-split must be in [0, 1) (got {self.val_split})")
         if not 0 < self.gamma <= 1:
@@ -315,8 +328,7 @@ class FiltersConfig(_Serializable):
             raise ConfigError(f"--label: give one per weights ({len(self.weights)}), got {len(self.labels)}")
         _check_positive("--scale", self.scale)
         _check_positive("--cols", self.cols)
-        if not str(self.out).lower().endswith(".png"):
-            raise ConfigError(f"--out {self.out}: the picture is a PNG; give a file name ending in .png")
+        _check_png(self.out)
 
 
 @dataclass(frozen=True)
@@ -348,8 +360,7 @@ class AttentionConfig(_Serializable):
         _check_positive("--power", self.power)
         _check_positive("--scale", self.scale)
         _check_choice("--cmap", self.cmap, VIZ_COLORMAPS)
-        if self.img_size is not None and self.img_size < 8:
-            raise ConfigError(f"--img-size must be at least 8 pixels (got {self.img_size})")
+        _check_img_size(self.img_size)
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"--alpha must be in [0, 1] (got {self.alpha})")
 
@@ -364,8 +375,7 @@ class CurvesConfig(_Serializable):
     def __post_init__(self) -> None:
         if not str(self.run).strip():
             raise ConfigError("give a run directory made by rotnet pretrain (it holds metrics.jsonl)")
-        if not str(self.out).lower().endswith(".png"):
-            raise ConfigError(f"--out {self.out}: the picture is a PNG; give a file name ending in .png")
+        _check_png(self.out)
 
 
 __all__ += ["FiltersConfig", "AttentionConfig", "CurvesConfig", "VIZ_COLORMAPS"]

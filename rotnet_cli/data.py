@@ -11,6 +11,7 @@ Sources: ``digits`` (built in), a folder of class sub-folders, a flat folder of 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -79,9 +80,14 @@ class DataSource:
 # ----------------------------------------------------------------------------- resolving --data
 
 
+def _dataset_key(spec: str) -> str:
+    """'CIFAR-10', 'cifar_10' -> 'cifar10': how built-in and torchvision names are matched."""
+    return spec.lower().replace("-", "").replace("_", "")
+
+
 def native_size(spec: str) -> int | None:
     """The image size of a built-in or torchvision source (None for folders)."""
-    key = spec.lower().replace("-", "").replace("_", "")
+    key = _dataset_key(spec)
     return {"digits": 32, "cifar10": 32, "cifar100": 32, "mnist": 32, "fashionmnist": 32, "svhn": 32, "stl10": 96}.get(key)
 
 
@@ -98,9 +104,9 @@ def open_source(
     progress: Callable[[int, int], None] | None = None,
 ) -> DataSource:
     """Resolve ``--data`` into train (and maybe val) ImageSets of uint8 at ``img_size``."""
-    key = spec.lower().replace("-", "").replace("_", "")
+    key = _dataset_key(spec)
     if key == "digits":
-        return DataSource(spec, _digits(img_size), None, 32)
+        return DataSource(spec, _digits(img_size), None, native_size(key))
     if key in TORCHVISION_DATASETS and not Path(spec).exists():
         root = Path(data_dir) if data_dir else DEFAULT_DATA_DIR / key
         train = _torchvision(key, root, "train", img_size, download)
@@ -360,10 +366,8 @@ def split_indices(n: int, fraction: float, seed: int, labels: torch.Tensor | Non
     return torch.cat(train).sort().values, torch.cat(val).sort().values
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The order of one epoch, a pure function of (seed, epoch): resume replays it exactly."""
-    if not shuffle:
-        return torch.arange(n)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g)
 
@@ -392,8 +396,8 @@ def iterate_batches(
     by DataLoader workers into pinned memory. The next batch is copied while the current
     one trains (non_blocking transfers from pinned memory).
     """
-    n_batches = len(order) // batch_size if drop_last else math.ceil(len(order) / batch_size)
-    chunks = [order[i * batch_size : (i + 1) * batch_size] for i in range(start_batch, n_batches)]
+    n_batches = num_batches(len(order), batch_size, drop_last)
+    batch_rows = [slice(i * batch_size, (i + 1) * batch_size) for i in range(start_batch, n_batches)]  # into order
     pin = device.type == "cuda"
     labels = images.labels
 
@@ -404,18 +408,19 @@ def iterate_batches(
 
     if images.in_memory:
         assert images.images is not None
-        for idx in chunks:
-            idx_on = idx.to(images.images.device)
+        # the order goes to the images' device once: a copy per batch would wait for the GPU every step
+        order_there = order.to(images.images.device)
+        for rows in batch_rows:
             yield Batch(
-                to_device(images.images[idx_on]),
-                to_device(labels[idx]) if labels is not None else None,
+                to_device(images.images[order_there[rows]]),
+                to_device(labels[order[rows]]) if labels is not None else None,
                 [],
             )
         return
 
     assert images.paths is not None
     loader, sampler = _file_loader(images, workers, pin)
-    sampler.batches = [c.tolist() for c in chunks]
+    sampler.batches = [order[rows].tolist() for rows in batch_rows]
     for idx, batch, failed in loader:
         if strict and failed:
             raise _strict_error(images.paths[failed[0]])
@@ -497,9 +502,17 @@ def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Genera
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """(N, 3, S, S) uint8 -> float32 normalised with the model's mean and std."""
-    m = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    s = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    m, s = _pixel_stats(tuple(mean), tuple(std), images.device)
     return (images.float() - m) / s
+
+
+@functools.lru_cache(maxsize=16)
+def _pixel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std on 0..255 pixels as (1, C, 1, 1) tensors on ``device``, made once: building
+    them from Python numbers on a GPU is a copy that waits for the GPU (a sync every step)."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    return m.to(device), s.to(device)
 
 
 def warn_skipped(skipped: list[str]) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +48,7 @@ def canonical_model_name(name: str) -> str:
 
 def _register_builtin_models() -> None:
     """rotnet's own timm models (the paper's NIN) register on import."""
-    try:
-        from . import nin  # noqa: F401
-    except ImportError:  # pragma: no cover - nin is part of the package
-        pass
+    import_module(".nin", __package__)
 
 
 def create_backbone(name: str, img_size: int | None = None, pretrained: bool = False, **kwargs: Any) -> nn.Module:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import random
 import shutil
 import sys
 import time
@@ -24,13 +25,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from . import data as data_lib
 from ._version import __version__
-from .checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint, save_safetensors, write_json, write_text
+from .checkpoint import (
+    load_checkpoint, make_dir, remove_stale_temp_files, save_checkpoint, save_safetensors, write_json, write_text,
+)
 from .config import RESUME_FREE_OPTIONS, PretrainConfig, format_rotations
 from .errors import ConfigError, DataError, Interrupted, NonFiniteLossError, OutputError
 from .models import RUN_CHECKPOINT, RUN_CONFIG, RUN_WEIGHTS, RotNet, create_backbone, data_config, load_weights
@@ -146,21 +150,17 @@ def check_out_dir(cfg: PretrainConfig) -> Path:
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create {out}: {e.strerror}; choose another --out") from None
-    if overwrite:  # only rotnet's own files go; anything else the user put there stays
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        for extra in ("export",):
-            shutil.rmtree(out / extra, ignore_errors=True)
-    probe = out / ".rotnet-write-test"
+    make_dir(out)
+    probe = out / ".rotnet-write-test"  # before --overwrite deletes anything: a folder we cannot write stays as it is
     try:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
         raise OutputError(f"cannot write into {out}: {e.strerror}; choose another --out") from None
+    if overwrite:  # only rotnet's own files go; anything else the user put there stays
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "export", ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -205,7 +205,7 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
     mean, std = tuple(dcfg["mean"]), tuple(dcfg["std"])
     model = RotNet(backbone, R)
     if cfg.init and resume_state is None:
-        _load_init(model, cfg)
+        _load_init(model, cfg, img_size)
     seed_everything(cfg.seed + dist.rank)  # from here on each rank draws its own dropout/drop-path noise
 
     # -- data: uint8 (N, 3, S, S) train and validation sets
@@ -217,7 +217,7 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
     if val_set is None and cfg.val_split > 0:
         train_idx, val_idx = data_lib.split_indices(len(train_set), cfg.val_split, cfg.seed)
         train_set, val_set = train_set.subset(train_idx), train_set.subset(val_idx)
-    skipped = list(dict.fromkeys(train_set.skipped + (val_set.skipped if val_set is not None else [])))
+    skipped = _skipped_files(train_set, val_set)
     if skipped:
         emit("warning", {"message": data_lib.warn_skipped(skipped)})
     per_rank_batch = cfg.batch_size // dist.world_size
@@ -225,7 +225,7 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
     if images_per_rank < per_rank_batch:
         raise DataError(
             f"the training set has {len(train_set)} images, fewer than one batch of {cfg.batch_size}; "
-            f"lower --batch-size to at most {max(1, len(train_set) // dist.world_size)}"
+            f"lower --batch-size to at most {max(dist.world_size, images_per_rank * dist.world_size)}"
         )
     if cfg.cache == "device" or (cfg.cache == "auto" and device.type == "cuda" and train_set.in_memory and _fits_on(device, train_set)):
         train_set = _on_device(train_set, device)
@@ -234,6 +234,7 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
     steps_per_epoch = images_per_rank // per_rank_batch
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    val_images = len(val_set) if val_set is not None else 0
     padding = max(1, img_size // 8)  # 4 px at 32 px, the paper's CIFAR crop
 
     # -- optimizer (timm's factory: SGD here is Nesterov, no weight decay on norms and biases)
@@ -270,13 +271,13 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
     if dist.is_main:
         if resume_state is None:
             _prepare_out_dir(out, cfg.overwrite)
-            write_json(out / RUN_CONFIG, _run_config(cfg, out, img_size, mean, std, device, precision, dist, len(train_set), len(val_set or [])))
+            write_json(out / RUN_CONFIG, _run_config(cfg, out, img_size, mean, std, device, precision, dist, len(train_set), val_images))
         else:
             remove_stale_temp_files(out, RUN_FILES)  # left by a process killed while writing
-        write_text(out / METRICS, "".join(json.dumps(row) + "\n" for row in history))
+        _write_metrics(out, history)
     emit("start", {
         "out_dir": str(out), "model": cfg.model, "img_size": img_size, "train_images": len(train_set),
-        "val_images": len(val_set) if val_set is not None else 0, "steps_per_epoch": steps_per_epoch,
+        "val_images": val_images, "steps_per_epoch": steps_per_epoch,
         "epochs": cfg.epochs, "start_epoch": start_epoch, "batch_images": per_rank_batch * dist.world_size * (R if cfg.copies == "all" else 1),
     })
 
@@ -403,15 +404,16 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
         totals = torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=device)])
         if dist.enabled:
             torch.distributed.all_reduce(totals)
-        val = _validate(train_model, val_set, cfg, mean, std, device, precision, per_rank_batch, dist) if val_set is not None and len(val_set) else {}
+        loss_total, correct_total, seen_total = totals.tolist()
+        val = _validate(train_model, val_set, cfg, mean, std, device, precision, per_rank_batch, dist) if val_images else {}
         row = {
             "epoch": epoch + 1,
-            "loss": totals[0].item() / totals[2].item(),
-            "rot_acc": totals[1].item() / totals[2].item(),
+            "loss": loss_total / seen_total,
+            "rot_acc": correct_total / seen_total,
             "val_loss": val.get("loss"),
             "val_rot_acc": val.get("acc"),
             "lr": lr_at(epoch * steps_per_epoch + steps_per_epoch - 1, cfg, steps_per_epoch),
-            "images_per_s": totals[2].item() / max(seconds, 1e-9),
+            "images_per_s": seen_total / max(seconds, 1e-9),
             "seconds": seconds,
             "data_wait": waited / max(seconds, 1e-9),
             "val_rot_acc_per_rotation": val.get("per_rotation", {}),
@@ -419,13 +421,11 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
         history.append(row)
         checkpoint(epoch + 1, 0, None)
         if dist.is_main:  # after the checkpoint: a kill between the two leaves metrics a row short, never ahead
-            write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+            _write_metrics(out, history)
         emit("epoch", row)
         if stop_now(sync_point=True) and epoch + 1 < cfg.epochs:
             raise Interrupted(f"stopped after epoch {epoch + 1}; checkpoint saved; resume with: rotnet pretrain --resume {out}")
 
-    # streamed folders learn of unreadable files while reading; the sets keep them, once each
-    skipped = list(dict.fromkeys(train_set.skipped + (val_set.skipped if val_set is not None else [])))
     if dist.is_main:
         save_safetensors(out / RUN_WEIGHTS, model.state_dict(), {
             "format": "rotnet", "rotnet_version": __version__, "model": cfg.model,
@@ -436,7 +436,8 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
         })
     return PretrainResult(
         out_dir=out, model=cfg.model, device=describe_device(device), epochs_done=len(history), history=history,
-        val_rot_acc_per_rotation=history[-1]["val_rot_acc_per_rotation"] if history else {}, skipped_files=skipped,
+        val_rot_acc_per_rotation=history[-1]["val_rot_acc_per_rotation"] if history else {},
+        skipped_files=_skipped_files(train_set, val_set),  # streamed folders find unreadable files while training
         resumed_from={"epoch": start_epoch, "step": start_step} if resume_state is not None else None,
     )
 
@@ -469,6 +470,15 @@ def _validate(model, val_set, cfg: PretrainConfig, mean, std, device, precision,
     return {"loss": loss_sum.item() / total, "acc": correct.sum().item() / total, "per_rotation": per_rotation}
 
 
+def _skipped_files(train_set, val_set) -> list[str]:
+    """The unreadable files of both sets, once each (the sets keep them as they find them)."""
+    return list(dict.fromkeys(train_set.skipped + (val_set.skipped if val_set is not None else [])))
+
+
+def _write_metrics(out: Path, history: list[dict]) -> None:
+    write_text(out / METRICS, "".join(json.dumps(row) + "\n" for row in history))
+
+
 def _fits_on(device: torch.device, images) -> bool:
     """Keep a uint8 dataset on the GPU when it takes under a quarter of the free memory."""
     free, _ = torch.cuda.mem_get_info(device)
@@ -480,23 +490,22 @@ def _on_device(images, device):
     return images
 
 
-def _load_init(model: RotNet, cfg: PretrainConfig) -> None:
+def _load_init(model: RotNet, cfg: PretrainConfig, img_size: int) -> None:
     """--init: start from existing weights (backbone; the head too when the rotations match)."""
-    loaded = load_weights(cfg.init)
+    loaded = load_weights(cfg.init, img_size=img_size)  # timm:/random: models are built for this run's size
     try:
         model.backbone.load_state_dict(loaded.backbone.state_dict(), strict=True)
     except RuntimeError:
-        raise ConfigError(f"--init {cfg.init} holds {loaded.model_name} weights, which do not fit --model {cfg.model}") from None
+        raise ConfigError(
+            f"--init {cfg.init} holds {loaded.model_name} weights for {loaded.img_size} px, which do not fit "
+            f"--model {cfg.model} at {img_size} px; pass --model {loaded.model_name} --img-size {loaded.img_size}, or other --init weights"
+        ) from None
     if loaded.head is not None and loaded.rotations == cfg.rotations:
         model.head.load_state_dict(loaded.head.state_dict())
 
 
 def _rng_state() -> dict:
     """This process's random number generators (Python, NumPy, torch CPU and CUDA) as plain values."""
-    import random
-
-    import numpy as np
-
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -509,10 +518,6 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-
     if "python" in state:
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))

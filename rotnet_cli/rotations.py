@@ -7,6 +7,7 @@ The label of a copy is the index of its angle in the rotation set.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -52,19 +53,24 @@ def rotate_resampled(images: torch.Tensor, angle: float) -> torch.Tensor:
     One batched op for the whole batch; used for angles that are not multiples of 90.
     """
     n, c, h, w = images.shape
+    source = images if images.is_floating_point() else images.float()
+    matrix = _sampling_matrix(float(angle), h, w, source.dtype, images.device)  # (2, 3)
+    grid = F.affine_grid(matrix.expand(n, 2, 3), [n, c, h, w], align_corners=False)
+    out = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out if images.is_floating_point() else out.round().clamp(0, 255).to(images.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _sampling_matrix(angle: float, h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The (2, 3) affine_grid matrix of a turn, made once per angle, size and device: building it
+    from Python numbers on a GPU is a copy that waits for the GPU (a sync every step)."""
     theta = math.radians(angle)
     cos, sin = math.cos(theta), math.sin(theta)
     # affine_grid maps each output pixel to the input pixel it samples, in normalised
     # [-1, 1] (x right, y down) coordinates. A counter-clockwise turn on screen samples
     # the input at R(-angle) in the y-down frame: [[cos, -sin], [sin, cos]], with the
     # aspect ratio folded in for non-square images.
-    source = images if images.is_floating_point() else images.float()
-    matrix = torch.tensor(
-        [[cos, -sin * h / w, 0.0], [sin * w / h, cos, 0.0]], dtype=source.dtype, device=images.device
-    )
-    grid = F.affine_grid(matrix.expand(n, 2, 3), [n, c, h, w], align_corners=False)
-    out = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out if images.is_floating_point() else out.round().clamp(0, 255).to(images.dtype)
+    return torch.tensor([[cos, -sin * h / w, 0.0], [sin * w / h, cos, 0.0]], dtype=dtype).to(device)
 
 
 def rotate_all(images: torch.Tensor, angles: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,11 +28,12 @@ def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.d
     Under torchrun, 'auto' and 'cuda' mean this process's own GPU (LOCAL_RANK).
     """
     text = str(spec).strip().lower()
-    here = ", ".join(available_devices())
+    devices = available_devices()
+    here = ", ".join(devices)
     if text == "auto":
         if torch.cuda.is_available():
             text = "cuda"
-        elif "mps" in available_devices():
+        elif "mps" in devices:
             return torch.device("mps")
         else:
             return torch.device("cpu")
@@ -55,7 +56,7 @@ def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.d
             raise DeviceError(f"--device {spec}: there is no GPU {device.index}; available: {here}")
         return device
     if device.type == "mps":
-        if "mps" not in available_devices():
+        if "mps" not in devices:
             raise DeviceError(f"--device mps: Apple MPS is not available here; available: {here}")
         return device
     raise DeviceError(f"--device {spec!r} is not supported; use one of: {here}")

@@ -36,6 +36,9 @@ MATRIX = [
     ("pretrain --epochs 0", 1, "--epochs must be > 0"),
     ("pretrain --epochs abc", 2, ""),
     ("pretrain --batch-size -4", 1, "--batch-size must be > 0"),
+    ("pretrain --lr nan", 1, "--lr must be > 0"),
+    ("pretrain --momentum -1", 1, "--momentum must be >= 0"),
+    ("pretrain --seed 100000000000000", 1, "--seed must be in"),
     ("pretrain --copies some", 1, "--copies must be one of all, one"),
     ("pretrain --val-split 1.5", 1, "--val-split must be in [0, 1)"),
     ("pretrain --warmup-epochs 5 --epochs 2", 1, "must be shorter than --epochs"),
@@ -60,7 +63,7 @@ MATRIX = [
     # -- pretrain: weights to start from
     ("pretrain --init {missing} --device cpu", 1, "does not exist"),
     ("pretrain --init {evil} --device cpu", 1, "was refused"),
-    ("pretrain --model test_vit --init {run} --device cpu", 1, "do not fit"),
+    ("pretrain --model test_vit --init {run} --device cpu", 1, "do not fit --model test_vit at 32 px; pass --model test_resnet"),
     # -- export
     ("export {missing} --out {new}", 1, "does not exist"),
     ("export {run} --out {full_dir}", 1, "--overwrite"),

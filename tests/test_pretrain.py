@@ -91,6 +91,12 @@ def test_vit_and_convnext_pretrain(tmp_path, model):
     assert (tmp_path / model / "model.safetensors").is_file()
 
 
+def test_init_builds_a_fixed_size_model_at_the_run_size(tmp_path):
+    # test_vit's default size is not 32 px: --init random:/timm: weights must be built for the run's size
+    cfg = PretrainConfig(**{**FAST, "model": "test_vit", "max_steps_per_epoch": 1}, init="random:test_vit", epochs=1, out=str(tmp_path / "r"))
+    assert pretrain(cfg).epochs_done == 1
+
+
 def test_one_copy_and_interpolated_rotations(tmp_path):
     result = pretrain(PretrainConfig(**FAST, epochs=1, copies="one", rotations=(0.0, 45.0, 90.0), out=str(tmp_path / "r")))
     assert set(result.val_rot_acc_per_rotation) == {"0", "45", "90"}

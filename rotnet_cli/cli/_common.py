@@ -27,7 +27,7 @@ _state = {"debug": False}
 
 
 def set_debug(flag: bool) -> None:
-    _state["debug"] = flag or os.environ.get("ROTNET_DEBUG", "") not in ("", "0")
+    _state["debug"] = flag
 
 
 def debug_enabled() -> bool:
