@@ -33,7 +33,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         os.close(fd)
         tmp = Path(tmp_name)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual mode
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -82,7 +82,8 @@ def remove_stale_temp_files(folder: str | Path, names: tuple[str, ...]) -> list[
     return stale
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

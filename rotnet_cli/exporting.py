@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from ._version import __version__
-from .checkpoint import save_safetensors, write_text
+from .checkpoint import current_umask, save_safetensors, write_text
 from .config import ExportConfig, format_rotations
 from .errors import OutputError, WeightsError
 from .models import EXPORT_CONFIG, EXPORT_HEAD, EXPORT_WEIGHTS, RUN_CONFIG, LoadedWeights, load_weights
@@ -139,9 +139,7 @@ def _staging_dir(out: Path) -> Path:
 
 def _make_shareable(folder: Path) -> None:
     """mkdtemp makes a private (0700) folder; an export is meant to be shared, so give it the usual mode."""
-    mask = os.umask(0)
-    os.umask(mask)
-    folder.chmod(0o777 & ~mask)
+    folder.chmod(0o777 & ~current_umask())
 
 
 def _install(staging: Path, out: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from . import data as data_lib
-from .checkpoint import atomic_write, write_json, write_text
+from .checkpoint import atomic_write, make_dir, write_json, write_text
 from .config import PredictConfig, format_rotations
 from .errors import ConfigError, DataError, OutputError
 from .models import load_weights
@@ -224,7 +224,7 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
 
     result = PredictResult(weights.model_name, weights.source, rotations, describe_device(device), cfg.tta, predictions, out)
     if out is not None:
-        _make_dir(out)
+        make_dir(out)
         if cfg.fix:
             _write_upright_copies(inputs, predictions, out, cfg.min_confidence, emit)
         result.reports = write_reports(out, predictions)
@@ -232,14 +232,6 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
 
 
 # ----------------------------------------------------------------------------- upright copies
-
-
-def _make_dir(folder: Path) -> None:
-    """mkdir -p; a failure (no permission, a file in the way) is an OutputError, not a traceback."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create {folder}: {e.strerror}; choose another --out") from None
 
 
 def _write_upright_copies(inputs: list[InputImage], predictions: list[ImagePrediction], out: Path,
@@ -293,7 +285,7 @@ def write_upright(source: Path, target: Path, correction: float) -> str:
         notes = [f"resampled (bicubic) for {correction:g} degrees"]
     if fmt in ("JPEG", "WEBP"):
         notes.append(f"re-encoded as {fmt} (lossy)")
-    _make_dir(target.parent)
+    make_dir(target.parent)
     atomic_write(target, lambda tmp: image.save(tmp, format=fmt, **params))
     return ", ".join(notes)
 

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as data_lib
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, make_dir
 from .config import AttentionConfig, CurvesConfig, FiltersConfig
-from .errors import DataError, ModelError, OutputError, RotnetError
+from .errors import DataError, ModelError, RotnetError
 from .models import forward_stages, load_weights, num_stages, resolve_stages
 from .rotations import disc_mask, needs_mask, rotate, rotate_all
 from .runtime import resolve_device
@@ -142,17 +142,9 @@ def to_pil(image: torch.Tensor):
     return Image.fromarray(array, mode="RGB")
 
 
-def make_parent(path: Path) -> None:
-    """Create the folder ``path`` goes into; a failure (a file in the way, no permission) is an OutputError."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create the folder {path.parent}: {e.strerror}; choose another --out") from e
-
-
 def save_png(image, path: Path) -> Path:
     """Write a PIL image atomically (parent folders made), so a failure leaves no half PNG."""
-    make_parent(path)
+    make_dir(path.parent)
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
@@ -540,7 +532,7 @@ def draw_curves(config: CurvesConfig, progress: Progress | None = None) -> Curve
     figure.suptitle(f"RotNet pretraining: {run_dir.name}")
     out = Path(config.out).expanduser()
     try:
-        make_parent(out)
+        make_dir(out.parent)
         atomic_write(out, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     finally:
         plt.close(figure)

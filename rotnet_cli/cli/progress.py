@@ -11,6 +11,7 @@ Library functions call ``progress(kind, info)``; this view is that callable. Kin
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -67,11 +68,11 @@ class ProgressView:
             self.epochs = info["epochs"]
             self._line(
                 f"{info['model']} at {info['img_size']} px: {info['train_images']} training / {info['val_images']} validation "
-                f"images, {info['steps_per_epoch']} steps of {info['batch_images']} rotated images per epoch -> {info['out_dir']}"
+                f"images, {info['steps_per_epoch']} steps of {info['batch_images']} rotated images per epoch -> {escape(info['out_dir'])}"
             )
         elif kind in ("warning", "message"):
             prefix = "[yellow]warning:[/] " if kind == "warning" else ""
-            self._line(prefix + info["message"])
+            self._line(prefix + escape(info["message"]))  # library text is plain: brackets in paths stay
         elif kind == "decode":
             self._bar("decode", "decoding images", info["done"], info["total"])
         elif kind == "step":
