@@ -15,7 +15,6 @@ from typing import Any
 
 from .errors import ConfigError
 
-DEVICE_HELP = "auto, cpu, cuda, cuda:N, N or mps"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CACHE_MODES = ("auto", "none", "ram", "device")
 
@@ -198,6 +197,8 @@ __all__ = [
     "format_rotations",
     "parse_int_list",
     "RESUME_FREE_OPTIONS",
+    "ExportConfig",
+    "EXPORT_DTYPES",
 ]
 
 

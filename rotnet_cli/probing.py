@@ -531,14 +531,14 @@ def knn_accuracy(
     bank = F.normalize(train_x.to(device).float(), dim=1)  # (N, C)
     bank_labels = train_y.to(device)
     k = min(k, len(bank))
-    correct = 0
+    correct = torch.zeros((), device=device, dtype=torch.long)  # summed on the device, read once
     for start in range(0, len(val_x), KNN_CHUNK):
         query = F.normalize(val_x[start : start + KNN_CHUNK].to(device).float(), dim=1)  # (B, C)
         similarity, nearest = (query @ bank.T).topk(k, dim=1)  # (B, k)
         votes = torch.zeros(len(query), num_classes, device=device)
         votes.scatter_add_(1, bank_labels[nearest], (similarity / temperature).exp())
-        correct += (votes.argmax(1) == val_y[start : start + KNN_CHUNK].to(device)).sum().item()
-    return correct / max(1, len(val_x))
+        correct += (votes.argmax(1) == val_y[start : start + KNN_CHUNK].to(device)).sum()
+    return correct.item() / max(1, len(val_x))
 
 
 __all__ = ["probe", "ProbeResult", "ProbeRow", "keep_per_class", "knn_accuracy", "PROBE_FILE"]
