@@ -144,14 +144,12 @@ def test_test_time_agreement_is_at_least_as_good_on_held_out_digits(run_dir, rot
 
 
 @pytest.mark.slow
-def test_a_longer_trained_model_gets_most_held_out_digits_right(tmp_path):
-    """10 epochs at 32 px (a few minutes on 2 cores): 0.858 plain and 0.889 with --tta when measured;
-    the rest are mostly 0s and 8s, which look alike upside down."""
+def test_the_demo_model_gets_at_least_0_9_of_held_out_digits_right(tmp_path):
+    """The README's demo run (`rotnet pretrain`: resnet18, 30 epochs, about 3 minutes on 2 cores)
+    with --tta: 0.906 when measured (0.894 without); what it misses are mostly 0s and 8s,
+    which look alike upside down."""
     out = tmp_path / "run"
-    pretrain(PretrainConfig(
-        model="test_resnet", data="digits", epochs=10, batch_size=64, optimizer="adamw", lr=3e-3, val_split=VAL_SPLIT,
-        seed=SEED, workers=0, device="cpu", out=str(out),
-    ))
+    pretrain(PretrainConfig(val_split=VAL_SPLIT, seed=SEED, device="cpu", out=str(out)))
     folder = tmp_path / "rotated"
     folder.mkdir()
     truth = {}
@@ -160,7 +158,7 @@ def test_a_longer_trained_model_gets_most_held_out_digits_right(tmp_path):
             Image.fromarray(rot90(hwc(image), angle)).save(folder / f"{i:03d}_{angle}.png")
             truth[f"{i:03d}_{angle}.png"] = angle
     result = predict(PredictConfig(weights=str(out), inputs=(str(folder),), tta=True, workers=0, device="cpu"))
-    assert accuracy({Path(p.path).name: p for p in result.predictions}, truth) >= 0.85
+    assert accuracy({Path(p.path).name: p for p in result.predictions}, truth) >= 0.9
 
 
 # ----------------------------------------------------------------------------- --fix end to end
