@@ -68,6 +68,12 @@ def note(message: str) -> None:
     err_console.print(message, highlight=False, soft_wrap=True)
 
 
+def warn_skipped(files: list[str]) -> None:
+    """The closing reminder of files a command left out (the library warned as it found them)."""
+    if files:
+        warn(f"{len(files)} file(s) that are not readable images were skipped, e.g. {files[0]}")
+
+
 def warn(message: str) -> None:
     err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 

@@ -13,7 +13,7 @@ from ..config import PretrainConfig, format_rotations, parse_int_list, parse_rot
 from . import app
 from ._common import (
     BatchSizeOpt, DataDirOpt, DeviceOpt, DownloadOpt, ImgSizeOpt, JsonOpt, OverwriteOpt, PrecisionOpt, SeedOpt,
-    WorkersOpt, err_console, error_boundary, note, out_console, print_json, warn,
+    WorkersOpt, err_console, error_boundary, note, out_console, print_json, warn_skipped,
 )
 from .progress import ProgressView
 
@@ -95,8 +95,7 @@ def pretrain(
     if not dist_from_env().is_main:  # under torchrun, rank 0 alone reports
         return
 
-    if result.skipped_files:
-        warn(f"{len(result.skipped_files)} file(s) that are not readable images were skipped, e.g. {result.skipped_files[0]}")
+    warn_skipped(result.skipped_files)
     if json_out:
         print_json(result.to_dict())
         return

@@ -12,7 +12,7 @@ from ..config import ProbeConfig
 from . import app
 from ._common import (
     DataDirOpt, DeviceOpt, DownloadOpt, JsonOpt, PrecisionOpt, SeedOpt, WeightsArg, WorkersOpt,
-    err_console, error_boundary, out_console, print_json, warn,
+    err_console, error_boundary, out_console, print_json, warn_skipped,
 )
 from .progress import ProgressView
 
@@ -65,8 +65,7 @@ def probe(
     with ProgressView(err_console, title="probe") as view:
         result = run_probe(config, progress=view)
 
-    if result.skipped_files:
-        warn(f"{len(result.skipped_files)} unreadable image file(s) were skipped, e.g. {result.skipped_files[0]}")
+    warn_skipped(result.skipped_files)
     if json_out:
         print_json(result.to_dict())
         return
