@@ -332,38 +332,25 @@ def _cell(value: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _rows_table(rows: list[dict]) -> str:
-    """Markdown table of dict rows (columns: the union of their keys, in first-seen order)."""
-    rows = [{str(k): v for k, v in row.items()} for row in rows]
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def probe_tables(obj: Any, title: str = "", depth: int = 0) -> list[str]:
-    """Markdown for whatever table-like content probe results hold.
-
-    A list of dicts is a table; a dict of dicts a table with one row per key; a dict of
-    plain values a two-column table; anything nested deeper is searched (a few levels).
-    """
-    heading = [f"**{title}**"] if title else []
-    if isinstance(obj, list) and obj and all(isinstance(r, dict) for r in obj):
-        return heading + [_rows_table(obj)]
-    if not isinstance(obj, dict) or not obj or depth > 3:
+def probe_section(probe: Any) -> list[str]:
+    """Markdown for the probe.json that `rotnet probe` wrote: top-1 per stage and head, in %."""
+    rows, heads = (probe.get("rows"), probe.get("heads")) if isinstance(probe, dict) else (None, None)
+    if not isinstance(rows, list) or not rows or not isinstance(heads, list) or not heads:
         return []
-    if all(isinstance(v, dict) for v in obj.values()) and all(
-        not isinstance(x, (dict, list)) for v in obj.values() for x in v.values()
-    ):
-        return heading + [_rows_table([{"": k, **v} for k, v in obj.items()])]
-    scalars = {k: v for k, v in obj.items() if not isinstance(v, (dict, list))}
-    parts = heading + ([_rows_table([{"": k, "value": v} for k, v in scalars.items()])] if scalars else [])
-    for key, value in obj.items():
-        if isinstance(value, (dict, list)):
-            parts += probe_tables(value, f"{title} / {key}" if title else str(key), depth + 1)
-    return parts
+    lines = [
+        f"Frozen-feature probes (`rotnet probe`) on {probe.get('data', '?')}: top-1 accuracy on "
+        f"{probe.get('val_images', '?')} held-out images, each head trained {probe.get('epochs', '?')} epochs "
+        "on the frozen features of one stage.", "",
+        "| weights | stage | C x H x W | " + " | ".join(heads) + " |", "|" + "---|" * (3 + len(heads)),
+    ]
+    for row in rows:
+        accuracy = [f"{100 * row[h]:.2f}%" if isinstance(row.get(h), (int, float)) else "-" for h in heads]
+        shape = " x ".join(map(str, row.get("shape", [])))
+        lines.append(f"| {_cell(row.get('weights'))} | {_cell(row.get('stage'))} | {shape} | " + " | ".join(accuracy) + " |")
+    best = probe.get("best")
+    if isinstance(best, dict) and isinstance(best.get("accuracy"), (int, float)):
+        lines += ["", f"Best: stage {best.get('stage')} with the {best.get('head')} head, {100 * best['accuracy']:.2f}%."]
+    return lines
 
 
 def registration_import(model_name: str) -> str | None:
@@ -405,11 +392,9 @@ def model_card(loaded: LoadedWeights, config: ExportConfig, record: dict[str, An
         f"Rotations*, ICLR 2018), with rotnet {__version__}.", "",
         "| | |", "|---|---|", *[f"| {k} | {_cell(v)} |" for k, v in facts.items()], "",
     ]
-    probe = record.get("probe")
-    if probe is not None:
-        tables = probe_tables(probe)
-        lines += ["## Probe results", "", "Frozen-feature probes (`rotnet probe`):", ""]
-        lines += ["\n\n".join(tables) if tables else "(probe.json holds no table-like results)", ""]
+    probe = probe_section(record.get("probe"))
+    if probe:
+        lines += ["## Probe results", "", *probe, ""]
     # the arguments timm recorded to rebuild this backbone (num_classes=0, img_size for fixed-size models, ...)
     build_args = "".join(f", {k}={v!r}" for k, v in model_args.items())
     lines += [

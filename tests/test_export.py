@@ -109,14 +109,15 @@ def test_card_renders_probe_results_and_survives_an_unreadable_probe_file(runs, 
 
     run = tmp_path / "run"
     shutil.copytree(runs["test_resnet"], run)
-    (run / "probe.json").write_text(json.dumps({
-        "head": "linear",
-        "results": {"stage 1": {"accuracy": 0.8125, "epochs": 30}, "stage 2": {"accuracy": 0.6875, "epochs": 30}},
-    }))
+    probed = CliRunner().invoke(app, ["probe", str(run), "--epochs", "2", "--head", "linear,knn", "--layers", "1,-1", "--device", "cpu"])
+    assert probed.exit_code == 0, probed.output
+    probe = json.loads((run / "probe.json").read_text())
     assert rotnet("export", run, "--out", tmp_path / "a").exit_code == 0
     card = (tmp_path / "a" / "README.md").read_text()
-    assert "## Probe results" in card
-    assert "| stage 1 | 0.8125 | 30 |" in card and "| stage 2 | 0.6875 | 30 |" in card and "linear" in card
+    assert "## Probe results" in card and "| weights | stage | C x H x W | linear | knn |" in card
+    for row in probe["rows"]:  # every stage with every head's accuracy, in percent
+        assert f"| run | {row['stage']} | " in card and f"{100 * row['linear']:.2f}%" in card and f"{100 * row['knn']:.2f}%" in card
+    assert f"Best: stage {probe['best']['stage']} with the {probe['best']['head']} head" in card
 
     (run / "probe.json").write_text("{ not json")
     assert rotnet("export", run, "--out", tmp_path / "b").exit_code == 0
