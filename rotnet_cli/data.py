@@ -202,6 +202,31 @@ def _scan(folder: Path) -> tuple[list[Path], list[Path]]:
     return images, others
 
 
+def image_inputs(specs: tuple[str, ...] | list[str]) -> list[tuple[Path, Path]]:
+    """Image files given on a command line, and folders of them (recursive), in the given order.
+
+    -> (path, path relative to the folder it was found in, or its bare name); each file once.
+    A missing path or a folder without images is a DataError.
+    """
+    found: list[tuple[Path, Path]] = []
+    seen: set[Path] = set()
+    for spec in specs:
+        root = Path(spec).expanduser()
+        if not root.exists():
+            raise DataError(f"{spec} does not exist; give image files or folders of images")
+        if root.is_dir():
+            pairs = [(p, p.relative_to(root)) for p in scan_images(root)]
+            if not pairs:
+                raise DataError(f"{spec} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)")
+        else:
+            pairs = [(root, Path(root.name))]
+        for path, relative in pairs:
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                found.append((path, relative))
+    return found
+
+
 def _class_layout(folder: Path, image_paths: list[Path]) -> tuple[list[str], list[Path], list[int]] | None:
     """(classes, paths, labels) when ``folder`` holds only class sub-folders, else None."""
     subdirs = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))

@@ -22,7 +22,7 @@ import torch
 from . import data as data_lib
 from .checkpoint import atomic_write, make_dir, write_json, write_text
 from .config import PredictConfig, format_rotations
-from .errors import ConfigError, DataError, OutputError
+from .errors import ConfigError, OutputError
 from .models import load_weights
 from .rotations import disc_mask, is_exact, needs_mask, rotate_all
 from .runtime import autocast, describe_device, resolve_device, resolve_precision
@@ -88,22 +88,7 @@ class InputImage:
 
 def collect_inputs(specs: tuple[str, ...]) -> list[InputImage]:
     """Files as given, folders recursively; each image once, in a reproducible order."""
-    found: list[InputImage] = []
-    seen: set[Path] = set()
-    for spec in specs:
-        root = Path(spec).expanduser()
-        if not root.exists():
-            raise DataError(f"{spec} does not exist; give image files or folders of images")
-        if root.is_dir():
-            pairs = [(p, p.relative_to(root)) for p in data_lib.scan_images(root)]
-            if not pairs:
-                raise DataError(f"{spec} holds no images (looked for {', '.join(data_lib.IMAGE_EXTENSIONS)}, recursively)")
-        else:
-            pairs = [(root, Path(root.name))]
-        for path, relative in pairs:
-            if path.resolve() not in seen:
-                seen.add(path.resolve())
-                found.append(InputImage(path, relative))
+    found = [InputImage(path, relative) for path, relative in data_lib.image_inputs(specs)]
     targets: dict[Path, Path] = {}
     for image in found:
         other = targets.setdefault(image.relative, image.path)

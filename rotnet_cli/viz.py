@@ -374,19 +374,7 @@ def overlay(images: torch.Tensor, maps: torch.Tensor, lut: torch.Tensor, alpha: 
 
 def collect_images(inputs: tuple[str, ...]) -> list[Path]:
     """Image files given directly or found in folders (recursively), in the given order."""
-    paths: list[Path] = []
-    for text in inputs:
-        path = Path(text).expanduser()
-        if path.is_dir():
-            found = data_lib.scan_images(path)
-            if not found:
-                raise DataError(f"{path} holds no images (looked for {', '.join(data_lib.IMAGE_EXTENSIONS)}, recursively)")
-            paths += found
-        elif path.is_file():
-            paths.append(path)
-        else:
-            raise DataError(f"{path} does not exist; give image files or folders of images")
-    return paths  # never empty: AttentionConfig requires inputs and each one yields an image or raises
+    return [path for path, _ in data_lib.image_inputs(inputs)]  # never empty: AttentionConfig requires inputs
 
 
 def unique_names(paths: list[Path]) -> list[str]:
