@@ -10,13 +10,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, fields
+import os
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CACHE_MODES = ("auto", "none", "ram", "device")
+
+
+def default_workers() -> int:
+    """Loader workers when --workers is not given: the CPU cores this process may use, shared
+    by the processes torchrun starts on this machine, less one for the training loop itself;
+    at least 2, at most 8 (more rarely helps and costs memory; timm's train.py uses 4)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        cores = os.cpu_count() or 2
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(2, min(8, per_process - 1))
 
 
 def parse_rotations(text: str | tuple | list) -> tuple[float, ...]:
@@ -107,7 +120,7 @@ class PretrainConfig(_Serializable):
     warmup_epochs: float = 0.0
     img_size: int | None = None
     augment: bool = True
-    workers: int = 2
+    workers: int = field(default_factory=default_workers)
     seed: int = 0
     init: str | None = None
     device: str = "auto"
@@ -272,7 +285,7 @@ class ProbeConfig(_Serializable):
     knn_k: int = 20
     knn_temperature: float = 0.07
     compare: tuple[str, ...] = ()
-    workers: int = 2
+    workers: int = field(default_factory=default_workers)
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -394,7 +407,7 @@ class PredictConfig(_Serializable):
     min_confidence: float = 0.5
     overwrite: bool = False
     batch_size: int = 64
-    workers: int = 2
+    workers: int = field(default_factory=default_workers)
     device: str = "auto"
     precision: str = "auto"
 
@@ -428,7 +441,7 @@ class ReproduceConfig(_Serializable):
     smoke: bool = False
     device: str = "auto"
     precision: str = "auto"
-    workers: int = 2
+    workers: int = field(default_factory=default_workers)
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -85,7 +85,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, else MPS, 
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (and nothing else there).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (data order, splits, initialisation).")]
-WorkersOpt = Annotated[int, typer.Option("--workers", "-j", help="Loader worker processes for image folders.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", "-j", help="Loader worker processes for image folders (default: CPU cores - 1, from 2 to 8).")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch (before rotation).")]
 ImgSizeOpt = Annotated[Optional[int], typer.Option("--img-size", help="Square input size in pixels (default: the dataset's own, else the model's).")]
 DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Where torchvision datasets live (default ~/.cache/rotnet/datasets/NAME).")]

@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..config import PredictConfig
+from ..config import PredictConfig, default_workers
 from . import app
 from ._common import (
     BatchSizeOpt, DeviceOpt, JsonOpt, OverwriteOpt, PrecisionOpt, WeightsArg, WorkersOpt, err_console, error_boundary,
@@ -39,7 +39,7 @@ def predict(
     min_confidence: Annotated[float, typer.Option("--min-confidence", help="Fix only images predicted with at least this probability.")] = 0.5,
     overwrite: OverwriteOpt = False,
     batch_size: BatchSizeOpt = 64,
-    workers: WorkersOpt = 2,
+    workers: WorkersOpt = default_workers(),
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     json_out: JsonOpt = False,

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..config import PretrainConfig, format_rotations, parse_int_list, parse_rotations
+from ..config import PretrainConfig, default_workers, format_rotations, parse_int_list, parse_rotations
 from . import app
 from ._common import (
     BatchSizeOpt, DataDirOpt, DeviceOpt, DownloadOpt, ImgSizeOpt, JsonOpt, OverwriteOpt, PrecisionOpt, SeedOpt,
@@ -51,7 +51,7 @@ def pretrain(
     warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear lr warm-up, in epochs.")] = 0.0,
     img_size: ImgSizeOpt = None,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random crop with padding + horizontal flip, before rotating.")] = True,
-    workers: WorkersOpt = 2,
+    workers: WorkersOpt = default_workers(),
     seed: SeedOpt = 0,
     init: Annotated[Optional[str], typer.Option("--init", help="Start from these weights (a run, checkpoint, safetensors, export, timm:NAME); a new run.")] = None,
     device: DeviceOpt = "auto",

@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..config import ProbeConfig
+from ..config import ProbeConfig, default_workers
 from . import app
 from ._common import (
     DataDirOpt, DeviceOpt, DownloadOpt, JsonOpt, PrecisionOpt, SeedOpt, WeightsArg, WorkersOpt,
@@ -46,7 +46,7 @@ def probe(
     labels_per_class: Annotated[Optional[int], typer.Option("--labels-per-class", help="Keep only K labelled training images per class (seeded); the paper's semi-supervised study.")] = None,
     knn_k: Annotated[int, typer.Option("--knn-k", help="Neighbours that vote in the knn head.")] = 20,
     compare: Annotated[Optional[str], typer.Option("--compare", help="Baseline rows: random (the same architecture, random weights) and/or other weights, e.g. timm:resnet18; comma list.")] = None,
-    workers: WorkersOpt = 2,
+    workers: WorkersOpt = default_workers(),
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",

@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..config import ReproduceConfig
+from ..config import ReproduceConfig, default_workers
 from . import app
 from ._common import DataDirOpt, DeviceOpt, DownloadOpt, JsonOpt, PrecisionOpt, SeedOpt, WorkersOpt, err_console, error_boundary, out_console, print_json
 from .progress import ProgressView
@@ -32,7 +32,7 @@ def reproduce(
     smoke: Annotated[bool, typer.Option("--smoke", help="Run every step on the built-in digits for a few steps (checks the recipe, not the paper).")] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
-    workers: WorkersOpt = 2,
+    workers: WorkersOpt = default_workers(),
     seed: SeedOpt = 0,
     json_out: JsonOpt = False,
 ) -> None:
