@@ -27,10 +27,11 @@ def child(kind: str, args) -> None:
 
     from rotnet_cli.config import PretrainConfig
     from rotnet_cli.pretraining import pretrain
-    from rotnet_cli.runtime import resolve_device, resolve_precision
+    from rotnet_cli.runtime import configure_backends, resolve_device, resolve_precision
 
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
+    configure_backends(device)  # what rotnet's commands set: the bare figures get it too
     ns = ap.Namespace(model=args.model, img_size=args.img_size, batch_size=args.batch_size, steps=args.steps,
                       warmup=1, channels_last=False, compile=False)
     if kind == "bare":

@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, machine  # noqa: E402
 
 from rotnet_cli import data as data_lib  # noqa: E402
-from rotnet_cli.config import PretrainConfig  # noqa: E402
+from rotnet_cli.config import PretrainConfig, default_workers  # noqa: E402
 from rotnet_cli.models import RotNet, create_backbone, data_config  # noqa: E402
 from rotnet_cli.pretraining import pretrain  # noqa: E402
-from rotnet_cli.runtime import autocast, resolve_device, resolve_precision  # noqa: E402
+from rotnet_cli.runtime import autocast, configure_backends, resolve_device, resolve_precision  # noqa: E402
 
 ROTATIONS = (0.0, 90.0, 180.0, 270.0)
 
@@ -172,7 +172,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images before rotation (x4 per step)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=default_workers(), help="loader workers of both loops (default: rotnet's own)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
     p.add_argument("--channels-last", action="store_true")
@@ -184,6 +184,7 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
+    configure_backends(device)  # what rotnet's commands set: the bare figures get it too
     workdir = Path(tempfile.mkdtemp(prefix="rotnet-bench-"))
     figures: dict = {"benchmark": "pipeline", **machine(), "device": str(device), "precision": precision,
                      "model": args.model, "img_size": args.img_size, "batch_images": args.batch_size * 4,

@@ -31,7 +31,7 @@ from rotnet_cli import data as data_lib  # noqa: E402
 from rotnet_cli.config import ProbeConfig  # noqa: E402
 from rotnet_cli.models import forward_stages, load_weights, num_stages  # noqa: E402
 from rotnet_cli.probing import probe  # noqa: E402
-from rotnet_cli.runtime import autocast, resolve_device, resolve_precision  # noqa: E402
+from rotnet_cli.runtime import autocast, configure_backends, resolve_device, resolve_precision  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -80,6 +80,7 @@ def main() -> None:
 
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
+    configure_backends(device)  # what rotnet's commands set: the bare figures get it too
     bare, images, stages = bare_extraction_seconds(args, device, precision)
     linear, linear_split = probe_seconds(args, ("linear",))
     default, default_split = probe_seconds(args, ProbeConfig.heads)

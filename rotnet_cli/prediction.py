@@ -25,7 +25,7 @@ from .config import PredictConfig, format_rotations
 from .errors import ConfigError, OutputError
 from .models import load_weights
 from .rotations import disc_mask, is_exact, needs_mask, rotate_all
-from .runtime import autocast, describe_device, resolve_device, resolve_precision
+from .runtime import autocast, configure_backends, describe_device, resolve_device, resolve_precision
 
 REPORT_CSV = "predictions.csv"
 REPORT_JSON = "predictions.json"
@@ -173,6 +173,7 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
     emit = progress or (lambda kind, info: None)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    configure_backends(device)
     inputs = collect_inputs(cfg.inputs)
     out = Path(cfg.out).expanduser() if cfg.out else None
     if out is not None:

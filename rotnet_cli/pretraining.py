@@ -40,7 +40,7 @@ from .errors import ConfigError, DataError, Interrupted, NonFiniteLossError, Out
 from .models import RUN_CHECKPOINT, RUN_CONFIG, RUN_WEIGHTS, RotNet, create_backbone, data_config, load_weights
 from .rotations import make_rotation_batch, rotate_all
 from .runtime import (
-    DistInfo, autocast, describe_device, dist_from_env, init_distributed, resolve_device, resolve_precision,
+    DistInfo, autocast, configure_backends, describe_device, dist_from_env, init_distributed, resolve_device, resolve_precision,
     seed_everything, shutdown_distributed,
 )
 
@@ -181,6 +181,7 @@ def pretrain(
     stop_requested = should_stop or (lambda: False)
     device = resolve_device(cfg.device, dist.local_rank)
     precision = resolve_precision(cfg.precision, device)
+    configure_backends(device)
     if dist.enabled and cfg.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} must divide by the {dist.world_size} processes of torchrun")
     out = check_out_dir(cfg)
@@ -342,7 +343,7 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
         waited = 0.0
         batches = data_lib.iterate_batches(
             train_set, order, per_rank_batch, device, drop_last=True, workers=cfg.workers, start_batch=first,
-            strict=cfg.strict_data,
+            strict=cfg.strict_data, with_labels=False,
         )
         step = first
         while step < steps_per_epoch:
@@ -451,7 +452,7 @@ def _validate(model, val_set, cfg: PretrainConfig, mean, std, device, precision,
     correct = torch.zeros(R, device=device)
     count = torch.zeros(R, device=device)
     loss_sum = torch.zeros((), device=device)
-    for batch in data_lib.iterate_batches(val_set, order, batch_size, device, drop_last=False, workers=cfg.workers):
+    for batch in data_lib.iterate_batches(val_set, order, batch_size, device, drop_last=False, workers=cfg.workers, with_labels=False):
         x, y = rotate_all(data_lib.normalize(batch.images, mean, std), cfg.rotations)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

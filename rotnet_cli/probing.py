@@ -39,7 +39,7 @@ from .checkpoint import write_json
 from .config import ProbeConfig
 from .errors import ConfigError, DataError
 from .models import LoadedWeights, forward_stages, load_weights, num_stages, resolve_stages
-from .runtime import autocast, describe_device, resolve_device, resolve_precision, seed_everything
+from .runtime import autocast, configure_backends, describe_device, resolve_device, resolve_precision, seed_everything
 
 PROBE_FILE = "probe.json"
 MLP_HIDDEN = 200  # the paper's non-linear classifier: 2 hidden layers of 200 units
@@ -113,6 +113,7 @@ def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
     emit = progress or (lambda kind, info: None)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    configure_backends(device)
     seed_everything(cfg.seed)
     emit("device", {"device": describe_device(device), "precision": precision})
 

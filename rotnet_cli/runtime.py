@@ -91,6 +91,20 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def configure_backends(device: torch.device) -> None:
+    """On CUDA, what timm's train.py sets: cuDNN picks the fastest conv algorithms for the
+    shapes it sees, and fp32 matmuls/convs may use TF32 tensor cores. No effect elsewhere.
+
+    The autotuned algorithms are not bitwise deterministic across processes; the data order
+    and augmentation stay exact on resume, the float sums may differ in the last bits.
+    """
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

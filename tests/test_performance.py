@@ -1,0 +1,133 @@
+"""Performance properties that hold on any device, checked on CPU.
+
+Speeds themselves are measured by benchmarks/, not here. What can be tested everywhere is
+the design that makes them possible: the training step never waits for the device (no
+host read per step), and the fast paths (bf16, channels_last, torch.compile, cuDNN
+autotuning, enough loader workers) are wired in and train.
+"""
+
+import collections
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.overrides import TorchFunctionMode
+
+from rotnet_cli import pretraining
+from rotnet_cli.config import PretrainConfig, default_workers
+from rotnet_cli.pretraining import pretrain
+from rotnet_cli.runtime import configure_backends
+
+# Tensor ops that make the host wait for the device on a GPU: reading a value, learning a
+# data-dependent size, or copying to host memory.
+HOST_READS = {
+    "item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy", "unique",
+    "masked_select",
+}
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the host-synchronising tensor ops called under it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in HOST_READS:
+            self.calls[name] += 1
+        elif name == "__getitem__":  # a boolean mask index has a data-dependent size
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
+                self.calls["boolean index"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads_of_one_epoch(tmp_path, steps: int, **options) -> collections.Counter:
+    cfg = PretrainConfig(
+        model="test_resnet", epochs=1, batch_size=16, max_steps_per_epoch=steps, log_every=1000, device="cpu",
+        workers=0, out=str(tmp_path / f"run-{steps}"), **options,
+    )
+    with HostReads() as reads:
+        pretrain(cfg)
+    return reads.calls
+
+
+@pytest.mark.parametrize("options", [
+    {},  # the paper: every rotated copy
+    {"copies": "one", "rotations": (0.0, 45.0, 90.0, 180.0)},  # sampled rotation, resampled and masked
+], ids=["all-copies", "one-copy-resampled"])
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, options):
+    # With --log-every above the epoch length the loop reads loss and accuracy only at the
+    # epoch's end: three times as many steps must not mean a single extra host read.
+    # (On a GPU each such read stalls the step until the device has caught up.)
+    short = host_reads_of_one_epoch(tmp_path, 3, **options)
+    long = host_reads_of_one_epoch(tmp_path, 9, **options)
+    assert long == short
+    assert sum(short.values()) > 0  # the counter does see the epoch-end reads
+
+
+def test_the_host_read_counter_catches_a_read_in_the_step(tmp_path, monkeypatch):
+    # The guard above is only worth something if a per-step .item() would trip it.
+    real_loss = pretraining.rotation_loss
+
+    def loss_that_reads(logits, labels):
+        loss = real_loss(logits, labels)
+        loss.item()
+        return loss
+
+    monkeypatch.setattr(pretraining, "rotation_loss", loss_that_reads)
+    assert host_reads_of_one_epoch(tmp_path, 9)["item"] - host_reads_of_one_epoch(tmp_path, 3)["item"] == 6
+
+
+def test_bf16_autocast_and_channels_last_train_and_save_fp32_weights(tmp_path):
+    result = pretrain(PretrainConfig(
+        model="test_resnet", epochs=2, batch_size=32, max_steps_per_epoch=6, device="cpu", precision="bf16",
+        channels_last=True, workers=0, out=str(tmp_path / "run"),
+    ))
+    assert all(torch.isfinite(torch.tensor([row["loss"], row["val_loss"]])).all() for row in result.history)
+    weights = load_file(tmp_path / "run" / "model.safetensors")
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}  # autocast, not a cast
+
+
+@pytest.mark.slow
+def test_compiled_training_saves_the_plain_model(tmp_path):
+    # torch.compile wraps the module; the run must still save and reload timm's own keys.
+    # Slow (about 45 s of compiling on 2 cores); the uncompiled loop is tested everywhere.
+    plain = pretrain(PretrainConfig(model="test_resnet", epochs=1, batch_size=32, max_steps_per_epoch=4, device="cpu",
+                                    workers=0, out=str(tmp_path / "plain")))
+    compiled = pretrain(PretrainConfig(model="test_resnet", epochs=1, batch_size=32, max_steps_per_epoch=4, device="cpu",
+                                       workers=0, compile=True, out=str(tmp_path / "compiled")))
+    assert load_file(tmp_path / "compiled" / "model.safetensors").keys() == load_file(tmp_path / "plain" / "model.safetensors").keys()
+    # the same computation: compiled kernels may differ in the last bits only
+    assert compiled.history[0]["loss"] == pytest.approx(plain.history[0]["loss"], rel=1e-3)
+
+
+@pytest.fixture
+def backend_flags():
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_cuda_runs_autotune_convolutions_and_allow_tf32_like_timm_train(backend_flags):
+    configure_backends(torch.device("cpu"))
+    assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+    configure_backends(torch.device("cuda", 0))  # only flags: no GPU needed to set them
+    assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
+@pytest.mark.parametrize("cores, local_world, expected", [
+    (2, None, 2), (4, None, 3), (16, None, 8), (64, None, 8), (16, "4", 3), (16, "8", 2),
+])
+def test_default_workers_follow_the_cores_each_process_has(monkeypatch, cores, local_world, expected):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    if local_world is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)  # torchrun: processes on this machine
+    assert default_workers() == expected
+    assert PretrainConfig().workers == expected
