@@ -170,7 +170,8 @@ def main() -> None:
     p.add_argument("--model", default="resnet18")
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64, help="images before rotation (x4 per step)")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=None,
+                   help="measured steps per epoch (default 20 on CPU; 300 on a GPU, whose steps are short: per-epoch costs must not dominate)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--workers", type=int, default=default_workers(), help="loader workers of both loops (default: rotnet's own)")
     p.add_argument("--device", default="auto")
@@ -184,10 +185,11 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
+    args.steps = args.steps or (20 if device.type == "cpu" else 300)
     configure_backends(device)  # what rotnet's commands set: the bare figures get it too
     workdir = Path(tempfile.mkdtemp(prefix="rotnet-bench-"))
     figures: dict = {"benchmark": "pipeline", **machine(), "device": str(device), "precision": precision,
-                     "model": args.model, "img_size": args.img_size, "batch_images": args.batch_size * 4,
+                     "model": args.model, "img_size": args.img_size, "batch_images": args.batch_size * 4, "steps": args.steps,
                      "channels_last": args.channels_last, "compile": args.compile, "workers": args.workers}
 
     bare = bare_step(args, device, precision)
@@ -198,8 +200,10 @@ def main() -> None:
         figures["digits_vs_bare"] = round(figures["digits_images_per_s"] / bare, 3)
 
     if "cifar" not in skip:
-        # a CIFAR-sized random uint8 set served through rotnet's in-memory path
-        random_set = data_lib.ImageSet("random", args.img_size, images=torch.randint(0, 256, (50_000, 3, args.img_size, args.img_size), dtype=torch.uint8))
+        # a CIFAR-sized random uint8 set served through rotnet's in-memory path (50,000 images;
+        # fewer at large sizes, at most 1.5 GB: 10,000 at 224 px)
+        count = min(50_000, int(1.5 * 2**30) // (3 * args.img_size**2))
+        random_set = data_lib.ImageSet("random", args.img_size, images=torch.randint(0, 256, (count, 3, args.img_size, args.img_size), dtype=torch.uint8))
         real_open = data_lib.open_source
         data_lib.open_source = lambda *a, **k: data_lib.DataSource("random", random_set, None, args.img_size)
         try:

@@ -509,39 +509,49 @@ def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
 
 
 def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Per-image random crop after zero padding, and a random horizontal flip; one batched op.
+    """Per-image random crop after zero padding, and a random horizontal flip; one gather.
 
     images: (N, C, S, S) uint8 -> (N, C, S, S) uint8. The same as torchvision's
     RandomCrop(S, padding) + RandomHorizontalFlip on each image, without a Python loop.
+    Crop and flip are both folded into the row and column indices of a single gather:
+    on a GPU every kernel launch counts when the model step itself is small.
     """
     n, _, h, w = images.shape
     dev = images.device
-    if padding > 0:
-        padded = F.pad(images, (padding, padding, padding, padding))  # zeros, as RandomCrop's default fill
-        oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=dev)
-        ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=dev)
-        rows = oy[:, None] + torch.arange(h, device=dev)  # (N, S)
-        cols = ox[:, None] + torch.arange(w, device=dev)  # (N, S)
-        batch = torch.arange(n, device=dev)[:, None, None]
-        # advanced indexing around the channel slice gives (N, S, S, C)
-        images = padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    flip = torch.rand((n,), generator=generator, device=dev) < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(3), images).contiguous()
+    oy = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=dev)
+    ox = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=dev)
+    flip = torch.rand((n, 1), generator=generator, device=dev) < 0.5
+    batch, rows, cols, cols_reversed = _crop_grid(n, h, w, dev)
+    rows = oy + rows  # (N, S): the padded rows each image keeps
+    cols = ox + torch.where(flip, cols_reversed, cols)  # (N, S): a flipped image reads its columns backwards
+    padded = F.pad(images, (padding, padding, padding, padding)) if padding > 0 else images  # zeros, as RandomCrop
+    # advanced indexing around the channel slice gives (N, S, S, C)
+    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+@functools.lru_cache(maxsize=16)
+def _crop_grid(n: int, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Index tensors of a crop, made once per shape and device (read-only, shared)."""
+    batch = torch.arange(n, device=device)[:, None, None]  # (N, 1, 1)
+    rows = torch.arange(h, device=device)[None]  # (1, H)
+    cols = torch.arange(w, device=device)[None]  # (1, W)
+    return batch, rows, cols, cols.flip(1)
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """(N, 3, S, S) uint8 -> float32 normalised with the model's mean and std."""
-    m, s = _pixel_stats(tuple(mean), tuple(std), images.device)
-    return (images.float() - m) / s
+    """(N, 3, S, S) uint8 -> float32 normalised with the model's mean and std:
+    (x - mean) / std computed as x * (1 / std) - mean / std, one fused kernel after the cast."""
+    scale, shift = _pixel_stats(tuple(mean), tuple(std), images.device)
+    return torch.addcmul(shift, images.float(), scale)
 
 
 @functools.lru_cache(maxsize=16)
 def _pixel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean and std on 0..255 pixels as (1, C, 1, 1) tensors on ``device``, made once: building
-    them from Python numbers on a GPU is a copy that waits for the GPU (a sync every step)."""
+    """(1 / std, -mean / std) for 0..255 pixels as (1, C, 1, 1) tensors on ``device``, made once:
+    building them from Python numbers on a GPU is a copy that waits for the GPU (a sync every step)."""
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    return m.to(device), s.to(device)
+    return (1 / s).to(device), (-m / s).to(device)
 
 
 def warn_skipped(skipped: list[str]) -> str | None:

@@ -7,7 +7,7 @@ It never prints: progress goes through the ``progress(kind, info)`` callback.
 
 Exact resume: the data order is a pure function of (seed, epoch), the augmentation and
 rotation randomness of a step a pure function of (seed, step, rank), and the checkpoint
-holds model, optimizer, scaler, partial epoch sums and the global RNG state (dropout,
+holds model, optimizer, scaler, the epoch's per-step sums so far and the global RNG state (dropout,
 drop-path). So a resumed run replays the same computation as one never interrupted.
 """
 
@@ -28,7 +28,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DistributedSampler
 
 from . import data as data_lib
 from ._version import __version__
@@ -45,7 +44,7 @@ from .runtime import (
 )
 
 METRICS = "metrics.jsonl"
-NO_STEP = 2**62  # "no such step yet" for the first non-finite loss (a MIN over ranks keeps real steps)
+NO_STEP = 2**62  # "no such step" for the first non-finite loss (a MIN over ranks keeps real steps)
 RUN_FILES = (RUN_CONFIG, METRICS, RUN_CHECKPOINT, RUN_WEIGHTS, "probe.json")
 
 Progress = Callable[[str, dict], None]
@@ -72,6 +71,44 @@ class PretrainResult:
             "final": self.final, "val_rot_acc_per_rotation": self.val_rot_acc_per_rotation,
             "skipped_files": len(self.skipped_files), "resumed_from": self.resumed_from,
         }
+
+
+class EpochSums:
+    """One epoch's loss sums and correct counts, one slot per step, kept on the device.
+
+    A step writes its slot (two small kernels, no host read); the host reads the slots only
+    at log, checkpoint and epoch-end points. Per-step slots also tell which step first went
+    NaN, and a resumed epoch restores them exactly, so its totals add up bitwise the same.
+    """
+
+    def __init__(self, steps: int, device: torch.device, saved: dict | None = None):
+        self.loss = torch.zeros(steps, device=device)  # (steps,) sum of the step's per-copy losses
+        self.correct = torch.zeros(steps, device=device, dtype=torch.long)  # (steps,) right predictions
+        self.seen = 0  # rotated copies so far (a host number: batch sizes are known without the device)
+        self.done = 0  # steps written
+        if saved:
+            self.done, self.seen = len(saved["loss"]), int(saved["seen"])
+            self.loss[: self.done] = saved["loss"].to(device)
+            self.correct[: self.done] = saved["correct"].to(device)
+
+    def add(self, step: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss[step] = loss.detach() * len(labels)
+        self.correct[step] = (logits.detach().argmax(1) == labels).sum()
+        self.seen += len(labels)
+        self.done = step + 1
+
+    def first_nonfinite_step(self) -> int | None:
+        """The first step of this epoch whose loss was NaN or inf (reads the device)."""
+        bad = (~torch.isfinite(self.loss[: self.done])).nonzero()
+        return int(bad[0]) if len(bad) else None
+
+    def totals(self) -> torch.Tensor:
+        """(3,) float on the device: loss sum, correct count, copies seen."""
+        return torch.stack([self.loss.sum(), self.correct.sum().float(), torch.tensor(float(self.seen), device=self.loss.device)])
+
+    def state(self) -> dict:
+        """What a checkpoint keeps to continue this epoch exactly (reads the device)."""
+        return {"loss": self.loss[: self.done].cpu(), "correct": self.correct[: self.done].cpu(), "seen": self.seen}
 
 
 def rotation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -282,13 +319,12 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
         "epochs": cfg.epochs, "start_epoch": start_epoch, "batch_images": per_rank_batch * dist.world_size * (R if cfg.copies == "all" else 1),
     })
 
-    # the first global step whose loss was NaN or inf, kept on the device (no host sync per step)
-    first_bad_step = torch.full((), NO_STEP, device=device, dtype=torch.long)
     saved_at = (start_epoch, start_step) if resume_state is not None else None
 
-    def check_finite() -> None:
+    def check_finite(epoch: int, sums: EpochSums) -> None:
         """Stop before anything is saved from a diverged model; all ranks agree on the step."""
-        bad = _min_over_ranks(first_bad_step, dist)
+        first_bad = sums.first_nonfinite_step()
+        bad = _min_over_ranks(NO_STEP if first_bad is None else epoch * steps_per_epoch + first_bad, device, dist)
         if bad == NO_STEP:
             return
         kept = f"the last good checkpoint {out / RUN_CHECKPOINT} (epoch {saved_at[0] + 1}, step {saved_at[1]}) is kept" if saved_at else "no checkpoint had been written yet"
@@ -297,14 +333,14 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
             f"{bad % steps_per_epoch + 1}); {kept}; lower --lr, add --warmup-epochs or use --precision fp32"
         )
 
-    def checkpoint(epoch: int, step: int, sums: dict | None) -> None:
+    def checkpoint(epoch: int, step: int, sums: EpochSums | None) -> None:
         """Everything needed to continue at (epoch, step); rank 0 writes it atomically.
 
-        The partial epoch sums and the RNG state differ per rank, so every rank sends its own.
+        Mid-epoch (``sums`` given) the epoch's sums so far go with it; they and the RNG state
+        differ per rank, so every rank sends its own. Callers have checked the loss is finite.
         """
         nonlocal saved_at
-        check_finite()
-        per_rank = _gather({"partial": sums, "rng": _rng_state()}, dist)
+        per_rank = _gather({"partial": sums.state() if sums is not None else None, "rng": _rng_state()}, dist)
         if dist.is_main:
             save_checkpoint(out / RUN_CHECKPOINT, {
                 "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -314,10 +350,6 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
             })
         saved_at = (epoch, step)
 
-    def epoch_so_far() -> dict:
-        """This rank's running sums of the current epoch (reads them from the device)."""
-        return {"loss_sum": loss_sum.item(), "correct": int(correct.item()), "seen": seen}
-
     def stop_now(sync_point: bool) -> bool:
         """Ctrl-C seen (on any rank; ranks compare only at sync points so they stop together)."""
         if not dist.enabled:
@@ -325,19 +357,13 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
         return sync_point and _max_over_ranks(stop_requested(), device)
 
     for epoch in range(start_epoch, cfg.epochs):
-        # this rank's share of the epoch's order: DistributedSampler deals positions round-robin
+        # this rank's share of the epoch's order, dealt round-robin as DistributedSampler does
         # (rank r gets r, r+W, ...), so the ranks' k-th batches together are the k-th global batch
         order = data_lib.epoch_order(len(train_set), cfg.seed, epoch)
-        share = DistributedSampler(order, num_replicas=dist.world_size, rank=dist.rank, shuffle=False, drop_last=True)
-        order = order[list(share)]  # (images_per_rank,)
+        order = order[: images_per_rank * dist.world_size][dist.rank :: dist.world_size]  # (images_per_rank,)
         first = start_step if epoch == start_epoch else 0
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        if first and partial:
-            loss_sum += partial["loss_sum"]
-            correct += int(partial["correct"])
-            seen = int(partial["seen"])
+        sums = EpochSums(steps_per_epoch, device, partial if first else None)
+        seen_before = sums.seen  # a resumed epoch's copies from before: not part of this speed
         train_model.train()
         t0 = time.perf_counter()
         waited = 0.0
@@ -373,36 +399,35 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
             scaler.step(optimizer)  # fp16: skips the update when the scaled gradients overflowed
             scaler.update()
 
-            # running sums stay on the device; the host reads them every log_every steps only
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += len(y)
-            first_bad_step = torch.where(
-                torch.isfinite(loss.detach()) | (first_bad_step != NO_STEP), first_bad_step, global_step
-            )
+            # the sums stay on the device; the host reads them every log_every steps only
+            sums.add(step, loss, logits, y)
             step += 1
             log_now = step % cfg.log_every == 0 or step == steps_per_epoch
             if log_now:
-                check_finite()
+                check_finite(epoch, sums)
+                loss_total, correct_total, seen_total = sums.totals().tolist()
                 elapsed = time.perf_counter() - t0
                 emit("step", {
-                    "epoch": epoch + 1, "step": step, "steps": steps_per_epoch, "loss": loss_sum.item() / seen,
-                    "rot_acc": correct.item() / seen, "lr": lr, "images_per_s": seen * dist.world_size / max(elapsed, 1e-9),
+                    "epoch": epoch + 1, "step": step, "steps": steps_per_epoch, "loss": loss_total / seen_total,
+                    "rot_acc": correct_total / seen_total, "lr": lr,
+                    "images_per_s": (seen_total - seen_before) * dist.world_size / max(elapsed, 1e-9),
                     "data_wait": waited / max(elapsed, 1e-9),
                 })
             if step == steps_per_epoch:
                 break  # the epoch-end checkpoint follows (a Ctrl-C now is handled after it)
             if cfg.save_every and (global_step + 1) % cfg.save_every == 0:
-                checkpoint(epoch, step, epoch_so_far())
+                check_finite(epoch, sums)
+                checkpoint(epoch, step, sums)
             if stop_now(sync_point=log_now):
                 if saved_at != (epoch, step):
-                    checkpoint(epoch, step, epoch_so_far())
+                    check_finite(epoch, sums)
+                    checkpoint(epoch, step, sums)
                 raise Interrupted(f"stopped at epoch {epoch + 1}, step {step}; checkpoint saved; resume with: rotnet pretrain --resume {out}")
 
         # -- end of epoch: reduce across ranks, validate, log, checkpoint
-        check_finite()
+        check_finite(epoch, sums)
         seconds = time.perf_counter() - t0
-        totals = torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=device)])
+        totals = sums.totals()
         if dist.enabled:
             torch.distributed.all_reduce(totals)
         loss_total, correct_total, seen_total = totals.tolist()
@@ -414,7 +439,7 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
             "val_loss": val.get("loss"),
             "val_rot_acc": val.get("acc"),
             "lr": lr_at(epoch * steps_per_epoch + steps_per_epoch - 1, cfg, steps_per_epoch),
-            "images_per_s": seen_total / max(seconds, 1e-9),
+            "images_per_s": (seen_total - seen_before * dist.world_size) / max(seconds, 1e-9),
             "seconds": seconds,
             "data_wait": waited / max(seconds, 1e-9),
             "val_rot_acc_per_rotation": val.get("per_rotation", {}),
@@ -576,11 +601,12 @@ def _gather(obj: dict, dist: DistInfo) -> list[dict]:
     return gathered
 
 
-def _min_over_ranks(value: torch.Tensor, dist: DistInfo) -> int:
-    if dist.enabled:
-        value = value.clone()
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    return int(value.item())
+def _min_over_ranks(value: int, device: torch.device, dist: DistInfo) -> int:
+    if not dist.enabled:
+        return value
+    tensor = torch.tensor(value, device=device, dtype=torch.long)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
+    return int(tensor.item())
 
 
 def _max_over_ranks(flag: bool, device: torch.device) -> bool:

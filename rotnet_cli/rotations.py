@@ -37,13 +37,21 @@ def disc_mask(height: int, width: int, device: torch.device | str = "cpu") -> to
     return inside.to(torch.float32)[None, None]
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_mask(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """disc_mask made once per size, device and dtype for the training step (read-only, shared)."""
+    return disc_mask(height, width, device).to(dtype)
+
+
 def rotate(images: torch.Tensor, angle: float) -> torch.Tensor:
     """Rotate a (N, C, H, W) batch counter-clockwise by ``angle`` degrees.
 
     Multiples of 90 use ``torch.rot90`` (exact); any other angle is resampled bilinearly.
+    A turn by 0 returns ``images`` itself (torch.rot90 would copy it).
     """
     if is_exact(angle):
-        return torch.rot90(images, k=int(angle // 90) % 4, dims=(2, 3))
+        k = int(angle // 90) % 4
+        return images if k == 0 else torch.rot90(images, k=k, dims=(2, 3))
     return rotate_resampled(images, angle)
 
 
@@ -81,10 +89,16 @@ def rotate_all(images: torch.Tensor, angles: tuple[float, ...]) -> tuple[torch.T
     every angle; for other angles the output is masked with the same centred disc.
     """
     copies = torch.cat([rotate(images, a) for a in angles], dim=0)
-    labels = torch.arange(len(angles), device=images.device).repeat_interleave(images.shape[0])
+    labels = _copy_labels(len(angles), images.shape[0], images.device)
     if needs_mask(angles):
-        copies = copies * disc_mask(*copies.shape[-2:], device=images.device).to(copies.dtype)
+        copies = copies * _cached_mask(*copies.shape[-2:], images.device, copies.dtype)
     return copies, labels
+
+
+@functools.lru_cache(maxsize=16)
+def _copy_labels(num_rotations: int, n: int, device: torch.device) -> torch.Tensor:
+    """(R*N,) labels 0..0, 1..1, ...: the same every step, so made once (read-only, shared)."""
+    return torch.arange(num_rotations, device=device).repeat_interleave(n)
 
 
 def rotate_one(
@@ -101,7 +115,7 @@ def rotate_one(
     stacked = torch.stack([rotate(images, a) for a in angles], dim=0)  # (R, N, C, H, W)
     chosen = stacked[labels, torch.arange(n, device=images.device)]
     if needs_mask(angles):
-        chosen = chosen * disc_mask(*chosen.shape[-2:], device=images.device).to(chosen.dtype)
+        chosen = chosen * _cached_mask(*chosen.shape[-2:], images.device, chosen.dtype)
     return chosen, labels
 
 
