@@ -33,7 +33,7 @@ def child(kind: str, args) -> None:
     precision = resolve_precision(args.precision, device)
     configure_backends(device)  # what rotnet's commands set: the bare figures get it too
     ns = ap.Namespace(model=args.model, img_size=args.img_size, batch_size=args.batch_size, steps=args.steps,
-                      warmup=1, channels_last=False, compile=False)
+                      warmup=1, repeats=1, channels_last=False, compile=False)
     if kind == "bare":
         pipeline.bare_step(ns, device, precision)
     else:

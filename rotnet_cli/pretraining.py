@@ -563,6 +563,11 @@ def _check_resumable(state: dict, out: Path, train_images: int, dist: DistInfo, 
             f"--resume {out}: the training data changed ({saved_images} images when the run started, {train_images} now); "
             "restore the data or start a new run"
         )
+    if step and any(p is not None and "loss" not in p for p in state.get("partial", [])):
+        raise ConfigError(
+            f"--resume {out}: this checkpoint is from the middle of an epoch, written by an older rotnet development "
+            "version in another form; resume it with that version, or start a new run"
+        )
     saved_world = int(state.get("world_size", 1))
     if step and saved_world != dist.world_size:
         raise ConfigError(

@@ -189,6 +189,21 @@ def test_resume_with_contradicting_options_names_them(tmp_path):
     assert "--workers" not in result.stderr  # options that do not change the computation may differ
 
 
+def test_mid_epoch_checkpoint_of_an_older_form_is_one_line_and_kept(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted):  # stops (with a mid-epoch checkpoint) after its first step
+        pretrain(PretrainConfig(**FAST, out=str(run)), should_stop=lambda: True)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state["partial"] = [{"loss_sum": 1.0, "correct": 3, "seen": 64}]  # running totals, as the first versions kept
+    torch.save(state, run / "checkpoint.pt")
+    before = (run / "checkpoint.pt").read_bytes()
+    result = CliRunner().invoke(app, ["pretrain", "--resume", str(run)])
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "older rotnet" in errors[0] and "Traceback" not in result.stderr
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
 def test_resume_refuses_changed_data(tmp_path):
     data = tmp_path / "photos"
     data.mkdir()
