@@ -130,8 +130,8 @@ def official_loop(args, device, precision, images: np.ndarray | None, paths: lis
     cfg = data_config(model.backbone)
     dataset = OfficialStyleDataset(images, paths, args.img_size, cfg["mean"], cfg["std"])
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.official_workers, drop_last=True,
+        pin_memory=device.type == "cuda", persistent_workers=args.official_workers > 0,
     )
     batches = iter(loader)
 
@@ -184,6 +184,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3,
                    help="measure every figure this many times and keep the best: on a shared machine the least disturbed run")
     p.add_argument("--workers", type=int, default=default_workers(), help="loader workers of both loops (default: rotnet's own)")
+    p.add_argument("--official-workers", type=int, default=None,
+                   help="workers of the official-style loader (default: --workers, the same for both; the official code's own default is 4)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
     p.add_argument("--channels-last", action="store_true")
@@ -196,11 +198,13 @@ def main() -> None:
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     args.steps = args.steps or (20 if device.type == "cpu" else 300)
+    args.official_workers = args.workers if args.official_workers is None else args.official_workers
     configure_backends(device)  # what rotnet's commands set: the bare figures get it too
     workdir = Path(tempfile.mkdtemp(prefix="rotnet-bench-"))
     figures: dict = {"benchmark": "pipeline", **machine(), "device": str(device), "precision": precision,
                      "model": args.model, "img_size": args.img_size, "batch_images": args.batch_size * 4, "steps": args.steps, "repeats": args.repeats,
-                     "channels_last": args.channels_last, "compile": args.compile, "workers": args.workers}
+                     "channels_last": args.channels_last, "compile": args.compile, "workers": args.workers,
+                     "official_workers": args.official_workers}
 
     bare = bare_step(args, device, precision)
     figures["bare_images_per_s"] = round(bare, 1)

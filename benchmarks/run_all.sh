@@ -22,6 +22,8 @@ if [ "$has_cuda" = 1 ]; then
     bench benchmarks/pipeline.py --precision bf16 --channels-last
     bench benchmarks/pipeline.py --model resnet50 --img-size 224 --batch-size 64 --precision bf16 --channels-last
     bench benchmarks/pipeline.py --precision fp32   # the same loop without the GPU fast paths
+    # the official-style loader with the official code's own worker count (--num_workers 4)
+    bench benchmarks/pipeline.py --precision bf16 --channels-last --official-workers 4 --skip digits,jpeg
     "$python" -m pytest -m gpu -q
 else
     bench benchmarks/probe.py --device cpu

@@ -7,6 +7,11 @@ autotuning, enough loader workers) are wired in and train.
 """
 
 import collections
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +136,36 @@ def test_default_workers_follow_the_cores_each_process_has(monkeypatch, cores, l
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)  # torchrun: processes on this machine
     assert default_workers() == expected
     assert PretrainConfig().workers == expected
+
+
+# ----------------------------------------------------------------------------- the benchmarks themselves
+# Their figures are the issue's evidence, so they must keep running; tiny settings here
+# check that each prints its one JSON line with the figures it promises (not their values).
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.mark.parametrize("script, args, figures", [
+    ("pipeline.py", ["--model", "test_resnet", "--batch-size", "8", "--steps", "2", "--repeats", "1", "--warmup", "1",
+                     "--jpeg-count", "40", "--workers", "0", "--official-workers", "1", "--device", "cpu"],
+     ["digits_vs_bare", "memory_vs_bare", "jpeg_cache_none_vs_bare", "jpeg_cache_auto_vs_bare",
+      "rotnet_vs_official_memory", "rotnet_vs_official_jpeg"]),
+    ("probe.py", ["--weights", "RUN", "--epochs", "2", "--device", "cpu"], ["ratio_linear", "ratio_default_heads"]),
+    ("memory.py", ["--model", "test_resnet", "--steps", "2", "--batch-size", "8", "--device", "cpu"], ["rotnet_vs_bare"]),
+    ("startup.py", ["--runs", "1"], ["help_vs_import_timm"]),
+], ids=["pipeline", "probe", "memory", "startup"])
+def test_each_benchmark_prints_its_figures_as_one_json_line(tmp_path, script, args, figures):
+    if "RUN" in args:  # a 32 px run: timm's test models default to 160 px, slow to probe on CPU
+        run = tmp_path / "run"
+        pretrain(PretrainConfig(model="test_resnet", epochs=1, max_steps_per_epoch=1, batch_size=16, device="cpu",
+                                workers=0, out=str(run)))
+        args = [str(run) if a == "RUN" else a for a in args]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the JPEG folder and runs go under tmp_path
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["torch"] == torch.__version__ and result["threads"] >= 1
+    for name in figures:
+        assert isinstance(result[name], float) and result[name] > 0, name
