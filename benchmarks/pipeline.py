@@ -33,7 +33,7 @@ from _common import emit, machine  # noqa: E402
 from rotnet_cli import data as data_lib  # noqa: E402
 from rotnet_cli.config import PretrainConfig, default_workers  # noqa: E402
 from rotnet_cli.models import RotNet, create_backbone, data_config  # noqa: E402
-from rotnet_cli.pretraining import pretrain  # noqa: E402
+from rotnet_cli.pretraining import make_optimizer, pretrain  # noqa: E402
 from rotnet_cli.runtime import autocast, configure_backends, resolve_device, resolve_precision  # noqa: E402
 
 ROTATIONS = (0.0, 90.0, 180.0, 270.0)
@@ -46,12 +46,10 @@ def sync(device: torch.device) -> None:
 
 def build_step(args, device, precision):
     """The same model, optimizer and precision the real loop uses, as one step function."""
-    import timm.optim
-
     model = RotNet(create_backbone(args.model, img_size=args.img_size), len(ROTATIONS)).to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = timm.optim.create_optimizer_v2(model, opt="sgd", lr=0.01, weight_decay=5e-4, momentum=0.9)
+    optimizer = make_optimizer(model, PretrainConfig(model=args.model, batch_size=args.batch_size), device)
     forward = torch.compile(model) if args.compile else model
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:

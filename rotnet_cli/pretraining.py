@@ -46,6 +46,7 @@ from .runtime import (
 METRICS = "metrics.jsonl"
 NO_STEP = 2**62  # "no such step" for the first non-finite loss (a MIN over ranks keeps real steps)
 RUN_FILES = (RUN_CONFIG, METRICS, RUN_CHECKPOINT, RUN_WEIGHTS, "probe.json")
+FUSED_OPTIMIZER_DEVICES = ("cuda", "cpu")  # where torch has fused SGD and AdamW kernels
 
 Progress = Callable[[str, dict], None]
 
@@ -128,6 +129,20 @@ def lr_at(step: int, cfg: PretrainConfig, steps_per_epoch: int) -> float:
         return base * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
     progress = (step - warmup) / max(1, total - warmup)
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """timm's optimizer factory (SGD is Nesterov; no weight decay on norms and biases), with
+    torch's fused kernels where the device has them: one kernel per step instead of several
+    per parameter group (a resnet18 SGD step on 2 CPU cores: 7.2 -> 2.9 ms), and under fp16
+    the GradScaler hands the overflow check to the kernel instead of reading it on the host."""
+    import timm.optim
+
+    return timm.optim.create_optimizer_v2(
+        model, opt=cfg.optimizer, lr=cfg.resolved_lr, weight_decay=cfg.resolved_weight_decay,
+        **({"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}),
+        **({"fused": True} if device.type in FUSED_OPTIMIZER_DEVICES else {}),
+    )
 
 
 def step_generator(device: torch.device, seed: int, step: int, rank: int) -> torch.Generator:
@@ -275,16 +290,11 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
     val_images = len(val_set) if val_set is not None else 0
     padding = max(1, img_size // 8)  # 4 px at 32 px, the paper's CIFAR crop
 
-    # -- optimizer (timm's factory: SGD here is Nesterov, no weight decay on norms and biases)
-    import timm.optim
-
+    # -- optimizer
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = timm.optim.create_optimizer_v2(
-        model, opt=cfg.optimizer, lr=cfg.resolved_lr, weight_decay=cfg.resolved_weight_decay,
-        **({"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}),
-    )
+    optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # -- resume: everything that decides the next step

@@ -169,3 +169,18 @@ def test_each_benchmark_prints_its_figures_as_one_json_line(tmp_path, script, ar
     assert result["torch"] == torch.__version__ and result["threads"] >= 1
     for name in figures:
         assert isinstance(result[name], float) and result[name] > 0, name
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_the_optimizer_step_is_one_fused_kernel_on_cpu_and_cuda(optimizer):
+    from rotnet_cli.models import RotNet, create_backbone
+    from rotnet_cli.pretraining import make_optimizer
+
+    model = RotNet(create_backbone("test_resnet", img_size=32), 4)
+    cfg = PretrainConfig(model="test_resnet", optimizer=optimizer)
+    for device in (torch.device("cpu"), torch.device("cuda", 0)):  # building it needs no GPU
+        built = make_optimizer(model, cfg, device)
+        assert built.defaults["fused"] is True
+        # still timm's factory: no weight decay on norms and biases
+        assert sorted(g["weight_decay"] for g in built.param_groups) == [0.0, cfg.resolved_weight_decay]
+    assert not make_optimizer(model, cfg, torch.device("mps")).defaults.get("fused")
