@@ -285,6 +285,7 @@ class ProbeConfig(_Serializable):
     knn_k: int = 20
     knn_temperature: float = 0.07
     compare: tuple[str, ...] = ()
+    img_size: int | None = None  # timm:/random: weights only; saved weights keep their own size
     workers: int = field(default_factory=default_workers)
     seed: int = 0
     device: str = "auto"
@@ -294,6 +295,7 @@ class ProbeConfig(_Serializable):
     def __post_init__(self) -> None:
         if not str(self.weights).strip():
             raise ConfigError("give the weights to probe: a run directory, checkpoint.pt, .safetensors, an export, timm:NAME or random:NAME")
+        _check_img_size(self.img_size)
         object.__setattr__(self, "layers", parse_layers(self.layers))
         object.__setattr__(self, "heads", parse_name_list("--head", self.heads, PROBE_HEADS))
         compare = self.compare.split(",") if isinstance(self.compare, str) else self.compare

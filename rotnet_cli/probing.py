@@ -118,7 +118,12 @@ def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
     emit("device", {"device": describe_device(device), "precision": precision})
 
     # -- backbones: the probed weights first, then the baselines, each with its stages (1-based)
-    main = load_weights(cfg.weights, device, seed=cfg.seed)
+    main = load_weights(cfg.weights, device, seed=cfg.seed, img_size=cfg.img_size)
+    if cfg.img_size and main.kind not in ("timm", "random") and cfg.img_size != main.img_size:
+        raise ConfigError(
+            f"--img-size {cfg.img_size}: {cfg.weights} was trained at {main.img_size} px and is probed at that size; "
+            "drop --img-size (it sets the size of timm:NAME and random:NAME weights)"
+        )
     backbones = [("run", main)] + [
         (label, load_weights(f"random:{main.model_name}" if label == "random" else label, device, seed=cfg.seed, img_size=main.img_size))
         for label in cfg.compare

@@ -74,7 +74,7 @@ def test_table_compares_with_random_weights(run_dir):
 def test_backbone_is_bitwise_unchanged(run_dir, monkeypatch):
     loaded = load_weights(run_dir)
     before = {k: v.clone() for k, v in loaded.backbone.state_dict().items()}
-    monkeypatch.setattr(probe_lib, "load_weights", lambda spec, device, seed=0: loaded)
+    monkeypatch.setattr(probe_lib, "load_weights", lambda spec, device, seed=0, img_size=None: loaded)
     probe_lib.probe(ProbeConfig(weights=str(run_dir), heads=("linear", "mlp", "knn", "conv"), pool="flatten",
                                 layers=(-1,), epochs=1, device="cpu", workers=0, save=False))
     after = loaded.backbone.state_dict()
@@ -115,6 +115,7 @@ def test_val_data_folder_is_used_as_validation(run_dir, toy_folder):
     (["--layers", "9"], "--layers 9"),
     (["--head", "linear,svm"], "--head"),
     (["--pool", "median"], "--pool"),
+    (["--img-size", "48"], "was trained at 32 px"),  # saved weights are probed at their own size
 ])
 def test_bad_options_are_one_line_errors(run_dir, args, message):
     before = (run_dir / "probe.json").read_bytes() if (run_dir / "probe.json").exists() else None
@@ -123,6 +124,15 @@ def test_bad_options_are_one_line_errors(run_dir, args, message):
     assert message in result.output and "Traceback" not in result.output
     assert len([line for line in result.output.splitlines() if line.startswith("error:")]) == 1
     assert ((run_dir / "probe.json").read_bytes() if before is not None else None) == before
+
+
+def test_img_size_sets_the_size_of_a_timm_or_random_baseline():
+    # timm's test models default to 160 px; on 32 px data a user probes them at 32
+    result = invoke("random:test_resnet", "--img-size", "32", "--layers", "-1", "--head", "knn", "--json", *FAST)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["img_size"] == 32
+    default = invoke("random:test_resnet", "--layers", "-1", "--head", "knn", "--json", *FAST)
+    assert json.loads(default.stdout)["img_size"] == 160
 
 
 def test_unlabelled_flat_folder_is_a_one_line_error(run_dir, tmp_path):

@@ -46,6 +46,7 @@ def probe(
     labels_per_class: Annotated[Optional[int], typer.Option("--labels-per-class", help="Keep only K labelled training images per class (seeded); the paper's semi-supervised study.")] = None,
     knn_k: Annotated[int, typer.Option("--knn-k", help="Neighbours that vote in the knn head.")] = 20,
     compare: Annotated[Optional[str], typer.Option("--compare", help="Baseline rows: random (the same architecture, random weights) and/or other weights, e.g. timm:resnet18; comma list.")] = None,
+    img_size: Annotated[Optional[int], typer.Option("--img-size", help="Input size in pixels for timm:NAME and random:NAME weights (default: the model's own); saved weights are probed at the size they were trained at.")] = None,
     workers: WorkersOpt = default_workers(),
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -59,7 +60,7 @@ def probe(
     config = ProbeConfig(
         weights=weights, data=data, data_dir=data_dir, download=download, val_data=val_data, val_split=val_split,
         layers=layers, heads=head, pool=pool, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-        labels_per_class=labels_per_class, knn_k=knn_k, compare=compare or (), workers=workers, seed=seed,
+        labels_per_class=labels_per_class, knn_k=knn_k, compare=compare or (), img_size=img_size, workers=workers, seed=seed,
         device=device, precision=precision, save=save,
     )
     with ProgressView(err_console, title="probe") as view:
