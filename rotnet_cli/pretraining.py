@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import random
 import shutil
@@ -46,6 +47,7 @@ from .runtime import (
 METRICS = "metrics.jsonl"
 NO_STEP = 2**62  # "no such step" for the first non-finite loss (a MIN over ranks keeps real steps)
 RUN_FILES = (RUN_CONFIG, METRICS, RUN_CHECKPOINT, RUN_WEIGHTS, "probe.json")
+REPLACED = ".rotnet-replaced"  # an overwritten run's files, until the new run's first checkpoint
 FUSED_OPTIMIZER_DEVICES = ("cuda", "cpu")  # where torch has fused SGD and AdamW kernels
 
 Progress = Callable[[str, dict], None]
@@ -201,18 +203,58 @@ def check_out_dir(cfg: PretrainConfig) -> Path:
     return out
 
 
-def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+class ReplacedRun:
+    """--overwrite that never loses the old run to a new one that fails.
+
+    When the new run starts, the old run's files (rotnet's own; anything else the user put
+    there stays) move into ``out/.rotnet-replaced/``. They are deleted once the new run has
+    written its first checkpoint, and moved back if it fails before that. A run killed in
+    between leaves them in that folder.
+    """
+
+    def __init__(self, out: Path):
+        self.out, self.held, self.active = out, out / REPLACED, False
+
+    def set_aside(self) -> None:
+        shutil.rmtree(self.held, ignore_errors=True)  # from a run killed before its first checkpoint
+        names = [name for name in (*RUN_FILES, "export") if (self.out / name).exists()]
+        if names:
+            self.held.mkdir()
+            for name in names:
+                os.replace(self.out / name, self.held / name)
+        self.active = bool(names)
+
+    def discard(self) -> None:
+        if self.active:
+            shutil.rmtree(self.held, ignore_errors=True)
+            self.active = False
+
+    def restore(self) -> None:
+        """Put the old run back (best effort: on an error its files stay in the folder)."""
+        if not self.active:
+            return
+        try:
+            for name in RUN_FILES:  # the failed run's
+                (self.out / name).unlink(missing_ok=True)
+            shutil.rmtree(self.out / "export", ignore_errors=True)
+            for path in self.held.iterdir():
+                os.replace(path, self.out / path.name)
+            self.held.rmdir()
+            self.active = False
+        except OSError:
+            pass
+
+
+def _prepare_out_dir(out: Path, replaced: ReplacedRun | None) -> None:
     make_dir(out)
-    probe = out / ".rotnet-write-test"  # before --overwrite deletes anything: a folder we cannot write stays as it is
+    probe = out / ".rotnet-write-test"  # before --overwrite moves anything: a folder we cannot write stays as it is
     try:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
         raise OutputError(f"cannot write into {out}: {e.strerror}; choose another --out") from None
-    if overwrite:  # only rotnet's own files go; anything else the user put there stays
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "export", ignore_errors=True)
+    if replaced is not None:
+        replaced.set_aside()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -238,14 +280,22 @@ def pretrain(
         raise ConfigError(f"--batch-size {cfg.batch_size} must divide by the {dist.world_size} processes of torchrun")
     out = check_out_dir(cfg)
     resume_state = load_checkpoint(out / RUN_CHECKPOINT) if cfg.resume else None
+    replaced = ReplacedRun(out) if cfg.overwrite and dist.is_main else None
     init_distributed(dist, device)
     try:
-        return _train(cfg, dist, device, precision, out, resume_state, emit, stop_requested)
+        return _train(cfg, dist, device, precision, out, resume_state, emit, stop_requested, replaced)
+    except BaseException:
+        if replaced is not None:
+            replaced.restore()  # the new run failed before its first checkpoint: the old one comes back
+        raise
     finally:
         shutdown_distributed()
 
 
-def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit: Progress, stop_requested) -> PretrainResult:
+def _train(
+    cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit: Progress, stop_requested,
+    replaced: ReplacedRun | None,
+) -> PretrainResult:
     seed_everything(cfg.seed)  # the same initial weights on every rank
     emit("device", {"device": describe_device(device), "precision": precision, "world_size": dist.world_size})
 
@@ -318,7 +368,7 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
     _barrier(dist)  # every rank has checked --out and read the checkpoint before rank 0 writes there
     if dist.is_main:
         if resume_state is None:
-            _prepare_out_dir(out, cfg.overwrite)
+            _prepare_out_dir(out, replaced)
             write_json(out / RUN_CONFIG, _run_config(cfg, out, img_size, mean, std, device, precision, dist, len(train_set), val_images))
         else:
             remove_stale_temp_files(out, RUN_FILES)  # left by a process killed while writing
@@ -358,6 +408,8 @@ def _train(cfg, dist: DistInfo, device, precision, out: Path, resume_state, emit
                 "img_size": img_size, "mean": list(mean), "std": list(std), "train_images": len(train_set),
                 "world_size": dist.world_size, "partial": [r["partial"] for r in per_rank], "rng": [r["rng"] for r in per_rank],
             })
+            if replaced is not None:
+                replaced.discard()  # the new run can now be resumed: the old one is gone for good
         saved_at = (epoch, step)
 
     def stop_now(sync_point: bool) -> bool:

@@ -270,6 +270,30 @@ def test_strict_data_makes_the_first_unreadable_image_an_error(tmp_path, folder_
 # ----------------------------------------------------------------------------- a diverging loss
 
 
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    pretrain(PretrainConfig(**{**FAST, "epochs": 1, "max_steps_per_epoch": 2}, out=str(run)))
+    (run / "notes.txt").write_text("mine")  # not rotnet's: never touched
+    old = {p.name: p.read_bytes() for p in run.iterdir()}
+
+    # a new run that diverges at its first step, before any checkpoint: the old run is back
+    real_loss = pretrain_module.rotation_loss
+    monkeypatch.setattr(pretrain_module, "rotation_loss", lambda logits, labels: real_loss(logits, labels) * float("nan"))
+    failed = CliRunner().invoke(app, ["pretrain", "--model", "test_resnet", "--epochs", "1", "--max-steps-per-epoch", "2",
+                                      "-b", "16", "--device", "cpu", "--workers", "0", "--seed", "5",
+                                      "--out", str(run), "--overwrite"])
+    assert failed.exit_code == 1 and "NaN" in failed.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == old
+
+    # the same new run that trains: the old files are replaced, the user's file stays
+    monkeypatch.setattr(pretrain_module, "rotation_loss", real_loss)
+    pretrain(PretrainConfig(**{**FAST, "epochs": 1, "max_steps_per_epoch": 2, "seed": 5, "overwrite": True}, out=str(run)))
+    assert sorted(p.name for p in run.iterdir()) == sorted(old)  # no .rotnet-replaced left behind
+    assert (run / "notes.txt").read_text() == "mine"
+    assert (run / "model.safetensors").read_bytes() != old["model.safetensors"]
+    assert json.loads((run / "config.json").read_text())["config"]["seed"] == 5
+
+
 def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     real_loss = pretrain_module.rotation_loss
     calls = {"n": 0}
