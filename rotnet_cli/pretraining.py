@@ -514,7 +514,10 @@ def _train(
         if stop_now(sync_point=True) and epoch + 1 < cfg.epochs:
             raise Interrupted(f"stopped after epoch {epoch + 1}; checkpoint saved; resume with: rotnet pretrain --resume {out}")
 
-    if dist.is_main:
+    finished_before = resume_state is not None and start_epoch >= cfg.epochs and (out / RUN_WEIGHTS).is_file()
+    if finished_before:
+        emit("message", {"message": f"{out} had already finished (epoch {cfg.epochs} of {cfg.epochs}); nothing to train, nothing changed"})
+    elif dist.is_main:  # a finished run resumed again (a scheduler's requeue) keeps its files as they are
         save_safetensors(out / RUN_WEIGHTS, model.state_dict(), {
             "format": "rotnet", "rotnet_version": __version__, "model": cfg.model,
             "rotations": json.dumps(list(cfg.rotations)), "img_size": json.dumps(img_size),
@@ -564,7 +567,11 @@ def _skipped_files(train_set, val_set) -> list[str]:
 
 
 def _write_metrics(out: Path, history: list[dict]) -> None:
-    write_text(out / METRICS, "".join(json.dumps(row) + "\n" for row in history))
+    text = "".join(json.dumps(row) + "\n" for row in history)
+    path = out / METRICS
+    if path.is_file() and path.read_text() == text:
+        return  # a resume with nothing new to say leaves the file as it is
+    write_text(path, text)
 
 
 def _fits_on(device: torch.device, images) -> bool:

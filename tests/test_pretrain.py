@@ -113,6 +113,17 @@ def test_resume_continues_to_the_same_weights(tmp_path):
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
 
 
+def test_resuming_a_finished_run_changes_nothing_and_succeeds(tmp_path):
+    # a scheduler that requeues `rotnet pretrain --resume DIR` after the run finished
+    run = tmp_path / "run"
+    pretrain(PretrainConfig(**FAST, epochs=1, out=str(run)))
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.iterdir()}
+    result = CliRunner().invoke(app, ["pretrain", "--resume", str(run), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "nothing to train" in result.stderr
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.iterdir()} == before
+
+
 def _stop_after_first_epoch():
     """should_stop that asks to stop at the end of epoch 1 (after its last step)."""
     calls = {"n": 0}
