@@ -283,8 +283,12 @@ def pretrain(
     replaced = ReplacedRun(out) if cfg.overwrite and dist.is_main else None
     init_distributed(dist, device)
     try:
-        return _train(cfg, dist, device, precision, out, resume_state, emit, stop_requested, replaced)
-    except BaseException:
+        result = _train(cfg, dist, device, precision, out, resume_state, emit, stop_requested, replaced)
+        _barrier(dist)  # rank 0 writes the last files: the others wait rather than tear the group down under it
+        return result
+    except BaseException as e:
+        if isinstance(e, (Interrupted, NonFiniteLossError)):
+            _barrier(dist)  # every rank stops at the same step (they agreed on it), so they leave together too
         if replaced is not None:
             replaced.restore()  # the new run failed before its first checkpoint: the old one comes back
         raise
