@@ -85,7 +85,8 @@ def rotate_all(images: torch.Tensor, angles: tuple[float, ...]) -> tuple[torch.T
     """All R rotated copies of every image, as in the paper.
 
     images: (N, C, H, W) -> copies (R*N, C, H, W) rotation-major (copy r of image i is at
-    r*N + i), labels (R*N,) int64 on the same device. Square images keep their shape for
+    r*N + i), labels (R*N,) int64 on the same device (made once per shape and shared
+    between calls: read them, do not modify them in place). Square images keep their shape for
     every angle; for other angles the output is masked with the same centred disc.
     """
     copies = torch.cat([rotate(images, a) for a in angles], dim=0)
