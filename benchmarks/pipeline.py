@@ -71,16 +71,24 @@ def bare_step(args, device, precision) -> float:
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, len(ROTATIONS), (n,), device=device)
-    for _ in range(args.warmup):
-        step(x, y)
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            step(x, y)
+
+    return best_rate(run, args, device)
+
+
+def best_rate(run, args, device) -> float:
+    """images/s of ``run(steps)`` after a warm-up: the best of --repeats timed blocks."""
+    run(args.warmup)
     rates = []
     for _ in range(args.repeats):
         sync(device)
         t0 = time.perf_counter()
-        for _ in range(args.steps):
-            step(x, y)
+        run(args.steps)
         sync(device)
-        rates.append(args.steps * n / (time.perf_counter() - t0))
+        rates.append(args.steps * args.batch_size * len(ROTATIONS) / (time.perf_counter() - t0))
     return max(rates)
 
 
@@ -146,15 +154,7 @@ def official_loop(args, device, precision, images: np.ndarray | None, paths: lis
                 x = x.contiguous(memory_format=torch.channels_last)
             step(x, y.view(-1).to(device, non_blocking=True))
 
-    run(args.warmup)
-    rates = []
-    for _ in range(args.repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        run(args.steps)
-        sync(device)
-        rates.append(args.steps * args.batch_size * len(ROTATIONS) / (time.perf_counter() - t0))
-    return max(rates)
+    return best_rate(run, args, device)
 
 
 def make_jpeg_folder(folder: Path, count: int, size: int) -> Path:

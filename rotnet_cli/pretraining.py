@@ -47,6 +47,7 @@ from .runtime import (
 METRICS = "metrics.jsonl"
 NO_STEP = 2**62  # "no such step" for the first non-finite loss (a MIN over ranks keeps real steps)
 RUN_FILES = (RUN_CONFIG, METRICS, RUN_CHECKPOINT, RUN_WEIGHTS, "probe.json")
+RUN_ENTRIES = (*RUN_FILES, "export")  # what --overwrite replaces; anything else in the folder is the user's
 REPLACED = ".rotnet-replaced"  # an overwritten run's files, until the new run's first checkpoint
 FUSED_OPTIMIZER_DEVICES = ("cuda", "cpu")  # where torch has fused SGD and AdamW kernels
 
@@ -217,7 +218,7 @@ class ReplacedRun:
 
     def set_aside(self) -> None:
         shutil.rmtree(self.held, ignore_errors=True)  # from a run killed before its first checkpoint
-        names = [name for name in (*RUN_FILES, "export") if (self.out / name).exists()]
+        names = [name for name in RUN_ENTRIES if (self.out / name).exists()]
         if names:
             self.held.mkdir()
             for name in names:
@@ -234,9 +235,12 @@ class ReplacedRun:
         if not self.active:
             return
         try:
-            for name in RUN_FILES:  # the failed run's
-                (self.out / name).unlink(missing_ok=True)
-            shutil.rmtree(self.out / "export", ignore_errors=True)
+            for name in RUN_ENTRIES:  # the failed run's
+                path = self.out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
             for path in self.held.iterdir():
                 os.replace(path, self.out / path.name)
             self.held.rmdir()
@@ -388,7 +392,7 @@ def _train(
     def check_finite(epoch: int, sums: EpochSums) -> None:
         """Stop before anything is saved from a diverged model; all ranks agree on the step."""
         first_bad = sums.first_nonfinite_step()
-        bad = _min_over_ranks(NO_STEP if first_bad is None else epoch * steps_per_epoch + first_bad, device, dist)
+        bad = _reduce_over_ranks(NO_STEP if first_bad is None else epoch * steps_per_epoch + first_bad, "min", device, dist)
         if bad == NO_STEP:
             return
         kept = f"the last good checkpoint {out / RUN_CHECKPOINT} (epoch {saved_at[0] + 1}, step {saved_at[1]}) is kept" if saved_at else "no checkpoint had been written yet"
@@ -400,10 +404,13 @@ def _train(
     def checkpoint(epoch: int, step: int, sums: EpochSums | None) -> None:
         """Everything needed to continue at (epoch, step); rank 0 writes it atomically.
 
-        Mid-epoch (``sums`` given) the epoch's sums so far go with it; they and the RNG state
-        differ per rank, so every rank sends its own. Callers have checked the loss is finite.
+        Mid-epoch (``sums`` given) the epoch's sums so far go with it, once they are known to
+        be finite; they and the RNG state differ per rank, so every rank sends its own. At an
+        epoch's end the caller has checked the finished epoch already.
         """
         nonlocal saved_at
+        if sums is not None:
+            check_finite(epoch, sums)
         per_rank = _gather({"partial": sums.state() if sums is not None else None, "rng": _rng_state()}, dist)
         if dist.is_main:
             save_checkpoint(out / RUN_CHECKPOINT, {
@@ -420,7 +427,7 @@ def _train(
         """Ctrl-C seen (on any rank; ranks compare only at sync points so they stop together)."""
         if not dist.enabled:
             return stop_requested()
-        return sync_point and _max_over_ranks(stop_requested(), device)
+        return sync_point and bool(_reduce_over_ranks(int(stop_requested()), "max", device, dist))
 
     for epoch in range(start_epoch, cfg.epochs):
         # this rank's share of the epoch's order, dealt round-robin as DistributedSampler does
@@ -482,11 +489,9 @@ def _train(
             if step == steps_per_epoch:
                 break  # the epoch-end checkpoint follows (a Ctrl-C now is handled after it)
             if cfg.save_every and (global_step + 1) % cfg.save_every == 0:
-                check_finite(epoch, sums)
                 checkpoint(epoch, step, sums)
             if stop_now(sync_point=log_now):
                 if saved_at != (epoch, step):
-                    check_finite(epoch, sums)
                     checkpoint(epoch, step, sums)
                 raise Interrupted(f"stopped at epoch {epoch + 1}, step {step}; checkpoint saved; resume with: rotnet pretrain --resume {out}")
 
@@ -679,18 +684,13 @@ def _gather(obj: dict, dist: DistInfo) -> list[dict]:
     return gathered
 
 
-def _min_over_ranks(value: int, device: torch.device, dist: DistInfo) -> int:
+def _reduce_over_ranks(value: int, op: str, device: torch.device, dist: DistInfo) -> int:
+    """The 'min' or 'max' of an integer over all ranks (the value itself with one process)."""
     if not dist.enabled:
         return value
     tensor = torch.tensor(value, device=device, dtype=torch.long)
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(tensor, op={"min": torch.distributed.ReduceOp.MIN, "max": torch.distributed.ReduceOp.MAX}[op])
     return int(tensor.item())
-
-
-def _max_over_ranks(flag: bool, device: torch.device) -> bool:
-    value = torch.tensor(int(flag), device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def _run_config(cfg, out, img_size, mean, std, device, precision, dist, n_train, n_val) -> dict:
