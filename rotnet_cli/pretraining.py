@@ -347,6 +347,8 @@ def _train(
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     val_images = len(val_set) if val_set is not None else 0
     padding = max(1, img_size // 8)  # 4 px at 32 px, the paper's CIFAR crop
+    augment, why = (cfg.augment, "asked for") if cfg.augment != "auto" else data_lib.auto_augment(cfg.data, train_set)
+    emit("message", {"message": f"augmentation: {augment} ({why}){'' if augment == 'none' else f'; crop padding {padding} px'}"})
 
     # -- optimizer
     model.to(device)
@@ -377,7 +379,7 @@ def _train(
     if dist.is_main:
         if resume_state is None:
             _prepare_out_dir(out, replaced)
-            write_json(out / RUN_CONFIG, _run_config(cfg, out, img_size, mean, std, device, precision, dist, len(train_set), val_images))
+            write_json(out / RUN_CONFIG, _run_config(cfg, out, img_size, mean, std, device, precision, dist, len(train_set), val_images, augment))
         else:
             remove_stale_temp_files(out, RUN_FILES)  # left by a process killed while writing
         _write_metrics(out, history)
@@ -458,7 +460,7 @@ def _train(
 
             # on-device: crop+flip on uint8, normalise, then the rotated copies and their labels
             gen = step_generator(device, cfg.seed, global_step, dist.rank)
-            x = data_lib.random_crop_flip(batch.images, padding, gen) if cfg.augment else batch.images
+            x = data_lib.random_crop_flip(batch.images, padding, gen, flip=augment == "crop+flip") if augment != "none" else batch.images
             x = data_lib.normalize(x, mean, std)  # (B, 3, S, S) float32
             x, y = make_rotation_batch(x, cfg.rotations, cfg.copies, gen)  # (R*B or B, 3, S, S), labels
             if cfg.channels_last:
@@ -693,7 +695,7 @@ def _reduce_over_ranks(value: int, op: str, device: torch.device, dist: DistInfo
     return int(tensor.item())
 
 
-def _run_config(cfg, out, img_size, mean, std, device, precision, dist, n_train, n_val) -> dict:
+def _run_config(cfg, out, img_size, mean, std, device, precision, dist, n_train, n_val, augment) -> dict:
     import timm
     import torchvision
 
@@ -701,7 +703,7 @@ def _run_config(cfg, out, img_size, mean, std, device, precision, dist, n_train,
         "config": cfg.to_dict(),
         "resolved": {
             "out": str(out), "img_size": img_size, "mean": list(mean), "std": list(std), "lr": cfg.resolved_lr,
-            "weight_decay": cfg.resolved_weight_decay, "device": str(device), "precision": precision,
+            "weight_decay": cfg.resolved_weight_decay, "augment": augment, "device": str(device), "precision": precision,
             "world_size": dist.world_size, "train_images": n_train, "val_images": n_val,
         },
         "versions": {

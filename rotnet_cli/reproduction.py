@@ -71,7 +71,7 @@ def pretrain_config(cfg: ReproduceConfig, rotations: tuple[float, ...], out: Pat
     """The paper's pretraining schedule (shortened in smoke mode)."""
     common = dict(
         model="rotnet_nin4", rotations=rotations, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
-        batch_size=128, augment=True, device=cfg.device, precision=cfg.precision, workers=cfg.workers,
+        batch_size=128, augment="crop+flip", device=cfg.device, precision=cfg.precision, workers=cfg.workers,
         seed=cfg.seed, out=str(out), resume=(out / RUN_CHECKPOINT).is_file(),
     )
     if cfg.smoke:

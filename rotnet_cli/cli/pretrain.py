@@ -50,7 +50,8 @@ def pretrain(
     gamma: Annotated[float, typer.Option("--gamma", help="lr factor at each milestone (the paper: 0.2).")] = 0.2,
     warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear lr warm-up, in epochs.")] = 0.0,
     img_size: ImgSizeOpt = None,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random crop with padding + horizontal flip, before rotating.")] = True,
+    augment: Annotated[str, typer.Option("--augment", help="Before rotating: none, crop (random crop with padding), crop+flip (and horizontal flips, the paper's), or auto: crop for grey images (digits, scans), crop+flip for colour ones.")] = "auto",
+    no_augment: Annotated[bool, typer.Option("--no-augment", hidden=True, help="The same as --augment none.")] = False,
     workers: WorkersOpt = default_workers(),
     seed: SeedOpt = 0,
     init: Annotated[Optional[str], typer.Option("--init", help="Start from these weights (a run, checkpoint, safetensors, export, timm:NAME); a new run.")] = None,
@@ -72,6 +73,10 @@ def pretrain(
     from ..pretraining import pretrain as run_pretrain, resume_config
     from ..runtime import dist_from_env
 
+    if no_augment:  # the flag of earlier versions
+        if _given(ctx, "augment"):
+            raise typer.BadParameter("give --augment or --no-augment, not both", param_hint="--no-augment")
+        augment = "none"
     values = {
         "model": model, "data": data, "data_dir": data_dir, "download": download, "val_split": val_split,
         "rotations": parse_rotations(rotations), "copies": copies, "epochs": epochs, "batch_size": batch_size,
@@ -83,7 +88,7 @@ def pretrain(
         "log_every": log_every, "max_steps_per_epoch": max_steps_per_epoch,
     }
     if resume:
-        given = {k: v for k, v in values.items() if _given(ctx, k)}
+        given = {k: v for k, v in values.items() if _given(ctx, k) or (k == "augment" and no_augment)}
         config = resume_config(resume, given)
     else:
         config = PretrainConfig(**values)
