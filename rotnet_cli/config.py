@@ -109,7 +109,7 @@ class PretrainConfig(_Serializable):
     val_split: float = 0.1
     rotations: tuple[float, ...] = (0.0, 90.0, 180.0, 270.0)
     copies: str = "all"
-    epochs: int = 30
+    epochs: int = 10  # the demo: resnet18 on digits learns most of what it can in 10 (README "Augmentation")
     batch_size: int = 128
     lr: float | None = None
     weight_decay: float | None = None
@@ -120,7 +120,7 @@ class PretrainConfig(_Serializable):
     gamma: float = 0.2
     warmup_epochs: float = 0.0
     img_size: int | None = None
-    augment: str = "auto"  # auto: crop for grey images, crop+flip for colour (data.auto_augment)
+    augment: str = "auto"  # auto: none for grey images, crop+flip for colour (data.auto_augment)
     workers: int = field(default_factory=default_workers)
     seed: int = 0
     init: str | None = None

@@ -31,10 +31,10 @@ def _colour(n=12, size=16):
 
 
 @pytest.mark.parametrize("spec, pixels, expected", [
-    ("digits", "grey", "crop"),
-    ("mnist", "grey", "crop"),
-    ("fashionmnist", "grey", "crop"),
-    ("~/scans", "grey+jpeg-noise", "crop"),  # a scanned page's JPEG chroma noise is still grey
+    ("digits", "grey", "none"),
+    ("mnist", "grey", "none"),
+    ("fashionmnist", "grey", "none"),
+    ("~/scans", "grey+jpeg-noise", "none"),  # a scanned page's JPEG chroma noise is still grey
     ("svhn", "colour", "crop"),  # colour photos of house numbers: the one name in the table
     ("SVHN", "colour", "crop"),
     ("cifar10", "colour", "crop+flip"),
@@ -48,10 +48,10 @@ def test_auto_policy_table(spec, pixels, expected):
 
 
 def test_auto_policy_of_the_built_in_digits():
-    assert data.auto_augment("digits", data.open_source("digits", 32).train)[0] == "crop"
+    assert data.auto_augment("digits", data.open_source("digits", 32).train)[0] == "none"
 
 
-@pytest.mark.parametrize("mode, expected", [("L", "crop"), ("RGB", "crop+flip")])
+@pytest.mark.parametrize("mode, expected", [("L", "none"), ("RGB", "crop+flip")])
 def test_auto_policy_of_folders_read_from_disk(tmp_path, mode, expected):
     rng = np.random.default_rng(0)
     for i in range(5):
@@ -98,9 +98,9 @@ def test_the_choice_is_printed_at_start_and_recorded(tmp_path):
     events = []
     pretrain(PretrainConfig(**FAST, out=str(tmp_path / "auto")), progress=lambda kind, info: events.append((kind, info)))
     messages = [info["message"] for kind, info in events if kind == "message"]
-    assert any(m.startswith("augmentation: crop (grey images") for m in messages), messages
+    assert any(m.startswith("augmentation: none (grey images") for m in messages), messages
     saved = json.loads((tmp_path / "auto" / "config.json").read_text())
-    assert saved["config"]["augment"] == "auto" and saved["resolved"]["augment"] == "crop"
+    assert saved["config"]["augment"] == "auto" and saved["resolved"]["augment"] == "none"
 
 
 def test_no_augment_flag_of_earlier_versions_still_works(tmp_path):
@@ -123,10 +123,10 @@ def _val_rot_acc(tmp_path, augment: str, **config) -> float:
 
 
 def test_auto_learns_digits_clearly_better_than_the_old_crop_and_flip(tmp_path):
-    # the demo's data and policy on a small model (about 10 s of CPU each): flips cost 11 points here
-    # (0.749 against 0.633; 9 to 20 points over seeds 0-2), and on resnet18 15 points at 10 epochs
+    # the demo's data and policy on a small model (about 10 s of CPU each); measured on seeds 0-2:
+    # auto 0.903 / 0.887 / 0.875, crop+flip 0.633 / 0.579 / 0.624 (resnet18 at 10 epochs: 0.950, 0.804)
     small = dict(model="test_resnet", img_size=16, epochs=3)
-    assert _val_rot_acc(tmp_path, "auto", **small) > _val_rot_acc(tmp_path, "crop+flip", **small) + 0.05
+    assert _val_rot_acc(tmp_path, "auto", **small) > _val_rot_acc(tmp_path, "crop+flip", **small) + 0.1
 
 
 @pytest.mark.slow  # two resnet18 demo runs (minutes on a CPU); the small model above runs by default
