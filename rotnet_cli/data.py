@@ -558,14 +558,14 @@ def auto_augment(spec: str, images: ImageSet) -> tuple[str, str]:
     digit, so flips make the rotation task partly unlearnable), and a crop cuts strokes off
     characters that fill the frame. Colour images get crop + flip, the paper's CIFAR-10
     augmentation: a mirrored photo is still a photo. Measured (benchmarks/augmentation.py,
-    README "Augmentation"): on digits the crop costs 2-5 points of rotation accuracy at
-    10 epochs and helps no probe, the flip 6 points; together 15.
+    README "Augmentation"): on digits, at 10 epochs, the crop costs 1-4.5 points of rotation
+    accuracy (1-4 px of padding) and helps no probe measurably, the flip costs 6; both 15.
     """
     choice = AUTO_AUGMENT_BY_SOURCE.get(_dataset_key(spec))
     if choice is not None:
         return choice, f"{spec} holds pictures of characters"
     if _colour_spread(images) < GREY_SPREAD:
-        return "none", "grey images, like digits and scans: a mirrored character is none, a crop cuts strokes off"
+        return "none", "grey images, like digits and scans: mirrored characters are no characters, crops cut strokes off"
     return "crop+flip", "colour images, flipped as in the paper"
 
 
