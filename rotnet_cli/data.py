@@ -560,12 +560,13 @@ def auto_augment(spec: str, images: ImageSet) -> tuple[str, str]:
     augmentation: a mirrored photo is still a photo. Measured (benchmarks/augmentation.py,
     README "Augmentation"): on digits, at 10 epochs, the crop costs 1-4.5 points of rotation
     accuracy (1-4 px of padding) and helps no probe measurably, the flip costs 6; both 15.
+    After 30 epochs the crop has caught up and gives the better probes.
     """
     choice = AUTO_AUGMENT_BY_SOURCE.get(_dataset_key(spec))
     if choice is not None:
         return choice, f"{spec} holds pictures of characters"
     if _colour_spread(images) < GREY_SPREAD:
-        return "none", "grey images, like digits and scans: mirrored characters are no characters, crops cut strokes off"
+        return "none", "grey images, like digits and scans: mirrored characters are no characters, and a crop pays off only in long runs (--augment crop)"
     return "crop+flip", "colour images, flipped as in the paper"
 
 
