@@ -87,7 +87,7 @@ def run_variant(args, variant: str) -> dict:
             t0 = time.perf_counter()
             pretrain(PretrainConfig(
                 model=args.model, data=args.data, epochs=args.epochs, augment=augment, img_size=args.img_size,
-                seed=args.seed, out=str(run), overwrite=run.exists(),
+                seed=args.seed, out=str(run), overwrite=run.exists(), max_steps_per_epoch=args.max_steps_per_epoch,
             ))
             use_padding(None)
             row["wall_seconds"] = round(time.perf_counter() - t0, 1)
@@ -113,7 +113,7 @@ def probe_stages(weights: str, args, labels_per_class: int | None, seeds: tuple[
     for seed in seeds:
         result = probe(ProbeConfig(
             weights=weights, data=args.probe_data or args.data, heads=HEADS, labels_per_class=labels_per_class,
-            seed=seed, save=False, img_size=args.img_size if weights.startswith("random:") else None,
+            seed=seed, save=False, img_size=args.img_size if weights.startswith("random:") else None, epochs=args.probe_epochs,
         ))
         per_seed.append({head: [row.accuracy[head] for row in result.rows] for head in HEADS})
     return {head: [round(float(np.mean([s[head][i] for s in per_seed])), 4) for i in range(len(per_seed[0][head]))] for head in HEADS}
@@ -174,6 +174,8 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/augment")
+    ap.add_argument("--probe-epochs", type=int, default=100, help="epochs of each probe head (rotnet probe's default)")
+    ap.add_argument("--max-steps-per-epoch", type=int, default=None, help="a smoke test's shortcut")
     ap.add_argument("--make-photos", metavar="FOLDER")
     ap.add_argument("--table", nargs="+", metavar="JSONL")
     args = ap.parse_args()

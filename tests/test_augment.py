@@ -1,6 +1,9 @@
 """--augment: the choices, the policy that `auto` follows, old runs, and what it buys on digits."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,3 +137,19 @@ def test_the_demo_learns_clearly_better_than_the_old_default_at_equal_epochs(tmp
     demo = PretrainConfig()
     new, old = _val_rot_acc(tmp_path, demo.augment), _val_rot_acc(tmp_path, "crop+flip")
     assert new > old + 0.05 and new > 0.897  # 0.897: the old demo after 30 epochs
+
+
+def test_the_augmentation_benchmark_prints_one_json_line_per_variant(tmp_path):
+    # the README's tables come from this script: it must keep running (tiny settings; figures not checked)
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "augmentation.py"
+    done = subprocess.run([
+        sys.executable, str(script), "--model", "test_resnet", "--img-size", "16", "--epochs", "1",
+        "--max-steps-per-epoch", "1", "--probe-epochs", "1", "--variants", "crop2+flip,random", "--out", str(tmp_path),
+    ], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["variant"] for r in rows] == ["crop2+flip", "random"]
+    assert rows[0]["augment"] == "crop+flip" and rows[0]["padding"] == 2 and 0 <= rows[0]["val_rot_acc"] <= 1
+    for row in rows:
+        for labels in ("full", "10"):
+            assert len(row["probe"][labels]["linear"]) == len(row["probe"][labels]["knn"]) > 1
