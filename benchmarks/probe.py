@@ -29,9 +29,10 @@ from _common import emit, machine, peak_rss_mb  # noqa: E402
 from rotnet_cli import __version__  # noqa: E402
 from rotnet_cli import data as data_lib  # noqa: E402
 from rotnet_cli.config import ProbeConfig  # noqa: E402
-from rotnet_cli.models import forward_stages, load_weights, num_stages  # noqa: E402
+from rotnet_cli.models import forward_stages, num_stages  # noqa: E402
 from rotnet_cli.probing import probe  # noqa: E402
 from rotnet_cli.runtime import autocast, configure_backends, resolve_device, resolve_precision  # noqa: E402
+from rotnet_cli.weights import load_weights  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Iterable
 
 from .errors import ConfigError
 
@@ -92,9 +92,30 @@ class _Serializable:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
+        """The config from a dict whose keys are field names; other keys (a command's --json, ...) are ignored.
+
+        A command names its parameters after the fields, so ``from_dict(ctx.params)`` builds its config.
+        """
         names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
         return cls(**kwargs)
+
+
+# Field metadata: an option that may differ on --resume without changing what is computed.
+RESUME_FREE = {"resume_free": True}
+
+
+def _resume_free(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    return field(default=default, metadata=RESUME_FREE, **kwargs)
+
+
+def _check_required(option: str, value: Any, what: str) -> None:
+    """A required argument given as an empty string (from the shell: rotnet probe "")."""
+    if not str(value).strip():
+        raise ConfigError(f"{option} is empty: give {what}")
+
+
+WEIGHTS_SPECS = "a run directory, checkpoint.pt, .safetensors, an exported folder, timm:NAME or random:NAME"
 
 
 @dataclass(frozen=True)
@@ -103,8 +124,8 @@ class PretrainConfig(_Serializable):
 
     model: str = "resnet18"
     data: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
+    data_dir: str | None = _resume_free(None)
+    download: bool = _resume_free(False)
     val_split: float = 0.1
     rotations: tuple[float, ...] = (0.0, 90.0, 180.0, 270.0)
     copies: str = "all"
@@ -115,29 +136,30 @@ class PretrainConfig(_Serializable):
     momentum: float = 0.9
     optimizer: str = "sgd"
     schedule: str = "cosine"
-    milestones: tuple[int, ...] = ()
+    milestones: tuple[int, ...] | str | None = ()  # "30,60,80" is parsed here
     gamma: float = 0.2
     warmup_epochs: float = 0.0
     img_size: int | None = None
     augment: bool = True
-    workers: int = field(default_factory=default_workers)
+    workers: int = _resume_free(default_factory=default_workers)
     seed: int = 0
     init: str | None = None
-    device: str = "auto"
+    device: str = _resume_free("auto")
     precision: str = "auto"
     channels_last: bool = False
     compile: bool = False
-    cache: str = "auto"
-    strict_data: bool = False
-    out: str | None = None
-    overwrite: bool = False
-    resume: bool = False
-    save_every: int = 0
-    log_every: int = 10
+    cache: str = _resume_free("auto")
+    strict_data: bool = _resume_free(False)
+    out: str | None = _resume_free(None)
+    overwrite: bool = _resume_free(False)
+    resume: bool = _resume_free(False)
+    save_every: int = _resume_free(0)
+    log_every: int = _resume_free(10)
     max_steps_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rotations", parse_rotations(self.rotations))
+        object.__setattr__(self, "milestones", parse_int_list("--milestones", self.milestones))
         _check_choice("--copies", self.copies, ("all", "one"))
         _check_choice("--optimizer", self.optimizer, ("sgd", "adamw"))
         _check_choice("--schedule", self.schedule, ("cosine", "step"))
@@ -164,12 +186,11 @@ class PretrainConfig(_Serializable):
             raise ConfigError(
                 f"--warmup-epochs ({self.warmup_epochs:g}) must be shorter than --epochs ({self.epochs})"
             )
-        milestones = tuple(int(m) for m in self.milestones)
+        milestones = self.milestones
         if any(m <= 0 or m >= self.epochs for m in milestones) or list(milestones) != sorted(set(milestones)):
             raise ConfigError(
                 f"--milestones must be increasing epochs between 1 and {self.epochs - 1} (got {','.join(map(str, milestones))})"
             )
-        object.__setattr__(self, "milestones", milestones)
         if self.schedule == "step" and not milestones:
             raise ConfigError("--schedule step needs --milestones, e.g. --milestones 30,60,80")
         if self.overwrite and self.resume:
@@ -190,12 +211,29 @@ class PretrainConfig(_Serializable):
             return self.weight_decay
         return 5e-4 if self.optimizer == "sgd" else 0.05
 
+    def contradictions(self, other: "PretrainConfig", names: Iterable[str]) -> list[str]:
+        """'--NAME VALUE (the run used SAVED)' for each of ``names`` in which ``other`` would
+        compute something else than this config (options marked resume-free never do; names
+        that are not fields, a command's --json say, are not options of the run)."""
+        compared = {f.name for f in fields(self) if not f.metadata.get("resume_free")}
+        return [
+            f"--{name.replace('_', '-')} {_option_text(getattr(other, name))} (the run used {_option_text(getattr(self, name))})"
+            for name in names
+            if name in compared and getattr(other, name) != getattr(self, name)
+        ]
 
-# Options that may differ on --resume without changing what is computed.
-RESUME_FREE_OPTIONS = ("device", "workers", "save_every", "log_every", "cache", "out", "resume", "overwrite", "strict_data", "download", "data_dir")
+
+def _option_text(value: Any) -> str:
+    """A value as it is written on the command line (rotations 0,90 rather than (0.0, 90.0))."""
+    if isinstance(value, tuple):
+        return format_rotations(value) if value and isinstance(value[0], float) else ",".join(map(str, value))
+    return str(value)
 
 
-def parse_int_list(option: str, text: str | None) -> tuple[int, ...]:
+def parse_int_list(option: str, text: str | tuple | list | None) -> tuple[int, ...]:
+    """'30,60,80' (or a sequence of numbers) -> (30, 60, 80); None or '' -> ()."""
+    if isinstance(text, (tuple, list)):
+        text = ",".join(map(str, text))
     if text is None or str(text).strip() == "":
         return ()
     try:
@@ -209,7 +247,6 @@ __all__ = [
     "parse_rotations",
     "format_rotations",
     "parse_int_list",
-    "RESUME_FREE_OPTIONS",
     "ExportConfig",
     "EXPORT_DTYPES",
 ]
@@ -229,10 +266,8 @@ class ExportConfig(_Serializable):
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if not str(self.weights).strip():
-            raise ConfigError("WEIGHTS is empty: give a run directory, checkpoint.pt, .safetensors or an exported folder")
-        if not str(self.out).strip():
-            raise ConfigError("--out is empty: give the folder to write, e.g. --out exported/")
+        _check_required("WEIGHTS", self.weights, WEIGHTS_SPECS)
+        _check_required("--out", self.out, "the folder to write, e.g. --out exported/")
         _check_choice("--dtype", self.dtype, EXPORT_DTYPES)
 
 
@@ -268,7 +303,7 @@ def parse_name_list(option: str, text: str | tuple | list, choices: tuple[str, .
 class ProbeConfig(_Serializable):
     """Everything `rotnet probe` needs; see `rotnet probe --help` for each field."""
 
-    weights: str = ""
+    weights: str
     data: str = "digits"
     data_dir: str | None = None
     download: bool = False
@@ -284,7 +319,7 @@ class ProbeConfig(_Serializable):
     labels_per_class: int | None = None
     knn_k: int = 20
     knn_temperature: float = 0.07
-    compare: tuple[str, ...] = ()
+    compare: tuple[str, ...] | str | None = ()  # 'random,timm:resnet18' or a sequence
     img_size: int | None = None  # timm:/random: weights only; saved weights keep their own size
     workers: int = field(default_factory=default_workers)
     seed: int = 0
@@ -293,12 +328,11 @@ class ProbeConfig(_Serializable):
     save: bool = True
 
     def __post_init__(self) -> None:
-        if not str(self.weights).strip():
-            raise ConfigError("give the weights to probe: a run directory, checkpoint.pt, .safetensors, an export, timm:NAME or random:NAME")
+        _check_required("WEIGHTS", self.weights, WEIGHTS_SPECS)
         _check_img_size(self.img_size)
         object.__setattr__(self, "layers", parse_layers(self.layers))
         object.__setattr__(self, "heads", parse_name_list("--head", self.heads, PROBE_HEADS))
-        compare = self.compare.split(",") if isinstance(self.compare, str) else self.compare
+        compare = self.compare.split(",") if isinstance(self.compare, str) else (self.compare or ())
         object.__setattr__(self, "compare", tuple(c.strip() for c in compare if c.strip()))
         _check_choice("--pool", self.pool, PROBE_POOLS)
         _check_choice("--precision", self.precision, PRECISIONS)
@@ -329,17 +363,19 @@ VIZ_COLORMAPS = ("jet", "inferno")
 class FiltersConfig(_Serializable):
     """Everything `rotnet viz filters` needs; see `rotnet viz filters --help` for each field."""
 
-    weights: tuple[str, ...] = ()
+    weights: tuple[str, ...]
     out: str = "filters.png"
-    labels: tuple[str, ...] = ()  # one per weights; default: the weights spec itself
+    labels: tuple[str, ...] | None = ()  # one per weights; default: the weights spec itself
     scale: int | None = None  # None: enlarge each tile to about 32 pixels
     cols: int | None = None  # None: a square-ish grid
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", tuple(self.weights))
-        object.__setattr__(self, "labels", tuple(self.labels))
+        object.__setattr__(self, "labels", tuple(self.labels or ()))
         if not self.weights:
-            raise ConfigError("give the weights to draw: a run directory, checkpoint, .safetensors, an export, timm:NAME or random:NAME")
+            raise ConfigError(f"give the weights to draw: {WEIGHTS_SPECS}")
+        for spec in self.weights:
+            _check_required("WEIGHTS", spec, WEIGHTS_SPECS)
         if self.labels and len(self.labels) != len(self.weights):
             raise ConfigError(f"--label: give one per weights ({len(self.weights)}), got {len(self.labels)}")
         _check_positive("--scale", self.scale)
@@ -351,11 +387,11 @@ class FiltersConfig(_Serializable):
 class AttentionConfig(_Serializable):
     """Everything `rotnet viz attention` needs; see `rotnet viz attention --help` for each field."""
 
-    weights: str = ""
-    images: tuple[str, ...] = ()
+    weights: str
+    images: tuple[str, ...]
     out: str = "attention"
     layers: tuple[int, ...] | None = None  # 1-based, negative from the last; None: every stage
-    power: float | None = None  # None: 1, 2, 4 for early, middle, late stages (the paper)
+    power: float | str | None = None  # None or 'auto': 1, 2, 4 for early, middle, late stages (the paper)
     rotations: tuple[float, ...] | None = None  # None: the model's own set, else 0,90,180,270
     align: bool = False
     img_size: int | None = None  # None: the size the weights were trained at
@@ -365,14 +401,14 @@ class AttentionConfig(_Serializable):
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if not str(self.weights).strip():
-            raise ConfigError("give the weights: a run directory, checkpoint, .safetensors, an export, timm:NAME or random:NAME")
+        _check_required("WEIGHTS", self.weights, WEIGHTS_SPECS)
         object.__setattr__(self, "images", tuple(self.images))
         if not self.images:
             raise ConfigError("give one or more image files or folders after the weights")
         object.__setattr__(self, "layers", parse_layers(self.layers))
         if self.rotations is not None:
             object.__setattr__(self, "rotations", parse_rotations(self.rotations))
+        object.__setattr__(self, "power", parse_power(self.power))
         _check_positive("--power", self.power)
         _check_positive("--scale", self.scale)
         _check_choice("--cmap", self.cmap, VIZ_COLORMAPS)
@@ -381,16 +417,25 @@ class AttentionConfig(_Serializable):
             raise ConfigError(f"--alpha must be in [0, 1] (got {self.alpha})")
 
 
+def parse_power(text: float | str | None) -> float | None:
+    """--power: a number, or 'auto' / None for the paper's 1, 2, 4 by depth."""
+    if text is None or (isinstance(text, str) and text.strip().lower() == "auto"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--power must be a number or auto (got {text!r})") from None
+
+
 @dataclass(frozen=True)
 class CurvesConfig(_Serializable):
     """Everything `rotnet viz curves` needs."""
 
-    run: str = ""
+    run: str
     out: str = "curves.png"
 
     def __post_init__(self) -> None:
-        if not str(self.run).strip():
-            raise ConfigError("give a run directory made by rotnet pretrain (it holds metrics.jsonl)")
+        _check_required("RUN", self.run, "a run directory made by rotnet pretrain (it holds metrics.jsonl)")
         _check_png(self.out)
 
 
@@ -401,8 +446,8 @@ __all__ += ["FiltersConfig", "AttentionConfig", "CurvesConfig", "VIZ_COLORMAPS"]
 class PredictConfig(_Serializable):
     """Everything `rotnet predict` needs; see `rotnet predict --help` for each field."""
 
-    weights: str = ""
-    inputs: tuple[str, ...] = ()
+    weights: str
+    inputs: tuple[str, ...]
     tta: bool = False
     fix: bool = False
     out: str | None = None
@@ -415,8 +460,7 @@ class PredictConfig(_Serializable):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(str(p) for p in self.inputs))
-        if not str(self.weights).strip():
-            raise ConfigError("give the weights: a run directory, checkpoint.pt or model.safetensors with a rotation head")
+        _check_required("WEIGHTS", self.weights, "a run directory, checkpoint.pt or model.safetensors with a rotation head")
         if not self.inputs:
             raise ConfigError("give at least one image file or folder to predict")
         if self.fix and not self.out:

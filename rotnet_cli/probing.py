@@ -16,7 +16,7 @@ Heads (the paper's evaluation, Gidaris et al. 2018, section 3):
 - conv: a NIN-block-like stack (3x3 conv 192, 1x1 conv 192, 1x1 conv 192, each BN + ReLU),
   global average pooling and a linear layer, on the spatial stage maps ("RotNet + conv").
 
-It never prints: progress goes through the ``progress(kind, info)`` callback.
+It never prints: progress goes to the ``progress`` callback as typed events (events.py).
 """
 
 from __future__ import annotations
@@ -27,28 +27,26 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import data as data_lib
+from . import rundir
 from ._version import __version__
-from .checkpoint import write_json
 from .config import ProbeConfig
 from .errors import ConfigError, DataError
-from .models import LoadedWeights, forward_stages, load_weights, num_stages, resolve_stages
+from .events import DeviceChosen, Message, Progress, TaskProgress, WarningMessage, ignore
+from .models import forward_stages, num_stages, resolve_stages
 from .runtime import autocast, configure_backends, describe_device, resolve_device, resolve_precision, seed_everything
+from .weights import LoadedWeights, load_weights
 
-PROBE_FILE = "probe.json"
 MLP_HIDDEN = 200  # the paper's non-linear classifier: 2 hidden layers of 200 units
 CONV_WIDTH = 192  # the paper's "RotNet + conv": a NIN block of 192 channels
 # Spatial maps beyond this many bytes (float32) are cached as bfloat16, halving their memory.
 SPATIAL_FP32_BYTES = 2 * 2**30
 KNN_CHUNK = 1024  # validation images compared with the whole training bank at once
-
-Progress = Callable[[str, dict], None]
 
 
 @dataclass
@@ -110,12 +108,12 @@ class ProbeResult:
 
 def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
     """Probe every requested stage of ``cfg.weights`` with every head; see the module docstring."""
-    emit = progress or (lambda kind, info: None)
+    emit = progress or ignore
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     configure_backends(device)
     seed_everything(cfg.seed)
-    emit("device", {"device": describe_device(device), "precision": precision})
+    emit(DeviceChosen(describe_device(device), precision))
 
     # -- backbones: the probed weights first, then the baselines, each with its stages (1-based)
     main = load_weights(cfg.weights, device, seed=cfg.seed, img_size=cfg.img_size)
@@ -131,11 +129,11 @@ def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
     stages = [resolve_stages(cfg.layers, num_stages(w.backbone), label) for label, w in backbones]
 
     # -- data: labelled uint8 train and validation sets at the size the weights were trained at
-    train_set, val_set, num_classes = labelled_splits(cfg, main.img_size, emit)
-    emit("message", {"message": (
+    train_set, val_set, num_classes, skipped = labelled_splits(cfg, main.img_size, emit)
+    emit(Message(
         f"{main.model_name} at {main.img_size} px: {len(train_set)} training / {len(val_set)} validation images, "
         f"{num_classes} classes; stages {','.join(map(str, stages[0]))}; heads {','.join(cfg.heads)}"
-    )})
+    ))
 
     # -- features: one forward pass per batch for all stages of all backbones
     t0 = time.perf_counter()
@@ -161,7 +159,7 @@ def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
                              cfg.knn_temperature, device)
                 for r in range(len(rows))
             ]
-            emit("task", {"id": "knn", "description": "knn vote", "done": 1, "total": 1})
+            emit(TaskProgress("knn", "knn vote", 1, 1))
         else:
             counter = _Counter(emit, f"train-{head}", f"training {head} heads", cfg.epochs)
             accuracies = train_heads(head, train, val, num_classes, cfg, device, precision, counter)
@@ -174,10 +172,10 @@ def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
         device=describe_device(device), precision=precision, heads=cfg.heads, pool=cfg.pool, epochs=cfg.epochs,
         num_classes=num_classes, train_images=len(train.labels), val_images=len(val.labels),
         labels_per_class=cfg.labels_per_class, rows=rows, extract_seconds=extract_seconds, train_seconds=train_seconds,
-        skipped_files=list(train_set.skipped) + [s for s in val_set.skipped if s not in train_set.skipped],
+        skipped_files=list(dict.fromkeys([*skipped, *train.skipped, *val.skipped])),
     )
     if cfg.save and main.run_dir is not None:
-        result.saved_to = write_json(Path(main.run_dir) / PROBE_FILE, result.to_dict())
+        result.saved_to = rundir.write_probe(main.run_dir, result.to_dict())
     return result
 
 
@@ -189,21 +187,23 @@ class _Counter:
 
     def step(self) -> None:
         self.done += 1
-        self.emit("task", {"id": self.task_id, "description": self.description, "done": self.done, "total": self.total})
+        self.emit(TaskProgress(self.task_id, self.description, self.done, self.total))
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def labelled_splits(cfg: ProbeConfig, img_size: int, emit: Progress) -> tuple[data_lib.ImageSet, data_lib.ImageSet, int]:
-    """(train, val, number of classes): --val-data, the source's own split, or a stratified --val-split."""
-    load = dict(need_labels=True, download=cfg.download, data_dir=cfg.data_dir, workers=cfg.workers,
-                progress=lambda done, total: emit("decode", {"done": done, "total": total}))
+def labelled_splits(
+    cfg: ProbeConfig, img_size: int, emit: Progress,
+) -> tuple[data_lib.ImageSet, data_lib.ImageSet, int, tuple[str, ...]]:
+    """(train, val, number of classes, files left out): --val-data, the source's own split, or a stratified --val-split."""
+    load = dict(need_labels=True, download=cfg.download, data_dir=cfg.data_dir, workers=cfg.workers, progress=emit)
     source = data_lib.open_source(cfg.data, img_size, **load)
-    train_set, val_set = source.train, source.val
+    train_set, val_set, skipped = source.train, source.val, source.skipped
     if cfg.val_data:
         other = data_lib.open_source(cfg.val_data, img_size, **load)
         val_set = other.val if other.val is not None else other.train
+        skipped += other.skipped
     if train_set.labels is None or (val_set is not None and val_set.labels is None):
         raise DataError(f"--data {cfg.data} has no labels; a probe needs class sub-folders, digits, or a labelled dataset")
     if val_set is None:
@@ -217,15 +217,15 @@ def labelled_splits(cfg: ProbeConfig, img_size: int, emit: Progress) -> tuple[da
     if cfg.labels_per_class:
         keep, short = keep_per_class(train_set.labels, cfg.labels_per_class, cfg.seed)
         if short:
-            emit("warning", {"message": f"{len(short)} class(es) have fewer than {cfg.labels_per_class} training images "
-                                        f"(e.g. class {short[0]}); all of theirs are used"})
+            emit(WarningMessage(f"{len(short)} class(es) have fewer than {cfg.labels_per_class} training images "
+                                f"(e.g. class {short[0]}); all of theirs are used"))
         train_set = train_set.subset(keep)
     num_classes = len(train_set.classes) if train_set.classes else int(torch.cat([train_set.labels, val_set.labels]).max()) + 1
     if len(train_set.labels.unique()) < 2:
         raise DataError(f"--data {cfg.data}: the training split has fewer than 2 classes; a classifier needs at least 2")
     if len(val_set) == 0:
         raise DataError("the validation split is empty; raise --val-split or give --val-data")
-    return train_set, val_set, num_classes
+    return train_set, val_set, num_classes, skipped
 
 
 def keep_per_class(labels: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, list[int]]:
@@ -309,6 +309,7 @@ class FeatureCache:
     shapes: list[tuple[int, int, int]]  # (C, H, W) per row
     pooled: dict[str, torch.Tensor]
     maps: list[torch.Tensor] | None
+    skipped: list[str] = field(default_factory=list)  # files found unreadable while extracting
 
     @classmethod
     def allocate(cls, n: int, shapes: list[tuple[int, int, int]], plan: CachePlan) -> "FeatureCache":
@@ -331,7 +332,7 @@ class FeatureCache:
         """The first ``n`` images (when unreadable files left the end unfilled)."""
         return FeatureCache(
             self.labels[:n], self.shapes, {v: t[:n] for v, t in self.pooled.items()},
-            [m[:n] for m in self.maps] if self.maps is not None else None,
+            [m[:n] for m in self.maps] if self.maps is not None else None, self.skipped,
         )
 
     def row_avg(self, r: int) -> torch.Tensor:
@@ -357,6 +358,7 @@ def extract_features(
     filled = 0
     order = torch.arange(len(images))
     for batch in data_lib.iterate_batches(images, order, cfg.batch_size, device, drop_last=False, workers=cfg.workers):
+        cache.skipped += batch.skipped
         rows = slice(filled, filled + len(batch.images))
         cache.labels[rows] = batch.labels.to(plan.device)
         r = 0
@@ -547,4 +549,4 @@ def knn_accuracy(
     return correct.item() / max(1, len(val_x))
 
 
-__all__ = ["probe", "ProbeResult", "ProbeRow", "keep_per_class", "knn_accuracy", "PROBE_FILE"]
+__all__ = ["probe", "ProbeResult", "ProbeRow", "keep_per_class", "knn_accuracy"]

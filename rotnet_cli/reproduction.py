@@ -19,14 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
+from . import rundir
 from .config import PretrainConfig, ProbeConfig, ReproduceConfig, format_rotations
-from .models import RUN_CHECKPOINT, RUN_WEIGHTS
-from .probing import probe
+from .events import Message, Progress, ignore
 from .pretraining import pretrain
-
-Progress = Callable[[str, dict], None]
+from .probing import probe
 
 FOUR = (0.0, 90.0, 180.0, 270.0)
 EIGHT = tuple(float(a) for a in range(0, 360, 45))
@@ -72,7 +70,7 @@ def pretrain_config(cfg: ReproduceConfig, rotations: tuple[float, ...], out: Pat
     common = dict(
         model="rotnet_nin4", rotations=rotations, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
         batch_size=128, augment=True, device=cfg.device, precision=cfg.precision, workers=cfg.workers,
-        seed=cfg.seed, out=str(out), resume=(out / RUN_CHECKPOINT).is_file(),
+        seed=cfg.seed, out=str(out), resume=(out / rundir.CHECKPOINT).is_file(),
     )
     if cfg.smoke:
         return PretrainConfig(**common | {"batch_size": 16}, data="digits", img_size=8, epochs=2, schedule="step",
@@ -92,17 +90,17 @@ def probe_config(cfg: ReproduceConfig, run: Path, layers: tuple[int, ...], heads
 
 def reproduce(cfg: ReproduceConfig, progress: Progress | None = None) -> ReproduceResult:
     """Run Tables 1-3 of the paper's CIFAR-10 study; see the module docstring."""
-    emit = progress or (lambda kind, info: None)
+    emit = progress or ignore
     out = Path(cfg.out).expanduser()
     result = ReproduceResult(out_dir=out, smoke=cfg.smoke)
     for name, rotations, paper_block2 in ROTATION_STUDY:
         run = out / ("nin4-rot" + format_rotations(rotations).replace(",", "-"))
         result.runs[name] = str(run)
-        emit("message", {"message": f"[{name}] pretraining rotnet_nin4 -> {run}"})
-        if not (run / RUN_WEIGHTS).is_file():  # a finished run is reused, a stopped one resumed
+        emit(Message(f"[{name}] pretraining rotnet_nin4 -> {run}"))
+        if not (run / rundir.WEIGHTS).is_file():  # a finished run is reused, a stopped one resumed
             pretrain(pretrain_config(cfg, rotations, run), progress)
         if rotations == FOUR:
-            emit("message", {"message": f"[{name}] probing every block (mlp on flattened maps, conv head)"})
+            emit(Message(f"[{name}] probing every block (mlp on flattened maps, conv head)"))
             probed = probe(probe_config(cfg, run, (1, 2, 3, 4), ("mlp", "conv")), progress)
             blocks = {r.stage: r for r in probed.rows if r.weights == "run"}
             for stage, row in sorted(blocks.items()):
@@ -110,7 +108,7 @@ def reproduce(cfg: ReproduceConfig, progress: Progress | None = None) -> Reprodu
             result.rows.append(ReproduceRow("2", name, 2, "mlp", _pct(blocks[2].accuracy["mlp"]), paper_block2))
             result.rows.append(ReproduceRow("3", "RotNet + conv", 2, "conv", _pct(blocks[2].accuracy["conv"]), TABLE3_CONV_PAPER))
         else:
-            emit("message", {"message": f"[{name}] probing block 2 (mlp on flattened maps)"})
+            emit(Message(f"[{name}] probing block 2 (mlp on flattened maps)"))
             probed = probe(probe_config(cfg, run, (2,), ("mlp",)), progress)
             row = next(r for r in probed.rows if r.weights == "run")
             result.rows.append(ReproduceRow("2", name, 2, "mlp", _pct(row.accuracy["mlp"]), paper_block2))

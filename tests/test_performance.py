@@ -173,10 +173,11 @@ def test_each_benchmark_prints_its_figures_as_one_json_line(tmp_path, script, ar
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_the_optimizer_step_is_one_fused_kernel_on_cpu_and_cuda(optimizer):
-    from rotnet_cli.models import RotNet, create_backbone
+    from rotnet_cli.models import RotNet, create_backbone, rotation_head
     from rotnet_cli.pretraining import make_optimizer
 
-    model = RotNet(create_backbone("test_resnet", img_size=32), 4)
+    backbone = create_backbone("test_resnet", img_size=32)
+    model = RotNet(backbone, rotation_head(backbone, 4))
     cfg = PretrainConfig(model="test_resnet", optimizer=optimizer)
     for device in (torch.device("cpu"), torch.device("cuda", 0)):  # building it needs no GPU
         built = make_optimizer(model, cfg, device)

@@ -2,6 +2,7 @@
 subset, an untouched backbone, probe.json, and one-line errors."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,19 +13,17 @@ from typer.testing import CliRunner
 
 import rotnet_cli.probing as probe_lib
 from rotnet_cli.cli import app
-from rotnet_cli.config import PretrainConfig, ProbeConfig
-from rotnet_cli.models import load_weights, num_stages
-from rotnet_cli.pretraining import pretrain
+from rotnet_cli.config import ProbeConfig
+from rotnet_cli.models import num_stages
+from rotnet_cli.weights import load_weights
 
 FAST = ["--epochs", "4", "--device", "cpu", "--workers", "0"]
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "demo"
-    pretrain(PretrainConfig(model="test_resnet", epochs=1, out=str(out), max_steps_per_epoch=3, batch_size=32,
-                            workers=0, device="cpu"))
-    return out
+def run_dir(tiny_run, tmp_path_factory) -> Path:
+    """The shared run, copied: probes write probe.json into it."""
+    return Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("probe") / "run"))
 
 
 @pytest.fixture(scope="module")

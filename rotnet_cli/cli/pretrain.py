@@ -9,8 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..config import PretrainConfig, default_workers, format_rotations, parse_int_list, parse_rotations
-from . import app
+from ..config import PretrainConfig, default_workers, format_rotations
 from ._common import (
     BatchSizeOpt, DataDirOpt, DeviceOpt, DownloadOpt, ImgSizeOpt, JsonOpt, OverwriteOpt, PrecisionOpt, SeedOpt,
     WorkersOpt, err_console, error_boundary, note, out_console, print_json, warn_skipped,
@@ -28,7 +27,6 @@ EXAMPLES = """
 """
 
 
-@app.command(epilog=EXAMPLES)
 @error_boundary
 def pretrain(
     ctx: typer.Context,
@@ -62,7 +60,7 @@ def pretrain(
     strict_data: Annotated[bool, typer.Option("--strict-data", help="Stop at the first unreadable image instead of skipping it.")] = False,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run directory (default runs/MODEL-DATE-TIME).")] = None,
     overwrite: OverwriteOpt = False,
-    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue the run in this directory exactly where its checkpoint stopped.")] = None,
+    resume_dir: Annotated[Optional[str], typer.Option("--resume", help="Continue the run in this directory exactly where its checkpoint stopped.")] = None,
     save_every: Annotated[int, typer.Option("--save-every", help="Also checkpoint every N steps (0: at the end of each epoch only).")] = 0,
     log_every: Annotated[int, typer.Option("--log-every", help="Read loss/accuracy from the device every N steps (fewer host syncs).")] = 10,
     max_steps_per_epoch: Annotated[Optional[int], typer.Option("--max-steps-per-epoch", hidden=True)] = None,
@@ -72,21 +70,10 @@ def pretrain(
     from ..pretraining import pretrain as run_pretrain, resume_config
     from ..runtime import dist_from_env
 
-    values = {
-        "model": model, "data": data, "data_dir": data_dir, "download": download, "val_split": val_split,
-        "rotations": parse_rotations(rotations), "copies": copies, "epochs": epochs, "batch_size": batch_size,
-        "lr": lr, "weight_decay": weight_decay, "momentum": momentum, "optimizer": optimizer, "schedule": schedule,
-        "milestones": parse_int_list("--milestones", milestones), "gamma": gamma, "warmup_epochs": warmup_epochs,
-        "img_size": img_size, "augment": augment, "workers": workers, "seed": seed, "init": init, "device": device,
-        "precision": precision, "channels_last": channels_last, "compile": compile, "cache": cache,
-        "strict_data": strict_data, "out": out, "overwrite": overwrite, "save_every": save_every,
-        "log_every": log_every, "max_steps_per_epoch": max_steps_per_epoch,
-    }
-    if resume:
-        given = {k: v for k, v in values.items() if _given(ctx, k)}
-        config = resume_config(resume, given)
+    if resume_dir:  # the saved config, with the options given on this command line (they must agree with it)
+        config = resume_config(resume_dir, {name: value for name, value in ctx.params.items() if _given(ctx, name)})
     else:
-        config = PretrainConfig(**values)
+        config = PretrainConfig.from_dict(ctx.params)
 
     stop = _StopFlag()
     view = ProgressView(err_console, title="pretrain")

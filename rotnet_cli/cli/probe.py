@@ -9,7 +9,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import ProbeConfig, default_workers
-from . import app
 from ._common import (
     DataDirOpt, DeviceOpt, DownloadOpt, JsonOpt, PrecisionOpt, SeedOpt, WeightsArg, WorkersOpt,
     err_console, error_boundary, out_console, print_json, warn_skipped,
@@ -27,9 +26,9 @@ EXAMPLES = """
 """
 
 
-@app.command(epilog=EXAMPLES)
 @error_boundary
 def probe(
+    ctx: typer.Context,
     weights: WeightsArg,
     data: Annotated[str, typer.Option("--data", help="Labelled data: digits (built in), a folder of class sub-folders (train/ + val/ used as such), or cifar10, cifar100, stl10, mnist, fashionmnist, svhn.")] = "digits",
     data_dir: DataDirOpt = None,
@@ -37,7 +36,7 @@ def probe(
     val_data: Annotated[Optional[str], typer.Option("--val-data", help="Labelled validation data (same classes); default: the dataset's own split, else --val-split.")] = None,
     val_split: Annotated[float, typer.Option("--val-split", help="Share of the labelled images held out for validation (stratified, seeded).")] = 0.2,
     layers: Annotated[str, typer.Option("--layers", help="Stages to probe: all, or 1-based indices such as 1,2,-1 (negative: from the last).")] = "all",
-    head: Annotated[str, typer.Option("--head", help="Comma list of linear (BN + linear on pooled features), mlp (2x200 hidden, BN + ReLU), knn (cosine k-NN vote), conv (NIN block + linear on spatial maps).")] = "linear,mlp,knn",
+    heads: Annotated[str, typer.Option("--head", help="Comma list of linear (BN + linear on pooled features), mlp (2x200 hidden, BN + ReLU), knn (cosine k-NN vote), conv (NIN block + linear on spatial maps).")] = "linear,mlp,knn",
     pool: Annotated[str, typer.Option("--pool", help="How the mlp head sees a stage: avg or max (global pooling) or flatten (every position).")] = "avg",
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs of each head (on cached features: cheap).")] = 100,
     lr: Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate of the heads, cosine-decayed (default 1e-2 for linear, 1e-3 for mlp and conv).")] = None,
@@ -57,12 +56,7 @@ def probe(
     """Measure frozen features: a classifier per stage and head, top-1 on held-out labelled images."""
     from ..probing import probe as run_probe
 
-    config = ProbeConfig(
-        weights=weights, data=data, data_dir=data_dir, download=download, val_data=val_data, val_split=val_split,
-        layers=layers, heads=head, pool=pool, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-        labels_per_class=labels_per_class, knn_k=knn_k, compare=compare or (), img_size=img_size, workers=workers, seed=seed,
-        device=device, precision=precision, save=save,
-    )
+    config = ProbeConfig.from_dict(ctx.params)
     with ProgressView(err_console, title="probe") as view:
         result = run_probe(config, progress=view)
 

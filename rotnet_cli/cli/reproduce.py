@@ -9,7 +9,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import ReproduceConfig, default_workers
-from . import app
 from ._common import DataDirOpt, DeviceOpt, DownloadOpt, JsonOpt, PrecisionOpt, SeedOpt, WorkersOpt, err_console, error_boundary, out_console, print_json
 from .progress import ProgressView
 
@@ -21,9 +20,9 @@ EXAMPLES = """
 """
 
 
-@app.command(epilog=EXAMPLES)
 @error_boundary
 def reproduce(
+    ctx: typer.Context,
     recipe: Annotated[str, typer.Argument(help="The experiment set: paper-cifar10 (Gidaris et al. 2018, Tables 1-3, NIN on CIFAR-10).")] = "paper-cifar10",
     data: Annotated[str, typer.Option("--data", help="The dataset (the paper: cifar10).")] = "cifar10",
     data_dir: DataDirOpt = None,
@@ -39,8 +38,7 @@ def reproduce(
     """Pretrain the paper's NIN on CIFAR-10 with its recipe, probe every block, print the paper's tables beside ours."""
     from ..reproduction import reproduce as run_reproduce
 
-    config = ReproduceConfig(recipe=recipe, data=data, data_dir=data_dir, download=download, out=out, smoke=smoke,
-                             device=device, precision=precision, workers=workers, seed=seed)
+    config = ReproduceConfig.from_dict(ctx.params)
     with ProgressView(err_console, title="reproduce") as view:
         result = run_reproduce(config, progress=view)
     if json_out:
