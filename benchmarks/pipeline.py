@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, machine  # noqa: E402
+from _common import emit, machine
 
-from rotnet_cli import data as data_lib  # noqa: E402
-from rotnet_cli.config import PretrainConfig, default_workers  # noqa: E402
-from rotnet_cli.models import RotNet, create_backbone, data_config, rotation_head  # noqa: E402
-from rotnet_cli.pretraining import make_optimizer, pretrain  # noqa: E402
-from rotnet_cli.runtime import autocast, configure_backends, resolve_device, resolve_precision  # noqa: E402
+from rotnet_cli import data as data_lib
+from rotnet_cli.config import PretrainConfig, default_workers
+from rotnet_cli.models import RotNet, create_backbone, data_config, rotation_head
+from rotnet_cli.pretraining import make_optimizer, pretrain
+from rotnet_cli.runtime import autocast, configure_backends, resolve_device, resolve_precision
 
 ROTATIONS = (0.0, 90.0, 180.0, 270.0)
 

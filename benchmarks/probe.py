@@ -24,15 +24,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, machine, peak_rss_mb  # noqa: E402
+from _common import emit, machine, peak_rss_mb
 
-from rotnet_cli import __version__  # noqa: E402
-from rotnet_cli import data as data_lib  # noqa: E402
-from rotnet_cli.config import ProbeConfig  # noqa: E402
-from rotnet_cli.models import forward_stages, num_stages  # noqa: E402
-from rotnet_cli.probing import probe  # noqa: E402
-from rotnet_cli.runtime import autocast, configure_backends, resolve_device, resolve_precision  # noqa: E402
-from rotnet_cli.weights import load_weights  # noqa: E402
+from rotnet_cli import __version__
+from rotnet_cli import data as data_lib
+from rotnet_cli.config import ProbeConfig
+from rotnet_cli.models import forward_stages, num_stages
+from rotnet_cli.probing import probe
+from rotnet_cli.runtime import autocast, configure_backends, resolve_device, resolve_precision
+from rotnet_cli.weights import load_weights
 
 
 def sync(device: torch.device) -> None:

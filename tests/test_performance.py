@@ -154,12 +154,9 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
     ("memory.py", ["--model", "test_resnet", "--steps", "2", "--batch-size", "8", "--device", "cpu"], ["rotnet_vs_bare"]),
     ("startup.py", ["--runs", "1"], ["help_vs_import_timm"]),
 ], ids=["pipeline", "probe", "memory", "startup"])
-def test_each_benchmark_prints_its_figures_as_one_json_line(tmp_path, script, args, figures):
-    if "RUN" in args:  # a 32 px run: timm's test models default to 160 px, slow to probe on CPU
-        run = tmp_path / "run"
-        pretrain(PretrainConfig(model="test_resnet", epochs=1, max_steps_per_epoch=1, batch_size=16, device="cpu",
-                                workers=0, out=str(run)))
-        args = [str(run) if a == "RUN" else a for a in args]
+def test_each_benchmark_prints_its_figures_as_one_json_line(tmp_path, tiny_run, script, args, figures):
+    # RUN: a 32 px run (timm's test models default to 160 px, slow to probe on CPU); the probe saves nothing
+    args = [str(tiny_run) if a == "RUN" else a for a in args]
     env = {**os.environ, "TMPDIR": str(tmp_path)}  # the JPEG folder and runs go under tmp_path
     done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
