@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from . import data as data_lib
 from . import rundir
+from .checkpoint import CHECKPOINT_FORMAT
 from .config import PretrainConfig
 from .errors import ConfigError, DataError, Interrupted, NonFiniteLossError, RotnetError
 from .events import (
@@ -599,6 +600,11 @@ def save_checkpoint(run: Run, state: TrainState, sums: EpochSums | None) -> None
 def restore(run: Run, state: TrainState, saved: dict) -> None:
     """Continue where ``saved`` (a checkpoint) stopped, or refuse what could not continue the same computation."""
     checkpoint = run.out / rundir.CHECKPOINT
+    if saved.get("format") != CHECKPOINT_FORMAT:  # newer ones were refused when read
+        raise ConfigError(
+            f"--resume {run.out}: {checkpoint} was written by an earlier rotnet development build and cannot be resumed; "
+            f"start a new run (--init {checkpoint} starts from its weights)"
+        )
     try:
         epoch, step, train_images = int(saved["epoch"]), int(saved["step"]), int(saved["train_images"])
         saved_world = int(saved["world_size"])

@@ -407,6 +407,8 @@ def attention_figure(rows: torch.Tensor, scale: int, column_labels: list[str], r
 def draw_attention(config: AttentionConfig, progress: Progress | None = None) -> AttentionResult:
     """For every image: a PNG with a row per rotated copy and a column per stage's attention map."""
     emit = progress or ignore
+    out_dir = Path(config.out).expanduser()
+    rundir.check_out_dir(out_dir, overwrite=True)  # the pictures of earlier calls are replaced, as documented
     device = resolve_device(config.device)
     paths = collect_images(config.images)
     loaded = load_weights(config.weights, device)
@@ -418,7 +420,6 @@ def draw_attention(config: AttentionConfig, progress: Progress | None = None) ->
     scale = config.scale or max(1, math.ceil(128 / img_size))
     lut = colormap_lut(config.cmap)
     mask = disc_mask(img_size, img_size)[0, 0].bool() if needs_mask(rotations) else None
-    out_dir = Path(config.out).expanduser()
     columns = ["input"] + [f"stage {i + 1} p={p:g}" for i, p in zip(stages, powers)]
     rows_text = [f"{a:g}°" for a in rotations]
 
