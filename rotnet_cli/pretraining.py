@@ -133,7 +133,12 @@ def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device: torch.de
 
 def lr_factor(step: int, cfg: PretrainConfig, steps_per_epoch: int) -> float:
     """The schedule's multiple of the peak lr at a global step: linear warm-up, then cosine, or
-    the paper's step decay at epoch milestones. Per step (a warm-up of 0.5 epochs is 0.5 epochs)."""
+    the paper's step decay at epoch milestones. Per step (a warm-up of 0.5 epochs is 0.5 epochs).
+
+    Only the shape is written here, for torch's LambdaLR to apply: timm's schedulers start the
+    warm-up from a separate initial lr and by default count it as part of the decay, which
+    would move the paper's milestones.
+    """
     total = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     if step < warmup:

@@ -31,7 +31,7 @@ _ACTION_STYLE = {"fixed": "green", "skipped-low-confidence": "yellow", "unreadab
 def predict(
     ctx: typer.Context,
     weights: WeightsArg,
-    inputs: Annotated[list[str], typer.Argument(help="Image files and folders (searched recursively).", metavar="IMAGES...", show_default=False)],
+    inputs: Annotated[list[str], typer.Argument(help="Image files and folders (searched recursively).", metavar="images", show_default=False)],
     tta: Annotated[bool, typer.Option("--tta", help="Test-time agreement: also predict the image's rotated copies and combine their votes.")] = False,
     fix: Annotated[bool, typer.Option("--fix", help="Write an upright copy of each rotated image to --out (exact for multiples of 90; originals never change).")] = False,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Folder for the upright copies and predictions.csv/.json (folder inputs are mirrored).")] = None,
