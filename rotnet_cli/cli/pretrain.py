@@ -41,6 +41,7 @@ def pretrain(
     batch_size: BatchSizeOpt = 128,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default 0.1 for SGD as in the paper, 1e-3 for AdamW).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay (default 5e-4 SGD, 0.05 AdamW).")] = None,
+    decay_all_params: Annotated[bool, typer.Option("--decay-all-params", help="Weight decay on norms and biases too (the official RotNet code); by default they are exempt, as in timm.")] = False,
     momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum (Nesterov).")] = 0.9,
     optimizer: Annotated[str, typer.Option("--optimizer", "--opt", help="sgd (Nesterov, the paper) or adamw.")] = "sgd",
     schedule: Annotated[str, typer.Option("--schedule", "--sched", help="cosine, or step (with --milestones and --gamma).")] = "cosine",
@@ -70,8 +71,19 @@ def pretrain(
     from ..pretraining import pretrain as run_pretrain, resume_config
     from ..runtime import dist_from_env
 
-    if resume_dir:  # the saved config, with the options given on this command line (they must agree with it)
-        config = resume_config(resume_dir, {name: value for name, value in ctx.params.items() if _given(ctx, name)})
+    values = {
+        "model": model, "data": data, "data_dir": data_dir, "download": download, "val_split": val_split,
+        "rotations": parse_rotations(rotations), "copies": copies, "epochs": epochs, "batch_size": batch_size,
+        "lr": lr, "weight_decay": weight_decay, "decay_all_params": decay_all_params, "momentum": momentum, "optimizer": optimizer, "schedule": schedule,
+        "milestones": parse_int_list("--milestones", milestones), "gamma": gamma, "warmup_epochs": warmup_epochs,
+        "img_size": img_size, "augment": augment, "workers": workers, "seed": seed, "init": init, "device": device,
+        "precision": precision, "channels_last": channels_last, "compile": compile, "cache": cache,
+        "strict_data": strict_data, "out": out, "overwrite": overwrite, "save_every": save_every,
+        "log_every": log_every, "max_steps_per_epoch": max_steps_per_epoch,
+    }
+    if resume:
+        given = {k: v for k, v in values.items() if _given(ctx, k)}
+        config = resume_config(resume, given)
     else:
         config = PretrainConfig.from_dict(ctx.params)
 
