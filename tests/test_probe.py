@@ -251,3 +251,21 @@ def test_quick_recipe_uses_the_cache_and_no_augmentation(run_dir, monkeypatch):
     result = probe_lib.probe(ProbeConfig(weights=str(run_dir), heads=("linear",), layers=(-1,), epochs=2,
                                          labels_per_class=5, device="cpu", workers=0, save=False))
     assert result.features == "cached" and result.epochs == {"linear": 2} and result.rows[0].best == {}
+
+
+def test_pooled_heads_train_on_one_cpu_thread_and_the_count_comes_back(run_dir, monkeypatch):
+    threads, real = [], probe_lib.train_heads
+
+    def train_heads(*args, **kwargs):
+        threads.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probe_lib, "train_heads", train_heads)
+    torch.set_num_threads(2)
+    try:
+        probe_lib.probe(ProbeConfig(weights=str(run_dir), heads=("linear", "conv"), layers=(-1,), epochs=1,
+                                    labels_per_class=5, device="cpu", workers=0, save=False))
+        assert threads == [1, 2]  # linear: small steps on one thread; conv keeps the process's threads
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)  # the suite's setting (conftest)
