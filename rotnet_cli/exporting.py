@@ -27,11 +27,10 @@ from . import rundir
 from ._version import __version__
 from .checkpoint import write_text
 from .config import ExportConfig, format_rotations
-from .errors import OutputError, WeightsError
-from .models import EXPORT_CONFIG, EXPORT_HEAD, EXPORT_WEIGHTS, RUN_CONFIG, LoadedWeights, load_weights
-from .pretraining import METRICS
-from .errors import OutputError
-from .probing import PROBE_FILE, read_probe_results
+from .errors import DataError, OutputError, WeightsError
+from .events import Progress, TaskProgress, ignore
+from .rundir import EXPORT_CONFIG, EXPORT_HEAD, EXPORT_WEIGHTS, MODEL_CARD
+from .weights import LoadedWeights, load_weights
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -213,11 +212,9 @@ def _run_record(loaded: LoadedWeights) -> dict[str, Any]:
     partial run, a probe.json from elsewhere) leaves its facts out of the card, not the export.
     """
     info = loaded.info or {}
-    rotations = list(loaded.rotations) if loaded.rotations else _maybe_json(info.get("rotations"))
-    if not isinstance(rotations, list) or not rotations:
-        rotations = None
-    record: dict[str, Any] = {"rotations": rotations, "data": info.get("data"), "epochs": _maybe_json(info.get("epochs")),
-                              "val_rot_acc": _maybe_json(info.get("val_rot_acc")), "probes": []}
+    rotations = list(loaded.rotations) if loaded.rotations else info.get("rotations")
+    record: dict[str, Any] = {"rotations": rotations if isinstance(rotations, list) and rotations else None, "data": info.get("data"), "epochs": info.get("epochs"),
+                              "val_rot_acc": info.get("val_rot_acc"), "probes": []}
     if loaded.run_dir is None:
         return record
     try:
@@ -232,17 +229,7 @@ def _run_record(loaded: LoadedWeights) -> dict[str, Any]:
         record["epochs"] = rows[-1].get("epoch", len(rows))
         record["val_rot_acc"] = rows[-1].get("val_rot_acc")
     try:
-        record["probes"] = read_probe_results(loaded.run_dir / PROBE_FILE)
-    except OutputError:  # a file rotnet cannot read: the card goes without probe results
-        record["probes"] = []
-    return record
-
-
-def _maybe_json(text: Any) -> Any:
-    if not isinstance(text, str):
-        return text
-    try:
-        record["probe"] = rundir.read_probe(loaded.run_dir)
+        record["probes"] = rundir.read_probe(loaded.run_dir)  # every setting probed
     except DataError:
         pass
     return record

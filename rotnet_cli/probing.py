@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import os
 import time
@@ -53,10 +52,10 @@ from torch import nn
 from . import data as data_lib
 from . import rundir
 from ._version import __version__
-from .checkpoint import write_json
 from .config import TRAINED_HEADS, HeadRecipe, ProbeConfig
 from .errors import ConfigError, DataError, OutputError
-from .models import LoadedWeights, forward_stages, load_weights, num_stages, resolve_stages
+from .events import DeviceChosen, Message, Progress, TaskProgress, WarningMessage, ignore
+from .models import forward_stages, num_stages, resolve_stages
 from .runtime import autocast, configure_backends, describe_device, resolve_device, resolve_precision, seed_everything
 from .weights import LoadedWeights, load_weights
 
@@ -65,7 +64,6 @@ CONV_WIDTH = 192  # the paper's "RotNet + conv": a NIN block of 192 channels
 # Spatial maps beyond this many bytes (float32) are cached as bfloat16, halving their memory.
 SPATIAL_FP32_BYTES = 2 * 2**30
 KNN_CHUNK = 1024  # validation images compared with the whole training bank at once
-PROBE_FORMAT = "rotnet-probe-results"  # probe.json: {"format": ..., "results": [one per setting]}
 FUSED_OPTIMIZER_DEVICES = ("cuda", "cpu")  # where torch has fused SGD and AdamW kernels
 
 
@@ -149,7 +147,7 @@ def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
             f"--img-size {cfg.img_size}: {cfg.weights} was trained at {main.img_size} px and is probed at that size; "
             "drop --img-size (it sets the size of timm:NAME and random:NAME weights)"
         )
-    save_to = Path(main.run_dir) / PROBE_FILE if cfg.save and main.run_dir is not None else None
+    save_to = Path(main.run_dir) if cfg.save and main.run_dir is not None else None
     if save_to is not None:
         check_saved_result(save_to, cfg)  # before the work: a clash is known now, not after an hour of training
     backbones = [("run", main)] + [
@@ -159,14 +157,14 @@ def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
     stages = [resolve_stages(cfg.layers, num_stages(w.backbone), label) for label, w in backbones]
 
     # -- data: labelled uint8 train and validation sets at the size the weights were trained at
-    train_set, val_set, num_classes = labelled_splits(cfg, main.img_size, emit)
+    train_set, val_set, num_classes, skipped = labelled_splits(cfg, main.img_size, emit)
     trained = [h for h in cfg.heads if h in TRAINED_HEADS]
     augmented = trained if cfg.resolved_features == "augmented" else []
-    emit("message", {"message": (
+    emit(Message(
         f"{main.model_name} at {main.img_size} px: {len(train_set)} training / {len(val_set)} validation images, "
         f"{num_classes} classes; stages {','.join(map(str, stages[0]))}; heads {','.join(cfg.heads)}; "
         f"recipe {cfg.recipe}" + (f" ({','.join(augmented)} on augmented images, features recomputed every batch)" if augmented else "")
-    )})
+    ))
 
     # -- features: one forward pass per batch for all stages of all backbones, cached for the heads that read a cache
     shapes = stage_shapes(backbones, stages, main.img_size, device)  # (C, H, W) per row
@@ -200,7 +198,7 @@ def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
             ]
             for row, acc in zip(rows, accuracies):
                 row.accuracy[head] = acc
-            emit("task", {"id": "knn", "description": "knn vote", "done": 1, "total": 1})
+            emit(TaskProgress("knn", "knn vote", 1, 1))
         else:
             counter = _Counter(emit, f"train-{head}", f"training {head} heads", trainers[head].recipe.epochs)
             with one_thread_for_small_steps(device, trainers[head].view):
@@ -209,8 +207,8 @@ def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
         train_seconds[head] = time.perf_counter() - t_head
     if augmented:
         t_heads = time.perf_counter()
-        train_heads_on_augmented_images([trainers[h] for h in augmented], backbones, stages, train_set, val_set, cfg,
-                                        main.img_size, device, precision, emit)
+        skipped = (*skipped, *train_heads_on_augmented_images([trainers[h] for h in augmented], backbones, stages, train_set,
+                                                              val_set, cfg, main.img_size, device, precision, emit))
         train_seconds["+".join(augmented)] = time.perf_counter() - t_heads
     for head, trainer in trainers.items():
         for row, last, (best, epoch) in zip(rows, trainer.last_accuracy(), trainer.best_accuracy()):
@@ -227,7 +225,7 @@ def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
         reports_best=cfg.protocol.reports_best, num_classes=num_classes, train_images=len(train_set),
         val_images=len(val_set), labels_per_class=cfg.labels_per_class, rows=rows, extract_seconds=extract_seconds,
         train_seconds=train_seconds, setting=cfg.setting(),
-        skipped_files=list(train_set.skipped) + [s for s in val_set.skipped if s not in train_set.skipped],
+        skipped_files=list(dict.fromkeys([*skipped, *(train.skipped if train else []), *(val.skipped if val else [])])),
     )
     if save_to is not None:
         result.saved_to = save_result(save_to, result, cfg.overwrite)
@@ -237,48 +235,24 @@ def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
 # ----------------------------------------------------------------------------- probe.json
 
 
-def read_probe_results(path: Path) -> list[dict]:
-    """Every result a probe.json holds, one per setting ([] when there is no file).
-
-    A file written before results were kept per setting (one result at the top level) is read as a
-    list of one. Raises OutputError for a file rotnet cannot read: nothing may replace it unasked.
-    """
-    if not path.exists():
-        return []
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise OutputError(f"{path} is not readable as probe results ({str(e).splitlines()[0][:80]}); move it away, "
-                          "or probe with --no-save") from None
-    if isinstance(saved, dict) and saved.get("format") == PROBE_FORMAT and isinstance(saved.get("results"), list):
-        results = saved["results"]
-    elif isinstance(saved, dict) and isinstance(saved.get("rows"), list):
-        results = [saved]
-    else:
-        raise OutputError(f"{path} does not hold rotnet probe results; move it away, or probe with --no-save")
-    if not all(isinstance(r, dict) for r in results):
-        raise OutputError(f"{path} holds a result that is not an object; move it away, or probe with --no-save")
-    return results
-
-
-def check_saved_result(path: Path, cfg: ProbeConfig) -> None:
+def check_saved_result(run_dir: Path, cfg: ProbeConfig) -> None:
     """Refuse, before any work, a probe whose setting probe.json already holds (unless --overwrite)."""
-    same = [r for r in read_probe_results(path) if r.get("setting") == cfg.setting()]
+    same = [r for r in rundir.read_probe(run_dir) if r.get("setting") == cfg.setting()]
     if same and not cfg.overwrite:
         raise OutputError(
-            f"{path} already holds a result with these settings (from {same[0].get('created', 'an earlier probe')}); "
-            "pass --overwrite to replace it, or --no-save"
+            f"{Path(run_dir) / rundir.PROBE} already holds a result with these settings (from "
+            f"{same[0].get('created', 'an earlier probe')}); pass --overwrite to replace it, or --no-save"
         )
 
 
-def save_result(path: Path, result: ProbeResult, overwrite: bool) -> Path:
+def save_result(run_dir: Path, result: ProbeResult, overwrite: bool) -> Path:
     """Add ``result`` to probe.json, replacing a result of the same setting only when ``overwrite``."""
     new = result.to_dict()
-    results = read_probe_results(path)  # again: another probe may have saved since the check
+    results = rundir.read_probe(run_dir)  # again: another probe may have saved since the check
     if any(r.get("setting") == new["setting"] for r in results) and not overwrite:
-        raise OutputError(f"{path} already holds a result with these settings; pass --overwrite to replace it, or --no-save")
-    results = [r for r in results if r.get("setting") != new["setting"]] + [new]
-    return write_json(path, {"format": PROBE_FORMAT, "results": results})
+        raise OutputError(f"{Path(run_dir) / rundir.PROBE} already holds a result with these settings; "
+                          "pass --overwrite to replace it, or --no-save")
+    return rundir.write_probe(run_dir, [r for r in results if r.get("setting") != new["setting"]] + [new])
 
 
 class _Counter:
@@ -495,6 +469,7 @@ def extract_features(
     filled = 0
     order = torch.arange(len(images))
     for batch in data_lib.iterate_batches(images, order, cfg.resolved_batch_size, device, drop_last=False, workers=cfg.workers):
+        cache.skipped += batch.skipped
         rows = slice(filled, filled + len(batch.images))
         cache.labels[rows] = batch.labels.to(plan.device)
         for r, fmap in enumerate(stage_features(backbones, stages, batch.images, device, precision)):
@@ -741,8 +716,9 @@ def train_heads_on_augmented_images(
     trainers: list[HeadTrainer], backbones: list[tuple[str, LoadedWeights]], stages: list[list[int]],
     train_set: data_lib.ImageSet, val_set: data_lib.ImageSet, cfg: ProbeConfig, img_size: int, device: torch.device,
     precision: str, emit: Progress,
-) -> None:
-    """Train every head on features recomputed for each batch of randomly cropped and flipped images.
+) -> list[str]:
+    """Train every head on features recomputed for each batch of randomly cropped and flipped images;
+    returns the files that could not be read while streaming (none for images in memory).
 
     The official classifiers' protocol: RandomCrop(32, padding=4) + horizontal flip (dataloader.py l. 152-153),
     frozen backbones in eval mode (Algorithm.py l. 253), every partial last batch kept (tnt's loader does not drop
@@ -758,6 +734,7 @@ def train_heads_on_augmented_images(
     epochs = max(trainer.recipe.epochs for trainer in trainers)
     names = "+".join(trainer.kind for trainer in trainers)
     counter = _Counter(emit, "train-augmented", f"training {names} heads on augmented images", epochs)
+    skipped: list[str] = []
     for epoch in range(epochs):
         active = [trainer for trainer in trainers if epoch < trainer.recipe.epochs]
         for trainer in active:
@@ -765,6 +742,7 @@ def train_heads_on_augmented_images(
         order = data_lib.epoch_order(n, cfg.seed, epoch)
         batches = data_lib.iterate_batches(train_set, order, batch_size, device, drop_last=False, workers=cfg.workers)
         for step, batch in enumerate(batches):
+            skipped += [path for path in batch.skipped if path not in skipped]
             if len(batch.images) < 2:  # a last batch of one image: BatchNorm cannot train on it
                 continue
             # the crop and flip of a step are a function of (seed, epoch, step), like pretraining's
@@ -776,6 +754,7 @@ def train_heads_on_augmented_images(
                                    device, precision)
         evaluate_on_images(active, backbones, stages, val_set, views, epoch, cfg, device, precision)
         counter.step()
+    return skipped
 
 
 @torch.no_grad()
@@ -819,5 +798,5 @@ def knn_accuracy(
 
 __all__ = [
     "probe", "ProbeResult", "ProbeRow", "keep_per_class", "knn_accuracy", "stage_features", "extract_features",
-    "train_heads", "train_heads_on_augmented_images", "HeadTrainer", "read_probe_results", "PROBE_FILE",
+    "train_heads", "train_heads_on_augmented_images", "HeadTrainer",
 ]

@@ -23,21 +23,19 @@ The smoke mode runs the same steps on the built-in digits for a few steps, in it
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import rundir
 from .config import (
-    PRETRAIN_SCHEDULES, RESUME_FREE_OPTIONS, PretrainConfig, ProbeConfig, ReproduceConfig, SupervisedConfig,
+    PRETRAIN_SCHEDULES, PretrainConfig, ProbeConfig, ReproduceConfig, SupervisedConfig,
     format_rotations,
 )
-from .errors import ConfigError, OutputError
-from .models import RUN_CHECKPOINT, RUN_CONFIG, RUN_WEIGHTS
+from .errors import ConfigError, DataError, OutputError
+from .events import Message, Progress, ignore
 from .pretraining import pretrain
-from .probing import PROBE_FILE, probe, read_probe_results
+from .probing import probe
 from .supervised import train_supervised
-
-Progress = Callable[[str, dict], None]
 
 FOUR = (0.0, 90.0, 180.0, 270.0)
 EIGHT = tuple(float(a) for a in range(0, 360, 45))
@@ -130,34 +128,34 @@ def supervised_config(cfg: ReproduceConfig, out: Path) -> SupervisedConfig:
 
 def reproduce(cfg: ReproduceConfig, progress: Progress | None = None) -> ReproduceResult:
     """Run Tables 1-3 of the paper's CIFAR-10 study; see the module docstring."""
-    emit = progress or (lambda kind, info: None)
+    emit = progress or ignore
     out = Path(cfg.out_dir).expanduser()
     result = ReproduceResult(out_dir=out, smoke=cfg.smoke, schedule=cfg.schedule)
     table3: dict[str, ReproduceRow] = {}
     for name, rotations, paper_block2 in ROTATION_STUDY:
         run = out / ("nin4-rot" + format_rotations(rotations).replace(",", "-"))
         result.runs[name] = str(run)
-        emit("message", {"message": f"[{name}] pretraining rotnet_nin4 -> {run}"})
+        emit(Message(f"[{name}] pretraining rotnet_nin4 -> {run}"))
         pretrain_once(pretrain_config(cfg, rotations, run), emit, progress)
         if rotations == FOUR:
-            emit("message", {"message": f"[{name}] the non-linear classifier on every block (Tables 1-3)"})
+            emit(Message(f"[{name}] the non-linear classifier on every block (Tables 1-3)"))
             mlp = probe_once(probe_config(cfg, run, (1, 2, 3, 4), ("mlp",)), emit, progress)
             for stage in (1, 2, 3, 4):
                 result.rows.append(_row(mlp, "1", name, "run", stage, "mlp", TABLE1_PAPER[stage]))
             result.rows.append(_row(mlp, "2", name, "run", 2, "mlp", paper_block2))
             table3["RotNet + non-linear"] = _row(mlp, "3", "RotNet + non-linear", "run", 2, "mlp", TABLE3_PAPER["RotNet + non-linear"])
-            emit("message", {"message": f"[{name}] the conv classifier on block 2, and on a random NIN's (Table 3)"})
+            emit(Message(f"[{name}] the conv classifier on block 2, and on a random NIN's (Table 3)"))
             conv = probe_once(probe_config(cfg, run, (2,), ("conv",), compare=("random",)), emit, progress)
             table3["RotNet + conv"] = _row(conv, "3", "RotNet + conv", "run", 2, "conv", TABLE3_PAPER["RotNet + conv"])
             table3["Random init + conv"] = _row(conv, "3", "Random init + conv", "random", 2, "conv", TABLE3_PAPER["Random init + conv"])
         else:
-            emit("message", {"message": f"[{name}] the non-linear classifier on block 2 (Table 2)"})
+            emit(Message(f"[{name}] the non-linear classifier on block 2 (Table 2)"))
             mlp = probe_once(probe_config(cfg, run, (2,), ("mlp",)), emit, progress)
             result.rows.append(_row(mlp, "2", name, "run", 2, "mlp", paper_block2))
 
     supervised_dir = out / "supervised-nin3"
     result.runs["Supervised NIN"] = str(supervised_dir)
-    emit("message", {"message": f"[Supervised NIN] training rotnet_nin3 on the labels -> {supervised_dir}"})
+    emit(Message(f"[Supervised NIN] training rotnet_nin3 on the labels -> {supervised_dir}"))
     supervised = train_supervised(supervised_config(cfg, supervised_dir), progress)
     table3["Supervised NIN"] = ReproduceRow(
         "3", "Supervised NIN", None, "nin3", _pct(supervised.accuracy), _pct(supervised.best_accuracy),
@@ -176,30 +174,29 @@ def pretrain_once(wanted: PretrainConfig, emit: Progress, progress: Progress | N
     if saved is not None:
         differences = [
             f"{name} {_show(getattr(saved, name))} instead of {_show(getattr(wanted, name))}"
-            for name in PretrainConfig.__dataclass_fields__
-            if name not in RESUME_FREE_OPTIONS and getattr(saved, name) != getattr(wanted, name)
+            for name in (f.name for f in dataclasses.fields(PretrainConfig) if not f.metadata.get("resume_free"))
+            if getattr(saved, name) != getattr(wanted, name)
         ]
         if differences:
             raise OutputError(
                 f"{run} holds a run with other settings ({'; '.join(differences[:3])}); give another --out, or move it away"
             )
-        if (run / RUN_WEIGHTS).is_file():
-            emit("message", {"message": f"{run} has finished with these settings: reused"})
+        if (run / rundir.WEIGHTS).is_file():
+            emit(Message(f"{run} has finished with these settings: reused"))
             return
-    resume = (run / RUN_CHECKPOINT).is_file()
+    resume = (run / rundir.CHECKPOINT).is_file()
     # a run that stopped before its first checkpoint, with these settings, starts again in its folder
     pretrain(dataclasses.replace(wanted, resume=resume, overwrite=saved is not None and not resume), progress)
 
 
 def _saved_pretrain_config(run: Path) -> PretrainConfig | None:
     """The settings a run directory was started with (None when it has none), validated like user input."""
-    path = run / RUN_CONFIG
-    if not path.is_file():
+    if not (run / rundir.CONFIG).is_file():
         return None
     try:
-        return PretrainConfig.from_dict(json.loads(path.read_text())["config"])
-    except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
-        raise OutputError(f"{path} is not a readable rotnet run config ({str(e).splitlines()[0][:80]}); "
+        return PretrainConfig.from_dict(rundir.read_config(run)["config"])
+    except (DataError, ConfigError, KeyError, TypeError) as e:
+        raise OutputError(f"{run / rundir.CONFIG} is not a rotnet run config ({str(e).splitlines()[0][:80]}); "
                           "give another --out, or move it away") from None
 
 
@@ -209,10 +206,9 @@ def _show(value) -> str:
 
 def probe_once(cfg: ProbeConfig, emit: Progress, progress: Progress | None) -> dict:
     """The probe's result as probe.json keeps it: the saved one of the same setting, or a new one."""
-    path = Path(cfg.weights) / PROBE_FILE
-    for saved in read_probe_results(path):
+    for saved in rundir.read_probe(Path(cfg.weights)):
         if saved.get("setting") == cfg.setting():
-            emit("message", {"message": f"{path} holds this probe already: reused"})
+            emit(Message(f"{Path(cfg.weights) / rundir.PROBE} holds this probe already: reused"))
             return saved
     return probe(cfg, progress).to_dict()
 
@@ -225,7 +221,7 @@ def _row(result: dict, table: str, experiment: str, weights: str, stage: int, he
         return ReproduceRow(table, experiment, stage, head, _pct(row[head]), _pct(best["accuracy"]), best["epoch"], paper)
     except (KeyError, TypeError, StopIteration):
         raise OutputError(f"the probe result of {result.get('weights')} has no {head} accuracy for {weights} block {stage}; "
-                          f"move its {PROBE_FILE} away and run again") from None
+                          f"move its {rundir.PROBE} away and run again") from None
 
 
 def _pct(accuracy: float) -> float:

@@ -20,8 +20,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +28,7 @@ from ._version import __version__
 from .checkpoint import write_json
 from .config import HeadRecipe, SupervisedConfig, json_safe
 from .errors import OutputError
+from .events import DeviceChosen, Message, Progress, TaskProgress, ignore
 from .models import create_backbone, data_config
 from .probing import head_lr, labelled_splits, make_head_optimizer
 from .runtime import autocast, configure_backends, describe_device, resolve_device, resolve_precision, seed_everything
@@ -38,8 +37,6 @@ SUPERVISED_FILE = "supervised.json"
 SUPERVISED_FORMAT = "rotnet-supervised"
 # SupervisedConfig fields that do not change what is measured
 RUN_OPTIONS = ("data_dir", "download", "device", "workers", "out")
-
-Progress = Callable[[str, dict], None]
 
 
 @dataclass
@@ -89,16 +86,16 @@ def saved_result(cfg: SupervisedConfig) -> SupervisedResult | None:
 
 def train_supervised(cfg: SupervisedConfig, progress: Progress | None = None) -> SupervisedResult:
     """Train ``cfg.model`` with a fresh classifier on the labels of ``cfg.data``; see the module docstring."""
-    emit = progress or (lambda kind, info: None)
+    emit = progress or ignore
     reused = saved_result(cfg)
     if reused is not None:
-        emit("message", {"message": f"supervised {cfg.model}: reusing {Path(cfg.out) / SUPERVISED_FILE}"})
+        emit(Message(f"supervised {cfg.model}: reusing {Path(cfg.out) / SUPERVISED_FILE}"))
         return reused
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     configure_backends(device)
     seed_everything(cfg.seed)
-    emit("device", {"device": describe_device(device), "precision": precision})
+    emit(DeviceChosen(describe_device(device), precision))
 
     # -- model: timm's own classifier on the headless backbone
     img_size = cfg.img_size or data_lib.native_size(cfg.data)
@@ -106,7 +103,7 @@ def train_supervised(cfg: SupervisedConfig, progress: Progress | None = None) ->
     dcfg = data_config(model)
     img_size = img_size or int(dcfg["input_size"][-1])
     mean, std = tuple(dcfg["mean"]), tuple(dcfg["std"])
-    train_set, val_set, num_classes = labelled_splits(cfg, img_size, emit)
+    train_set, val_set, num_classes, _ = labelled_splits(cfg, img_size, emit)
     model.reset_classifier(num_classes)
     model.to(device)
 
@@ -119,8 +116,8 @@ def train_supervised(cfg: SupervisedConfig, progress: Progress | None = None) ->
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     padding = max(1, img_size // 8)  # RandomCrop(32, padding=4) at 32 px
-    emit("message", {"message": f"supervised {cfg.model} at {img_size} px: {n} training / {len(val_set)} validation "
-                                f"images, {num_classes} classes, {cfg.epochs} epochs"})
+    emit(Message(f"supervised {cfg.model} at {img_size} px: {n} training / {len(val_set)} validation images, "
+                 f"{num_classes} classes, {cfg.epochs} epochs"))
 
     t0 = time.perf_counter()
     last = best = torch.zeros((), device=device)
@@ -145,8 +142,8 @@ def train_supervised(cfg: SupervisedConfig, progress: Progress | None = None) ->
         last = evaluate(model, val_set, mean, std, batch_size, cfg.workers, device, precision)
         better = last > best
         best, best_epoch = torch.where(better, last, best), torch.where(better, epoch + 1, best_epoch)
-        emit("task", {"id": "supervised", "description": f"training {cfg.model} on the labels", "done": epoch + 1,
-                      "total": cfg.epochs, "stats": f"val top-1 {100 * last.item():.1f}%"})
+        emit(TaskProgress("supervised", f"training {cfg.model} on the labels (val top-1 {100 * last.item():.1f}%)",
+                          epoch + 1, cfg.epochs))
 
     result = SupervisedResult(
         model=cfg.model, data=cfg.data, img_size=img_size, epochs=cfg.epochs, accuracy=round(last.item(), 4),

@@ -71,19 +71,8 @@ def pretrain(
     from ..pretraining import pretrain as run_pretrain, resume_config
     from ..runtime import dist_from_env
 
-    values = {
-        "model": model, "data": data, "data_dir": data_dir, "download": download, "val_split": val_split,
-        "rotations": parse_rotations(rotations), "copies": copies, "epochs": epochs, "batch_size": batch_size,
-        "lr": lr, "weight_decay": weight_decay, "decay_all_params": decay_all_params, "momentum": momentum, "optimizer": optimizer, "schedule": schedule,
-        "milestones": parse_int_list("--milestones", milestones), "gamma": gamma, "warmup_epochs": warmup_epochs,
-        "img_size": img_size, "augment": augment, "workers": workers, "seed": seed, "init": init, "device": device,
-        "precision": precision, "channels_last": channels_last, "compile": compile, "cache": cache,
-        "strict_data": strict_data, "out": out, "overwrite": overwrite, "save_every": save_every,
-        "log_every": log_every, "max_steps_per_epoch": max_steps_per_epoch,
-    }
-    if resume:
-        given = {k: v for k, v in values.items() if _given(ctx, k)}
-        config = resume_config(resume, given)
+    if resume_dir:  # the saved config, with the options given on this command line (they must agree with it)
+        config = resume_config(resume_dir, {name: value for name, value in ctx.params.items() if _given(ctx, name)})
     else:
         config = PretrainConfig.from_dict(ctx.params)
 

@@ -36,7 +36,7 @@ def probe(
     val_data: Annotated[Optional[str], typer.Option("--val-data", help="Labelled validation data (same classes); default: the dataset's own split, else --val-split.")] = None,
     val_split: Annotated[float, typer.Option("--val-split", help="Share of the labelled images held out for validation (stratified, seeded).")] = 0.2,
     layers: Annotated[str, typer.Option("--layers", help="Stages to probe: all, or 1-based indices such as 1,2,-1 (negative: from the last).")] = "all",
-    head: Annotated[str, typer.Option("--head", help="Comma list of linear (BN + linear on pooled features), mlp (2x200 hidden, BN + ReLU), knn (cosine k-NN vote), conv (NIN block + linear on spatial maps).")] = "linear,knn",
+    heads: Annotated[str, typer.Option("--head", help="Comma list of linear (BN + linear on pooled features), mlp (2x200 hidden, BN + ReLU), knn (cosine k-NN vote), conv (NIN block + linear on spatial maps).")] = "linear,knn",
     pool: Annotated[str, typer.Option("--pool", help="How the mlp head sees a stage: avg or max (global pooling) or flatten (every position).")] = "avg",
     recipe: Annotated[str, typer.Option("--recipe", help="quick: features extracted once, AdamW, cosine, 100 epochs, batch 256. paper: the official code's classifier training (features of cropped+flipped images recomputed every batch, SGD Nesterov lr 0.1, weight decay 5e-4, lr/5 steps, mlp 50 / conv 100 epochs, batch 128, fp32, best and last epoch).")] = "quick",
     features: Annotated[Optional[str], typer.Option("--features", help="cached (extracted once: fast) or augmented (recomputed every batch from cropped+flipped images: epochs x one forward pass); default: the recipe's.")] = None,
@@ -59,13 +59,7 @@ def probe(
     """Measure frozen features: a classifier per stage and head, top-1 on held-out labelled images."""
     from ..probing import probe as run_probe
 
-    config = ProbeConfig(
-        weights=weights, data=data, data_dir=data_dir, download=download, val_data=val_data, val_split=val_split,
-        layers=layers, heads=head, pool=pool, recipe=recipe, features=features, epochs=epochs, lr=lr,
-        weight_decay=weight_decay, batch_size=batch_size, overwrite=overwrite,
-        labels_per_class=labels_per_class, knn_k=knn_k, compare=compare or (), img_size=img_size, workers=workers, seed=seed,
-        device=device, precision=precision, save=save,
-    )
+    config = ProbeConfig.from_dict(ctx.params)
     with ProgressView(err_console, title="probe") as view:
         result = run_probe(config, progress=view)
 

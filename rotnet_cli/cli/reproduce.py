@@ -40,8 +40,7 @@ def reproduce(
     """Pretrain the paper's NIN on CIFAR-10 with its recipe, probe every block, print the paper's tables beside ours."""
     from ..reproduction import reproduce as run_reproduce
 
-    config = ReproduceConfig(recipe=recipe, data=data, data_dir=data_dir, download=download, out=out, schedule=schedule,
-                             smoke=smoke, device=device, precision=precision, workers=workers, seed=seed)
+    config = ReproduceConfig.from_dict(ctx.params)
     with ProgressView(err_console, title="reproduce") as view:
         result = run_reproduce(config, progress=view)
     if json_out:
