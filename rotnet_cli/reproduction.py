@@ -172,14 +172,11 @@ def pretrain_once(wanted: PretrainConfig, emit: Progress, progress: Progress | N
     run = Path(wanted.out)
     saved = _saved_pretrain_config(run)
     if saved is not None:
-        differences = [
-            f"{name} {_show(getattr(saved, name))} instead of {_show(getattr(wanted, name))}"
-            for name in (f.name for f in dataclasses.fields(PretrainConfig) if not f.metadata.get("resume_free"))
-            if getattr(saved, name) != getattr(wanted, name)
-        ]
+        differences = saved.contradictions(wanted, [f.name for f in dataclasses.fields(PretrainConfig)])
         if differences:
             raise OutputError(
-                f"{run} holds a run with other settings ({'; '.join(differences[:3])}); give another --out, or move it away"
+                f"{run} holds a run with other settings (this recipe asks {'; '.join(differences[:3])}); "
+                "give another --out, or move it away"
             )
         if (run / rundir.WEIGHTS).is_file():
             emit(Message(f"{run} has finished with these settings: reused"))
@@ -198,10 +195,6 @@ def _saved_pretrain_config(run: Path) -> PretrainConfig | None:
     except (DataError, ConfigError, KeyError, TypeError) as e:
         raise OutputError(f"{run / rundir.CONFIG} is not a rotnet run config ({str(e).splitlines()[0][:80]}); "
                           "give another --out, or move it away") from None
-
-
-def _show(value) -> str:
-    return format_rotations(value) if isinstance(value, tuple) and value and isinstance(value[0], float) else repr(value)
 
 
 def probe_once(cfg: ProbeConfig, emit: Progress, progress: Progress | None) -> dict:

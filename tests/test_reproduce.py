@@ -60,6 +60,6 @@ def test_the_full_recipe_never_takes_a_smoke_run_for_its_own(smoke):
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     full = CliRunner().invoke(app, ["reproduce", "paper-cifar10", "--out", str(out), "--device", "cpu"])
     assert full.exit_code == 1
-    assert "holds a run with other settings" in full.output and "data 'digits' instead of 'cifar10'" in full.output
+    assert "holds a run with other settings" in full.output and "--data cifar10 (the run used digits)" in full.output
     assert "Traceback" not in full.output
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
