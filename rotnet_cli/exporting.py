@@ -257,7 +257,7 @@ def probe_section(probe: Any) -> list[str]:
         trained = f"each head {epochs if epochs is not None else '?'} epochs"
     recipe = probe.get("recipe")
     lines = [
-        f"Frozen-feature probes (`rotnet probe`{f' --recipe {recipe}' if recipe else ''}) on {probe.get('data', '?')}"
+        f"Frozen-feature probes (`rotnet probe{f' --recipe {recipe}' if recipe else ''}`) on {probe.get('data', '?')}"
         f"{_labels_note(probe.get('labels_per_class'))}: top-1 accuracy on {probe.get('val_images', '?')} held-out images "
         f"after the last epoch ({trained}{_features_note(probe.get('features'))}), each head on the frozen features of one stage.",
         "", "| weights | stage | C x H x W | " + " | ".join(map(_cell, heads)) + " |", "|" + "---|" * (3 + len(heads)),
