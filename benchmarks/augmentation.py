@@ -32,15 +32,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, machine  # noqa: E402
+from _common import emit, machine
 
-from rotnet_cli import data as data_lib  # noqa: E402
-from rotnet_cli.config import PretrainConfig, ProbeConfig  # noqa: E402
-from rotnet_cli.pretraining import pretrain  # noqa: E402
-from rotnet_cli.probing import probe  # noqa: E402
+from rotnet_cli import data as data_lib
+from rotnet_cli.config import PretrainConfig, ProbeConfig
+from rotnet_cli.pretraining import pretrain
+from rotnet_cli.probing import probe
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle")  # colour photos with an up and a down
 HEADS = ("linear", "knn")

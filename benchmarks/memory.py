@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, machine, peak_rss_mb  # noqa: E402
+from _common import emit, machine, peak_rss_mb
 
 
 def child(kind: str, args) -> None:

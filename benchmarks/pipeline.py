@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, machine  # noqa: E402
+from _common import emit, machine
 
-from rotnet_cli import data as data_lib  # noqa: E402
-from rotnet_cli.config import PretrainConfig, default_workers  # noqa: E402
-from rotnet_cli.models import RotNet, create_backbone, data_config  # noqa: E402
-from rotnet_cli.pretraining import make_optimizer, pretrain  # noqa: E402
-from rotnet_cli.runtime import autocast, configure_backends, resolve_device, resolve_precision  # noqa: E402
+from rotnet_cli import data as data_lib
+from rotnet_cli.config import PretrainConfig, default_workers
+from rotnet_cli.models import RotNet, create_backbone, data_config, rotation_head
+from rotnet_cli.pretraining import make_optimizer, pretrain
+from rotnet_cli.runtime import autocast, configure_backends, resolve_device, resolve_precision
 
 ROTATIONS = (0.0, 90.0, 180.0, 270.0)
 
@@ -46,7 +46,8 @@ def sync(device: torch.device) -> None:
 
 def build_step(args, device, precision):
     """The same model, optimizer and precision the real loop uses, as one step function."""
-    model = RotNet(create_backbone(args.model, img_size=args.img_size), len(ROTATIONS)).to(device)
+    backbone = create_backbone(args.model, img_size=args.img_size)
+    model = RotNet(backbone, rotation_head(backbone, len(ROTATIONS))).to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, PretrainConfig(model=args.model, batch_size=args.batch_size), device)
@@ -217,7 +218,7 @@ def main() -> None:
         count = min(50_000, int(1.5 * 2**30) // (3 * args.img_size**2))
         random_set = data_lib.ImageSet("random", args.img_size, images=torch.randint(0, 256, (count, 3, args.img_size, args.img_size), dtype=torch.uint8))
         real_open = data_lib.open_source
-        data_lib.open_source = lambda *a, **k: data_lib.DataSource("random", random_set, None, args.img_size)
+        data_lib.open_source = lambda *a, **k: data_lib.DataSource(random_set)
         try:
             figures["memory_images_per_s"] = round(rotnet_loop(args, "random", "auto", workdir), 1)
         finally:

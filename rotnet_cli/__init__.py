@@ -6,14 +6,13 @@ The Python API mirrors the CLI: build a config, call the function, read the resu
     result = pretrain(PretrainConfig(model="resnet18", data="digits", epochs=5, out="runs/demo"))
 
 Importing the package is cheap: torch and timm load on first use of a function, so the
-CLI's --help stays fast.
+CLI's --help stays fast. The paper's NIN models (``rotnet_nin3/4/5``) are timm models that
+every rotnet function can build; to build them with timm directly, ``import rotnet_cli.nin``
+first (it registers them with timm).
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
-import sys
 from importlib import import_module
 from typing import Any
 
@@ -25,8 +24,8 @@ from .errors import RotnetError
 _LAZY = {
     "pretrain": "pretraining",
     "PretrainResult": "pretraining",
-    "load_weights": "models",
-    "LoadedWeights": "models",
+    "load_weights": "weights",
+    "LoadedWeights": "weights",
     "create_backbone": "models",
     "export": "exporting",
     "ExportResult": "exporting",
@@ -45,38 +44,10 @@ _LAZY = {
     "PredictConfig": "config",
     "reproduce": "reproduction",
     "ReproduceConfig": "config",
+    "train_supervised": "supervised",
+    "SupervisedResult": "supervised",
+    "SupervisedConfig": "config",
 }
-
-
-class _RegisterModelsAfterTimm(importlib.abc.MetaPathFinder):
-    """Registers rotnet's timm models (the paper's NIN) as soon as timm is imported.
-
-    ``import rotnet_cli`` must stay cheap (the CLI's --help never loads torch), yet
-    ``timm.create_model("rotnet_nin4")`` should work after it. So the registration waits
-    for timm's own import and runs right after it.
-    """
-
-    def find_spec(self, name, path, target=None):
-        if name != "timm":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec("timm")
-        if spec is None or spec.loader is None:
-            return spec
-        exec_timm = spec.loader.exec_module
-
-        def exec_module(module):
-            exec_timm(module)
-            import_module(".nin", __name__)
-
-        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
-        return spec
-
-
-if "timm" in sys.modules:
-    import_module(".nin", __name__)
-elif not any(isinstance(f, _RegisterModelsAfterTimm) for f in sys.meta_path):
-    sys.meta_path.insert(0, _RegisterModelsAfterTimm())
 
 
 def __getattr__(name: str) -> Any:

@@ -16,7 +16,7 @@ import torch
 from ._version import __version__
 from .errors import OutputError, WeightsError
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the lr scheduler joined the training state
 TEMP_SUFFIX = ".tmp"
 
 
@@ -159,22 +159,23 @@ def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadat
     from safetensors.torch import save
 
     clean = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    # serialised in memory and written by Python, so a full disk is an OSError (safetensors'
-    # own file writer reports it as a SafetensorError)
+    # Serialised in memory and written by Python (not safetensors' save_file): a full disk is
+    # then an OSError that atomic_write names, where safetensors' own writer reports a SafetensorError.
     return atomic_write(path, lambda tmp: tmp.write_bytes(save(clean, metadata=metadata)))
 
 
 def load_safetensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata); truncated or foreign files are a WeightsError."""
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path} does not exist")
     try:
-        with safe_open(str(path), framework="pt", device=device) as f:
+        with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = load_file(str(path), device=device)
     except Exception as e:  # safetensors raises its own SafetensorError and OSError subclasses
         raise WeightsError(f"{path} is not a readable safetensors file (truncated or corrupt): {str(e)[:160]}") from e
     return tensors, metadata

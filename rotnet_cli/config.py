@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Iterable
 
 from .errors import ConfigError
 
@@ -93,9 +93,30 @@ class _Serializable:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
+        """The config from a dict whose keys are field names; other keys (a command's --json, ...) are ignored.
+
+        A command names its parameters after the fields, so ``from_dict(ctx.params)`` builds its config.
+        """
         names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
         return cls(**kwargs)
+
+
+# Field metadata: an option that may differ on --resume without changing what is computed.
+RESUME_FREE = {"resume_free": True}
+
+
+def _resume_free(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    return field(default=default, metadata=RESUME_FREE, **kwargs)
+
+
+def _check_required(option: str, value: Any, what: str) -> None:
+    """A required argument given as an empty string (from the shell: rotnet probe "")."""
+    if not str(value).strip():
+        raise ConfigError(f"{option} is empty: give {what}")
+
+
+WEIGHTS_SPECS = "a run directory, checkpoint.pt, .safetensors, an exported folder, timm:NAME or random:NAME"
 
 
 @dataclass(frozen=True)
@@ -104,8 +125,8 @@ class PretrainConfig(_Serializable):
 
     model: str = "resnet18"
     data: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
+    data_dir: str | None = _resume_free(None)
+    download: bool = _resume_free(False)
     val_split: float = 0.1
     rotations: tuple[float, ...] = (0.0, 90.0, 180.0, 270.0)
     copies: str = "all"
@@ -113,32 +134,34 @@ class PretrainConfig(_Serializable):
     batch_size: int = 128
     lr: float | None = None
     weight_decay: float | None = None
+    decay_all_params: bool = False  # True: norms and biases decay too (the official RotNet code)
     momentum: float = 0.9
     optimizer: str = "sgd"
     schedule: str = "cosine"
-    milestones: tuple[int, ...] = ()
+    milestones: tuple[int, ...] | str | None = ()  # "30,60,80" is parsed here
     gamma: float = 0.2
     warmup_epochs: float = 0.0
     img_size: int | None = None
     augment: str = "auto"  # auto: none for grey images, crop+flip for colour (data.auto_augment)
-    workers: int = field(default_factory=default_workers)
+    workers: int = _resume_free(default_factory=default_workers)
     seed: int = 0
     init: str | None = None
-    device: str = "auto"
+    device: str = _resume_free("auto")
     precision: str = "auto"
     channels_last: bool = False
     compile: bool = False
-    cache: str = "auto"
-    strict_data: bool = False
-    out: str | None = None
-    overwrite: bool = False
-    resume: bool = False
-    save_every: int = 0
-    log_every: int = 10
+    cache: str = _resume_free("auto")
+    strict_data: bool = _resume_free(False)
+    out: str | None = _resume_free(None)
+    overwrite: bool = _resume_free(False)
+    resume: bool = _resume_free(False)
+    save_every: int = _resume_free(0)
+    log_every: int = _resume_free(10)
     max_steps_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rotations", parse_rotations(self.rotations))
+        object.__setattr__(self, "milestones", parse_int_list("--milestones", self.milestones))
         _check_choice("--copies", self.copies, ("all", "one"))
         _check_choice("--optimizer", self.optimizer, ("sgd", "adamw"))
         _check_choice("--schedule", self.schedule, ("cosine", "step"))
@@ -168,12 +191,11 @@ class PretrainConfig(_Serializable):
             raise ConfigError(
                 f"--warmup-epochs ({self.warmup_epochs:g}) must be shorter than --epochs ({self.epochs})"
             )
-        milestones = tuple(int(m) for m in self.milestones)
+        milestones = self.milestones
         if any(m <= 0 or m >= self.epochs for m in milestones) or list(milestones) != sorted(set(milestones)):
             raise ConfigError(
                 f"--milestones must be increasing epochs between 1 and {self.epochs - 1} (got {','.join(map(str, milestones))})"
             )
-        object.__setattr__(self, "milestones", milestones)
         if self.schedule == "step" and not milestones:
             raise ConfigError("--schedule step needs --milestones, e.g. --milestones 30,60,80")
         if self.overwrite and self.resume:
@@ -194,12 +216,29 @@ class PretrainConfig(_Serializable):
             return self.weight_decay
         return 5e-4 if self.optimizer == "sgd" else 0.05
 
+    def contradictions(self, other: "PretrainConfig", names: Iterable[str]) -> list[str]:
+        """'--NAME VALUE (the run used SAVED)' for each of ``names`` in which ``other`` would
+        compute something else than this config (options marked resume-free never do; names
+        that are not fields, a command's --json say, are not options of the run)."""
+        compared = {f.name for f in fields(self) if not f.metadata.get("resume_free")}
+        return [
+            f"--{name.replace('_', '-')} {_option_text(getattr(other, name))} (the run used {_option_text(getattr(self, name))})"
+            for name in names
+            if name in compared and getattr(other, name) != getattr(self, name)
+        ]
 
-# Options that may differ on --resume without changing what is computed.
-RESUME_FREE_OPTIONS = ("device", "workers", "save_every", "log_every", "cache", "out", "resume", "overwrite", "strict_data", "download", "data_dir")
+
+def _option_text(value: Any) -> str:
+    """A value as it is written on the command line (rotations 0,90 rather than (0.0, 90.0))."""
+    if isinstance(value, tuple):
+        return format_rotations(value) if value and isinstance(value[0], float) else ",".join(map(str, value))
+    return str(value)
 
 
-def parse_int_list(option: str, text: str | None) -> tuple[int, ...]:
+def parse_int_list(option: str, text: str | tuple | list | None) -> tuple[int, ...]:
+    """'30,60,80' (or a sequence of numbers) -> (30, 60, 80); None or '' -> ()."""
+    if isinstance(text, (tuple, list)):
+        text = ",".join(map(str, text))
     if text is None or str(text).strip() == "":
         return ()
     try:
@@ -214,7 +253,6 @@ __all__ = [
     "parse_rotations",
     "format_rotations",
     "parse_int_list",
-    "RESUME_FREE_OPTIONS",
     "ExportConfig",
     "EXPORT_DTYPES",
 ]
@@ -234,15 +272,71 @@ class ExportConfig(_Serializable):
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if not str(self.weights).strip():
-            raise ConfigError("WEIGHTS is empty: give a run directory, checkpoint.pt, .safetensors or an exported folder")
-        if not str(self.out).strip():
-            raise ConfigError("--out is empty: give the folder to write, e.g. --out exported/")
+        _check_required("WEIGHTS", self.weights, WEIGHTS_SPECS)
+        _check_required("--out", self.out, "the folder to write, e.g. --out exported/")
         _check_choice("--dtype", self.dtype, EXPORT_DTYPES)
 
 
 PROBE_HEADS = ("linear", "mlp", "knn", "conv")
 PROBE_POOLS = ("avg", "max", "flatten")
+PROBE_FEATURES = ("cached", "augmented")
+TRAINED_HEADS = ("linear", "mlp", "conv")  # knn has nothing to train: it votes with cached features
+
+
+@dataclass(frozen=True)
+class HeadRecipe:
+    """How one kind of probe head is trained: optimiser, learning-rate schedule, epochs, init."""
+
+    optimizer: str  # 'sgd' (Nesterov, momentum 0.9, coupled L2 on every parameter) or 'adamw' (decoupled)
+    lr: float
+    weight_decay: float
+    epochs: int
+    schedule: str  # 'step': lr x gamma after each milestone epoch; 'cosine': per step, to 0
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.2
+    init: str = "torch"  # 'torch' (PyTorch's defaults) or 'official' (NonLinearClassifier.py's initilize)
+
+    def with_epochs(self, epochs: int) -> "HeadRecipe":
+        """The same recipe for ``epochs``: lr steps keep their place as a share of the run."""
+        if epochs == self.epochs:
+            return self
+        scaled = sorted({round(m * epochs / self.epochs) for m in self.milestones})
+        return dataclasses.replace(self, epochs=epochs, milestones=tuple(m for m in scaled if 0 < m < epochs))
+
+
+@dataclass(frozen=True)
+class ProbeRecipe:
+    """A named probe protocol: where head inputs come from, the batch, the precision, one HeadRecipe per head."""
+
+    features: str  # 'cached': extracted once; 'augmented': recomputed every batch from cropped + flipped images
+    batch_size: int
+    precision: str  # used when --precision is auto
+    heads: dict[str, HeadRecipe]
+    reports_best: bool  # report the best epoch next to the last (the official code keeps its best test epoch)
+
+
+# The paper's classifiers as the official code trains them (github.com/gidariss/FeatureLearningRotNet):
+# config/CIFAR10_MultLayerClassifier_on_RotNet_NIN4blocks_Conv2_feats.py (l. 1, 23, 30) for the non-linear
+# classifier ("mlp": 50 epochs, lr 0.1 / 5 after epochs 20, 40, 45) and
+# config/CIFAR10_ConvClassifier_on_RotNet_NIN4blocks_Conv2_feats.py (l. 1, 23, 30) for the conv classifier
+# (100 epochs, steps after 35, 70, 85): SGD, Nesterov, momentum 0.9, weight decay 5e-4 on every parameter
+# (algorithms/Algorithm.py l. 118-128), batch 128, RandomCrop(32, padding=4) + flip on the training images
+# (dataloader.py l. 151-153) with the frozen features recomputed every batch (FeatureClassificationModel.py
+# l. 69), the LUT_lr read per epoch (Algorithm.py l. 296), fp32. The official CIFAR code has no linear
+# classifier: 'linear' takes the non-linear classifier's schedule.
+_PAPER_MLP = HeadRecipe("sgd", 0.1, 5e-4, 50, "step", (20, 40, 45), 0.2, init="official")
+_PAPER_CONV = HeadRecipe("sgd", 0.1, 5e-4, 100, "step", (35, 70, 85), 0.2, init="official")
+PROBE_RECIPES = {
+    # fast looks: features extracted once, AdamW with cosine decay. A BN + linear head on normalised
+    # features converges within 100 epochs only with the larger step; the mlp and conv heads like 1e-3.
+    "quick": ProbeRecipe("cached", 256, "auto", {
+        "linear": HeadRecipe("adamw", 1e-2, 5e-4, 100, "cosine"),
+        "mlp": HeadRecipe("adamw", 1e-3, 5e-4, 100, "cosine"),
+        "conv": HeadRecipe("adamw", 1e-3, 5e-4, 100, "cosine"),
+    }, reports_best=False),
+    "paper": ProbeRecipe("augmented", 128, "fp32", {"linear": _PAPER_MLP, "mlp": _PAPER_MLP, "conv": _PAPER_CONV},
+                         reports_best=True),
+}
 
 
 def parse_layers(text: str | tuple | list | None) -> tuple[int, ...] | None:
@@ -269,43 +363,56 @@ def parse_name_list(option: str, text: str | tuple | list, choices: tuple[str, .
     return tuple(items)
 
 
+# ProbeConfig fields that do not change what a probe measures: probe.json keys its results without them.
+PROBE_RUN_OPTIONS = ("weights", "data_dir", "download", "workers", "device", "save", "overwrite")
+
+
 @dataclass(frozen=True)
 class ProbeConfig(_Serializable):
-    """Everything `rotnet probe` needs; see `rotnet probe --help` for each field."""
+    """Everything `rotnet probe` needs; see `rotnet probe --help` for each field.
 
-    weights: str = ""
+    ``recipe`` names the protocol (PROBE_RECIPES); ``features``, ``epochs``, ``lr``,
+    ``weight_decay`` and ``batch_size`` left as None take the recipe's values.
+    """
+
+    weights: str
     data: str = "digits"
     data_dir: str | None = None
     download: bool = False
     val_data: str | None = None
     val_split: float = 0.2
     layers: tuple[int, ...] | None = None  # None: every stage
-    heads: tuple[str, ...] = ("linear", "mlp", "knn")
+    heads: tuple[str, ...] = ("linear", "knn")
     pool: str = "avg"
-    epochs: int = 100
+    recipe: str = "quick"
+    features: str | None = None
+    epochs: int | None = None
     lr: float | None = None
-    weight_decay: float = 5e-4
-    batch_size: int = 256
+    weight_decay: float | None = None
+    batch_size: int | None = None
     labels_per_class: int | None = None
     knn_k: int = 20
     knn_temperature: float = 0.07
-    compare: tuple[str, ...] = ()
+    compare: tuple[str, ...] | str | None = ()  # 'random,timm:resnet18' or a sequence
     img_size: int | None = None  # timm:/random: weights only; saved weights keep their own size
     workers: int = field(default_factory=default_workers)
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
     save: bool = True
+    overwrite: bool = False  # replace a saved result of the same setting in probe.json
 
     def __post_init__(self) -> None:
-        if not str(self.weights).strip():
-            raise ConfigError("give the weights to probe: a run directory, checkpoint.pt, .safetensors, an export, timm:NAME or random:NAME")
+        _check_required("WEIGHTS", self.weights, WEIGHTS_SPECS)
         _check_img_size(self.img_size)
         object.__setattr__(self, "layers", parse_layers(self.layers))
         object.__setattr__(self, "heads", parse_name_list("--head", self.heads, PROBE_HEADS))
-        compare = self.compare.split(",") if isinstance(self.compare, str) else self.compare
+        compare = self.compare.split(",") if isinstance(self.compare, str) else (self.compare or ())
         object.__setattr__(self, "compare", tuple(c.strip() for c in compare if c.strip()))
         _check_choice("--pool", self.pool, PROBE_POOLS)
+        _check_choice("--recipe", self.recipe, tuple(PROBE_RECIPES))
+        if self.features is not None:
+            _check_choice("--features", self.features, PROBE_FEATURES)
         _check_choice("--precision", self.precision, PRECISIONS)
         _check_positive("--epochs", self.epochs)
         _check_positive("--lr", self.lr)
@@ -318,13 +425,60 @@ class ProbeConfig(_Serializable):
         if not 0 < self.val_split < 1:
             raise ConfigError(f"--val-split must be in (0, 1) (got {self.val_split}); or give --val-data")
 
-    def head_lr(self, head: str) -> float:
-        # AdamW: a BN + linear head on normalised features converges within 100 epochs only with a
-        # larger step (1e-3 leaves it far from its optimum); the mlp and conv heads like 1e-3.
-        return self.lr if self.lr is not None else (1e-2 if head == "linear" else 1e-3)
+    @property
+    def protocol(self) -> ProbeRecipe:
+        return PROBE_RECIPES[self.recipe]
+
+    @property
+    def resolved_features(self) -> str:
+        return self.features or self.protocol.features
+
+    @property
+    def resolved_batch_size(self) -> int:
+        return self.batch_size or self.protocol.batch_size
+
+    def resolved_precision(self) -> str:
+        """--precision, or the recipe's when it is auto (the paper recipe: fp32, as the official code)."""
+        return self.protocol.precision if self.precision == "auto" else self.precision
+
+    def head_recipe(self, head: str) -> HeadRecipe:
+        """The recipe's training of ``head`` with --epochs, --lr and --weight-decay applied."""
+        recipe = self.protocol.heads[head]
+        if self.epochs is not None:
+            recipe = recipe.with_epochs(self.epochs)
+        if self.lr is not None:
+            recipe = dataclasses.replace(recipe, lr=self.lr)
+        if self.weight_decay is not None:
+            recipe = dataclasses.replace(recipe, weight_decay=self.weight_decay)
+        return recipe
+
+    def setting(self) -> dict[str, Any]:
+        """What decides the numbers of a probe, resolved (probe.json keeps one result per setting):
+        ``--recipe paper`` and ``--recipe paper --features augmented`` are the same setting."""
+        setting = {k: v for k, v in self.to_dict().items() if k not in PROBE_RUN_OPTIONS}
+        setting.update(features=self.resolved_features, batch_size=self.resolved_batch_size,
+                       precision=self.resolved_precision(), epochs=None, lr=None, weight_decay=None)
+        setting["training"] = {h: dataclasses.asdict(self.head_recipe(h)) for h in self.heads if h in TRAINED_HEADS}
+        for key in ("epochs", "lr", "weight_decay"):  # folded into "training"
+            del setting[key]
+        if "knn" not in self.heads:
+            del setting["knn_k"], setting["knn_temperature"]
+        return json_safe(setting)
 
 
-__all__ += ["ProbeConfig", "parse_layers", "parse_name_list", "PROBE_HEADS", "PROBE_POOLS"]
+def json_safe(value: Any) -> Any:
+    """Tuples as lists, recursively: a setting compares equal to itself read back from JSON."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+__all__ += [
+    "ProbeConfig", "parse_layers", "parse_name_list", "PROBE_HEADS", "PROBE_POOLS", "PROBE_FEATURES", "TRAINED_HEADS",
+    "HeadRecipe", "ProbeRecipe", "PROBE_RECIPES", "PROBE_RUN_OPTIONS",
+]
 
 
 VIZ_COLORMAPS = ("jet", "inferno")
@@ -334,17 +488,19 @@ VIZ_COLORMAPS = ("jet", "inferno")
 class FiltersConfig(_Serializable):
     """Everything `rotnet viz filters` needs; see `rotnet viz filters --help` for each field."""
 
-    weights: tuple[str, ...] = ()
+    weights: tuple[str, ...]
     out: str = "filters.png"
-    labels: tuple[str, ...] = ()  # one per weights; default: the weights spec itself
+    labels: tuple[str, ...] | None = ()  # one per weights; default: the weights spec itself
     scale: int | None = None  # None: enlarge each tile to about 32 pixels
     cols: int | None = None  # None: a square-ish grid
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", tuple(self.weights))
-        object.__setattr__(self, "labels", tuple(self.labels))
+        object.__setattr__(self, "labels", tuple(self.labels or ()))
         if not self.weights:
-            raise ConfigError("give the weights to draw: a run directory, checkpoint, .safetensors, an export, timm:NAME or random:NAME")
+            raise ConfigError(f"give the weights to draw: {WEIGHTS_SPECS}")
+        for spec in self.weights:
+            _check_required("WEIGHTS", spec, WEIGHTS_SPECS)
         if self.labels and len(self.labels) != len(self.weights):
             raise ConfigError(f"--label: give one per weights ({len(self.weights)}), got {len(self.labels)}")
         _check_positive("--scale", self.scale)
@@ -356,11 +512,11 @@ class FiltersConfig(_Serializable):
 class AttentionConfig(_Serializable):
     """Everything `rotnet viz attention` needs; see `rotnet viz attention --help` for each field."""
 
-    weights: str = ""
-    images: tuple[str, ...] = ()
+    weights: str
+    images: tuple[str, ...]
     out: str = "attention"
     layers: tuple[int, ...] | None = None  # 1-based, negative from the last; None: every stage
-    power: float | None = None  # None: 1, 2, 4 for early, middle, late stages (the paper)
+    power: float | str | None = None  # None or 'auto': 1, 2, 4 for early, middle, late stages (the paper)
     rotations: tuple[float, ...] | None = None  # None: the model's own set, else 0,90,180,270
     align: bool = False
     img_size: int | None = None  # None: the size the weights were trained at
@@ -370,14 +526,14 @@ class AttentionConfig(_Serializable):
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if not str(self.weights).strip():
-            raise ConfigError("give the weights: a run directory, checkpoint, .safetensors, an export, timm:NAME or random:NAME")
+        _check_required("WEIGHTS", self.weights, WEIGHTS_SPECS)
         object.__setattr__(self, "images", tuple(self.images))
         if not self.images:
             raise ConfigError("give one or more image files or folders after the weights")
         object.__setattr__(self, "layers", parse_layers(self.layers))
         if self.rotations is not None:
             object.__setattr__(self, "rotations", parse_rotations(self.rotations))
+        object.__setattr__(self, "power", parse_power(self.power))
         _check_positive("--power", self.power)
         _check_positive("--scale", self.scale)
         _check_choice("--cmap", self.cmap, VIZ_COLORMAPS)
@@ -386,16 +542,25 @@ class AttentionConfig(_Serializable):
             raise ConfigError(f"--alpha must be in [0, 1] (got {self.alpha})")
 
 
+def parse_power(text: float | str | None) -> float | None:
+    """--power: a number, or 'auto' / None for the paper's 1, 2, 4 by depth."""
+    if text is None or (isinstance(text, str) and text.strip().lower() == "auto"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--power must be a number or auto (got {text!r})") from None
+
+
 @dataclass(frozen=True)
 class CurvesConfig(_Serializable):
     """Everything `rotnet viz curves` needs."""
 
-    run: str = ""
+    run: str
     out: str = "curves.png"
 
     def __post_init__(self) -> None:
-        if not str(self.run).strip():
-            raise ConfigError("give a run directory made by rotnet pretrain (it holds metrics.jsonl)")
+        _check_required("RUN", self.run, "a run directory made by rotnet pretrain (it holds metrics.jsonl)")
         _check_png(self.out)
 
 
@@ -406,8 +571,8 @@ __all__ += ["FiltersConfig", "AttentionConfig", "CurvesConfig", "VIZ_COLORMAPS"]
 class PredictConfig(_Serializable):
     """Everything `rotnet predict` needs; see `rotnet predict --help` for each field."""
 
-    weights: str = ""
-    inputs: tuple[str, ...] = ()
+    weights: str
+    inputs: tuple[str, ...]
     tta: bool = False
     fix: bool = False
     out: str | None = None
@@ -420,8 +585,7 @@ class PredictConfig(_Serializable):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(str(p) for p in self.inputs))
-        if not str(self.weights).strip():
-            raise ConfigError("give the weights: a run directory, checkpoint.pt or model.safetensors with a rotation head")
+        _check_required("WEIGHTS", self.weights, "a run directory, checkpoint.pt or model.safetensors with a rotation head")
         if not self.inputs:
             raise ConfigError("give at least one image file or folder to predict")
         if self.fix and not self.out:
@@ -436,6 +600,13 @@ class PredictConfig(_Serializable):
 __all__ += ["PredictConfig"]
 
 
+# The RotNet pretraining schedules of the CIFAR-10 study: (epochs, epochs after which lr is divided by 5).
+# 'paper': the paper's text (section 3.1: 100 epochs, steps after 30, 60, 80);
+# 'official': config/CIFAR10_RotNet_NIN4blocks.py (l. 23, 31: 200 epochs, steps after 60, 120, 160), the model
+# the official classifier configs load (model_net_epoch200, e.g. CIFAR10_MultLayerClassifier_..._feats.py l. 27).
+PRETRAIN_SCHEDULES = {"paper": (100, (30, 60, 80)), "official": (200, (60, 120, 160))}
+
+
 @dataclass(frozen=True)
 class ReproduceConfig(_Serializable):
     """Everything `rotnet reproduce` needs: the paper's CIFAR-10 study (or its smoke mode)."""
@@ -444,17 +615,69 @@ class ReproduceConfig(_Serializable):
     data: str = "cifar10"
     data_dir: str | None = None
     download: bool = False
-    out: str = "runs/paper-cifar10"
+    out: str | None = None  # None: runs/paper-cifar10, or runs/paper-cifar10-smoke with --smoke
+    schedule: str = "paper"
     smoke: bool = False
     device: str = "auto"
-    precision: str = "auto"
+    precision: str = "fp32"  # the official code trains in fp32
     workers: int = field(default_factory=default_workers)
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("recipe", self.recipe, ("paper-cifar10",))
+        _check_choice("--schedule", self.schedule, tuple(PRETRAIN_SCHEDULES))
         _check_choice("--precision", self.precision, PRECISIONS)
         _check_positive("--workers", self.workers, allow_zero=True)
 
+    @property
+    def out_dir(self) -> str:
+        # smoke runs get their own folder: a full run must never find them (they are digits, 2 epochs)
+        return self.out or ("runs/paper-cifar10-smoke" if self.smoke else "runs/paper-cifar10")
 
-__all__ += ["ReproduceConfig"]
+
+@dataclass(frozen=True)
+class SupervisedConfig(_Serializable):
+    """A network trained from scratch on the labels: Table 3's "Supervised NIN" frame for the probes.
+
+    Defaults are config/CIFAR10_supervised_NIN.py of the official code: a 3-block NIN (l. 27),
+    200 epochs (l. 24), SGD Nesterov lr 0.1, momentum 0.9, weight decay 5e-4, lr / 5 after
+    epochs 60, 120, 160 (l. 30), batch 128 (l. 1), crop + flip augmentation, fp32.
+    """
+
+    model: str = "rotnet_nin3"
+    data: str = "cifar10"
+    data_dir: str | None = None
+    download: bool = False
+    val_data: str | None = None  # labelled validation data (default: the dataset's test split, else --val-split)
+    val_split: float = 0.2  # only for data without its own test split
+    labels_per_class: int | None = None
+    epochs: int = 200
+    milestones: tuple[int, ...] = (60, 120, 160)
+    gamma: float = 0.2
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    img_size: int | None = None
+    max_steps_per_epoch: int | None = None
+    device: str = "auto"
+    precision: str = "fp32"
+    workers: int = field(default_factory=default_workers)
+    seed: int = 0
+    out: str | None = None  # a folder for supervised.json; a finished result with the same setting is reused
+
+    def __post_init__(self) -> None:
+        _check_choice("--precision", self.precision, PRECISIONS)
+        for option, value in (("--epochs", self.epochs), ("--lr", self.lr), ("--batch-size", self.batch_size),
+                              ("--labels-per-class", self.labels_per_class), ("--max-steps-per-epoch", self.max_steps_per_epoch)):
+            _check_positive(option, value)
+        _check_positive("--weight-decay", self.weight_decay, allow_zero=True)
+        _check_positive("--workers", self.workers, allow_zero=True)
+        _check_img_size(self.img_size)
+        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+        if any(not 0 < m < self.epochs for m in self.milestones):
+            raise ConfigError(f"--milestones must lie between 1 and {self.epochs - 1} (got {self.milestones})")
+        if not 0 < self.val_split < 1:
+            raise ConfigError(f"--val-split must be in (0, 1) (got {self.val_split})")
+
+
+__all__ += ["ReproduceConfig", "SupervisedConfig", "PRETRAIN_SCHEDULES"]

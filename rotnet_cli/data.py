@@ -11,21 +11,25 @@ Sources: ``digits`` (built in), a folder of class sub-folders, a flat folder of 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from .errors import DataError
+from .events import Decoding, Progress, ignore
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")  # torchvision's, and GIF: PIL reads it, torchvision's list leaves it out
 TORCHVISION_DATASETS = ("cifar10", "cifar100", "stl10", "mnist", "fashionmnist", "svhn")
 BUILTIN_DIGITS = Path(__file__).parent / "data" / "digits.npz"
 DEFAULT_DATA_DIR = Path(os.environ.get("ROTNET_DATA_DIR", Path.home() / ".cache" / "rotnet" / "datasets"))
@@ -33,9 +37,13 @@ DEFAULT_DATA_DIR = Path(os.environ.get("ROTNET_DATA_DIR", Path.home() / ".cache"
 AUTO_RAM_CACHE_BYTES = 2 * 2**30
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class ImageSet:
-    """One split of a dataset: decoded in memory (``images``) or files on disk (``paths``)."""
+    """One split of a dataset: decoded in memory (``images``) or files on disk (``paths``).
+
+    Immutable: ``subset`` and ``to`` make new sets. Files that turn out unreadable while
+    batches are read are reported by those batches (Batch.skipped), not kept here.
+    """
 
     name: str
     img_size: int
@@ -43,9 +51,6 @@ class ImageSet:
     paths: list[Path] | None = None  # when read from disk
     labels: torch.Tensor | None = None  # (N,) int64, None when unlabelled
     classes: list[str] | None = None
-    skipped: list[str] = field(default_factory=list)  # unreadable files left out
-    # (settings, DataLoader, batch sampler) for files: workers that live across epochs
-    loader_cache: tuple | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.images) if self.images is not None else len(self.paths or [])
@@ -56,25 +61,26 @@ class ImageSet:
 
     def subset(self, indices: torch.Tensor | list[int]) -> "ImageSet":
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return ImageSet(
-            name=self.name,
-            img_size=self.img_size,
+        return dataclasses.replace(
+            self,
             images=self.images[idx] if self.images is not None else None,
             paths=[self.paths[i] for i in idx.tolist()] if self.paths is not None else None,
             labels=self.labels[idx] if self.labels is not None else None,
-            classes=self.classes,
-            skipped=self.skipped,
         )
 
+    def to(self, device: torch.device) -> "ImageSet":
+        """The same set with its decoded images on ``device`` (files stay files)."""
+        return dataclasses.replace(self, images=self.images.to(device)) if self.images is not None else self
 
-@dataclass
+
+@dataclass(frozen=True)
 class DataSource:
-    """A resolved ``--data``: a training split and, when the source has one, a validation split."""
+    """A resolved ``--data``: a training split, a validation split when the source has one,
+    and the files left out while opening it (not images, or unreadable), each once."""
 
-    spec: str
     train: ImageSet
-    val: ImageSet | None
-    native_size: int | None  # the source's own image size, when it has one
+    val: ImageSet | None = None
+    skipped: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------- resolving --data
@@ -101,17 +107,17 @@ def open_source(
     cache: str = "auto",
     workers: int = 2,
     strict: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> DataSource:
     """Resolve ``--data`` into train (and maybe val) ImageSets of uint8 at ``img_size``."""
     key = _dataset_key(spec)
     if key == "digits":
-        return DataSource(spec, _digits(img_size), None, native_size(key))
+        return DataSource(_digits(img_size))
     if key in TORCHVISION_DATASETS and not Path(spec).exists():
         root = Path(data_dir) if data_dir else DEFAULT_DATA_DIR / key
         train = _torchvision(key, root, "train", img_size, download)
         val = _torchvision(key, root, "test", img_size, download)
-        return DataSource(spec, train, val, native_size(key))
+        return DataSource(train, val)
     path = Path(spec).expanduser()
     if not path.exists():
         raise DataError(
@@ -120,10 +126,12 @@ def open_source(
         )
     if not path.is_dir():
         raise DataError(f"--data {spec} is a file; give a folder of images (or of class sub-folders)")
-    load = dict(img_size=img_size, need_labels=need_labels, cache=cache, workers=workers, strict=strict, progress=progress)
+    load = dict(img_size=img_size, need_labels=need_labels, cache=cache, workers=workers, strict=strict, progress=progress or ignore)
     if (path / "train").is_dir() and (path / "val").is_dir():
-        return DataSource(spec, _folder(path / "train", **load), _folder(path / "val", **load), None)
-    return DataSource(spec, _folder(path, **load), None, None)
+        (train, train_skipped), (val, val_skipped) = _folder(path / "train", **load), _folder(path / "val", **load)
+        return DataSource(train, val, tuple(train_skipped + val_skipped))
+    train, skipped = _folder(path, **load)
+    return DataSource(train, None, tuple(skipped))
 
 
 def _digits(img_size: int) -> ImageSet:
@@ -193,12 +201,17 @@ def scan_images(folder: Path) -> list[Path]:
 
 
 def _scan(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) below ``folder``, recursive and sorted; hidden files are not counted."""
+    """(image files, other files) below ``folder``, recursive and sorted; hidden files are not counted.
+
+    One walk of our own rather than torchvision's make_dataset: it also finds loose images
+    (a flat folder has no classes) and the files that are not images, which are counted as
+    skipped instead of silently dropped.
+    """
     images, others = [], []
     for p in sorted(folder.rglob("*")):
         if not p.is_file() or p.name.startswith("."):
             continue
-        (images if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(p)
+        (images if has_file_allowed_extension(p.name, IMAGE_EXTENSIONS) else others).append(p)
     return images, others
 
 
@@ -249,9 +262,9 @@ def _class_layout(folder: Path, image_paths: list[Path]) -> tuple[list[str], lis
 
 
 def _folder(
-    folder: Path, img_size: int, need_labels: bool, cache: str, workers: int, strict: bool,
-    progress: Callable[[int, int], None] | None,
-) -> ImageSet:
+    folder: Path, img_size: int, need_labels: bool, cache: str, workers: int, strict: bool, progress: Progress,
+) -> tuple[ImageSet, list[str]]:
+    """The images below ``folder`` (labelled when it holds class sub-folders), and the files left out."""
     paths, non_images = _scan(folder)
     layout = _class_layout(folder, paths)
     if layout is None:
@@ -265,12 +278,13 @@ def _folder(
         labels = torch.tensor(label_list, dtype=torch.long)
     if not paths:
         raise DataError(f"{folder} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)")
-    # files that are not images are skipped and counted, like unreadable ones
-    images = ImageSet(folder.name, img_size, paths=paths, labels=labels, classes=classes, skipped=[str(p) for p in non_images])
+    images = ImageSet(folder.name, img_size, paths=paths, labels=labels, classes=classes)
+    skipped = [str(p) for p in non_images]  # files that are not images are skipped and counted, like unreadable ones
     decoded_bytes = len(paths) * 3 * img_size * img_size
     if cache in ("ram", "device") or (cache == "auto" and decoded_bytes <= AUTO_RAM_CACHE_BYTES):
-        images = decode_all(images, workers=workers, strict=strict, progress=progress)
-    return images
+        images, unreadable = decode_all(images, workers=workers, strict=strict, progress=progress)
+        skipped += unreadable
+    return images, skipped
 
 
 # ----------------------------------------------------------------------------- decoding files
@@ -337,9 +351,9 @@ def _collate(items):
 
 
 def decode_all(
-    images: ImageSet, workers: int = 2, strict: bool = False, progress: Callable[[int, int], None] | None = None
-) -> ImageSet:
-    """Decode every file once into memory (skipping unreadable ones) -> in-memory ImageSet."""
+    images: ImageSet, workers: int = 2, strict: bool = False, progress: Progress = ignore
+) -> tuple[ImageSet, list[str]]:
+    """Decode every file once into memory -> (in-memory ImageSet, the unreadable files left out)."""
     assert images.paths is not None
     loader = torch.utils.data.DataLoader(
         FileDataset(images.paths, images.img_size), batch_size=64, num_workers=workers, collate_fn=_collate,
@@ -357,16 +371,15 @@ def decode_all(
             ok[idx] = True
         bad += failed
         done += len(idx) + len(failed)
-        if progress:
-            progress(done, len(images.paths))
+        progress(Decoding(done, len(images.paths)))
     keep = ok.nonzero().squeeze(1)
     if len(keep) == 0:
         raise DataError(f"none of the {len(images.paths)} image files in {images.name} could be read")
-    return ImageSet(
-        images.name, images.img_size, images=out[keep], paths=[images.paths[i] for i in keep.tolist()],
-        labels=images.labels[keep] if images.labels is not None else None, classes=images.classes,
-        skipped=images.skipped + [str(images.paths[i]) for i in sorted(bad)],
+    decoded = dataclasses.replace(
+        images, images=out[keep], paths=[images.paths[i] for i in keep.tolist()],
+        labels=images.labels[keep] if images.labels is not None else None,
     )
+    return decoded, [str(images.paths[i]) for i in sorted(bad)]
 
 
 # ----------------------------------------------------------------------------- splits and batches
@@ -401,7 +414,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 class Batch:
     images: torch.Tensor  # (n, 3, S, S) uint8 on the target device
     labels: torch.Tensor | None  # (n,) int64 on the target device
-    skipped: list[str]  # files that failed to decode in this batch
+    skipped: list[str]  # files that failed to decode in this batch (and in batches before it with nothing readable)
 
 
 def iterate_batches(
@@ -423,7 +436,9 @@ def iterate_batches(
 
     In-memory sets are indexed directly (on the device if cached there); files are decoded
     by DataLoader workers into pinned memory. The next batch is copied while the current
-    one trains (non_blocking transfers from pinned memory).
+    one trains (non_blocking transfers from pinned memory). Unreadable files are left out and
+    named in ``Batch.skipped``; a batch without one readable image is not yielded, so its
+    files are named by the batch before or after it.
     """
     n_batches = num_batches(len(order), batch_size, drop_last)
     batch_rows = [slice(i * batch_size, (i + 1) * batch_size) for i in range(start_batch, n_batches)]  # into order
@@ -450,19 +465,21 @@ def iterate_batches(
     assert images.paths is not None
     loader, sampler = _file_loader(images, workers, pin)
     sampler.batches = [order[rows].tolist() for rows in batch_rows]
+    held: Batch | None = None  # one batch behind the loader, so that it can name the unreadable files after it
+    pending: list[str] = []  # unreadable files of batches with nothing readable, before any batch was held
     for idx, batch, failed in loader:
         if strict and failed:
             raise _strict_error(images.paths[failed[0]])
         skipped = [str(images.paths[i]) for i in failed]
-        # the set remembers its unreadable files, also those of a batch with no good image left
-        images.skipped.extend(p for p in skipped if p not in images.skipped)
-        if batch is None:
+        if batch is None:  # every file of this batch was unreadable
+            (held.skipped if held is not None else pending).extend(skipped)
             continue
-        yield Batch(
-            batch.to(device, non_blocking=pin),
-            to_device(labels[idx]) if labels is not None else None,
-            skipped,
-        )
+        if held is not None:
+            yield held
+        held = Batch(batch.to(device, non_blocking=pin), to_device(labels[idx]) if labels is not None else None, pending + skipped)
+        pending = []
+    if held is not None:
+        yield held
 
 
 class _EpochBatches(torch.utils.data.Sampler):
@@ -485,7 +502,8 @@ def _file_loader(images: ImageSet, workers: int, pin: bool) -> tuple[torch.utils
     with persistent workers the next epoch only swaps the batches they are handed.
     """
     key = (workers, pin)
-    if images.loader_cache is None or images.loader_cache[0] != key:
+    cached = _LOADERS.get(images)
+    if cached is None or cached[0] != key:
         sampler = _EpochBatches()
         loader = torch.utils.data.DataLoader(
             FileDataset(images.paths, images.img_size),
@@ -497,8 +515,12 @@ def _file_loader(images: ImageSet, workers: int, pin: bool) -> tuple[torch.utils
             prefetch_factor=4 if workers > 0 else None,
             worker_init_fn=_ignore_sigint,
         )
-        images.loader_cache = (key, loader, sampler)
-    return images.loader_cache[1], images.loader_cache[2]
+        cached = _LOADERS[images] = (key, loader, sampler)
+    return cached[1], cached[2]
+
+
+# ImageSet -> (settings, DataLoader, batch sampler): the workers of a set's files, kept while the set lives
+_LOADERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
@@ -614,7 +636,7 @@ def warn_skipped(skipped: list[str]) -> str | None:
 
 
 __all__ = [
-    "ImageSet", "DataSource", "open_source", "native_size", "split_indices", "epoch_order", "iterate_batches",
+    "ImageSet", "DataSource", "open_source", "native_size", "decode_all", "split_indices", "epoch_order", "iterate_batches",
     "random_crop_flip", "auto_augment", "normalize", "decode_file", "scan_images", "num_batches", "warn_skipped", "Batch",
 ]
 

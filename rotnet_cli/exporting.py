@@ -16,27 +16,23 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from . import rundir
 from ._version import __version__
-from .checkpoint import current_umask, save_safetensors, write_text
+from .checkpoint import write_text
 from .config import ExportConfig, format_rotations
-from .errors import OutputError, WeightsError
-from .models import EXPORT_CONFIG, EXPORT_HEAD, EXPORT_WEIGHTS, RUN_CONFIG, LoadedWeights, load_weights
-from .pretraining import METRICS
-from .probing import PROBE_FILE
+from .errors import DataError, OutputError, WeightsError
+from .events import Progress, TaskProgress, ignore
+from .rundir import EXPORT_CONFIG, EXPORT_HEAD, EXPORT_WEIGHTS, MODEL_CARD
+from .weights import LoadedWeights, load_weights
 
-MODEL_CARD = "README.md"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-Progress = Callable[[str, dict], None]
 
 
 @dataclass
@@ -73,12 +69,13 @@ class ExportResult:
 
 def export(config: ExportConfig, progress: Progress | None = None) -> ExportResult:
     """Write ``config.out`` as a timm/hub folder from any weights spec, verified by loading it back."""
-    emit = progress or (lambda kind, info: None)
+    emit = progress or ignore
     out = Path(config.out).expanduser()
-    _check_out_dir(out, config.weights, config.overwrite)
+    # an export may go inside the run it comes from (runs/demo/export), never over it
+    rundir.check_out_dir(out, overwrite=config.overwrite, inputs=(config.weights,), inside_inputs=True)
 
     def stage(done: int, description: str) -> None:
-        emit("task", {"id": "export", "description": description, "done": done, "total": 3})
+        emit(TaskProgress("export", description, done, 3))
 
     stage(0, "export: loading weights")
     loaded = load_weights(config.weights, device="cpu")
@@ -89,7 +86,7 @@ def export(config: ExportConfig, progress: Progress | None = None) -> ExportResu
         )
     record = _run_record(loaded)
 
-    staging = _staging_dir(out)
+    staging = rundir.staging_dir(out)
     try:
         stage(1, "export: writing")
         _write_backbone(staging, loaded, config, record)
@@ -99,8 +96,7 @@ def export(config: ExportConfig, progress: Progress | None = None) -> ExportResu
         write_text(staging / MODEL_CARD, model_card(loaded, config, record, hf_config.get("model_args", {})))
         stage(2, "export: loading back")
         round_trip = _verify_round_trip(staging, hf_config, loaded, config.with_head)
-        _make_shareable(staging)
-        _install(staging, out)
+        rundir.install_staged(staging, out)
     except OSError as e:  # timm's config writer and the renames raise plain OSErrors (disk full, permissions)
         shutil.rmtree(staging, ignore_errors=True)
         raise OutputError(f"cannot write {out}: {e.strerror or e}; nothing was written, free space or choose another --out") from e
@@ -116,67 +112,7 @@ def export(config: ExportConfig, progress: Progress | None = None) -> ExportResu
     )
 
 
-# ----------------------------------------------------------------------------- output folder
-
-def _check_out_dir(out: Path, weights: str, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is a file; give a folder to write the export into")
-    source = Path(weights).expanduser()
-    if source.exists() and (source.resolve() == out.resolve() or out.resolve() in source.resolve().parents):
-        raise OutputError(f"--out {out} holds the weights being exported; choose another folder, e.g. --out {out}/export")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"--out {out} exists and is not empty; choose another folder or add --overwrite")
-
-
-def _staging_dir(out: Path) -> Path:
-    """An empty hidden sibling of ``out``: the final rename then stays on one file system."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as e:
-        raise OutputError(f"cannot create {out}: {e.strerror}; choose another --out") from e
-
-
-def _make_shareable(folder: Path) -> None:
-    """mkdtemp makes a private (0700) folder; an export is meant to be shared, so give it the usual mode."""
-    folder.chmod(0o777 & ~current_umask())
-
-
-def _install(staging: Path, out: Path) -> None:
-    """Rename the verified folder into place; an existing ``out`` is replaced only now, after success."""
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    previous = staging.with_name(staging.name + ".previous")
-    os.replace(out, previous)
-    try:
-        os.replace(staging, out)
-    except BaseException:
-        os.replace(previous, out)
-        raise
-    shutil.rmtree(previous, ignore_errors=True)
-
-
 # ----------------------------------------------------------------------------- files
-
-def _metadata(loaded: LoadedWeights, config: ExportConfig, record: dict[str, Any]) -> dict[str, str]:
-    """safetensors metadata (str -> str): what rotnet's loader and the model card read back."""
-    meta = {
-        "format": "pt",  # what the Hugging Face loaders expect of a PyTorch safetensors file
-        "rotnet_version": __version__,
-        "model": loaded.model_name,
-        # the training run; a re-export keeps naming the run its input was exported from
-        "source": str(loaded.run_dir) if loaded.run_dir else loaded.info.get("source", loaded.source),
-        "dtype": config.dtype,
-        "img_size": json.dumps(loaded.img_size),
-        "mean": json.dumps(list(loaded.mean)),
-        "std": json.dumps(list(loaded.std)),
-    }
-    for key in ("rotations", "data", "epochs", "val_rot_acc"):
-        if record[key] is not None:
-            meta[key] = record[key] if isinstance(record[key], str) else json.dumps(record[key])
-    return meta
-
 
 def _rounded_state(module: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The module's state in ``dtype``, loaded back into the module itself.
@@ -193,7 +129,13 @@ def _write_backbone(folder: Path, loaded: LoadedWeights, config: ExportConfig, r
     from timm.models._hub import save_config_for_hf
 
     state = _rounded_state(loaded.backbone, DTYPES[config.dtype])
-    save_safetensors(folder / EXPORT_WEIGHTS, state, _metadata(loaded, config, record))
+    rundir.save_weights(
+        folder / EXPORT_WEIGHTS, state, rundir.EXPORT_FORMAT, loaded.model_name,
+        # the training run; a re-export keeps naming the run its input was exported from
+        source=str(loaded.run_dir) if loaded.run_dir else loaded.info.get("source", loaded.source),
+        dtype=config.dtype, img_size=loaded.img_size, mean=list(loaded.mean), std=list(loaded.std),
+        rotations=record["rotations"], data=record["data"], epochs=record["epochs"], val_rot_acc=record["val_rot_acc"],
+    )
     size = loaded.img_size
     # rotnet resizes the shorter side and centre-crops, bilinear: crop_pct 1 makes timm's eval transform the same.
     save_config_for_hf(
@@ -206,10 +148,7 @@ def _write_backbone(folder: Path, loaded: LoadedWeights, config: ExportConfig, r
 
 def _write_head(folder: Path, loaded: LoadedWeights, config: ExportConfig) -> None:
     tensors = _rounded_state(loaded.head, DTYPES[config.dtype])  # weight (R, num_features), bias (R,)
-    save_safetensors(folder / EXPORT_HEAD, tensors, {
-        "format": "pt", "rotnet_version": __version__, "model": loaded.model_name,
-        "rotations": json.dumps(list(loaded.rotations)),
-    })
+    rundir.save_weights(folder / EXPORT_HEAD, tensors, rundir.HEAD_FORMAT, loaded.model_name, rotations=list(loaded.rotations))
 
 
 # ----------------------------------------------------------------------------- round trip
@@ -265,61 +204,35 @@ def _verify_round_trip(folder: Path, cfg: dict[str, Any], loaded: LoadedWeights,
 
 # ----------------------------------------------------------------------------- model card
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    rows = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a crash; the others still count
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
 def _run_record(loaded: LoadedWeights) -> dict[str, Any]:
     """What the card tells about the training run: rotations, data, epochs, final accuracy, probe results.
 
-    Read defensively: the run directory may be partial and probe.json's schema belongs to `rotnet probe`.
-    Weights without a run directory (a re-export, a lone safetensors) fall back to their metadata.
+    Weights without a run directory (a re-export, a lone safetensors) tell what their metadata
+    holds. A run directory adds what its files say; a file that is missing or unreadable (a
+    partial run, a probe.json from elsewhere) leaves its facts out of the card, not the export.
     """
     info = loaded.info or {}
-    rotations = list(loaded.rotations) if loaded.rotations else _maybe_json(info.get("rotations"))
-    if not isinstance(rotations, list) or not rotations:
-        rotations = None
-    record: dict[str, Any] = {"rotations": rotations, "data": info.get("data"), "epochs": _maybe_json(info.get("epochs")),
-                              "val_rot_acc": _maybe_json(info.get("val_rot_acc")), "probe": None}
+    rotations = list(loaded.rotations) if loaded.rotations else info.get("rotations")
+    record: dict[str, Any] = {"rotations": rotations if isinstance(rotations, list) and rotations else None, "data": info.get("data"), "epochs": info.get("epochs"),
+                              "val_rot_acc": info.get("val_rot_acc"), "probes": []}
     if loaded.run_dir is None:
         return record
-    run_config = _read_json(loaded.run_dir / RUN_CONFIG)
-    if isinstance(run_config, dict) and isinstance(run_config.get("config"), dict):
-        record["data"] = run_config["config"].get("data", record["data"])
-    rows = _read_metrics(loaded.run_dir / METRICS)
+    try:
+        record["data"] = rundir.read_config(loaded.run_dir)["config"].get("data", record["data"])
+    except DataError:
+        pass
+    try:
+        rows = rundir.read_metrics(loaded.run_dir)
+    except DataError:
+        rows = []
     if rows:
         record["epochs"] = rows[-1].get("epoch", len(rows))
         record["val_rot_acc"] = rows[-1].get("val_rot_acc")
-    record["probe"] = _read_json(loaded.run_dir / PROBE_FILE)
-    return record
-
-
-def _maybe_json(text: Any) -> Any:
-    if not isinstance(text, str):
-        return text
     try:
-        return json.loads(text)
-    except ValueError:
-        return text
+        record["probes"] = rundir.read_probe(loaded.run_dir)  # every setting probed
+    except DataError:
+        pass
+    return record
 
 
 def _cell(value: Any) -> str:
@@ -333,24 +246,41 @@ def _cell(value: Any) -> str:
 
 
 def probe_section(probe: Any) -> list[str]:
-    """Markdown for the probe.json that `rotnet probe` wrote: top-1 per stage and head, in %."""
+    """Markdown for one result of probe.json: top-1 per stage and head, in %, under a line naming its setting."""
     rows, heads = (probe.get("rows"), probe.get("heads")) if isinstance(probe, dict) else (None, None)
     if not isinstance(rows, list) or not rows or not isinstance(heads, list) or not heads:
         return []
+    epochs = probe.get("epochs")
+    if isinstance(epochs, dict):  # per trained head
+        trained = ", ".join(f"{h} {n} epochs" for h, n in epochs.items()) or "no trained head"
+    else:
+        trained = f"each head {epochs if epochs is not None else '?'} epochs"
+    recipe = probe.get("recipe")
     lines = [
-        f"Frozen-feature probes (`rotnet probe`) on {probe.get('data', '?')}: top-1 accuracy on "
-        f"{probe.get('val_images', '?')} held-out images, each head trained {probe.get('epochs', '?')} epochs "
-        "on the frozen features of one stage.", "",
-        "| weights | stage | C x H x W | " + " | ".join(heads) + " |", "|" + "---|" * (3 + len(heads)),
+        f"Frozen-feature probes (`rotnet probe{f' --recipe {recipe}' if recipe else ''}`) on {probe.get('data', '?')}"
+        f"{_labels_note(probe.get('labels_per_class'))}: top-1 accuracy on {probe.get('val_images', '?')} held-out images "
+        f"after the last epoch ({trained}{_features_note(probe.get('features'))}), each head on the frozen features of one stage.",
+        "", "| weights | stage | C x H x W | " + " | ".join(map(_cell, heads)) + " |", "|" + "---|" * (3 + len(heads)),
     ]
     for row in rows:
+        if not isinstance(row, dict):
+            continue
         accuracy = [f"{100 * row[h]:.2f}%" if isinstance(row.get(h), (int, float)) else "-" for h in heads]
-        shape = " x ".join(map(str, row.get("shape", [])))
-        lines.append(f"| {_cell(row.get('weights'))} | {_cell(row.get('stage'))} | {shape} | " + " | ".join(accuracy) + " |")
+        shape = row.get("shape") if isinstance(row.get("shape"), list) else []
+        lines.append(f"| {_cell(row.get('weights'))} | {_cell(row.get('stage'))} | {' x '.join(map(_cell, shape))} | "
+                     + " | ".join(accuracy) + " |")
     best = probe.get("best")
     if isinstance(best, dict) and isinstance(best.get("accuracy"), (int, float)):
-        lines += ["", f"Best: stage {best.get('stage')} with the {best.get('head')} head, {100 * best['accuracy']:.2f}%."]
+        lines += ["", f"Best: stage {_cell(best.get('stage'))} with the {_cell(best.get('head'))} head, {100 * best['accuracy']:.2f}%."]
     return lines
+
+
+def _labels_note(labels_per_class: Any) -> str:
+    return f", {labels_per_class} labelled images per class" if isinstance(labels_per_class, int) else ""
+
+
+def _features_note(features: Any) -> str:
+    return "; features of cropped and flipped images recomputed every batch" if features == "augmented" else ""
 
 
 def registration_import(model_name: str) -> str | None:
@@ -360,7 +290,7 @@ def registration_import(model_name: str) -> str | None:
     arch = timm.models.split_model_name_tag(model_name)[0]
     module = timm.models.model_entrypoint(arch).__module__
     if module.startswith("rotnet_cli"):
-        return f"import rotnet_cli  # defines {arch}; pip install rotnet-cli"
+        return f"import {module}  # registers {arch} with timm; pip install rotnet-cli"
     return None
 
 
@@ -392,9 +322,11 @@ def model_card(loaded: LoadedWeights, config: ExportConfig, record: dict[str, An
         f"Rotations*, ICLR 2018), with rotnet {__version__}.", "",
         "| | |", "|---|---|", *[f"| {k} | {_cell(v)} |" for k, v in facts.items()], "",
     ]
-    probe = probe_section(record.get("probe"))
-    if probe:
-        lines += ["## Probe results", "", *probe, ""]
+    probes = [section for section in map(probe_section, record.get("probes") or []) if section]
+    if probes:
+        lines += ["## Probe results", ""]
+        for section in probes:  # every setting probe.json keeps, in the order they were probed
+            lines += [*section, ""]
     # the arguments timm recorded to rebuild this backbone (num_classes=0, img_size for fixed-size models, ...)
     build_args = "".join(f", {k}={v!r}" for k, v in model_args.items())
     lines += [

@@ -6,7 +6,7 @@ in rotnet). ``predict(config, progress)`` predicts that angle for every image, o
 with test-time agreement over the image's rotated copies, and with ``fix`` writes an
 upright copy of each confidently rotated image to ``out``: the correction is applied to
 the original full-resolution file (exact transposes for multiples of 90 degrees), never
-to the originals themselves. It never prints; progress goes through ``progress(kind, info)``.
+to the originals themselves. It never prints; progress goes to ``progress`` as typed events.
 """
 
 from __future__ import annotations
@@ -15,17 +15,18 @@ import csv
 import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from . import data as data_lib
+from . import rundir
 from .checkpoint import atomic_write, make_dir, write_json, write_text
 from .config import PredictConfig, format_rotations
-from .errors import ConfigError, OutputError
-from .models import load_weights
+from .errors import ConfigError
+from .events import DeviceChosen, Progress, TaskProgress, WarningMessage, ignore
 from .rotations import disc_mask, is_exact, needs_mask, rotate_all
 from .runtime import autocast, configure_backends, describe_device, resolve_device, resolve_precision
+from .weights import load_weights
 
 REPORT_CSV = "predictions.csv"
 REPORT_JSON = "predictions.json"
@@ -33,8 +34,6 @@ REPORT_FIELDS = ("path", "predicted", "correction", "confidence", "action", "out
 JPEG_QUALITY = 95
 # What happened to each image; "predicted" is the action when nothing is written (no --fix).
 ACTIONS = ("fixed", "skipped-upright", "skipped-low-confidence", "unreadable", "predicted")
-
-Progress = Callable[[str, dict], None]
 
 
 @dataclass
@@ -83,7 +82,7 @@ class InputImage:
     relative: Path  # where its upright copy goes below --out (mirrors a folder input)
 
 
-# ----------------------------------------------------------------------------- inputs and output folder
+# ----------------------------------------------------------------------------- inputs
 
 
 def collect_inputs(specs: tuple[str, ...]) -> list[InputImage]:
@@ -98,22 +97,6 @@ def collect_inputs(specs: tuple[str, ...]) -> list[InputImage]:
                 "predict them in separate runs"
             )
     return found
-
-
-def check_out_dir(out: Path, specs: tuple[str, ...], overwrite: bool) -> None:
-    """Refuse an --out that is, holds or lies inside an input (the originals never change),
-    and an existing non-empty one unless --overwrite. Nothing is created here."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is a file; choose a folder name")
-    resolved = out.resolve()
-    for spec in specs:
-        given = Path(spec).expanduser().resolve()
-        if given == resolved or resolved in given.parents or (given.is_dir() and given in resolved.parents):
-            raise OutputError(
-                f"--out {out} overlaps the input {spec}; choose a folder outside the inputs (the originals are never changed)"
-            )
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"{out} exists and is not empty; pass --overwrite to write into it, or choose another --out")
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -170,20 +153,20 @@ def rotation_probabilities(model: torch.nn.Module, images: torch.Tensor, rotatio
 
 def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResult:
     """Predict the rotation of every input image; with ``cfg.fix`` write upright copies; see the module docstring."""
-    emit = progress or (lambda kind, info: None)
+    emit = progress or ignore
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     configure_backends(device)
     inputs = collect_inputs(cfg.inputs)
     out = Path(cfg.out).expanduser() if cfg.out else None
-    if out is not None:
-        check_out_dir(out, cfg.inputs, cfg.overwrite)
+    if out is not None:  # never an input folder, nor inside one: the originals are never changed
+        rundir.check_out_dir(out, overwrite=cfg.overwrite, inputs=cfg.inputs, overwrite_does="write into it")
     weights = load_weights(cfg.weights, device)
     model = weights.rotnet()
     rotations = weights.rotations
     assert rotations is not None  # rotnet() raised otherwise
     tta_table = tta_index_table(rotations) if cfg.tta else None
-    emit("device", {"device": describe_device(device), "precision": precision})
+    emit(DeviceChosen(describe_device(device), precision))
 
     # labels carry each file's index, so predictions map back to files; unreadable files
     # are the indices that never come back from the loader
@@ -201,12 +184,12 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
             angle = rotations[k]
             predictions[i] = ImagePrediction(str(inputs[i].path), angle, (360 - angle) % 360, c)
         done += len(batch.images) + len(batch.skipped)
-        emit("task", {"id": "predict", "description": "predicting", "done": done, "total": len(inputs)})
+        emit(TaskProgress("predict", "predicting", done, len(inputs)))
     if done < len(inputs):  # batches whose files were all unreadable yield nothing
-        emit("task", {"id": "predict", "description": "predicting", "done": len(inputs), "total": len(inputs)})
+        emit(TaskProgress("predict", "predicting", len(inputs), len(inputs)))
     unreadable = [p.path for p in predictions if p.action == "unreadable"]
     if unreadable:
-        emit("warning", {"message": data_lib.warn_skipped(unreadable)})
+        emit(WarningMessage(data_lib.warn_skipped(unreadable)))
 
     result = PredictResult(weights.model_name, weights.source, rotations, describe_device(device), cfg.tta, predictions, out)
     if out is not None:
@@ -237,7 +220,7 @@ def _write_upright_copies(inputs: list[InputImage], predictions: list[ImagePredi
                 p.action, p.output = "fixed", str(target)
             except UnreadableImage as e:  # the file changed or broke since it was decoded
                 p.action, p.note = "unreadable", str(e)
-        emit("task", {"id": "fix", "description": "writing upright copies", "done": done, "total": len(due)})
+        emit(TaskProgress("fix", "writing upright copies", done, len(due)))
 
 
 class UnreadableImage(Exception):

@@ -1,4 +1,4 @@
-"""Where and how the work runs: device, precision, seeding, torchrun/DDP."""
+"""Where and how the work runs: device, precision, seeding, random states, torchrun/DDP."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,15 +106,41 @@ def configure_backends(device: torch.device) -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Python, NumPy and torch generators from ``seed + rank`` (timm's random_seed)."""
+    from timm.utils import random_seed
+
+    random_seed(seed, rank)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random number generators (Python, NumPy, torch CPU and CUDA) as plain values
+    (tensors, numbers and tuples: a checkpoint keeps them loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what rng_state() returned (a checkpoint's lists come back as lists, not tuples)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @dataclass(frozen=True)
 class DistInfo:
-    """This process's place in a torchrun job (world_size 1 without torchrun)."""
+    """This process's place in a distributed job (world_size 1 when it runs alone)."""
 
     rank: int = 0
     world_size: int = 1
@@ -129,22 +156,62 @@ class DistInfo:
 
 
 def dist_from_env() -> DistInfo:
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; their presence switches DDP on."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """torchrun's RANK, WORLD_SIZE and LOCAL_RANK (or SLURM's, MPI's: timm's world_info_from_env)."""
+    from timm.utils import world_info_from_env
+
+    local_rank, rank, world = world_info_from_env()
     if world <= 1:
         return DistInfo()
-    return DistInfo(rank=int(os.environ["RANK"]), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
 
 
 def init_distributed(dist: DistInfo, device: torch.device) -> None:
     if not dist.enabled or torch.distributed.is_initialized():
         return
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise ConfigError(
+            f"this is process {dist.rank} of {dist.world_size}, but no MASTER_ADDR/MASTER_PORT says where they meet; "
+            "launch with torchrun --nproc-per-node N -m rotnet_cli pretrain ..., or export MASTER_ADDR and MASTER_PORT"
+        )
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group(backend=backend)
+    torch.distributed.init_process_group(backend=backend, rank=dist.rank, world_size=dist.world_size)
 
 
 def shutdown_distributed() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# With one process these are no-ops; in a distributed job every rank calls them at the same points.
+
+
+def barrier(dist: DistInfo) -> None:
+    if dist.enabled:
+        torch.distributed.barrier()
+
+
+def gather_objects(obj: Any, dist: DistInfo) -> list[Any]:
+    """[rank 0's obj, rank 1's obj, ...] on every rank."""
+    if not dist.enabled:
+        return [obj]
+    gathered: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+def reduce_int(value: int, op: str, device: torch.device, dist: DistInfo) -> int:
+    """The 'min' or 'max' of an integer over all ranks (the value itself with one process)."""
+    if not dist.enabled:
+        return value
+    tensor = torch.tensor(value, device=device, dtype=torch.long)
+    torch.distributed.all_reduce(tensor, op={"min": torch.distributed.ReduceOp.MIN, "max": torch.distributed.ReduceOp.MAX}[op])
+    return int(tensor.item())
+
+
+def all_reduce_sum(*tensors: torch.Tensor, dist: DistInfo) -> None:
+    """Sum each tensor over all ranks, in place."""
+    if dist.enabled:
+        for t in tensors:
+            torch.distributed.all_reduce(t)

@@ -8,30 +8,30 @@
 
 torchvision's ``make_grid`` lays tiles out, PIL writes text and PNGs; a small colour lookup
 table replaces matplotlib's colour maps, so only ``draw_curves`` needs matplotlib. Library
-code: nothing here prints; progress goes through ``progress(kind, info)``.
+code: nothing here prints; progress goes to ``progress`` as typed events.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import data as data_lib
+from . import rundir
 from .checkpoint import atomic_write, make_dir
 from .config import AttentionConfig, CurvesConfig, FiltersConfig
 from .errors import DataError, ModelError, RotnetError
-from .models import forward_stages, load_weights, num_stages, resolve_stages
+from .events import Message, Progress, TaskProgress, ignore
+from .models import forward_stages, num_stages, resolve_stages
 from .rotations import disc_mask, needs_mask, rotate, rotate_all
 from .runtime import resolve_device
-
-Progress = Callable[[str, dict], None]
+from .weights import load_weights
 
 TILE_PADDING = 2  # pixels between tiles (make_grid's padding)
 PANEL_GAP = 16  # pixels between side-by-side panels
@@ -272,11 +272,11 @@ def side_by_side(images: list, labels: list[str]):
 
 def draw_filters(config: FiltersConfig, progress: Progress | None = None) -> FiltersResult:
     """One PNG of the stem filters of each weights spec, side by side (labelled when several)."""
+    emit = progress or ignore
     labels = list(config.labels) or list(config.weights)
     images, panels = [], []
     for spec, label in zip(config.weights, labels):
-        if progress:
-            progress("message", {"message": f"loading {spec}"})
+        emit(Message(f"loading {spec}"))
         image, panel = filter_panel(load_weights(spec, "cpu"), label, config.scale, config.cols)
         images.append(image)
         panels.append(panel)
@@ -406,6 +406,9 @@ def attention_figure(rows: torch.Tensor, scale: int, column_labels: list[str], r
 
 def draw_attention(config: AttentionConfig, progress: Progress | None = None) -> AttentionResult:
     """For every image: a PNG with a row per rotated copy and a column per stage's attention map."""
+    emit = progress or ignore
+    out_dir = Path(config.out).expanduser()
+    rundir.check_out_dir(out_dir, overwrite=True)  # the pictures of earlier calls are replaced, as documented
     device = resolve_device(config.device)
     paths = collect_images(config.images)
     loaded = load_weights(config.weights, device)
@@ -417,7 +420,6 @@ def draw_attention(config: AttentionConfig, progress: Progress | None = None) ->
     scale = config.scale or max(1, math.ceil(128 / img_size))
     lut = colormap_lut(config.cmap)
     mask = disc_mask(img_size, img_size)[0, 0].bool() if needs_mask(rotations) else None
-    out_dir = Path(config.out).expanduser()
     columns = ["input"] + [f"stage {i + 1} p={p:g}" for i, p in zip(stages, powers)]
     rows_text = [f"{a:g}°" for a in rotations]
 
@@ -426,8 +428,7 @@ def draw_attention(config: AttentionConfig, progress: Progress | None = None) ->
         powers=powers, aligned=config.align, img_size=img_size,
     )
     for done, (path, name) in enumerate(zip(paths, unique_names(paths))):
-        if progress:
-            progress("task", {"id": "attention", "description": "attention maps", "done": done, "total": len(paths)})
+        emit(TaskProgress("attention", "attention maps", done, len(paths)))
         try:
             image = data_lib.decode_file(path, img_size)  # (3, S, S) uint8
         except Exception as e:  # PIL raises many types for broken files
@@ -451,8 +452,7 @@ def draw_attention(config: AttentionConfig, progress: Progress | None = None) ->
         result.images.append(AttentionImage(source=str(path), out=out, agreement=agreement(aligned_maps, mask)))
     if not result.images:
         raise DataError(f"none of the {len(paths)} images could be read (e.g. {result.skipped[0]})")
-    if progress:
-        progress("task", {"id": "attention", "description": "attention maps", "done": len(paths), "total": len(paths)})
+    emit(TaskProgress("attention", "attention maps", len(paths), len(paths)))
     return result
 
 
@@ -461,23 +461,11 @@ def draw_attention(config: AttentionConfig, progress: Progress | None = None) ->
 
 def read_metrics(run: str) -> tuple[Path, list[dict[str, Any]]]:
     """(run directory, rows of metrics.jsonl): RUN is a run directory or its metrics.jsonl."""
-    from .pretraining import METRICS
-
     path = Path(run).expanduser()
-    file = path / METRICS if path.is_dir() else path
-    if not file.is_file():
-        raise DataError(f"{file} does not exist; give a run directory made by rotnet pretrain (it holds {METRICS})")
-    rows = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise DataError(f"{file} line {number} is not JSON; is it a rotnet metrics.jsonl?") from None
+    rows = rundir.read_metrics(path)
     if not rows:
-        raise DataError(f"{file} holds no epochs yet; draw the curves after the first epoch has finished")
-    return file.parent, rows
+        raise DataError(f"{path} holds no epochs yet; draw the curves after the first epoch has finished")
+    return (path if path.is_dir() else path.parent), rows
 
 
 def _pyplot():

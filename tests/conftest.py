@@ -1,23 +1,56 @@
-"""Suite-wide settings: one compute thread per process.
+"""Suite-wide settings and the one shared pretraining run.
 
-The tests use tiny models, where a second thread buys nothing and, with loader workers and
-subprocesses on a 2-core machine, oversubscription makes steps many times slower. The
-environment variable reaches the rotnet subprocesses the tests start.
+One compute thread per process: the tests use tiny models, where a second thread buys
+nothing and, with loader workers and subprocesses on a 2-core machine, oversubscription
+makes steps many times slower. The environment variable reaches the rotnet subprocesses
+the tests start.
+
+``tiny_run``: a short run made once per session through the CLI, as a user makes one. Its
+rotation set (0, 180) is not the default, so a test can tell the run's own set from a
+default. Tests read it and never change it; one that writes into a run uses ``copy_of_run``.
 """
 
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)
 
 
+import json  # noqa: E402
 import pickle  # noqa: E402
+import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+TINY_RUN = ["pretrain", "--model", "test_resnet", "--epochs", "1", "-b", "32", "--max-steps-per-epoch", "3",
+            "--rotations", "0,180", "--device", "cpu", "--workers", "0", "--json"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run_with_summary(tmp_path_factory) -> tuple[Path, dict]:
+    """(run directory, the --json summary) of `rotnet pretrain` on digits: test_resnet, 32 px, 1 epoch of 3 steps."""
+    from rotnet_cli.cli import app
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    result = CliRunner().invoke(app, [*TINY_RUN, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_run_with_summary) -> Path:
+    return tiny_run_with_summary[0]
+
+
+@pytest.fixture
+def copy_of_run(tiny_run, tmp_path) -> Path:
+    """A copy of the shared run that a test may change."""
+    return Path(shutil.copytree(tiny_run, tmp_path / "run-copy"))
 
 
 class _CodeRunningPayload:

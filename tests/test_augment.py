@@ -15,6 +15,7 @@ from rotnet_cli import data
 from rotnet_cli.cli import app
 from rotnet_cli.config import PretrainConfig
 from rotnet_cli.errors import ConfigError
+from rotnet_cli.events import Message
 from rotnet_cli.pretraining import pretrain, resume_config
 
 FAST = dict(model="test_resnet", batch_size=32, max_steps_per_epoch=1, workers=0, device="cpu", epochs=1)
@@ -99,8 +100,8 @@ def test_an_old_run_resumes_with_the_augmentation_it_had(tmp_path):
 
 def test_the_choice_is_printed_at_start_and_recorded(tmp_path):
     events = []
-    pretrain(PretrainConfig(**FAST, out=str(tmp_path / "auto")), progress=lambda kind, info: events.append((kind, info)))
-    messages = [info["message"] for kind, info in events if kind == "message"]
+    pretrain(PretrainConfig(**FAST, out=str(tmp_path / "auto")), progress=events.append)
+    messages = [event.text for event in events if isinstance(event, Message)]
     assert any(m.startswith("augmentation: none (grey images") for m in messages), messages
     saved = json.loads((tmp_path / "auto" / "config.json").read_text())
     assert saved["config"]["augment"] == "auto" and saved["resolved"]["augment"] == "none"

@@ -31,7 +31,7 @@ def test_flat_folder_is_recursive_and_unlabelled(tmp_path):
     (tmp_path / "loose.png").write_bytes(b"")  # a loose file makes it a flat folder
     src = data.open_source(str(tmp_path), 16, cache="none")
     assert len(src.train) == 6 and src.train.labels is None and src.val is None
-    assert [p.rsplit("/", 1)[-1] for p in src.train.skipped] == ["notes.txt"]  # counted, not silently dropped
+    assert [p.rsplit("/", 1)[-1] for p in src.skipped] == ["notes.txt"]  # counted, not silently dropped
 
 
 def test_class_folders_give_labels_and_train_val_split(tmp_path):
@@ -74,7 +74,7 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path):
     (tmp_path / "truncated.png").write_bytes(good[: len(good) // 2])
     src = data.open_source(str(tmp_path), 16)
     assert len(src.train) == 3
-    assert sorted(p.rsplit("/", 1)[-1] for p in src.train.skipped) == ["garbage.jpg", "truncated.png", "zero.png"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in src.skipped) == ["garbage.jpg", "truncated.png", "zero.png"]
     with pytest.raises(DataError, match="unreadable image"):  # streamed from workers too
         on_disk = data.open_source(str(tmp_path), 16, cache="none").train
         list(data.iterate_batches(on_disk, torch.arange(len(on_disk)), 2, torch.device("cpu"), drop_last=False, workers=2, strict=True))

@@ -14,20 +14,24 @@ from typer.testing import CliRunner
 
 from rotnet_cli.cli import app
 from rotnet_cli.config import PretrainConfig
-from rotnet_cli.models import load_weights
 from rotnet_cli.pretraining import pretrain
+from rotnet_cli.weights import load_weights
 
 MODELS = ["test_resnet", "test_vit", "test_convnext", "test_efficientnet"]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """One tiny pretraining run per architecture family (a few steps each)."""
+def runs(tmp_path_factory, tiny_run) -> dict[str, Path]:
+    """One tiny pretraining run per architecture family (a few steps each; test_resnet's is the shared run)."""
     root = tmp_path_factory.mktemp("export-runs")
-    for name in MODELS:
+    for name in MODELS[1:]:
         pretrain(PretrainConfig(model=name, epochs=1, out=str(root / name), max_steps_per_epoch=1, batch_size=8,
                                 val_split=0.05, workers=0))
-    return {name: root / name for name in MODELS}
+    return {"test_resnet": tiny_run} | {name: root / name for name in MODELS[1:]}
+
+
+def run_rotations(run: Path) -> list[float]:
+    return json.loads((run / "config.json").read_text())["config"]["rotations"]
 
 
 def rotnet(*args: str):
@@ -69,7 +73,7 @@ def test_export_loads_in_timm_both_ways_with_the_trained_features(runs, tmp_path
         keys, meta = set(f.keys()), f.metadata()
     assert keys == set(timm.create_model(name, num_classes=0).state_dict())
     assert meta["model"] == name and meta["rotnet_version"] and meta["source"].startswith(str(runs[name]))
-    assert json.loads(meta["rotations"]) == [0, 90, 180, 270]
+    assert json.loads(meta["rotations"]) == run_rotations(runs[name])
 
     # config.json: what timm needs to rebuild it, with the preprocessing it was trained with
     run_config = json.loads((runs[name] / "config.json").read_text())["resolved"]
@@ -99,25 +103,29 @@ def test_model_card_and_snippet(runs, tmp_path):
     card = (out / "README.md").read_text()
     final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert card.startswith("---\nlibrary_name: timm\n")
-    assert "test_resnet" in card and "0,90,180,270" in card and "digits" in card
+    rotations = ",".join(f"{a:g}" for a in run_rotations(run))
+    assert "test_resnet" in card and f"{rotations} degrees" in card and "digits" in card
     assert f"{100 * final['val_rot_acc']:.2f}%" in card
     assert f'timm.create_model("local-dir:{out.name}", pretrained=True)' in card
 
 
-def test_card_renders_probe_results_and_survives_an_unreadable_probe_file(runs, tmp_path):
+def test_card_renders_every_probe_setting_and_survives_an_unreadable_probe_file(runs, tmp_path):
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(runs["test_resnet"], run)
-    probed = CliRunner().invoke(app, ["probe", str(run), "--epochs", "2", "--head", "linear,knn", "--layers", "1,-1", "--device", "cpu"])
-    assert probed.exit_code == 0, probed.output
-    probe = json.loads((run / "probe.json").read_text())
+    for args in (["--head", "linear,knn", "--layers", "1,-1"], ["--head", "knn", "--layers", "-1", "--labels-per-class", "10"]):
+        probed = CliRunner().invoke(app, ["probe", str(run), "--epochs", "2", "--device", "cpu", *args])
+        assert probed.exit_code == 0, probed.output
+    first, second = json.loads((run / "probe.json").read_text())["results"]  # the second probe kept the first
     assert rotnet("export", run, "--out", tmp_path / "a").exit_code == 0
     card = (tmp_path / "a" / "README.md").read_text()
     assert "## Probe results" in card and "| weights | stage | C x H x W | linear | knn |" in card
-    for row in probe["rows"]:  # every stage with every head's accuracy, in percent
+    for row in first["rows"]:  # every stage with every head's accuracy, in percent
         assert f"| run | {row['stage']} | " in card and f"{100 * row['linear']:.2f}%" in card and f"{100 * row['knn']:.2f}%" in card
-    assert f"Best: stage {probe['best']['stage']} with the {probe['best']['head']} head" in card
+    assert f"Best: stage {first['best']['stage']} with the {first['best']['head']} head" in card
+    assert "| weights | stage | C x H x W | knn |" in card and "10 labelled images per class" in card
+    assert f"{100 * second['rows'][0]['knn']:.2f}%" in card
 
     (run / "probe.json").write_text("{ not json")
     assert rotnet("export", run, "--out", tmp_path / "b").exit_code == 0
@@ -204,7 +212,7 @@ def test_bad_requests_are_one_line_errors_that_write_nothing(runs, tmp_path, cas
     run = runs["test_resnet"]
     args, code, says = {
         "missing": ([tmp_path / "nope", "--out", tmp_path / "out"], 1, "does not exist"),
-        "into-the-run": ([run, "--out", run, "--overwrite"], 1, "holds the weights"),
+        "into-the-run": ([run, "--out", run, "--overwrite"], 1, "overlaps the input"),
         "head-of-random": (["random:test_resnet", "--out", tmp_path / "out", "--with-head"], 1, "no rotation head"),
         "bad-dtype": ([run, "--out", tmp_path / "out", "--dtype", "int8"], 1, "--dtype"),
     }[case]

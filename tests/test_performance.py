@@ -150,16 +150,15 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
                      "--jpeg-count", "40", "--workers", "0", "--official-workers", "1", "--device", "cpu"],
      ["digits_vs_bare", "memory_vs_bare", "jpeg_cache_none_vs_bare", "jpeg_cache_auto_vs_bare",
       "rotnet_vs_official_memory", "rotnet_vs_official_jpeg"]),
-    ("probe.py", ["--weights", "RUN", "--epochs", "2", "--device", "cpu"], ["ratio_linear", "ratio_default_heads"]),
+    ("probe.py", ["--weights", "RUN", "--epochs", "2", "--augmented-epochs", "1", "--readme-weights", "random:test_resnet",
+                  "--device", "cpu"],
+     ["ratio_linear", "ratio_default_heads", "ratio_linear_mlp_knn", "ratio_readme_example", "ratio_augmented_per_epoch"]),
     ("memory.py", ["--model", "test_resnet", "--steps", "2", "--batch-size", "8", "--device", "cpu"], ["rotnet_vs_bare"]),
     ("startup.py", ["--runs", "1"], ["help_vs_import_timm"]),
 ], ids=["pipeline", "probe", "memory", "startup"])
-def test_each_benchmark_prints_its_figures_as_one_json_line(tmp_path, script, args, figures):
-    if "RUN" in args:  # a 32 px run: timm's test models default to 160 px, slow to probe on CPU
-        run = tmp_path / "run"
-        pretrain(PretrainConfig(model="test_resnet", epochs=1, max_steps_per_epoch=1, batch_size=16, device="cpu",
-                                workers=0, out=str(run)))
-        args = [str(run) if a == "RUN" else a for a in args]
+def test_each_benchmark_prints_its_figures_as_one_json_line(tmp_path, tiny_run, script, args, figures):
+    # RUN: a 32 px run (timm's test models default to 160 px, slow to probe on CPU); the probe saves nothing
+    args = [str(tiny_run) if a == "RUN" else a for a in args]
     env = {**os.environ, "TMPDIR": str(tmp_path)}  # the JPEG folder and runs go under tmp_path
     done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -173,10 +172,11 @@ def test_each_benchmark_prints_its_figures_as_one_json_line(tmp_path, script, ar
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_the_optimizer_step_is_one_fused_kernel_on_cpu_and_cuda(optimizer):
-    from rotnet_cli.models import RotNet, create_backbone
+    from rotnet_cli.models import RotNet, create_backbone, rotation_head
     from rotnet_cli.pretraining import make_optimizer
 
-    model = RotNet(create_backbone("test_resnet", img_size=32), 4)
+    backbone = create_backbone("test_resnet", img_size=32)
+    model = RotNet(backbone, rotation_head(backbone, 4))
     cfg = PretrainConfig(model="test_resnet", optimizer=optimizer)
     for device in (torch.device("cpu"), torch.device("cuda", 0)):  # building it needs no GPU
         built = make_optimizer(model, cfg, device)

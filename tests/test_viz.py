@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 
 from rotnet_cli.cli import app
 from rotnet_cli.errors import ModelError
-from rotnet_cli.models import load_weights
 from rotnet_cli.rotations import rotate_all
 from rotnet_cli.viz import (
     LABEL_BAND, PANEL_GAP, ROW_LABEL_WIDTH, TILE_PADDING, agreement, attention_maps, rotate_back, stem_conv,
 )
+from rotnet_cli.weights import load_weights
 
 ROTATIONS = (0.0, 90.0, 180.0, 270.0)
 
@@ -60,18 +60,6 @@ def disc_image(size: int, mean: tuple[float, ...]) -> torch.Tensor:
 def save_disc_png(path, size: int = 48) -> None:
     array = disc_image(size, (0.485, 0.456, 0.406))[0].permute(1, 2, 0).numpy()
     Image.fromarray(array).save(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A real (very short) pretraining run on two rotations, so its rotation set is (0, 180)."""
-    from rotnet_cli.config import PretrainConfig
-    from rotnet_cli.pretraining import pretrain
-
-    out = tmp_path_factory.mktemp("viz") / "run"
-    pretrain(PretrainConfig(model="test_resnet", epochs=1, out=str(out), max_steps_per_epoch=2, batch_size=16,
-                            rotations=(0, 180), img_size=32, device="cpu"))
-    return out
 
 
 # ----------------------------------------------------------------------------- filters
@@ -184,7 +172,7 @@ def test_attention_png_per_image_rows_are_the_run_rotations(tmp_path, tiny_run):
                     "--align", "--json", "--device", "cpu")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["rotations"] == [0.0, 180.0] and report["stages"] == [1, 5] and report["img_size"] == 32
+    assert report["rotations"] == [0.0, 180.0] and report["stages"] == [1, 5] and report["img_size"] == 32  # the run's own set
     assert len(report["images"]) == 2 and "broken.jpg" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["a-2.png", "a.png"]
     tile = 32 * 2 + TILE_PADDING

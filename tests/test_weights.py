@@ -1,4 +1,4 @@
-"""The one weight loader (rotnet_cli.models.load_weights): every spec it accepts, every bad input it refuses.
+"""The one weight loader (rotnet_cli.weights.load_weights): every spec it accepts, every bad input it refuses.
 
 Every refusal is a WeightsError whose message is one line that names the problem.
 """
@@ -14,18 +14,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rotnet_cli.checkpoint import load_safetensors
-from rotnet_cli.config import PretrainConfig
 from rotnet_cli.errors import WeightsError
-from rotnet_cli.models import load_weights
-from rotnet_cli.pretraining import pretrain
+from rotnet_cli.weights import load_weights
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("weights") / "run"
-    pretrain(PretrainConfig(model="test_resnet", epochs=1, out=str(out), max_steps_per_epoch=2, batch_size=8,
-                            val_split=0.05, workers=0, rotations=(0, 90, 180)))
-    return out
+@pytest.fixture
+def run_dir(tiny_run) -> Path:
+    return tiny_run  # two rotations: a head of 2 outputs, not the default 4
 
 
 def run_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -52,13 +47,13 @@ def refusal(spec) -> str:
 def test_run_directory_loads_backbone_head_and_preprocessing(run_dir):
     loaded = load_weights(str(run_dir))
     assert (loaded.kind, loaded.model_name, loaded.run_dir) == ("run", "test_resnet", run_dir)
-    assert loaded.rotations == (0.0, 90.0, 180.0)
+    assert loaded.rotations == (0.0, 180.0)
     assert loaded.img_size == 32 and len(loaded.mean) == len(loaded.std) == 3
     tensors = run_tensors(run_dir)
     assert_same_weights(loaded.backbone, tensors, "backbone.")
     assert_same_weights(loaded.head, tensors, "head.")
     assert not loaded.backbone.training  # ready for inference
-    assert loaded.rotnet()(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    assert loaded.rotnet()(torch.randn(2, 3, 32, 32)).shape == (2, 2)
 
 
 def test_run_directory_without_final_weights_falls_back_to_its_checkpoint(run_dir, tmp_path):
@@ -70,7 +65,7 @@ def test_run_directory_without_final_weights_falls_back_to_its_checkpoint(run_di
     checkpoint = torch.load(stopped / "checkpoint.pt", weights_only=True)["model"]
     assert_same_weights(loaded.backbone, checkpoint, "backbone.")
     assert_same_weights(loaded.head, checkpoint, "head.")
-    assert loaded.rotations == (0.0, 90.0, 180.0)
+    assert loaded.rotations == (0.0, 180.0)
 
 
 def test_checkpoint_and_safetensors_files_load_directly(run_dir):

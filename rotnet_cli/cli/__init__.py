@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from .._version import __version__
+from . import export, predict, pretrain, probe, reproduce, viz
 from ._common import set_debug
 
 app = typer.Typer(
@@ -37,15 +38,13 @@ def _root(
     set_debug(debug)
 
 
-# Each command registers itself on `app` when its module is imported.
-from . import pretrain as _pretrain  # noqa: E402,F401
-
-# --- more commands register below (one import each) ---
-from . import reproduce as _reproduce  # noqa: E402,F401
-from . import predict as _predict  # noqa: E402,F401
-from . import export as _export  # noqa: E402,F401
-from . import probe as _probe  # noqa: E402,F401
-from . import viz as _viz  # noqa: E402,F401
+# Every command, registered in one place (the command modules know nothing of the app).
+app.command(epilog=pretrain.EXAMPLES)(pretrain.pretrain)
+app.command(epilog=probe.EXAMPLES)(probe.probe)
+app.command(epilog=export.EXAMPLES)(export.export)
+app.add_typer(viz.viz_app, name="viz")
+app.command(epilog=predict.EXAMPLES)(predict.predict)
+app.command(epilog=reproduce.EXAMPLES)(reproduce.reproduce)
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import ExportConfig, format_rotations
-from . import app
 from ._common import JsonOpt, OverwriteOpt, WeightsArg, err_console, error_boundary, out_console, print_json
 from .progress import ProgressView
 
@@ -24,9 +23,9 @@ EXAMPLES = """
 """
 
 
-@app.command(epilog=EXAMPLES)
 @error_boundary
 def export(
+    ctx: typer.Context,
     weights: WeightsArg,
     out: Annotated[str, typer.Option("--out", "-o", help="Folder to write (timm / Hugging Face hub layout: model.safetensors, config.json, README.md).", show_default=False)],
     with_head: Annotated[bool, typer.Option("--with-head", help="Also write the rotation head (rotation_head.safetensors, needed by rotnet predict); timm still loads the backbone strictly.")] = False,
@@ -37,7 +36,7 @@ def export(
     """Export the backbone as safetensors + config.json that timm loads with one line; verified by loading it back."""
     from ..exporting import export as run_export
 
-    config = ExportConfig(weights=weights, out=out, with_head=with_head, dtype=dtype, overwrite=overwrite)
+    config = ExportConfig.from_dict(ctx.params)
     with ProgressView(err_console, title="export") as view:
         result = run_export(config, progress=view)
 

@@ -9,7 +9,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import PredictConfig, default_workers
-from . import app
 from ._common import (
     BatchSizeOpt, DeviceOpt, JsonOpt, OverwriteOpt, PrecisionOpt, WeightsArg, WorkersOpt, err_console, error_boundary,
     note, out_console, print_json,
@@ -28,11 +27,11 @@ EXAMPLES = """
 _ACTION_STYLE = {"fixed": "green", "skipped-low-confidence": "yellow", "unreadable": "red"}
 
 
-@app.command(epilog=EXAMPLES)
 @error_boundary
 def predict(
+    ctx: typer.Context,
     weights: WeightsArg,
-    images: Annotated[list[str], typer.Argument(help="Image files and folders (searched recursively).", show_default=False)],
+    inputs: Annotated[list[str], typer.Argument(help="Image files and folders (searched recursively).", metavar="images", show_default=False)],
     tta: Annotated[bool, typer.Option("--tta", help="Test-time agreement: also predict the image's rotated copies and combine their votes.")] = False,
     fix: Annotated[bool, typer.Option("--fix", help="Write an upright copy of each rotated image to --out (exact for multiples of 90; originals never change).")] = False,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Folder for the upright copies and predictions.csv/.json (folder inputs are mirrored).")] = None,
@@ -47,10 +46,7 @@ def predict(
     """Predict how each image is rotated (and how to turn it upright); --fix writes upright copies."""
     from ..prediction import predict as run_predict
 
-    config = PredictConfig(
-        weights=weights, inputs=tuple(images), tta=tta, fix=fix, out=out, min_confidence=min_confidence,
-        overwrite=overwrite, batch_size=batch_size, workers=workers, device=device, precision=precision,
-    )
+    config = PredictConfig.from_dict(ctx.params)
     with ProgressView(err_console, title="predict") as view:
         result = run_predict(config, progress=view)
     if json_out:

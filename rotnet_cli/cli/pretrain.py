@@ -9,8 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..config import PretrainConfig, default_workers, format_rotations, parse_int_list, parse_rotations
-from . import app
+from ..config import PretrainConfig, default_workers, format_rotations
 from ._common import (
     BatchSizeOpt, DataDirOpt, DeviceOpt, DownloadOpt, ImgSizeOpt, JsonOpt, OverwriteOpt, PrecisionOpt, SeedOpt,
     WorkersOpt, err_console, error_boundary, note, out_console, print_json, warn_skipped,
@@ -28,7 +27,6 @@ EXAMPLES = """
 """
 
 
-@app.command(epilog=EXAMPLES)
 @error_boundary
 def pretrain(
     ctx: typer.Context,
@@ -43,6 +41,7 @@ def pretrain(
     batch_size: BatchSizeOpt = 128,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default 0.1 for SGD as in the paper, 1e-3 for AdamW).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay (default 5e-4 SGD, 0.05 AdamW).")] = None,
+    decay_all_params: Annotated[bool, typer.Option("--decay-all-params", help="Weight decay on norms and biases too (the official RotNet code); by default they are exempt, as in timm.")] = False,
     momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum (Nesterov).")] = 0.9,
     optimizer: Annotated[str, typer.Option("--optimizer", "--opt", help="sgd (Nesterov, the paper) or adamw.")] = "sgd",
     schedule: Annotated[str, typer.Option("--schedule", "--sched", help="cosine, or step (with --milestones and --gamma).")] = "cosine",
@@ -63,7 +62,7 @@ def pretrain(
     strict_data: Annotated[bool, typer.Option("--strict-data", help="Stop at the first unreadable image instead of skipping it.")] = False,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run directory (default runs/MODEL-DATE-TIME).")] = None,
     overwrite: OverwriteOpt = False,
-    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue the run in this directory exactly where its checkpoint stopped.")] = None,
+    resume_dir: Annotated[Optional[str], typer.Option("--resume", help="Continue the run in this directory exactly where its checkpoint stopped.")] = None,
     save_every: Annotated[int, typer.Option("--save-every", help="Also checkpoint every N steps (0: at the end of each epoch only).")] = 0,
     log_every: Annotated[int, typer.Option("--log-every", help="Read loss/accuracy from the device every N steps (fewer host syncs).")] = 10,
     max_steps_per_epoch: Annotated[Optional[int], typer.Option("--max-steps-per-epoch", hidden=True)] = None,
@@ -73,25 +72,17 @@ def pretrain(
     from ..pretraining import pretrain as run_pretrain, resume_config
     from ..runtime import dist_from_env
 
-    if no_augment:  # the flag of earlier versions
-        if _given(ctx, "augment"):
+    params = dict(ctx.params)
+    given = {name for name in params if _given(ctx, name)}
+    if params.pop("no_augment"):  # the flag of earlier versions
+        if "augment" in given:
             raise typer.BadParameter("give --augment or --no-augment, not both", param_hint="--no-augment")
-        augment = "none"
-    values = {
-        "model": model, "data": data, "data_dir": data_dir, "download": download, "val_split": val_split,
-        "rotations": parse_rotations(rotations), "copies": copies, "epochs": epochs, "batch_size": batch_size,
-        "lr": lr, "weight_decay": weight_decay, "momentum": momentum, "optimizer": optimizer, "schedule": schedule,
-        "milestones": parse_int_list("--milestones", milestones), "gamma": gamma, "warmup_epochs": warmup_epochs,
-        "img_size": img_size, "augment": augment, "workers": workers, "seed": seed, "init": init, "device": device,
-        "precision": precision, "channels_last": channels_last, "compile": compile, "cache": cache,
-        "strict_data": strict_data, "out": out, "overwrite": overwrite, "save_every": save_every,
-        "log_every": log_every, "max_steps_per_epoch": max_steps_per_epoch,
-    }
-    if resume:
-        given = {k: v for k, v in values.items() if _given(ctx, k) or (k == "augment" and no_augment)}
-        config = resume_config(resume, given)
+        params["augment"] = "none"
+        given.add("augment")
+    if resume_dir:  # the saved config, with the options given on this command line (they must agree with it)
+        config = resume_config(resume_dir, {name: params[name] for name in given if name in params})
     else:
-        config = PretrainConfig(**values)
+        config = PretrainConfig.from_dict(params)
 
     stop = _StopFlag()
     view = ProgressView(err_console, title="pretrain")

@@ -1,11 +1,8 @@
-"""Rendering library progress events: rich bars on a terminal, plain lines otherwise.
+"""Rendering the library's progress events: rich bars on a terminal, plain lines otherwise.
 
-Library functions call ``progress(kind, info)``; this view is that callable. Kinds:
-- 'device', 'resume', 'start', 'warning', 'message': one line each;
-- 'decode': {'done', 'total'} while images are decoded into memory;
-- 'step': {'epoch', 'step', 'steps', 'loss', 'rot_acc', 'images_per_s', 'data_wait'} (pretrain);
-- 'epoch': a metrics row (pretrain) -> one line;
-- 'task': {'id', 'description', 'done', 'total'} for any other bar (probe, predict, ...).
+Library functions call ``progress(event)`` with the typed events of rotnet_cli.events; this
+view is that callable. One ``case`` per event kind; events it does not know are ignored.
+This module imports no torch (the events module does not either).
 """
 
 from __future__ import annotations
@@ -13,6 +10,10 @@ from __future__ import annotations
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..events import (
+    Decoding, DeviceChosen, EpochEnded, Event, Message, Resumed, RunStarted, StepDone, TaskProgress, WarningMessage,
+)
 
 
 def _pct(v) -> str:
@@ -26,7 +27,6 @@ class ProgressView:
         self.live = console.is_terminal
         self.progress: Progress | None = None
         self.tasks: dict[str, int] = {}
-        self.epochs = 0
 
     def __enter__(self) -> "ProgressView":
         if self.live:
@@ -58,40 +58,41 @@ class ProgressView:
             self.tasks[key] = self.progress.add_task(description, total=total, stats=stats)
         self.progress.update(self.tasks[key], description=description, completed=done, total=total, stats=stats)
 
-    def __call__(self, kind: str, info: dict) -> None:
-        if kind == "device":
-            extra = f", {info['world_size']} processes" if info.get("world_size", 1) > 1 else ""
-            self._line(f"device: {info['device']}, precision {info['precision']}{extra}")
-        elif kind == "resume":
-            self._line(f"resuming at epoch {info['epoch'] + 1}, step {info['step']}")
-        elif kind == "start":
-            self.epochs = info["epochs"]
-            self._line(
-                f"{info['model']} at {info['img_size']} px: {info['train_images']} training / {info['val_images']} validation "
-                f"images, {info['steps_per_epoch']} steps of {info['batch_images']} rotated images per epoch -> {escape(info['out_dir'])}"
-            )
-        elif kind in ("warning", "message"):
-            prefix = "[yellow]warning:[/] " if kind == "warning" else ""
-            self._line(prefix + escape(info["message"]))  # library text is plain: brackets in paths stay
-        elif kind == "decode":
-            self._bar("decode", "decoding images", info["done"], info["total"])
-        elif kind == "step":
-            stats = (
-                f"loss {info['loss']:.4f}  acc {_pct(info['rot_acc'])}  {info['images_per_s']:.0f} img/s  "
-                f"data wait {_pct(info['data_wait'])}"
-            )
-            self._bar("epoch", f"epoch {info['epoch']}/{self.epochs}", info["step"], info["steps"], stats)
-        elif kind == "epoch":
-            if self.progress is not None and "epoch" in self.tasks:
-                self.progress.remove_task(self.tasks.pop("epoch"))
-            self._line(
-                f"epoch {info['epoch']}/{self.epochs}  loss {info['loss']:.4f}  rot_acc {_pct(info['rot_acc'])}  "
-                f"val_rot_acc {_pct(info['val_rot_acc'])}  lr {info['lr']:.4g}  {info['images_per_s']:.0f} img/s  "
-                f"{info['seconds']:.1f}s"
-            )
-        elif kind == "task":
-            if self.progress is None:
-                if info["done"] == info["total"]:
-                    self._line(f"{info['description']}: {info['done']}/{info['total']}")
-                return
-            self._bar(info["id"], info["description"], info["done"], info["total"], info.get("stats", ""))
+    def __call__(self, event: Event) -> None:
+        match event:
+            case DeviceChosen():
+                extra = f", {event.world_size} processes" if event.world_size > 1 else ""
+                self._line(f"device: {event.device}, precision {event.precision}{extra}")
+            case Resumed():
+                self._line(f"resuming at epoch {event.epoch + 1}, step {event.step}")
+            case RunStarted():
+                self._line(
+                    f"{event.model} at {event.img_size} px: {event.train_images} training / {event.val_images} validation "
+                    f"images, {event.steps_per_epoch} steps of {event.batch_images} rotated images per epoch -> {escape(event.out_dir)}"
+                )
+            case Message():
+                self._line(escape(event.text))  # library text is plain: brackets in paths stay
+            case WarningMessage():
+                self._line("[yellow]warning:[/] " + escape(event.text))
+            case Decoding():
+                self._bar("decode", "decoding images", event.done, event.total)
+            case StepDone():
+                stats = (
+                    f"loss {event.loss:.4f}  acc {_pct(event.rot_acc)}  {event.images_per_s:.0f} img/s  "
+                    f"data wait {_pct(event.data_wait)}"
+                )
+                self._bar("epoch", f"epoch {event.epoch}/{event.epochs}", event.step, event.steps, stats)
+            case EpochEnded():
+                if self.progress is not None and "epoch" in self.tasks:
+                    self.progress.remove_task(self.tasks.pop("epoch"))
+                self._line(
+                    f"epoch {event.epoch}/{event.epochs}  loss {event.loss:.4f}  rot_acc {_pct(event.rot_acc)}  "
+                    f"val_rot_acc {_pct(event.val_rot_acc)}  lr {event.lr:.4g}  {event.images_per_s:.0f} img/s  "
+                    f"{event.seconds:.1f}s"
+                )
+            case TaskProgress():
+                if self.progress is None:
+                    if event.done == event.total:
+                        self._line(f"{event.description}: {event.done}/{event.total}")
+                    return
+                self._bar(event.task, event.description, event.done, event.total)

@@ -9,8 +9,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import AttentionConfig, CurvesConfig, FiltersConfig
-from ..errors import ConfigError
-from . import app
 from ._common import DeviceOpt, JsonOpt, WeightsArg, err_console, error_boundary, out_console, print_json, warn
 from .progress import ProgressView
 
@@ -20,7 +18,6 @@ viz_app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode="rich",
 )
-app.add_typer(viz_app, name="viz")
 
 FILTERS_EXAMPLES = """
 [b]Examples[/b]
@@ -48,9 +45,10 @@ CURVES_EXAMPLES = """
 @viz_app.command(epilog=FILTERS_EXAMPLES)
 @error_boundary
 def filters(
+    ctx: typer.Context,
     weights: Annotated[List[str], typer.Argument(help="One or more weights (run directory, checkpoint.pt, .safetensors, export, timm:NAME, random:NAME); several are drawn side by side.", show_default=False)],
     out: Annotated[str, typer.Option("--out", "-o", help="PNG file to write (replaced if it exists).")] = "filters.png",
-    label: Annotated[Optional[List[str]], typer.Option("--label", help="Text above a panel, once per weights in order (default: the weights as given).")] = None,
+    labels: Annotated[Optional[List[str]], typer.Option("--label", help="Text above a panel, once per weights in order (default: the weights as given).")] = None,
     scale: Annotated[Optional[int], typer.Option("--scale", help="Enlarge every filter pixel to SCALE x SCALE pixels (default: tiles of about 32 px).")] = None,
     cols: Annotated[Optional[int], typer.Option("--cols", help="Filters per row (default: a square-ish grid).")] = None,
     json_out: JsonOpt = False,
@@ -58,7 +56,7 @@ def filters(
     """The first-layer (stem) filters of a model as a grid of tiles (paper Figure 4)."""
     from ..viz import draw_filters
 
-    config = FiltersConfig(weights=tuple(weights), out=out, labels=tuple(label or ()), scale=scale, cols=cols)
+    config = FiltersConfig.from_dict(ctx.params)
     result = draw_filters(config)
     if json_out:
         print_json(result.to_dict())
@@ -75,6 +73,7 @@ def filters(
 @viz_app.command(epilog=ATTENTION_EXAMPLES)
 @error_boundary
 def attention(
+    ctx: typer.Context,
     weights: WeightsArg,
     images: Annotated[List[str], typer.Argument(help="Image files and/or folders of images (searched recursively).", show_default=False)],
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for the PNGs, one per image (made if missing).")] = "attention",
@@ -92,15 +91,7 @@ def attention(
     """Attention maps of every stage for every rotated copy of each image (paper Figures 3 and 6)."""
     from ..viz import draw_attention
 
-    try:
-        power_value = None if power.strip().lower() == "auto" else float(power)
-    except ValueError:
-        raise ConfigError(f"--power must be a number or auto (got {power!r})") from None
-    config = AttentionConfig(
-        weights=weights, images=tuple(images), out=out, layers=layers, power=power_value,
-        rotations=rotations, align=align, img_size=img_size,
-        scale=scale, cmap=cmap, alpha=alpha, device=device,
-    )
+    config = AttentionConfig.from_dict(ctx.params)
     with ProgressView(err_console, title="attention") as view:
         result = draw_attention(config, progress=view)
     for skipped in result.skipped:
@@ -126,6 +117,7 @@ def attention(
 @viz_app.command(epilog=CURVES_EXAMPLES)
 @error_boundary
 def curves(
+    ctx: typer.Context,
     run: Annotated[str, typer.Argument(help="A run directory made by rotnet pretrain (or its metrics.jsonl).", show_default=False)],
     out: Annotated[str, typer.Option("--out", "-o", help="PNG file to write (replaced if it exists).")] = "curves.png",
     json_out: JsonOpt = False,
@@ -133,7 +125,7 @@ def curves(
     """Loss and rotation accuracy per epoch of a run, training and validation (needs matplotlib)."""
     from ..viz import draw_curves
 
-    result = draw_curves(CurvesConfig(run=run, out=out))
+    result = draw_curves(CurvesConfig.from_dict(ctx.params))
     if json_out:
         print_json(result.to_dict())
         return

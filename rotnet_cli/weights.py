@@ -1,0 +1,224 @@
+"""The one weight loader: every weights spec a command accepts, to a ready backbone (and head).
+
+Specs: a run directory, its checkpoint.pt or model.safetensors, an exported folder (or its
+model.safetensors), ``timm:NAME`` (timm's pretrained weights; needs the hub) and
+``random:NAME`` (the baseline). A safetensors file says what it is through the format marker
+in its metadata (see rundir.py); a folder is what its model.safetensors says it is, or a
+run that stopped before its final weights when it holds only checkpoint.pt.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import rundir
+from .checkpoint import load_safetensors
+from .errors import WeightsError
+from .models import RotNet, canonical_model_name, create_backbone, data_config, rotation_head
+
+
+@dataclass
+class LoadedWeights:
+    """What every command needs from a weights spec."""
+
+    model_name: str
+    backbone: nn.Module
+    head: nn.Linear | None
+    rotations: tuple[float, ...] | None
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+    kind: str  # run | checkpoint | safetensors | exported | timm | random
+    run_dir: Path | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # the file's metadata (decoded), or the checkpoint's position
+
+    def rotnet(self) -> RotNet:
+        """Backbone and head as one module (needs a head)."""
+        if self.head is None or self.rotations is None:
+            raise WeightsError(
+                f"{self.source} has no rotation head; use a run directory, its model.safetensors, "
+                "or an export made with --with-head"
+            )
+        return RotNet(self.backbone, self.head)
+
+
+def load_weights(spec: str, device: torch.device | str = "cpu", seed: int = 0, img_size: int | None = None) -> LoadedWeights:
+    """Resolve any weights spec rotnet accepts to a ready (eval-mode) backbone and head.
+
+    ``img_size`` builds ``timm:``/``random:`` models that need a fixed input size (ViTs) for
+    that size, e.g. the size of the run they are compared with; saved weights know theirs.
+    """
+    text = str(spec)
+    if text.startswith("random:") or text.startswith("timm:"):
+        kind, name = text.split(":", 1)
+        name = canonical_model_name(name)
+        with torch.random.fork_rng(devices=[]):  # the same "random" baseline every time; the caller's RNG is untouched
+            torch.manual_seed(seed)
+            backbone = create_backbone(name, img_size=img_size, pretrained=(kind == "timm"))
+        return _finish(backbone, None, device, model_name=name, rotations=None, source=text, kind=kind, img_size=img_size)
+
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise WeightsError(
+            f"{path} does not exist; give a run directory, checkpoint.pt, .safetensors, an exported folder, "
+            "timm:NAME or random:NAME"
+        )
+    if path.is_dir():
+        weights = path / rundir.WEIGHTS
+        if weights.is_file():
+            if rundir.weights_format(weights) == rundir.EXPORT_FORMAT:
+                return _load_exported(path, device)
+            return _load_safetensors(weights, device, kind="run")
+        if (path / rundir.CHECKPOINT).is_file():  # training stopped before the final weights
+            loaded = _load_checkpoint(path / rundir.CHECKPOINT, device)
+            loaded.kind = "run"
+            return loaded
+        raise WeightsError(
+            f"{path} is not a rotnet run directory or exported model (no model.safetensors, checkpoint.pt or config.json)"
+        )
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path, device, kind="safetensors")
+    return _load_checkpoint(path, device)
+
+
+# ----------------------------------------------------------------------------- one loader per form
+
+
+def _load_safetensors(path: Path, device, kind: str) -> LoadedWeights:
+    """A run's model.safetensors (backbone.* and head.*) or an export's (the backbone's own keys)."""
+    tensors, raw = load_safetensors(path)
+    meta = rundir.read_weights_metadata(path, raw)
+    marker = meta[rundir.FORMAT_KEY]
+    if marker == rundir.HEAD_FORMAT:
+        raise WeightsError(f"{path} holds only a rotation head; give the exported folder it belongs to")
+    rotations = tuple(float(a) for a in meta.get("rotations") or ()) or None
+    if marker == rundir.RUN_FORMAT:
+        backbone_state, head_state = _split_prefixed(tensors)
+    else:
+        backbone_state, head_state = tensors, {}
+    img_size = meta.get("img_size")
+    backbone, head = _build(meta["model"], img_size, rotations, backbone_state, head_state, str(path))
+    run_dir = rundir.run_dir_of(path) if marker == rundir.RUN_FORMAT else None
+    return _finish(
+        backbone, head, device, model_name=meta["model"], rotations=rotations, img_size=img_size, mean=meta.get("mean"),
+        std=meta.get("std"), source=str(path), kind=kind, run_dir=run_dir, info=meta,
+    )
+
+
+def _load_checkpoint(path: Path, device) -> LoadedWeights:
+    try:
+        state = rundir.read_checkpoint(path)
+    except WeightsError:
+        raise
+    except Exception as e:  # torch's unpickler trips over foreign bytes in its own ways (KeyError, struct.error, ...)
+        raise WeightsError(
+            f"{path} is not a checkpoint (torch.load failed: {type(e).__name__}); give a run directory, "
+            "checkpoint.pt, .safetensors file or an exported folder"
+        ) from e
+    config = state.get("config")
+    model_state = state.get("model")
+    if not isinstance(config, dict) or not isinstance(model_state, dict) or "model" not in config:
+        raise WeightsError(f"{path} is not a rotnet checkpoint (no 'config' and 'model' entries)")
+    rotations = tuple(float(a) for a in config.get("rotations", ())) or None
+    backbone_state, head_state = _split_prefixed(model_state)
+    img_size = state.get("img_size")
+    backbone, head = _build(config["model"], img_size, rotations, backbone_state, head_state, str(path))
+    return _finish(
+        backbone, head, device, model_name=config["model"], rotations=rotations, img_size=img_size,
+        mean=state.get("mean"), std=state.get("std"), source=str(path), kind="checkpoint",
+        run_dir=rundir.run_dir_of(path),
+        info={"epoch": state.get("epoch"), "step": state.get("step")},
+    )
+
+
+def _load_exported(folder: Path, device) -> LoadedWeights:
+    """An exported folder, read as timm reads it (config.json), plus the optional rotation head."""
+    try:
+        config = json.loads((folder / rundir.EXPORT_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{folder / rundir.EXPORT_CONFIG} is not readable JSON: {e}") from e
+    name = config.get("architecture") if isinstance(config, dict) else None
+    if not name:
+        raise WeightsError(f"{folder / rundir.EXPORT_CONFIG} names no 'architecture'; it is not a timm/rotnet export")
+    tensors, raw = load_safetensors(folder / rundir.EXPORT_WEIGHTS)
+    meta = rundir.read_weights_metadata(folder / rundir.EXPORT_WEIGHTS, raw)
+    pcfg = config.get("pretrained_cfg", {})
+    # timm records the build size of fixed-size models (ViTs) in model_args, as [H, W];
+    # the size the weights were trained at is pretrained_cfg's input_size (C, H, W).
+    build_size = (config.get("model_args") or {}).get("img_size")
+    img_size = (pcfg.get("input_size") or [None])[-1]
+    rotations, head_state = None, None
+    if (folder / rundir.EXPORT_HEAD).is_file():
+        head_tensors, head_raw = load_safetensors(folder / rundir.EXPORT_HEAD)
+        rotations = tuple(float(a) for a in rundir.read_weights_metadata(folder / rundir.EXPORT_HEAD, head_raw).get("rotations") or ()) or None
+        head_state = head_tensors
+    backbone, head = _build(name, build_size, rotations, tensors, head_state, str(folder))
+    return _finish(
+        backbone, head, device, model_name=name, rotations=rotations, img_size=img_size,
+        mean=pcfg.get("mean"), std=pcfg.get("std"), source=str(folder), kind="exported", info=meta,
+    )
+
+
+# ----------------------------------------------------------------------------- shared steps
+
+
+def _split_prefixed(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A RotNet state dict -> (backbone's, head's), each with its own keys."""
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+    return backbone, head
+
+
+def _build(model_name: str, img_size: int | list[int] | None, rotations: tuple[float, ...] | None,
+           backbone_state: dict[str, torch.Tensor], head_state: dict[str, torch.Tensor] | None, source: str
+           ) -> tuple[nn.Module, nn.Linear | None]:
+    backbone = create_backbone(model_name, img_size=img_size)
+    load_state_dict_strict(backbone, backbone_state, source, model_name)
+    head = None
+    if head_state and rotations:
+        head = rotation_head(backbone, len(rotations))
+        load_state_dict_strict(head, head_state, source, f"the rotation head ({len(rotations)} rotations)")
+    return backbone, head
+
+
+def load_state_dict_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str, model_name: str) -> None:
+    """A strict load whose failure is one line naming up to five missing/unexpected/reshaped keys.
+
+    torch reports missing and unexpected keys (as the module itself counts them); tensors of
+    another shape are taken out first, because torch raises on them before it reports anything.
+    """
+    own = module.state_dict()
+    wrong_shape = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    report = module.load_state_dict({k: v for k, v in state.items() if k not in wrong_shape}, strict=False)
+    if report.missing_keys or report.unexpected_keys or wrong_shape:
+        parts = []
+        if report.missing_keys:
+            parts.append(f"{len(report.missing_keys)} missing ({', '.join(report.missing_keys[:5])})")
+        if report.unexpected_keys:
+            parts.append(f"{len(report.unexpected_keys)} unexpected ({', '.join(report.unexpected_keys[:5])})")
+        if wrong_shape:
+            shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong_shape[:5]]
+            parts.append(f"{len(wrong_shape)} with other shapes ({', '.join(shapes)})")
+        raise WeightsError(f"weights in {source} do not fit {model_name}: " + "; ".join(parts))
+
+
+def _finish(backbone: nn.Module, head: nn.Linear | None, device: torch.device | str, **fields_: Any) -> LoadedWeights:
+    """Move to ``device``, eval mode, and fill in what the file did not say from timm's data config."""
+    backbone.to(device).eval()
+    if head is not None:
+        head.to(device).eval()
+    cfg = data_config(backbone)
+    img_size = fields_.pop("img_size", None) or int(cfg["input_size"][-1])
+    mean = tuple(fields_.pop("mean", None) or cfg["mean"])
+    std = tuple(fields_.pop("std", None) or cfg["std"])
+    return LoadedWeights(backbone=backbone, head=head, img_size=int(img_size), mean=mean, std=std, **fields_)
+
+
+__all__ = ["load_weights", "LoadedWeights", "load_state_dict_strict"]
