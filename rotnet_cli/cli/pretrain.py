@@ -3,30 +3,45 @@
 from __future__ import annotations
 
 import contextlib
+import shlex
 import signal
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..config import PretrainConfig, default_workers, format_rotations
 from ._common import (
     BatchSizeOpt, DataDirOpt, DeviceOpt, DownloadOpt, ImgSizeOpt, JsonOpt, OverwriteOpt, PrecisionOpt, SeedOpt,
-    WorkersOpt, err_console, error_boundary, note, out_console, print_json, warn_skipped,
+    WorkersOpt, err_console, error_boundary, note, out_console, print_commands, print_json, warn_skipped,
 )
+from ._typer import help_panels
 from .progress import ProgressView
+
+# --help groups the options in the order a user sets a run up
+HELP_PANELS = {
+    "Model": ("model", "rotations", "copies", "init"),
+    "Data": ("data", "data_dir", "download", "val_split", "img_size", "augment", "workers", "cache", "strict_data"),
+    "Optimisation": ("epochs", "batch_size", "lr", "weight_decay", "decay_all_params", "momentum", "optimizer", "schedule",
+                     "milestones", "gamma", "warmup_epochs", "seed"),
+    "Device": ("device", "precision", "channels_last", "compile"),
+    "Output": ("out", "overwrite", "resume_dir", "save_every", "log_every", "json_out"),
+}
 
 EXAMPLES = """
 [b]Examples[/b]
 
-  rotnet pretrain                                   [dim]# resnet18 on the built-in digits, CPU ok[/dim]
-  rotnet pretrain --model vit_small_patch16_224 --data ~/photos --epochs 50 --device cuda:1
+  rotnet pretrain --out runs/demo                   [dim]# resnet18 on the built-in digits, CPU ok[/dim]
+  rotnet pretrain --model resnet18 --data ~/photos --img-size 64 --device cpu  [dim]# photos on a CPU: 64 px[/dim]
+  rotnet pretrain --model vit_small_patch16_224 --data ~/photos --optimizer adamw --lr 5e-4 --warmup-epochs 5 --device cuda:1
   rotnet pretrain --model resnet50 --data cifar10 --download --rotations 0,90,180,270 -b 128
   rotnet pretrain --resume runs/resnet18-20261124-101500  [dim]# continue where it stopped[/dim]
   torchrun --nproc-per-node 4 -m rotnet_cli pretrain --model resnet50 --data ~/photos
 """
 
 
+@help_panels(HELP_PANELS)
 @error_boundary
 def pretrain(
     ctx: typer.Context,
@@ -144,24 +159,39 @@ def _fmt(value, pct: bool = False) -> str:
     return f"{100 * value:.2f}%" if pct else f"{value:.4f}"
 
 
+SUMMARY_EPOCHS = 10  # rows of the closing table; metrics.jsonl has them all
+
+
 def _render_summary(result, config: PretrainConfig) -> None:
+    from ..rundir import METRICS
+
     final = result.final
-    table = Table(title=f"RotNet pretraining: {config.model} on {config.data}", title_justify="left")
+    shown = result.history[-SUMMARY_EPOCHS:]
+    table = Table(title=f"RotNet pretraining: {config.model} on {escape(config.data)}", title_justify="left")
     table.add_column("epoch", justify="right")
     table.add_column("loss", justify="right")
     table.add_column("rot acc", justify="right")
     table.add_column("val loss", justify="right")
     table.add_column("val rot acc", justify="right")
     table.add_column("img/s", justify="right")
-    for row in result.history[-10:]:
+    for row in shown:
         table.add_row(
             str(row["epoch"]), _fmt(row["loss"]), _fmt(row["rot_acc"], True), _fmt(row["val_loss"]),
             _fmt(row["val_rot_acc"], True), f"{row['images_per_s']:.0f}",
         )
     out_console.print(table)
+    if len(shown) < len(result.history):
+        out_console.print(f"the last {len(shown)} of {len(result.history)} epochs; all of them: {result.out_dir / METRICS}",
+                          markup=False, soft_wrap=True)
     if result.val_rot_acc_per_rotation:
         per = "  ".join(f"{angle}°: {100 * acc:.1f}%" for angle, acc in result.val_rot_acc_per_rotation.items())
-        out_console.print(f"validation accuracy per rotation ({format_rotations(config.rotations)}): {per}")
-    out_console.print(f"run directory: [bold]{result.out_dir}[/]  (export: rotnet export {result.out_dir} --out {result.out_dir}/export)")
+        out_console.print(f"validation accuracy per rotation ({format_rotations(config.rotations)}): {per}", soft_wrap=True)
     if final.get("val_rot_acc") is None:
         note("no validation split (--val-split 0); accuracy above is on training images")
+    out_console.print(f"run directory: [bold]{escape(str(result.out_dir))}[/]", soft_wrap=True)
+    run = shlex.quote(str(result.out_dir))
+    data = "" if config.data == "digits" else f" --data {shlex.quote(config.data)}"  # the probe needs labels: digits have them
+    print_commands("next: its features at every stage against random weights, then the backbone for timm:", [
+        f"rotnet probe {run}{data} --compare random",
+        f"rotnet export {run} --out {shlex.quote(str(result.out_dir / 'export'))}",
+    ])
