@@ -216,10 +216,15 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
         if out is not None:
             result.reports = write_reports(out, predictions)
     full = [p for p in predictions if p.action == "not-fixed" and p.note == DISK_FULL]
+    if full and out is not None:
+        raise OutputError(
+            f"disk full: {len(full)} image(s) were not written (the report in {out} names them); "
+            "free space and run predict again with --overwrite"
+        )
     if full:
         raise OutputError(
-            f"disk full: {len(full)} image(s) were not written (the report in {out or 'the output'} names them); "
-            "free space and run predict again (images already written stay as they are)"
+            f"disk full: {len(full)} image(s) were not turned; free space and run predict again "
+            "(an image already turned has its backup, so it is not turned twice)"
         )
     return result
 
@@ -262,8 +267,12 @@ def _fix_images(inputs: list[InputImage], predictions: list[ImagePrediction], cf
     except (DiskFull, KeyboardInterrupt) as e:
         note = DISK_FULL if isinstance(e, DiskFull) else INTERRUPTED
         for p in predictions[position:]:
-            if p.action != "unreadable" and p.output is None and _due(p, cfg.min_confidence):
+            if p.output is not None:
+                continue
+            if p.action != "unreadable" and _due(p, cfg.min_confidence):
                 p.action, p.note = "not-fixed", note
+            elif cfg.copy_unchanged:
+                p.note = "; ".join(filter(None, [p.note, note.replace("not written", "not copied")]))
         if isinstance(e, KeyboardInterrupt):
             raise
 
@@ -283,6 +292,8 @@ def _fix_one(image: InputImage, p: ImagePrediction, cfg: PredictConfig, out: Pat
         target = image.path if cfg.in_place else out / image.relative
         backup = image.path.with_name(image.path.name + cfg.resolved_backup_suffix) if cfg.in_place else None
         try:
+            if cfg.in_place and image.path.is_symlink():
+                raise NotWritten("a symbolic link: not turned in place (give the file it points to)")
             if backup is not None and os.path.lexists(backup):
                 raise NotWritten(f"its backup {display_path(str(backup))} exists; move it away or choose another --backup-suffix")
             make_dir(target.parent)

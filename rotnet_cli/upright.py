@@ -103,6 +103,8 @@ def write_upright(source: Path, target: Path, correction: float, *, jpeg: str = 
         raise NotWritten(f"PIL reads this {fmt} with 16 bits per channel as 8 bits; not turned, so that no precision is lost")
     else:
         content, note = _pil_upright(image, fmt, data, grid, correction)
+        if fmt == "MPO" and jpeg != "reencode":
+            note += f" ({jpeg} handles single-picture JPEGs; this MPO holds {image.n_frames} pictures)"
     _install(content, source, target, backup)
     return note
 
@@ -220,13 +222,26 @@ def _save_params(image, fmt: str, data: bytes, swapped: bool) -> dict:
         params["xmp"] = _xmp_upright(xmp if isinstance(xmp, bytes) else xmp.encode())
     if fmt in ("JPEG", "WEBP", "MPO"):
         params["quality"] = JPEG_QUALITY
-    if fmt == "WEBP" and data[12:16] == b"VP8L":  # a lossless WebP stays lossless
+    if fmt == "WEBP" and _webp_is_lossless(data):  # a lossless WebP stays lossless
         params["lossless"] = True
     if fmt in ("JPEG", "MPO") and isinstance(image, JpegImagePlugin.JpegImageFile):
         sampling = JpegImagePlugin.get_sampling(image)
         if sampling != -1:
             params["subsampling"] = sampling
     return params
+
+
+def _webp_is_lossless(data: bytes) -> bool:
+    """Whether a WebP's (first) image is VP8L, lossless, rather than VP8: its RIFF chunks say."""
+    pos = 12
+    while pos + 8 <= len(data):
+        kind, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if kind in (b"VP8L", b"VP8 "):
+            return kind == b"VP8L"
+        if kind == b"ANMF":  # an animation frame: a 16-byte header, then the frame's own chunks
+            return _webp_is_lossless(b"\0" * 12 + data[pos + 24 : pos + 8 + size])
+        pos += 8 + size + size % 2
+    return False
 
 
 def _compare_frames(expected: list, content: bytes) -> str:
