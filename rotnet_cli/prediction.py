@@ -27,7 +27,7 @@ from . import data as data_lib
 from . import rundir
 from .checkpoint import make_dir, os_error_behind, write_json, write_text
 from .config import DEFAULT_BACKUP_SUFFIX, PredictConfig, format_rotations
-from .errors import ConfigError, OutputError
+from .errors import ConfigError, DataError, OutputError
 from .events import DeviceChosen, Progress, TaskProgress, WarningMessage, ignore
 from .rotations import disc_mask, needs_mask, rotate_all
 from .runtime import autocast, configure_backends, describe_device, resolve_device, resolve_precision
@@ -333,7 +333,7 @@ def typical_side(paths: list[Path], sample: int = 32) -> int | None:
         try:
             with Image.open(path) as image:
                 sides.append(min(image.size))
-        except (OSError, ValueError):
+        except (OSError, ValueError, Image.DecompressionBombError):
             continue
     return int(np.median(sides)) if sides else None
 
@@ -344,7 +344,10 @@ def unlike_training(weights: LoadedWeights, decoded: int, colour: int, side: int
     digits, or photos many times the size the model saw."""
     data = weights.info.get("data")
     if data is None and weights.run_dir is not None:
-        data = rundir.read_config(weights.run_dir)["config"].get("data")
+        try:
+            data = rundir.read_config(weights.run_dir)["config"].get("data")
+        except DataError:  # a warning is not worth failing the predictions for
+            return None
     trained_on = data_lib.dataset_images(data)
     if trained_on is None or not decoded:
         return None
