@@ -319,11 +319,13 @@ def _png16_upright(data: bytes, grid: tuple[bool, int]) -> tuple[bytes, str]:
         raise UnreadableImage(f"could not be read for its upright copy: {e}") from e
     upright = apply_grid(pixels.permute(1, 2, 0).numpy(), grid)  # (H, W, C) uint16
     height, width, channels = upright.shape
+    ihdr = bytearray(dict(chunks)[b"IHDR"])
+    if channels != {0: 1, 2: 3, 4: 2, 6: 4}.get(ihdr[9]):  # the decoder added or dropped a channel
+        raise NotWritten(f"a 16-bit PNG of colour type {ihdr[9]} decoded to {channels} channels; not turned")
     rows = upright.astype(">u2").view(np.uint8).reshape(height, width * channels * 2)
     # PNG's "Up" filter (type 2): each byte minus the byte above it, mod 256; it compresses photos well
     above = np.vstack([np.zeros_like(rows[:1]), rows[:-1]])
     filtered = np.hstack([np.full((height, 1), 2, np.uint8), rows - above])
-    ihdr = bytearray(dict(chunks)[b"IHDR"])
     ihdr[0:8] = struct.pack(">II", width, height)
     ihdr[12] = 0  # not interlaced
     out = [b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", bytes(ihdr))]
@@ -343,8 +345,9 @@ def _png16_upright(data: bytes, grid: tuple[bool, int]) -> tuple[bytes, str]:
         out.append(_png_chunk(kind, body))
     out.append(_png_chunk(b"IEND", b""))
     content = b"".join(out)
-    exact = np.array_equal(_decode_png16(content).permute(1, 2, 0).numpy(), upright)
-    return content, "exact, 16 bits per channel" if exact else "not exact: 16-bit pixels differ after writing"
+    if not np.array_equal(_decode_png16(content).permute(1, 2, 0).numpy(), upright):
+        raise NotWritten("its 16-bit copy did not decode to the turned pixels; not turned")
+    return content, "exact, 16 bits per channel"
 
 
 # ----------------------------------------------------------------------------- JPEG without re-encoding
