@@ -41,6 +41,7 @@ def pretrain(
     batch_size: BatchSizeOpt = 128,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default 0.1 for SGD as in the paper, 1e-3 for AdamW).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay (default 5e-4 SGD, 0.05 AdamW).")] = None,
+    decay_all_params: Annotated[bool, typer.Option("--decay-all-params", help="Weight decay on norms and biases too (the official RotNet code); by default they are exempt, as in timm.")] = False,
     momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum (Nesterov).")] = 0.9,
     optimizer: Annotated[str, typer.Option("--optimizer", "--opt", help="sgd (Nesterov, the paper) or adamw.")] = "sgd",
     schedule: Annotated[str, typer.Option("--schedule", "--sched", help="cosine, or step (with --milestones and --gamma).")] = "cosine",
