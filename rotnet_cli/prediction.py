@@ -355,7 +355,7 @@ def unlike_training(weights: LoadedWeights, decoded: int, colour: int, side: int
     differences = []
     if grey and colour > decoded / 2:
         differences.append(f"{colour} of {decoded} are in colour, its training images were grey")
-    if side is not None and side >= 4 * max(pixels, weights.img_size):
+    if side is not None and side >= 8 * max(pixels, weights.img_size):  # a blown-up digit is still a digit
         differences.append(f"they are about {side} px on the shorter side, its training images {pixels} px (seen at {weights.img_size} px)")
     if not differences:
         return None
