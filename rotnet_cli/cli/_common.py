@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Annotated, Any, Callable, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -35,7 +36,10 @@ def debug_enabled() -> bool:
 
 
 def error_boundary(command: Callable) -> Callable:
-    """Turn known errors into one red line and an exit code; tracebacks only with --debug."""
+    """Turn every error into one red line and an exit code; tracebacks only with --debug.
+
+    Known errors (RotnetError) say what to do; anything else is a bug and says so.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -54,8 +58,29 @@ def error_boundary(command: Callable) -> Callable:
                 raise
             err_console.print("[yellow]stopped:[/] interrupted")
             raise typer.Exit(130) from None
+        except (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+            raise  # Typer's own exits and usage errors (typer.Exit is a RuntimeError)
+        except Exception as e:  # a bug: still one line, the traceback only on request
+            if debug_enabled():
+                raise
+            report_bug(e)
+            raise typer.Exit(1) from None
 
     return wrapper
+
+
+def report_bug(error: Exception) -> None:
+    """One line for an exception rotnet did not expect: its type and message, and how to see more.
+
+    The test suite replaces this function to turn every such line into a failing test.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+    err_console.print(
+        f"[bold red]error:[/] {escape(message)} (unexpected: a bug in rotnet, please report it); "
+        "rerun with --debug for the traceback",
+        soft_wrap=True, markup=True, highlight=False,
+    )
 
 
 def print_json(obj: Any) -> None:
