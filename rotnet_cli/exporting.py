@@ -217,7 +217,7 @@ def _run_record(loaded: LoadedWeights) -> dict[str, Any]:
     info = loaded.info or {}
     rotations = list(loaded.rotations) if loaded.rotations else info.get("rotations")
     record: dict[str, Any] = {"rotations": rotations if isinstance(rotations, list) and rotations else None, "data": info.get("data"), "epochs": info.get("epochs"),
-                              "val_rot_acc": info.get("val_rot_acc"), "probe": None}
+                              "val_rot_acc": info.get("val_rot_acc"), "probes": []}
     if loaded.run_dir is None:
         return record
     try:
@@ -232,7 +232,7 @@ def _run_record(loaded: LoadedWeights) -> dict[str, Any]:
         record["epochs"] = rows[-1].get("epoch", len(rows))
         record["val_rot_acc"] = rows[-1].get("val_rot_acc")
     try:
-        record["probe"] = rundir.read_probe(loaded.run_dir)
+        record["probes"] = rundir.read_probe(loaded.run_dir)  # every setting probed
     except DataError:
         pass
     return record
@@ -249,24 +249,41 @@ def _cell(value: Any) -> str:
 
 
 def probe_section(probe: Any) -> list[str]:
-    """Markdown for the probe.json that `rotnet probe` wrote: top-1 per stage and head, in %."""
+    """Markdown for one result of probe.json: top-1 per stage and head, in %, under a line naming its setting."""
     rows, heads = (probe.get("rows"), probe.get("heads")) if isinstance(probe, dict) else (None, None)
     if not isinstance(rows, list) or not rows or not isinstance(heads, list) or not heads:
         return []
+    epochs = probe.get("epochs")
+    if isinstance(epochs, dict):  # per trained head
+        trained = ", ".join(f"{h} {n} epochs" for h, n in epochs.items()) or "no trained head"
+    else:
+        trained = f"each head {epochs if epochs is not None else '?'} epochs"
+    recipe = probe.get("recipe")
     lines = [
-        f"Frozen-feature probes (`rotnet probe`) on {probe.get('data', '?')}: top-1 accuracy on "
-        f"{probe.get('val_images', '?')} held-out images, each head trained {probe.get('epochs', '?')} epochs "
-        "on the frozen features of one stage.", "",
-        "| weights | stage | C x H x W | " + " | ".join(heads) + " |", "|" + "---|" * (3 + len(heads)),
+        f"Frozen-feature probes (`rotnet probe{f' --recipe {recipe}' if recipe else ''}`) on {probe.get('data', '?')}"
+        f"{_labels_note(probe.get('labels_per_class'))}: top-1 accuracy on {probe.get('val_images', '?')} held-out images "
+        f"after the last epoch ({trained}{_features_note(probe.get('features'))}), each head on the frozen features of one stage.",
+        "", "| weights | stage | C x H x W | " + " | ".join(map(_cell, heads)) + " |", "|" + "---|" * (3 + len(heads)),
     ]
     for row in rows:
+        if not isinstance(row, dict):
+            continue
         accuracy = [f"{100 * row[h]:.2f}%" if isinstance(row.get(h), (int, float)) else "-" for h in heads]
-        shape = " x ".join(map(str, row.get("shape", [])))
-        lines.append(f"| {_cell(row.get('weights'))} | {_cell(row.get('stage'))} | {shape} | " + " | ".join(accuracy) + " |")
+        shape = row.get("shape") if isinstance(row.get("shape"), list) else []
+        lines.append(f"| {_cell(row.get('weights'))} | {_cell(row.get('stage'))} | {' x '.join(map(_cell, shape))} | "
+                     + " | ".join(accuracy) + " |")
     best = probe.get("best")
     if isinstance(best, dict) and isinstance(best.get("accuracy"), (int, float)):
-        lines += ["", f"Best: stage {best.get('stage')} with the {best.get('head')} head, {100 * best['accuracy']:.2f}%."]
+        lines += ["", f"Best: stage {_cell(best.get('stage'))} with the {_cell(best.get('head'))} head, {100 * best['accuracy']:.2f}%."]
     return lines
+
+
+def _labels_note(labels_per_class: Any) -> str:
+    return f", {labels_per_class} labelled images per class" if isinstance(labels_per_class, int) else ""
+
+
+def _features_note(features: Any) -> str:
+    return "; features of cropped and flipped images recomputed every batch" if features == "augmented" else ""
 
 
 def registration_import(model_name: str) -> str | None:
@@ -308,9 +325,11 @@ def model_card(loaded: LoadedWeights, config: ExportConfig, record: dict[str, An
         f"Rotations*, ICLR 2018), with rotnet {__version__}.", "",
         "| | |", "|---|---|", *[f"| {k} | {_cell(v)} |" for k, v in facts.items()], "",
     ]
-    probe = probe_section(record.get("probe"))
-    if probe:
-        lines += ["## Probe results", "", *probe, ""]
+    probes = [section for section in map(probe_section, record.get("probes") or []) if section]
+    if probes:
+        lines += ["## Probe results", ""]
+        for section in probes:  # every setting probe.json keeps, in the order they were probed
+            lines += [*section, ""]
     # the arguments timm recorded to rebuild this backbone (num_classes=0, img_size for fixed-size models, ...)
     build_args = "".join(f", {k}={v!r}" for k, v in model_args.items())
     lines += [

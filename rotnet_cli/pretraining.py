@@ -118,14 +118,16 @@ def rotation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """timm's optimizer factory (SGD is Nesterov; no weight decay on norms and biases), with
-    torch's fused kernels where the device has them: one kernel per step instead of several
-    per parameter group (a resnet18 SGD step on 2 CPU cores: 7.2 -> 2.9 ms), and under fp16
-    the GradScaler hands the overflow check to the kernel instead of reading it on the host."""
+    """timm's optimizer factory (SGD is Nesterov; no weight decay on norms and biases unless
+    --decay-all-params, as the official RotNet code), with torch's fused kernels where the device
+    has them: one kernel per step instead of several per parameter group (a resnet18 SGD step on
+    2 CPU cores: 7.2 -> 2.9 ms), and under fp16 the GradScaler hands the overflow check to the
+    kernel instead of reading it on the host."""
     import timm.optim
 
     return timm.optim.create_optimizer_v2(
         model, opt=cfg.optimizer, lr=cfg.resolved_lr, weight_decay=cfg.resolved_weight_decay,
+        filter_bias_and_bn=not cfg.decay_all_params,
         **({"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}),
         **({"fused": True} if device.type in FUSED_OPTIMIZER_DEVICES else {}),
     )
@@ -205,6 +207,7 @@ class Run:
     images_per_rank: int  # training images this process sees per epoch
     steps_per_epoch: int
     padding: int  # of the random crop
+    augment: str  # none, crop or crop+flip (--augment auto resolved for this data)
     replaced: rundir.ReplacedRun | None  # --overwrite: the old run, until the first checkpoint
     skipped: tuple[str, ...]  # files left out when the data was opened (not images, or unreadable)
     train_model: torch.nn.Module | None = None  # the model as trained (DDP-wrapped, compiled): set once the state exists
@@ -381,11 +384,13 @@ def set_up(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision:
     steps_per_epoch = images_per_rank // per_rank_batch
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    padding = max(1, img_size // 8)  # 4 px at 32 px, the paper's CIFAR crop
+    augment, why = (cfg.augment, "asked for") if cfg.augment != "auto" else data_lib.auto_augment(cfg.data, train_set)
+    report(Message(f"augmentation: {augment} ({why}){'' if augment == 'none' else f'; crop padding {padding} px'}"))
     return Run(
         cfg=cfg, dist=dist, device=device, precision=precision, out=out, report=report, stop_requested=stop_requested,
         img_size=img_size, mean=mean, std=std, train_set=train_set, val_set=val_set, per_rank_batch=per_rank_batch,
-        images_per_rank=images_per_rank, steps_per_epoch=steps_per_epoch,
-        padding=max(1, img_size // 8),  # 4 px at 32 px, the paper's CIFAR crop
+        images_per_rank=images_per_rank, steps_per_epoch=steps_per_epoch, padding=padding, augment=augment,
         replaced=replaced, skipped=source.skipped,
     )
 
@@ -422,7 +427,8 @@ def start_run_dir(run: Run, state: TrainState, resumed: bool) -> None:
                 run.replaced.set_aside()
             rundir.write_config(run.out, run.cfg.to_dict(), {
                 "out": str(run.out), "img_size": run.img_size, "mean": list(run.mean), "std": list(run.std),
-                "lr": run.cfg.resolved_lr, "weight_decay": run.cfg.resolved_weight_decay, "device": str(run.device),
+                "lr": run.cfg.resolved_lr, "weight_decay": run.cfg.resolved_weight_decay, "augment": run.augment,
+                "device": str(run.device),
                 "precision": run.precision, "world_size": run.dist.world_size, "train_images": len(run.train_set),
                 "val_images": n_val,
             })
@@ -472,9 +478,11 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
         global_step = epoch * run.steps_per_epoch + step
         lr = state.optimizer.param_groups[0]["lr"]  # the scheduler set it for this step
 
-        # on-device: crop+flip on uint8, normalise, then the rotated copies and their labels
+        # on-device: crop (and flip) on uint8, normalise, then the rotated copies and their labels
         gen = step_generator(device, cfg.seed, global_step, dist.rank)
-        x = data_lib.random_crop_flip(batch.images, run.padding, gen) if cfg.augment else batch.images
+        x = batch.images  # (B, 3, S, S) uint8
+        if run.augment != "none":
+            x = data_lib.random_crop_flip(x, run.padding, gen, flip=run.augment == "crop+flip")
         x = data_lib.normalize(x, run.mean, run.std)  # (B, 3, S, S) float32
         x, y = make_rotation_batch(x, cfg.rotations, cfg.copies, gen)  # (R*B or B, 3, S, S), labels
         if cfg.channels_last:

@@ -10,7 +10,7 @@ marker, and the output-folder policy that every command shares::
       metrics.jsonl                 METRICS: one JSON object per finished epoch
       checkpoint.pt                 CHECKPOINT: the full training state (weights_only loadable)
       model.safetensors             WEIGHTS: backbone.* and head.*; marker "run"
-      probe.json                    PROBE: what rotnet probe measured
+      probe.json                    PROBE: what rotnet probe measured, one result per setting
     EXPORT/                         rotnet export (timm's local-dir / hub layout)
       model.safetensors             the backbone alone, timm's keys; marker "export"
       config.json                   timm's save_config_for_hf
@@ -53,6 +53,7 @@ EXPORT_HEAD = "rotation_head.safetensors"
 MODEL_CARD = "README.md"
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, WEIGHTS, PROBE)
 RUN_ENTRIES = (*RUN_FILES, "export")  # what --overwrite replaces; anything else in the folder is the user's
+PROBE_FORMAT = "rotnet-probe-results"  # probe.json: {"format": PROBE_FORMAT, "results": [one per setting]}
 REPLACED = ".rotnet-replaced"  # an overwritten run's files, until the new run's first checkpoint
 
 # -- safetensors metadata: str -> str. "format": "pt" is what the Hugging Face loaders expect
@@ -134,18 +135,26 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def read_probe(run_dir: Path) -> dict[str, Any] | None:
-    """probe.json of a run (None when the run was never probed); a DataError when unreadable."""
+def read_probe(run_dir: Path) -> list[dict[str, Any]]:
+    """The results probe.json keeps, one per setting ([] when the run was never probed); a DataError
+    when the file is not one rotnet wrote. The form written before results were kept per setting
+    (one result at the top level) reads as a list of one."""
     path = Path(run_dir) / PROBE
     if not path.is_file():
-        return None
+        return []
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise DataError(f"{path} is unreadable ({e})") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{path} holds no probe results")
-    return record
+        raise DataError(f"{path} is unreadable ({str(e).splitlines()[0][:80]}); move it away, or probe with --no-save") from None
+    if isinstance(record, dict) and record.get("format") == PROBE_FORMAT and isinstance(record.get("results"), list):
+        results = record["results"]
+    elif isinstance(record, dict) and isinstance(record.get("rows"), list):
+        results = [record]
+    else:
+        raise DataError(f"{path} does not hold rotnet probe results; move it away, or probe with --no-save")
+    if not all(isinstance(result, dict) for result in results):
+        raise DataError(f"{path} holds a result that is not an object; move it away, or probe with --no-save")
+    return results
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -205,8 +214,9 @@ def write_checkpoint(out: Path, state: dict[str, Any]) -> Path:
     return save_checkpoint(out / CHECKPOINT, state)
 
 
-def write_probe(run_dir: Path, record: dict[str, Any]) -> Path:
-    return write_json(Path(run_dir) / PROBE, record)
+def write_probe(run_dir: Path, results: list[dict[str, Any]]) -> Path:
+    """probe.json with every result kept, one per setting (rotnet probe decides which replaces which)."""
+    return write_json(Path(run_dir) / PROBE, {"format": PROBE_FORMAT, "results": results})
 
 
 def remove_temp_files(out: Path) -> None:
