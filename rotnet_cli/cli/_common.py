@@ -35,6 +35,14 @@ def debug_enabled() -> bool:
     return _state["debug"] or os.environ.get("ROTNET_DEBUG", "") not in ("", "0")
 
 
+# Typer's exits and usage errors pass through the boundary. Typer 0.29 carries its own copy of
+# click (typer._click) while older releases raise click's classes: both are listed.
+_CLI_FLOW = tuple({
+    typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException,
+    next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"),
+})
+
+
 def error_boundary(command: Callable) -> Callable:
     """Turn every error into one red line and an exit code; tracebacks only with --debug.
 
@@ -58,7 +66,7 @@ def error_boundary(command: Callable) -> Callable:
                 raise
             err_console.print("[yellow]stopped:[/] interrupted")
             raise typer.Exit(130) from None
-        except (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+        except _CLI_FLOW:
             raise  # Typer's own exits and usage errors (typer.Exit is a RuntimeError)
         except Exception as e:  # a bug: still one line, the traceback only on request
             if debug_enabled():
