@@ -18,6 +18,7 @@ from .errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CACHE_MODES = ("auto", "none", "ram", "device")
+AUGMENTS = ("auto", "none", "crop", "crop+flip")
 
 
 def default_workers() -> int:
@@ -129,7 +130,7 @@ class PretrainConfig(_Serializable):
     val_split: float = 0.1
     rotations: tuple[float, ...] = (0.0, 90.0, 180.0, 270.0)
     copies: str = "all"
-    epochs: int = 30
+    epochs: int = 10  # the demo: resnet18 on digits learns most of what it can in 10 (README "Augmentation")
     batch_size: int = 128
     lr: float | None = None
     weight_decay: float | None = None
@@ -141,7 +142,7 @@ class PretrainConfig(_Serializable):
     gamma: float = 0.2
     warmup_epochs: float = 0.0
     img_size: int | None = None
-    augment: bool = True
+    augment: str = "auto"  # auto: none for grey images, crop+flip for colour (data.auto_augment)
     workers: int = _resume_free(default_factory=default_workers)
     seed: int = 0
     init: str | None = None
@@ -166,6 +167,9 @@ class PretrainConfig(_Serializable):
         _check_choice("--schedule", self.schedule, ("cosine", "step"))
         _check_choice("--precision", self.precision, PRECISIONS)
         _check_choice("--cache", self.cache, CACHE_MODES)
+        if isinstance(self.augment, bool):  # configs of runs before --augment had choices: what true/false meant then
+            object.__setattr__(self, "augment", "crop+flip" if self.augment else "none")
+        _check_choice("--augment", self.augment, AUGMENTS)
         _check_positive("--epochs", self.epochs)
         _check_positive("--batch-size", self.batch_size)
         _check_positive("--lr", self.lr)
@@ -245,6 +249,7 @@ def parse_int_list(option: str, text: str | tuple | list | None) -> tuple[int, .
 
 __all__ = [
     "PretrainConfig",
+    "AUGMENTS",
     "parse_rotations",
     "format_rotations",
     "parse_int_list",
