@@ -62,6 +62,7 @@ class PretrainResult:
     val_rot_acc_per_rotation: dict[str, float] = field(default_factory=dict)
     skipped_files: list[str] = field(default_factory=list)
     resumed_from: dict | None = None
+    labelled: bool = True  # the training data has classes, so probe can score its features on it
 
     @property
     def final(self) -> dict:
@@ -326,6 +327,7 @@ def _train(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision:
         val_rot_acc_per_rotation=state.history[-1]["val_rot_acc_per_rotation"] if state.history else {},
         skipped_files=list(dict.fromkeys([*run.skipped, *state.skipped])),
         resumed_from={"epoch": start_epoch, "step": start_step} if saved is not None else None,
+        labelled=run.train_set.labels is not None,
     )
 
 

@@ -102,10 +102,22 @@ def test_summary_says_what_the_table_leaves_out_and_prints_next_commands_whole(t
     out_dir = tmp_path / ("a-run-directory-with-a-name-long-enough-to-pass-eighty-columns-" + "x" * 30)
     rows = [{"epoch": e, "loss": 0.5, "rot_acc": 0.8, "val_loss": 0.6, "val_rot_acc": 0.75, "images_per_s": 900.0}
             for e in range(1, 13)]
-    result = SimpleNamespace(out_dir=out_dir, history=rows, final=rows[-1], val_rot_acc_per_rotation={})
+    result = SimpleNamespace(out_dir=out_dir, history=rows, final=rows[-1], val_rot_acc_per_rotation={}, labelled=True)
     with out_console.capture() as captured:
         _render_summary(result, PretrainConfig(epochs=12))
     lines = captured.get().splitlines()
     assert f"the last 10 of 12 epochs; all of them: {out_dir}/metrics.jsonl" in lines
     assert f"  rotnet probe {out_dir} --compare random" in lines  # one line each, at any width
     assert f"  rotnet export {out_dir} --out {out_dir}/export" in lines
+
+
+def test_next_probe_command_asks_for_labelled_images_after_an_unlabelled_folder(tmp_path):
+    rows = [{"epoch": 1, "loss": 0.5, "rot_acc": 0.8, "val_loss": 0.6, "val_rot_acc": 0.75, "images_per_s": 900.0}]
+    result = SimpleNamespace(out_dir=tmp_path / "run", history=rows, final=rows[-1], val_rot_acc_per_rotation={},
+                             labelled=False)
+    with out_console.capture() as captured:
+        _render_summary(result, PretrainConfig(data=str(tmp_path / "photos"), epochs=1))
+    output = captured.get()
+    # probe scores features against labels: the photos folder has none, so the command must not name it
+    assert f"  rotnet probe {tmp_path / 'run'} --data LABELLED_FOLDER --compare random" in output.splitlines()
+    assert "a folder of class sub-folders" in output

@@ -190,8 +190,10 @@ def _render_summary(result, config: PretrainConfig) -> None:
         note("no validation split (--val-split 0); accuracy above is on training images")
     out_console.print(f"run directory: [bold]{escape(str(result.out_dir))}[/]", soft_wrap=True)
     run = shlex.quote(str(result.out_dir))
-    data = "" if config.data == "digits" else f" --data {shlex.quote(config.data)}"  # the probe needs labels: digits have them
-    print_commands("next: its features at every stage against random weights, then the backbone for timm:", [
+    # The probe needs labels: digits have them, a folder only with class sub-folders.
+    data = "" if config.data == "digits" else f" --data {shlex.quote(config.data) if result.labelled else 'LABELLED_FOLDER'}"
+    labels_note = "" if result.labelled else " (on labelled images: a folder of class sub-folders)"
+    print_commands(f"next: its features at every stage against random weights{labels_note}, then the backbone for timm:", [
         f"rotnet probe {run}{data} --compare random",
         f"rotnet export {run} --out {shlex.quote(str(result.out_dir / 'export'))}",
     ])
