@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from .._version import __version__
-from . import export, predict, pretrain, probe, reproduce, viz
+from . import embed, export, predict, pretrain, probe, reproduce, viz
 from ._common import set_debug
 
 app = typer.Typer(
@@ -42,8 +42,12 @@ def _root(
 app.command(epilog=pretrain.EXAMPLES)(pretrain.pretrain)
 app.command(epilog=probe.EXAMPLES)(probe.probe)
 app.command(epilog=export.EXAMPLES)(export.export)
+viz.viz_app.command("embeddings", epilog=embed.MAP_EXAMPLES)(embed.embeddings_map)
 app.add_typer(viz.viz_app, name="viz")
 app.command(epilog=predict.EXAMPLES)(predict.predict)
+app.command(epilog=embed.EMBED_EXAMPLES)(embed.embed)
+app.command(epilog=embed.NEIGHBOURS_EXAMPLES)(embed.neighbours)
+app.command("neighbors", epilog=embed.NEIGHBOURS_EXAMPLES, hidden=True)(embed.neighbours)  # the US spelling
 app.command(epilog=reproduce.EXAMPLES)(reproduce.reproduce)
 
 

@@ -14,7 +14,7 @@ from .progress import ProgressView
 
 viz_app = typer.Typer(
     name="viz",
-    help="Draw what rotation training teaches: first-layer filters, attention maps per stage, training curves.",
+    help="Draw what rotation training teaches: first-layer filters, attention maps per stage, training curves, embedding maps.",
     no_args_is_help=True,
     rich_markup_mode="rich",
 )
