@@ -23,7 +23,7 @@ from rotnet_cli.config import EmbedConfig
 from rotnet_cli.embedding import embed, read_embeddings
 from rotnet_cli.embedding_map import pca, project, spread_points
 from rotnet_cli.errors import RotnetError
-from rotnet_cli.neighbours import normalize_rows_, top_k_cosine
+from rotnet_cli.similarity import normalize_rows_, top_k_cosine
 from rotnet_cli.weights import load_weights
 
 FORMATS = ("npz", "safetensors", "csv", "parquet")

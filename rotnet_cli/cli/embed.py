@@ -109,7 +109,7 @@ def neighbours(
     json_out: JsonOpt = False,
 ) -> None:
     """The nearest images by cosine similarity: of query images, or the most alike pairs (near-duplicates) of a file."""
-    from ..neighbours import neighbours as run_neighbours
+    from ..similarity import neighbours as run_neighbours
 
     config = NeighboursConfig.from_dict(ctx.params)
     with ProgressView(err_console, title="neighbours") as view:
