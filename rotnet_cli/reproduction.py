@@ -87,7 +87,7 @@ def pretrain_config(cfg: ReproduceConfig, rotations: tuple[float, ...], out: Pat
     epochs, milestones = PRETRAIN_SCHEDULES[cfg.schedule]
     common = dict(
         model="rotnet_nin4", rotations=rotations, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
-        decay_all_params=True, batch_size=128, augment=True, device=cfg.device, precision=cfg.precision,
+        decay_all_params=True, batch_size=128, augment="crop+flip", device=cfg.device, precision=cfg.precision,
         workers=cfg.workers, seed=cfg.seed, out=str(out), schedule="step", gamma=0.2,
     )
     if cfg.smoke:
