@@ -499,7 +499,8 @@ def embed_batches(
             emit(TaskProgress("embed", "embedding", min(done, total), total))
     if pending is not None:
         yield pending[0], pending[1]()
-    emit(TaskProgress("embed", "embedding", total, total))
+    if done < total:  # files the loader dropped before any batch: the bar still ends full
+        emit(TaskProgress("embed", "embedding", total, total))
 
 
 def embeddings_metadata(cfg: EmbedConfig, weights: LoadedWeights, embedder: Embedder, columns: Columns) -> dict[str, Any]:

@@ -193,7 +193,7 @@ def draw_embedding_map(cfg: EmbeddingMapConfig, progress: Progress | None = None
     coords, explained = project(x, cfg.method, cfg.seed)
 
     fig, ax = plt.subplots(figsize=(9, 8), dpi=100)
-    size = float(np.clip(3000 / len(rows), 2, 30))  # smaller points when there are many
+    size = float(np.clip(20000 / len(rows), 3, 40))  # smaller points when there are many: 11 pt² for 1,797
     labels = table.labels[rows] if table.labels is not None else None
     colours: list = []
     if labels is not None and table.classes:
