@@ -723,3 +723,106 @@ class SupervisedConfig(_Serializable):
 
 
 __all__ += ["ReproduceConfig", "SupervisedConfig", "PRETRAIN_SCHEDULES"]
+
+
+# The embedding file formats, by the extension of --out: arrays (npz, safetensors) or a table (parquet, csv).
+EMBEDDING_FORMATS = (".parquet", ".npz", ".safetensors", ".csv")
+EMBED_POOLS = ("avg", "max")
+MAP_METHODS = ("pca", "tsne", "umap")
+
+
+def _check_suffix(option: str, value: str, suffixes: tuple[str, ...], what: str) -> None:
+    if not any(str(value).lower().endswith(s) for s in suffixes):
+        raise ConfigError(f"{option} {value}: {what}; give a file name ending in {', '.join(suffixes)}")
+
+
+@dataclass(frozen=True)
+class EmbedConfig(_Serializable):
+    """Everything `rotnet embed` needs; see `rotnet embed --help` for each field."""
+
+    weights: str
+    data: str
+    out: str
+    layer: int = -1  # 1-based stage, negative from the last
+    pool: str = "avg"
+    normalize: bool = False  # L2-normalise every embedding
+    img_size: int | None = None  # timm:/random: weights only; saved weights are embedded at their own size
+    batch_size: int = 256
+    workers: int = field(default_factory=default_workers)
+    data_dir: str | None = None
+    download: bool = False
+    strict_data: bool = False
+    device: str = "auto"
+    precision: str = "auto"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _check_required("WEIGHTS", self.weights, WEIGHTS_SPECS)
+        _check_required("DATA", self.data, "a folder of images (flat or class sub-folders), digits, or a torchvision name")
+        _check_required("--out", self.out, "the file to write, e.g. --out embeddings.parquet")
+        _check_suffix("--out", self.out, EMBEDDING_FORMATS, "the format comes from the extension")
+        if self.layer == 0:
+            raise ConfigError("--layer 0: stages are numbered from 1 (negative: from the last, -1 is the last)")
+        _check_choice("--pool", self.pool, EMBED_POOLS)
+        _check_choice("--precision", self.precision, PRECISIONS)
+        _check_positive("--batch-size", self.batch_size)
+        _check_positive("--workers", self.workers, allow_zero=True)
+        _check_img_size(self.img_size)
+
+    @property
+    def format(self) -> str:
+        """'.parquet', '.npz', '.safetensors' or '.csv'."""
+        return next(s for s in EMBEDDING_FORMATS if self.out.lower().endswith(s))
+
+
+@dataclass(frozen=True)
+class NeighboursConfig(_Serializable):
+    """Everything `rotnet neighbours` needs; see `rotnet neighbours --help` for each field."""
+
+    embeddings: str
+    query: tuple[str, ...] = ()  # image files or folders; () = every image of the file
+    k: int = 5
+    threshold: float | None = None  # keep only neighbours at least this similar (near-duplicates)
+    out: str | None = None  # a CSV of every row found
+    weights: str | None = None  # for --query: instead of the weights the embeddings file names
+    batch_size: int = 256
+    workers: int = field(default_factory=default_workers)
+    device: str = "auto"
+    precision: str = "auto"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _check_required("EMBEDDINGS", self.embeddings, "a file written by rotnet embed")
+        object.__setattr__(self, "query", tuple(str(q) for q in (self.query or ())))
+        _check_positive("-k", self.k)
+        if self.threshold is not None and not -1 <= self.threshold <= 1:
+            raise ConfigError(f"--threshold is a cosine similarity in [-1, 1] (got {self.threshold})")
+        if self.out is not None:
+            _check_suffix("--out", self.out, (".csv",), "the neighbours are written as a table")
+        _check_choice("--precision", self.precision, PRECISIONS)
+        _check_positive("--batch-size", self.batch_size)
+        _check_positive("--workers", self.workers, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class EmbeddingMapConfig(_Serializable):
+    """Everything `rotnet viz embeddings` needs; see `rotnet viz embeddings --help` for each field."""
+
+    embeddings: str
+    out: str = "embeddings.png"
+    method: str = "pca"
+    thumbnails: int = 0  # images drawn at this many points spread over the map
+    max_points: int = 20000  # a seeded sample of the rows beyond this
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_required("EMBEDDINGS", self.embeddings, "a file written by rotnet embed")
+        _check_png(self.out)
+        _check_choice("--method", self.method, MAP_METHODS)
+        _check_positive("--thumbnails", self.thumbnails, allow_zero=True)
+        _check_positive("--max-points", self.max_points)
+        if self.max_points < 3:
+            raise ConfigError(f"--max-points must be at least 3 (got {self.max_points})")
+
+
+__all__ += ["EmbedConfig", "NeighboursConfig", "EmbeddingMapConfig", "EMBEDDING_FORMATS", "EMBED_POOLS", "MAP_METHODS"]

@@ -442,6 +442,7 @@ class Batch:
     images: torch.Tensor  # (n, 3, S, S) uint8 on the target device
     labels: torch.Tensor | None  # (n,) int64 on the target device
     skipped: list[str]  # files that failed to decode in this batch (and in batches before it with nothing readable)
+    indices: torch.Tensor | None = None  # (n,) int64 on the host: where these images are in the ImageSet
 
 
 def iterate_batches(
@@ -486,6 +487,7 @@ def iterate_batches(
                 to_device(images.images[order_there[rows]]),
                 to_device(labels[order[rows]]) if labels is not None else None,
                 [],
+                order[rows],
             )
         return
 
@@ -503,7 +505,7 @@ def iterate_batches(
             continue
         if held is not None:
             yield held
-        held = Batch(batch.to(device, non_blocking=pin), to_device(labels[idx]) if labels is not None else None, pending + skipped)
+        held = Batch(batch.to(device, non_blocking=pin), to_device(labels[idx]) if labels is not None else None, pending + skipped, idx)
         pending = []
     if held is not None:
         yield held

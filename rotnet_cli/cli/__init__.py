@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from .._version import __version__
-from . import export, predict, pretrain, probe, reproduce, viz
+from . import embed, export, predict, pretrain, probe, reproduce, viz
 from ._common import set_debug
 from ._typer import RotnetCommand, RotnetGroup, show_help_when_bare
 
@@ -51,8 +51,12 @@ def _root(
 app.command(cls=RotnetCommand, epilog=pretrain.EXAMPLES)(pretrain.pretrain)
 app.command(cls=RotnetCommand, epilog=probe.EXAMPLES)(probe.probe)
 app.command(cls=RotnetCommand, epilog=export.EXAMPLES)(export.export)
+viz.viz_app.command("embeddings", cls=RotnetCommand, epilog=embed.MAP_EXAMPLES)(embed.embeddings_map)
 app.add_typer(viz.viz_app, name="viz")
 app.command(cls=RotnetCommand, epilog=predict.EXAMPLES)(predict.predict)
+app.command(cls=RotnetCommand, epilog=embed.EMBED_EXAMPLES)(embed.embed)
+app.command(cls=RotnetCommand, epilog=embed.NEIGHBOURS_EXAMPLES)(embed.neighbours)
+app.command("neighbors", cls=RotnetCommand, epilog=embed.NEIGHBOURS_EXAMPLES, hidden=True)(embed.neighbours)  # the US spelling
 app.command(cls=RotnetCommand, epilog=reproduce.EXAMPLES)(reproduce.reproduce)
 
 

@@ -16,7 +16,7 @@ from .progress import ProgressView
 viz_app = typer.Typer(
     name="viz",
     cls=RotnetGroup,
-    help="Draw what rotation training teaches: first-layer filters, attention maps per stage, training curves.",
+    help="Draw what rotation training teaches: first-layer filters, attention maps per stage, training curves, embedding maps.",
     invoke_without_command=True,  # bare `rotnet viz`: its help, exit 0
     rich_markup_mode="rich",
 )
