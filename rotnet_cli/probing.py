@@ -36,7 +36,7 @@ from . import data as data_lib
 from . import rundir
 from ._version import __version__
 from .config import ProbeConfig
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, OutputError
 from .events import DeviceChosen, Message, Progress, TaskProgress, WarningMessage, ignore
 from .models import forward_stages, num_stages, resolve_stages
 from .runtime import autocast, configure_backends, describe_device, resolve_device, resolve_precision, seed_everything
@@ -82,6 +82,7 @@ class ProbeResult:
     extract_seconds: float
     train_seconds: dict[str, float]
     saved_to: Path | None = None
+    save_error: str | None = None  # why probe.json could not be written (the results are complete)
     skipped_files: list[str] = field(default_factory=list)
 
     def best(self) -> tuple[ProbeRow, str] | None:
@@ -175,7 +176,10 @@ def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
         skipped_files=list(dict.fromkeys([*skipped, *train.skipped, *val.skipped])),
     )
     if cfg.save and main.run_dir is not None:
-        result.saved_to = rundir.write_probe(main.run_dir, result.to_dict())
+        try:
+            result.saved_to = rundir.write_probe(main.run_dir, result.to_dict())
+        except OutputError as e:  # the figures are computed: they are returned (and shown) all the same
+            result.save_error = str(e)
     return result
 
 

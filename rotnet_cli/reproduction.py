@@ -17,11 +17,12 @@ run again. The smoke mode runs the same steps on the built-in digits for a few s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from . import rundir
 from .config import PretrainConfig, ProbeConfig, ReproduceConfig, format_rotations
+from .errors import ConfigError, DataError
 from .events import Message, Progress, ignore
 from .pretraining import pretrain
 from .probing import probe
@@ -71,6 +72,8 @@ def pretrain_config(cfg: ReproduceConfig, rotations: tuple[float, ...], out: Pat
         model="rotnet_nin4", rotations=rotations, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
         batch_size=128, augment=True, device=cfg.device, precision=cfg.precision, workers=cfg.workers,
         seed=cfg.seed, out=str(out), resume=(out / rundir.CHECKPOINT).is_file(),
+        # a run of the recipe killed before its first checkpoint is started again (its old files set aside)
+        overwrite=out.is_dir() and any(out.iterdir()) and not (out / rundir.CHECKPOINT).is_file(),
     )
     if cfg.smoke:
         return PretrainConfig(**common | {"batch_size": 16}, data="digits", img_size=8, epochs=2, schedule="step",
@@ -97,8 +100,10 @@ def reproduce(cfg: ReproduceConfig, progress: Progress | None = None) -> Reprodu
         run = out / ("nin4-rot" + format_rotations(rotations).replace(",", "-"))
         result.runs[name] = str(run)
         emit(Message(f"[{name}] pretraining rotnet_nin4 -> {run}"))
+        wanted = pretrain_config(cfg, rotations, run)
+        check_same_recipe(run, wanted)
         if not (run / rundir.WEIGHTS).is_file():  # a finished run is reused, a stopped one resumed
-            pretrain(pretrain_config(cfg, rotations, run), progress)
+            pretrain(wanted, progress)
         if rotations == FOUR:
             emit(Message(f"[{name}] probing every block (mlp on flattened maps, conv head)"))
             probed = probe(probe_config(cfg, run, (1, 2, 3, 4), ("mlp", "conv")), progress)
@@ -114,6 +119,23 @@ def reproduce(cfg: ReproduceConfig, progress: Progress | None = None) -> Reprodu
             result.rows.append(ReproduceRow("2", name, 2, "mlp", _pct(row.accuracy["mlp"]), paper_block2))
     result.rows.sort(key=lambda r: r.table)  # stable: the study's order within each table
     return result
+
+
+def check_same_recipe(run: Path, wanted: PretrainConfig) -> None:
+    """A run found under --out is reused or resumed only when it was made with what the recipe asks
+    (a --smoke run is not the paper's 100-epoch run)."""
+    if not (run / rundir.CHECKPOINT).is_file() and not (run / rundir.WEIGHTS).is_file():
+        return
+    try:
+        saved = rundir.read_run_config(run)
+    except DataError as e:
+        raise ConfigError(f"{run} holds a run rotnet cannot read ({e}); give another --out, or move that run away") from None
+    clashes = saved.contradictions(wanted, [f.name for f in fields(PretrainConfig)])
+    if clashes:
+        raise ConfigError(
+            f"{run} holds a run made with other settings than this recipe asks for ({'; '.join(clashes[:4])}); "
+            "give another --out, or move that run away"
+        )
 
 
 def _pct(accuracy: float) -> float:

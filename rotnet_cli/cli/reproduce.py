@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
@@ -27,7 +27,7 @@ def reproduce(
     data: Annotated[str, typer.Option("--data", help="The dataset (the paper: cifar10).")] = "cifar10",
     data_dir: DataDirOpt = None,
     download: DownloadOpt = False,
-    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the runs (a re-run resumes or reuses them).")] = "runs/paper-cifar10",
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Folder for the runs (default runs/paper-cifar10, with --smoke runs/paper-cifar10-smoke); a re-run resumes or reuses runs made with the same settings.")] = None,
     smoke: Annotated[bool, typer.Option("--smoke", help="Run every step on the built-in digits for a few steps (checks the recipe, not the paper).")] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
