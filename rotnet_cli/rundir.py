@@ -450,9 +450,9 @@ def written_by_rotnet(path: Path) -> bool:
             return safetensors_metadata(path).get(FORMAT_KEY) in FORMATS
         if name == CHECKPOINT:
             return _is_rotnet_checkpoint(path)
-        if name == METRICS:
-            read_metrics(path)
-            return True
+        if name == METRICS:  # every line an epoch's row (even one with NaN, as earlier versions wrote)
+            rows = [json.loads(line) for line in path.read_bytes().decode("utf-8").splitlines() if line.strip()]
+            return all(isinstance(row, dict) and "epoch" in row for row in rows)
         if name == CONFIG:
             if (path.parent / EXPORT_WEIGHTS).is_file() and _marker(path.parent / EXPORT_WEIGHTS) == EXPORT_FORMAT:
                 return True  # timm's config.json of a rotnet export
@@ -746,9 +746,13 @@ class RunDirWriter:
 
     def start_new(self, replace: bool) -> None:
         """Before the new run's first file: set the old run aside (--overwrite)."""
-        self.started = True
         if replace:
-            set_aside(self.out)
+            try:
+                set_aside(self.out)
+            except BaseException:
+                _move_back(self.out, REPLACING)  # nothing new was written: the old files go back where they were
+                raise
+        self.started = True  # from here on, what is in the folder under rotnet's names is the new run's
 
     def checkpointed(self) -> None:
         """The new run has its first checkpoint: it can be resumed, the old one is deleted for good."""

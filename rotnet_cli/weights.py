@@ -81,9 +81,9 @@ def load_weights(spec: str, device: torch.device | str = "cpu", seed: int = 0, i
             return loaded
         if (path / rundir.REPLACED).is_dir():
             raise WeightsError(
-                f"{path}: a run started there with --overwrite stopped before its first checkpoint; the run it replaces "
-                f"is kept in {path / rundir.REPLACED} and comes back with the next rotnet pretrain on this folder "
-                f"(e.g. rotnet pretrain --resume {path})"
+                f"{path}: the run that --overwrite started there has no checkpoint yet (it is starting, or it was "
+                f"stopped); the run it replaces is kept in {path / rundir.REPLACED}, and if the new run was stopped, the "
+                f"next rotnet pretrain on this folder puts it back (e.g. rotnet pretrain --resume {path})"
             )
         raise WeightsError(
             f"{path} is not a rotnet run directory or exported model (no model.safetensors, checkpoint.pt or config.json)"
