@@ -44,6 +44,9 @@ _LAZY = {
     "PredictConfig": "config",
     "reproduce": "reproduction",
     "ReproduceConfig": "config",
+    "train_supervised": "supervised",
+    "SupervisedResult": "supervised",
+    "SupervisedConfig": "config",
 }
 
 

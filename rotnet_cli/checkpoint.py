@@ -49,7 +49,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     except BaseException as e:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        os_error = _os_error_behind(e) if isinstance(e, Exception) else None
+        os_error = os_error_behind(e) if isinstance(e, Exception) else None
         if os_error is not None and os_error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             # what to do next depends on the command (resume, start again, export again): callers may say more
             kept = "its previous version is intact" if existed else "nothing was written"
@@ -105,7 +105,7 @@ def _deliver(signum: int, handler: Any) -> None:
         signal.raise_signal(signum)  # the default action (SIGTERM: end the process; SIGINT: KeyboardInterrupt)
 
 
-def _os_error_behind(e: BaseException) -> OSError | None:
+def os_error_behind(e: BaseException) -> OSError | None:
     """The OSError that caused ``e``: torch.save reports a full disk as a RuntimeError raised
     while handling the OSError, so the chain of causes is searched."""
     seen = 0

@@ -20,6 +20,7 @@ from .errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CACHE_MODES = ("auto", "none", "ram", "device")
+AUGMENTS = ("auto", "none", "crop", "crop+flip")
 MIN_IMG_SIZE = 8
 # Sizes are bounded before anything is allocated: 8192 px is 200 MB per RGB float image, and a
 # picture rotnet draws is bounded by PIL's decompression-bomb limit (about 89 million pixels).
@@ -93,6 +94,9 @@ def _check_png(out: str) -> None:
 
 
 class _Serializable:
+    # fields whose files from earlier versions hold another type (read as the field's own in __post_init__)
+    _OLDER_TYPES: typing.ClassVar[dict[str, Any]] = {}
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)  # type: ignore[arg-type]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
@@ -111,7 +115,7 @@ class _Serializable:
                 raise ConfigError(f"{source} holds a {type(d).__name__} where a config (a JSON object) belongs; {FILE_FIX}")
             hints = typing.get_type_hints(cls)
             for name in sorted(names & d.keys()):
-                if not _value_fits(d[name], hints[name]):
+                if not _value_fits(d[name], hints[name]) and not (name in cls._OLDER_TYPES and _value_fits(d[name], cls._OLDER_TYPES[name])):
                     raise ConfigError(f"{source}: field {name!r} is {_shown(d[name])}, not {_describe(hints[name])}; {FILE_FIX}")
         kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
         if source is None:
@@ -180,6 +184,8 @@ WEIGHTS_SPECS = "a run directory, checkpoint.pt, .safetensors, an exported folde
 class PretrainConfig(_Serializable):
     """Everything `rotnet pretrain` needs; see `rotnet pretrain --help` for each field."""
 
+    _OLDER_TYPES = {"augment": bool}  # runs made before --augment had choices saved true/false
+
     model: str = "resnet18"
     data: str = "digits"
     data_dir: str | None = _resume_free(None)
@@ -187,10 +193,11 @@ class PretrainConfig(_Serializable):
     val_split: float = 0.1
     rotations: tuple[float, ...] = (0.0, 90.0, 180.0, 270.0)
     copies: str = "all"
-    epochs: int = 30
+    epochs: int = 10  # the demo: resnet18 on digits learns most of what it can in 10 (README "Augmentation")
     batch_size: int = 128
     lr: float | None = None
     weight_decay: float | None = None
+    decay_all_params: bool = False  # True: norms and biases decay too (the official RotNet code)
     momentum: float = 0.9
     optimizer: str = "sgd"
     schedule: str = "cosine"
@@ -198,7 +205,7 @@ class PretrainConfig(_Serializable):
     gamma: float = 0.2
     warmup_epochs: float = 0.0
     img_size: int | None = None
-    augment: bool = True
+    augment: str = "auto"  # auto: none for grey images, crop+flip for colour (data.auto_augment)
     workers: int = _resume_free(default_factory=default_workers)
     seed: int = 0
     init: str | None = None
@@ -223,6 +230,9 @@ class PretrainConfig(_Serializable):
         _check_choice("--schedule", self.schedule, ("cosine", "step"))
         _check_choice("--precision", self.precision, PRECISIONS)
         _check_choice("--cache", self.cache, CACHE_MODES)
+        if isinstance(self.augment, bool):  # configs of runs before --augment had choices: what true/false meant then
+            object.__setattr__(self, "augment", "crop+flip" if self.augment else "none")
+        _check_choice("--augment", self.augment, AUGMENTS)
         _check_positive("--epochs", self.epochs)
         _check_positive("--batch-size", self.batch_size)
         _check_positive("--lr", self.lr)
@@ -302,6 +312,7 @@ def parse_int_list(option: str, text: str | tuple | list | None) -> tuple[int, .
 
 __all__ = [
     "PretrainConfig",
+    "AUGMENTS",
     "parse_rotations",
     "format_rotations",
     "parse_int_list",
@@ -332,6 +343,64 @@ class ExportConfig(_Serializable):
 PROBE_HEADS = ("linear", "mlp", "knn", "conv")
 BATCHNORM_HEADS = ("linear", "mlp", "conv")  # heads that train with BatchNorm: a batch of one cannot be normalised
 PROBE_POOLS = ("avg", "max", "flatten")
+PROBE_FEATURES = ("cached", "augmented")
+TRAINED_HEADS = ("linear", "mlp", "conv")  # knn has nothing to train: it votes with cached features
+
+
+@dataclass(frozen=True)
+class HeadRecipe:
+    """How one kind of probe head is trained: optimiser, learning-rate schedule, epochs, init."""
+
+    optimizer: str  # 'sgd' (Nesterov, momentum 0.9, coupled L2 on every parameter) or 'adamw' (decoupled)
+    lr: float
+    weight_decay: float
+    epochs: int
+    schedule: str  # 'step': lr x gamma after each milestone epoch; 'cosine': per step, to 0
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.2
+    init: str = "torch"  # 'torch' (PyTorch's defaults) or 'official' (NonLinearClassifier.py's initilize)
+
+    def with_epochs(self, epochs: int) -> "HeadRecipe":
+        """The same recipe for ``epochs``: lr steps keep their place as a share of the run."""
+        if epochs == self.epochs:
+            return self
+        scaled = sorted({round(m * epochs / self.epochs) for m in self.milestones})
+        return dataclasses.replace(self, epochs=epochs, milestones=tuple(m for m in scaled if 0 < m < epochs))
+
+
+@dataclass(frozen=True)
+class ProbeRecipe:
+    """A named probe protocol: where head inputs come from, the batch, the precision, one HeadRecipe per head."""
+
+    features: str  # 'cached': extracted once; 'augmented': recomputed every batch from cropped + flipped images
+    batch_size: int
+    precision: str  # used when --precision is auto
+    heads: dict[str, HeadRecipe]
+    reports_best: bool  # report the best epoch next to the last (the official code keeps its best test epoch)
+
+
+# The paper's classifiers as the official code trains them (github.com/gidariss/FeatureLearningRotNet):
+# config/CIFAR10_MultLayerClassifier_on_RotNet_NIN4blocks_Conv2_feats.py (l. 1, 23, 30) for the non-linear
+# classifier ("mlp": 50 epochs, lr 0.1 / 5 after epochs 20, 40, 45) and
+# config/CIFAR10_ConvClassifier_on_RotNet_NIN4blocks_Conv2_feats.py (l. 1, 23, 30) for the conv classifier
+# (100 epochs, steps after 35, 70, 85): SGD, Nesterov, momentum 0.9, weight decay 5e-4 on every parameter
+# (algorithms/Algorithm.py l. 118-128), batch 128, RandomCrop(32, padding=4) + flip on the training images
+# (dataloader.py l. 151-153) with the frozen features recomputed every batch (FeatureClassificationModel.py
+# l. 69), the LUT_lr read per epoch (Algorithm.py l. 296), fp32. The official CIFAR code has no linear
+# classifier: 'linear' takes the non-linear classifier's schedule.
+_PAPER_MLP = HeadRecipe("sgd", 0.1, 5e-4, 50, "step", (20, 40, 45), 0.2, init="official")
+_PAPER_CONV = HeadRecipe("sgd", 0.1, 5e-4, 100, "step", (35, 70, 85), 0.2, init="official")
+PROBE_RECIPES = {
+    # fast looks: features extracted once, AdamW with cosine decay. A BN + linear head on normalised
+    # features converges within 100 epochs only with the larger step; the mlp and conv heads like 1e-3.
+    "quick": ProbeRecipe("cached", 256, "auto", {
+        "linear": HeadRecipe("adamw", 1e-2, 5e-4, 100, "cosine"),
+        "mlp": HeadRecipe("adamw", 1e-3, 5e-4, 100, "cosine"),
+        "conv": HeadRecipe("adamw", 1e-3, 5e-4, 100, "cosine"),
+    }, reports_best=False),
+    "paper": ProbeRecipe("augmented", 128, "fp32", {"linear": _PAPER_MLP, "mlp": _PAPER_MLP, "conv": _PAPER_CONV},
+                         reports_best=True),
+}
 
 
 def parse_layers(text: str | tuple | list | None) -> tuple[int, ...] | None:
@@ -358,9 +427,17 @@ def parse_name_list(option: str, text: str | tuple | list, choices: tuple[str, .
     return tuple(items)
 
 
+# ProbeConfig fields that do not change what a probe measures: probe.json keys its results without them.
+PROBE_RUN_OPTIONS = ("weights", "data_dir", "download", "workers", "device", "save", "overwrite")
+
+
 @dataclass(frozen=True)
 class ProbeConfig(_Serializable):
-    """Everything `rotnet probe` needs; see `rotnet probe --help` for each field."""
+    """Everything `rotnet probe` needs; see `rotnet probe --help` for each field.
+
+    ``recipe`` names the protocol (PROBE_RECIPES); ``features``, ``epochs``, ``lr``,
+    ``weight_decay`` and ``batch_size`` left as None take the recipe's values.
+    """
 
     weights: str
     data: str = "digits"
@@ -369,12 +446,14 @@ class ProbeConfig(_Serializable):
     val_data: str | None = None
     val_split: float = 0.2
     layers: tuple[int, ...] | None = None  # None: every stage
-    heads: tuple[str, ...] = ("linear", "mlp", "knn")
+    heads: tuple[str, ...] = ("linear", "knn")
     pool: str = "avg"
-    epochs: int = 100
+    recipe: str = "quick"
+    features: str | None = None
+    epochs: int | None = None
     lr: float | None = None
-    weight_decay: float = 5e-4
-    batch_size: int = 256
+    weight_decay: float | None = None
+    batch_size: int | None = None
     labels_per_class: int | None = None
     knn_k: int = 20
     knn_temperature: float = 0.07
@@ -385,6 +464,7 @@ class ProbeConfig(_Serializable):
     device: str = "auto"
     precision: str = "auto"
     save: bool = True
+    overwrite: bool = False  # replace a saved result of the same setting in probe.json
 
     def __post_init__(self) -> None:
         _check_required("WEIGHTS", self.weights, WEIGHTS_SPECS)
@@ -394,6 +474,9 @@ class ProbeConfig(_Serializable):
         compare = self.compare.split(",") if isinstance(self.compare, str) else (self.compare or ())
         object.__setattr__(self, "compare", tuple(c.strip() for c in compare if c.strip()))
         _check_choice("--pool", self.pool, PROBE_POOLS)
+        _check_choice("--recipe", self.recipe, tuple(PROBE_RECIPES))
+        if self.features is not None:
+            _check_choice("--features", self.features, PROBE_FEATURES)
         _check_choice("--precision", self.precision, PRECISIONS)
         _check_positive("--epochs", self.epochs)
         _check_positive("--lr", self.lr)
@@ -412,13 +495,60 @@ class ProbeConfig(_Serializable):
                 "at least 2 images; use --batch-size 2 or more, or --head knn"
             )
 
-    def head_lr(self, head: str) -> float:
-        # AdamW: a BN + linear head on normalised features converges within 100 epochs only with a
-        # larger step (1e-3 leaves it far from its optimum); the mlp and conv heads like 1e-3.
-        return self.lr if self.lr is not None else (1e-2 if head == "linear" else 1e-3)
+    @property
+    def protocol(self) -> ProbeRecipe:
+        return PROBE_RECIPES[self.recipe]
+
+    @property
+    def resolved_features(self) -> str:
+        return self.features or self.protocol.features
+
+    @property
+    def resolved_batch_size(self) -> int:
+        return self.batch_size or self.protocol.batch_size
+
+    def resolved_precision(self) -> str:
+        """--precision, or the recipe's when it is auto (the paper recipe: fp32, as the official code)."""
+        return self.protocol.precision if self.precision == "auto" else self.precision
+
+    def head_recipe(self, head: str) -> HeadRecipe:
+        """The recipe's training of ``head`` with --epochs, --lr and --weight-decay applied."""
+        recipe = self.protocol.heads[head]
+        if self.epochs is not None:
+            recipe = recipe.with_epochs(self.epochs)
+        if self.lr is not None:
+            recipe = dataclasses.replace(recipe, lr=self.lr)
+        if self.weight_decay is not None:
+            recipe = dataclasses.replace(recipe, weight_decay=self.weight_decay)
+        return recipe
+
+    def setting(self) -> dict[str, Any]:
+        """What decides the numbers of a probe, resolved (probe.json keeps one result per setting):
+        ``--recipe paper`` and ``--recipe paper --features augmented`` are the same setting."""
+        setting = {k: v for k, v in self.to_dict().items() if k not in PROBE_RUN_OPTIONS}
+        setting.update(features=self.resolved_features, batch_size=self.resolved_batch_size,
+                       precision=self.resolved_precision(), epochs=None, lr=None, weight_decay=None)
+        setting["training"] = {h: dataclasses.asdict(self.head_recipe(h)) for h in self.heads if h in TRAINED_HEADS}
+        for key in ("epochs", "lr", "weight_decay"):  # folded into "training"
+            del setting[key]
+        if "knn" not in self.heads:
+            del setting["knn_k"], setting["knn_temperature"]
+        return json_safe(setting)
 
 
-__all__ += ["ProbeConfig", "parse_layers", "parse_name_list", "PROBE_HEADS", "PROBE_POOLS"]
+def json_safe(value: Any) -> Any:
+    """Tuples as lists, recursively: a setting compares equal to itself read back from JSON."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+__all__ += [
+    "ProbeConfig", "parse_layers", "parse_name_list", "PROBE_HEADS", "PROBE_POOLS", "PROBE_FEATURES", "TRAINED_HEADS",
+    "HeadRecipe", "ProbeRecipe", "PROBE_RECIPES", "PROBE_RUN_OPTIONS",
+]
 
 
 VIZ_COLORMAPS = ("jet", "inferno")
@@ -510,6 +640,15 @@ class CurvesConfig(_Serializable):
 __all__ += ["FiltersConfig", "AttentionConfig", "CurvesConfig", "VIZ_COLORMAPS"]
 
 
+JPEG_ROUTES = ("reencode", "lossless", "lossless-trim", "orientation-tag")  # how predict --fix turns a JPEG
+# Fix only images the model is at least this sure about. With calibrated confidences (see
+# prediction.combine_votes), at most about 1 in 10 of the images turned at exactly this
+# confidence are turned wrongly, and fewer above it; leaving a photo as it was costs the user
+# a manual turn, turning an upright one the wrong way costs more.
+DEFAULT_MIN_CONFIDENCE = 0.9
+DEFAULT_BACKUP_SUFFIX = ".orig"  # not an image extension: the next run does not take backups for images
+
+
 @dataclass(frozen=True)
 class PredictConfig(_Serializable):
     """Everything `rotnet predict` needs; see `rotnet predict --help` for each field."""
@@ -519,7 +658,11 @@ class PredictConfig(_Serializable):
     tta: bool = False
     fix: bool = False
     out: str | None = None
-    min_confidence: float = 0.5
+    in_place: bool = False
+    backup_suffix: str | None = None  # with in_place; None: DEFAULT_BACKUP_SUFFIX
+    jpeg: str = "reencode"
+    copy_unchanged: bool = False
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE
     overwrite: bool = False
     batch_size: int = 64
     workers: int = field(default_factory=default_workers)
@@ -531,16 +674,43 @@ class PredictConfig(_Serializable):
         _check_required("WEIGHTS", self.weights, "a run directory, checkpoint.pt or model.safetensors with a rotation head")
         if not self.inputs:
             raise ConfigError("give at least one image file or folder to predict")
-        if self.fix and not self.out:
-            raise ConfigError("--fix needs --out DIR: the upright copies go there, the originals are never changed")
+        if self.in_place and not self.fix:
+            raise ConfigError("--in-place changes the originals only together with --fix; add --fix")
+        if self.fix and not (self.out or self.in_place):
+            raise ConfigError(
+                "--fix needs --out DIR for upright copies (the originals are never changed), "
+                "or --in-place to turn the originals themselves (each kept as a backup)"
+            )
+        if self.backup_suffix is not None and not self.in_place:
+            raise ConfigError("--backup-suffix names the backups that --in-place keeps; add --in-place or drop it")
+        if self.in_place:
+            suffix = self.resolved_backup_suffix
+            if not suffix or "/" in suffix or suffix in (".", ".."):
+                raise ConfigError(f"--backup-suffix must be a non-empty file-name ending like .orig (got {suffix!r})")
+        if self.copy_unchanged and not (self.fix and self.out) or self.copy_unchanged and self.in_place:
+            raise ConfigError(
+                "--copy-unchanged completes the mirror that --fix --out DIR writes; use it with --fix --out (not --in-place)"
+            )
+        _check_choice("--jpeg", self.jpeg, JPEG_ROUTES)
         if not 0 <= self.min_confidence <= 1:
             raise ConfigError(f"--min-confidence is a probability in [0, 1] (got {self.min_confidence})")
         _check_choice("--precision", self.precision, PRECISIONS)
         _check_positive("--batch-size", self.batch_size)
         _check_positive("--workers", self.workers, allow_zero=True)
 
+    @property
+    def resolved_backup_suffix(self) -> str:
+        return DEFAULT_BACKUP_SUFFIX if self.backup_suffix is None else self.backup_suffix
 
-__all__ += ["PredictConfig"]
+
+__all__ += ["PredictConfig", "JPEG_ROUTES", "DEFAULT_MIN_CONFIDENCE", "DEFAULT_BACKUP_SUFFIX"]
+
+
+# The RotNet pretraining schedules of the CIFAR-10 study: (epochs, epochs after which lr is divided by 5).
+# 'paper': the paper's text (section 3.1: 100 epochs, steps after 30, 60, 80);
+# 'official': config/CIFAR10_RotNet_NIN4blocks.py (l. 23, 31: 200 epochs, steps after 60, 120, 160), the model
+# the official classifier configs load (model_net_epoch200, e.g. CIFAR10_MultLayerClassifier_..._feats.py l. 27).
+PRETRAIN_SCHEDULES = {"paper": (100, (30, 60, 80)), "official": (200, (60, 120, 160))}
 
 
 @dataclass(frozen=True)
@@ -551,19 +721,69 @@ class ReproduceConfig(_Serializable):
     data: str = "cifar10"
     data_dir: str | None = None
     download: bool = False
-    out: str | None = None  # None: runs/paper-cifar10, or runs/paper-cifar10-smoke with --smoke (never the same runs)
+    out: str | None = None  # None: runs/paper-cifar10, or runs/paper-cifar10-smoke with --smoke
+    schedule: str = "paper"
     smoke: bool = False
     device: str = "auto"
-    precision: str = "auto"
+    precision: str = "fp32"  # the official code trains in fp32
     workers: int = field(default_factory=default_workers)
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("recipe", self.recipe, ("paper-cifar10",))
-        if self.out is None:
-            object.__setattr__(self, "out", f"runs/{self.recipe}" + ("-smoke" if self.smoke else ""))
+        _check_choice("--schedule", self.schedule, tuple(PRETRAIN_SCHEDULES))
         _check_choice("--precision", self.precision, PRECISIONS)
         _check_positive("--workers", self.workers, allow_zero=True)
 
+    @property
+    def out_dir(self) -> str:
+        # smoke runs get their own folder: a full run must never find them (they are digits, 2 epochs)
+        return self.out or ("runs/paper-cifar10-smoke" if self.smoke else "runs/paper-cifar10")
 
-__all__ += ["ReproduceConfig"]
+
+@dataclass(frozen=True)
+class SupervisedConfig(_Serializable):
+    """A network trained from scratch on the labels: Table 3's "Supervised NIN" frame for the probes.
+
+    Defaults are config/CIFAR10_supervised_NIN.py of the official code: a 3-block NIN (l. 27),
+    200 epochs (l. 24), SGD Nesterov lr 0.1, momentum 0.9, weight decay 5e-4, lr / 5 after
+    epochs 60, 120, 160 (l. 30), batch 128 (l. 1), crop + flip augmentation, fp32.
+    """
+
+    model: str = "rotnet_nin3"
+    data: str = "cifar10"
+    data_dir: str | None = None
+    download: bool = False
+    val_data: str | None = None  # labelled validation data (default: the dataset's test split, else --val-split)
+    val_split: float = 0.2  # only for data without its own test split
+    labels_per_class: int | None = None
+    epochs: int = 200
+    milestones: tuple[int, ...] = (60, 120, 160)
+    gamma: float = 0.2
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    img_size: int | None = None
+    max_steps_per_epoch: int | None = None
+    device: str = "auto"
+    precision: str = "fp32"
+    workers: int = field(default_factory=default_workers)
+    seed: int = 0
+    out: str | None = None  # a folder for supervised.json; a finished result with the same setting is reused
+
+    def __post_init__(self) -> None:
+        _check_choice("--precision", self.precision, PRECISIONS)
+        for option, value in (("--epochs", self.epochs), ("--lr", self.lr), ("--batch-size", self.batch_size),
+                              ("--labels-per-class", self.labels_per_class), ("--max-steps-per-epoch", self.max_steps_per_epoch)):
+            _check_positive(option, value)
+        _check_positive("--weight-decay", self.weight_decay, allow_zero=True)
+        _check_positive("--workers", self.workers, allow_zero=True)
+        _check_img_size(self.img_size)
+        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+        if any(not 0 < m < self.epochs for m in self.milestones):
+            raise ConfigError(f"--milestones must lie between 1 and {self.epochs - 1} (got {self.milestones})")
+        if not 0 < self.val_split < 1:
+            raise ConfigError(f"--val-split must be in (0, 1) (got {self.val_split})")
+
+
+__all__ += ["ReproduceConfig", "SupervisedConfig", "PRETRAIN_SCHEDULES"]

@@ -98,6 +98,19 @@ def native_size(spec: str) -> int | None:
     return {"digits": 32, "cifar10": 32, "cifar100": 32, "mnist": 32, "fashionmnist": 32, "svhn": 32, "stl10": 96}.get(key)
 
 
+# What the built-in and torchvision datasets hold: (pixels on a side, grey). predict warns
+# when the images it is given differ clearly from the data its weights were trained on.
+DATASET_IMAGES = {
+    "digits": (8, True), "mnist": (28, True), "fashionmnist": (28, True), "cifar10": (32, False),
+    "cifar100": (32, False), "svhn": (32, False), "stl10": (96, False),
+}
+
+
+def dataset_images(spec: str | None) -> tuple[int, bool] | None:
+    """(pixels on a side, grey) of a built-in or torchvision dataset name; None for folders and unknown names."""
+    return DATASET_IMAGES.get(_dataset_key(spec)) if isinstance(spec, str) else None
+
+
 def open_source(
     spec: str,
     img_size: int,
@@ -599,8 +612,10 @@ def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
 # ----------------------------------------------------------------------------- on-device transforms
 
 
-def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Per-image random crop after zero padding, and a random horizontal flip; one gather.
+def random_crop_flip(
+    images: torch.Tensor, padding: int, generator: torch.Generator | None, flip: bool = True
+) -> torch.Tensor:
+    """Per-image random crop after zero padding, and (``flip``) a random horizontal flip; one gather.
 
     images: (N, C, S, S) uint8 -> (N, C, S, S) uint8. The same as torchvision's
     RandomCrop(S, padding) + RandomHorizontalFlip on each image, without a Python loop.
@@ -611,10 +626,12 @@ def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Genera
     dev = images.device
     oy = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=dev)
     ox = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=dev)
-    flip = torch.rand((n, 1), generator=generator, device=dev) < 0.5
     batch, rows, cols, cols_reversed = _crop_grid(n, h, w, dev)
     rows = oy + rows  # (N, S): the padded rows each image keeps
-    cols = ox + torch.where(flip, cols_reversed, cols)  # (N, S): a flipped image reads its columns backwards
+    if flip:
+        flipped = torch.rand((n, 1), generator=generator, device=dev) < 0.5
+        cols = torch.where(flipped, cols_reversed, cols)  # (N, S): a flipped image reads its columns backwards
+    cols = ox + cols
     padded = F.pad(images, (padding, padding, padding, padding)) if padding > 0 else images  # zeros, as RandomCrop
     # advanced indexing around the channel slice gives (N, S, S, C)
     return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
@@ -627,6 +644,53 @@ def _crop_grid(n: int, h: int, w: int, device: torch.device) -> tuple[torch.Tens
     rows = torch.arange(h, device=device)[None]  # (1, H)
     cols = torch.arange(w, device=device)[None]  # (1, W)
     return batch, rows, cols, cols.flip(1)
+
+
+# --augment auto where the pixels cannot tell: SVHN is colour photos, but of house numbers,
+# and a mirrored digit is no digit (its digits sit in a wider view: a crop leaves them whole).
+# Every other source is decided by its pixels (below).
+AUTO_AUGMENT_BY_SOURCE = {"svhn": "crop"}
+GREY_SPREAD = 4.0  # mean max-min over R, G, B (0..255) below which images count as grey (JPEG noise)
+AUTO_SAMPLE = (256, 32)  # images looked at to decide: in memory, and decoded from files (slower)
+
+
+def auto_augment(spec: str, images: ImageSet) -> tuple[str, str]:
+    """What ``--augment auto`` means for this data -> (choice, why), decided by the pixels.
+
+    Grey images (digits, MNIST-like sets, scanned documents) are not augmented: a mirrored
+    character is no character (a mirrored "2" turned by 180 degrees looks like no upright
+    digit, so flips make the rotation task partly unlearnable), and a crop cuts strokes off
+    characters that fill the frame. Colour images get crop + flip, the paper's CIFAR-10
+    augmentation: a mirrored photo is still a photo. Measured (benchmarks/augmentation.py,
+    README "Augmentation"): on digits, at 10 epochs, the crop costs 1-4.5 points of rotation
+    accuracy (1-4 px of padding) and helps no probe measurably, the flip costs 6; both 15.
+    After 30 epochs the crop has caught up and gives the better probes.
+    """
+    choice = AUTO_AUGMENT_BY_SOURCE.get(_dataset_key(spec))
+    if choice is not None:
+        return choice, f"{spec} holds pictures of characters"
+    if _colour_spread(images) < GREY_SPREAD:
+        return "none", "grey images, like digits and scans: mirrored characters are no characters, and a crop pays off only in long runs (--augment crop)"
+    return "crop+flip", "colour images, flipped as in the paper"
+
+
+def _colour_spread(images: ImageSet) -> float:
+    """Mean over pixels of (max - min over R, G, B) of a few evenly spaced images; 0 for grey."""
+    in_memory, from_files = AUTO_SAMPLE
+    if images.in_memory:
+        sample = images.images[_evenly_spaced(len(images), in_memory).to(images.images.device)]
+    else:
+        files = FileDataset(images.paths, images.img_size)  # an unreadable file gives None, as in training
+        decoded = [x for _, x in (files[i] for i in _evenly_spaced(len(images), from_files).tolist()) if x is not None]
+        if not decoded:
+            return math.inf  # nothing readable: training itself will say so
+        sample = torch.stack(decoded)
+    pixels = sample.float()  # (n, 3, S, S)
+    return (pixels.amax(1) - pixels.amin(1)).mean().item()
+
+
+def _evenly_spaced(n: int, k: int) -> torch.Tensor:
+    return torch.linspace(0, n - 1, min(n, k)).round().long().unique()
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -654,9 +718,9 @@ def warn_skipped(skipped: list[str]) -> str | None:
 
 
 __all__ = [
-    "ImageSet", "DataSource", "open_source", "native_size", "decode_all", "split_indices", "epoch_order", "iterate_batches",
-    "random_crop_flip", "normalize", "decode_file", "scan_images", "num_batches", "warn_skipped", "Batch", "to_rgb",
-    "check_readable", "UnsupportedPixels",
+    "ImageSet", "DataSource", "open_source", "native_size", "dataset_images", "decode_all", "split_indices", "epoch_order",
+    "iterate_batches", "random_crop_flip", "auto_augment", "normalize", "decode_file", "scan_images", "num_batches",
+    "warn_skipped", "Batch", "to_rgb", "check_readable", "UnsupportedPixels",
 ]
 
 warnings.filterwarnings("ignore", message=".*Palette images with Transparency.*")

@@ -5,7 +5,7 @@ The folder (timm's ``local-dir:`` / hub layout)::
     DIR/model.safetensors            the backbone only: keys of timm.create_model(name, num_classes=0)
     DIR/config.json                  timm's save_config_for_hf: architecture, model_args, pretrained_cfg
     DIR/README.md                    a model card
-    DIR/rotation_head.safetensors    with --with-head: Linear(num_features, R) as weight/bias (timm ignores it)
+    DIR/rotation_head.safetensors    with --with-head: Linear(head_hidden_size, R) as weight/bias (timm ignores it)
 
 Everything is written into a temporary sibling folder, loaded back through timm both
 ways (and through rotnet's own loader), and only then renamed into place: a failed
@@ -33,6 +33,7 @@ from .checkpoint import write_text
 from .config import ExportConfig, format_rotations
 from .errors import DataError, DiskFullError, OutputError, WeightsError
 from .events import Message, Progress, TaskProgress, ignore
+from .models import feature_width
 from .rundir import EXPORT_CONFIG, EXPORT_HEAD, EXPORT_WEIGHTS, MODEL_CARD
 from .weights import LoadedWeights, load_weights
 
@@ -45,7 +46,8 @@ class ExportResult:
     model: str
     dtype: str
     source: str
-    num_features: int
+    num_features: int  # timm's num_features: channels of the last stage
+    head_hidden_size: int  # the width of what the backbone returns (its features), the rotation head's input
     num_params: int
     img_size: int
     rotations: tuple[float, ...] | None
@@ -64,7 +66,7 @@ class ExportResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "out_dir": str(self.out_dir), "model": self.model, "dtype": self.dtype, "source": self.source,
-            "num_features": self.num_features, "num_params": self.num_params, "img_size": self.img_size,
+            "num_features": self.num_features, "head_hidden_size": self.head_hidden_size, "num_params": self.num_params, "img_size": self.img_size,
             "rotations": list(self.rotations) if self.rotations else None, "with_head": self.with_head,
             "files": [{"name": n, "path": str(self.out_dir / n), "bytes": b} for n, b in self.files.items()],
             "total_bytes": sum(self.files.values()), "round_trip_max_abs_diff": self.round_trip, "snippet": self.snippet,
@@ -123,7 +125,7 @@ def _export(config: ExportConfig, out: Path, emit: Progress) -> ExportResult:
     stage(3, "export")
     return ExportResult(
         out_dir=out, model=loaded.model_name, dtype=config.dtype, source=loaded.source,
-        num_features=loaded.backbone.num_features, num_params=sum(p.numel() for p in loaded.backbone.parameters()),
+        num_features=loaded.backbone.num_features, head_hidden_size=feature_width(loaded.backbone), num_params=sum(p.numel() for p in loaded.backbone.parameters()),
         img_size=loaded.img_size, rotations=tuple(record["rotations"] or ()) or None, with_head=config.with_head,
         files={p.name: p.stat().st_size for p in sorted(out.iterdir())}, round_trip=round_trip,
     )
@@ -164,8 +166,9 @@ def _write_backbone(folder: Path, loaded: LoadedWeights, config: ExportConfig, r
 
 
 def _write_head(folder: Path, loaded: LoadedWeights, config: ExportConfig) -> None:
-    tensors = _rounded_state(loaded.head, DTYPES[config.dtype])  # weight (R, num_features), bias (R,)
-    rundir.save_weights(folder / EXPORT_HEAD, tensors, rundir.HEAD_FORMAT, loaded.model_name, rotations=list(loaded.rotations))
+    tensors = _rounded_state(loaded.head, DTYPES[config.dtype])  # weight (R, head_hidden_size), bias (R,)
+    rundir.save_weights(folder / EXPORT_HEAD, tensors, rundir.HEAD_FORMAT, loaded.model_name, rotations=list(loaded.rotations),
+                        head_hidden_size=feature_width(loaded.backbone))
 
 
 # ----------------------------------------------------------------------------- round trip
@@ -182,7 +185,7 @@ def _verify_round_trip(folder: Path, cfg: dict[str, Any], loaded: LoadedWeights,
     input_size = cfg["pretrained_cfg"]["input_size"]  # (C, H, W)
     x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = loaded.backbone.eval()(x)  # (2, num_features)
+        expected = loaded.backbone.eval()(x)  # (2, head_hidden_size)
 
     def through_rotnet() -> torch.nn.Module:
         again = load_weights(str(folder))
@@ -254,7 +257,7 @@ def _run_record(loaded: LoadedWeights) -> dict[str, Any]:
     info = loaded.info or {}
     rotations = loaded.rotations or info.get("rotations")  # validated when read: a tuple of angles, or absent
     record: dict[str, Any] = {"rotations": list(rotations) if rotations else None, "data": info.get("data"), "epochs": info.get("epochs"),
-                              "val_rot_acc": info.get("val_rot_acc"), "probe": None}
+                              "val_rot_acc": info.get("val_rot_acc"), "probes": []}
     if loaded.run_dir is None:
         return record
     try:
@@ -269,7 +272,7 @@ def _run_record(loaded: LoadedWeights) -> dict[str, Any]:
         record["epochs"] = rows[-1].get("epoch", len(rows))
         record["val_rot_acc"] = rows[-1].get("val_rot_acc")
     try:
-        record["probe"] = rundir.read_probe(loaded.run_dir)
+        record["probes"] = rundir.read_probe(loaded.run_dir)  # every setting probed
     except DataError:
         pass
     return record
@@ -286,24 +289,41 @@ def _cell(value: Any) -> str:
 
 
 def probe_section(probe: Any) -> list[str]:
-    """Markdown for the probe.json that `rotnet probe` wrote: top-1 per stage and head, in %."""
+    """Markdown for one result of probe.json: top-1 per stage and head, in %, under a line naming its setting."""
     rows, heads = (probe.get("rows"), probe.get("heads")) if isinstance(probe, dict) else (None, None)
     if not isinstance(rows, list) or not rows or not isinstance(heads, list) or not heads:
         return []
+    epochs = probe.get("epochs")
+    if isinstance(epochs, dict):  # per trained head
+        trained = ", ".join(f"{h} {n} epochs" for h, n in epochs.items()) or "no trained head"
+    else:
+        trained = f"each head {epochs if epochs is not None else '?'} epochs"
+    recipe = probe.get("recipe")
     lines = [
-        f"Frozen-feature probes (`rotnet probe`) on {probe.get('data', '?')}: top-1 accuracy on "
-        f"{probe.get('val_images', '?')} held-out images, each head trained {probe.get('epochs', '?')} epochs "
-        "on the frozen features of one stage.", "",
-        "| weights | stage | C x H x W | " + " | ".join(heads) + " |", "|" + "---|" * (3 + len(heads)),
+        f"Frozen-feature probes (`rotnet probe{f' --recipe {recipe}' if recipe else ''}`) on {probe.get('data', '?')}"
+        f"{_labels_note(probe.get('labels_per_class'))}: top-1 accuracy on {probe.get('val_images', '?')} held-out images "
+        f"after the last epoch ({trained}{_features_note(probe.get('features'))}), each head on the frozen features of one stage.",
+        "", "| weights | stage | C x H x W | " + " | ".join(map(_cell, heads)) + " |", "|" + "---|" * (3 + len(heads)),
     ]
     for row in rows:
+        if not isinstance(row, dict):
+            continue
         accuracy = [f"{100 * row[h]:.2f}%" if isinstance(row.get(h), (int, float)) else "-" for h in heads]
-        shape = " x ".join(map(str, row.get("shape", [])))
-        lines.append(f"| {_cell(row.get('weights'))} | {_cell(row.get('stage'))} | {shape} | " + " | ".join(accuracy) + " |")
+        shape = row.get("shape") if isinstance(row.get("shape"), list) else []
+        lines.append(f"| {_cell(row.get('weights'))} | {_cell(row.get('stage'))} | {' x '.join(map(_cell, shape))} | "
+                     + " | ".join(accuracy) + " |")
     best = probe.get("best")
     if isinstance(best, dict) and isinstance(best.get("accuracy"), (int, float)):
-        lines += ["", f"Best: stage {best.get('stage')} with the {best.get('head')} head, {100 * best['accuracy']:.2f}%."]
+        lines += ["", f"Best: stage {_cell(best.get('stage'))} with the {_cell(best.get('head'))} head, {100 * best['accuracy']:.2f}%."]
     return lines
+
+
+def _labels_note(labels_per_class: Any) -> str:
+    return f", {labels_per_class} labelled images per class" if isinstance(labels_per_class, int) else ""
+
+
+def _features_note(features: Any) -> str:
+    return "; features of cropped and flipped images recomputed every batch" if features == "augmented" else ""
 
 
 def registration_import(model_name: str) -> str | None:
@@ -326,7 +346,7 @@ def model_card(loaded: LoadedWeights, config: ExportConfig, record: dict[str, An
     rotations = f"{format_rotations(angles)} degrees ({len(angles)} classes)" if angles else "-"
     acc = record.get("val_rot_acc")
     facts = {
-        "model": f"`{name}` ({loaded.backbone.num_features} features, "
+        "model": f"`{name}` ({feature_width(loaded.backbone)} features, "
                  f"{sum(p.numel() for p in loaded.backbone.parameters()):,} parameters)",
         "rotations": rotations,
         "data": record.get("data") or "-",
@@ -345,9 +365,11 @@ def model_card(loaded: LoadedWeights, config: ExportConfig, record: dict[str, An
         f"Rotations*, ICLR 2018), with rotnet {__version__}.", "",
         "| | |", "|---|---|", *[f"| {k} | {_cell(v)} |" for k, v in facts.items()], "",
     ]
-    probe = probe_section(record.get("probe"))
-    if probe:
-        lines += ["## Probe results", "", *probe, ""]
+    probes = [section for section in map(probe_section, record.get("probes") or []) if section]
+    if probes:
+        lines += ["## Probe results", ""]
+        for section in probes:  # every setting probe.json keeps, in the order they were probed
+            lines += [*section, ""]
     # the arguments timm recorded to rebuild this backbone (num_classes=0, img_size for fixed-size models, ...)
     build_args = "".join(f", {k}={v!r}" for k, v in model_args.items())
     lines += [
@@ -357,14 +379,14 @@ def model_card(loaded: LoadedWeights, config: ExportConfig, record: dict[str, An
         f'model = timm.create_model("local-dir:{folder}", pretrained=True)  # or "hf-hub:USER/REPO"',
         "model.eval()", "data_config = timm.data.resolve_model_data_config(model)",
         "transform = timm.data.create_transform(**data_config, is_training=False)",
-        "features = model(transform(image).unsqueeze(0))  # (1, num_features)", "```", "",
+        "features = model(transform(image).unsqueeze(0))  # (1, model.head_hidden_size)", "```", "",
         "Or the weights file on its own:", "", "```python",
         f'model = timm.create_model("{name}", checkpoint_path="{folder}/{EXPORT_WEIGHTS}"{build_args})', "```", "",
     ]
     if config.with_head:
         lines += [
-            f"The rotation head is `{EXPORT_HEAD}` (`weight` (R, num_features), `bias` (R,), metadata `rotations`):",
-            "`torch.nn.Linear(model.num_features, R)` loads it with `safetensors.torch.load_file`. "
+            f"The rotation head is `{EXPORT_HEAD}` (`weight` (R, head_hidden_size), `bias` (R,), metadata `rotations`):",
+            "`torch.nn.Linear(model.head_hidden_size, R)` loads it with `safetensors.torch.load_file`. "
             f"`rotnet predict {folder}` uses it.", "",
         ]
     return "\n".join(lines)

@@ -124,10 +124,13 @@ class NetworkInNetwork(nn.Module):
     """Gidaris et al.'s CIFAR NIN with timm's classification-model API.
 
     ``blocks[i]`` is an ``nn.Sequential`` of three ``ConvBnAct`` followed, for blocks 0 and 1, by a
-    3x3 stride-2 pooling (max, then average). The official code places each pool at the *start* of the
-    following block, which makes block 1's feature 96x32x32; here the pool ends blocks 1 and 2 instead, so
-    the per-block features are the ones the project specifies (96x16x16, then 192x8x8 on 32x32 input).
-    The parameters and the end-to-end function are the same either way; only where the taps sit differs.
+    3x3 stride-2 pooling (max, then average), as in the official code (NetworkInNetwork.py l. 49 and 55:
+    each pool ends its block), so the per-block features are the official ``conv1`` ... ``conv4``
+    (96x16x16, then 192x8x8 on 32x32 input). The 4- and 5-block models have no pool after block 3, as the
+    official RotNet configs (``use_avg_on_conv3: False``, config/CIFAR10_RotNet_NIN4blocks.py l. 28).
+
+    ``weight_init``: 'official' (default) is what the official code runs, 'he' what its unused
+    ``weight_initialization`` would do; see ``_init_official`` and ``_init_he``.
     """
 
     def __init__(
@@ -137,6 +140,7 @@ class NetworkInNetwork(nn.Module):
             in_chans: int = 3,
             global_pool: str = 'avg',
             drop_rate: float = 0.,
+            weight_init: str = 'official',
             device=None,
             dtype=None,
     ):
@@ -147,10 +151,14 @@ class NetworkInNetwork(nn.Module):
             in_chans: Input image channels.
             global_pool: Global pooling type of the head (timm's names; 'avg' in the paper).
             drop_rate: Dropout before the classifier.
+            weight_init: 'official' (PyTorch 0.2's defaults, what the official code trains from) or 'he'.
         """
         super().__init__()
         if num_blocks < 2:
             raise ValueError(f'NetworkInNetwork needs at least 2 blocks, got num_blocks={num_blocks}')
+        if weight_init not in _INITS:
+            raise ValueError(f"weight_init must be one of {', '.join(_INITS)}, got {weight_init!r}")
+        self.weight_init = weight_init
         dd = {'device': device, 'dtype': dtype}
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -180,7 +188,7 @@ class NetworkInNetwork(nn.Module):
         # (B, 192, H/4, W/4) -> global pool (B, 192) -> dropout -> fc (B, num_classes)
         self.head = NinHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
 
-        self.apply(_init_weights)
+        self.apply(_INITS[weight_init])
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -212,7 +220,7 @@ class NetworkInNetwork(nn.Module):
             dtype=first_param.dtype,
         )
         self.head_hidden_size = self.head.num_features
-        self.head.apply(_init_weights)  # same init as at construction (zero bias)
+        self.head.apply(_INITS[self.weight_init])  # the same init as at construction
 
     def forward_intermediates(
             self,
@@ -293,9 +301,20 @@ class NetworkInNetwork(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _init_weights(module: nn.Module) -> None:
-    """The official NetworkInNetwork.py init: He-normal convs (fan_out = k*k*out_channels), BN as identity,
-    zero Linear bias (the Linear weight keeps PyTorch's default). Kept as-is so training matches the paper."""
+def _init_official(module: nn.Module) -> None:
+    """What the official code trains from. Its ``weight_initialization`` (NetworkInNetwork.py l. 125-138) is
+    defined but never called, so every layer keeps the default of the PyTorch it was tested with (0.2.0,
+    its README l. 30): conv and linear weights U(-1/sqrt(fan_in), 1/sqrt(fan_in)) and linear biases alike,
+    which are today's defaults too, and BatchNorm weights U(0, 1), bias 0: PyTorch's default until 1.0
+    (pytorch/pytorch#12259), set here by hand because today's default is 1."""
+    if isinstance(module, nn.BatchNorm2d):
+        nn.init.uniform_(module.weight, 0., 1.)
+        nn.init.zeros_(module.bias)
+
+
+def _init_he(module: nn.Module) -> None:
+    """The official file's unused ``weight_initialization``: He-normal convs (fan_out = k*k*out_channels),
+    BN as identity, zero Linear bias (the Linear weight keeps PyTorch's default)."""
     if isinstance(module, nn.Conv2d):
         fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
         nn.init.normal_(module.weight, mean=0., std=math.sqrt(2. / fan_out))
@@ -304,6 +323,9 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
+
+
+_INITS = {'official': _init_official, 'he': _init_he}
 
 
 def _create_nin(variant: str, num_blocks: int, pretrained: bool = False, **kwargs) -> NetworkInNetwork:

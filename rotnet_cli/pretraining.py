@@ -36,11 +36,11 @@ from . import data as data_lib
 from . import rundir
 from .checkpoint import CHECKPOINT_FORMAT
 from .config import PretrainConfig
-from .errors import ConfigError, DataError, DiskFullError, Interrupted, NonFiniteLossError, RotnetError
+from .errors import ConfigError, DataError, DiskFullError, InputSizeError, Interrupted, NonFiniteLossError, RotnetError
 from .events import (
     DeviceChosen, EpochEnded, Message, Progress, Resumed, RunStarted, StepDone, WarningMessage, ignore,
 )
-from .models import RotNet, create_backbone, data_config, normalises_over_batch, rotation_head
+from .models import RotNet, create_backbone, data_config, feature_width, normalises_over_batch, rotation_head
 from .rotations import make_rotation_batch, rotate_all
 from .runtime import (
     DistInfo, all_reduce_sum, autocast, barrier, configure_backends, describe_device, dist_from_env, gather_objects,
@@ -121,14 +121,16 @@ def rotation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """timm's optimizer factory (SGD is Nesterov; no weight decay on norms and biases), with
-    torch's fused kernels where the device has them: one kernel per step instead of several
-    per parameter group (a resnet18 SGD step on 2 CPU cores: 7.2 -> 2.9 ms), and under fp16
-    the GradScaler hands the overflow check to the kernel instead of reading it on the host."""
+    """timm's optimizer factory (SGD is Nesterov; no weight decay on norms and biases unless
+    --decay-all-params, as the official RotNet code), with torch's fused kernels where the device
+    has them: one kernel per step instead of several per parameter group (a resnet18 SGD step on
+    2 CPU cores: 7.2 -> 2.9 ms), and under fp16 the GradScaler hands the overflow check to the
+    kernel instead of reading it on the host."""
     import timm.optim
 
     return timm.optim.create_optimizer_v2(
         model, opt=cfg.optimizer, lr=cfg.resolved_lr, weight_decay=cfg.resolved_weight_decay,
+        filter_bias_and_bn=not cfg.decay_all_params,
         **({"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}),
         **({"fused": True} if device.type in FUSED_OPTIMIZER_DEVICES else {}),
     )
@@ -236,6 +238,7 @@ class Run:
     images_per_rank: int  # training images this process sees per epoch
     steps_per_epoch: int
     padding: int  # of the random crop
+    augment: str  # none, crop or crop+flip (--augment auto resolved for this data)
     writer: rundir.RunDirWriter | None  # rank 0's hold on the run directory (lock, --overwrite's old run)
     skipped: tuple[str, ...]  # files left out when the data was opened (not images, or unreadable)
     data_files: int  # image files the data source found (before decoding): what a resume compares
@@ -342,7 +345,7 @@ def _explained(e: BaseException, out: Path, writer: rundir.RunDirWriter | None) 
 def _train(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision: str, out: Path, saved: dict | None,
            report: Progress, stop_requested: Callable[[], bool], writer: rundir.RunDirWriter | None) -> PretrainResult:
     report(DeviceChosen(describe_device(device), precision, dist.world_size))
-    model, img_size, mean, std = build_model(cfg, init=saved is None)
+    model, img_size, mean, std = build_model(cfg, init=saved is None, report=report)
     seed_everything(cfg.seed, dist.rank)  # from here on each rank draws its own dropout/drop-path noise
     run = set_up(cfg, dist, device, precision, out, report, stop_requested, writer, img_size, mean, std)
     run.batch_norm = normalises_over_batch(model)
@@ -378,6 +381,7 @@ def _train(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision:
         rundir.save_weights(
             out / rundir.WEIGHTS, state.model.state_dict(), rundir.RUN_FORMAT, cfg.model, rotations=list(cfg.rotations),
             img_size=img_size, mean=list(mean), std=list(std), num_features=state.model.backbone.num_features,
+            head_hidden_size=feature_width(state.model.backbone),  # what the backbone returns: the head's input
             data=cfg.data, epochs=cfg.epochs,
         )
     return PretrainResult(
@@ -391,18 +395,31 @@ def _train(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision:
 # ----------------------------------------------------------------------------- set up
 
 
-def build_model(cfg: PretrainConfig, init: bool) -> tuple[RotNet, int, tuple[float, ...], tuple[float, ...]]:
+def build_model(cfg: PretrainConfig, init: bool, report: Progress = ignore) -> tuple[RotNet, int, tuple[float, ...], tuple[float, ...]]:
     """A headless timm backbone + Linear(width, R) rotation head, the same on every rank;
     -> (model, img_size, mean, std). ``init``: start from --init weights (not on resume)."""
     seed_everything(cfg.seed)  # the same initial weights on every rank
-    img_size = cfg.img_size or data_lib.native_size(cfg.data)
-    backbone = create_backbone(cfg.model, img_size=img_size)
+    backbone, img_size = run_backbone(cfg, report)
     dcfg = data_config(backbone)
     img_size = img_size or int(dcfg["input_size"][-1])
     model = RotNet(backbone, rotation_head(backbone, cfg.num_rotations))
     if cfg.init and init:
         _load_init(model, cfg, img_size)
     return model, img_size, tuple(dcfg["mean"]), tuple(dcfg["std"])
+
+
+def run_backbone(cfg: PretrainConfig, report: Progress = ignore) -> tuple[torch.nn.Module, int | None]:
+    """The run's backbone and input size: --img-size, else the data's own size, else the model's
+    (None: timm's size for it). A dataset's own size (digits, CIFAR: 32 px) gives way to the
+    model's when the model cannot run on it; the images are then resized to that size."""
+    img_size = cfg.img_size or data_lib.native_size(cfg.data)
+    try:
+        return create_backbone(cfg.model, img_size=img_size), img_size
+    except InputSizeError as e:
+        if cfg.img_size is not None:
+            raise
+        report(Message(f"{cfg.model} cannot run on {img_size} px images; {cfg.data} is resized to {e.size} px, its own size"))
+        return create_backbone(cfg.model, img_size=e.size), e.size
 
 
 def set_up(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision: str, out: Path, report: Progress,
@@ -440,11 +457,13 @@ def set_up(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision:
     steps_per_epoch = images_per_rank // per_rank_batch
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    padding = max(1, img_size // 8)  # 4 px at 32 px, the paper's CIFAR crop
+    augment, why = (cfg.augment, "asked for") if cfg.augment != "auto" else data_lib.auto_augment(cfg.data, train_set)
+    report(Message(f"augmentation: {augment} ({why}){'' if augment == 'none' else f'; crop padding {padding} px'}"))
     return Run(
         cfg=cfg, dist=dist, device=device, precision=precision, out=out, report=report, stop_requested=stop_requested,
         img_size=img_size, mean=mean, std=std, train_set=train_set, val_set=val_set, per_rank_batch=per_rank_batch,
-        images_per_rank=images_per_rank, steps_per_epoch=steps_per_epoch,
-        padding=max(1, img_size // 8),  # 4 px at 32 px, the paper's CIFAR crop
+        images_per_rank=images_per_rank, steps_per_epoch=steps_per_epoch, padding=padding, augment=augment,
         writer=writer, skipped=source.skipped, data_files=source.files,
     )
 
@@ -490,10 +509,10 @@ def start_run_dir(run: Run, state: TrainState, resumed: bool) -> None:
             run.writer.start_new(replace=run.cfg.overwrite)  # --overwrite: the old run is set aside, not deleted
             rundir.write_config(run.out, run.cfg.to_dict(), {
                 "out": str(run.out), "img_size": run.img_size, "mean": list(run.mean), "std": list(run.std),
-                "lr": run.cfg.resolved_lr, "weight_decay": run.cfg.resolved_weight_decay, "device": str(run.device),
-                "precision": run.precision, "world_size": run.dist.world_size, "threads": torch.get_num_threads(),
-                "train_images": len(run.train_set), "val_images": n_val, "data_files": run.data_files,
-                "in_memory": run.train_set.in_memory,
+                "lr": run.cfg.resolved_lr, "weight_decay": run.cfg.resolved_weight_decay, "augment": run.augment,
+                "device": str(run.device), "precision": run.precision, "world_size": run.dist.world_size,
+                "threads": torch.get_num_threads(), "train_images": len(run.train_set), "val_images": n_val,
+                "data_files": run.data_files, "in_memory": run.train_set.in_memory,
             })
         rundir.write_metrics(run.out, state.history)
     copies = run.cfg.num_rotations if run.cfg.copies == "all" else 1
@@ -542,9 +561,11 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
         global_step = epoch * run.steps_per_epoch + step
         lr = state.optimizer.param_groups[0]["lr"]  # the scheduler set it for this step
 
-        # on-device: crop+flip on uint8, normalise, then the rotated copies and their labels
+        # on-device: crop (and flip) on uint8, normalise, then the rotated copies and their labels
         gen = step_generator(device, cfg.seed, global_step, dist.rank)
-        x = data_lib.random_crop_flip(batch.images, run.padding, gen) if cfg.augment else batch.images
+        x = batch.images  # (B, 3, S, S) uint8
+        if run.augment != "none":
+            x = data_lib.random_crop_flip(x, run.padding, gen, flip=run.augment == "crop+flip")
         x = data_lib.normalize(x, run.mean, run.std)  # (B, 3, S, S) float32
         x, y = make_rotation_batch(x, cfg.rotations, cfg.copies, gen)  # (R*B or B, 3, S, S), labels
         if cfg.channels_last:

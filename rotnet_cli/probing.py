@@ -1,26 +1,43 @@
 """Frozen-feature probes: how useful is each stage of a backbone for a labelled task?
 
-``probe(config, progress)`` loads the weights (and the baselines of ``--compare``), runs
-every backbone over the labelled images ONCE, in eval mode without gradients, taking every
-requested stage from that single forward pass (timm's ``forward_intermediates``), and
-caches the features in memory (on the GPU when they fit). The heads then train on the
-cache with plain tensor indexing, so a 100-epoch probe costs little more than the one
-extraction pass. The heads of one kind for all (backbone, stage) rows train together in
-one loop: their losses add up and each head only receives the gradient of its own loss,
-so this is exactly separate training, with the Python overhead paid once per step.
+``probe(config, progress)`` loads the weights (and the baselines of ``--compare``) and trains
+heads on the frozen stage features, in one of two ways (``--features``, chosen by ``--recipe``):
+
+- cached (the quick recipe): every backbone runs over the labelled images ONCE, in eval mode
+  without gradients, taking every requested stage from that single forward pass (timm's
+  ``forward_intermediates``), and the features are cached in memory (on the GPU when they fit).
+  The heads then train on the cache with plain tensor indexing, so a 100-epoch probe costs
+  little more than the one extraction pass.
+- augmented (the paper recipe, as the official code trains its classifiers): every training
+  batch is randomly cropped and flipped on the device and the frozen backbones recompute its
+  features, so each epoch costs one forward pass over the training images (and one over the
+  validation images, which are evaluated every epoch). All heads of the probe train on the
+  same batches, so the forward pass is paid once for all of them.
+
+Either way ``stage_features`` computes the stage maps of one batch. The heads of one kind for
+all (backbone, stage) rows train together: their losses add up and each head only receives the
+gradient of its own loss, so this is exactly separate training, with the Python overhead paid
+once per step. Every trained head is evaluated after every epoch: the result keeps the last
+epoch's accuracy (the honest number) and the best epoch's (what the paper reports, chosen on
+the validation set itself).
 
 Heads (the paper's evaluation, Gidaris et al. 2018, section 3):
 - linear: BatchNorm1d without affine + Linear on globally average-pooled features;
 - mlp: two hidden layers of 200 units (BN + ReLU after each) on features pooled by ``--pool``;
-- knn: cosine k-nearest-neighbour vote, temperature-weighted, on average-pooled features;
+- knn: cosine k-nearest-neighbour vote, temperature-weighted, on average-pooled features
+  (always of un-augmented images: it has nothing to train);
 - conv: a NIN-block-like stack (3x3 conv 192, 1x1 conv 192, 1x1 conv 192, each BN + ReLU),
   global average pooling and a linear layer, on the spatial stage maps ("RotNet + conv").
 
-It never prints: progress goes to the ``progress`` callback as typed events (events.py).
+Results are kept in the run directory's probe.json, one per setting (``ProbeConfig.setting``):
+a probe with other settings adds its result, one with the same settings replaces it only with
+``--overwrite``. It never prints: progress goes through the ``progress(kind, info)`` callback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import os
 import time
@@ -35,7 +52,7 @@ from torch import nn
 from . import data as data_lib
 from . import rundir
 from ._version import __version__
-from .config import ProbeConfig
+from .config import TRAINED_HEADS, HeadRecipe, ProbeConfig
 from .errors import ConfigError, DataError, OutputError
 from .events import DeviceChosen, Message, Progress, TaskProgress, WarningMessage, ignore
 from .models import forward_stages, num_stages, resolve_stages
@@ -47,6 +64,7 @@ CONV_WIDTH = 192  # the paper's "RotNet + conv": a NIN block of 192 channels
 # Spatial maps beyond this many bytes (float32) are cached as bfloat16, halving their memory.
 SPATIAL_FP32_BYTES = 2 * 2**30
 KNN_CHUNK = 1024  # validation images compared with the whole training bank at once
+FUSED_OPTIMIZER_DEVICES = ("cuda", "cpu")  # where torch has fused SGD and AdamW kernels
 
 
 @dataclass
@@ -56,11 +74,13 @@ class ProbeRow:
     weights: str  # "run" (the probed weights), "random", or a --compare spec
     stage: int  # 1-based, as in --layers
     shape: tuple[int, int, int]  # (C, H, W) of the stage's output
-    accuracy: dict[str, float] = field(default_factory=dict)  # head -> top-1 in [0, 1]
+    accuracy: dict[str, float] = field(default_factory=dict)  # head -> top-1 in [0, 1] after the last epoch
+    best: dict[str, tuple[float, int]] = field(default_factory=dict)  # trained head -> (top-1, 1-based epoch)
 
     def to_dict(self) -> dict:
         accuracy = {head: round(acc, 4) for head, acc in self.accuracy.items()}
-        return {"weights": self.weights, "stage": self.stage, "shape": list(self.shape), **accuracy}
+        best = {head: {"accuracy": round(acc, 4), "epoch": epoch} for head, (acc, epoch) in self.best.items()}
+        return {"weights": self.weights, "stage": self.stage, "shape": list(self.shape), **accuracy, "best_epoch": best}
 
 
 @dataclass
@@ -73,7 +93,10 @@ class ProbeResult:
     precision: str
     heads: tuple[str, ...]
     pool: str
-    epochs: int
+    recipe: str
+    features: str  # 'cached' or 'augmented' (the trained heads' inputs)
+    epochs: dict[str, int]  # trained head -> epochs
+    reports_best: bool  # the recipe reports the best epoch next to the last
     num_classes: int
     train_images: int
     val_images: int
@@ -81,6 +104,7 @@ class ProbeResult:
     rows: list[ProbeRow]
     extract_seconds: float
     train_seconds: dict[str, float]
+    setting: dict = field(default_factory=dict)
     saved_to: Path | None = None
     save_error: str | None = None  # why probe.json could not be written (the results are complete)
     skipped_files: list[str] = field(default_factory=list)
@@ -94,12 +118,13 @@ class ProbeResult:
         best = self.best()
         return {
             "weights": self.weights, "model": self.model, "data": self.data, "img_size": self.img_size,
-            "heads": list(self.heads), "pool": self.pool, "epochs": self.epochs, "num_classes": self.num_classes,
+            "heads": list(self.heads), "pool": self.pool, "recipe": self.recipe, "features": self.features,
+            "epochs": self.epochs, "num_classes": self.num_classes,
             "train_images": self.train_images, "val_images": self.val_images, "labels_per_class": self.labels_per_class,
             "rows": [row.to_dict() for row in self.rows],
             "best": {"stage": best[0].stage, "head": best[1], "accuracy": round(best[0].accuracy[best[1]], 4)} if best else None,
             "device": self.device, "precision": self.precision, "extract_seconds": round(self.extract_seconds, 3),
-            "train_seconds": {k: round(v, 3) for k, v in self.train_seconds.items()},
+            "train_seconds": {k: round(v, 3) for k, v in self.train_seconds.items()}, "setting": self.setting,
             "rotnet_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 
@@ -111,7 +136,7 @@ def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
     """Probe every requested stage of ``cfg.weights`` with every head; see the module docstring."""
     emit = progress or ignore
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.resolved_precision(), device)
     configure_backends(device)
     seed_everything(cfg.seed)
     emit(DeviceChosen(describe_device(device), precision))
@@ -123,6 +148,9 @@ def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
             f"--img-size {cfg.img_size}: {cfg.weights} was trained at {main.img_size} px and is probed at that size; "
             "drop --img-size (it sets the size of timm:NAME and random:NAME weights)"
         )
+    save_to = Path(main.run_dir) if cfg.save and main.run_dir is not None else None
+    if save_to is not None:
+        check_saved_result(save_to, cfg)  # before the work: a clash is known now, not after an hour of training
     backbones = [("run", main)] + [
         (label, load_weights(f"random:{main.model_name}" if label == "random" else label, device, seed=cfg.seed, img_size=main.img_size))
         for label in cfg.compare
@@ -131,28 +159,37 @@ def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
 
     # -- data: labelled uint8 train and validation sets at the size the weights were trained at
     train_set, val_set, num_classes, skipped = labelled_splits(cfg, main.img_size, emit)
+    trained = [h for h in cfg.heads if h in TRAINED_HEADS]
+    augmented = trained if cfg.resolved_features == "augmented" else []
     emit(Message(
         f"{main.model_name} at {main.img_size} px: {len(train_set)} training / {len(val_set)} validation images, "
-        f"{num_classes} classes; stages {','.join(map(str, stages[0]))}; heads {','.join(cfg.heads)}"
+        f"{num_classes} classes; stages {','.join(map(str, stages[0]))}; heads {','.join(cfg.heads)}; "
+        f"recipe {cfg.recipe}" + (f" ({','.join(augmented)} on augmented images, features recomputed every batch)" if augmented else "")
     ))
 
-    # -- features: one forward pass per batch for all stages of all backbones
-    t0 = time.perf_counter()
+    # -- features: one forward pass per batch for all stages of all backbones, cached for the heads that read a cache
     shapes = stage_shapes(backbones, stages, main.img_size, device)  # (C, H, W) per row
-    plan = plan_cache(shapes, views_needed(cfg.heads, cfg.pool), len(train_set) + len(val_set), device)
-    total_batches = sum(data_lib.num_batches(len(s), cfg.batch_size, drop_last=False) for s in (train_set, val_set))
-    counter = _Counter(emit, "extract", "extracting features", total_batches)
-    train = extract_features(backbones, stages, train_set, shapes, plan, cfg, device, precision, counter)
-    val = extract_features(backbones, stages, val_set, shapes, plan, cfg, device, precision, counter)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    extract_seconds = time.perf_counter() - t0
-
-    # -- heads: every kind trains on the cache, all rows at once
     keys = [(label, stage) for (label, _), row_stages in zip(backbones, stages) for stage in row_stages]
     rows = [ProbeRow(label, stage, shape) for (label, stage), shape in zip(keys, shapes)]
+    on_cache = [h for h in cfg.heads if h not in augmented]  # knn always: it votes with un-augmented features
+    train = val = None
+    extract_seconds = 0.0
+    if on_cache:
+        t0 = time.perf_counter()
+        plan = plan_cache(shapes, views_needed(tuple(on_cache), cfg.pool), len(train_set) + len(val_set), device)
+        batch_size = cfg.resolved_batch_size
+        total_batches = sum(data_lib.num_batches(len(s), batch_size, drop_last=False) for s in (train_set, val_set))
+        counter = _Counter(emit, "extract", "extracting features", total_batches)
+        train = extract_features(backbones, stages, train_set, shapes, plan, cfg, device, precision, counter)
+        val = extract_features(backbones, stages, val_set, shapes, plan, cfg, device, precision, counter)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        extract_seconds = time.perf_counter() - t0
+
+    # -- heads: on the cache one kind at a time; on augmented images all kinds together
+    trainers = {h: HeadTrainer(h, shapes, num_classes, cfg.pool, cfg.head_recipe(h), cfg.seed, device) for h in trained}
     train_seconds: dict[str, float] = {}
-    for head in cfg.heads:
+    for head in on_cache:
         t_head = time.perf_counter()
         if head == "knn":
             accuracies = [
@@ -160,27 +197,69 @@ def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
                              cfg.knn_temperature, device)
                 for r in range(len(rows))
             ]
+            for row, acc in zip(rows, accuracies):
+                row.accuracy[head] = acc
             emit(TaskProgress("knn", "knn vote", 1, 1))
         else:
-            counter = _Counter(emit, f"train-{head}", f"training {head} heads", cfg.epochs)
-            accuracies = train_heads(head, train, val, num_classes, cfg, device, precision, counter)
-        for row, acc in zip(rows, accuracies):
-            row.accuracy[head] = acc
+            counter = _Counter(emit, f"train-{head}", f"training {head} heads", trainers[head].recipe.epochs)
+            with one_thread_for_small_steps(device, trainers[head].view):
+                train_heads(trainers[head], train, val, cfg.resolved_batch_size, cfg.seed, device, precision, counter,
+                            every_epoch=cfg.protocol.reports_best)
         train_seconds[head] = time.perf_counter() - t_head
+    if augmented:
+        t_heads = time.perf_counter()
+        skipped = (*skipped, *train_heads_on_augmented_images([trainers[h] for h in augmented], backbones, stages, train_set,
+                                                              val_set, cfg, main.img_size, device, precision, emit))
+        train_seconds["+".join(augmented)] = time.perf_counter() - t_heads
+    for head, trainer in trainers.items():
+        for row, last, (best, epoch) in zip(rows, trainer.last_accuracy(), trainer.best_accuracy()):
+            row.accuracy[head] = last
+            if cfg.protocol.reports_best or head in augmented:  # evaluated after every epoch
+                row.best[head] = (best, epoch)
+    for row in rows:  # every row's accuracies in the order of --head
+        row.accuracy = {head: row.accuracy[head] for head in cfg.heads}
 
     result = ProbeResult(
         weights=cfg.weights, model=main.model_name, data=cfg.data, img_size=main.img_size,
-        device=describe_device(device), precision=precision, heads=cfg.heads, pool=cfg.pool, epochs=cfg.epochs,
-        num_classes=num_classes, train_images=len(train.labels), val_images=len(val.labels),
-        labels_per_class=cfg.labels_per_class, rows=rows, extract_seconds=extract_seconds, train_seconds=train_seconds,
-        skipped_files=list(dict.fromkeys([*skipped, *train.skipped, *val.skipped])),
+        device=describe_device(device), precision=precision, heads=cfg.heads, pool=cfg.pool, recipe=cfg.recipe,
+        features=cfg.resolved_features, epochs={h: t.recipe.epochs for h, t in trainers.items()},
+        reports_best=cfg.protocol.reports_best, num_classes=num_classes, train_images=len(train_set),
+        val_images=len(val_set), labels_per_class=cfg.labels_per_class, rows=rows, extract_seconds=extract_seconds,
+        train_seconds=train_seconds, setting=cfg.setting(),
+        skipped_files=list(dict.fromkeys([*skipped, *(train.skipped if train else []), *(val.skipped if val else [])])),
     )
-    if cfg.save and main.run_dir is not None:
+    if save_to is not None:
         try:
-            result.saved_to = rundir.write_probe(main.run_dir, result.to_dict())
+            result.saved_to = save_result(save_to, result, cfg.overwrite)
         except OutputError as e:  # the figures are computed: they are returned (and shown) all the same
             result.save_error = str(e)
     return result
+
+
+# ----------------------------------------------------------------------------- probe.json
+
+
+def check_saved_result(run_dir: Path, cfg: ProbeConfig) -> None:
+    """Refuse, before any work, a probe whose setting probe.json already holds (unless --overwrite)."""
+    same = [r for r in rundir.read_probe(run_dir) if r.get("setting") == cfg.setting()]
+    if same and not cfg.overwrite:
+        raise OutputError(
+            f"{Path(run_dir) / rundir.PROBE} already holds a result with these settings (from "
+            f"{same[0].get('created', 'an earlier probe')}); pass --overwrite to replace it, or --no-save"
+        )
+
+
+def save_result(run_dir: Path, result: ProbeResult, overwrite: bool) -> Path:
+    """Add ``result`` to probe.json, replacing a result of the same setting only when ``overwrite``."""
+    new = result.to_dict()
+
+    def merged(results: list[dict]) -> list[dict]:  # read again under the lock: another probe may have saved since the check
+        if any(r.get("setting") == new["setting"] for r in results) and not overwrite:
+            raise OutputError(f"{Path(run_dir) / rundir.PROBE} already holds a result with these settings; "
+                              "pass --overwrite to replace it, or --no-save")
+        return [r for r in results if r.get("setting") != new["setting"]] + [new]
+
+    return rundir.update_probe(run_dir, merged)
 
 
 class _Counter:
@@ -280,7 +359,7 @@ class CachePlan:
 
 def plan_cache(shapes: list[tuple[int, int, int]], views: set[str], n_images: int, device: torch.device) -> CachePlan:
     """On the compute device when it fits in half its free memory, else in host memory; big spatial maps as bfloat16."""
-    pooled_bytes = 4 * n_images * len(shapes) * max(c for c, _, _ in shapes) * len(views - {"maps"})
+    pooled_bytes = 4 * n_images * sum(c for c, _, _ in shapes) * len(views - {"maps"})
     maps_bytes = 4 * n_images * sum(math.prod(s) for s in shapes) if "maps" in views else 0
     maps_dtype = torch.float32 if maps_bytes <= SPATIAL_FP32_BYTES else torch.bfloat16
     total = pooled_bytes + (maps_bytes if maps_dtype == torch.float32 else maps_bytes // 2)
@@ -304,9 +383,10 @@ def _host_memory() -> int:
 class FeatureCache:
     """Every row's (backbone x stage) features for one split, in memory.
 
-    ``pooled[view]`` (N, R, D) for view 'avg' / 'max': row r holds its C_r channels, zero-padded
-    to D = max C_r, so one index op gathers a mini-batch for all R rows at once. ``maps``: one
-    (N, C_r, H_r, W_r) tensor per row, only when a head needs the spatial features.
+    ``pooled[view]`` (N, C_1 + ... + C_R) for view 'avg' / 'max': the rows' channels side by side
+    (row r in the columns ``offsets[r]:offsets[r + 1]``), so one index op gathers a mini-batch for
+    all R rows at once. ``maps``: one (N, C_r, H_r, W_r) tensor per row, only when a head needs the
+    spatial features.
     """
 
     labels: torch.Tensor  # (N,) int64
@@ -317,18 +397,29 @@ class FeatureCache:
 
     @classmethod
     def allocate(cls, n: int, shapes: list[tuple[int, int, int]], plan: CachePlan) -> "FeatureCache":
-        width = max(c for c, _, _ in shapes)
-        pooled = {v: torch.zeros(n, len(shapes), width, device=plan.device) for v in plan.views - {"maps"}}
+        width = sum(c for c, _, _ in shapes)
+        pooled = {v: torch.empty(n, width, device=plan.device) for v in plan.views - {"maps"}}
         maps = [torch.empty(n, *s, dtype=plan.maps_dtype, device=plan.device) for s in shapes] if "maps" in plan.views else None
         return cls(torch.empty(n, dtype=torch.long, device=plan.device), shapes, pooled, maps)
 
+    @classmethod
+    def of_batch(cls, maps: list[torch.Tensor], labels: torch.Tensor, views: set[str]) -> "FeatureCache":
+        """The ``views`` of one batch's freshly computed stage maps, where they are (the maps are not copied)."""
+        shapes = [tuple(m.shape[1:]) for m in maps]
+        plan = CachePlan(frozenset(views - {"maps"}), labels.device, torch.float32)
+        batch = cls.allocate(len(labels), shapes, plan)
+        for r, fmap in enumerate(maps):
+            batch.store(slice(None), r, fmap)
+        batch.labels, batch.maps = labels, (list(maps) if "maps" in views else None)
+        return batch
+
     def store(self, rows: slice, r: int, fmap: torch.Tensor) -> None:
         """Keep the views of row ``r``'s stage output fmap (B, C, H, W) for the images ``rows``."""
-        channels = fmap.shape[1]
+        columns = slice(self.offsets[r], self.offsets[r + 1])
         if "avg" in self.pooled:
-            self.pooled["avg"][rows, r, :channels] = fmap.mean((2, 3))
+            self.pooled["avg"][rows, columns] = fmap.mean((2, 3))
         if "max" in self.pooled:
-            self.pooled["max"][rows, r, :channels] = fmap.amax((2, 3))
+            self.pooled["max"][rows, columns] = fmap.amax((2, 3))
         if self.maps is not None:
             self.maps[r][rows] = fmap
 
@@ -341,14 +432,37 @@ class FeatureCache:
 
     def row_avg(self, r: int) -> torch.Tensor:
         """(N, C_r): the average-pooled features of row ``r``."""
-        return self.pooled["avg"][:, r, : self.shapes[r][0]]
+        return self.pooled["avg"][:, self.offsets[r] : self.offsets[r + 1]]
 
-    def inputs(self, view: str, idx: torch.Tensor, device: torch.device) -> torch.Tensor | list[torch.Tensor]:
-        """A mini-batch as float32 on ``device``: (B, R, D) for a pooled view, a list of (B, C, H, W) for 'maps'."""
+    @property
+    def offsets(self) -> list[int]:
+        """Where each row's channels start in a pooled view (and, last, where they end)."""
+        return [0, *itertools.accumulate(c for c, _, _ in self.shapes)]
+
+    def inputs(self, view: str, idx: torch.Tensor | None, device: torch.device) -> torch.Tensor | list[torch.Tensor]:
+        """A mini-batch (every image when ``idx`` is None) as float32 on ``device``: (B, C_1 + ... + C_R)
+        for a pooled view, a list of (B, C_r, H_r, W_r) for 'maps'."""
+        if idx is None:
+            return [m.to(device).float() for m in self.maps] if view == "maps" else self.pooled[view].to(device)
         idx = idx.to(self.labels.device)
         if view == "maps":
             return [m[idx].to(device, non_blocking=True).float() for m in self.maps]
         return self.pooled[view][idx].to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def stage_features(
+    backbones: list[tuple[str, LoadedWeights]], stages: list[list[int]], images: torch.Tensor, device: torch.device,
+    precision: str,
+) -> list[torch.Tensor]:
+    """The stage maps of one batch of uint8 images (B, 3, S, S) for every row (backbone x stage):
+    a list of float32 (B, C_r, H_r, W_r), one forward pass per backbone, in eval mode without gradients."""
+    maps = []
+    for (_, weights), row_stages in zip(backbones, stages):
+        x = data_lib.normalize(images, weights.mean, weights.std)  # (B, 3, S, S) float32
+        with autocast(device, precision):
+            maps += [fmap.float() for fmap in forward_stages(weights.backbone, x, [s - 1 for s in row_stages])]
+    return maps
 
 
 @torch.no_grad()
@@ -361,18 +475,12 @@ def extract_features(
     cache = FeatureCache.allocate(len(images), shapes, plan)
     filled = 0
     order = torch.arange(len(images))
-    for batch in data_lib.iterate_batches(images, order, cfg.batch_size, device, drop_last=False, workers=cfg.workers):
+    for batch in data_lib.iterate_batches(images, order, cfg.resolved_batch_size, device, drop_last=False, workers=cfg.workers):
         cache.skipped += batch.skipped
         rows = slice(filled, filled + len(batch.images))
         cache.labels[rows] = batch.labels.to(plan.device)
-        r = 0
-        for (_, weights), row_stages in zip(backbones, stages):
-            x = data_lib.normalize(batch.images, weights.mean, weights.std)  # (B, 3, S, S) float32
-            with autocast(device, precision):
-                maps = forward_stages(weights.backbone, x, [s - 1 for s in row_stages])  # [(B, C, H, W)] per stage
-            for fmap in maps:
-                cache.store(rows, r, fmap.float())
-                r += 1
+        for r, fmap in enumerate(stage_features(backbones, stages, batch.images, device, precision)):
+            cache.store(rows, r, fmap)
         filled = rows.stop
         counter.step()
     return cache.truncate(filled) if filled < len(images) else cache
@@ -382,70 +490,50 @@ def extract_features(
 
 
 class StackedLinear(nn.Module):
-    """R independent linear layers applied at once: (B, R, D) -> (B, R, K).
+    """R independent linear layers applied at once: (B, D_1 + ... + D_R) -> (B, R, K).
 
-    Row r reads its first ``in_dims[r]`` inputs (the rest is the zero padding of narrower
-    stages). Rows of the same width share one batched matmul, so no work goes into the
-    padding: with resnet18's stages (64 ... 512 wide) that is 2.5x less than padding all.
-    Each row is initialised like its own ``nn.Linear(in_dims[r], K)``.
+    Row r reads its own ``in_dims[r]`` columns of the input (the rows' features side by side,
+    as the cache's pooled views hold them). One matmul per row: on a CPU about 3x faster than
+    batching rows of equal width with einsum over zero-padded inputs, whose permuted copies
+    cost more than the small matmuls themselves (resnet18's 5 stages x 2 backbones, 256 images,
+    10 classes, 1 thread: 13 vs 35 ms per step). Each row is initialised like its own
+    ``nn.Linear(in_dims[r], K)``.
     """
 
     def __init__(self, in_dims: list[int], out_dim: int, bias: bool = True):
         super().__init__()
-        # (width, rows of that width) per group; one (G, width, K) weight per group
-        self.groups = [(width, [r for r, d in enumerate(in_dims) if d == width]) for width in sorted(set(in_dims))]
+        self.in_dims = list(in_dims)
+        self.offsets = [0, *itertools.accumulate(in_dims)]
+        # row r's weight as (D_r, K): the transpose of its nn.Linear's, so the forward is x @ weight
         self.weights = nn.ParameterList(
-            nn.Parameter(torch.empty(len(rows), width, out_dim).uniform_(-1 / math.sqrt(width), 1 / math.sqrt(width)))
-            for width, rows in self.groups
+            nn.Parameter(torch.empty(d, out_dim).uniform_(-1 / math.sqrt(d), 1 / math.sqrt(d))) for d in in_dims
         )
         bounds = torch.tensor([1 / math.sqrt(d) for d in in_dims])[:, None]
         self.bias = nn.Parameter((torch.rand(len(in_dims), out_dim) * 2 - 1) * bounds) if bias else None  # (R, K)
-        grouped_rows = [r for _, rows in self.groups for r in rows]
-        # position of every row in the groups' concatenated output (None: already in row order)
-        self.register_buffer(
-            "row_position", None if grouped_rows == sorted(grouped_rows) else torch.tensor(grouped_rows).argsort(),
-            persistent=False,
-        )
-        # a group's rows as a slice when they are consecutive: a view, no gather (and no scatter in backward)
-        self.row_index = [slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows for _, rows in self.groups]
 
     def row(self, r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight (D_r, K), bias (K,)) of row r, as its own nn.Linear would hold them (transposed)."""
-        for (_, rows), weight in zip(self.groups, self.weights):
-            if r in rows:
-                return weight[rows.index(r)], None if self.bias is None else self.bias[r]
-        raise IndexError(r)
+        return self.weights[r], None if self.bias is None else self.bias[r]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [
-            torch.einsum("brd,rdk->brk", x[:, rows, :width], weight)  # (B, G, K)
-            for (width, _), rows, weight in zip(self.groups, self.row_index, self.weights)
-        ]
-        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        if self.row_position is not None:
-            y = y.index_select(1, self.row_position)  # back to row order: (B, R, K)
+        x = x.flatten(1)  # (B, R, H) from a previous StackedLinear: its rows side by side
+        y = torch.stack([x[:, a:b] @ w for a, b, w in zip(self.offsets, self.offsets[1:], self.weights)], dim=1)  # (B, R, K)
         return y + self.bias if self.bias is not None else y
 
 
-class StackedBatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d over (B, R, D): separate statistics for every (row, feature)."""
-
-    def __init__(self, rows: int, dim: int, affine: bool = True):
-        super().__init__(rows * dim, affine=affine)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.reshape(len(x), -1)).view(x.shape)
-
-
 def pooled_heads(kind: str, dims: list[int], num_classes: int) -> nn.Module:
-    """linear or mlp heads for all R rows of pooled features: (B, R, D) -> (B, R, K)."""
+    """linear or mlp heads for all R rows of pooled features: (B, D_1 + ... + D_R) -> (B, R, K).
+
+    A BatchNorm1d over the rows' features side by side keeps separate statistics for every
+    (row, feature), so each row's head is normalised as if it were alone.
+    """
     rows = len(dims)
     if kind == "linear":
-        return nn.Sequential(StackedBatchNorm(rows, max(dims), affine=False), StackedLinear(dims, num_classes))
+        return nn.Sequential(nn.BatchNorm1d(sum(dims), affine=False), StackedLinear(dims, num_classes))
     hidden = [MLP_HIDDEN] * rows
     return nn.Sequential(
-        StackedLinear(dims, MLP_HIDDEN, bias=False), StackedBatchNorm(rows, MLP_HIDDEN), nn.ReLU(inplace=True),
-        StackedLinear(hidden, MLP_HIDDEN, bias=False), StackedBatchNorm(rows, MLP_HIDDEN), nn.ReLU(inplace=True),
+        StackedLinear(dims, MLP_HIDDEN, bias=False), nn.Flatten(), nn.BatchNorm1d(rows * MLP_HIDDEN), nn.ReLU(inplace=True),
+        StackedLinear(hidden, MLP_HIDDEN, bias=False), nn.Flatten(), nn.BatchNorm1d(rows * MLP_HIDDEN), nn.ReLU(inplace=True),
         StackedLinear(hidden, num_classes),
     )
 
@@ -481,57 +569,219 @@ def spatial_head(kind: str, shape: tuple[int, int, int], num_classes: int) -> nn
     )
 
 
-def train_heads(
-    kind: str, train: FeatureCache, val: FeatureCache, num_classes: int, cfg: ProbeConfig, device: torch.device,
-    precision: str, counter: _Counter,
-) -> list[float]:
-    """Train one ``kind`` head per row on the cached features; their top-1 validation accuracies.
+def official_head_init(module: nn.Module) -> None:
+    """The official classifiers' init (NonLinearClassifier.py l. 86-100; LinearClassifier.py l. 36-43):
+    He-normal convs (fan_out = k*k*out_channels), BatchNorm as identity, linear weights N(0, sqrt(2 / out_features))
+    and zero biases. Applied with ``heads.apply``; StackedLinear rows are initialised like their own Linear."""
+    if isinstance(module, nn.Conv2d):
+        fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+        nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.Linear, StackedLinear)):
+        weights = [module.weight] if isinstance(module, nn.Linear) else list(module.weights)
+        out_features = weights[0].shape[0] if isinstance(module, nn.Linear) else weights[0].shape[-1]
+        for weight in weights:
+            nn.init.normal_(weight, 0.0, math.sqrt(2.0 / out_features))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
-    All rows see the same mini-batches and their losses are summed; no parameter is shared,
-    so each head gets exactly the gradient it would get alone. AdamW, cosine decay per step.
+
+def make_head_optimizer(params, recipe: HeadRecipe, device: torch.device) -> torch.optim.Optimizer:
+    """The recipe's optimiser, with torch's fused kernel where the device has one.
+
+    'sgd' is the official code's torch.optim.SGD (Algorithm.py l. 124-128): Nesterov momentum 0.9 and
+    coupled L2 weight decay on every parameter. 'adamw' decays decoupled, also on every parameter.
     """
-    view = head_view(kind, cfg.pool)
-    torch.manual_seed(cfg.seed)  # the same initial heads every time
-    if view == "maps":
-        heads = SpatialHeads(kind, train.shapes, num_classes)
-    else:
-        heads = pooled_heads(kind, [c for c, _, _ in train.shapes], num_classes)
-    heads.to(device)
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.head_lr(kind), weight_decay=cfg.weight_decay)
-    n, rows = len(train.labels), len(train.shapes)
-    batch_size = min(cfg.batch_size, n)
+    fused = {"fused": True} if device.type in FUSED_OPTIMIZER_DEVICES else {}
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay, **fused)
+    return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, **fused)
+
+
+def head_lr(recipe: HeadRecipe, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """Learning rate at (epoch, step): 'step' changes it per epoch, as the official LUT_lr (Algorithm.py
+    l. 296: lr x gamma for every milestone reached); 'cosine' decays it per step to 0."""
+    if recipe.schedule == "step":
+        return recipe.lr * recipe.gamma ** sum(epoch >= m for m in recipe.milestones)
+    progress = (epoch * steps_per_epoch + step) / max(1, recipe.epochs * steps_per_epoch)
+    return recipe.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class HeadTrainer:
+    """One kind of head for every row (backbone x stage): the modules, their optimiser and schedule,
+    and the validation accuracy per row of the last and the best epoch (kept on the device)."""
+
+    def __init__(self, kind: str, shapes: list[tuple[int, int, int]], num_classes: int, pool: str, recipe: HeadRecipe,
+                 seed: int, device: torch.device):
+        self.kind, self.recipe, self.view, self.num_classes = kind, recipe, head_view(kind, pool), num_classes
+        torch.manual_seed(seed)  # the same initial heads every time
+        if self.view == "maps":
+            self.heads = SpatialHeads(kind, shapes, num_classes)
+        else:
+            self.heads = pooled_heads(kind, [c for c, _, _ in shapes], num_classes)
+        if recipe.init == "official":
+            self.heads.apply(official_head_init)
+        self.heads.to(device)
+        self.optimizer = make_head_optimizer(self.heads.parameters(), recipe, device)
+        self.last = torch.zeros(len(shapes), device=device)  # (R,) top-1 after the last evaluated epoch
+        self.best = torch.full((len(shapes),), -1.0, device=device)  # (R,) best top-1 so far
+        self.best_epoch = torch.zeros(len(shapes), dtype=torch.long, device=device)  # (R,) 1-based
+
+    def train_step(self, inputs, labels: torch.Tensor, epoch: int, step: int, steps_per_epoch: int,
+                   device: torch.device, precision: str) -> None:
+        """One optimiser step on a mini-batch: inputs (B, R, D) or [(B, C, H, W)] per row, labels (B,)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = head_lr(self.recipe, epoch, step, steps_per_epoch)
+        with autocast(device, precision):
+            logits = self.heads(inputs)  # (B, R, K)
+        rows = logits.shape[1]
+        # the sum over rows of each row's mean cross-entropy
+        loss = F.cross_entropy(logits.float().reshape(-1, self.num_classes), labels.repeat_interleave(rows)) * rows
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    @torch.no_grad()
+    def count_correct(self, inputs, labels: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+        """(R,) right answers of every row's head on a validation batch (BatchNorm on its running statistics)."""
+        with autocast(device, precision):
+            logits = self.heads(inputs)  # (B, R, K)
+        return (logits.argmax(2) == labels[:, None]).sum(0)
+
+    def record(self, epoch: int, correct: torch.Tensor, total: int) -> None:
+        """Keep an evaluated epoch's accuracy (no host read: the comparison stays on the device)."""
+        self.last = correct.float() / max(1, total)
+        better = self.last > self.best
+        self.best = torch.where(better, self.last, self.best)
+        self.best_epoch = torch.where(better, torch.full_like(self.best_epoch, epoch + 1), self.best_epoch)
+
+    def last_accuracy(self) -> list[float]:
+        return self.last.tolist()
+
+    def best_accuracy(self) -> list[tuple[float, int]]:
+        return list(zip(self.best.tolist(), self.best_epoch.tolist()))
+
+
+@contextlib.contextmanager
+def one_thread_for_small_steps(device: torch.device, view: str):
+    """Train heads on pooled features with one CPU thread.
+
+    Their steps are a few small matmuls: split over threads, every op waits for the slowest
+    thread, and on a loaded machine a thread that lost its core stalls them all. The README's
+    first probe (resnet18 at 32 px, 10 stages, 100 epochs of linear heads) on 2 cores under
+    load: 87-130 s with 2 threads, 6 s with one. Spatial heads (conv, flattened mlp) do enough
+    work per op to gain from threads and keep them.
+    """
+    if device.type != "cpu" or view == "maps":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_heads(
+    trainer: HeadTrainer, train: FeatureCache, val: FeatureCache, batch_size: int, seed: int, device: torch.device,
+    precision: str, counter: _Counter, every_epoch: bool = False,
+) -> None:
+    """Train one kind of head for every row on the cached features; evaluate after the last epoch, or
+    after every epoch when the best one is wanted (about a tenth more time for a linear head)."""
+    n = len(train.labels)
+    batch_size = min(batch_size, n)
     steps_per_epoch = n // batch_size  # full batches only: BatchNorm needs more than one sample
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
-    order = torch.Generator(device=train.labels.device).manual_seed(cfg.seed)
-    heads.train()
-    for _ in range(cfg.epochs):
+    order = torch.Generator(device=train.labels.device).manual_seed(seed)
+    for epoch in range(trainer.recipe.epochs):
+        trainer.heads.train()
         perm = torch.randperm(n, generator=order, device=train.labels.device)
         for step in range(steps_per_epoch):
             idx = perm[step * batch_size : (step + 1) * batch_size]
-            y = train.labels[idx].to(device, non_blocking=True)
-            with autocast(device, precision):
-                logits = heads(train.inputs(view, idx, device))  # (B, R, K)
-            # the sum over rows of each row's mean cross-entropy
-            loss = F.cross_entropy(logits.float().reshape(-1, num_classes), y.repeat_interleave(rows)) * rows
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            labels = train.labels[idx].to(device, non_blocking=True)
+            trainer.train_step(train.inputs(trainer.view, idx, device), labels, epoch, step, steps_per_epoch, device, precision)
+        if every_epoch or epoch == trainer.recipe.epochs - 1:
+            trainer.record(epoch, evaluate_on_cache(trainer, val, max(batch_size, 1024), device, precision), len(val.labels))
         counter.step()
-    return evaluate_heads(heads, view, val, max(cfg.batch_size, 1024), device, precision)
 
 
 @torch.no_grad()
-def evaluate_heads(heads: nn.Module, view: str, val: FeatureCache, batch_size: int, device: torch.device, precision: str) -> list[float]:
-    """Top-1 accuracy of every row's head on ``val`` (heads in eval mode: BatchNorm uses its running statistics)."""
-    heads.eval()
-    correct = torch.zeros(len(val.shapes), device=device)
+def evaluate_on_cache(trainer: HeadTrainer, val: FeatureCache, batch_size: int, device: torch.device, precision: str) -> torch.Tensor:
+    """(R,) right answers of every row's head on the cached validation features."""
+    trainer.heads.eval()
+    correct = torch.zeros(len(val.shapes), dtype=torch.long, device=device)
     for start in range(0, len(val.labels), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(val.labels)))
-        with autocast(device, precision):
-            logits = heads(val.inputs(view, idx, device))  # (B, R, K)
-        correct += (logits.argmax(2) == val.labels[idx.to(val.labels.device)].to(device)[:, None]).sum(0)
-    return (correct / max(1, len(val.labels))).tolist()
+        labels = val.labels[idx.to(val.labels.device)].to(device)
+        correct += trainer.count_correct(val.inputs(trainer.view, idx, device), labels, device, precision)
+    return correct
+
+
+def train_heads_on_augmented_images(
+    trainers: list[HeadTrainer], backbones: list[tuple[str, LoadedWeights]], stages: list[list[int]],
+    train_set: data_lib.ImageSet, val_set: data_lib.ImageSet, cfg: ProbeConfig, img_size: int, device: torch.device,
+    precision: str, emit: Progress,
+) -> list[str]:
+    """Train every head on features recomputed for each batch of randomly cropped and flipped images;
+    returns the files that could not be read while streaming (none for images in memory).
+
+    The official classifiers' protocol: RandomCrop(32, padding=4) + horizontal flip (dataloader.py l. 152-153),
+    frozen backbones in eval mode (Algorithm.py l. 253), every partial last batch kept (tnt's loader does not drop
+    it), evaluation on the un-augmented validation images after every epoch (Algorithm.py l. 240-243). The crop
+    and flip run on the device, batched (data.random_crop_flip, as in pretraining). Heads with fewer epochs stop
+    earlier; every epoch costs one forward pass of the backbones over the training and the validation images.
+    """
+    n = len(train_set)
+    batch_size = min(cfg.resolved_batch_size, n)
+    steps_per_epoch = data_lib.num_batches(n, batch_size, drop_last=False)
+    padding = max(1, img_size // 8)  # 4 px at 32 px
+    views = {trainer.view for trainer in trainers}
+    epochs = max(trainer.recipe.epochs for trainer in trainers)
+    names = "+".join(trainer.kind for trainer in trainers)
+    counter = _Counter(emit, "train-augmented", f"training {names} heads on augmented images", epochs)
+    skipped: list[str] = []
+    for epoch in range(epochs):
+        active = [trainer for trainer in trainers if epoch < trainer.recipe.epochs]
+        for trainer in active:
+            trainer.heads.train()
+        order = data_lib.epoch_order(n, cfg.seed, epoch)
+        batches = data_lib.iterate_batches(train_set, order, batch_size, device, drop_last=False, workers=cfg.workers)
+        for step, batch in enumerate(batches):
+            skipped += [path for path in batch.skipped if path not in skipped]
+            if len(batch.images) < 2:  # a last batch of one image: BatchNorm cannot train on it
+                continue
+            # the crop and flip of a step are a function of (seed, epoch, step), like pretraining's
+            generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch * steps_per_epoch + step)
+            images = data_lib.random_crop_flip(batch.images, padding, generator)  # (B, 3, S, S) uint8
+            features = FeatureCache.of_batch(stage_features(backbones, stages, images, device, precision), batch.labels, views)
+            for trainer in active:
+                trainer.train_step(features.inputs(trainer.view, None, device), batch.labels, epoch, step, steps_per_epoch,
+                                   device, precision)
+        evaluate_on_images(active, backbones, stages, val_set, views, epoch, cfg, device, precision)
+        counter.step()
+    return skipped
+
+
+@torch.no_grad()
+def evaluate_on_images(
+    trainers: list[HeadTrainer], backbones, stages: list[list[int]], images: data_lib.ImageSet, views: set[str],
+    epoch: int, cfg: ProbeConfig, device: torch.device, precision: str,
+) -> None:
+    """Evaluate every trainer's heads on the features of the un-augmented ``images`` and record the epoch."""
+    for trainer in trainers:
+        trainer.heads.eval()
+    correct = [torch.zeros(len(trainer.last), dtype=torch.long, device=device) for trainer in trainers]
+    seen = 0
+    order = torch.arange(len(images))
+    for batch in data_lib.iterate_batches(images, order, cfg.resolved_batch_size, device, drop_last=False, workers=cfg.workers):
+        features = FeatureCache.of_batch(stage_features(backbones, stages, batch.images, device, precision), batch.labels, views)
+        for trainer, right in zip(trainers, correct):
+            right += trainer.count_correct(features.inputs(trainer.view, None, device), batch.labels, device, precision)
+        seen += len(batch.labels)
+    for trainer, right in zip(trainers, correct):
+        trainer.record(epoch, right, seen)
 
 
 @torch.no_grad()
@@ -553,4 +803,7 @@ def knn_accuracy(
     return correct.item() / max(1, len(val_x))
 
 
-__all__ = ["probe", "ProbeResult", "ProbeRow", "keep_per_class", "knn_accuracy"]
+__all__ = [
+    "probe", "ProbeResult", "ProbeRow", "keep_per_class", "knn_accuracy", "stage_features", "extract_features",
+    "train_heads", "train_heads_on_augmented_images", "HeadTrainer",
+]

@@ -10,7 +10,7 @@ marker, and the output-folder policy that every command shares::
       metrics.jsonl                 METRICS: one JSON object per finished epoch
       checkpoint.pt                 CHECKPOINT: the full training state (weights_only loadable)
       model.safetensors             WEIGHTS: backbone.* and head.*; marker "run"
-      probe.json                    PROBE: what rotnet probe measured
+      probe.json                    PROBE: what rotnet probe measured, one result per setting
     EXPORT/                         rotnet export (timm's local-dir / hub layout)
       model.safetensors             the backbone alone, timm's keys; marker "export"
       config.json                   timm's save_config_for_hf
@@ -37,7 +37,7 @@ import tempfile
 import zipfile
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ._version import __version__
 from .checkpoint import (
@@ -61,6 +61,7 @@ EXPORT_DIR = "export"  # the default place of a run's export (rotnet export RUN 
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, WEIGHTS, PROBE)
 RUN_ENTRIES = (*RUN_FILES, EXPORT_DIR)  # what --overwrite replaces; anything else in the folder is the user's
 EXPORT_FILES = (EXPORT_WEIGHTS, EXPORT_CONFIG, MODEL_CARD, EXPORT_HEAD)
+PROBE_FORMAT = "rotnet-probe-results"  # probe.json: {"format": PROBE_FORMAT, "results": [one per setting]}
 # an overwritten run's files while the new run has no checkpoint; the folder's name says how far the move got
 REPLACING, REPLACED, RESTORING = ".rotnet-replacing", ".rotnet-replaced", ".rotnet-restoring"
 LOCK = ".rotnet-lock"  # the OS lock of a run directory (the file names the holder)
@@ -208,6 +209,7 @@ def read_weights_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
     meta["mean"] = fields.channel_stats("mean", positive=False)
     meta["std"] = fields.channel_stats("std", positive=True)
     fields.integer("num_features", 1, required=False)
+    fields.integer("head_hidden_size", 1, required=False)
     fields.integer("epochs", 0, required=False)
     fields.number("val_rot_acc", 0.0, 1.0, required=False)
     for key in ("data", "source", "dtype"):
@@ -327,15 +329,23 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def read_probe(run_dir: Path) -> dict[str, Any] | None:
-    """probe.json of a run (None when the run was never probed); a DataError when unreadable."""
+def read_probe(run_dir: Path) -> list[dict[str, Any]]:
+    """The results probe.json keeps, one per setting ([] when the run was never probed); a DataError
+    when the file is not one rotnet wrote. The form written before results were kept per setting
+    (one result at the top level) reads as a list of one."""
     path = Path(run_dir) / PROBE
     if not path.is_file():
-        return None
+        return []
     record = _read_json(path, DataError)
-    if not isinstance(record, dict):
-        raise DataError(f"{path} holds no probe results")
-    return record
+    if isinstance(record, dict) and record.get("format") == PROBE_FORMAT and isinstance(record.get("results"), list):
+        results = record["results"]
+    elif isinstance(record, dict) and isinstance(record.get("rows"), list):
+        results = [record]
+    else:
+        raise DataError(f"{path} does not hold rotnet probe results; move it away, or probe with --no-save")
+    if not all(isinstance(result, dict) for result in results):
+        raise DataError(f"{path} holds a result that is not an object; move it away, or probe with --no-save")
+    return results
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -409,12 +419,14 @@ def write_checkpoint(out: Path, state: dict[str, Any]) -> Path:
     return save_checkpoint(out / CHECKPOINT, state)
 
 
-def write_probe(run_dir: Path, record: dict[str, Any]) -> Path:
-    """probe.json, written while holding the run directory's lock (a run being written is refused)."""
+def update_probe(run_dir: Path, update: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> Path:
+    """probe.json with the results ``update`` makes of the saved ones (one per setting; rotnet probe
+    decides which replaces which), read and written while holding the run directory's lock (a run
+    being written, or another probe saving, is refused)."""
     run_dir = Path(run_dir)
     with FolderLock(run_dir / LOCK, run_dir, "wait until it ends, or pass --no-save",
                     "make it writable (chmod u+w), or pass --no-save"):
-        return write_json(run_dir / PROBE, record)
+        return write_json(run_dir / PROBE, {"format": PROBE_FORMAT, "results": update(read_probe(run_dir))})
 
 
 def remove_temp_files(out: Path) -> None:
@@ -460,6 +472,8 @@ def written_by_rotnet(path: Path) -> bool:
             return isinstance(record, dict) and isinstance(record.get("config"), dict) and "rotnet" in (record.get("versions") or {})
         if name == PROBE:
             record = json.loads(path.read_bytes().decode("utf-8"))
+            if isinstance(record, dict) and record.get("format") == PROBE_FORMAT:
+                return isinstance(record.get("results"), list)
             return isinstance(record, dict) and "rotnet_version" in record and isinstance(record.get("rows"), list)
         if name == MODEL_CARD:
             return _marker(path.parent / EXPORT_WEIGHTS) == EXPORT_FORMAT
@@ -905,7 +919,7 @@ __all__ = [
     "CONFIG", "METRICS", "CHECKPOINT", "WEIGHTS", "PROBE", "EXPORT_CONFIG", "EXPORT_WEIGHTS", "EXPORT_HEAD",
     "MODEL_CARD", "RUN_FORMAT", "EXPORT_FORMAT", "HEAD_FORMAT", "save_weights", "read_weights_metadata",
     "read_config", "read_run_config", "read_export_config", "read_metrics", "read_probe", "read_checkpoint",
-    "run_dir_of", "weights_format", "write_config", "write_metrics", "write_checkpoint", "write_probe",
+    "run_dir_of", "weights_format", "write_config", "write_metrics", "write_checkpoint", "update_probe",
     "check_out_dir", "check_out_file", "written_by_rotnet", "FolderLock", "RunDirWriter", "export_lock",
     "staging_dir", "install_staged", "recover_staged", "default_run_dir", "claim_default_run_dir", "FileFields",
     "plain_text", "suggested_command",

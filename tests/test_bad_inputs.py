@@ -79,6 +79,12 @@ MATRIX = [
     ("probe {run} --head svm --device cpu", 1, "--head"),
     ("probe random:not_a_model_xyz", 1, "unknown timm model"),
     ("probe {run} --device cuda:7", 1, "available"),
+    ("probe {run} --recipe fancy --device cpu", 1, "--recipe must be one of quick, paper"),
+    ("probe {run} --features sometimes --device cpu", 1, "--features must be one of cached, augmented"),
+    ("probe {run} --recipe paper --epochs 0 --device cpu", 1, "--epochs must be > 0"),
+    # -- reproduce
+    ("reproduce paper-cifar10 --schedule fast --out {new}", 1, "--schedule must be one of paper, official"),
+    ("reproduce paper-imagenet --out {new}", 1, "recipe must be one of paper-cifar10"),
     # -- predict
     ("predict {run} {missing}", 1, "does not exist"),
     ("predict {missing} {img}", 1, "does not exist"),

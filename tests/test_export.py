@@ -109,20 +109,23 @@ def test_model_card_and_snippet(runs, tmp_path):
     assert f'timm.create_model("local-dir:{out.name}", pretrained=True)' in card
 
 
-def test_card_renders_probe_results_and_survives_an_unreadable_probe_file(runs, tmp_path):
+def test_card_renders_every_probe_setting_and_survives_an_unreadable_probe_file(runs, tmp_path):
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(runs["test_resnet"], run)
-    probed = CliRunner().invoke(app, ["probe", str(run), "--epochs", "2", "--head", "linear,knn", "--layers", "1,-1", "--device", "cpu"])
-    assert probed.exit_code == 0, probed.output
-    probe = json.loads((run / "probe.json").read_text())
+    for args in (["--head", "linear,knn", "--layers", "1,-1"], ["--head", "knn", "--layers", "-1", "--labels-per-class", "10"]):
+        probed = CliRunner().invoke(app, ["probe", str(run), "--epochs", "2", "--device", "cpu", *args])
+        assert probed.exit_code == 0, probed.output
+    first, second = json.loads((run / "probe.json").read_text())["results"]  # the second probe kept the first
     assert rotnet("export", run, "--out", tmp_path / "a").exit_code == 0
     card = (tmp_path / "a" / "README.md").read_text()
     assert "## Probe results" in card and "| weights | stage | C x H x W | linear | knn |" in card
-    for row in probe["rows"]:  # every stage with every head's accuracy, in percent
+    for row in first["rows"]:  # every stage with every head's accuracy, in percent
         assert f"| run | {row['stage']} | " in card and f"{100 * row['linear']:.2f}%" in card and f"{100 * row['knn']:.2f}%" in card
-    assert f"Best: stage {probe['best']['stage']} with the {probe['best']['head']} head" in card
+    assert f"Best: stage {first['best']['stage']} with the {first['best']['head']} head" in card
+    assert "| weights | stage | C x H x W | knn |" in card and "10 labelled images per class" in card
+    assert f"{100 * second['rows'][0]['knn']:.2f}%" in card
 
     (run / "probe.json").write_text("{ not json")
     assert rotnet("export", run, "--out", tmp_path / "b").exit_code == 0

@@ -155,9 +155,24 @@ def test_pretrained_weights_do_not_exist():
         timm.create_model('rotnet_nin4', pretrained=True)
 
 
-def test_init_follows_official_code():
+def test_default_init_is_what_the_official_code_runs():
+    # the official NetworkInNetwork.weight_initialization is never called: layers keep PyTorch 0.2's defaults,
+    # convs U(-1/sqrt(fan_in), 1/sqrt(fan_in)) and BatchNorm weights U(0, 1) (today's default would be 1)
     torch.manual_seed(0)
     model = timm.create_model('rotnet_nin4')
+    first_conv = model.get_submodule(model.pretrained_cfg['first_conv'])
+    bound = 1 / math.sqrt(3 * 5 * 5)
+    assert first_conv.weight.abs().max().item() <= bound
+    assert first_conv.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)  # std of U(-b, b)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            assert 0 <= module.weight.min() and module.weight.max() <= 1 and module.weight.std() > 0.2
+            assert torch.all(module.bias == 0)
+
+
+def test_he_init_is_the_official_files_unused_weight_initialization():
+    torch.manual_seed(0)
+    model = timm.create_model('rotnet_nin4', weight_init='he')
     first_conv = model.get_submodule(model.pretrained_cfg['first_conv'])
     expected_std = math.sqrt(2.0 / (5 * 5 * 192))  # N(0, sqrt(2 / (k*k*out)))
     assert first_conv.weight.std().item() == pytest.approx(expected_std, rel=0.05)
@@ -165,6 +180,8 @@ def test_init_follows_official_code():
         if isinstance(module, nn.BatchNorm2d):
             assert torch.all(module.weight == 1) and torch.all(module.bias == 0)
     assert torch.all(model.get_classifier().bias == 0)
+    with pytest.raises(ValueError, match='weight_init'):
+        timm.create_model('rotnet_nin4', weight_init='xavier')
 
 
 def test_safetensors_checkpoint_round_trip(tmp_path, images):

@@ -150,7 +150,9 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
                      "--jpeg-count", "40", "--workers", "0", "--official-workers", "1", "--device", "cpu"],
      ["digits_vs_bare", "memory_vs_bare", "jpeg_cache_none_vs_bare", "jpeg_cache_auto_vs_bare",
       "rotnet_vs_official_memory", "rotnet_vs_official_jpeg"]),
-    ("probe.py", ["--weights", "RUN", "--epochs", "2", "--device", "cpu"], ["ratio_linear", "ratio_default_heads"]),
+    ("probe.py", ["--weights", "RUN", "--epochs", "2", "--augmented-epochs", "1", "--readme-weights", "random:test_resnet",
+                  "--device", "cpu"],
+     ["ratio_linear", "ratio_default_heads", "ratio_linear_mlp_knn", "ratio_readme_example", "ratio_augmented_per_epoch"]),
     ("memory.py", ["--model", "test_resnet", "--steps", "2", "--batch-size", "8", "--device", "cpu"], ["rotnet_vs_bare"]),
     ("startup.py", ["--runs", "1"], ["help_vs_import_timm"]),
 ], ids=["pipeline", "probe", "memory", "startup"])

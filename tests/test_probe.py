@@ -44,20 +44,26 @@ def invoke(*args: str):
     return CliRunner().invoke(app, ["probe", *args])
 
 
+def saved_results(run_dir: Path) -> list[dict]:
+    saved = json.loads((run_dir / "probe.json").read_text())
+    assert saved["format"] == "rotnet-probe-results"
+    return saved["results"]
+
+
 def test_every_stage_with_every_default_head(run_dir):
     result = invoke(str(run_dir), "--json", *FAST)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     stages = num_stages(load_weights(run_dir).backbone)
     assert [row["stage"] for row in report["rows"]] == list(range(1, stages + 1))
-    assert report["heads"] == ["linear", "mlp", "knn"]
+    assert report["heads"] == ["linear", "knn"]  # the quick look; mlp and conv on request
     for row in report["rows"]:
         assert row["weights"] == "run" and len(row["shape"]) == 3
-        for head in ("linear", "mlp", "knn"):
+        for head in ("linear", "knn"):
             assert 0 <= row[head] <= 1
     assert report["train_images"] + report["val_images"] == 1797  # digits, stratified 80/20 split
     # a run directory keeps the same result in probe.json
-    saved = json.loads((run_dir / "probe.json").read_text())
+    saved = next(r for r in saved_results(run_dir) if r["setting"] == report["setting"])
     assert saved["rows"] == report["rows"] and saved["weights"] == str(run_dir)
 
 
@@ -65,7 +71,7 @@ def test_table_compares_with_random_weights(run_dir):
     result = invoke(str(run_dir), "--compare", "random", "--layers", "2,-1", "--head", "knn", *FAST)
     assert result.exit_code == 0, result.output
     assert "random" in result.stdout and "best: stage" in result.stdout
-    saved = json.loads((run_dir / "probe.json").read_text())
+    saved = next(r for r in saved_results(run_dir) if r["setting"]["compare"] == ["random"])
     last = num_stages(load_weights(run_dir).backbone)
     assert [(r["weights"], r["stage"]) for r in saved["rows"]] == [("run", 2), ("run", last), ("random", 2), ("random", last)]
 
@@ -92,8 +98,9 @@ def test_labels_per_class_trains_on_exactly_k_per_class(run_dir):
 
 
 def test_every_head_beats_chance_on_a_separable_set(run_dir, toy_folder):
+    # -b 16: three steps per epoch; with one (-b 32) 30 steps leave the conv head on a 1x1 map at chance
     result = invoke(str(run_dir), "--data", str(toy_folder), "--val-split", "0.25", "--layers", "3,-1",
-                    "--head", "linear,mlp,knn,conv", "--pool", "flatten", "--epochs", "30", "-b", "32",
+                    "--head", "linear,mlp,knn,conv", "--pool", "flatten", "--epochs", "30", "-b", "16",
                     "--device", "cpu", "--workers", "0", "--json", "--no-save")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -143,16 +150,123 @@ def test_unlabelled_flat_folder_is_a_one_line_error(run_dir, tmp_path):
 
 
 def test_stacked_linear_rows_are_independent_linears():
-    # three rows, two widths: each row is its own Linear on its own first in_dims features
+    # three rows of 3, 5 and 3 features side by side: each row is its own Linear on its own columns
     dims = [3, 5, 3]
     layer = probe_lib.StackedLinear(dims, 4)
-    x = torch.randn(16, 3, 5)
-    x[:, [0, 2], 3:] = 0  # rows 0 and 2 have 3 features, zero-padded to 5
+    x = torch.randn(16, sum(dims))
     y = layer(x)
-    for r, dim in enumerate(dims):
+    columns = [slice(0, 3), slice(3, 8), slice(8, 11)]
+    for r, (dim, cols) in enumerate(zip(dims, columns)):
         weight, bias = layer.row(r)
         assert weight.shape == (dim, 4)
-        assert torch.allclose(y[:, r], x[:, r, :dim] @ weight + bias, atol=1e-5)
+        assert torch.allclose(y[:, r], x[:, cols] @ weight + bias, atol=1e-5)
     other = x.clone()
-    other[:, 1] += 1  # changing row 1's input changes no other row
+    other[:, columns[1]] += 1  # changing row 1's input changes no other row
     assert torch.equal(layer(other)[:, [0, 2]], y[:, [0, 2]])
+
+
+# ----------------------------------------------------------------------------- probe.json keeps every setting
+
+
+@pytest.fixture
+def own_run(run_dir, tmp_path) -> Path:
+    """A copy of the module's run without probe results, for tests that count them."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("probe.json"))
+    return run
+
+
+QUICK = ["--head", "knn", "--device", "cpu", "--workers", "0", "--labels-per-class", "5"]
+
+
+def test_probe_json_keeps_every_setting_and_replaces_one_only_with_overwrite(own_run, monkeypatch):
+    assert invoke(str(own_run), "--layers", "-1", *QUICK).exit_code == 0
+    assert invoke(str(own_run), "--layers", "1", *QUICK).exit_code == 0  # another setting: kept beside the first
+    results = saved_results(own_run)
+    assert [r["setting"]["layers"] for r in results] == [[-1], [1]]
+
+    # the same setting again: refused before any feature is extracted, probe.json unchanged
+    before = (own_run / "probe.json").read_bytes()
+    monkeypatch.setattr(probe_lib, "extract_features", lambda *a, **k: pytest.fail("extracted before refusing"))
+    again = invoke(str(own_run), "--layers", "-1", *QUICK)
+    assert again.exit_code == 1 and "already holds a result with these settings" in again.output
+    assert "--overwrite" in again.output and "Traceback" not in again.output
+    assert (own_run / "probe.json").read_bytes() == before
+    monkeypatch.undo()
+
+    replaced = invoke(str(own_run), "--layers", "-1", "--overwrite", *QUICK)
+    assert replaced.exit_code == 0, replaced.output
+    after = saved_results(own_run)
+    assert [r["setting"]["layers"] for r in after] == [[1], [-1]]  # the other setting kept, this one replaced
+    assert after[0] == results[1]
+
+
+def test_a_probe_json_of_one_result_is_kept_when_another_setting_is_added(own_run):
+    old = {"weights": str(own_run), "heads": ["knn"], "rows": [{"weights": "run", "stage": 1, "shape": [1, 1, 1], "knn": 0.5}]}
+    (own_run / "probe.json").write_text(json.dumps(old))  # the form written before results were kept per setting
+    assert invoke(str(own_run), "--layers", "-1", *QUICK).exit_code == 0
+    results = saved_results(own_run)
+    assert results[0] == old and len(results) == 2
+    (own_run / "probe.json").write_text("[1, 2]")  # not rotnet's: never replaced unasked
+    refused = invoke(str(own_run), "--layers", "1", *QUICK)
+    assert refused.exit_code == 1 and "does not hold rotnet probe results" in refused.output
+    assert (own_run / "probe.json").read_text() == "[1, 2]"
+
+
+# ----------------------------------------------------------------------------- the paper recipe
+
+
+def test_paper_recipe_recomputes_features_of_augmented_images_and_reports_best_and_last(run_dir, monkeypatch):
+    crops, forwards = [], []
+    real_crop, real_forward = probe_lib.data_lib.random_crop_flip, probe_lib.forward_stages
+
+    def crop(images, padding, generator):
+        crops.append((len(images), padding))
+        return real_crop(images, padding, generator)
+
+    def forward(backbone, x, indices):
+        forwards.append(len(x))
+        return real_forward(backbone, x, indices)
+
+    monkeypatch.setattr(probe_lib.data_lib, "random_crop_flip", crop)
+    monkeypatch.setattr(probe_lib, "forward_stages", forward)
+    result = probe_lib.probe(ProbeConfig(weights=str(run_dir), recipe="paper", heads=("linear", "knn"), layers=(-1,),
+                                         epochs=3, labels_per_class=5, device="cpu", workers=0, save=False))
+    assert result.features == "augmented" and result.precision == "fp32" and result.epochs == {"linear": 3}
+    # every epoch crops and flips the 50 training images (4 px of padding at 32 px, as RandomCrop(32, padding=4))
+    assert crops == [(50, 4)] * 3
+    # the backbone sees: a blank image for the shapes, the un-augmented train + val images once (for knn),
+    # then every epoch the 50 augmented training images and the 359 validation images
+    assert sum(forwards) == 1 + (50 + 359) + 3 * (50 + 359)
+    row = result.rows[0]
+    accuracy, epoch = row.best["linear"]
+    assert 1 <= epoch <= 3 and accuracy >= row.accuracy["linear"]  # the best epoch is at least as good as the last
+    assert "knn" not in row.best  # nothing trained: no epochs
+    assert row.to_dict()["best_epoch"] == {"linear": {"accuracy": round(accuracy, 4), "epoch": epoch}}
+
+
+def test_quick_recipe_uses_the_cache_and_no_augmentation(run_dir, monkeypatch):
+    monkeypatch.setattr(probe_lib.data_lib, "random_crop_flip", lambda *a: pytest.fail("augmented in the quick recipe"))
+    result = probe_lib.probe(ProbeConfig(weights=str(run_dir), heads=("linear",), layers=(-1,), epochs=2,
+                                         labels_per_class=5, device="cpu", workers=0, save=False))
+    assert result.features == "cached" and result.epochs == {"linear": 2} and result.rows[0].best == {}
+
+
+def test_pooled_heads_train_on_one_cpu_thread_and_the_count_comes_back(run_dir, monkeypatch):
+    threads, real = [], probe_lib.train_heads
+
+    def train_heads(*args, **kwargs):
+        threads.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probe_lib, "train_heads", train_heads)
+    torch.set_num_threads(2)
+    try:
+        probe_lib.probe(ProbeConfig(weights=str(run_dir), heads=("linear", "conv"), layers=(-1,), epochs=1,
+                                    labels_per_class=5, device="cpu", workers=0, save=False))
+        assert threads == [1, 2]  # linear: small steps on one thread; conv keeps the process's threads
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)  # the suite's setting (conftest)

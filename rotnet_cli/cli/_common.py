@@ -17,6 +17,7 @@ import sys
 import threading
 from typing import Annotated, Any, Callable, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -39,12 +40,21 @@ def debug_enabled() -> bool:
     return _state["debug"] or os.environ.get("ROTNET_DEBUG", "") not in ("", "0")
 
 
-def error_boundary(command: Callable) -> Callable:
-    """Turn known errors into one red line and an exit code; tracebacks only with --debug.
+# Typer's exits and usage errors pass through the boundary. Typer 0.29 carries its own copy of
+# click (typer._click) while older releases raise click's classes: both are listed.
+_CLI_FLOW = tuple({
+    typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException,
+    next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"),
+})
 
-    Also where Ctrl-C changes meaning: before a command starts it ends the process at once
-    (stop_at_start); inside the command it is a KeyboardInterrupt that the command may handle;
-    once the command has failed, further Ctrl-Cs cannot interrupt the last line.
+
+def error_boundary(command: Callable) -> Callable:
+    """Turn every error into one red line and an exit code; tracebacks only with --debug.
+
+    Known errors (RotnetError) say what to do; running out of memory says what to lower; anything
+    else is a bug and says so. Also where Ctrl-C changes meaning: before a command starts it ends
+    the process at once (stop_at_start); inside the command it is a KeyboardInterrupt that the
+    command may handle; once the command has failed, further Ctrl-Cs cannot interrupt the last line.
     """
 
     @functools.wraps(command)
@@ -63,10 +73,15 @@ def error_boundary(command: Callable) -> Callable:
                 raise
             error_line("stopped", "interrupted")
             raise typer.Exit(130) from None
-        except (MemoryError, RuntimeError) as e:  # torch reports an allocation that failed as a RuntimeError
-            if debug_enabled() or not _out_of_memory(e):
+        except _CLI_FLOW:
+            raise  # Typer's own exits and usage errors (typer.Exit is a RuntimeError)
+        except Exception as e:  # torch reports an allocation that failed as a RuntimeError
+            if debug_enabled():
                 raise
-            error_line("error", "out of memory; lower --batch-size (or --img-size), or use a device with more memory")
+            if _out_of_memory(e):
+                error_line("error", "out of memory; lower --batch-size (or --img-size), or use a device with more memory")
+            else:  # a bug: still one line, the traceback only on request
+                report_bug(e)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -133,6 +148,16 @@ def prepare_streams() -> None:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="rotnet-surrogates")
+
+
+def report_bug(error: Exception) -> None:
+    """One line for an exception rotnet did not expect: its type and message, and how to see more.
+
+    The test suite replaces this function to turn every such line into a failing test.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+    error_line("error", f"{message} (unexpected: a bug in rotnet, please report it); rerun with --debug for the traceback")
 
 
 def print_json(obj: Any) -> None:

@@ -37,10 +37,11 @@ def pretrain(
     val_split: Annotated[float, typer.Option("--val-split", help="Share of images held out for validation rotation accuracy (seeded).")] = 0.1,
     rotations: Annotated[str, typer.Option("--rotations", help="Angles in degrees, comma-separated; the label of a copy is its angle's index. Non-multiples of 90 are interpolated and disc-masked.")] = "0,90,180,270",
     copies: Annotated[str, typer.Option("--copies", help="all: every rotated copy of each image in the batch (the paper); one: one sampled rotation per image.")] = "all",
-    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (the paper: 100).")] = 30,
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (the paper: 100).")] = 10,
     batch_size: BatchSizeOpt = 128,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default 0.1 for SGD as in the paper, 1e-3 for AdamW).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay (default 5e-4 SGD, 0.05 AdamW).")] = None,
+    decay_all_params: Annotated[bool, typer.Option("--decay-all-params", help="Weight decay on norms and biases too (the official RotNet code); by default they are exempt, as in timm.")] = False,
     momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum (Nesterov).")] = 0.9,
     optimizer: Annotated[str, typer.Option("--optimizer", "--opt", help="sgd (Nesterov, the paper) or adamw.")] = "sgd",
     schedule: Annotated[str, typer.Option("--schedule", "--sched", help="cosine, or step (with --milestones and --gamma).")] = "cosine",
@@ -48,7 +49,8 @@ def pretrain(
     gamma: Annotated[float, typer.Option("--gamma", help="lr factor at each milestone (the paper: 0.2).")] = 0.2,
     warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear lr warm-up, in epochs.")] = 0.0,
     img_size: ImgSizeOpt = None,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random crop with padding + horizontal flip, before rotating.")] = True,
+    augment: Annotated[str, typer.Option("--augment", help="Before rotating: none, crop (random crop with padding), crop+flip (and horizontal flips, the paper's), or auto: none for grey images (digits, scans), crop+flip for colour ones.")] = "auto",
+    no_augment: Annotated[bool, typer.Option("--no-augment", hidden=True, help="The same as --augment none.")] = False,
     workers: WorkersOpt = default_workers(),
     seed: SeedOpt = 0,
     init: Annotated[Optional[str], typer.Option("--init", help="Start from these weights (a run, checkpoint, safetensors, export, timm:NAME); a new run.")] = None,
@@ -70,10 +72,17 @@ def pretrain(
     from ..pretraining import pretrain as run_pretrain, resume_config
     from ..runtime import dist_from_env
 
+    params = dict(ctx.params)
+    given = {name for name in params if _given(ctx, name)}
+    if params.pop("no_augment"):  # the flag of earlier versions
+        if "augment" in given:
+            raise typer.BadParameter("give --augment or --no-augment, not both", param_hint="--no-augment")
+        params["augment"] = "none"
+        given.add("augment")
     if resume_dir:  # the saved config, with the options given on this command line (they must agree with it)
-        config = resume_config(resume_dir, {name: value for name, value in ctx.params.items() if _given(ctx, name)})
+        config = resume_config(resume_dir, {name: params[name] for name in given if name in params})
     else:
-        config = PretrainConfig.from_dict(ctx.params)
+        config = PretrainConfig.from_dict(params)
 
     stop = _StopFlag()
     view = ProgressView(err_console, title="pretrain")

@@ -19,9 +19,9 @@ from .progress import ProgressView
 EXAMPLES = """
 [b]Examples[/b]
 
-  rotnet probe runs/demo --compare random           [dim]# every stage, linear/mlp/knn, vs random weights[/dim]
-  rotnet probe runs/demo --layers 2,-1 --head linear --epochs 50
-  rotnet probe runs/nin --data cifar10 --download --head mlp,conv --pool flatten  [dim]# the paper's recipe[/dim]
+  rotnet probe runs/demo --compare random           [dim]# every stage, linear and kNN heads, vs random weights[/dim]
+  rotnet probe runs/demo --layers 2,-1 --head linear,mlp --epochs 50
+  rotnet probe runs/nin --data cifar10 --download --head mlp,conv --pool flatten --recipe paper  [dim]# the paper's protocol[/dim]
   rotnet probe runs/demo --labels-per-class 20      [dim]# semi-supervised: 20 labelled images per class[/dim]
   rotnet probe runs/demo --data ~/pets --val-data ~/pets-val --json
 """
@@ -37,12 +37,14 @@ def probe(
     val_data: Annotated[Optional[str], typer.Option("--val-data", help="Labelled validation data (same classes); default: the dataset's own split, else --val-split.")] = None,
     val_split: Annotated[float, typer.Option("--val-split", help="Share of the labelled images held out for validation (stratified, seeded).")] = 0.2,
     layers: Annotated[str, typer.Option("--layers", help="Stages to probe: all, or 1-based indices such as 1,2,-1 (negative: from the last).")] = "all",
-    heads: Annotated[str, typer.Option("--head", help="Comma list of linear (BN + linear on pooled features), mlp (2x200 hidden, BN + ReLU), knn (cosine k-NN vote), conv (NIN block + linear on spatial maps).")] = "linear,mlp,knn",
+    heads: Annotated[str, typer.Option("--head", help="Comma list of linear (BN + linear on pooled features), mlp (2x200 hidden, BN + ReLU), knn (cosine k-NN vote), conv (NIN block + linear on spatial maps).")] = "linear,knn",
     pool: Annotated[str, typer.Option("--pool", help="How the mlp head sees a stage: avg or max (global pooling) or flatten (every position).")] = "avg",
-    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs of each head (on cached features: cheap).")] = 100,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate of the heads, cosine-decayed (default 1e-2 for linear, 1e-3 for mlp and conv).")] = None,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay of the heads.")] = 5e-4,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch, both for extracting features and for training the heads.")] = 256,
+    recipe: Annotated[str, typer.Option("--recipe", help="quick: features extracted once, AdamW, cosine, 100 epochs, batch 256. paper: the official code's classifier training (features of cropped+flipped images recomputed every batch, SGD Nesterov lr 0.1, weight decay 5e-4, lr/5 steps, mlp 50 / conv 100 epochs, batch 128, fp32, best and last epoch).")] = "quick",
+    features: Annotated[Optional[str], typer.Option("--features", help="cached (extracted once: fast) or augmented (recomputed every batch from cropped+flipped images: epochs x one forward pass); default: the recipe's.")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Training epochs of every head (default: the recipe's; a step schedule keeps its steps at the same share of the run).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate of the heads (default: the recipe's: quick 1e-2 linear, 1e-3 mlp and conv; paper 0.1).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay of the heads, on every parameter (default: the recipe's, 5e-4).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per batch, for extracting features and for training the heads (default: the recipe's, 256 quick, 128 paper).")] = None,
     labels_per_class: Annotated[Optional[int], typer.Option("--labels-per-class", help="Keep only K labelled training images per class (seeded); the paper's semi-supervised study.")] = None,
     knn_k: Annotated[int, typer.Option("--knn-k", help="Neighbours that vote in the knn head.")] = 20,
     compare: Annotated[Optional[str], typer.Option("--compare", help="Baseline rows: random (the same architecture, random weights) and/or other weights, e.g. timm:resnet18; comma list.")] = None,
@@ -51,7 +53,8 @@ def probe(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
-    save: Annotated[bool, typer.Option("--save/--no-save", help="Write probe.json into the run directory when WEIGHTS is one.")] = True,
+    save: Annotated[bool, typer.Option("--save/--no-save", help="Keep the result in the run directory's probe.json (one result per setting) when WEIGHTS is one.")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a result with the same settings in probe.json (results of other settings are always kept).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Measure frozen features: a classifier per stage and head, top-1 on held-out labelled images."""
@@ -74,7 +77,7 @@ def _render(result) -> None:
     best = result.best()
     table = Table(
         title=f"Frozen-feature probe: {result.model} on {escape(result.data)} ({result.num_classes} classes, "
-              f"{result.train_images} train / {result.val_images} val, top-1)",
+              f"{result.train_images} train / {result.val_images} val, top-1, recipe {result.recipe})",
         title_justify="left",
     )
     table.add_column("weights")
@@ -82,6 +85,8 @@ def _render(result) -> None:
     table.add_column("C x H x W", justify="right")
     for head in result.heads:
         table.add_column(f"{head} ({result.pool})" if head == "mlp" else head, justify="right")
+        if result.reports_best and head in result.epochs:  # the best epoch: what the paper reports (chosen on val)
+            table.add_column(f"{head} best (epoch)", justify="right")
     previous = None
     for row in result.rows:
         if previous is not None and row.weights != previous:
@@ -91,6 +96,9 @@ def _render(result) -> None:
         for head in result.heads:
             text = f"{100 * row.accuracy[head]:.2f}%"
             cells.append(f"[bold green]{text}[/]" if best and row is best[0] and head == best[1] else text)
+            if result.reports_best and head in result.epochs:
+                accuracy, epoch = row.best[head]
+                cells.append(f"{100 * accuracy:.2f}% ({epoch})")
         style = None if row.weights == "run" else "dim"
         table.add_row(escape(row.weights), str(row.stage), " x ".join(map(str, row.shape)), *cells, style=style)
     out_console.print(table)
@@ -101,6 +109,9 @@ def _render(result) -> None:
             if same is not None:
                 line += f" ({escape(other)}: {100 * same.accuracy[best[1]]:.2f}%)"
         out_console.print(line)
+    if result.reports_best and result.epochs:
+        out_console.print("[dim]head columns: the last epoch; 'best (epoch)': the best epoch, chosen on the validation "
+                          "images themselves as the official code does (optimistic)[/]")
     seconds = result.extract_seconds + sum(result.train_seconds.values())
     out_console.print(f"[dim]features {result.extract_seconds:.1f}s, heads {sum(result.train_seconds.values()):.1f}s, "
                       f"total {seconds:.1f}s on {escape(result.device)}[/]")
