@@ -489,7 +489,7 @@ class ProbeConfig(_Serializable):
         if not 0 < self.val_split < 1:
             raise ConfigError(f"--val-split must be in (0, 1) (got {self.val_split}); or give --val-data")
         normalised = [h for h in self.heads if h in BATCHNORM_HEADS]
-        if self.batch_size < 2 and normalised:
+        if self.resolved_batch_size < 2 and normalised:
             raise ConfigError(
                 f"--batch-size 1: the {', '.join(normalised)} head(s) normalise over each batch (BatchNorm), which needs "
                 "at least 2 images; use --batch-size 2 or more, or --head knn"

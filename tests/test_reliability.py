@@ -569,22 +569,6 @@ def test_kill_9_after_overwrite_then_the_advised_commands_keep_the_old_run(tmp_p
     assert not (run / rundir.REPLACED).exists() and (run / "model.safetensors").read_bytes() != old["model.safetensors"]
 
 
-# ----------------------------------------------------------------------------- 2: a finished run is reused only for the same recipe
-
-
-def test_reproduce_reuses_a_run_only_when_the_recipe_asks_for_it(tmp_path):
-    from rotnet_cli.config import ReproduceConfig
-    from rotnet_cli.reproduction import reproduce
-
-    assert ReproduceConfig(smoke=True).out != ReproduceConfig().out  # --smoke and the full study never share --out
-    smoke_like = tmp_path / "nin4-rot0-90-180-270"  # where the full study looks for its 4-rotation run
-    pretrain(PretrainConfig(**{**FAST, "epochs": 1, "max_steps_per_epoch": 1}, out=str(smoke_like)))
-    before = files_of(tmp_path)
-    with pytest.raises(ConfigError, match="other settings than this recipe asks for .*--model rotnet_nin4"):
-        reproduce(ReproduceConfig(out=str(tmp_path), data="cifar10"))
-    assert files_of(tmp_path) == before
-
-
 # ----------------------------------------------------------------------------- 3: one process writes a run directory
 
 
