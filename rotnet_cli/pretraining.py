@@ -338,7 +338,7 @@ def _explained(e: BaseException, out: Path, writer: rundir.RunDirWriter | None) 
     if isinstance(e, DiskFullError):
         if saved:
             return DiskFullError(e.path, f"disk full while writing {e.path}; the last checkpoint is intact: free space and resume with: {resume}")
-        return DiskFullError(e.path, f"disk full while writing {e.path}, before the first checkpoint; nothing was kept: free space and run the same command again")
+        return DiskFullError(e.path, f"disk full while writing {e.path}, before the first checkpoint; nothing of this run was kept (a run it replaced is back as it was): free space and run the same command again")
     return e
 
 
@@ -699,6 +699,8 @@ def check_finite_weights(run: Run, state: TrainState) -> None:
 def _kept(run: Run, state: TrainState) -> str:
     if state.saved_at:
         return f"the last good checkpoint {run.out / rundir.CHECKPOINT} ({_position(*state.saved_at)}) is kept"
+    if run.cfg.overwrite and not run.cfg.resume:
+        return "no checkpoint had been written yet, so nothing of this run was kept and the run it replaced is back as it was"
     return "no checkpoint had been written yet, so nothing was kept"
 
 

@@ -274,7 +274,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path
     failed = CliRunner().invoke(app, ["pretrain", "--model", "test_resnet", "--epochs", "1", "--max-steps-per-epoch", "2",
                                       "-b", "16", "--device", "cpu", "--workers", "0", "--seed", "5",
                                       "--out", str(run), "--overwrite"])
-    assert failed.exit_code == 1 and "NaN" in failed.stderr
+    assert failed.exit_code == 1 and "NaN" in failed.stderr and "the run it replaced is back as it was" in failed.stderr
     assert {p.name: p.read_bytes() for p in run.iterdir()} == old
 
     # the same new run that trains: the old files are replaced, the user's file stays
