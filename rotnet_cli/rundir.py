@@ -24,6 +24,7 @@ never from the files around it.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import re
 import shlex
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import zipfile
@@ -670,10 +672,18 @@ class FolderLock:
             self.made = missing_folders(self.path.parent)
             make_dir(self.path.parent)
         while True:
+            # never through a link, nor into a file that is not rotnet's: the holder's line is written into it
+            flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+                fd = os.open(self.path, flags, 0o666 & ~current_umask())
             except OSError as e:
+                if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                    raise OutputError(self._in_the_way()) from None
                 raise OutputError(f"cannot write into {self.folder}: {e.strerror}; {self.denied_fix}") from None
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:  # a fifo, a device, a hard link to another file
+                os.close(fd)
+                raise OutputError(self._in_the_way())
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -692,6 +702,10 @@ class FolderLock:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": since, "command": suggested_command(sys.argv)}
         os.ftruncate(fd, 0)
         os.write(fd, encode_text(json.dumps(info)))
+
+    def _in_the_way(self) -> str:
+        return (f"{self.path} is in the way of rotnet's lock file (a link, a folder or another kind of file rotnet did "
+                "not make); remove it and run the command again")
 
     def release(self) -> None:
         if self.fd is not None:

@@ -603,6 +603,21 @@ def test_a_lock_dies_with_its_process(tmp_path):
         pass
 
 
+@pytest.mark.parametrize("occupant", ["link to a file of yours", "hard link to it", "dangling link", "folder", "fifo"])
+def test_a_lock_path_taken_by_something_else_is_refused_and_never_written_through(tmp_path, occupant):
+    yours = tmp_path / "yours.txt"
+    yours.write_text("mine")
+    lock = tmp_path / "run" / ".rotnet-lock"
+    lock.parent.mkdir()
+    make = {"link to a file of yours": lambda: lock.symlink_to(yours), "hard link to it": lambda: os.link(yours, lock),
+            "dangling link": lambda: lock.symlink_to(tmp_path / "nowhere"), "folder": lock.mkdir,
+            "fifo": lambda: os.mkfifo(lock)}
+    make[occupant]()
+    with pytest.raises(OutputError, match="is in the way of rotnet's lock file .*remove it"):
+        rundir.FolderLock(lock, lock.parent).acquire()
+    assert yours.read_text() == "mine" and os.path.lexists(lock)  # nothing written through it, nothing removed
+
+
 def test_runs_started_in_the_same_second_get_their_own_default_directories(tmp_path, monkeypatch):
     """Issue 19, item 4: the default run directory is claimed atomically (mkdir), with a suffix on collision."""
     monkeypatch.chdir(tmp_path)
