@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import math
 import os
+import stat
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -224,7 +225,7 @@ def _scan(folder: Path) -> tuple[list[Path], list[Path]]:
     everything in a hidden folder (.git, .thumbnails, macOS's ._ files), is not data and not
     counted. Links are followed (a folder seen twice, a loop, is walked once); a broken or
     looping link is the file it is named like, unreadable: counted with the others, and an
-    image one is an error with --strict-data.
+    image one is an error with --strict-data. A fifo or device named like an image is not one.
     """
     images, others = [], []
     walked: set[tuple[int, int]] = set()
@@ -242,8 +243,18 @@ def _scan(folder: Path) -> tuple[list[Path], list[Path]]:
         for name in files:
             if not name.startswith("."):
                 path = Path(root) / name
-                (images if has_file_allowed_extension(name, IMAGE_EXTENSIONS) else others).append(path)
+                image = has_file_allowed_extension(name, IMAGE_EXTENSIONS) and not _special_file(path)
+                (images if image else others).append(path)
     return sorted(images), sorted(others)
+
+
+def _special_file(path: Path) -> bool:
+    """A fifo, socket or device under an image's name: reading it could block forever, so it is no image
+    (a broken link is not special: it is an unreadable image, counted as such)."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def image_inputs(specs: tuple[str, ...] | list[str]) -> list[tuple[Path, Path]]:

@@ -986,7 +986,7 @@ def test_16_bit_and_float_images_decode_at_their_brightness(tmp_path):
 # ----------------------------------------------------------------------------- 16: links and hidden entries, one rule each
 
 
-def test_broken_and_looping_links_count_as_unreadable_and_hidden_folders_are_not_data(tmp_path):
+def test_broken_and_looping_links_and_fifos_are_skipped_and_hidden_folders_are_not_data(tmp_path):
     from rotnet_cli.data import open_source
 
     data = tmp_path / "photos"
@@ -998,9 +998,10 @@ def test_broken_and_looping_links_count_as_unreadable_and_hidden_folders_are_not
     (data / "gone.png").symlink_to(tmp_path / "nowhere.png")
     (data / "loop.png").symlink_to(data / "loop.png")
     (data / "back").symlink_to(data)  # a folder loop: walked once
+    os.mkfifo(data / "pipe.png")  # reading it would wait forever for a writer
     source = open_source(str(data), 16, cache="ram", workers=0)
     assert len(source.train) == 6
-    assert sorted(Path(p).name for p in source.skipped) == ["gone.png", "loop.png"]
+    assert sorted(Path(p).name for p in source.skipped) == ["gone.png", "loop.png", "pipe.png"]
     with pytest.raises(DataError, match="unreadable image .*gone.png"):
         open_source(str(data), 16, cache="ram", workers=0, strict=True)
 
