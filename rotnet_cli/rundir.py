@@ -36,6 +36,7 @@ import socket
 import stat
 import sys
 import tempfile
+import time
 import zipfile
 from datetime import datetime
 from pathlib import Path
@@ -67,6 +68,7 @@ PROBE_FORMAT = "rotnet-probe-results"  # probe.json: {"format": PROBE_FORMAT, "r
 # an overwritten run's files while the new run has no checkpoint; the folder's name says how far the move got
 REPLACING, REPLACED, RESTORING = ".rotnet-replacing", ".rotnet-replaced", ".rotnet-restoring"
 LOCK = ".rotnet-lock"  # the OS lock of a run directory (the file names the holder)
+PROBE_SAVE_WAIT_S = 10.0  # a probe saving waits this long for another probe's save (milliseconds), not for a run
 PICTURE_SOFTWARE = "rotnet"  # PNG "Software" text of the pictures rotnet draws: how --overwrite knows its own
 
 # -- safetensors metadata: str -> str. "format": "pt" is what the Hugging Face loaders expect
@@ -427,7 +429,7 @@ def update_probe(run_dir: Path, update: Callable[[list[dict[str, Any]]], list[di
     being written, or another probe saving, is refused)."""
     run_dir = Path(run_dir)
     with FolderLock(run_dir / LOCK, run_dir, "wait until it ends, or pass --no-save",
-                    "make it writable (chmod u+w), or pass --no-save"):
+                    "make it writable (chmod u+w), or pass --no-save", wait_s=PROBE_SAVE_WAIT_S):
         return write_json(run_dir / PROBE, {"format": PROBE_FORMAT, "results": update(read_probe(run_dir))})
 
 
@@ -643,9 +645,10 @@ class FolderLock:
     """
 
     def __init__(self, path: Path, folder: Path, busy_fix: str = "wait until it ends, or choose another --out",
-                 denied_fix: str = "choose another --out", make_parents: bool = False):
+                 denied_fix: str = "choose another --out", make_parents: bool = False, wait_s: float = 0.0):
         self.path, self.folder, self.busy_fix, self.denied_fix = Path(path), Path(folder), busy_fix, denied_fix
         self.make_parents = make_parents
+        self.wait_s = wait_s  # how long to wait for a holder that only saves a file (a probe): not for a run
         self.made: list[Path] = []  # folders made for the lock file, removed again when left empty
         self.fd: int | None = None
 
@@ -671,6 +674,7 @@ class FolderLock:
         if self.make_parents:
             self.made = missing_folders(self.path.parent)
             make_dir(self.path.parent)
+        deadline = time.monotonic() + self.wait_s
         while True:
             # never through a link, nor into a file that is not rotnet's: the holder's line is written into it
             flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -689,6 +693,9 @@ class FolderLock:
             except BlockingIOError:
                 holder = _holder(fd)
                 os.close(fd)
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
                 raise OutputError(f"{self.folder} is in use by another rotnet process ({holder}); {self.busy_fix}") from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino

@@ -603,6 +603,19 @@ def test_a_lock_dies_with_its_process(tmp_path):
         pass
 
 
+def test_a_probe_saving_while_another_saves_waits_and_both_results_are_kept(tmp_path):
+    import threading
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rundir.update_probe(run, lambda results: [*results, {"setting": "a", "rows": []}])
+    other = rundir.FolderLock(run / rundir.LOCK, run)  # another probe, in the middle of its save
+    other.acquire()
+    threading.Timer(0.5, other.release).start()
+    rundir.update_probe(run, lambda results: [*results, {"setting": "b", "rows": []}])  # waits, then merges
+    assert [r["setting"] for r in rundir.read_probe(run)] == ["a", "b"]
+
+
 @pytest.mark.parametrize("occupant", ["link to a file of yours", "hard link to it", "dangling link", "folder", "fifo"])
 def test_a_lock_path_taken_by_something_else_is_refused_and_never_written_through(tmp_path, occupant):
     yours = tmp_path / "yours.txt"
@@ -874,7 +887,8 @@ def test_ctrl_c_twice_is_one_line_exit_130_and_an_intact_checkpoint(tmp_path, ga
 # ----------------------------------------------------------------------------- 13: every message names a fix that exists
 
 
-def test_probe_that_cannot_save_prints_its_results_and_says_what_to_do(copy_of_run):
+def test_probe_that_cannot_save_prints_its_results_and_says_what_to_do(copy_of_run, monkeypatch):
+    monkeypatch.setattr(rundir, "PROBE_SAVE_WAIT_S", 0.2)  # a run holds the lock for its whole length: waiting ends
     with rundir.FolderLock(copy_of_run / rundir.LOCK, copy_of_run):  # another process writes the run
         result = CliRunner().invoke(app, ["probe", str(copy_of_run), "--head", "knn", "--epochs", "1", "--device", "cpu",
                                           "--workers", "0"])
