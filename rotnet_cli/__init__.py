@@ -14,14 +14,14 @@ first (it registers them with timm).
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
 
 from ._version import __version__
-from .config import PretrainConfig
-from .errors import RotnetError
 
-# public name -> module that defines it (imported on first access)
+# public name -> module that defines it (imported on first access: importing the package, as the
+# `rotnet` command does first, runs almost nothing, so a Ctrl-C then lands where the CLI handles it)
 _LAZY = {
+    "PretrainConfig": "config",
+    "RotnetError": "errors",
     "pretrain": "pretraining",
     "PretrainResult": "pretraining",
     "load_weights": "weights",
@@ -61,10 +61,10 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str):  # -> the public object (no typing import: this runs before the CLI's Ctrl-C guard)
     if name in _LAZY:
         return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'rotnet_cli' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "PretrainConfig", "RotnetError", *_LAZY]
+__all__ = ["__version__", *_LAZY]

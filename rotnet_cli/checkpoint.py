@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import pickle
+import signal
+import struct
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from ._version import __version__
-from .errors import OutputError, WeightsError
+from .errors import DiskFullError, OutputError, WeightsError
 
 CHECKPOINT_FORMAT = 2  # 2: the lr scheduler joined the training state
 TEMP_SUFFIX = ".tmp"
@@ -29,26 +33,76 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     tmp: Path | None = None
+    existed = path.exists()
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual mode
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        with signals_deferred():  # a Ctrl-C (or SIGTERM) lands after the rename, never inside torch.save
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+            os.close(fd)
+            tmp = Path(tmp_name)
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual mode
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            tmp = None
+            _fsync_dir(path.parent)
     except BaseException as e:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         os_error = os_error_behind(e) if isinstance(e, Exception) else None
         if os_error is not None and os_error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise OutputError(f"disk full while writing {path}; free space and resume (the previous file is intact)") from e
+            # what to do next depends on the command (resume, start again, export again): callers may say more
+            kept = "its previous version is intact" if existed else "nothing was written"
+            raise DiskFullError(path, f"disk full while writing {path} ({kept}); free space and run the command again") from e
         if os_error is not None and os_error.errno in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOENT, errno.ENOTDIR):
             raise OutputError(f"cannot write {path}: {os_error.strerror}; choose another --out") from e
         raise
     return path
+
+
+# SIGINT/SIGTERM arriving while a file is written are held back until it is complete: raised inside
+# torch.save they surface as a RuntimeError (a traceback, exit 1) instead of a clean stop.
+_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_deferral: dict[str, Any] = {"depth": 0, "caught": []}
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold back SIGINT and SIGTERM for the duration; deliver them, in order, to the handlers that
+    were installed before (a KeyboardInterrupt, the pretrain loop's stop flag, ...) once the block ends.
+
+    Works only in the main thread (where Python runs signal handlers); elsewhere it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread() or _deferral["depth"]:
+        yield  # another thread, or nested: the outer block delivers
+        return
+    previous = {}
+    try:
+        for sig in _DEFERRED_SIGNALS:
+            previous[sig] = signal.signal(sig, lambda signum, frame: _deferral["caught"].append(signum))
+    except ValueError:  # not the main interpreter thread after all
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        yield
+        return
+    _deferral["depth"] = 1
+    try:
+        yield
+    finally:
+        _deferral["depth"] = 0
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        caught, _deferral["caught"] = _deferral["caught"], []
+        for signum in caught:
+            _deliver(signum, previous[signum])
+
+
+def _deliver(signum: int, handler: Any) -> None:
+    """Call the handler that a deferred signal would have reached."""
+    if callable(handler):
+        handler(signum, None)
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(signum)  # the default action (SIGTERM: end the process; SIGINT: KeyboardInterrupt)
 
 
 def os_error_behind(e: BaseException) -> OSError | None:
@@ -103,11 +157,28 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    # file names that are not UTF-8 (surrogate escapes) are written as \\xNN rather than failing the whole write
+    return atomic_write(path, lambda tmp: tmp.write_bytes(encode_text(text)))
+
+
+def encode_text(text: str) -> bytes:
+    """UTF-8 bytes of ``text``; an undecodable file name in it (surrogate escapes) becomes \\xNN, never an error."""
+    return printable(text).encode("utf-8")
+
+
+def printable(text: str) -> str:
+    """``text`` as valid Unicode: the undecodable bytes of a file name (Python's surrogate escapes) as
+    \\xNN, any other lone surrogate as \\uXXXX. For places that hold only Unicode (safetensors
+    metadata, a model card); files themselves are always opened by their real names."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """JSON that every parser reads: NaN and infinity are refused here (ValueError), never written as bare NaN."""
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
@@ -124,12 +195,16 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint without unpickling code; every failure is a WeightsError."""
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path} is a folder, not a checkpoint file; give a run directory, checkpoint.pt or .safetensors file")
     if not path.is_file():
         raise WeightsError(f"{path} does not exist; give a run directory, checkpoint.pt or .safetensors file")
     if path.stat().st_size == 0:
         raise WeightsError(f"{path} is empty (0 bytes); it was not written completely, use another checkpoint")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as e:  # no permission, a folder...: nothing was read, so nothing is called corrupt
+        raise _unreadable(path, e) from None
     except pickle.UnpicklingError as e:
         if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; this is something else
             raise WeightsError(
@@ -165,17 +240,74 @@ def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadat
 
 
 def load_safetensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata); truncated or foreign files are a WeightsError."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    """(tensors, metadata); truncated or foreign files are a WeightsError.
+
+    The bytes are read by Python and parsed by safetensors from memory: safetensors' own file
+    functions refuse paths that are not valid UTF-8, which a file system allows.
+    """
+    from safetensors.torch import load
 
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path} does not exist")
+    data = _read_bytes(path)
+    metadata = _safetensors_header_metadata(path, data[: 8 + _header_length(path, data[:8])])
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        tensors = load_file(str(path), device=device)
-    except Exception as e:  # safetensors raises its own SafetensorError and OSError subclasses
+        tensors = load(data)
+    except Exception as e:  # safetensors raises its own SafetensorError for bytes it cannot parse
         raise WeightsError(f"{path} is not a readable safetensors file (truncated or corrupt): {str(e)[:160]}") from e
-    return tensors, metadata
+    return ({k: v.to(device) for k, v in tensors.items()} if str(device) != "cpu" else tensors), metadata
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors file, read from its header alone (the tensors are not loaded)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            header = head + f.read(_header_length(path, head))
+    except OSError as e:
+        raise _unreadable(path, e) from None
+    return _safetensors_header_metadata(path, header)
+
+
+# A safetensors file starts with the length of its JSON header (u64, little endian), then the header,
+# whose "__metadata__" holds the str -> str metadata (the format's specification).
+MAX_SAFETENSORS_HEADER = 100 * 2**20  # safetensors' own limit
+
+
+def _header_length(path: Path, head: bytes) -> int:
+    if len(head) < 8:
+        raise WeightsError(f"{path} is not a readable safetensors file (truncated or corrupt: {len(head)} bytes)")
+    (length,) = struct.unpack("<Q", head)
+    if length > MAX_SAFETENSORS_HEADER:
+        raise WeightsError(f"{path} is not a readable safetensors file (its header claims {length} bytes)")
+    return length
+
+
+def _safetensors_header_metadata(path: Path, header: bytes) -> dict[str, str]:
+    length = _header_length(path, header[:8])
+    try:
+        if len(header) < 8 + length:
+            raise ValueError("the header is cut short")
+        parsed = json.loads(header[8 : 8 + length].decode("utf-8"))
+        metadata = parsed.get("__metadata__") or {} if isinstance(parsed, dict) else None
+        if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError("its metadata is not a map of strings")
+    except ValueError as e:
+        raise WeightsError(f"{path} is not a readable safetensors file (truncated or corrupt: {e})") from None
+    return metadata
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: Path, e: OSError) -> WeightsError:
+    """A file that cannot be opened: missing, a folder, no permission (not 'corrupt': nothing was read)."""
+    if isinstance(e, FileNotFoundError):
+        return WeightsError(f"{path} does not exist")
+    if isinstance(e, PermissionError):
+        return WeightsError(f"cannot read {path}: permission denied; make it readable (chmod u+r) or copy it somewhere readable")
+    return WeightsError(f"cannot read {path}: {e.strerror or e}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
@@ -19,6 +21,11 @@ from .errors import ConfigError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CACHE_MODES = ("auto", "none", "ram", "device")
 AUGMENTS = ("auto", "none", "crop", "crop+flip")
+MIN_IMG_SIZE = 8
+# Sizes are bounded before anything is allocated: 8192 px is 200 MB per RGB float image, and a
+# picture rotnet draws is bounded by PIL's decompression-bomb limit (about 89 million pixels).
+MAX_IMG_SIZE = 8192
+MAX_PICTURE_PIXELS = 89_478_485
 
 
 def default_workers() -> int:
@@ -77,8 +84,8 @@ def _check_positive(option: str, value: float | int | None, allow_zero: bool = F
 
 
 def _check_img_size(img_size: int | None) -> None:
-    if img_size is not None and img_size < 8:
-        raise ConfigError(f"--img-size must be at least 8 pixels (got {img_size})")
+    if img_size is not None and not MIN_IMG_SIZE <= img_size <= MAX_IMG_SIZE:
+        raise ConfigError(f"--img-size must be between {MIN_IMG_SIZE} and {MAX_IMG_SIZE} pixels (got {img_size})")
 
 
 def _check_png(out: str) -> None:
@@ -87,19 +94,73 @@ def _check_png(out: str) -> None:
 
 
 class _Serializable:
+    # fields whose files from earlier versions hold another type (read as the field's own in __post_init__)
+    _OLDER_TYPES: typing.ClassVar[dict[str, Any]] = {}
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)  # type: ignore[arg-type]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]):
+    def from_dict(cls, d: dict[str, Any], source: str | None = None):
         """The config from a dict whose keys are field names; other keys (a command's --json, ...) are ignored.
 
         A command names its parameters after the fields, so ``from_dict(ctx.params)`` builds its config.
+        ``source`` names the file ``d`` was read from: then every field is type-checked first and
+        every problem is a ConfigError that names the file and the field (data from files is user input).
         """
         names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        if source is not None:
+            if not isinstance(d, dict):
+                raise ConfigError(f"{source} holds a {type(d).__name__} where a config (a JSON object) belongs; {FILE_FIX}")
+            hints = typing.get_type_hints(cls)
+            for name in sorted(names & d.keys()):
+                if not _value_fits(d[name], hints[name]) and not (name in cls._OLDER_TYPES and _value_fits(d[name], cls._OLDER_TYPES[name])):
+                    raise ConfigError(f"{source}: field {name!r} is {_shown(d[name])}, not {_describe(hints[name])}; {FILE_FIX}")
         kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
-        return cls(**kwargs)
+        if source is None:
+            return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:  # a value that parses but cannot be (a negative size, no rotations...)
+            raise ConfigError(f"{source} holds an impossible value ({e}); {FILE_FIX}") from None
+
+
+FILE_FIX = "the file was changed or not written by rotnet: use the file rotnet wrote, or make it again"
+
+
+def _value_fits(value: Any, hint: Any) -> bool:
+    """Whether a value read from JSON has the type of a config field (int is not bool; a list is a tuple)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_value_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_value_fits(v, args[0]) for v in value)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(args[0], str(args[0]))
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # Field metadata: an option that may differ on --resume without changing what is computed.
@@ -122,6 +183,8 @@ WEIGHTS_SPECS = "a run directory, checkpoint.pt, .safetensors, an exported folde
 @dataclass(frozen=True)
 class PretrainConfig(_Serializable):
     """Everything `rotnet pretrain` needs; see `rotnet pretrain --help` for each field."""
+
+    _OLDER_TYPES = {"augment": bool}  # runs made before --augment had choices saved true/false
 
     model: str = "resnet18"
     data: str = "digits"
@@ -287,6 +350,7 @@ class ExportConfig(_Serializable):
 
 
 PROBE_HEADS = ("linear", "mlp", "knn", "conv")
+BATCHNORM_HEADS = ("linear", "mlp", "conv")  # heads that train with BatchNorm: a batch of one cannot be normalised
 PROBE_POOLS = ("avg", "max", "flatten")
 PROBE_FEATURES = ("cached", "augmented")
 TRAINED_HEADS = ("linear", "mlp", "conv")  # knn has nothing to train: it votes with cached features
@@ -433,6 +497,12 @@ class ProbeConfig(_Serializable):
         _check_positive("--workers", self.workers, allow_zero=True)
         if not 0 < self.val_split < 1:
             raise ConfigError(f"--val-split must be in (0, 1) (got {self.val_split}); or give --val-data")
+        normalised = [h for h in self.heads if h in BATCHNORM_HEADS]
+        if self.resolved_batch_size < 2 and normalised:
+            raise ConfigError(
+                f"--batch-size 1: the {', '.join(normalised)} head(s) normalise over each batch (BatchNorm), which needs "
+                "at least 2 images; use --batch-size 2 or more, or --head knn"
+            )
 
     @property
     def protocol(self) -> ProbeRecipe:
@@ -502,6 +572,7 @@ class FiltersConfig(_Serializable):
     labels: tuple[str, ...] | None = ()  # one per weights; default: the weights spec itself
     scale: int | None = None  # None: enlarge each tile to about 32 pixels
     cols: int | None = None  # None: a square-ish grid
+    overwrite: bool = False  # replace an existing picture that rotnet drew
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", tuple(self.weights))
@@ -533,6 +604,7 @@ class AttentionConfig(_Serializable):
     cmap: str = "jet"
     alpha: float = 0.5
     device: str = "auto"
+    overwrite: bool = False  # write into a folder that is not empty (replacing only pictures rotnet drew)
 
     def __post_init__(self) -> None:
         _check_required("WEIGHTS", self.weights, WEIGHTS_SPECS)
@@ -567,6 +639,7 @@ class CurvesConfig(_Serializable):
 
     run: str
     out: str = "curves.png"
+    overwrite: bool = False  # replace an existing picture that rotnet drew
 
     def __post_init__(self) -> None:
         _check_required("RUN", self.run, "a run directory made by rotnet pretrain (it holds metrics.jsonl)")

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import math
 import os
+import stat
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ class DataSource:
     train: ImageSet
     val: ImageSet | None = None
     skipped: tuple[str, ...] = ()
+    files: int = 0  # image files found, before decoding (a resume compares it: unreadable ones included)
 
 
 # ----------------------------------------------------------------------------- resolving --data
@@ -138,12 +140,13 @@ def open_source(
     """Resolve ``--data`` into train (and maybe val) ImageSets of uint8 at ``img_size``."""
     key = _dataset_key(spec)
     if key == "digits":
-        return DataSource(_digits(img_size))
+        digits = _digits(img_size)
+        return DataSource(digits, files=len(digits))
     if key in TORCHVISION_DATASETS and not Path(spec).exists():
         root = Path(data_dir) if data_dir else DEFAULT_DATA_DIR / key
         train = _torchvision(key, root, "train", img_size, download)
         val = _torchvision(key, root, "test", img_size, download)
-        return DataSource(train, val)
+        return DataSource(train, val, files=len(train) + len(val))
     path = Path(spec).expanduser()
     if not path.exists():
         raise DataError(
@@ -154,10 +157,10 @@ def open_source(
         raise DataError(f"--data {spec} is a file; give a folder of images (or of class sub-folders)")
     load = dict(img_size=img_size, need_labels=need_labels, cache=cache, workers=workers, strict=strict, progress=progress or ignore)
     if (path / "train").is_dir() and (path / "val").is_dir():
-        (train, train_skipped), (val, val_skipped) = _folder(path / "train", **load), _folder(path / "val", **load)
-        return DataSource(train, val, tuple(train_skipped + val_skipped))
-    train, skipped = _folder(path, **load)
-    return DataSource(train, None, tuple(skipped))
+        (train, train_skipped, n_train), (val, val_skipped, n_val) = _folder(path / "train", **load), _folder(path / "val", **load)
+        return DataSource(train, val, tuple(train_skipped + val_skipped), n_train + n_val)
+    train, skipped, found = _folder(path, **load)
+    return DataSource(train, None, tuple(skipped), found)
 
 
 def _digits(img_size: int) -> ImageSet:
@@ -227,18 +230,44 @@ def scan_images(folder: Path) -> list[Path]:
 
 
 def _scan(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) below ``folder``, recursive and sorted; hidden files are not counted.
+    """(image files, other files) below ``folder``, recursive and sorted.
 
     One walk of our own rather than torchvision's make_dataset: it also finds loose images
     (a flat folder has no classes) and the files that are not images, which are counted as
-    skipped instead of silently dropped.
+    skipped instead of silently dropped. One rule for hidden entries: a hidden file, and
+    everything in a hidden folder (.git, .thumbnails, macOS's ._ files), is not data and not
+    counted. Links are followed (a folder seen twice, a loop, is walked once); a broken or
+    looping link is the file it is named like, unreadable: counted with the others, and an
+    image one is an error with --strict-data. A fifo or device named like an image is not one.
     """
     images, others = [], []
-    for p in sorted(folder.rglob("*")):
-        if not p.is_file() or p.name.startswith("."):
+    walked: set[tuple[int, int]] = set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        try:
+            here = os.stat(root)
+        except OSError:
+            folders[:] = []
             continue
-        (images if has_file_allowed_extension(p.name, IMAGE_EXTENSIONS) else others).append(p)
-    return images, others
+        if (here.st_dev, here.st_ino) in walked:  # a link back to a folder already walked
+            folders[:] = []
+            continue
+        walked.add((here.st_dev, here.st_ino))
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        for name in files:
+            if not name.startswith("."):
+                path = Path(root) / name
+                image = has_file_allowed_extension(name, IMAGE_EXTENSIONS) and not _special_file(path)
+                (images if image else others).append(path)
+    return sorted(images), sorted(others)
+
+
+def _special_file(path: Path) -> bool:
+    """A fifo, socket or device under an image's name: reading it could block forever, so it is no image
+    (a broken link is not special: it is an unreadable image, counted as such)."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def image_inputs(specs: tuple[str, ...] | list[str]) -> list[tuple[Path, Path]]:
@@ -289,8 +318,9 @@ def _class_layout(folder: Path, image_paths: list[Path]) -> tuple[list[str], lis
 
 def _folder(
     folder: Path, img_size: int, need_labels: bool, cache: str, workers: int, strict: bool, progress: Progress,
-) -> tuple[ImageSet, list[str]]:
-    """The images below ``folder`` (labelled when it holds class sub-folders), and the files left out."""
+) -> tuple[ImageSet, list[str], int]:
+    """The images below ``folder`` (labelled when it holds class sub-folders), the files left out,
+    and the number of image files found (readable or not)."""
     paths, non_images = _scan(folder)
     layout = _class_layout(folder, paths)
     if layout is None:
@@ -310,7 +340,7 @@ def _folder(
     if cache in ("ram", "device") or (cache == "auto" and decoded_bytes <= AUTO_RAM_CACHE_BYTES):
         images, unreadable = decode_all(images, workers=workers, strict=strict, progress=progress)
         skipped += unreadable
-    return images, skipped
+    return images, skipped, len(paths)
 
 
 # ----------------------------------------------------------------------------- decoding files
@@ -324,7 +354,8 @@ def decode_file(path: Path, size: int) -> torch.Tensor:
     with Image.open(path) as im:
         # JPEG draft mode decodes at a reduced scale directly: much cheaper for big photos.
         im.draft("RGB", (size * 2, size * 2))
-        im = ImageOps.exif_transpose(im).convert("RGB")
+        fmt = im.format
+        im = to_rgb(ImageOps.exif_transpose(im), fmt)
         w, h = im.size
         scale = size / min(w, h)
         im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR, reducing_gap=None)
@@ -333,6 +364,38 @@ def decode_file(path: Path, size: int) -> torch.Tensor:
         im = im.crop((left, top, left + size, top + size))
         array = np.asarray(im, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+class UnsupportedPixels(ValueError):
+    """An image whose pixel values have no known scale (counted with the unreadable files)."""
+
+
+def to_rgb(image, fmt: str | None):
+    """A PIL image of any mode as 8-bit RGB at its true brightness.
+
+    PIL's own conversion clips 16-bit and 32-bit greys to 255 (a 16-bit PNG turns white) and
+    float images to their integer part (a float TIFF in [0, 1] turns black). Those are scaled
+    here: 16 bits (I;16*, and PNG's "I", which holds 16-bit greys) by 255/65535; floats in
+    [0, 1] by 255. Integers and floats of any other range have no known scale: UnsupportedPixels.
+    """
+    from PIL import Image
+
+    mode = image.mode
+    if mode in SIXTEEN_BIT_MODES or (mode == "I" and fmt == "PNG"):
+        grey = np.asarray(image).astype(np.float32) / 257.0  # 65535 -> 255
+    elif mode == "F":
+        grey = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(grey).all() or grey.min() < 0 or grey.max() > 1:
+            raise UnsupportedPixels("float pixels outside [0, 1]: their scale is unknown")
+        grey = grey * 255.0
+    elif mode == "I":
+        raise UnsupportedPixels("32-bit integer pixels: their scale is unknown")
+    else:
+        return image.convert("RGB")
+    return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L").convert("RGB")
 
 
 class FileDataset(torch.utils.data.Dataset):
@@ -374,6 +437,20 @@ def _collate(items):
         return torch.empty(0, dtype=torch.long), None, bad
     idx = torch.tensor([i for i, _ in good], dtype=torch.long)
     return idx, torch.stack([x for _, x in good]), bad
+
+
+def check_readable(images: ImageSet, strict: bool = False) -> None:
+    """A streamed set is decoded while training: before anything is written, make sure that
+    at least one of its files decodes (usually the first: one decode)."""
+    assert images.paths is not None
+    for path in images.paths:
+        try:
+            decode_file(path, images.img_size)
+            return
+        except Exception:  # PIL raises many types for broken files
+            if strict:
+                raise _strict_error(path) from None
+    raise DataError(f"none of the {len(images.paths)} image files in {images.name} could be read")
 
 
 def decode_all(
@@ -443,6 +520,7 @@ class Batch:
     labels: torch.Tensor | None  # (n,) int64 on the target device
     skipped: list[str]  # files that failed to decode in this batch (and in batches before it with nothing readable)
     indices: torch.Tensor | None = None  # (n,) int64 on the host: where these images are in the ImageSet
+    index: int = 0  # the batch's number in the order (a batch with nothing readable is not yielded: a gap)
 
 
 def iterate_batches(
@@ -482,12 +560,13 @@ def iterate_batches(
         assert images.images is not None
         # the order goes to the images' device once: a copy per batch would wait for the GPU every step
         order_there = order.to(images.images.device)
-        for rows in batch_rows:
+        for index, rows in enumerate(batch_rows, start=start_batch):
             yield Batch(
                 to_device(images.images[order_there[rows]]),
                 to_device(labels[order[rows]]) if labels is not None else None,
                 [],
-                order[rows],
+                indices=order[rows],
+                index=index,
             )
         return
 
@@ -496,7 +575,7 @@ def iterate_batches(
     sampler.batches = [order[rows].tolist() for rows in batch_rows]
     held: Batch | None = None  # one batch behind the loader, so that it can name the unreadable files after it
     pending: list[str] = []  # unreadable files of batches with nothing readable, before any batch was held
-    for idx, batch, failed in loader:
+    for index, (idx, batch, failed) in enumerate(loader, start=start_batch):  # in order: the k-th batch of the sampler
         if strict and failed:
             raise _strict_error(images.paths[failed[0]])
         skipped = [str(images.paths[i]) for i in failed]
@@ -505,7 +584,8 @@ def iterate_batches(
             continue
         if held is not None:
             yield held
-        held = Batch(batch.to(device, non_blocking=pin), to_device(labels[idx]) if labels is not None else None, pending + skipped, idx)
+        held = Batch(batch.to(device, non_blocking=pin), to_device(labels[idx]) if labels is not None else None,
+                     pending + skipped, indices=idx, index=index)
         pending = []
     if held is not None:
         yield held
@@ -667,7 +747,7 @@ def warn_skipped(skipped: list[str]) -> str | None:
 __all__ = [
     "ImageSet", "DataSource", "open_source", "native_size", "dataset_images", "decode_all", "split_indices", "epoch_order",
     "iterate_batches", "random_crop_flip", "auto_augment", "normalize", "decode_file", "scan_images", "num_batches",
-    "warn_skipped", "Batch", "data_provenance",
+    "warn_skipped", "Batch", "data_provenance", "to_rgb", "check_readable", "UnsupportedPixels",
 ]
 
 warnings.filterwarnings("ignore", message=".*Palette images with Transparency.*")

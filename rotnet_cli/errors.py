@@ -55,3 +55,14 @@ class Interrupted(RotnetError):
     """The user stopped a run (Ctrl-C) after a checkpoint was written."""
 
     exit_code = 130
+
+
+class DiskFullError(OutputError):
+    """The disk filled while a file was written; ``path`` is that file (its previous version is intact).
+
+    Commands add what to do next (resume, start again), which depends on what they had saved.
+    """
+
+    def __init__(self, path, message: str):
+        super().__init__(message)
+        self.path = path

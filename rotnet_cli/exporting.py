@@ -14,9 +14,13 @@ export leaves nothing behind and changes no existing file.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +32,8 @@ from ._version import __version__
 from .checkpoint import write_json, write_text
 from .config import ExportConfig, format_rotations
 from .data import data_provenance
-from .errors import DataError, OutputError, WeightsError
-from .events import Progress, TaskProgress, ignore
+from .errors import DataError, DiskFullError, OutputError, WeightsError
+from .events import Message, Progress, TaskProgress, ignore
 from .models import feature_width
 from .rundir import EXPORT_CONFIG, EXPORT_HEAD, EXPORT_WEIGHTS, MODEL_CARD
 from .weights import LoadedWeights, load_weights
@@ -80,9 +84,17 @@ def export(config: ExportConfig, progress: Progress | None = None) -> ExportResu
     """Write ``config.out`` as a timm/hub folder from any weights spec, verified by loading it back."""
     emit = progress or ignore
     out = Path(config.out).expanduser()
-    # an export may go inside the run it comes from (runs/demo/export), never over it
-    rundir.check_out_dir(out, overwrite=config.overwrite, inputs=(config.weights,), inside_inputs=True)
+    with rundir.export_lock(out):  # one export into a folder at a time
+        for note in rundir.recover_staged(out):  # what an export killed on this --out left behind
+            emit(Message(note))
+        # an export may go inside the run it comes from (runs/demo/export), never over it; --overwrite
+        # replaces an export rotnet wrote, never a folder with files of the user's
+        rundir.check_out_dir(out, overwrite=config.overwrite, inputs=(config.weights,), inside_inputs=True,
+                             replaces=rundir.EVERYTHING)
+        return _export(config, out, emit)
 
+
+def _export(config: ExportConfig, out: Path, emit: Progress) -> ExportResult:
     def stage(done: int, description: str) -> None:
         emit(TaskProgress("export", description, done, 3))
 
@@ -106,9 +118,14 @@ def export(config: ExportConfig, progress: Progress | None = None) -> ExportResu
         stage(2, "export: loading back")
         round_trip = _verify_round_trip(staging, hf_config, loaded, config.with_head)
         rundir.install_staged(staging, out)
+    except DiskFullError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DiskFullError(e.path, "disk full while writing the export; nothing was written: free space and export again") from e
     except OSError as e:  # timm's config writer and the renames raise plain OSErrors (disk full, permissions)
         shutil.rmtree(staging, ignore_errors=True)
-        raise OutputError(f"cannot write {out}: {e.strerror or e}; nothing was written, free space or choose another --out") from e
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise DiskFullError(out, "disk full while writing the export; nothing was written: free space and export again") from e
+        raise OutputError(f"cannot write {out}: {e.strerror or e}; nothing was written: choose another --out") from e
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -141,7 +158,7 @@ def _write_backbone(folder: Path, loaded: LoadedWeights, config: ExportConfig, r
     rundir.save_weights(
         folder / EXPORT_WEIGHTS, state, rundir.EXPORT_FORMAT, loaded.model_name,
         # the training run; a re-export keeps naming the run its input was exported from
-        source=str(loaded.run_dir) if loaded.run_dir else loaded.info.get("source", loaded.source),
+        source=str(loaded.run_dir) if loaded.run_dir else loaded.info.get("source", loaded.source),  # \xNN if not UTF-8
         dtype=config.dtype, img_size=loaded.img_size, mean=list(loaded.mean), std=list(loaded.std),
         rotations=record["rotations"], data=record["data"], epochs=record["epochs"], val_rot_acc=record["val_rot_acc"],
         init=record["init"],
@@ -217,13 +234,36 @@ def _verify_round_trip(folder: Path, cfg: dict[str, Any], loaded: LoadedWeights,
             raise WeightsError("the rotation head did not load back")
         return again.backbone
 
-    loaders = {
-        'timm.create_model("local-dir:DIR", pretrained=True)':
-            lambda: timm.create_model(f"local-dir:{folder}", pretrained=True),
-        f'timm.create_model("{cfg["architecture"]}", checkpoint_path="DIR/{EXPORT_WEIGHTS}", **model_args)':
-            lambda: timm.create_model(cfg["architecture"], checkpoint_path=str(folder / EXPORT_WEIGHTS), **model_args),
-        "rotnet_cli.load_weights(DIR)": through_rotnet,
-    }
+    with utf8_alias(folder) as alias:  # safetensors' file reader refuses paths that are not UTF-8
+        loaders = {
+            'timm.create_model("local-dir:DIR", pretrained=True)':
+                lambda: timm.create_model(f"local-dir:{alias}", pretrained=True),
+            f'timm.create_model("{cfg["architecture"]}", checkpoint_path="DIR/{EXPORT_WEIGHTS}", **model_args)':
+                lambda: timm.create_model(cfg["architecture"], checkpoint_path=str(alias / EXPORT_WEIGHTS), **model_args),
+            "rotnet_cli.load_weights(DIR)": through_rotnet,
+        }
+        return _compare_loaders(loaders, x, expected)
+
+
+@contextlib.contextmanager
+def utf8_alias(folder: Path):
+    """``folder``, or a link to it under a UTF-8 name when its own path is not valid UTF-8 (which a
+    file system allows but safetensors' file functions, and so timm's loaders, refuse)."""
+    try:
+        str(folder.resolve()).encode("utf-8")
+        yield folder
+        return
+    except UnicodeEncodeError:
+        pass
+    holder = Path(tempfile.mkdtemp(prefix="rotnet-export-check-"))
+    try:
+        os.symlink(folder.resolve(), holder / "export")
+        yield holder / "export"
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
+
+
+def _compare_loaders(loaders: dict, x: torch.Tensor, expected: torch.Tensor) -> dict[str, float]:
     diffs: dict[str, float] = {}
     for how, build in loaders.items():
         try:
@@ -254,8 +294,8 @@ def _run_record(loaded: LoadedWeights) -> dict[str, Any]:
     partial run, a probe.json from elsewhere) leaves its facts out of the card, not the export.
     """
     info = loaded.info or {}
-    rotations = list(loaded.rotations) if loaded.rotations else info.get("rotations")
-    record: dict[str, Any] = {"rotations": rotations if isinstance(rotations, list) and rotations else None, "data": info.get("data"), "epochs": info.get("epochs"),
+    rotations = loaded.rotations or info.get("rotations")  # validated when read: a tuple of angles, or absent
+    record: dict[str, Any] = {"rotations": list(rotations) if rotations else None, "data": info.get("data"), "epochs": info.get("epochs"),
                               "val_rot_acc": info.get("val_rot_acc"), "init": info.get("init"), "probes": []}
     if loaded.run_dir is None:
         return record

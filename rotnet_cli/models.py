@@ -178,6 +178,11 @@ class RotNet(nn.Module):
         return self.head(self.backbone(x))
 
 
+def normalises_over_batch(model: nn.Module) -> bool:
+    """Whether training mode normalises over the batch (any BatchNorm; timm's BatchNormAct2d is one too)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def data_config(backbone: nn.Module) -> dict[str, Any]:
     """timm's resolved preprocessing for the model: input_size, mean, std, ..."""
     import timm

@@ -20,9 +20,12 @@ one never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import shlex
 import time
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,12 +36,12 @@ from . import data as data_lib
 from . import rundir
 from .checkpoint import CHECKPOINT_FORMAT
 from .config import PretrainConfig
-from .errors import ConfigError, DataError, InputSizeError, Interrupted, NonFiniteLossError, RotnetError
+from .errors import ConfigError, DataError, DiskFullError, InputSizeError, Interrupted, NonFiniteLossError, RotnetError
 from .events import (
     DeviceChosen, EpochEnded, EpochStarted, Message, Phase, Progress, Resumed, RunStarted, StepDone, StepFinished,
     WarningMessage, ignore,
 )
-from .models import RotNet, create_backbone, data_config, feature_width, rotation_head
+from .models import RotNet, create_backbone, data_config, feature_width, normalises_over_batch, rotation_head
 from .rotations import make_rotation_batch, rotate_all
 from .runtime import (
     DistInfo, all_reduce_sum, autocast, barrier, configure_backends, describe_device, dist_from_env, gather_objects,
@@ -170,21 +173,49 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> PretrainCon
     run_dir = Path(run_dir)
     if overrides.get("overwrite"):
         raise ConfigError("--overwrite and --resume contradict each other: choose one")
+    if rundir.overwrite_pending(run_dir):
+        _refuse_stopped_overwrite(run_dir)
     if not (run_dir / rundir.CONFIG).is_file():
         raise ConfigError(f"--resume {run_dir}: no {rundir.CONFIG} there, so it is not a rotnet run; give the run directory to continue")
     if not (run_dir / rundir.CHECKPOINT).is_file():
         raise ConfigError(
-            f"--resume {run_dir}: the run stopped before its first checkpoint; start it again with --out {run_dir} --overwrite"
+            f"--resume {run_dir}: the run stopped before its first checkpoint, so there is nothing to resume; "
+            f"start it again with: {_start_again(run_dir)}"
         )
     try:
-        saved = PretrainConfig.from_dict(rundir.read_config(run_dir)["config"])
+        saved = rundir.read_run_config(run_dir)
     except DataError as e:
-        raise ConfigError(f"--resume {run_dir}: {e}; start a new run instead") from None
+        raise ConfigError(f"--resume {run_dir}: {e}") from None
     given = PretrainConfig.from_dict({**saved.to_dict(), **overrides})
     clashes = saved.contradictions(given, overrides)
     if clashes:
         raise ConfigError(f"--resume {run_dir}: options contradict the saved run: {'; '.join(clashes)}; drop them or start a new run")
     return PretrainConfig.from_dict({**given.to_dict(), "out": str(run_dir), "resume": True, "overwrite": False})
+
+
+def _start_again(run_dir: Path) -> str:
+    """The command that started the run in ``run_dir`` (from its config.json), with --overwrite, to paste."""
+    try:
+        argv = rundir.read_config(run_dir).get("command")
+    except DataError:
+        argv = None
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv) or "pretrain" not in argv:
+        return f"rotnet pretrain ... --out {shlex.quote(str(run_dir))} --overwrite"
+    argv = [a for a in argv if a != "--resume"]
+    return rundir.suggested_command(argv + ([] if "--overwrite" in argv else ["--overwrite"]))
+
+
+def _refuse_stopped_overwrite(run_dir: Path) -> None:
+    """--resume of a folder where --overwrite was stopped before the new run's first checkpoint:
+    put the old run back (that is what the next pretrain on it does) and say what happened."""
+    again = _start_again(run_dir)
+    with rundir.RunDirWriter(run_dir, resume=True):
+        pass  # opening it under its lock repairs it: the old run comes back
+    raise ConfigError(
+        f"--resume {run_dir}: the new run that --overwrite started there stopped before its first checkpoint, so "
+        f"there is nothing of it to resume; the run it was replacing is back in {run_dir}, unchanged. To start the "
+        f"new run again: {again} (the old run is kept until the new one writes its first checkpoint)"
+    )
 
 
 # ----------------------------------------------------------------------------- the run and its state
@@ -211,8 +242,10 @@ class Run:
     steps_per_epoch: int
     padding: int  # of the random crop
     augment: str  # none, crop or crop+flip (--augment auto resolved for this data)
-    replaced: rundir.ReplacedRun | None  # --overwrite: the old run, until the first checkpoint
+    writer: rundir.RunDirWriter | None  # rank 0's hold on the run directory (lock, --overwrite's old run)
     skipped: tuple[str, ...]  # files left out when the data was opened (not images, or unreadable)
+    data_files: int  # image files the data source found (before decoding): what a resume compares
+    batch_norm: bool = False  # the model normalises over the batch (a step needs at least 2 inputs)
     train_model: torch.nn.Module | None = None  # the model as trained (DDP-wrapped, compiled): set once the state exists
 
 
@@ -255,6 +288,10 @@ def pretrain(
 
     ``should_stop`` is polled at step boundaries (Ctrl-C): the loop then writes a checkpoint
     and raises Interrupted. Under torchrun only rank 0 reports progress and writes files.
+
+    Rank 0 holds the run directory (rundir.RunDirWriter) for the whole run: locked against a
+    second process, repaired if a killed one left it half-way, and, if this run fails before
+    its first checkpoint, left as it was (an overwritten run comes back, a new folder goes).
     """
     dist = dist_from_env()
     report = (progress if dist.is_main else None) or ignore
@@ -263,32 +300,60 @@ def pretrain(
     configure_backends(device)
     if dist.enabled and cfg.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} must divide by the {dist.world_size} processes of torchrun")
-    out = Path(cfg.out) if cfg.out else rundir.default_run_dir(cfg.model)
-    rundir.check_out_dir(out, overwrite=cfg.overwrite, resume=cfg.resume, resumable=True)
-    saved = rundir.read_checkpoint(out / rundir.CHECKPOINT) if cfg.resume else None
-    replaced = rundir.ReplacedRun(out) if cfg.overwrite and dist.is_main else None
-    init_distributed(dist, device)
-    try:
-        result = _train(cfg, dist, device, precision, out, saved, report, should_stop or (lambda: False), replaced)
-        barrier(dist)  # rank 0 writes the last files: the others wait rather than tear the group down under it
-        return result
-    except BaseException as e:
-        if isinstance(e, (Interrupted, NonFiniteLossError)):
-            barrier(dist)  # every rank stops at the same step (they agreed on it), so they leave together too
-        if replaced is not None:
-            replaced.restore()  # the new run failed before its first checkpoint: the old one comes back
-        raise
-    finally:
-        shutdown_distributed()
+    made = None
+    if cfg.out:
+        out = Path(cfg.out)
+    elif dist.is_main:  # the default folder is claimed (made) here: two runs never share it
+        out, made = rundir.claim_default_run_dir(cfg.model)
+    else:
+        out = rundir.default_run_dir(cfg.model)  # only rank 0 writes; the others never use it
+    writer = rundir.RunDirWriter(out, made=made, resume=cfg.resume) if dist.is_main else contextlib.nullcontext()
+    with writer:
+        if dist.is_main and writer.recovered:
+            report(Message(f"{out}: {writer.recovered}"))
+        rundir.check_out_dir(out, overwrite=cfg.overwrite, resume=cfg.resume, resumable=True, replaces=rundir.RUN_ENTRIES)
+        saved = rundir.read_checkpoint(out / rundir.CHECKPOINT) if cfg.resume else None
+        init_distributed(dist, device)
+        try:
+            result = _train(cfg, dist, device, precision, out, saved, report, should_stop or (lambda: False),
+                            writer if dist.is_main else None)
+            barrier(dist)  # rank 0 writes the last files: the others wait rather than tear the group down under it
+            return result
+        except BaseException as e:
+            if isinstance(e, (Interrupted, NonFiniteLossError)):
+                barrier(dist)  # every rank stops at the same step (they agreed on it), so they leave together too
+            explained = _explained(e, out, writer if dist.is_main else None)
+            if explained is e:
+                raise
+            raise explained from e
+        finally:
+            shutdown_distributed()
+
+
+def _explained(e: BaseException, out: Path, writer: rundir.RunDirWriter | None) -> BaseException:
+    """What a failure means for the run: a second Ctrl-C or a full disk says whether and how to continue."""
+    saved = writer is not None and writer.kept
+    resume = f"rotnet pretrain --resume {shlex.quote(str(out))}"
+    if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C: stopped at once
+        if saved:
+            return Interrupted(f"stopped at once; the last checkpoint in {out} is intact; resume with: {resume}")
+        return Interrupted("stopped at once, before the first checkpoint; nothing was kept (an overwritten run is back as it was)")
+    if isinstance(e, DiskFullError):
+        if saved:
+            return DiskFullError(e.path, f"disk full while writing {e.path}; the last checkpoint is intact: free space and resume with: {resume}")
+        return DiskFullError(e.path, f"disk full while writing {e.path}, before the first checkpoint; nothing of this run was kept (a run it replaced is back as it was): free space and run the same command again")
+    return e
 
 
 def _train(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision: str, out: Path, saved: dict | None,
-           report: Progress, stop_requested: Callable[[], bool], replaced: rundir.ReplacedRun | None) -> PretrainResult:
+           report: Progress, stop_requested: Callable[[], bool], writer: rundir.RunDirWriter | None) -> PretrainResult:
     report(DeviceChosen(describe_device(device), precision, dist.world_size))
     report(Phase(f"building {cfg.model}"))
     model, img_size, mean, std = build_model(cfg, init=saved is None, report=report)
     seed_everything(cfg.seed, dist.rank)  # from here on each rank draws its own dropout/drop-path noise
-    run = set_up(cfg, dist, device, precision, out, report, stop_requested, replaced, img_size, mean, std)
+    run = set_up(cfg, dist, device, precision, out, report, stop_requested, writer, img_size, mean, std)
+    run.batch_norm = normalises_over_batch(model)
+    check_batch_norm(run)
     state = new_state(run, model)
     if saved is not None:
         restore(run, state, saved)
@@ -310,12 +375,13 @@ def _train(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision:
             row["images_per_s"], row["seconds"],
         ))
         if stop_now(run, sync_point=True) and epoch + 1 < cfg.epochs:
-            raise Interrupted(f"stopped after epoch {epoch + 1} of {cfg.epochs}; checkpoint saved; resume with: rotnet pretrain --resume {out}")
+            raise Interrupted(f"stopped after epoch {epoch + 1} of {cfg.epochs}; checkpoint saved; resume with: {_resume_command(out)}")
 
     if saved is not None and start_epoch >= cfg.epochs and (out / rundir.WEIGHTS).is_file():
         # a finished run resumed again (a scheduler's requeue) keeps its files as they are
         report(Message(f"{out} had already finished (epoch {cfg.epochs} of {cfg.epochs}); nothing to train, nothing changed"))
     elif dist.is_main:
+        check_finite_weights(run, state)
         rundir.save_weights(
             out / rundir.WEIGHTS, state.model.state_dict(), rundir.RUN_FORMAT, cfg.model, rotations=list(cfg.rotations),
             img_size=img_size, mean=list(mean), std=list(std), num_features=state.model.backbone.num_features,
@@ -362,7 +428,7 @@ def run_backbone(cfg: PretrainConfig, report: Progress = ignore) -> tuple[torch.
 
 
 def set_up(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision: str, out: Path, report: Progress,
-           stop_requested: Callable[[], bool], replaced: rundir.ReplacedRun | None, img_size: int,
+           stop_requested: Callable[[], bool], writer: rundir.RunDirWriter | None, img_size: int,
            mean: tuple[float, ...], std: tuple[float, ...]) -> Run:
     """The data (uint8 (N, 3, S, S) train and validation sets) and the sizes of an epoch."""
     report(Phase(f"reading {cfg.data}"))
@@ -371,11 +437,18 @@ def set_up(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision:
         strict=cfg.strict_data, progress=report,
     )
     train_set, val_set = source.train, source.val
+    if not train_set.in_memory:  # streamed: read while training, so prove now that something decodes
+        data_lib.check_readable(train_set, strict=cfg.strict_data)
     if val_set is None and cfg.val_split > 0:
         train_idx, val_idx = data_lib.split_indices(len(train_set), cfg.val_split, cfg.seed)
         train_set, val_set = train_set.subset(train_idx), train_set.subset(val_idx)
     if source.skipped:
         report(WarningMessage(data_lib.warn_skipped(list(source.skipped))))
+    if len(train_set) == 0:
+        raise DataError(
+            f"no training images are left after holding out {len(val_set or [])} for validation; add images, "
+            "or pass --val-split 0 to train on all of them"
+        )
     per_rank_batch = cfg.batch_size // dist.world_size
     images_per_rank = len(train_set) // dist.world_size
     if images_per_rank < per_rank_batch:
@@ -399,8 +472,19 @@ def set_up(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision:
         cfg=cfg, dist=dist, device=device, precision=precision, out=out, report=report, stop_requested=stop_requested,
         img_size=img_size, mean=mean, std=std, train_set=train_set, val_set=val_set, per_rank_batch=per_rank_batch,
         images_per_rank=images_per_rank, steps_per_epoch=steps_per_epoch, padding=padding, augment=augment,
-        replaced=replaced, skipped=source.skipped,
+        writer=writer, skipped=source.skipped, data_files=source.files,
     )
+
+
+def check_batch_norm(run: Run) -> None:
+    """BatchNorm cannot normalise a batch of one: refuse such a step size before anything is written."""
+    copies = run.cfg.num_rotations if run.cfg.copies == "all" else 1
+    if run.per_rank_batch * copies < 2 and run.batch_norm:
+        per = " per process" if run.dist.enabled else ""
+        raise ConfigError(
+            f"{run.cfg.model} uses BatchNorm, which cannot train on {run.per_rank_batch * copies} image{per} per step "
+            "(--batch-size 1 with --copies one); use --batch-size 2 or more, or --copies all"
+        )
 
 
 def new_state(run: Run, model: RotNet) -> TrainState:
@@ -430,18 +514,14 @@ def start_run_dir(run: Run, state: TrainState, resumed: bool) -> None:
     barrier(run.dist)  # every rank has checked --out and read the checkpoint before rank 0 writes there
     if run.dist.is_main:
         if not resumed:
-            rundir.prepare_run_dir(run.out)
-            if run.replaced is not None:
-                run.replaced.set_aside()
+            run.writer.start_new(replace=run.cfg.overwrite)  # --overwrite: the old run is set aside, not deleted
             rundir.write_config(run.out, run.cfg.to_dict(), {
                 "out": str(run.out), "img_size": run.img_size, "mean": list(run.mean), "std": list(run.std),
                 "lr": run.cfg.resolved_lr, "weight_decay": run.cfg.resolved_weight_decay, "augment": run.augment,
-                "device": str(run.device),
-                "precision": run.precision, "world_size": run.dist.world_size, "train_images": len(run.train_set),
-                "val_images": n_val,
+                "device": str(run.device), "precision": run.precision, "world_size": run.dist.world_size,
+                "threads": torch.get_num_threads(), "train_images": len(run.train_set), "val_images": n_val,
+                "data_files": run.data_files, "in_memory": run.train_set.in_memory,
             })
-        else:
-            rundir.remove_temp_files(run.out)  # left by a process killed while writing
         rundir.write_metrics(run.out, state.history)
     copies = run.cfg.num_rotations if run.cfg.copies == "all" else 1
     run.report(RunStarted(
@@ -484,6 +564,9 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
         if batch is None:
             break
         state.skipped.update(dict.fromkeys(batch.skipped))
+        for _ in range(step, batch.index):  # batches without one readable image never come: their steps pass
+            state.scheduler.step()
+        step = batch.index
         global_step = epoch * run.steps_per_epoch + step
         lr = state.optimizer.param_groups[0]["lr"]  # the scheduler set it for this step
 
@@ -497,17 +580,18 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
 
-        with autocast(device, run.precision):
-            logits = run.train_model(x)  # (R*B, R)
-        loss = rotation_loss(logits, y)
-        state.optimizer.zero_grad(set_to_none=True)
-        state.scaler.scale(loss).backward()
-        state.scaler.step(state.optimizer)  # fp16: skips the update when the scaled gradients overflowed
-        state.scaler.update()
+        # unreadable files can leave a streamed batch of one image, which BatchNorm cannot train on: it passes
+        if len(x) >= 2 or not run.batch_norm:
+            with autocast(device, run.precision):
+                logits = run.train_model(x)  # (R*B, R)
+            loss = rotation_loss(logits, y)
+            state.optimizer.zero_grad(set_to_none=True)
+            state.scaler.scale(loss).backward()
+            state.scaler.step(state.optimizer)  # fp16: skips the update when the scaled gradients overflowed
+            state.scaler.update()
+            # the sums stay on the device; the host reads them every log_every steps only
+            sums.add(step, loss, logits, y)
         state.scheduler.step()
-
-        # the sums stay on the device; the host reads them every log_every steps only
-        sums.add(step, loss, logits, y)
         step += 1
         run.report(StepFinished(epoch + 1, step, run.steps_per_epoch))  # host counters only: no device read
         log_now = step % cfg.log_every == 0 or step == run.steps_per_epoch
@@ -515,8 +599,9 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
             check_finite(run, state, epoch, sums)
             loss_total, correct_total, seen_total = sums.totals().tolist()
             elapsed = max(time.perf_counter() - t0, 1e-9)
+            seen = max(seen_total, 1.0)  # every batch so far unreadable: report zeros, not a division by zero
             run.report(StepDone(
-                epoch + 1, cfg.epochs, step, run.steps_per_epoch, loss_total / seen_total, correct_total / seen_total, lr,
+                epoch + 1, cfg.epochs, step, run.steps_per_epoch, loss_total / seen, correct_total / seen, lr,
                 (seen_total - seen_before) * dist.world_size / elapsed, waited / elapsed,
             ))
         if step == run.steps_per_epoch:
@@ -527,7 +612,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
         if stop_now(run, sync_point=log_now):
             if state.saved_at != (epoch, step):
                 save_checkpoint(run, state, sums)
-            raise Interrupted(f"stopped at {_position(epoch, step)}; checkpoint saved; resume with: rotnet pretrain --resume {run.out}")
+            raise Interrupted(f"stopped at {_position(epoch, step)}; checkpoint saved; resume with: {_resume_command(run.out)}")
 
     check_finite(run, state, epoch, sums)
     return EpochStats(sums, seen_before, time.perf_counter() - t0, waited, lr)
@@ -538,7 +623,18 @@ def finish_epoch(run: Run, state: TrainState, epoch: int, stats: EpochStats) -> 
     totals = stats.sums.totals()
     all_reduce_sum(totals, dist=run.dist)
     loss_total, correct_total, seen_total = totals.tolist()
+    if seen_total == 0:  # every batch unreadable, or left too small for BatchNorm by its unreadable files
+        then = f"resume with: {_resume_command(run.out)}" if state.saved_at else "start again"
+        raise DataError(
+            f"no step of epoch {epoch + 1} had 2 or more readable images to train on ({len(state.skipped)} unreadable "
+            f"file(s) so far, e.g. {next(iter(state.skipped), '-')}); remove or restore them, then {then}"
+        )
     val = validate(run, state) if run.val_set is not None and len(run.val_set) else {}
+    if val and not math.isfinite(val["loss"]):
+        raise NonFiniteLossError(
+            f"the validation loss became NaN or infinite after epoch {epoch + 1}: the weights diverged; "
+            f"{_kept(run, state)}; lower --lr, add --warmup-epochs or use --precision fp32"
+        )
     return {
         "epoch": epoch + 1,
         "loss": loss_total / seen_total,
@@ -592,14 +688,35 @@ def check_finite(run: Run, state: TrainState, epoch: int, sums: EpochSums) -> No
     bad = reduce_int(NO_STEP if first_bad is None else epoch * spe + first_bad, "min", run.device, run.dist)
     if bad == NO_STEP:
         return
-    if state.saved_at:
-        kept = f"the last good checkpoint {run.out / rundir.CHECKPOINT} ({_position(*state.saved_at)}) is kept"
-    else:
-        kept = "no checkpoint had been written yet"
     raise NonFiniteLossError(
-        f"the loss became NaN or infinite at step {bad + 1} (epoch {bad // spe + 1}, step {bad % spe + 1}); {kept}; "
+        f"the loss became NaN or infinite at step {bad + 1} (epoch {bad // spe + 1}, step {bad % spe + 1}); {_kept(run, state)}; "
         "lower --lr, add --warmup-epochs or use --precision fp32"
     )
+
+
+def check_finite_weights(run: Run, state: TrainState) -> None:
+    """No weights are saved that hold NaN or infinity: a step can blow them up while the loss it
+    reported was still finite (the loss is computed before the update). One host read per save."""
+    tensors = {k: v for k, v in state.model.state_dict().items() if v.is_floating_point()}
+    if bool(torch.stack([torch.isfinite(v).all() for v in tensors.values()]).all()):
+        return
+    bad = next(k for k, v in tensors.items() if not bool(torch.isfinite(v).all()))
+    raise NonFiniteLossError(
+        f"the weights became NaN or infinite by epoch {state.epoch + 1}, step {state.step} (e.g. {bad}); "
+        f"{_kept(run, state)}; lower --lr, add --warmup-epochs or use --precision fp32"
+    )
+
+
+def _kept(run: Run, state: TrainState) -> str:
+    if state.saved_at:
+        return f"the last good checkpoint {run.out / rundir.CHECKPOINT} ({_position(*state.saved_at)}) is kept"
+    if run.cfg.overwrite and not run.cfg.resume:
+        return "no checkpoint had been written yet, so nothing of this run was kept and the run it replaced is back as it was"
+    return "no checkpoint had been written yet, so nothing was kept"
+
+
+def _resume_command(out: Path) -> str:
+    return f"rotnet pretrain --resume {shlex.quote(str(out))}"
 
 
 def stop_now(run: Run, sync_point: bool) -> bool:
@@ -621,6 +738,7 @@ def save_checkpoint(run: Run, state: TrainState, sums: EpochSums | None) -> None
     """
     if sums is not None:
         check_finite(run, state, state.epoch, sums)
+    check_finite_weights(run, state)  # the same weights on every rank (DDP), so every rank agrees
     per_rank = gather_objects({"partial": sums.state() if sums is not None else None, "rng": rng_state()}, run.dist)
     if run.dist.is_main:
         rundir.write_checkpoint(run.out, {
@@ -628,10 +746,11 @@ def save_checkpoint(run: Run, state: TrainState, sums: EpochSums | None) -> None
             "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(), "epoch": state.epoch,
             "step": state.step, "history": state.history, "img_size": run.img_size, "mean": list(run.mean),
             "std": list(run.std), "train_images": len(run.train_set), "world_size": run.dist.world_size,
+            "threads": torch.get_num_threads(), "data_files": run.data_files, "in_memory": run.train_set.in_memory,
             "partial": [r["partial"] for r in per_rank], "rng": [r["rng"] for r in per_rank],
         })
-        if run.replaced is not None:
-            run.replaced.discard()  # the new run can now be resumed: the old one is gone for good
+        if run.writer is not None:
+            run.writer.checkpointed()  # the new run can now be resumed: an overwritten old one is gone for good
     state.saved_at = (state.epoch, state.step)
 
 
@@ -643,14 +762,26 @@ def restore(run: Run, state: TrainState, saved: dict) -> None:
             f"--resume {run.out}: {checkpoint} was written by an earlier rotnet development build and cannot be resumed; "
             f"start a new run (--init {checkpoint} starts from its weights)"
         )
+    written_for = saved["run_config"]
+    differ = [f.name for f in dataclass_fields(PretrainConfig) if not f.metadata.get("resume_free")
+              and getattr(written_for, f.name) != getattr(run.cfg, f.name)]
+    if differ:
+        raise ConfigError(
+            f"--resume {run.out}: {rundir.CONFIG} and {rundir.CHECKPOINT} there describe different runs "
+            f"({', '.join(f'{n}: {getattr(run.cfg, n)!r} vs {getattr(written_for, n)!r}' for n in differ[:3])}); "
+            f"one of them was replaced by hand: put back the {rundir.CONFIG} of this run, or start a new run"
+        )
     try:
         epoch, step, train_images = int(saved["epoch"]), int(saved["step"]), int(saved["train_images"])
         saved_world = int(saved["world_size"])
         if train_images != len(run.train_set):
-            raise DataError(
-                f"--resume {run.out}: the training data changed ({train_images} images when the run started, "
-                f"{len(run.train_set)} now); restore the data or start a new run"
-            )
+            raise DataError(_data_changed(run, saved, train_images))
+        threads = saved.get("threads")
+        if run.device.type == "cpu" and threads and threads != torch.get_num_threads():
+            run.report(WarningMessage(
+                f"the run used {threads} CPU threads, this process {torch.get_num_threads()}: the result will not be "
+                f"bitwise that of an uninterrupted run (set OMP_NUM_THREADS={threads} for that)"
+            ))
         if step and saved_world != run.dist.world_size:
             raise ConfigError(
                 f"--resume {run.out}: this checkpoint is from the middle of an epoch of a run on {saved_world} process(es); "
@@ -669,6 +800,23 @@ def restore(run: Run, state: TrainState, saved: dict) -> None:
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
         raise ConfigError(f"{checkpoint} does not fit this run's model or optimizer: {str(e).splitlines()[0][:160]}") from None
     state.epoch, state.step, state.saved_at = epoch, step, (epoch, step)
+
+
+def _data_changed(run: Run, saved: dict, train_images: int) -> str:
+    """Why the training set has another size than when the run started: other files, or files read another way."""
+    files_then, files_now = saved.get("data_files"), run.data_files
+    if files_then is None or files_then != files_now:
+        counted = f"{files_then} image files" if files_then is not None else f"{train_images} training images"
+        now = f"{files_now} now" if files_then is not None else f"{len(run.train_set)} now"
+        return f"--resume {run.out}: the training data changed ({counted} when the run started, {now}); restore the data or start a new run"
+    if saved.get("in_memory") is not None and saved["in_memory"] != run.train_set.in_memory:
+        cache = "ram" if saved["in_memory"] else "none"
+        how = "decoded them into memory, leaving out unreadable files before the split" if saved["in_memory"] else \
+            "read them from disk while training, where unreadable files count until they are met"
+        return (f"--resume {run.out}: the data is unchanged ({files_now} image files), but the run {how}; "
+                f"resume with --cache {cache} to continue the same computation")
+    return (f"--resume {run.out}: the same {files_now} image files are there, but {len(run.train_set)} of them are "
+            f"readable now and {train_images} were when the run started; restore the unreadable files or start a new run")
 
 
 def _load_init(model: RotNet, cfg: PretrainConfig, img_size: int) -> None:

@@ -106,6 +106,7 @@ class ProbeResult:
     train_seconds: dict[str, float]
     setting: dict = field(default_factory=dict)
     saved_to: Path | None = None
+    save_error: str | None = None  # why probe.json could not be written (the results are complete)
     skipped_files: list[str] = field(default_factory=list)
 
     def best(self) -> tuple[ProbeRow, str] | None:
@@ -228,7 +229,10 @@ def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
         skipped_files=list(dict.fromkeys([*skipped, *(train.skipped if train else []), *(val.skipped if val else [])])),
     )
     if save_to is not None:
-        result.saved_to = save_result(save_to, result, cfg.overwrite)
+        try:
+            result.saved_to = save_result(save_to, result, cfg.overwrite)
+        except OutputError as e:  # the figures are computed: they are returned (and shown) all the same
+            result.save_error = str(e)
     return result
 
 
@@ -248,11 +252,14 @@ def check_saved_result(run_dir: Path, cfg: ProbeConfig) -> None:
 def save_result(run_dir: Path, result: ProbeResult, overwrite: bool) -> Path:
     """Add ``result`` to probe.json, replacing a result of the same setting only when ``overwrite``."""
     new = result.to_dict()
-    results = rundir.read_probe(run_dir)  # again: another probe may have saved since the check
-    if any(r.get("setting") == new["setting"] for r in results) and not overwrite:
-        raise OutputError(f"{Path(run_dir) / rundir.PROBE} already holds a result with these settings; "
-                          "pass --overwrite to replace it, or --no-save")
-    return rundir.write_probe(run_dir, [r for r in results if r.get("setting") != new["setting"]] + [new])
+
+    def merged(results: list[dict]) -> list[dict]:  # read again under the lock: another probe may have saved since the check
+        if any(r.get("setting") == new["setting"] for r in results) and not overwrite:
+            raise OutputError(f"{Path(run_dir) / rundir.PROBE} already holds a result with these settings; "
+                              "pass --overwrite to replace it, or --no-save")
+        return [r for r in results if r.get("setting") != new["setting"]] + [new]
+
+    return rundir.update_probe(run_dir, merged)
 
 
 class _Counter:

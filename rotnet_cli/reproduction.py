@@ -191,8 +191,8 @@ def _saved_pretrain_config(run: Path) -> PretrainConfig | None:
     if not (run / rundir.CONFIG).is_file():
         return None
     try:
-        return PretrainConfig.from_dict(rundir.read_config(run)["config"])
-    except (DataError, ConfigError, KeyError, TypeError) as e:
+        return rundir.read_run_config(run)  # every field checked: a wrong type is named, never a traceback
+    except (DataError, ConfigError) as e:
         raise OutputError(f"{run / rundir.CONFIG} is not a rotnet run config ({str(e).splitlines()[0][:80]}); "
                           "give another --out, or move it away") from None
 

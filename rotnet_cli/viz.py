@@ -24,9 +24,10 @@ from torch import nn
 
 from . import data as data_lib
 from . import rundir
+from ._version import __version__
 from .checkpoint import atomic_write, make_dir
-from .config import AttentionConfig, CurvesConfig, FiltersConfig
-from .errors import DataError, ModelError, RotnetError
+from .config import MAX_PICTURE_PIXELS, AttentionConfig, CurvesConfig, FiltersConfig
+from .errors import ConfigError, DataError, ModelError, RotnetError
 from .events import Message, Progress, TaskProgress, ignore
 from .models import forward_stages, num_stages, resolve_stages
 from .rotations import disc_mask, needs_mask, rotate, rotate_all
@@ -144,9 +145,20 @@ def to_pil(image: torch.Tensor):
 
 
 def save_png(image, path: Path) -> Path:
-    """Write a PIL image atomically (parent folders made), so a failure leaves no half PNG."""
+    """Write a PIL image atomically (parent folders made), so a failure leaves no half PNG. Its
+    "Software" text says rotnet drew it: --overwrite replaces such pictures and no others."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", f"{rundir.PICTURE_SOFTWARE} {__version__}")
     make_dir(path.parent)
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def check_picture_size(width: int, height: int, option: str, fix: str) -> None:
+    """Refuse a picture too large to draw before anything is allocated (PIL's decompression-bomb limit)."""
+    if width * height > MAX_PICTURE_PIXELS:
+        raise ConfigError(f"{option}: the picture would be {width:,} x {height:,} pixels, more than {MAX_PICTURE_PIXELS:,}; {fix}")
 
 
 def _font():
@@ -233,6 +245,22 @@ def auto_scale(kernel: tuple[int, int], target: int = 32) -> int:
     return max(1, math.ceil(target / max(kernel)))
 
 
+def grid_size(count: int, kernel: tuple[int, int], scale: int, cols: int) -> tuple[int, int]:
+    """(width, height) in pixels of make_grid's grid of ``count`` tiles of ``kernel`` x ``scale``."""
+    rows = math.ceil(count / cols)
+    return min(cols, count) * (kernel[1] * scale + TILE_PADDING) + TILE_PADDING, rows * (kernel[0] * scale + TILE_PADDING) + TILE_PADDING
+
+
+def largest_scale(count: int, kernel: tuple[int, int], cols: int) -> int:
+    """The largest --scale whose grid stays within MAX_PICTURE_PIXELS (at least 1)."""
+    low, high = 1, 1 << 20
+    while low < high:
+        middle = (low + high + 1) // 2
+        width, height = grid_size(count, kernel, middle, cols)
+        low, high = (middle, high) if width * height <= MAX_PICTURE_PIXELS else (low, middle - 1)
+    return low
+
+
 def filter_panel(loaded, label: str, scale: int | None, cols: int | None) -> tuple[Any, FilterPanel]:
     """The tile grid of one model's stem filters as a PIL image, and its description."""
     from torchvision.utils import make_grid
@@ -242,6 +270,8 @@ def filter_panel(loaded, label: str, scale: int | None, cols: int | None) -> tup
     scale = scale or auto_scale(kernel)
     count = int(weight.shape[0])
     cols = cols or math.ceil(math.sqrt(count))
+    width, height = grid_size(count, kernel, scale, cols)
+    check_picture_size(width, height, f"--scale {scale}", f"use --scale {largest_scale(count, kernel, cols)} or less")
     grid = make_grid(filter_tiles(weight, scale), nrow=cols, padding=TILE_PADDING, pad_value=BACKGROUND)
     image = to_pil(grid)
     panel = FilterPanel(
@@ -274,6 +304,8 @@ def side_by_side(images: list, labels: list[str]):
 def draw_filters(config: FiltersConfig, progress: Progress | None = None) -> FiltersResult:
     """One PNG of the stem filters of each weights spec, side by side (labelled when several)."""
     emit = progress or ignore
+    out = Path(config.out).expanduser()
+    rundir.check_out_file(out, overwrite=config.overwrite)
     labels = list(config.labels) or list(config.weights)
     images, panels = [], []
     for spec, label in zip(config.weights, labels):
@@ -281,8 +313,10 @@ def draw_filters(config: FiltersConfig, progress: Progress | None = None) -> Fil
         image, panel = filter_panel(load_weights(spec, "cpu"), label, config.scale, config.cols)
         images.append(image)
         panels.append(panel)
+    check_picture_size(sum(i.width for i in images) + PANEL_GAP * len(images), max(i.height for i in images) + LABEL_BAND,
+                       f"{len(images)} panels", "draw fewer weights at once, or a smaller --scale")
     picture = side_by_side(images, labels) if len(images) > 1 or config.labels else images[0]
-    out = save_png(picture, Path(config.out).expanduser())
+    out = save_png(picture, out)
     return FiltersResult(out=out, panels=panels, width=picture.width, height=picture.height)
 
 
@@ -433,9 +467,11 @@ def draw_attention(config: AttentionConfig, progress: Progress | None = None) ->
     """For every image: a PNG with a row per rotated copy and a column per stage's attention map."""
     emit = progress or ignore
     out_dir = Path(config.out).expanduser()
-    rundir.check_out_dir(out_dir, overwrite=True)  # the pictures of earlier calls are replaced, as documented
-    device = resolve_device(config.device)
     paths = collect_images(config.images)
+    names = unique_names(paths)
+    # a folder that is not empty needs --overwrite, which replaces only pictures rotnet drew
+    rundir.check_out_dir(out_dir, overwrite=config.overwrite, overwrite_does="write into it", replaces=names)
+    device = resolve_device(config.device)
     loaded = load_weights(config.weights, device)
     rotations = config.rotations or loaded.rotations or DEFAULT_ROTATIONS
     img_size = config.img_size or loaded.img_size
@@ -447,12 +483,17 @@ def draw_attention(config: AttentionConfig, progress: Progress | None = None) ->
     mask = disc_mask(img_size, img_size)[0, 0].bool() if needs_mask(rotations) else None
     columns = ["input"] + [f"stage {i + 1} p={p:g}" for i, p in zip(stages, powers)]
     rows_text = [f"{a:g}°" for a in rotations]
+    tile = img_size * scale + TILE_PADDING
+    check_picture_size(
+        ROW_LABEL_WIDTH + len(columns) * tile + TILE_PADDING, LABEL_BAND + len(rotations) * tile + TILE_PADDING,
+        f"--scale {scale} at {img_size} px", "use a smaller --scale or --img-size, or fewer --layers",
+    )
 
     result = AttentionResult(
         out_dir=out_dir, model=loaded.model_name, rotations=rotations, stages=[i + 1 for i in stages],
         powers=powers, aligned=config.align, img_size=img_size,
     )
-    for done, (path, name) in enumerate(zip(paths, unique_names(paths))):
+    for done, (path, name) in enumerate(zip(paths, names)):
         emit(TaskProgress("attention", "attention maps", done, len(paths)))
         try:
             image = data_lib.decode_file(path, img_size)  # (3, S, S) uint8
@@ -508,6 +549,7 @@ def _pyplot():
 
 def draw_curves(config: CurvesConfig, progress: Progress | None = None) -> CurvesResult:
     """Loss and rotation accuracy per epoch (training and validation) as one PNG."""
+    rundir.check_out_file(Path(config.out).expanduser(), overwrite=config.overwrite)
     run_dir, rows = read_metrics(config.run)
     plt = _pyplot()
     epochs = [row["epoch"] for row in rows]
@@ -534,7 +576,8 @@ def draw_curves(config: CurvesConfig, progress: Progress | None = None) -> Curve
     out = Path(config.out).expanduser()
     try:
         make_dir(out.parent)
-        atomic_write(out, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+        software = {"Software": f"{rundir.PICTURE_SOFTWARE} {__version__}"}  # how --overwrite knows rotnet drew it
+        atomic_write(out, lambda tmp: figure.savefig(tmp, format="png", dpi=100, metadata=software))
     finally:
         plt.close(figure)
     return CurvesResult(out=out, epochs=len(rows), final=rows[-1])

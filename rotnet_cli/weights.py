@@ -10,7 +10,6 @@ run that stopped before its final weights when it holds only checkpoint.pt.
 
 from __future__ import annotations
 
-import json
 import socket
 import urllib.parse
 import urllib.request
@@ -23,7 +22,7 @@ from torch import nn
 
 from . import rundir
 from .checkpoint import load_safetensors
-from .errors import WeightsError
+from .errors import ModelError, WeightsError
 from .models import RotNet, canonical_model_name, create_backbone, data_config, rotation_head
 
 
@@ -84,6 +83,12 @@ def load_weights(spec: str, device: torch.device | str = "cpu", seed: int = 0, i
             loaded = _load_checkpoint(path / rundir.CHECKPOINT, device)
             loaded.kind = "run"
             return loaded
+        if (path / rundir.REPLACED).is_dir():
+            raise WeightsError(
+                f"{path}: the run that --overwrite started there has no checkpoint yet (it is starting, or it was "
+                f"stopped); the run it replaces is kept in {path / rundir.REPLACED}, and if the new run was stopped, the "
+                f"next rotnet pretrain on this folder puts it back (e.g. rotnet pretrain --resume {path})"
+            )
         raise WeightsError(
             f"{path} is not a rotnet run directory or exported model (no model.safetensors, checkpoint.pt or config.json)"
         )
@@ -149,7 +154,7 @@ def _load_safetensors(path: Path, device, kind: str) -> LoadedWeights:
     marker = meta[rundir.FORMAT_KEY]
     if marker == rundir.HEAD_FORMAT:
         raise WeightsError(f"{path} holds only a rotation head; give the exported folder it belongs to")
-    rotations = tuple(float(a) for a in meta.get("rotations") or ()) or None
+    rotations = meta.get("rotations")
     if marker == rundir.RUN_FORMAT:
         backbone_state, head_state = _split_prefixed(tensors)
     else:
@@ -165,7 +170,7 @@ def _load_safetensors(path: Path, device, kind: str) -> LoadedWeights:
 
 def _load_checkpoint(path: Path, device) -> LoadedWeights:
     try:
-        state = rundir.read_checkpoint(path)
+        state = rundir.read_checkpoint(path)  # every field checked
     except WeightsError:
         raise
     except Exception as e:  # torch's unpickler trips over foreign bytes in its own ways (KeyError, struct.error, ...)
@@ -173,16 +178,13 @@ def _load_checkpoint(path: Path, device) -> LoadedWeights:
             f"{path} is not a checkpoint (torch.load failed: {type(e).__name__}); give a run directory, "
             "checkpoint.pt, .safetensors file or an exported folder"
         ) from e
-    config = state.get("config")
-    model_state = state.get("model")
-    if not isinstance(config, dict) or not isinstance(model_state, dict) or "model" not in config:
-        raise WeightsError(f"{path} is not a rotnet checkpoint (no 'config' and 'model' entries)")
-    rotations = tuple(float(a) for a in config.get("rotations", ())) or None
-    backbone_state, head_state = _split_prefixed(model_state)
+    config = state["run_config"]
+    rotations = config.rotations
+    backbone_state, head_state = _split_prefixed(state["model"])
     img_size = state.get("img_size")
-    backbone, head = _build(config["model"], img_size, rotations, backbone_state, head_state, str(path))
+    backbone, head = _build(config.model, img_size, rotations, backbone_state, head_state, str(path))
     return _finish(
-        backbone, head, device, model_name=config["model"], rotations=rotations, img_size=img_size,
+        backbone, head, device, model_name=config.model, rotations=rotations, img_size=img_size,
         mean=state.get("mean"), std=state.get("std"), source=str(path), kind="checkpoint",
         run_dir=rundir.run_dir_of(path),
         info={"epoch": state.get("epoch"), "step": state.get("step")},
@@ -191,29 +193,21 @@ def _load_checkpoint(path: Path, device) -> LoadedWeights:
 
 def _load_exported(folder: Path, device) -> LoadedWeights:
     """An exported folder, read as timm reads it (config.json), plus the optional rotation head."""
-    try:
-        config = json.loads((folder / rundir.EXPORT_CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{folder / rundir.EXPORT_CONFIG} is not readable JSON: {e}") from e
-    name = config.get("architecture") if isinstance(config, dict) else None
-    if not name:
-        raise WeightsError(f"{folder / rundir.EXPORT_CONFIG} names no 'architecture'; it is not a timm/rotnet export")
+    config = rundir.read_export_config(folder)  # every field checked; a missing file is named as such
+    name = config["architecture"]
     tensors, raw = load_safetensors(folder / rundir.EXPORT_WEIGHTS)
     meta = rundir.read_weights_metadata(folder / rundir.EXPORT_WEIGHTS, raw)
-    pcfg = config.get("pretrained_cfg", {})
     # timm records the build size of fixed-size models (ViTs) in model_args, as [H, W];
     # the size the weights were trained at is pretrained_cfg's input_size (C, H, W).
-    build_size = (config.get("model_args") or {}).get("img_size")
-    img_size = (pcfg.get("input_size") or [None])[-1]
     rotations, head_state = None, None
     if (folder / rundir.EXPORT_HEAD).is_file():
         head_tensors, head_raw = load_safetensors(folder / rundir.EXPORT_HEAD)
-        rotations = tuple(float(a) for a in rundir.read_weights_metadata(folder / rundir.EXPORT_HEAD, head_raw).get("rotations") or ()) or None
+        rotations = rundir.read_weights_metadata(folder / rundir.EXPORT_HEAD, head_raw)["rotations"]
         head_state = head_tensors
-    backbone, head = _build(name, build_size, rotations, tensors, head_state, str(folder))
+    backbone, head = _build(name, config["build_size"], rotations, tensors, head_state, str(folder))
     return _finish(
-        backbone, head, device, model_name=name, rotations=rotations, img_size=img_size,
-        mean=pcfg.get("mean"), std=pcfg.get("std"), source=str(folder), kind="exported", info=meta,
+        backbone, head, device, model_name=name, rotations=rotations, img_size=config["img_size"],
+        mean=config["mean"], std=config["std"], source=str(folder), kind="exported", info=meta,
     )
 
 
@@ -230,13 +224,27 @@ def _split_prefixed(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
 def _build(model_name: str, img_size: int | list[int] | None, rotations: tuple[float, ...] | None,
            backbone_state: dict[str, torch.Tensor], head_state: dict[str, torch.Tensor] | None, source: str
            ) -> tuple[nn.Module, nn.Linear | None]:
-    backbone = create_backbone(model_name, img_size=img_size)
+    check_finite_weights({**backbone_state, **(head_state or {})}, source)
+    try:
+        backbone = create_backbone(model_name, img_size=img_size)
+    except ModelError as e:  # the name came from the file: say so
+        raise WeightsError(f"{source} names the model {model_name!r}, which cannot be built here ({e})") from None
     load_state_dict_strict(backbone, backbone_state, source, model_name)
     head = None
     if head_state and rotations:
         head = rotation_head(backbone, len(rotations))
         load_state_dict_strict(head, head_state, source, f"the rotation head ({len(rotations)} rotations)")
     return backbone, head
+
+
+def check_finite_weights(state: dict[str, torch.Tensor], source: str) -> None:
+    """Weights with NaN or infinity come from a diverged run: nothing computed from them means anything."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise WeightsError(
+            f"{source} holds NaN or infinite weights ({len(bad)} tensor(s), e.g. {bad[0]}): it comes from a diverged "
+            "run; use an earlier checkpoint, or train again with a lower --lr"
+        )
 
 
 def load_state_dict_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str, model_name: str) -> None:

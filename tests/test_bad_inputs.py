@@ -9,6 +9,8 @@ whole folder is hashed before and after.
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -113,6 +115,25 @@ MATRIX = [
     ("viz attention {run} {img} --rotations 0,0 --device cpu", 1, "appears twice"),
     ("viz curves {missing}", 1, "does not exist"),
     ("viz sideways {run}", 2, ""),
+    # -- issue 14, item 5 and issue 19, item 14: one overwrite policy; rotnet replaces only its own files
+    ("pretrain --out {foreign_run} --overwrite --device cpu", 1, "was not written by rotnet"),
+    ("export {run} --out {full_dir} --overwrite", 1, "keep.txt was not written by rotnet"),
+    ("viz filters {run} --out {img}", 1, "pass --overwrite"),
+    ("viz filters {run} --out {img} --overwrite", 1, "photo.png was not written by rotnet"),
+    ("viz curves {run} --out {img}", 1, "pass --overwrite"),
+    ("viz attention {run} {img} --out {full_dir} --device cpu", 1, "--overwrite"),
+    # -- item 10: nothing a step could train on, found before anything is written
+    ("pretrain --data {broken} --cache none --device cpu", 1, "none of the 2 image files"),
+    ("pretrain --model test_resnet -b 1 --copies one --device cpu", 1, "BatchNorm"),
+    ("probe {run} -b 1 --device cpu", 1, "BatchNorm"),
+    ("pretrain --data {one} --device cpu", 1, "--val-split 0"),
+    # -- item 11: sizes bounded before anything is allocated
+    ("viz filters {run} --scale 100000 --out {new_png}", 1, "pixels"),
+    ("viz attention {run} {img} --scale 100000 --out {new} --device cpu", 1, "pixels"),
+    ("pretrain --img-size 100000", 1, "--img-size must be between"),
+    # -- item 13: the advice names a command that works
+    ("pretrain --resume {stopped}", 1, "start it again with: rotnet pretrain"),
+    # -- a second process on a run directory (item 3) is refused: see test_reliability
 ]
 
 
@@ -139,7 +160,8 @@ def sentinel(tmp_path_factory, tiny_run) -> dict[str, Path]:
     paths = {"root": root, "run": root / "run", "img": root / "photo.png", "notes": root / "notes.txt",
              "empty": root / "empty", "full_dir": root / "full_dir", "few": root / "few", "broken": root / "broken",
              "empty_class": root / "empty_class", "evil": root / "evil.pt", "foreign": root / "foreign.safetensors",
-             "missing": root / "does-not-exist", "new": root / "new-output"}
+             "missing": root / "does-not-exist", "new": root / "new-output", "new_png": root / "new.png",
+             "foreign_run": root / "my-project", "one": root / "one", "stopped": root / "stopped"}
     _png(paths["img"], 0)
     paths["notes"].write_text("not an image\n")
     paths["empty"].mkdir()
@@ -158,6 +180,12 @@ def sentinel(tmp_path_factory, tiny_run) -> dict[str, Path]:
     from safetensors.torch import save_file
 
     save_file({"weight": torch.zeros(2, 2)}, str(paths["foreign"]))
+    paths["foreign_run"].mkdir()
+    (paths["foreign_run"] / "config.json").write_text('{"project": "mine, not a rotnet run"}\n')
+    paths["one"].mkdir()
+    _png(paths["one"] / "only.png", 0)
+    paths["stopped"].mkdir()  # a run killed before its first checkpoint: config.json, nothing to resume
+    shutil.copy(paths["run"] / "config.json", paths["stopped"] / "config.json")
     return paths
 
 
@@ -194,5 +222,118 @@ def test_bad_input_gives_one_line_and_changes_nothing(sentinel, monkeypatch, arg
         errors = [line for line in lines if line.startswith("error:")]
         assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
         assert fix in errors[0], f"{errors[0]!r} does not say {fix!r}"
+        assert_named_options_exist(argv, errors[0])
     assert _snapshot(sentinel["root"]) == before
     assert not (sentinel["root"] / "PWNED").exists()
+
+
+def _options_of(argv: list[str]) -> set[str]:
+    """Every option name of the command that ``argv`` invokes (``viz filters`` is a command of the group viz)."""
+    from typer.main import get_command
+
+    command = get_command(app)
+    for word in argv:  # a group's commands (typer may bring its own copy of click: no isinstance)
+        if word in getattr(command, "commands", {}):
+            command = command.commands[word]
+    return {name for param in command.params for name in getattr(param, "opts", []) + getattr(param, "secondary_opts", [])}
+
+
+def assert_named_options_exist(argv: list[str], message: str) -> None:
+    """Item 13 of issue 14: a message names a fix that exists; every --option it names is one of the command's."""
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*[a-z]", message))
+    missing = named - _options_of(argv)
+    assert not missing, f"{message!r} names {sorted(missing)}, which `rotnet {argv[0]}` does not have"
+
+
+# ----------------------------------------------------------------------------- files from strangers (issue 14, item 7)
+# Every field rotnet reads from a file is validated like user input: a wrong type or an impossible
+# value is one line that names the file and the field, never a traceback or a NaN result.
+
+
+def _set_metadata(path: Path, **raw: str) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = dict(f.metadata())
+    save_file(load_file(str(path)), str(path), metadata={**metadata, **raw})
+
+
+def _set_checkpoint(run: Path, change) -> None:
+    (run / "model.safetensors").unlink()  # the run directory then loads from its checkpoint
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    change(state)
+    torch.save(state, run / "checkpoint.pt")
+
+
+def _set_json(path: Path, change) -> None:
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+def _set_config(record: dict, **fields) -> None:
+    record["config"].update(fields)
+
+
+FILTERS = ["viz", "filters", "{spec}", "--out", "{tmp}/f.png"]
+RESUME = ["pretrain", "--resume", "{spec}"]
+STRANGER_FILES = [
+    # (id, which copy: run | export, how it is changed, the command, the file named, the field named)
+    ("meta-rotations-text", "run", lambda d: _set_metadata(d / "model.safetensors", rotations='"0,90"'), FILTERS, "model.safetensors", "'rotations'"),
+    ("meta-rotations-object", "run", lambda d: _set_metadata(d / "model.safetensors", rotations='{"a": 1}'), FILTERS, "model.safetensors", "'rotations'"),
+    ("meta-img-size-text", "run", lambda d: _set_metadata(d / "model.safetensors", img_size='"big"'), FILTERS, "model.safetensors", "'img_size'"),
+    ("meta-img-size-negative", "run", lambda d: _set_metadata(d / "model.safetensors", img_size="-4"), FILTERS, "model.safetensors", "'img_size'"),
+    ("meta-mean-length", "run", lambda d: _set_metadata(d / "model.safetensors", mean="[0.5, 0.5]"), FILTERS, "model.safetensors", "'mean'"),
+    ("meta-std-zero", "run", lambda d: _set_metadata(d / "model.safetensors", std="[0.0, 0.2, 0.2]"), FILTERS, "model.safetensors", "'std'"),
+    ("meta-epochs-text", "run", lambda d: _set_metadata(d / "model.safetensors", epochs='"2"'), FILTERS, "model.safetensors", "'epochs'"),
+    ("meta-model-unknown", "run", lambda d: _set_metadata(d / "model.safetensors", model="not_a_model_xyz"), FILTERS, "model.safetensors", "names the model"),
+    ("checkpoint-rotations-text", "run", lambda d: _set_checkpoint(d, lambda s: s["config"].update(rotations="0,90")), FILTERS, "checkpoint.pt", "'rotations'"),
+    ("checkpoint-epochs-negative", "run", lambda d: _set_checkpoint(d, lambda s: s["config"].update(epochs=-1)), FILTERS, "checkpoint.pt", "--epochs"),
+    ("checkpoint-img-size-text", "run", lambda d: _set_checkpoint(d, lambda s: s.update(img_size="big")), FILTERS, "checkpoint.pt", "'img_size'"),
+    ("checkpoint-mean-length", "run", lambda d: _set_checkpoint(d, lambda s: s.update(mean=[1.0, 2.0])), FILTERS, "checkpoint.pt", "'mean'"),
+    ("checkpoint-config-list", "run", lambda d: _set_checkpoint(d, lambda s: s.update(config=[1])), FILTERS, "checkpoint.pt", "'config'"),
+    ("config-epochs-text", "run", lambda d: _set_json(d / "config.json", lambda r: _set_config(r, epochs="2")), RESUME, "config.json", "'epochs'"),
+    ("config-rotations-text", "run", lambda d: _set_json(d / "config.json", lambda r: _set_config(r, rotations="0,90")), RESUME, "config.json", "'rotations'"),
+    ("config-img-size-negative", "run", lambda d: _set_json(d / "config.json", lambda r: _set_config(r, img_size=-3)), RESUME, "config.json", "--img-size"),
+    ("config-list", "run", lambda d: _set_json(d / "config.json", lambda r: r.update(config=[])), RESUME, "config.json", "no run config"),
+    ("config-not-utf8", "run", lambda d: (d / "config.json").write_bytes(b'{"config": "\xff"}'), RESUME, "config.json", "not valid JSON"),
+    ("metrics-epoch-text", "run", lambda d: (d / "metrics.jsonl").write_text('{"epoch": "2", "loss": 1.0}\n'),
+     ["viz", "curves", "{spec}", "--out", "{tmp}/c.png"], "metrics.jsonl line 1", "'epoch'"),
+    ("metrics-bare-nan", "run", lambda d: (d / "metrics.jsonl").write_text('{"epoch": 1, "loss": NaN}\n'),
+     ["viz", "curves", "{spec}", "--out", "{tmp}/c.png"], "metrics.jsonl line 1", "'loss'"),
+    ("export-input-size-text", "export", lambda d: _set_json(d / "config.json", lambda r: r["pretrained_cfg"].update(input_size=[3, "big", 32])), FILTERS, "config.json", "input_size"),
+    ("export-mean-length", "export", lambda d: _set_json(d / "config.json", lambda r: r["pretrained_cfg"].update(mean=[0.5, 0.5])), FILTERS, "config.json", "'mean'"),
+    ("export-std-zero", "export", lambda d: _set_json(d / "config.json", lambda r: r["pretrained_cfg"].update(std=[0, 1, 1])), FILTERS, "config.json", "'std'"),
+    ("export-architecture-number", "export", lambda d: _set_json(d / "config.json", lambda r: r.update(architecture=5)), FILTERS, "config.json", "'architecture'"),
+    ("export-pretrained-cfg-list", "export", lambda d: _set_json(d / "config.json", lambda r: r.update(pretrained_cfg=[])), FILTERS, "config.json", "'pretrained_cfg'"),
+    ("export-config-missing", "export", lambda d: (d / "config.json").unlink(), FILTERS, "config.json", "is missing"),
+    ("export-head-rotations-text", "export", lambda d: _set_metadata(d / "rotation_head.safetensors", rotations='"x"'), FILTERS,
+     "rotation_head.safetensors", "'rotations'"),
+]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exported") / "export"
+    result = CliRunner().invoke(app, ["export", str(tiny_run), "--out", str(out), "--with-head"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("kind, change, command, file, field", [row[1:] for row in STRANGER_FILES], ids=[row[0] for row in STRANGER_FILES])
+def test_a_stranger_file_is_one_line_naming_the_file_and_the_field(tiny_run, exported, tmp_path, monkeypatch, kind, change, command, file, field):
+    spec = Path(shutil.copytree(tiny_run if kind == "run" else exported, tmp_path / "weights"))
+    change(spec)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ROTNET_DEBUG", "0")
+    before = _snapshot(tmp_path)
+
+    result = CliRunner().invoke(app, [a.format(spec=spec, tmp=tmp_path) for a in command])
+
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert file in lines[0] and field in lines[0], lines[0]
+    assert _snapshot(tmp_path) == before

@@ -202,9 +202,16 @@ def test_existing_folder_is_kept_unless_overwrite(runs, tmp_path):
     assert refused.exit_code == 1 and "--overwrite" in refused.output
     assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
 
-    export_ok(runs["test_resnet"], "--out", out, "--overwrite")
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no staging folder left behind
+    # --overwrite replaces rotnet's own files only: the user's file is refused, not deleted
+    foreign = rotnet("export", runs["test_resnet"], "--out", out, "--overwrite")
+    assert foreign.exit_code == 1 and "mine.txt was not written by rotnet" in foreign.stderr
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
+
+    (out / "mine.txt").unlink()
+    export_ok(runs["test_resnet"], "--out", out)  # an empty folder is not "taken"
+    export_ok(runs["test_resnet"], "--out", out, "--overwrite", "--with-head")  # an export of rotnet's is replaced
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "rotation_head.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no staging folder or lock left behind
 
 
 def test_failed_export_changes_nothing(runs, tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from rotnet_cli.errors import ModelError
 from rotnet_cli.rotations import rotate_all
 from rotnet_cli.viz import (
     LABEL_BAND, PANEL_GAP, ROW_LABEL_WIDTH, SCALE_BAR, TILE_PADDING, agreement, attention_maps, colormap_lut, rotate_back,
-    stem_conv,
+    save_png, stem_conv,
 )
 from rotnet_cli.weights import load_weights
 
@@ -121,12 +121,13 @@ def test_stem_is_found_without_pretrained_cfg_and_its_absence_is_an_error():
 
 def test_model_without_conv_stem_is_a_one_line_error_and_writes_nothing(tmp_path, monkeypatch):
     out = tmp_path / "f.png"
-    out.write_bytes(b"old picture")
+    save_png(Image.new("RGB", (4, 4)), out)  # an earlier picture of rotnet's, which --overwrite may replace
+    old = out.read_bytes()
     mlp = SimpleNamespace(backbone=nn.Sequential(nn.Flatten(), nn.Linear(12, 4)), model_name="mlp")
     monkeypatch.setattr("rotnet_cli.viz.load_weights", lambda spec, device: mlp)
-    line = one_line_error(invoke("viz", "filters", "random:mlp", "--out", out))
+    line = one_line_error(invoke("viz", "filters", "random:mlp", "--out", out, "--overwrite"))
     assert "no convolution stem" in line
-    assert out.read_bytes() == b"old picture"
+    assert out.read_bytes() == old
 
 
 @pytest.mark.parametrize("args, message", [

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+try:  # Ctrl-C while the CLI loads: one line and exit 130, as everywhere else (not an import traceback)
+    from typing import Annotated
 
-import typer
+    import typer
 
-from .._version import __version__
-from . import embed, export, predict, pretrain, probe, reproduce, viz
-from ._common import set_debug
-from ._typer import RotnetCommand, RotnetGroup, show_help_when_bare
+    from .._version import __version__
+    from . import embed, export, predict, pretrain, probe, reproduce, viz
+    from ._common import prepare_streams, set_debug, stop_at_start
+    from ._typer import RotnetCommand, RotnetGroup, show_help_when_bare
+except KeyboardInterrupt:
+    import sys
+
+    sys.stderr.write("stopped: interrupted before the command started; nothing was changed\n")
+    raise SystemExit(130) from None
 
 
 class _Rotnet(RotnetGroup):
-    order = ("pretrain", "probe", "export", "viz", "predict", "reproduce")  # the workflow, as the README's table
+    # the workflow, as the README's table
+    order = ("pretrain", "probe", "embed", "neighbours", "export", "viz", "predict", "reproduce")
 
 
 app = typer.Typer(
@@ -61,4 +68,8 @@ app.command(cls=RotnetCommand, epilog=reproduce.EXAMPLES)(reproduce.reproduce)
 
 
 def main() -> None:
+    import signal
+
+    prepare_streams()  # file names of any bytes print
+    signal.signal(signal.SIGINT, stop_at_start)  # until a command's error boundary takes Ctrl-C over
     app(prog_name="rotnet")

@@ -6,10 +6,15 @@ stay fast, so commands import the library inside their bodies.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
+import math
 import os
+import re
+import signal
 import sys
+import threading
 from typing import Annotated, Any, Callable, Optional
 
 import click
@@ -46,35 +51,106 @@ _CLI_FLOW = tuple({
 def error_boundary(command: Callable) -> Callable:
     """Turn every error into one red line and an exit code; tracebacks only with --debug.
 
-    Known errors (RotnetError) say what to do; anything else is a bug and says so.
+    Known errors (RotnetError) say what to do; running out of memory says what to lower; anything
+    else is a bug and says so. Also where Ctrl-C changes meaning: before a command starts it ends
+    the process at once (stop_at_start); inside the command it is a KeyboardInterrupt that the
+    command may handle; once the command has failed, further Ctrl-Cs cannot interrupt the last line.
     """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _set_interrupt_handler(signal.default_int_handler, only_replacing=stop_at_start)
+        prepare_streams()  # file names of any bytes print (also where a test runner replaced the streams)
         try:
             return command(*args, **kwargs)
         except RotnetError as e:
             if debug_enabled():
                 raise
-            # the message is plain text: square brackets in it (pip extras, paths) must survive; a stop
-            # (exit 130) says so itself ("stopped after epoch 2 of 10; ... resume with: ...")
-            line = f"[yellow]{escape(str(e))}[/]" if e.exit_code == 130 else f"[bold red]error:[/] {escape(str(e))}"
-            err_console.print(line, soft_wrap=True, markup=True, highlight=False)
+            # a stop (exit 130) says so itself: "stopped after epoch 2 of 10; ... resume with: ..."
+            error_line(None if e.exit_code == 130 else "error", str(e))
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             if debug_enabled():
                 raise
-            err_console.print("[yellow]stopped:[/] interrupted")
+            error_line("stopped", "interrupted")
             raise typer.Exit(130) from None
         except _CLI_FLOW:
             raise  # Typer's own exits and usage errors (typer.Exit is a RuntimeError)
-        except Exception as e:  # a bug: still one line, the traceback only on request
+        except Exception as e:  # torch reports an allocation that failed as a RuntimeError
             if debug_enabled():
                 raise
-            report_bug(e)
+            if _out_of_memory(e):
+                error_line("error", "out of memory; lower --batch-size (or --img-size), or use a device with more memory")
+            else:  # a bug: still one line, the traceback only on request
+                report_bug(e)
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def error_line(prefix: str | None, message: str) -> None:
+    """One line on stderr, whatever the message holds: control characters of file names (a newline,
+    a terminal escape) are shown as \\n, \\x1b rather than breaking the line or the terminal. A
+    further Ctrl-C cannot cut it short (it is the command's last word). No prefix: a stop's own
+    message, which begins with "stopped", in yellow."""
+    line = f"[bold red]{prefix}:[/] " if prefix == "error" else f"[yellow]{prefix}:[/] " if prefix else ""
+    previous = _set_interrupt_handler(signal.SIG_IGN)
+    try:
+        # the message is plain text: square brackets in it (pip extras, paths) must survive
+        line += escape(visible(message)) if prefix else f"[yellow]{escape(visible(message))}[/]"
+        err_console.print(line, soft_wrap=True, markup=True, highlight=False)
+    finally:
+        if previous is not None:
+            _set_interrupt_handler(previous)
+
+
+def visible(text: str) -> str:
+    """``text`` with its control characters escaped, so it prints as one line."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(m[0], f"\\x{ord(m[0]):02x}"), text)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text \
+        or "out of memory" in text.lower()
+
+
+def stop_at_start(signum: int, frame: Any) -> None:
+    """Ctrl-C before a command has started: nothing to save or undo, so one line and exit 130 at once."""
+    sys.stderr.write("stopped: interrupted before the command started; nothing was changed\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+def _set_interrupt_handler(handler: Any, only_replacing: Any = None) -> Any:
+    """Install a SIGINT handler (main thread only) -> the one it replaced, or None when nothing changed."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if only_replacing is not None and signal.getsignal(signal.SIGINT) is not only_replacing:
+        return None
+    return signal.signal(signal.SIGINT, handler)
+
+
+def _surrogates(error: UnicodeError) -> tuple[bytes, int]:
+    """Codec error handler for stdout/stderr: a file name's undecodable bytes (surrogate escapes) are
+    written as the bytes they were, so printed paths can be copied back; other lone surrogates as \\uXXXX."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    out = b""
+    for char in error.object[error.start:error.end]:
+        code = ord(char)
+        out += bytes([code - 0xDC00]) if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}".encode()
+    return out, error.end
+
+
+codecs.register_error("rotnet-surrogates", _surrogates)
+
+
+def prepare_streams() -> None:
+    """stdout and stderr print any file name the file system allows (see _surrogates)."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="rotnet-surrogates")
 
 
 def report_bug(error: Exception) -> None:
@@ -84,16 +160,13 @@ def report_bug(error: Exception) -> None:
     """
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     message = f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
-    err_console.print(
-        f"[bold red]error:[/] {escape(message)} (unexpected: a bug in rotnet, please report it); "
-        "rerun with --debug for the traceback",
-        soft_wrap=True, markup=True, highlight=False,
-    )
+    error_line("error", f"{message} (unexpected: a bug in rotnet, please report it); rerun with --debug for the traceback")
 
 
 def print_json(obj: Any) -> None:
-    """Machine output: one JSON document on stdout, nothing else there."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """Machine output: one JSON document on stdout, nothing else there. Valid JSON: a figure that is
+    not a finite number is null (bare NaN is not JSON)."""
+    sys.stdout.write(json.dumps(finite_or_null(obj), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
@@ -103,6 +176,16 @@ def print_commands(intro: str, commands: list[str]) -> None:
     out_console.print(intro, markup=False, highlight=False, soft_wrap=True)
     for command in commands:
         out_console.print(f"  {command}", markup=False, highlight=False, soft_wrap=True)
+
+
+def finite_or_null(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
 
 
 def note(message: str) -> None:
@@ -131,7 +214,7 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images pe
 ImgSizeOpt = Annotated[Optional[int], typer.Option("--img-size", help="Square input size in pixels (default: the dataset's own, else the model's).")]
 DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Where torchvision datasets live (default ~/.cache/rotnet/datasets/NAME).")]
 DownloadOpt = Annotated[bool, typer.Option("--download", help="Allow downloading a torchvision dataset (needs internet).")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty output.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output: rotnet's own files only; files it did not write are never replaced.")]
 WeightsArg = Annotated[
     str,
     typer.Argument(

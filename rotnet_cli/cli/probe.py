@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import ProbeConfig, default_workers
+from ..errors import OutputError
 from ._common import (
     DataDirOpt, DeviceOpt, DownloadOpt, JsonOpt, PrecisionOpt, SeedOpt, WeightsArg, WorkersOpt,
     err_console, error_boundary, out_console, print_json, warn_skipped,
@@ -66,8 +67,10 @@ def probe(
     warn_skipped(result.skipped_files)
     if json_out:
         print_json(result.to_dict())
-        return
-    _render(result)
+    else:
+        _render(result)
+    if result.save_error:  # shown after the results, which are complete: only saving them failed
+        raise OutputError(f"probe.json was not saved: {result.save_error} (the results above are complete; --json prints them to keep)")
 
 
 # How to read a probe against random weights (README, "Where rotation features help"): the

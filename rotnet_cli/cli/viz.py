@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import AttentionConfig, CurvesConfig, FiltersConfig
-from ._common import DeviceOpt, JsonOpt, WeightsArg, err_console, error_boundary, out_console, print_json, warn
+from ._common import DeviceOpt, JsonOpt, OverwriteOpt, WeightsArg, err_console, error_boundary, out_console, print_json, warn
 from ._typer import RotnetCommand, RotnetGroup, show_help_when_bare
 from .progress import ProgressView
 
@@ -54,10 +54,11 @@ CURVES_EXAMPLES = """
 def filters(
     ctx: typer.Context,
     weights: Annotated[List[str], typer.Argument(help="One or more weights (run directory, checkpoint.pt, .safetensors, export, timm:NAME, random:NAME); several are drawn side by side.", show_default=False)],
-    out: Annotated[str, typer.Option("--out", "-o", help="PNG file to write (replaced if it exists).")] = "filters.png",
+    out: Annotated[str, typer.Option("--out", "-o", help="PNG file to write (an existing one only with --overwrite).")] = "filters.png",
     labels: Annotated[Optional[List[str]], typer.Option("--label", help="Text above a panel, once per weights in order (default: the weights as given).")] = None,
     scale: Annotated[Optional[int], typer.Option("--scale", help="Enlarge every filter pixel to SCALE x SCALE pixels (default: tiles of about 32 px).")] = None,
     cols: Annotated[Optional[int], typer.Option("--cols", help="Filters per row (default: a square-ish grid).")] = None,
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """The first-layer (stem) filters of a model as a grid of tiles (paper Figure 4)."""
@@ -83,7 +84,7 @@ def attention(
     ctx: typer.Context,
     weights: WeightsArg,
     images: Annotated[List[str], typer.Argument(help="Image files and/or folders of images (searched recursively).", show_default=False)],
-    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the PNGs, one per image (made if missing).")] = "attention",
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the PNGs, one per image (made if missing; one that is not empty only with --overwrite).")] = "attention",
     layers: Annotated[str, typer.Option("--layers", help="Stages to draw, 1-based (negative from the last), e.g. 1,2,3, or all.")] = "all",
     power: Annotated[str, typer.Option("--power", help="p in sum over channels of |activation|^p; auto: 1, 2, 4 for early, middle, late stages (the paper).")] = "auto",
     rotations: Annotated[Optional[str], typer.Option("--rotations", help="Angles for the rows (default: the model's rotation set, else 0,90,180,270).")] = None,
@@ -93,6 +94,7 @@ def attention(
     cmap: Annotated[str, typer.Option("--cmap", help="Colour map of the attention: jet or inferno.")] = "jet",
     alpha: Annotated[float, typer.Option("--alpha", help="Opacity of the attention colours over the image, 0..1.")] = 0.5,
     device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Attention maps of every stage for every rotated copy of each image (paper Figures 3 and 6)."""
@@ -126,7 +128,8 @@ def attention(
 def curves(
     ctx: typer.Context,
     run: Annotated[str, typer.Argument(help="A run directory made by rotnet pretrain (or its metrics.jsonl).", show_default=False)],
-    out: Annotated[str, typer.Option("--out", "-o", help="PNG file to write (replaced if it exists).")] = "curves.png",
+    out: Annotated[str, typer.Option("--out", "-o", help="PNG file to write (an existing one only with --overwrite).")] = "curves.png",
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Loss and rotation accuracy per epoch of a run, training and validation (needs matplotlib)."""
