@@ -887,6 +887,7 @@ class EmbeddingMapConfig(_Serializable):
     thumbnails: int = 0  # images drawn at this many points spread over the map
     max_points: int = 20000  # a seeded sample of the rows beyond this
     seed: int = 0
+    overwrite: bool = False  # replace an existing --out that rotnet drew
 
     def __post_init__(self) -> None:
         _check_required("EMBEDDINGS", self.embeddings, "a file written by rotnet embed")

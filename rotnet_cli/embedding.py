@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as data_lib
+from . import rundir
 from ._version import __version__
 from .checkpoint import atomic_write, make_dir
 from .config import EmbedConfig
@@ -408,12 +409,25 @@ class EmbedResult:
         }
 
 
-def check_out_file(out: Path, overwrite: bool) -> None:
-    """Refuse an --out that is a folder, or a file that exists (unless ``overwrite``); nothing is changed here."""
+def check_out_file(out: Path, overwrite: bool, ours: Callable[[Path], bool] | None = None) -> None:
+    """Refuse an --out that is a folder, or a file that exists (unless ``overwrite`` and ``ours``
+    says rotnet wrote it: the one --overwrite policy); nothing is changed here."""
     if out.is_dir():
         raise OutputError(f"--out {out} is a folder; give a file name, e.g. --out {out / ('embeddings' + out.suffix)}")
-    if out.exists() and not overwrite:
-        raise OutputError(f"--out {out} exists; pass --overwrite to replace it, or choose another --out")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise OutputError(f"--out {out} exists; pass --overwrite to replace it, or choose another --out")
+        if out.is_symlink() or not (ours or is_embeddings_file)(out):
+            rundir.raise_foreign(out.parent, out)
+
+
+def is_embeddings_file(path: Path) -> bool:
+    """Whether rotnet embed wrote ``path`` (its metadata says so, whatever the format)."""
+    try:
+        read_embeddings(path)
+    except RotnetError:
+        return False
+    return True
 
 
 def embed(cfg: EmbedConfig, progress: Progress | None = None) -> EmbedResult:

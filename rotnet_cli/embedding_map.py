@@ -26,6 +26,8 @@ import numpy as np
 import torch
 
 from . import data as data_lib
+from . import rundir
+from ._version import __version__
 from .checkpoint import atomic_write, make_dir
 from .config import EmbeddingMapConfig
 from .embedding import DATASET_ROW, EmbeddingTable, read_embeddings
@@ -181,6 +183,8 @@ def draw_embedding_map(cfg: EmbeddingMapConfig, progress: Progress | None = None
     """Project the embeddings of ``cfg.embeddings`` to 2-D and draw them as ``cfg.out``; see the module docstring."""
     emit = progress or ignore
     plt = _pyplot()  # before any work: a missing extra is known at once
+    out = Path(cfg.out).expanduser()
+    rundir.check_out_file(out, overwrite=cfg.overwrite)  # an existing picture: only with --overwrite, only rotnet's
     table = read_embeddings(cfg.embeddings)
     rows = np.arange(len(table))
     if len(rows) > cfg.max_points:
@@ -221,11 +225,10 @@ def draw_embedding_map(cfg: EmbeddingMapConfig, progress: Progress | None = None
         ax.set_yticks([])
     fig.tight_layout()
     png = io.BytesIO()
-    fig.savefig(png, format="png")
+    fig.savefig(png, format="png", metadata={"Software": f"{rundir.PICTURE_SOFTWARE} {__version__}"})  # rotnet drew it
     width, height = (int(v) for v in fig.canvas.get_width_height())
     plt.close(fig)
 
-    out = Path(cfg.out).expanduser()
     make_dir(out.parent)
     atomic_write(out, lambda tmp: tmp.write_bytes(png.getvalue()))
     return EmbeddingMapResult(out, cfg.method, len(rows), len(table), len(table.classes or []), explained, thumbnails,

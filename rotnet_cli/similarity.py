@@ -160,7 +160,7 @@ def neighbours(cfg: NeighboursConfig, progress: Progress | None = None) -> Neigh
     emit = progress or ignore
     out = Path(cfg.out).expanduser() if cfg.out else None
     if out is not None:
-        check_out_file(out, cfg.overwrite)
+        check_out_file(out, cfg.overwrite, ours=is_neighbours_csv)
     table = read_embeddings(cfg.embeddings)
     device = resolve_device(cfg.device)
     emit(DeviceChosen(describe_device(device), resolve_precision(cfg.precision, device)))
@@ -258,6 +258,15 @@ def own_rows(names: list[str], table: EmbeddingTable) -> torch.Tensor:
 
 
 NEIGHBOUR_FIELDS = ("image", "rank", "neighbour", "similarity", "image_class", "neighbour_class")
+
+
+def is_neighbours_csv(path: Path) -> bool:
+    """Whether ``path`` is a neighbours table rotnet wrote (its header row is rotnet's)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return next(csv.reader(f), None) == list(NEIGHBOUR_FIELDS)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
 
 
 def write_neighbours_csv(out: Path, found: list[Neighbour]) -> Path:

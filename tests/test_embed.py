@@ -409,3 +409,30 @@ def test_the_map_with_real_tsne_and_umap(tiny_run, tmp_path):
         result = ok_json(invoke("viz", "embeddings", emb, "--out", tmp_path / f"{method}.png", "--method", method,
                                 "--max-points", 300, "--json"))
         assert result["points"] == 300 and result["classes"] == 10 and (tmp_path / f"{method}.png").is_file()
+
+
+def test_overwrite_replaces_only_files_rotnet_wrote_for_embeddings_pairs_and_maps(planted, tiny_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, _, _, emb = planted
+    # the user's own files, named as outputs by mistake: --overwrite must not replace them
+    theirs = {name: tmp_path / name for name in ("notes.npz", "notes.csv", "holiday.png")}
+    theirs["notes.npz"].write_bytes(b"PK\x03\x04 not rotnet's")
+    theirs["notes.csv"].write_text("name,amount\nrent,900\n")
+    png(theirs["holiday.png"], 7)
+    before = snapshot(tmp_path)
+    for args in (("embed", tiny_run, emb.parent / "photos", "--out", theirs["notes.npz"], "-j", 0),
+                 ("neighbours", emb, "--out", theirs["notes.csv"]),
+                 ("viz", "embeddings", emb, "--out", theirs["holiday.png"])):
+        line = one_line_error(invoke(*args, "--overwrite", "--device", "cpu") if args[0] != "viz"
+                              else invoke(*args, "--overwrite"))
+        assert "was not written by rotnet" in line
+    assert snapshot(tmp_path) == before
+
+    # rotnet's own: refused without --overwrite, replaced with it
+    pairs, picture = tmp_path / "pairs.csv", tmp_path / "map.png"
+    ok_json(invoke("neighbours", emb, "--out", pairs, "--json", "--device", "cpu"))
+    ok_json(invoke("viz", "embeddings", emb, "--out", picture, "--json"))
+    assert "--overwrite" in one_line_error(invoke("viz", "embeddings", emb, "--out", picture))
+    assert "--overwrite" in one_line_error(invoke("neighbours", emb, "--out", pairs, "--device", "cpu"))
+    ok_json(invoke("neighbours", emb, "--out", pairs, "-k", 1, "--overwrite", "--json", "--device", "cpu"))
+    ok_json(invoke("viz", "embeddings", emb, "--out", picture, "--overwrite", "--json"))

@@ -156,11 +156,12 @@ def _render_neighbours(result, show: int) -> None:
 def embeddings_map(
     ctx: typer.Context,
     embeddings: EmbeddingsArg,
-    out: Annotated[str, typer.Option("--out", "-o", help="PNG file to write (replaced if it exists).")] = "embeddings.png",
+    out: Annotated[str, typer.Option("--out", "-o", help="PNG file to write.")] = "embeddings.png",
     method: Annotated[str, typer.Option("--method", help="pca (built in), tsne (needs the tsne extra: scikit-learn) or umap (needs the umap extra: umap-learn).")] = "pca",
     thumbnails: Annotated[int, typer.Option("--thumbnails", help="Draw the images at this many points spread over the map.")] = 0,
     max_points: Annotated[int, typer.Option("--max-points", help="Draw a seeded sample of this many rows when the file has more.")] = 20000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sample, t-SNE and UMAP.")] = 0,
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """A 2-D map of embeddings (PCA; t-SNE or UMAP), coloured by class, optionally with thumbnails (needs matplotlib)."""
