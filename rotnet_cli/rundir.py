@@ -195,6 +195,11 @@ def read_weights_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
     A file without rotnet's marker is a WeightsError (foreign weights); a field of the wrong
     type or an impossible value is one too, naming the file and the field.
     """
+    if raw.get(FORMAT_KEY) is None and "rotnet_version" in raw and "model" in raw:
+        raise WeightsError(  # a development build before the marker: its runs and exports are not read back
+            f"{path} was written by an early development build of rotnet ({plain_text(raw['rotnet_version'])[:40]}) "
+            "whose files are no longer read; pretrain (or export) it again with this version"
+        )
     if raw.get(FORMAT_KEY) not in FORMATS or "model" not in raw:
         raise WeightsError(
             f"{path} has no rotnet metadata naming its model; load plain timm weights with "

@@ -164,3 +164,11 @@ def test_safetensors_without_rotnet_metadata(tmp_path):
     path = tmp_path / "plain.safetensors"
     save_file({"weight": torch.zeros(2, 2)}, str(path))
     assert "no rotnet metadata" in refusal(path)
+
+
+def test_a_run_of_an_early_development_build_is_named_as_such(run_dir, tmp_path):
+    tensors, meta = load_safetensors(run_dir / "model.safetensors")
+    path = tmp_path / "early.safetensors"
+    save_file(tensors, str(path), metadata={k: v for k, v in meta.items() if k != "rotnet_format"})  # before the marker
+    message = refusal(path)
+    assert "early development build of rotnet" in message and "pretrain (or export) it again" in message
