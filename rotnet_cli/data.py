@@ -436,7 +436,25 @@ def _collate(items):
     if not good:
         return torch.empty(0, dtype=torch.long), None, bad
     idx = torch.tensor([i for i, _ in good], dtype=torch.long)
-    return idx, torch.stack([x for _, x in good]), bad
+    # default_collate stacks into shared memory inside a worker, so that a failure there (a full
+    # /dev/shm, a file-size limit) is raised and handed to the main process; a plain torch.stack is
+    # moved to shared memory later by the queue's feeder thread, whose errors are lost: the loader
+    # then waits forever for a batch that never comes
+    return idx, torch.utils.data.default_collate([x for _, x in good]), bad
+
+
+def _from_workers(loader: torch.utils.data.DataLoader) -> Iterator:
+    """The loader's batches; a worker that cannot hand a batch over through shared memory is one line."""
+    try:
+        yield from loader
+    except RuntimeError as e:
+        if "</torch_" not in str(e):  # torch's shared-memory files are named so; anything else is a bug
+            raise
+        reason = str(e).strip().splitlines()[-1]
+        raise DataError(
+            f"the image loader's worker processes could not pass images through shared memory ({reason}); "
+            "free space in /dev/shm (or raise the file-size limit), or run with -j 0"
+        ) from e
 
 
 def check_readable(images: ImageSet, strict: bool = False) -> None:
@@ -467,7 +485,7 @@ def decode_all(
     bad: list[int] = []
     done = 0
     progress(Decoding(0, len(images.paths)))  # before the workers' first batch, which can take a while
-    for idx, batch, failed in loader:
+    for idx, batch, failed in _from_workers(loader):
         if strict and failed:  # raised here, not in a worker, whose errors arrive wrapped in a traceback
             raise _strict_error(images.paths[failed[0]])
         if batch is not None:
@@ -575,7 +593,7 @@ def iterate_batches(
     sampler.batches = [order[rows].tolist() for rows in batch_rows]
     held: Batch | None = None  # one batch behind the loader, so that it can name the unreadable files after it
     pending: list[str] = []  # unreadable files of batches with nothing readable, before any batch was held
-    for index, (idx, batch, failed) in enumerate(loader, start=start_batch):  # in order: the k-th batch of the sampler
+    for index, (idx, batch, failed) in enumerate(_from_workers(loader), start=start_batch):  # in order: the k-th batch of the sampler
         if strict and failed:
             raise _strict_error(images.paths[failed[0]])
         skipped = [str(images.paths[i]) for i in failed]

@@ -259,6 +259,25 @@ def test_strict_data_makes_the_first_unreadable_image_an_error(tmp_path, folder_
     assert not (tmp_path / "run").exists()
 
 
+def test_loader_workers_without_room_in_shared_memory_give_one_line_not_a_hang(folder_with_broken_files):
+    """A full /dev/shm (a container's 64 MB) or a file-size limit stops a worker from handing its batch
+    over; before, the error was lost in the queue's feeder thread and the loader waited forever."""
+    data, _ = folder_with_broken_files
+    script = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"  # smaller than one batch of decoded images
+        "from rotnet_cli.data import ImageSet, decode_all\n"
+        "from rotnet_cli.errors import DataError\n"
+        "paths = sorted(p for p in __import__('pathlib').Path(sys.argv[1]).glob('good*.png'))\n"
+        "try:\n"
+        "    decode_all(ImageSet('photos', 32, paths=paths), workers=1)\n"
+        "except DataError as e:\n"
+        "    print('DataError:', e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(data)], capture_output=True, text=True, timeout=120)
+    assert "DataError:" in done.stdout and "shared memory" in done.stdout and "-j 0" in done.stdout, done.stdout + done.stderr
+
+
 # ----------------------------------------------------------------------------- a diverging loss
 
 
