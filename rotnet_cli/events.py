@@ -109,6 +109,15 @@ class EpochEnded(Event):
     seconds: float
 
 
+@dataclass(frozen=True)
+class FeaturesEvaluated(Event):
+    """Feature quality measured during pretraining (--eval-data): accuracy of each head per stage."""
+
+    epoch: int  # 1-based
+    accuracy: dict[str, dict[str, float]]  # head -> stage (1-based, as text) -> top-1 in [0, 1]
+    seconds: float
+
+
 Progress = Callable[[Event], None]
 
 
@@ -118,5 +127,5 @@ def ignore(event: Event) -> None:
 
 __all__ = [
     "Event", "Message", "WarningMessage", "DeviceChosen", "TaskProgress", "Decoding", "Resumed", "RunStarted",
-    "StepDone", "EpochEnded", "Progress", "ignore",
+    "StepDone", "EpochEnded", "FeaturesEvaluated", "Progress", "ignore",
 ]

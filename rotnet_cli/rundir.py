@@ -11,6 +11,10 @@ marker, and the output-folder policy that every command shares::
       checkpoint.pt                 CHECKPOINT: the full training state (weights_only loadable)
       model.safetensors             WEIGHTS: backbone.* and head.*; marker "run"
       probe.json                    PROBE: what rotnet probe measured, one result per setting
+      checkpoints/                  CHECKPOINTS: kept weights (--keep-checkpoints, --best-metric), marker "run"
+        epoch-12.safetensors        the weights after epoch 12; load as RUN:epoch-12 or RUN/checkpoints/epoch-12
+        best.safetensors            the best epoch by --best-metric; load as RUN:best
+      logs/                         LOGS: what --logger writes (scalars.csv, tensorboard/, mlruns/, wandb/)
     EXPORT/                         rotnet export (timm's local-dir / hub layout)
       model.safetensors             the backbone alone, timm's keys; marker "export"
       config.json                   timm's save_config_for_hf
@@ -51,8 +55,11 @@ EXPORT_CONFIG = "config.json"
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_HEAD = "rotation_head.safetensors"
 MODEL_CARD = "README.md"
+CHECKPOINTS = "checkpoints"
+LOGS = "logs"
+BEST = "best"  # checkpoints/best.safetensors
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, WEIGHTS, PROBE)
-RUN_ENTRIES = (*RUN_FILES, "export")  # what --overwrite replaces; anything else in the folder is the user's
+RUN_ENTRIES = (*RUN_FILES, "export", CHECKPOINTS, LOGS)  # what --overwrite replaces; anything else in the folder is the user's
 PROBE_FORMAT = "rotnet-probe-results"  # probe.json: {"format": PROBE_FORMAT, "results": [one per setting]}
 REPLACED = ".rotnet-replaced"  # an overwritten run's files, until the new run's first checkpoint
 
@@ -162,6 +169,23 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return load_checkpoint(path)
 
 
+def kept_checkpoint(out: Path, name: str) -> Path:
+    """checkpoints/NAME.safetensors of a run (NAME: best or epoch-E)."""
+    return Path(out) / CHECKPOINTS / f"{name}.safetensors"
+
+
+def epoch_checkpoint_name(epoch: int) -> str:
+    """The kept checkpoint of a finished epoch (1-based): epoch-12."""
+    return f"epoch-{epoch}"
+
+
+def kept_checkpoint_names(out: Path) -> list[str]:
+    """The names of a run's kept checkpoints: best first, then the epochs in order."""
+    names = [p.stem for p in (Path(out) / CHECKPOINTS).glob("*.safetensors")]
+    epochs = sorted((n for n in names if n.startswith("epoch-") and n[6:].isdigit()), key=lambda n: int(n[6:]))
+    return [n for n in names if n == BEST] + epochs
+
+
 def run_dir_of(path: Path) -> Path | None:
     """The run directory a checkpoint.pt or model.safetensors lies in (None for a file on its own)."""
     path = Path(path)
@@ -219,9 +243,24 @@ def write_probe(run_dir: Path, results: list[dict[str, Any]]) -> Path:
     return write_json(Path(run_dir) / PROBE, {"format": PROBE_FORMAT, "results": results})
 
 
+def record_extension(out: Path, epochs: int, at_epoch: int) -> Path:
+    """config.json of a run resumed with a larger --epochs: the new total (so a later --resume continues it)
+    and, under "extended", when and from what it grew."""
+    record = read_config(out)
+    record.setdefault("extended", []).append({
+        "from_epochs": record["config"].get("epochs"), "to_epochs": epochs, "at_epoch": at_epoch,
+        "time": datetime.now().astimezone().isoformat(timespec="seconds"),
+    })
+    record["config"]["epochs"] = epochs
+    return write_json(Path(out) / CONFIG, record)
+
+
 def remove_temp_files(out: Path) -> None:
     """Delete what a process killed while writing left behind (``.NAME.XXXX.tmp``)."""
     remove_stale_temp_files(out, RUN_FILES)
+    kept = Path(out) / CHECKPOINTS
+    if kept.is_dir():
+        remove_stale_temp_files(kept, ("*.safetensors",))
 
 
 # ----------------------------------------------------------------------------- the output-folder policy
@@ -350,5 +389,6 @@ __all__ = [
     "MODEL_CARD", "RUN_FORMAT", "EXPORT_FORMAT", "HEAD_FORMAT", "save_weights", "read_weights_metadata",
     "read_config", "read_metrics", "read_probe", "read_checkpoint", "run_dir_of", "weights_format", "write_config",
     "write_metrics", "write_checkpoint", "write_probe", "check_out_dir", "prepare_run_dir", "ReplacedRun",
-    "staging_dir", "install_staged", "default_run_dir",
+    "staging_dir", "install_staged", "default_run_dir", "CHECKPOINTS", "LOGS", "BEST", "kept_checkpoint",
+    "epoch_checkpoint_name", "kept_checkpoint_names", "record_extension",
 ]

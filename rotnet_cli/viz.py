@@ -232,17 +232,23 @@ def auto_scale(kernel: tuple[int, int], target: int = 32) -> int:
     return max(1, math.ceil(target / max(kernel)))
 
 
-def filter_panel(loaded, label: str, scale: int | None, cols: int | None) -> tuple[Any, FilterPanel]:
-    """The tile grid of one model's stem filters as a PIL image, and its description."""
+def filters_picture(backbone: nn.Module, scale: int | None = None, cols: int | None = None):
+    """The tile grid of a backbone's stem filters as a PIL image (also what --logger shows every epoch)."""
     from torchvision.utils import make_grid
 
+    _, weight = stem_conv(backbone)
+    scale = scale or auto_scale((int(weight.shape[2]), int(weight.shape[3])))
+    cols = cols or math.ceil(math.sqrt(int(weight.shape[0])))
+    return to_pil(make_grid(filter_tiles(weight, scale), nrow=cols, padding=TILE_PADDING, pad_value=BACKGROUND))
+
+
+def filter_panel(loaded, label: str, scale: int | None, cols: int | None) -> tuple[Any, FilterPanel]:
+    """The tile grid of one model's stem filters as a PIL image, and its description."""
     layer, weight = stem_conv(loaded.backbone)
     kernel = (int(weight.shape[2]), int(weight.shape[3]))
     scale = scale or auto_scale(kernel)
     count = int(weight.shape[0])
-    cols = cols or math.ceil(math.sqrt(count))
-    grid = make_grid(filter_tiles(weight, scale), nrow=cols, padding=TILE_PADDING, pad_value=BACKGROUND)
-    image = to_pil(grid)
+    image = filters_picture(loaded.backbone, scale, cols)
     panel = FilterPanel(
         label=label, model=loaded.model_name, layer=layer, num_filters=count, in_channels=int(weight.shape[1]),
         kernel=kernel, scale=scale, width=image.width, height=image.height,
@@ -516,6 +522,6 @@ def draw_curves(config: CurvesConfig, progress: Progress | None = None) -> Curve
 
 
 __all__ = [
-    "draw_filters", "draw_attention", "draw_curves", "attention_maps", "stem_conv", "filter_tiles",
+    "draw_filters", "draw_attention", "draw_curves", "attention_maps", "stem_conv", "filter_tiles", "filters_picture",
     "colormap_lut", "FiltersResult", "FilterPanel", "AttentionResult", "AttentionImage", "CurvesResult",
 ]

@@ -12,7 +12,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..events import (
-    Decoding, DeviceChosen, EpochEnded, Event, Message, Resumed, RunStarted, StepDone, TaskProgress, WarningMessage,
+    Decoding, DeviceChosen, EpochEnded, Event, FeaturesEvaluated, Message, Resumed, RunStarted, StepDone, TaskProgress,
+    WarningMessage,
 )
 
 
@@ -90,6 +91,10 @@ class ProgressView:
                     f"val_rot_acc {_pct(event.val_rot_acc)}  lr {event.lr:.4g}  {event.images_per_s:.0f} img/s  "
                     f"{event.seconds:.1f}s"
                 )
+            case FeaturesEvaluated():
+                for head, per_stage in event.accuracy.items():
+                    stages = "  ".join(f"{stage}: {_pct(acc)}" for stage, acc in per_stage.items())
+                    self._line(f"epoch {event.epoch} {head} accuracy by stage  {stages}  ({event.seconds:.1f}s)")
             case TaskProgress():
                 if self.progress is None:
                     if event.done == event.total:
