@@ -164,7 +164,7 @@ class PretrainConfig(_Serializable):
     # watching and steering a run (none of them changes what is computed, so all may differ on --resume)
     logger: tuple[str, ...] | str = _resume_free(("csv",))  # --logger csv,tensorboard,wandb,mlflow or none
     eval_data: str | None = _resume_free(None)  # labelled data for kNN (and linear) accuracy during training
-    eval_every: int = _resume_free(1)  # epochs between evaluations (the last epoch is always evaluated)
+    eval_every: int | str = _resume_free("auto")  # epochs between evaluations (and the last); auto: see evaluation.py
     eval_layers: tuple[int, ...] | str | None = _resume_free(None)  # stages, as probe's --layers; None: every stage
     eval_heads: tuple[str, ...] | str = _resume_free(("knn",))
     keep_checkpoints: int = _resume_free(0)  # weights of the last N epochs under checkpoints/
@@ -177,7 +177,14 @@ class PretrainConfig(_Serializable):
         object.__setattr__(self, "eval_layers", parse_layers(self.eval_layers, option="--eval-layers"))
         object.__setattr__(self, "eval_heads", parse_name_list("--eval-heads", self.eval_heads, EVAL_HEADS))
         _check_best_metric(self.best_metric, self.eval_data, self.eval_heads)
-        _check_positive("--eval-every", self.eval_every)
+        if str(self.eval_every).strip().lower() == "auto":
+            object.__setattr__(self, "eval_every", "auto")
+        else:
+            try:
+                object.__setattr__(self, "eval_every", int(self.eval_every))
+            except (TypeError, ValueError):
+                raise ConfigError(f"--eval-every is a number of epochs or auto (got {self.eval_every!r})") from None
+            _check_positive("--eval-every", self.eval_every)
         _check_positive("--keep-checkpoints", self.keep_checkpoints, allow_zero=True)
         _check_choice("--copies", self.copies, ("all", "one"))
         _check_choice("--optimizer", self.optimizer, ("sgd", "adamw"))
@@ -234,9 +241,6 @@ class PretrainConfig(_Serializable):
             return self.eval_heads[0]
         return "val_rot_acc" if self.keep_checkpoints and has_val else "none"
 
-    def should_evaluate(self, epoch: int) -> bool:
-        """Whether the features are evaluated after ``epoch`` (0-based): every --eval-every epochs and after the last."""
-        return bool(self.eval_data) and ((epoch + 1) % self.eval_every == 0 or epoch + 1 == self.epochs)
 
     @property
     def resolved_lr(self) -> float:
@@ -263,7 +267,7 @@ class PretrainConfig(_Serializable):
 
 def parse_loggers(text: str | tuple | list | None) -> tuple[str, ...]:
     """'tensorboard,csv' -> ('tensorboard', 'csv'); 'none' or '' -> ()."""
-    if text is None or (isinstance(text, str) and text.strip().lower() in ("", "none")):
+    if not text or (isinstance(text, str) and text.strip().lower() == "none"):
         return ()
     return parse_name_list("--logger", text, LOGGERS)
 

@@ -16,6 +16,7 @@ found it, so a run with evaluations computes bitwise what the same run without t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,13 +24,16 @@ import torch
 from . import data as data_lib
 from .config import PretrainConfig, ProbeConfig
 from .errors import ConfigError
-from .events import Progress
+from .events import Message, Progress
 from .models import RotNet, num_stages, resolve_stages
 from .probing import (
     extract_features, HeadTrainer, knn_accuracy, labelled_splits, plan_cache, stage_shapes, train_heads, views_needed,
 )
 from .weights import LoadedWeights
 
+# --eval-every auto: evaluate as often as keeps the evaluations at about this share of the training compute,
+# counting a training copy as 3 forward passes (forward, backward, step) and an evaluated image as 1.
+AUTO_EVAL_SHARE = 0.03
 # The online linear head trains this many epochs (probe's quick recipe, shortened with its schedule):
 # on cached features that is about a fifth of what a 100-epoch probe costs, and close to its accuracy.
 ONLINE_LINEAR_EPOCHS = 20
@@ -41,6 +45,7 @@ class FeatureEval:
 
     probe_cfg: ProbeConfig  # data, heads, batch size, kNN k and temperature
     stages: list[int]  # 1-based
+    every: int  # epochs between evaluations (--eval-every, auto resolved)
     train_set: data_lib.ImageSet
     val_set: data_lib.ImageSet
     num_classes: int
@@ -54,9 +59,10 @@ class _Silent:
         pass
 
 
-def set_up_eval(cfg: PretrainConfig, model: RotNet, img_size: int, report: Progress) -> FeatureEval | None:
-    """Check --eval-layers against the model and decode --eval-data once at the run's image size
-    (None without --eval-data)."""
+def set_up_eval(cfg: PretrainConfig, model: RotNet, img_size: int, copies_per_epoch: int, report: Progress
+                ) -> FeatureEval | None:
+    """Check --eval-layers against the model, decode --eval-data once at the run's image size and resolve
+    --eval-every auto for ``copies_per_epoch`` rotated training images an epoch (None without --eval-data)."""
     if not cfg.eval_data:
         return None
     count = num_stages(model.backbone)
@@ -69,7 +75,24 @@ def set_up_eval(cfg: PretrainConfig, model: RotNet, img_size: int, report: Progr
         layers=cfg.eval_layers, heads=cfg.eval_heads, epochs=ONLINE_LINEAR_EPOCHS, workers=cfg.workers, seed=cfg.seed,
     )
     train_set, val_set, num_classes, skipped = labelled_splits(probe_cfg, img_size, report)
-    return FeatureEval(probe_cfg, stages, train_set, val_set, num_classes, tuple(skipped))
+    every = cfg.eval_every if cfg.eval_every != "auto" else auto_eval_every(len(train_set) + len(val_set), copies_per_epoch)
+    report(Message(
+        f"feature evaluation: {','.join(cfg.eval_heads)} on {cfg.eval_data} ({len(train_set)} / {len(val_set)} images), "
+        f"stages {','.join(map(str, stages))}, every {'epoch' if every == 1 else f'{every} epochs'} and after the last"
+        + (" (--eval-every auto: about 3% of the training compute)" if cfg.eval_every == "auto" else "")
+    ))
+    return FeatureEval(probe_cfg, stages, every, train_set, val_set, num_classes, tuple(skipped))
+
+
+def auto_eval_every(eval_images: int, copies_per_epoch: int) -> int:
+    """The fewest epochs between evaluations that keep them at AUTO_EVAL_SHARE of the training compute:
+    an evaluation is one forward pass over ``eval_images``, an epoch three over ``copies_per_epoch``."""
+    return max(1, math.ceil(eval_images / (AUTO_EVAL_SHARE * 3 * copies_per_epoch)))
+
+
+def should_evaluate(ev: FeatureEval | None, epoch: int, epochs: int) -> bool:
+    """After ``epoch`` (0-based): every ``ev.every`` epochs, and after the last."""
+    return ev is not None and ((epoch + 1) % ev.every == 0 or epoch + 1 == epochs)
 
 
 def evaluate_features(ev: FeatureEval, model: RotNet, model_name: str, img_size: int, mean: tuple[float, ...],
@@ -136,4 +159,7 @@ def best_value(row: dict, metric: str) -> float | None:
     return per_stage.get(key) if key else None
 
 
-__all__ = ["FeatureEval", "set_up_eval", "evaluate_features", "best_value", "ONLINE_LINEAR_EPOCHS"]
+__all__ = [
+    "FeatureEval", "set_up_eval", "evaluate_features", "should_evaluate", "auto_eval_every", "best_value",
+    "ONLINE_LINEAR_EPOCHS", "AUTO_EVAL_SHARE",
+]

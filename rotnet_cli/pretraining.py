@@ -35,7 +35,7 @@ from . import rundir
 from .checkpoint import CHECKPOINT_FORMAT, make_dir
 from .config import PretrainConfig
 from .errors import ConfigError, DataError, Interrupted, NonFiniteLossError, RotnetError
-from .evaluation import FeatureEval, best_value, evaluate_features, set_up_eval
+from .evaluation import FeatureEval, best_value, evaluate_features, set_up_eval, should_evaluate
 from .events import (
     DeviceChosen, EpochEnded, FeaturesEvaluated, Message, Progress, Resumed, RunStarted, StepDone, WarningMessage, ignore,
 )
@@ -316,7 +316,8 @@ def _train(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision:
     model, img_size, mean, std = build_model(cfg, init=saved is None)
     seed_everything(cfg.seed, dist.rank)  # from here on each rank draws its own dropout/drop-path noise
     run = set_up(cfg, dist, device, precision, out, report, stop_requested, replaced, img_size, mean, std)
-    run.evaluator = set_up_eval(cfg, model, img_size, report) if dist.is_main else None
+    copies_per_epoch = run.steps_per_epoch * cfg.batch_size * (cfg.num_rotations if cfg.copies == "all" else 1)
+    run.evaluator = set_up_eval(cfg, model, img_size, copies_per_epoch, report) if dist.is_main else None
     run.best_metric = cfg.resolved_best_metric(has_val=run.val_set is not None and len(run.val_set) > 0)
     state = new_state(run, model)
     if saved is not None:
@@ -506,7 +507,8 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
     first = state.step
     sums = EpochSums(run.steps_per_epoch, device, state.partial if first else None)
     seen_before = sums.seen
-    logged, seen_logged = first, seen_before  # the steps --logger has seen: it plots the mean of the steps since
+    # --logger plots the mean of the steps since the last log point; a resumed epoch's slots hold its earlier steps
+    logged = first - first % cfg.log_every
     run.train_model.train()
     t0 = time.perf_counter()
     waited = 0.0
@@ -563,10 +565,10 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
             ))
             if loss_correct_recent:
                 loss_recent, correct_recent = loss_correct_recent
-                copies = max(1, sums.seen - seen_logged)
+                copies = sums.seen * (step - logged) / step  # every step has as many copies (drop_last)
                 run.loggers.log_step(epoch * run.steps_per_epoch + step, step_scalars(
                     loss_recent / copies, correct_recent / copies, lr, images_per_s, waited / elapsed))
-                logged, seen_logged = step, sums.seen
+                logged = step
         if step == run.steps_per_epoch:
             break  # the epoch-end checkpoint follows (a Ctrl-C now is handled after it)
         state.step = step
@@ -635,7 +637,7 @@ def validate(run: Run, state: TrainState) -> dict:
 def evaluate(run: Run, state: TrainState, epoch: int) -> dict[str, Any]:
     """{"eval": head -> stage -> accuracy, "eval_seconds": ...} after the epochs --eval-every asks for; else {}.
     Rank 0 evaluates the plain model (not its DDP or compiled wrapper); the other ranks go on to the checkpoint."""
-    if run.evaluator is None or not run.cfg.should_evaluate(epoch):
+    if not should_evaluate(run.evaluator, epoch, run.cfg.epochs):
         return {}
     t0 = time.perf_counter()
     accuracy = evaluate_features(run.evaluator, state.model, run.cfg.model, run.img_size, run.mean, run.std, run.device,

@@ -71,7 +71,7 @@ def pretrain(
     max_steps_per_epoch: Annotated[Optional[int], typer.Option("--max-steps-per-epoch", hidden=True)] = None,
     logger: Annotated[str, typer.Option("--logger", help="Where else the figures go, comma-separated: csv (logs/scalars.csv), tensorboard, wandb, mlflow (each an extra: pip install 'rotnet-cli\\[tensorboard]'), or none.")] = "csv",
     eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="Labelled images (digits, a class folder, a torchvision name) on which the features' kNN accuracy is measured during training.")] = None,
-    eval_every: Annotated[int, typer.Option("--eval-every", help="Measure it every N epochs (and after the last).")] = 1,
+    eval_every: Annotated[str, typer.Option("--eval-every", help="Measure it every N epochs (and after the last); auto: as often as keeps it at about 3% of the training compute.")] = "auto",
     eval_layers: Annotated[str, typer.Option("--eval-layers", help="Stages to measure, 1-based (negative from the last), e.g. 2,-1, or all.")] = "all",
     eval_heads: Annotated[str, typer.Option("--eval-heads", help="knn, and/or linear (a quick linear probe: a few times the cost of knn).")] = "knn",
     keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="Keep the weights of the last N epochs (RUN:epoch-E) besides the best one (RUN:best).")] = 0,
