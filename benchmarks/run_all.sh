@@ -24,9 +24,11 @@ if [ "$has_cuda" = 1 ]; then
     bench benchmarks/pipeline.py --precision fp32   # the same loop without the GPU fast paths
     # the official-style loader with the official code's own worker count (--num_workers 4)
     bench benchmarks/pipeline.py --precision bf16 --channels-last --official-workers 4 --skip digits,jpeg
+    bench benchmarks/online_eval.py --device cuda
     "$python" -m pytest -m gpu -q
 else
     bench benchmarks/probe.py --device cpu
     bench benchmarks/pipeline.py
+    bench benchmarks/online_eval.py --device cpu
 fi
 echo "figures in $results" >&2

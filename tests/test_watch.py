@@ -396,3 +396,15 @@ def test_viz_curves_draws_the_knn_curve_too(reference, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["panels"] == ["loss", "rotation accuracy", "knn accuracy"]
 
+
+
+def test_eval_every_auto_keeps_evaluations_near_3_percent_of_the_training_compute():
+    from rotnet_cli.evaluation import AUTO_EVAL_SHARE, auto_eval_every
+
+    # digits (1,797 images) after an epoch of 11 steps x 128 images x 4 rotations: every 4th epoch
+    every = auto_eval_every(1797, 11 * 128 * 4)
+    assert every == 4 and 1797 / (every * 3 * 11 * 128 * 4) <= AUTO_EVAL_SHARE < 1797 / ((every - 1) * 3 * 11 * 128 * 4)
+    assert auto_eval_every(1797, 10**9) == 1  # a large pretraining set: every epoch
+    assert PretrainConfig(eval_every="AUTO").eval_every == "auto" and PretrainConfig(eval_every="3").eval_every == 3
+    with pytest.raises(ConfigError, match="--eval-every is a number of epochs or auto"):
+        PretrainConfig(eval_every="often")
