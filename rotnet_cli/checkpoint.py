@@ -42,7 +42,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     except BaseException as e:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        os_error = _os_error_behind(e) if isinstance(e, Exception) else None
+        os_error = os_error_behind(e) if isinstance(e, Exception) else None
         if os_error is not None and os_error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise OutputError(f"disk full while writing {path}; free space and resume (the previous file is intact)") from e
         if os_error is not None and os_error.errno in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOENT, errno.ENOTDIR):
@@ -51,7 +51,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def _os_error_behind(e: BaseException) -> OSError | None:
+def os_error_behind(e: BaseException) -> OSError | None:
     """The OSError that caused ``e``: torch.save reports a full disk as a RuntimeError raised
     while handling the OSError, so the chain of causes is searched."""
     seen = 0

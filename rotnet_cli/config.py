@@ -630,6 +630,15 @@ class CurvesConfig(_Serializable):
 __all__ += ["FiltersConfig", "AttentionConfig", "CurvesConfig", "VIZ_COLORMAPS"]
 
 
+JPEG_ROUTES = ("reencode", "lossless", "lossless-trim", "orientation-tag")  # how predict --fix turns a JPEG
+# Fix only images the model is at least this sure about. With calibrated confidences (see
+# prediction.combine_votes), at most about 1 in 10 of the images turned at exactly this
+# confidence are turned wrongly, and fewer above it; leaving a photo as it was costs the user
+# a manual turn, turning an upright one the wrong way costs more.
+DEFAULT_MIN_CONFIDENCE = 0.9
+DEFAULT_BACKUP_SUFFIX = ".orig"  # not an image extension: the next run does not take backups for images
+
+
 @dataclass(frozen=True)
 class PredictConfig(_Serializable):
     """Everything `rotnet predict` needs; see `rotnet predict --help` for each field."""
@@ -639,7 +648,11 @@ class PredictConfig(_Serializable):
     tta: bool = False
     fix: bool = False
     out: str | None = None
-    min_confidence: float = 0.5
+    in_place: bool = False
+    backup_suffix: str | None = None  # with in_place; None: DEFAULT_BACKUP_SUFFIX
+    jpeg: str = "reencode"
+    copy_unchanged: bool = False
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE
     overwrite: bool = False
     batch_size: int = 64
     workers: int = field(default_factory=default_workers)
@@ -651,16 +664,36 @@ class PredictConfig(_Serializable):
         _check_required("WEIGHTS", self.weights, "a run directory, checkpoint.pt or model.safetensors with a rotation head")
         if not self.inputs:
             raise ConfigError("give at least one image file or folder to predict")
-        if self.fix and not self.out:
-            raise ConfigError("--fix needs --out DIR: the upright copies go there, the originals are never changed")
+        if self.in_place and not self.fix:
+            raise ConfigError("--in-place changes the originals only together with --fix; add --fix")
+        if self.fix and not (self.out or self.in_place):
+            raise ConfigError(
+                "--fix needs --out DIR for upright copies (the originals are never changed), "
+                "or --in-place to turn the originals themselves (each kept as a backup)"
+            )
+        if self.backup_suffix is not None and not self.in_place:
+            raise ConfigError("--backup-suffix names the backups that --in-place keeps; add --in-place or drop it")
+        if self.in_place:
+            suffix = self.resolved_backup_suffix
+            if not suffix or "/" in suffix or suffix in (".", ".."):
+                raise ConfigError(f"--backup-suffix must be a non-empty file-name ending like .orig (got {suffix!r})")
+        if self.copy_unchanged and not (self.fix and self.out) or self.copy_unchanged and self.in_place:
+            raise ConfigError(
+                "--copy-unchanged completes the mirror that --fix --out DIR writes; use it with --fix --out (not --in-place)"
+            )
+        _check_choice("--jpeg", self.jpeg, JPEG_ROUTES)
         if not 0 <= self.min_confidence <= 1:
             raise ConfigError(f"--min-confidence is a probability in [0, 1] (got {self.min_confidence})")
         _check_choice("--precision", self.precision, PRECISIONS)
         _check_positive("--batch-size", self.batch_size)
         _check_positive("--workers", self.workers, allow_zero=True)
 
+    @property
+    def resolved_backup_suffix(self) -> str:
+        return DEFAULT_BACKUP_SUFFIX if self.backup_suffix is None else self.backup_suffix
 
-__all__ += ["PredictConfig"]
+
+__all__ += ["PredictConfig", "JPEG_ROUTES", "DEFAULT_MIN_CONFIDENCE", "DEFAULT_BACKUP_SUFFIX"]
 
 
 # The RotNet pretraining schedules of the CIFAR-10 study: (epochs, epochs after which lr is divided by 5).

@@ -97,6 +97,19 @@ def native_size(spec: str) -> int | None:
     return {"digits": 32, "cifar10": 32, "cifar100": 32, "mnist": 32, "fashionmnist": 32, "svhn": 32, "stl10": 96}.get(key)
 
 
+# What the built-in and torchvision datasets hold: (pixels on a side, grey). predict warns
+# when the images it is given differ clearly from the data its weights were trained on.
+DATASET_IMAGES = {
+    "digits": (8, True), "mnist": (28, True), "fashionmnist": (28, True), "cifar10": (32, False),
+    "cifar100": (32, False), "svhn": (32, False), "stl10": (96, False),
+}
+
+
+def dataset_images(spec: str | None) -> tuple[int, bool] | None:
+    """(pixels on a side, grey) of a built-in or torchvision dataset name; None for folders and unknown names."""
+    return DATASET_IMAGES.get(_dataset_key(spec)) if isinstance(spec, str) else None
+
+
 def open_source(
     spec: str,
     img_size: int,
@@ -636,8 +649,9 @@ def warn_skipped(skipped: list[str]) -> str | None:
 
 
 __all__ = [
-    "ImageSet", "DataSource", "open_source", "native_size", "decode_all", "split_indices", "epoch_order", "iterate_batches",
-    "random_crop_flip", "auto_augment", "normalize", "decode_file", "scan_images", "num_batches", "warn_skipped", "Batch",
+    "ImageSet", "DataSource", "open_source", "native_size", "dataset_images", "decode_all", "split_indices", "epoch_order",
+    "iterate_batches", "random_crop_flip", "auto_augment", "normalize", "decode_file", "scan_images", "num_batches",
+    "warn_skipped", "Batch",
 ]
 
 warnings.filterwarnings("ignore", message=".*Palette images with Transparency.*")

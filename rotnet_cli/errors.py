@@ -1,8 +1,9 @@
 """The only exceptions the CLI turns into a one-line message (exit 1).
 
 Library code raises these for anything a user can fix: bad data, a missing file, an
-unknown model, weights that do not fit. The message must say what to do. Everything
-else is a bug and keeps its traceback (shown with --debug).
+unknown model, weights that do not fit. The message must say what to do. Anything
+else is a bug: the CLI names its type and message in one line and shows the traceback
+with --debug.
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ class DataError(RotnetError):
 
 class ModelError(RotnetError):
     """An unknown timm model, or one that cannot be built as asked."""
+
+
+class InputSizeError(ModelError):
+    """An input size the model cannot run on; ``size`` is one it can (timm's own for it)."""
+
+    def __init__(self, message: str, size: int):
+        super().__init__(message)
+        self.size = size
 
 
 class WeightsError(RotnetError):

@@ -5,7 +5,7 @@ The folder (timm's ``local-dir:`` / hub layout)::
     DIR/model.safetensors            the backbone only: keys of timm.create_model(name, num_classes=0)
     DIR/config.json                  timm's save_config_for_hf: architecture, model_args, pretrained_cfg
     DIR/README.md                    a model card
-    DIR/rotation_head.safetensors    with --with-head: Linear(num_features, R) as weight/bias (timm ignores it)
+    DIR/rotation_head.safetensors    with --with-head: Linear(head_hidden_size, R) as weight/bias (timm ignores it)
 
 Everything is written into a temporary sibling folder, loaded back through timm both
 ways (and through rotnet's own loader), and only then renamed into place: a failed
@@ -29,6 +29,7 @@ from .checkpoint import write_text
 from .config import ExportConfig, format_rotations
 from .errors import DataError, OutputError, WeightsError
 from .events import Progress, TaskProgress, ignore
+from .models import feature_width
 from .rundir import EXPORT_CONFIG, EXPORT_HEAD, EXPORT_WEIGHTS, MODEL_CARD
 from .weights import LoadedWeights, load_weights
 
@@ -41,7 +42,8 @@ class ExportResult:
     model: str
     dtype: str
     source: str
-    num_features: int
+    num_features: int  # timm's num_features: channels of the last stage
+    head_hidden_size: int  # the width of what the backbone returns (its features), the rotation head's input
     num_params: int
     img_size: int
     rotations: tuple[float, ...] | None
@@ -60,7 +62,7 @@ class ExportResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "out_dir": str(self.out_dir), "model": self.model, "dtype": self.dtype, "source": self.source,
-            "num_features": self.num_features, "num_params": self.num_params, "img_size": self.img_size,
+            "num_features": self.num_features, "head_hidden_size": self.head_hidden_size, "num_params": self.num_params, "img_size": self.img_size,
             "rotations": list(self.rotations) if self.rotations else None, "with_head": self.with_head,
             "files": [{"name": n, "path": str(self.out_dir / n), "bytes": b} for n, b in self.files.items()],
             "total_bytes": sum(self.files.values()), "round_trip_max_abs_diff": self.round_trip, "snippet": self.snippet,
@@ -106,7 +108,7 @@ def export(config: ExportConfig, progress: Progress | None = None) -> ExportResu
     stage(3, "export")
     return ExportResult(
         out_dir=out, model=loaded.model_name, dtype=config.dtype, source=loaded.source,
-        num_features=loaded.backbone.num_features, num_params=sum(p.numel() for p in loaded.backbone.parameters()),
+        num_features=loaded.backbone.num_features, head_hidden_size=feature_width(loaded.backbone), num_params=sum(p.numel() for p in loaded.backbone.parameters()),
         img_size=loaded.img_size, rotations=tuple(record["rotations"] or ()) or None, with_head=config.with_head,
         files={p.name: p.stat().st_size for p in sorted(out.iterdir())}, round_trip=round_trip,
     )
@@ -147,8 +149,9 @@ def _write_backbone(folder: Path, loaded: LoadedWeights, config: ExportConfig, r
 
 
 def _write_head(folder: Path, loaded: LoadedWeights, config: ExportConfig) -> None:
-    tensors = _rounded_state(loaded.head, DTYPES[config.dtype])  # weight (R, num_features), bias (R,)
-    rundir.save_weights(folder / EXPORT_HEAD, tensors, rundir.HEAD_FORMAT, loaded.model_name, rotations=list(loaded.rotations))
+    tensors = _rounded_state(loaded.head, DTYPES[config.dtype])  # weight (R, head_hidden_size), bias (R,)
+    rundir.save_weights(folder / EXPORT_HEAD, tensors, rundir.HEAD_FORMAT, loaded.model_name, rotations=list(loaded.rotations),
+                        head_hidden_size=feature_width(loaded.backbone))
 
 
 # ----------------------------------------------------------------------------- round trip
@@ -165,7 +168,7 @@ def _verify_round_trip(folder: Path, cfg: dict[str, Any], loaded: LoadedWeights,
     input_size = cfg["pretrained_cfg"]["input_size"]  # (C, H, W)
     x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = loaded.backbone.eval()(x)  # (2, num_features)
+        expected = loaded.backbone.eval()(x)  # (2, head_hidden_size)
 
     def through_rotnet() -> torch.nn.Module:
         again = load_weights(str(folder))
@@ -303,7 +306,7 @@ def model_card(loaded: LoadedWeights, config: ExportConfig, record: dict[str, An
     rotations = f"{format_rotations(angles)} degrees ({len(angles)} classes)" if angles else "-"
     acc = record.get("val_rot_acc")
     facts = {
-        "model": f"`{name}` ({loaded.backbone.num_features} features, "
+        "model": f"`{name}` ({feature_width(loaded.backbone)} features, "
                  f"{sum(p.numel() for p in loaded.backbone.parameters()):,} parameters)",
         "rotations": rotations,
         "data": record.get("data") or "-",
@@ -336,14 +339,14 @@ def model_card(loaded: LoadedWeights, config: ExportConfig, record: dict[str, An
         f'model = timm.create_model("local-dir:{folder}", pretrained=True)  # or "hf-hub:USER/REPO"',
         "model.eval()", "data_config = timm.data.resolve_model_data_config(model)",
         "transform = timm.data.create_transform(**data_config, is_training=False)",
-        "features = model(transform(image).unsqueeze(0))  # (1, num_features)", "```", "",
+        "features = model(transform(image).unsqueeze(0))  # (1, model.head_hidden_size)", "```", "",
         "Or the weights file on its own:", "", "```python",
         f'model = timm.create_model("{name}", checkpoint_path="{folder}/{EXPORT_WEIGHTS}"{build_args})', "```", "",
     ]
     if config.with_head:
         lines += [
-            f"The rotation head is `{EXPORT_HEAD}` (`weight` (R, num_features), `bias` (R,), metadata `rotations`):",
-            "`torch.nn.Linear(model.num_features, R)` loads it with `safetensors.torch.load_file`. "
+            f"The rotation head is `{EXPORT_HEAD}` (`weight` (R, head_hidden_size), `bias` (R,), metadata `rotations`):",
+            "`torch.nn.Linear(model.head_hidden_size, R)` loads it with `safetensors.torch.load_file`. "
             f"`rotnet predict {folder}` uses it.", "",
         ]
     return "\n".join(lines)

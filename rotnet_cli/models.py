@@ -1,7 +1,7 @@
 """timm backbone + rotation head, and stage features.
 
 The backbone is ``timm.create_model(name, num_classes=0)`` and the rotation head a
-separate ``Linear(num_features, R)``, so the backbone's state dict has exactly timm's keys
+separate ``Linear(feature_width, R)`` (timm's ``head_hidden_size``), so the backbone's state dict has exactly timm's keys
 and exports load into timm strictly. Only timm's uniform API is used; nothing here
 branches on an architecture name. Loading saved weights is weights.py's work.
 """
@@ -9,13 +9,15 @@ branches on an architecture name. Loading saved weights is weights.py's work.
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
 from importlib import import_module
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import ConfigError, ModelError, WeightsError
+from .errors import ConfigError, InputSizeError, ModelError, WeightsError
 
 
 def canonical_model_name(name: str) -> str:
@@ -39,36 +41,129 @@ def _register_builtin_models() -> None:
     import_module(".nin", __package__)
 
 
-def create_backbone(name: str, img_size: int | None = None, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """A headless timm model (``num_classes=0``): ``model(x)`` gives pooled (N, num_features).
+def create_backbone(name: str, img_size: int | list[int] | None = None, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """A headless timm model (``num_classes=0``), checked to run on ``img_size`` images:
+    ``model(x)`` gives pooled (N, feature_width(model)) features.
 
-    Models with a fixed input size (ViTs) are built for ``img_size``; models that take
-    any size do not accept that argument, which is how they are told apart (no name
-    checks).
+    A model whose constructor takes ``img_size`` (ViT, Swin, ... : timm sizes their position
+    embeddings and windows from it) is built for the run's size; any other model is built as
+    timm defines it and must run on that size as it is. A size the model cannot take is an
+    InputSizeError naming the size timm defines it for; nothing here branches on names.
     """
     import timm
 
     name = canonical_model_name(name)
+    if isinstance(img_size, (list, tuple)):  # timm records the build size of an export as [H, W]
+        img_size = int(img_size[-1])
+    default_size = model_default_size(name)
+    size_args = {}
+    if img_size is not None and img_size != default_size:
+        if takes_img_size(name):
+            size_args = {"img_size": img_size}
+        elif _fixed_input_size(name):
+            raise InputSizeError(
+                f"{name} takes only {default_size} px input (timm builds it for that size alone); use --img-size {default_size}",
+                size=default_size,
+            )
     try:
-        if img_size is not None:
-            try:
-                return timm.create_model(name, num_classes=0, pretrained=pretrained, img_size=img_size, **kwargs)
-            except TypeError as e:
-                if "img_size" not in str(e):
-                    raise
-        return timm.create_model(name, num_classes=0, pretrained=pretrained, **kwargs)
-    except (RuntimeError, ValueError, OSError) as e:
+        backbone = timm.create_model(name, num_classes=0, pretrained=pretrained, **size_args, **kwargs)
+    except (RuntimeError, ValueError, OSError, AssertionError) as e:
         if pretrained:
             raise WeightsError(
                 f"could not get timm's pretrained weights for {name} from the Hugging Face hub ({type(e).__name__}); "
                 f"connect to the internet, point HF_HOME at a cache that holds them, or compare with random:{name}"
             ) from e
-        raise ModelError(f"timm could not build {name!r}: {str(e).splitlines()[0][:200]}") from e
+        if size_args:  # the constructor refused the size (a patch or window size that does not divide it...)
+            raise InputSizeError(_size_message(name, img_size, default_size, e), size=default_size) from e
+        raise ModelError(f"timm could not build {name!r}: {_first_line(e)}") from e
+    check_input_size(backbone, name, img_size or default_size, default_size)
+    return backbone
+
+
+def feature_width(backbone: nn.Module) -> int:
+    """The width of what the headless model returns, the rotation head's input.
+
+    timm calls it ``head_hidden_size``: wider than ``num_features`` when a conv head or a
+    pre-logits MLP follows the pooling (MobileNetV3, GhostNet, VGG, EfficientViT...).
+    """
+    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+
+
+@torch.no_grad()
+def check_input_size(backbone: nn.Module, name: str, img_size: int, default_size: int) -> None:
+    """One forward pass of a blank image: the model runs on ``img_size`` and returns
+    (1, feature_width) pooled features, or this says which size it needs."""
+    was_training = backbone.training
+    backbone.eval()  # no batch statistics from a single blank image, no dropout
+    try:
+        out = backbone(torch.zeros(1, 3, img_size, img_size))
+    except (RuntimeError, ValueError, AssertionError, IndexError) as e:  # timm asserts sizes; convs and reshapes raise
+        raise InputSizeError(_size_message(name, img_size, default_size, e), size=default_size) from e
+    finally:
+        backbone.train(was_training)
+    if tuple(out.shape) != (1, feature_width(backbone)):
+        raise ModelError(
+            f"{name} without its classifier returns {tuple(out.shape)} per image, not pooled features of "
+            f"{feature_width(backbone)} (its head_hidden_size); rotnet needs timm's pooled output"
+        )
+
+
+def _size_message(name: str, img_size: int, default_size: int, error: BaseException) -> str:
+    if img_size == default_size:
+        return f"timm's {name} does not run on its own input size {default_size} px: {_first_line(error)}"
+    return (
+        f"{name} cannot run on {img_size} px images ({_first_line(error)}); "
+        f"use --img-size {default_size}, the size timm defines it for"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:160]}" if lines else type(error).__name__
+
+
+def model_default_size(name: str) -> int:
+    """The input size timm defines the model (and its pretrained tag) for: pretrained_cfg's input_size."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name) or timm.models.get_pretrained_cfg(timm.models.split_model_name_tag(name)[0])
+    return int(cfg.input_size[-1]) if cfg is not None else 224
+
+
+def _fixed_input_size(name: str) -> bool:
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    return bool(cfg is not None and cfg.fixed_input_size)
+
+
+@functools.lru_cache(maxsize=None)
+def takes_img_size(name: str) -> bool:
+    """Whether the model's class takes an ``img_size`` argument (its own or a parent's, through **kwargs).
+
+    The class is known only once built; building on the meta device allocates nothing.
+    """
+    import timm
+
+    try:
+        with torch.device("meta"):
+            cls = type(timm.create_model(name, num_classes=0))
+    except Exception:  # a model that insists on real tensors while it is built
+        cls = type(timm.create_model(name, num_classes=0))
+    for klass in cls.__mro__:
+        if klass is nn.Module:
+            break
+        params = inspect.signature(klass.__init__).parameters
+        if "img_size" in params:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            break  # no **kwargs: nothing reaches a parent's arguments
+    return False
 
 
 def rotation_head(backbone: nn.Module, num_rotations: int) -> nn.Linear:
-    """The rotation classifier on the backbone's pooled features: (N, width) -> (N, R)."""
-    return nn.Linear(backbone.num_features, num_rotations)
+    """The rotation classifier on the backbone's pooled features: (N, feature_width) -> (N, R)."""
+    return nn.Linear(feature_width(backbone), num_rotations)
 
 
 class RotNet(nn.Module):

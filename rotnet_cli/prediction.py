@@ -1,39 +1,45 @@
-"""Rotation prediction with a trained RotNet, and upright copies of rotated images.
+"""Rotation prediction with a trained RotNet, and turning rotated images upright.
 
 A RotNet's rotation head is an orientation detector: for an image it says by which angle
 of its rotation set the image appears rotated (counter-clockwise degrees, as everywhere
 in rotnet). ``predict(config, progress)`` predicts that angle for every image, optionally
-with test-time agreement over the image's rotated copies, and with ``fix`` writes an
-upright copy of each confidently rotated image to ``out``: the correction is applied to
-the original full-resolution file (exact transposes for multiples of 90 degrees), never
-to the originals themselves. It never prints; progress goes to ``progress`` as typed events.
+with test-time agreement over the image's rotated copies, and with ``fix`` turns each
+confidently rotated image upright: as a copy under ``out`` (the originals never change), or
+``in_place`` after keeping the original under a backup name. How one file is turned (and
+how exactly) is upright.py's business; the report (predictions.csv/.json) has a row for
+every image, written even when a full disk or Ctrl-C stops the work. It never prints;
+progress goes to ``progress`` as typed events.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import data as data_lib
 from . import rundir
-from .checkpoint import atomic_write, make_dir, write_json, write_text
-from .config import PredictConfig, format_rotations
-from .errors import ConfigError
+from .checkpoint import make_dir, os_error_behind, write_json, write_text
+from .config import DEFAULT_BACKUP_SUFFIX, PredictConfig, format_rotations
+from .errors import ConfigError, DataError, OutputError
 from .events import DeviceChosen, Progress, TaskProgress, WarningMessage, ignore
-from .rotations import disc_mask, is_exact, needs_mask, rotate_all
+from .rotations import disc_mask, needs_mask, rotate_all
 from .runtime import autocast, configure_backends, describe_device, resolve_device, resolve_precision
-from .weights import load_weights
+from .upright import DiskFull, NotWritten, UnreadableImage, copy_unchanged, require_jpeg_route, write_upright
+from .weights import LoadedWeights, load_weights
 
 REPORT_CSV = "predictions.csv"
 REPORT_JSON = "predictions.json"
-REPORT_FIELDS = ("path", "predicted", "correction", "confidence", "action", "output", "note")
-JPEG_QUALITY = 95
+REPORT_FIELDS = ("path", "predicted", "correction", "confidence", "action", "output", "note", "path_hex")
 # What happened to each image; "predicted" is the action when nothing is written (no --fix).
-ACTIONS = ("fixed", "skipped-upright", "skipped-low-confidence", "unreadable", "predicted")
+# not-fixed: confidently rotated, but it could not be turned (the note says why).
+ACTIONS = ("fixed", "skipped-upright", "skipped-low-confidence", "not-fixed", "unreadable", "predicted")
 
 
 @dataclass
@@ -43,8 +49,8 @@ class ImagePrediction:
     correction: float | None = None  # the counter-clockwise angle that makes it upright
     confidence: float | None = None  # softmax probability of the predicted angle
     action: str = "predicted"
-    output: str | None = None  # the upright copy, when one was written
-    note: str = ""  # why an image was unreadable, or how its copy was made
+    output: str | None = None  # the file written: the upright copy (or, in place, the original), or an unchanged copy
+    note: str = ""  # how the file was turned (exact, lossless, re-encoded ...), or why it was not
 
 
 @dataclass
@@ -72,7 +78,7 @@ class PredictResult:
             "tta": self.tta, "out_dir": str(self.out_dir) if self.out_dir else None,
             "reports": [str(p) for p in self.reports],
             "counts": self.counts(),
-            "predictions": [asdict(p) for p in self.predictions],
+            "predictions": report_rows(self.predictions),
         }
 
 
@@ -125,13 +131,17 @@ def combine_votes(log_probs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Test-time agreement: (R, N, R) log-probabilities of the copies -> (N, R) probabilities.
 
     log_probs[r, i] are the predictions for image i rotated by rotations[r]. For each
-    candidate own rotation o, copy r must be predicted as table[r, o]; the log-probabilities
-    of those predictions are summed over the copies and renormalised with a softmax.
+    candidate own rotation o, copy r must be predicted as table[r, o]; the copies'
+    probabilities of that are averaged. The copies are views of one picture by one model,
+    so their errors go together: multiplying them as if independent made confidences
+    near 1 for images the model gets wrong, and --min-confidence stopped protecting. The
+    average is never surer than its surest copy; on a weak model it is unsure rather
+    than wrong (tests/test_predict.py measures both on held-out digits).
     """
     num_copies, n, num_classes = log_probs.shape
     index = table.to(log_probs.device)[:, None, :].expand(num_copies, n, num_classes)  # (R, N, R)
     agreeing = log_probs.gather(2, index)  # [r, i, o] = log p(copy r of image i shows rotation o + r)
-    return agreeing.sum(0).softmax(1)
+    return agreeing.exp().mean(0)
 
 
 @torch.no_grad()
@@ -152,15 +162,15 @@ def rotation_probabilities(model: torch.nn.Module, images: torch.Tensor, rotatio
 
 
 def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResult:
-    """Predict the rotation of every input image; with ``cfg.fix`` write upright copies; see the module docstring."""
+    """Predict the rotation of every input image; with ``cfg.fix`` turn them upright; see the module docstring."""
     emit = progress or ignore
+    require_jpeg_route(cfg.jpeg)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     configure_backends(device)
     inputs = collect_inputs(cfg.inputs)
     out = Path(cfg.out).expanduser() if cfg.out else None
-    if out is not None:  # never an input folder, nor inside one: the originals are never changed
-        rundir.check_out_dir(out, overwrite=cfg.overwrite, inputs=cfg.inputs, overwrite_does="write into it")
+    check_outputs(cfg, out)
     weights = load_weights(cfg.weights, device)
     model = weights.rotnet()
     rotations = weights.rotations
@@ -175,10 +185,11 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
     batches = data_lib.iterate_batches(
         files, torch.arange(len(inputs)), cfg.batch_size, device, drop_last=False, workers=cfg.workers
     )
-    done = 0
+    done = colour = 0
     for batch in batches:
         x = data_lib.normalize(batch.images, weights.mean, weights.std)  # (n, 3, S, S) float32
         probs = rotation_probabilities(model, x, rotations, device, precision, tta_table).cpu()  # (n, R)
+        colour += int(is_colour(batch.images).sum())
         confidence, index = probs.max(1)
         for i, c, k in zip(batch.labels.tolist(), confidence.tolist(), index.tolist()):
             angle = rotations[k]
@@ -189,102 +200,220 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
         emit(TaskProgress("predict", "predicting", len(inputs), len(inputs)))
     unreadable = [p.path for p in predictions if p.action == "unreadable"]
     if unreadable:
-        emit(WarningMessage(data_lib.warn_skipped(unreadable)))
+        emit(WarningMessage(data_lib.warn_skipped([display_path(p) for p in unreadable])))
+    decoded = len(inputs) - len(unreadable)
+    warning = unlike_training(weights, decoded, colour, typical_side([i.path for i in inputs]))
+    if warning:
+        emit(WarningMessage(warning))
 
     result = PredictResult(weights.model_name, weights.source, rotations, describe_device(device), cfg.tta, predictions, out)
     if out is not None:
         make_dir(out)
+    try:
         if cfg.fix:
-            _write_upright_copies(inputs, predictions, out, cfg.min_confidence, emit)
-        result.reports = write_reports(out, predictions)
+            _fix_images(inputs, predictions, cfg, out, emit)
+    finally:  # every image has its row, also when a full disk or Ctrl-C stopped the copies
+        if out is not None:
+            result.reports = write_reports(out, predictions)
+    full = [p for p in predictions if p.action == "not-fixed" and p.note == DISK_FULL]
+    if full and out is not None:
+        raise OutputError(
+            f"disk full: {len(full)} image(s) were not written (the report in {out} names them); "
+            "free space and run predict again with --overwrite"
+        )
+    if full:
+        raise OutputError(
+            f"disk full: {len(full)} image(s) were not turned; free space and run predict again "
+            "(an image already turned has its backup, so it is not turned twice)"
+        )
     return result
 
 
-# ----------------------------------------------------------------------------- upright copies
+# ----------------------------------------------------------------------------- outputs: the folder policy in one place
 
 
-def _write_upright_copies(inputs: list[InputImage], predictions: list[ImagePrediction], out: Path,
-                          min_confidence: float, emit: Progress) -> None:
-    """Decide each readable image's action and write the upright copies that are due."""
-    due = [i for i, p in enumerate(predictions) if p.action != "unreadable"]
-    for done, i in enumerate(due, 1):
-        p = predictions[i]
-        if p.predicted == 0:
-            p.action = "skipped-upright"
-        elif p.confidence < min_confidence:
-            p.action = "skipped-low-confidence"
-        else:
-            target = out / inputs[i].relative
-            try:
-                p.note = write_upright(inputs[i].path, target, p.correction)
-                p.action, p.output = "fixed", str(target)
-            except UnreadableImage as e:  # the file changed or broke since it was decoded
-                p.action, p.note = "unreadable", str(e)
-        emit(TaskProgress("fix", "writing upright copies", done, len(due)))
+def check_outputs(cfg: PredictConfig, out: Path | None) -> None:
+    """Refuse outputs that cannot work before any model is loaded; nothing is created here.
 
-
-class UnreadableImage(Exception):
-    """A file that decoded for the model but cannot be read in full for its copy."""
-
-
-def write_upright(source: Path, target: Path, correction: float) -> str:
-    """Write ``source`` turned counter-clockwise by ``correction`` degrees to ``target``, atomically.
-
-    EXIF orientation is applied first (as a viewer shows the file) and removed from the
-    copy. Multiples of 90 are exact transposes at full resolution; other angles are
-    resampled (bicubic, canvas expanded). Format, mode, palette, ICC profile and EXIF stay.
-    Returns a note on how the copy was made.
+    --out must not be (or be inside) an input folder (the originals are never changed) and
+    is new, empty or --overwrite; --in-place backups must not look like images to the next run.
     """
-    from PIL import Image, ImageOps, JpegImagePlugin
+    if out is not None:
+        rundir.check_out_dir(out, overwrite=cfg.overwrite, inputs=cfg.inputs, overwrite_does="write into it")
+    if cfg.in_place and cfg.resolved_backup_suffix.lower().endswith(data_lib.IMAGE_EXTENSIONS):
+        raise ConfigError(
+            f"--backup-suffix {cfg.resolved_backup_suffix} ends like an image file, so the next predict would take the "
+            f"backups for images; use an ending like {DEFAULT_BACKUP_SUFFIX}"
+        )
 
+
+# ----------------------------------------------------------------------------- turning images upright
+
+
+DISK_FULL = "not written: the disk is full"
+INTERRUPTED = "not written: interrupted"
+
+
+def _fix_images(inputs: list[InputImage], predictions: list[ImagePrediction], cfg: PredictConfig, out: Path | None,
+                emit: Progress) -> None:
+    """Decide each image's action and write what is due: upright copies under ``out``, or the
+    originals in place (each kept first under its backup name); --copy-unchanged copies the rest."""
+    what = "turning images in place" if cfg.in_place else "writing upright copies"
+    position = 0
     try:
-        with Image.open(source) as original:
-            fmt = "JPEG" if original.format in ("JPEG", "MPO") else original.format
-            image = ImageOps.exif_transpose(original)  # a new image: the original's EXIF stays as it is
-            params = _save_params(image, fmt, JpegImagePlugin.get_sampling(original))
-    except OSError as e:  # PIL's UnidentifiedImageError and truncated-file errors are OSErrors
-        raise UnreadableImage(f"could not be read for its upright copy: {e}") from e
-    if is_exact(correction):
-        turns = int(correction // 90) % 4  # PIL's ROTATE_90 is counter-clockwise, as rotnet's angles
-        if turns:
-            image = image.transpose((Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)[turns - 1])
-        notes = ["exact"]
+        for position, (image, p) in enumerate(zip(inputs, predictions)):
+            _fix_one(image, p, cfg, out)
+            emit(TaskProgress("fix", what, position + 1, len(inputs)))
+    except (DiskFull, KeyboardInterrupt) as e:
+        note = DISK_FULL if isinstance(e, DiskFull) else INTERRUPTED
+        for p in predictions[position:]:
+            if p.output is not None:
+                continue
+            if p.action != "unreadable" and _due(p, cfg.min_confidence):
+                p.action, p.note = "not-fixed", note
+            elif cfg.copy_unchanged:
+                p.note = "; ".join(filter(None, [p.note, note.replace("not written", "not copied")]))
+        if isinstance(e, KeyboardInterrupt):
+            raise
+
+
+def _due(p: ImagePrediction, min_confidence: float) -> bool:
+    return p.predicted is not None and p.correction != 0 and p.confidence >= min_confidence
+
+
+def _fix_one(image: InputImage, p: ImagePrediction, cfg: PredictConfig, out: Path | None) -> None:
+    if p.action == "unreadable":
+        pass
+    elif p.correction == 0:
+        p.action = "skipped-upright"
+    elif p.confidence < cfg.min_confidence:
+        p.action = "skipped-low-confidence"
     else:
-        image = image.rotate(correction, resample=Image.Resampling.BICUBIC, expand=True)
-        notes = [f"resampled (bicubic) for {correction:g} degrees"]
-    if fmt in ("JPEG", "WEBP"):
-        notes.append(f"re-encoded as {fmt} (lossy)")
-    make_dir(target.parent)
-    atomic_write(target, lambda tmp: image.save(tmp, format=fmt, **params))
-    return ", ".join(notes)
+        target = image.path if cfg.in_place else out / image.relative
+        backup = image.path.with_name(image.path.name + cfg.resolved_backup_suffix) if cfg.in_place else None
+        try:
+            if cfg.in_place and image.path.is_symlink():
+                raise NotWritten("a symbolic link: not turned in place (give the file it points to)")
+            if backup is not None and os.path.lexists(backup):
+                raise NotWritten(f"its backup {display_path(str(backup))} exists; move it away or choose another --backup-suffix")
+            make_dir(target.parent)
+            p.note = write_upright(image.path, target, p.correction, jpeg=cfg.jpeg, backup=backup)
+            p.action, p.output = "fixed", str(target)
+        except UnreadableImage as e:  # the file changed or broke since it was decoded
+            p.action, p.note = "unreadable", str(e)
+        except (NotWritten, OutputError) as e:
+            p.action, p.note = "not-fixed", str(e)
+    if cfg.copy_unchanged and p.action != "fixed":
+        target = out / image.relative
+        try:
+            make_dir(target.parent)
+            copy_unchanged(image.path, target)
+            p.output, p.note = str(target), "; ".join(filter(None, [p.note, "copied unchanged"]))
+        except (NotWritten, OutputError, OSError) as e:
+            p.note = "; ".join(filter(None, [p.note, f"not copied: {e}"]))
 
 
-def _save_params(image, fmt: str, jpeg_sampling: int) -> dict:
-    """Keep what describes the picture: ICC profile, transparency, dpi, EXIF without its
-    orientation tag, and for JPEG a high quality with the original chroma subsampling."""
-    params = {key: image.info[key] for key in ("icc_profile", "transparency", "dpi") if image.info.get(key) is not None}
-    exif = image.getexif()
-    if exif:
-        exif.pop(0x0112, None)  # Orientation: the pixels of the copy are upright
-        params["exif"] = exif.tobytes()
-    if fmt in ("JPEG", "WEBP"):
-        params["quality"] = JPEG_QUALITY
-    if fmt == "JPEG" and jpeg_sampling != -1:
-        params["subsampling"] = jpeg_sampling
-    return params
+# ----------------------------------------------------------------------------- images unlike the training data
+
+
+def is_colour(images: torch.Tensor) -> torch.Tensor:
+    """(n, 3, S, S) uint8 -> (n,) bool: images whose channels clearly differ. Grey pictures
+    saved as colour JPEGs differ by a few levels of chroma noise, far below this."""
+    spread = images.amax(1).float() - images.amin(1).float()  # (n, S, S)
+    return spread.mean((1, 2)) > 8
+
+
+def typical_side(paths: list[Path], sample: int = 32) -> int | None:
+    """The median shorter side of up to ``sample`` of the files, read from their headers."""
+    from PIL import Image
+
+    step = max(1, len(paths) // sample)
+    sides = []
+    for path in paths[::step][:sample]:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    return int(np.median(sides)) if sides else None
+
+
+def unlike_training(weights: LoadedWeights, decoded: int, colour: int, side: int | None) -> str | None:
+    """A warning when the images differ clearly from the data the weights were trained on
+    (known for the built-in and torchvision datasets): colour images for a model of grey
+    digits, or photos many times the size the model saw."""
+    data = weights.info.get("data")
+    if data is None and weights.run_dir is not None:
+        try:
+            data = rundir.read_config(weights.run_dir)["config"].get("data")
+        except DataError:  # a warning is not worth failing the predictions for
+            return None
+    trained_on = data_lib.dataset_images(data)
+    if trained_on is None or not decoded:
+        return None
+    pixels, grey = trained_on
+    differences = []
+    if grey and colour > decoded / 2:
+        differences.append(f"{colour} of {decoded} are in colour, its training images were grey")
+    if side is not None and side >= 8 * max(pixels, weights.img_size):  # a blown-up digit is still a digit
+        differences.append(f"they are about {side} px on the shorter side, its training images {pixels} px (seen at {weights.img_size} px)")
+    if not differences:
+        return None
+    return (
+        f"these images differ clearly from what {weights.model_name} was trained on ({data}): {'; '.join(differences)}. "
+        "Its predictions on them mean little; to orient photos, pretrain on photos like them "
+        "(e.g. rotnet pretrain --data ~/photos --img-size 224; see the README's 'Orienting photos')"
+    )
 
 
 # ----------------------------------------------------------------------------- report
 
 
+def display_path(path: str) -> str:
+    """A file name as text: bytes that are not UTF-8 shown as \\xNN (the report stays valid UTF-8)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def path_hex(path: str) -> str:
+    """The file name's bytes in hex when they are not valid UTF-8 (then ``display_path`` escapes them), else ''."""
+    raw = os.fsencode(path)
+    try:
+        raw.decode("utf-8")
+        return ""
+    except UnicodeDecodeError:
+        return raw.hex()
+
+
+def report_rows(predictions: list[ImagePrediction]) -> list[dict]:
+    """One row per image: names as valid text whatever bytes they hold (path_hex keeps the exact bytes)."""
+    rows = []
+    for p in predictions:
+        row = asdict(p)
+        row["path"] = display_path(p.path)
+        row["output"] = display_path(p.output) if p.output else None
+        row["path_hex"] = path_hex(p.path)
+        rows.append(row)
+    return rows
+
+
 def write_reports(out: Path, predictions: list[ImagePrediction]) -> list[Path]:
     """predictions.csv and predictions.json in ``out``, each written atomically."""
-    rows = [asdict(p) for p in predictions]
+    rows = report_rows(predictions)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=REPORT_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-    return [write_text(out / REPORT_CSV, buffer.getvalue()), write_json(out / REPORT_JSON, rows)]
+    try:
+        return [write_text(out / REPORT_CSV, buffer.getvalue()), write_json(out / REPORT_JSON, rows)]
+    except OutputError as e:
+        cause = os_error_behind(e)
+        if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OutputError(
+                f"disk full while writing the report in {out}; free space and run predict again "
+                "(images already written stay as they are)"
+            ) from e
+        raise
 
 
-__all__ = ["predict", "PredictResult", "ImagePrediction", "write_upright", "combine_votes", "tta_index_table"]
+__all__ = ["predict", "PredictResult", "ImagePrediction", "combine_votes", "tta_index_table", "display_path",
+           "check_outputs", "unlike_training"]

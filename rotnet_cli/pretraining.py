@@ -34,13 +34,13 @@ from . import data as data_lib
 from . import rundir
 from .checkpoint import CHECKPOINT_FORMAT, make_dir
 from .config import PretrainConfig
-from .errors import ConfigError, DataError, Interrupted, NonFiniteLossError, RotnetError
+from .errors import ConfigError, DataError, InputSizeError, Interrupted, NonFiniteLossError, RotnetError
 from .evaluation import FeatureEval, best_value, evaluate_features, set_up_eval, should_evaluate
 from .events import (
     DeviceChosen, EpochEnded, FeaturesEvaluated, Message, Progress, Resumed, RunStarted, StepDone, WarningMessage, ignore,
 )
 from .loggers import Loggers, check_installed, open_loggers, step_scalars
-from .models import RotNet, create_backbone, data_config, rotation_head
+from .models import RotNet, create_backbone, data_config, feature_width, rotation_head
 from .rotations import make_rotation_batch, rotate_all
 from .runtime import (
     DistInfo, all_reduce_sum, autocast, barrier, configure_backends, describe_device, dist_from_env, gather_objects,
@@ -313,7 +313,7 @@ def pretrain(
 def _train(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision: str, out: Path, saved: dict | None,
            report: Progress, stop_requested: Callable[[], bool], replaced: rundir.ReplacedRun | None) -> PretrainResult:
     report(DeviceChosen(describe_device(device), precision, dist.world_size))
-    model, img_size, mean, std = build_model(cfg, init=saved is None)
+    model, img_size, mean, std = build_model(cfg, init=saved is None, report=report)
     seed_everything(cfg.seed, dist.rank)  # from here on each rank draws its own dropout/drop-path noise
     run = set_up(cfg, dist, device, precision, out, report, stop_requested, replaced, img_size, mean, std)
     copies_per_epoch = run.steps_per_epoch * cfg.batch_size * (cfg.num_rotations if cfg.copies == "all" else 1)
@@ -371,18 +371,31 @@ def _train(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision:
 # ----------------------------------------------------------------------------- set up
 
 
-def build_model(cfg: PretrainConfig, init: bool) -> tuple[RotNet, int, tuple[float, ...], tuple[float, ...]]:
+def build_model(cfg: PretrainConfig, init: bool, report: Progress = ignore) -> tuple[RotNet, int, tuple[float, ...], tuple[float, ...]]:
     """A headless timm backbone + Linear(width, R) rotation head, the same on every rank;
     -> (model, img_size, mean, std). ``init``: start from --init weights (not on resume)."""
     seed_everything(cfg.seed)  # the same initial weights on every rank
-    img_size = cfg.img_size or data_lib.native_size(cfg.data)
-    backbone = create_backbone(cfg.model, img_size=img_size)
+    backbone, img_size = run_backbone(cfg, report)
     dcfg = data_config(backbone)
     img_size = img_size or int(dcfg["input_size"][-1])
     model = RotNet(backbone, rotation_head(backbone, cfg.num_rotations))
     if cfg.init and init:
         _load_init(model, cfg, img_size)
     return model, img_size, tuple(dcfg["mean"]), tuple(dcfg["std"])
+
+
+def run_backbone(cfg: PretrainConfig, report: Progress = ignore) -> tuple[torch.nn.Module, int | None]:
+    """The run's backbone and input size: --img-size, else the data's own size, else the model's
+    (None: timm's size for it). A dataset's own size (digits, CIFAR: 32 px) gives way to the
+    model's when the model cannot run on it; the images are then resized to that size."""
+    img_size = cfg.img_size or data_lib.native_size(cfg.data)
+    try:
+        return create_backbone(cfg.model, img_size=img_size), img_size
+    except InputSizeError as e:
+        if cfg.img_size is not None:
+            raise
+        report(Message(f"{cfg.model} cannot run on {img_size} px images; {cfg.data} is resized to {e.size} px, its own size"))
+        return create_backbone(cfg.model, img_size=e.size), e.size
 
 
 def set_up(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision: str, out: Path, report: Progress,
@@ -679,6 +692,7 @@ def save_run_weights(run: Run, state: TrainState, path: Path, **facts: Any) -> N
     rundir.save_weights(
         path, state.model.state_dict(), rundir.RUN_FORMAT, run.cfg.model, rotations=list(run.cfg.rotations),
         img_size=run.img_size, mean=list(run.mean), std=list(run.std), num_features=state.model.backbone.num_features,
+        head_hidden_size=feature_width(state.model.backbone),  # what the backbone returns: the head's input
         data=run.cfg.data, epochs=run.cfg.epochs, **facts,
     )
 

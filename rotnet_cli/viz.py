@@ -308,7 +308,7 @@ def colormap_lut(name: str, size: int = 256) -> torch.Tensor:
 
 def apply_colormap(maps: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     """(..., H, W) values in [0, 1] -> (..., 3, H, W) colours."""
-    index = (maps.clamp(0, 1) * (len(lut) - 1)).round().long()
+    index = (maps.nan_to_num(0.0).clamp(0, 1) * (len(lut) - 1)).round().long()  # NaN (a model's inf) -> the lowest colour
     return lut.to(maps.device)[index].movedim(-1, -3)
 
 
@@ -346,7 +346,12 @@ def attention_maps(
     size = images.shape[-2:]
     maps = []
     for feature, p in zip(features, powers):
-        energy = feature.float().abs().pow(p).sum(dim=1, keepdim=True)  # (N, 1, h, w)
+        # |activation| / its largest value per image, in [0, 1]: the power cannot overflow float32
+        # (large activations of a random or unnormalised model, to the 4th), and the min-max
+        # normalisation below does not see the scale
+        magnitude = feature.float().abs()
+        magnitude = magnitude / magnitude.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-30)
+        energy = magnitude.pow(p).sum(dim=1, keepdim=True)  # (N, 1, h, w)
         maps.append(F.interpolate(energy, size=size, mode="bilinear", align_corners=False)[:, 0])
     return normalise_maps(torch.stack(maps, dim=1))
 

@@ -2,8 +2,8 @@
 
 Specs: a run directory, its checkpoint.pt or model.safetensors, a kept checkpoint of a run
 (``RUN:best``, ``RUN:epoch-12``, or the path ``RUN/checkpoints/epoch-12[.safetensors]``), an
-exported folder (or its model.safetensors), ``timm:NAME`` (timm's pretrained weights; needs the
-hub) and ``random:NAME`` (the baseline). A safetensors file says what it is through the format marker
+exported folder (or its model.safetensors), ``timm:NAME`` (timm's pretrained weights: the hub,
+or its local cache when the hub is out of reach) and ``random:NAME`` (the baseline). A safetensors file says what it is through the format marker
 in its metadata (see rundir.py); a folder is what its model.safetensors says it is, or a
 run that stopped before its final weights when it holds only checkpoint.pt.
 """
@@ -11,6 +11,9 @@ run that stopped before its final weights when it holds only checkpoint.pt.
 from __future__ import annotations
 
 import json
+import socket
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +65,7 @@ def load_weights(spec: str, device: torch.device | str = "cpu", seed: int = 0, i
         name = canonical_model_name(name)
         with torch.random.fork_rng(devices=[]):  # the same "random" baseline every time; the caller's RNG is untouched
             torch.manual_seed(seed)
-            backbone = create_backbone(name, img_size=img_size, pretrained=(kind == "timm"))
+            backbone = _pretrained_backbone(name, img_size) if kind == "timm" else create_backbone(name, img_size=img_size)
         return _finish(backbone, None, device, model_name=name, rotations=None, source=text, kind=kind, img_size=img_size)
 
     path = kept_checkpoint_path(text) or Path(text).expanduser()
@@ -113,6 +116,53 @@ def kept_checkpoint_path(spec: str) -> Path | None:
             "epochs, and the best one by --best-metric"
         )
     return kept
+
+
+# ----------------------------------------------------------------------------- timm's pretrained weights
+
+
+def _pretrained_backbone(name: str, img_size: int | None) -> nn.Module:
+    """timm's pretrained weights for ``name``: through the Hugging Face hub, or from its local
+    cache alone when the hub is out of reach (one quick line rather than a minute of retries)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        arch = timm.models.split_model_name_tag(name)[0]
+        tags = timm.list_pretrained(f"{arch}.*")
+        hint = f"; timm has these: {', '.join(tags[:5])}" if tags else ""
+        raise WeightsError(f"timm has no pretrained weights for {name}; compare with random:{arch}{hint}")
+    if _hub_reachable():
+        return create_backbone(name, img_size=img_size, pretrained=True)
+    from huggingface_hub import constants
+
+    offline, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True  # what HF_HUB_OFFLINE=1 does, for this load only
+    why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is out of reach"
+    try:
+        return create_backbone(name, img_size=img_size, pretrained=True)
+    except WeightsError as e:
+        raise WeightsError(
+            f"{why} and the local cache ({constants.HF_HUB_CACHE}) holds no timm weights for {name}; "
+            f"connect to the internet, point HF_HOME at a cache that holds them, or compare with random:{name}"
+        ) from e
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (offline mode: no)."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return False
+    if urllib.request.getproxies().get("https"):
+        return True  # only the proxy knows: let the hub client try
+    endpoint = urllib.parse.urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError:  # no route, no DNS, refused or timed out
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- one loader per form

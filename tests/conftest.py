@@ -84,3 +84,32 @@ def write_malicious_checkpoint(tmp_path):
         return marker
 
     return write
+
+
+@pytest.fixture(autouse=True)
+def _bugs_fail_tests(request, monkeypatch):
+    """An unexpected exception behind the CLI's error boundary fails the test that caused it.
+
+    The boundary prints a bug as one line and exits 1, which a test of a clean error could
+    mistake for the error it expects; here the bug itself is raised again, with its traceback.
+    A test about the bug line asks for ``expect_bug`` (the list of bugs seen) instead.
+    """
+    from rotnet_cli.cli import _common
+
+    bugs: list[Exception] = []
+    report = _common.report_bug
+
+    def record(error: Exception) -> None:
+        bugs.append(error)
+        report(error)
+
+    monkeypatch.setattr(_common, "report_bug", record)
+    yield bugs
+    if bugs and "expect_bug" not in request.fixturenames:
+        raise bugs[0]
+
+
+@pytest.fixture
+def expect_bug(_bugs_fail_tests) -> list[Exception]:
+    """The unexpected exceptions the CLI reported in this test (they do not fail it)."""
+    return _bugs_fail_tests

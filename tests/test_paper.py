@@ -267,7 +267,7 @@ def test_epochs_option_keeps_the_steps_at_the_same_share_of_the_run():
 
 def test_rotnet_pretraining_is_the_official_one(tmp_path):
     cfg = pretrain_config(ReproduceConfig(schedule="official"), (0.0, 90.0, 180.0, 270.0), tmp_path / "run")
-    assert (cfg.model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.batch_size, cfg.augment) == ("rotnet_nin4", "sgd", 0.1, 0.9, 128, True)
+    assert (cfg.model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.batch_size, cfg.augment) == ("rotnet_nin4", "sgd", 0.1, 0.9, 128, "crop+flip")
     assert cfg.precision == "fp32" and cfg.copies == "all"
     step = lambda e: cfg.lr * cfg.gamma ** sum(e >= m for m in cfg.milestones)  # noqa: E731
     assert_schedule_is_official(step, OFFICIAL_ROTNET, cfg.epochs)

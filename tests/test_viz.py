@@ -150,6 +150,21 @@ def test_attention_maps_have_the_image_size(model):
     assert maps.amin() >= 0 and maps.amax() <= 1 and (maps.amax(dim=(-2, -1)) == 1).all()
 
 
+def test_attention_maps_of_huge_activations_are_the_same_maps(monkeypatch):
+    """|activation|^4 of an unnormalised random model overflows float32 (convmixer did); the maps
+    must not depend on the activations' scale at all."""
+    import rotnet_cli.viz
+
+    feature = torch.rand(2, 8, 6, 6, generator=torch.Generator().manual_seed(0))
+    images = torch.zeros(2, 3, 24, 24, dtype=torch.uint8)
+    maps = {}
+    for scale in (1.0, 1e12):
+        monkeypatch.setattr(rotnet_cli.viz, "forward_stages", lambda backbone, x, indices, scale=scale: [feature * scale])
+        maps[scale] = attention_maps(None, images, (0.5,) * 3, (0.5,) * 3, [0], [4.0])
+    assert torch.isfinite(maps[1e12]).all()
+    torch.testing.assert_close(maps[1e12], maps[1.0])
+
+
 def test_aligned_maps_of_a_rotated_pattern_agree():
     weights = load_weights("random:test_resnet")
     copies, _ = rotate_all(disc_image(64, weights.mean), ROTATIONS)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -35,8 +36,19 @@ def debug_enabled() -> bool:
     return _state["debug"] or os.environ.get("ROTNET_DEBUG", "") not in ("", "0")
 
 
+# Typer's exits and usage errors pass through the boundary. Typer 0.29 carries its own copy of
+# click (typer._click) while older releases raise click's classes: both are listed.
+_CLI_FLOW = tuple({
+    typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException,
+    next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"),
+})
+
+
 def error_boundary(command: Callable) -> Callable:
-    """Turn known errors into one red line and an exit code; tracebacks only with --debug."""
+    """Turn every error into one red line and an exit code; tracebacks only with --debug.
+
+    Known errors (RotnetError) say what to do; anything else is a bug and says so.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -55,8 +67,29 @@ def error_boundary(command: Callable) -> Callable:
                 raise
             err_console.print("[yellow]stopped:[/] interrupted")
             raise typer.Exit(130) from None
+        except _CLI_FLOW:
+            raise  # Typer's own exits and usage errors (typer.Exit is a RuntimeError)
+        except Exception as e:  # a bug: still one line, the traceback only on request
+            if debug_enabled():
+                raise
+            report_bug(e)
+            raise typer.Exit(1) from None
 
     return wrapper
+
+
+def report_bug(error: Exception) -> None:
+    """One line for an exception rotnet did not expect: its type and message, and how to see more.
+
+    The test suite replaces this function to turn every such line into a failing test.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+    err_console.print(
+        f"[bold red]error:[/] {escape(message)} (unexpected: a bug in rotnet, please report it); "
+        "rerun with --debug for the traceback",
+        soft_wrap=True, markup=True, highlight=False,
+    )
 
 
 def print_json(obj: Any) -> None:

@@ -58,7 +58,7 @@ def _size(n: int) -> str:
 def _render(result) -> None:
     rotations = f", rotations {format_rotations(result.rotations)}" if result.rotations else ""
     out_console.print(
-        f"exported {result.model} ({result.num_params:,} parameters, {result.num_features} features, "
+        f"exported {result.model} ({result.num_params:,} parameters, {result.head_hidden_size} features, "
         f"{result.img_size} px, {result.dtype}{rotations}) to [bold]{escape(str(result.out_dir))}[/]", highlight=False, soft_wrap=True,
     )
     table = Table("file", "size")

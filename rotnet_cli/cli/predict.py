@@ -1,4 +1,4 @@
-"""rotnet predict: a RotNet as an orientation detector; --fix writes upright copies."""
+"""rotnet predict: a RotNet as an orientation detector; --fix turns rotated images upright."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..config import PredictConfig, default_workers
+from ..config import DEFAULT_BACKUP_SUFFIX, DEFAULT_MIN_CONFIDENCE, JPEG_ROUTES, PredictConfig, default_workers
 from ._common import (
-    BatchSizeOpt, DeviceOpt, JsonOpt, OverwriteOpt, PrecisionOpt, WeightsArg, WorkersOpt, err_console, error_boundary,
-    note, out_console, print_json,
+    DeviceOpt, JsonOpt, OverwriteOpt, PrecisionOpt, WeightsArg, WorkersOpt, err_console, error_boundary, note,
+    out_console, print_json, warn,
 )
 from .progress import ProgressView
 
@@ -20,11 +20,20 @@ EXAMPLES = """
 
   rotnet predict runs/demo photo.jpg scans/            [dim]# a table: rotation, correction, confidence[/dim]
   rotnet predict runs/demo scans/ --fix --out upright/ [dim]# upright copies + predictions.csv/.json[/dim]
+  rotnet predict runs/demo scans/ --fix --out upright/ --copy-unchanged   [dim]# a complete upright mirror[/dim]
+  rotnet predict runs/photos ~/Pictures --fix --in-place --jpeg lossless --out report/  [dim]# originals kept as *.orig[/dim]
   rotnet predict runs/demo scans/ --tta --json         [dim]# agreement over rotated copies, machine output[/dim]
-  rotnet predict runs/demo scans/ --fix --out upright/ --min-confidence 0.9 --device cuda
 """
 
-_ACTION_STYLE = {"fixed": "green", "skipped-low-confidence": "yellow", "unreadable": "red"}
+_ACTION_STYLE = {"fixed": "green", "skipped-low-confidence": "yellow", "not-fixed": "red", "unreadable": "red"}
+
+_JPEG_HELP = (
+    "How --fix turns a JPEG: reencode (quality 95, lossy); lossless (libjpeg-turbo moves the DCT blocks, "
+    "needs pip install 'rotnet-cli\\[jpeg]'; a JPEG whose moving edge is a partial block is re-encoded instead); "
+    "lossless-trim (such edges are trimmed, by less than 16 px); orientation-tag (only the EXIF Orientation tag "
+    "changes, pixels untouched: viewers show it upright, software that ignores EXIF does not). "
+    f"One of {', '.join(JPEG_ROUTES)}."
+)
 
 
 @error_boundary
@@ -32,18 +41,22 @@ def predict(
     ctx: typer.Context,
     weights: WeightsArg,
     inputs: Annotated[list[str], typer.Argument(help="Image files and folders (searched recursively).", metavar="images", show_default=False)],
-    tta: Annotated[bool, typer.Option("--tta", help="Test-time agreement: also predict the image's rotated copies and combine their votes.")] = False,
-    fix: Annotated[bool, typer.Option("--fix", help="Write an upright copy of each rotated image to --out (exact for multiples of 90; originals never change).")] = False,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Folder for the upright copies and predictions.csv/.json (folder inputs are mirrored).")] = None,
-    min_confidence: Annotated[float, typer.Option("--min-confidence", help="Fix only images predicted with at least this probability.")] = 0.5,
+    tta: Annotated[bool, typer.Option("--tta", help="Test-time agreement: also predict the image's rotated copies and average their votes.")] = False,
+    fix: Annotated[bool, typer.Option("--fix", help="Turn each confidently rotated image upright: a copy in --out (originals never change), or with --in-place the original itself.")] = False,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Folder for predictions.csv/.json and, with --fix, the upright copies (folder inputs are mirrored).")] = None,
+    in_place: Annotated[bool, typer.Option("--in-place", help="With --fix: turn the originals themselves, each first kept as NAME.orig (--backup-suffix); file times are kept, unsure and upright images are not touched.")] = False,
+    backup_suffix: Annotated[Optional[str], typer.Option("--backup-suffix", help=f"With --in-place: the ending of each original's backup (default {DEFAULT_BACKUP_SUFFIX}).", show_default=False)] = None,
+    jpeg: Annotated[str, typer.Option("--jpeg", help=_JPEG_HELP)] = "reencode",
+    copy_unchanged: Annotated[bool, typer.Option("--copy-unchanged", help="With --fix --out: copy the images left as they are (upright, unsure, not turnable) too, byte for byte: a complete upright mirror.")] = False,
+    min_confidence: Annotated[float, typer.Option("--min-confidence", help="Turn only images predicted with at least this probability; the rest stay byte for byte as they were. The default keeps wrong turns rare: an image left sideways costs one manual turn, an upright photo turned wrong costs more.")] = DEFAULT_MIN_CONFIDENCE,
     overwrite: OverwriteOpt = False,
-    batch_size: BatchSizeOpt = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass (with --tta each image adds its rotated copies).")] = 64,
     workers: WorkersOpt = default_workers(),
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
-    """Predict how each image is rotated (and how to turn it upright); --fix writes upright copies."""
+    """Predict how each image is rotated (and how to turn it upright); --fix turns them upright."""
     from ..prediction import predict as run_predict
 
     config = PredictConfig.from_dict(ctx.params)
@@ -51,11 +64,23 @@ def predict(
         result = run_predict(config, progress=view)
     if json_out:
         print_json(result.to_dict())
-        return
-    _render(result)
+    else:
+        _render(result, config)
 
 
-def _render(result) -> None:
+def format_correction(angle: float) -> str:
+    """How to turn the image upright, in words: none, 90° ccw, 180°, 90° cw, 45° ccw ..."""
+    angle = angle % 360
+    if angle == 0:
+        return "none"
+    if angle == 180:
+        return "180°"
+    return f"{angle:g}° ccw" if angle < 180 else f"{360 - angle:g}° cw"
+
+
+def _render(result, config: PredictConfig) -> None:
+    from ..prediction import display_path
+
     title = f"Rotation of {len(result.predictions)} image(s): {result.model}{' with test-time agreement' if result.tta else ''}"
     table = Table(title=title, title_justify="left")
     table.add_column("image", overflow="fold")
@@ -66,16 +91,23 @@ def _render(result) -> None:
     for p in result.predictions:
         readable = p.predicted is not None
         table.add_row(
-            escape(p.path),
-            f"{p.predicted:g}°" if readable else "-",
-            f"{p.correction:g}° ccw" if readable else "-",
+            escape(display_path(p.path)),
+            f"{p.predicted:g}° ccw" if readable else "-",
+            format_correction(p.correction) if readable else "-",
             f"{100 * p.confidence:.1f}%" if readable else "-",
             f"[{_ACTION_STYLE.get(p.action, 'default')}]{p.action}[/]",
         )
     out_console.print(table)
     counts = ", ".join(f"{n} {action}" for action, n in result.counts().items())
-    out_console.print(f"{counts}; angles counter-clockwise, confidence = softmax probability")
+    out_console.print(f"{counts}; confidence = probability of the predicted rotation", soft_wrap=True)
     if result.reports:
-        out_console.print(f"report: [bold]{escape(str(result.reports[0]))}[/] and {escape(result.reports[1].name)}")
-    if any("lossy" in p.note for p in result.predictions if p.action == "fixed"):
-        note("JPEG/WebP copies were re-encoded (quality 95, EXIF and ICC profile kept); PNG and other lossless copies are exact")
+        out_console.print(f"report: [bold]{escape(str(result.reports[0]))}[/] and {escape(result.reports[1].name)}", soft_wrap=True)
+    fixed = [p for p in result.predictions if p.action == "fixed"]
+    if config.in_place and fixed:
+        note(f"the originals of the {len(fixed)} turned image(s) are kept beside them as NAME{config.resolved_backup_suffix}")
+    if any("re-encoded as JPEG" in p.note for p in fixed):
+        note("JPEGs were re-encoded (quality 95, EXIF and ICC profile kept); --jpeg lossless or orientation-tag leave "
+             "their pixels as they were; PNG and other lossless copies are exact (the report says so per image)")
+    not_fixed = [p for p in result.predictions if p.action == "not-fixed"]
+    if not_fixed:
+        warn(f"{len(not_fixed)} rotated image(s) could not be turned, e.g. {display_path(not_fixed[0].path)}: {not_fixed[0].note}")
