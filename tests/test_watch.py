@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -191,6 +192,15 @@ def test_a_missing_logger_package_is_one_line_naming_the_extra_and_nothing_is_wr
 # ----------------------------------------------------------------------------- feature quality
 
 
+def test_the_features_are_evaluated_every_n_epochs_and_after_the_last():
+    from rotnet_cli.evaluation import should_evaluate
+
+    every_2 = SimpleNamespace(every=2)  # a FeatureEval's interval; the epochs are 0-based
+    assert [epoch + 1 for epoch in range(5) if should_evaluate(every_2, epoch, 5)] == [2, 4, 5]
+    assert not any(should_evaluate(None, epoch, 5) for epoch in range(5))  # no --eval-data (or not rank 0)
+
+
+@pytest.mark.slow  # 5 epochs with 3 evaluations (~25 s); the fast sibling above, and `reference` and `kept_run` evaluate
 def test_knn_accuracy_appears_at_the_asked_epochs_and_rises_on_digits(tmp_path):
     from rotnet_cli.evaluation import evaluate_features, set_up_eval
     from rotnet_cli.pretraining import build_model
