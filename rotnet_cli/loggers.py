@@ -40,6 +40,7 @@ from .errors import ConfigError, RotnetError
 NEEDS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
 PROJECT = "rotnet"  # the W&B project and MLflow experiment unless WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME say otherwise
 CSV_FILE = "scalars.csv"
+CSV_HEADER = ["step", "name", "value"]
 WANDB_LAST_STEPS = "wandb-last-steps.json"  # W&B cannot tell an offline run how far it got: rotnet notes it
 
 
@@ -94,6 +95,11 @@ class Loggers:
             if image is not None:
                 for logger in self.loggers:
                     logger.log_image(step, "filters", image)
+        for logger in self.loggers:
+            logger.flush()
+
+    def flush(self) -> None:
+        """Before a checkpoint: what was logged up to it is on disk, so a resume after a kill misses no step."""
         for logger in self.loggers:
             logger.flush()
 
@@ -178,17 +184,21 @@ class CsvLogger(Logger):
     def __init__(self, folder: Path, run_name: str, hparams: dict, resume_step: int | None, saved: dict):
         self.path = folder / CSV_FILE
         if resume_step is not None and self.path.is_file():  # drop what was logged after the checkpoint
-            with open(self.path, newline="") as f:
-                rows = [row for row in csv.reader(f)]
-            kept = [rows[0]] + [row for row in rows[1:] if len(row) == 3 and row[0].isdigit() and int(row[0]) <= resume_step]
+            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if lines and not lines[-1].endswith("\n"):
+                lines.pop()  # a row cut by a kill: the resumed run logs its step again
+            rows = list(csv.reader(lines))
+            # a kill may also leave the file empty (its header unwritten): only whole rows up to the checkpoint stay
+            kept = [row for row in rows if len(row) == 3 and row[0].isdigit() and int(row[0]) <= resume_step]
             text = io.StringIO()
-            csv.writer(text, lineterminator="\n").writerows(kept)
+            csv.writer(text, lineterminator="\n").writerows([CSV_HEADER, *kept])
             write_text(self.path, text.getvalue())
         new = not self.path.is_file()
         self.file = open(self.path, "a", newline="", encoding="utf-8")
         self.writer = csv.writer(self.file, lineterminator="\n")
         if new:
-            self.writer.writerow(["step", "name", "value"])
+            self.writer.writerow(CSV_HEADER)
+            self.file.flush()
 
     def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
         self.writer.writerows((step, name, repr(float(value))) for name, value in scalars.items())

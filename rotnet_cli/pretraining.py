@@ -740,6 +740,7 @@ def save_checkpoint(run: Run, state: TrainState, sums: EpochSums | None) -> None
         check_finite(run, state, state.epoch, sums)
     per_rank = gather_objects({"partial": sums.state() if sums is not None else None, "rng": rng_state()}, run.dist)
     if run.dist.is_main:
+        run.loggers.flush()  # the figures up to this checkpoint are on disk before it: a resume after a kill misses none
         rundir.write_checkpoint(run.out, {
             "config": run.cfg.to_dict(), "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
             "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(), "epoch": state.epoch,

@@ -177,6 +177,21 @@ def test_wandb_offline_files_hold_the_scalars_and_a_resume_keeps_the_run_id_with
     assert merged[8]["filters/_type"] == "image-file"  # the stem filters, as an image
 
 
+@pytest.mark.parametrize("left_by_the_kill, kept", [
+    ("", []),  # killed before anything reached the disk
+    ("step,name,value\n2,train/loss,1.5\n4,train/loss,1.25\n6,train/lo", ["2,train/loss,1.5", "4,train/loss,1.25"]),
+    ("step,name,value\n2,train/loss,1.5\n4,train/loss,1.2", ["2,train/loss,1.5"]),  # a number cut short
+])
+def test_csv_after_a_kill_keeps_the_whole_rows_up_to_the_checkpoint(tmp_path, left_by_the_kill, kept):
+    from rotnet_cli.loggers import CsvLogger
+
+    (tmp_path / "scalars.csv").write_text(left_by_the_kill)
+    logger = CsvLogger(tmp_path, "run", {}, resume_step=4, saved={})
+    logger.log_scalars(6, {"train/loss": 1.0})
+    logger.close(finished=True)
+    assert (tmp_path / "scalars.csv").read_text().splitlines() == ["step,name,value", *kept, "6,train/loss,1.0"]
+
+
 def test_a_missing_logger_package_is_one_line_naming_the_extra_and_nothing_is_written(tmp_path, monkeypatch):
     import importlib.util
 
