@@ -259,10 +259,19 @@ class PretrainConfig(_Serializable):
         that are not fields, a command's --json say, are not options of the run)."""
         compared = {f.name for f in fields(self) if not f.metadata.get("resume_free")}
         return [
-            f"--{name.replace('_', '-')} {_option_text(getattr(other, name))} (the run used {_option_text(getattr(self, name))})"
+            f"--{name.replace('_', '-')} {_option_text(getattr(other, name))} (the run used {self._used_text(name)})"
             for name in names
             if name in compared and getattr(other, name) != getattr(self, name)
         ]
+
+    def _used_text(self, name: str) -> str:
+        """The saved value of option ``name`` as a user reads it: an unset one is the default, with
+        what it resolved to where the config knows it (--lr: 'the default, 0.1')."""
+        value = getattr(self, name)
+        if value is not None:
+            return _option_text(value)
+        resolved = getattr(self, f"resolved_{name}", None)
+        return "the default" + ("" if resolved is None else f", {_option_text(resolved)}")
 
 
 def parse_loggers(text: str | tuple | list | None) -> tuple[str, ...]:

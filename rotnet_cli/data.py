@@ -91,6 +91,19 @@ def _dataset_key(spec: str) -> str:
     return spec.lower().replace("-", "").replace("_", "")
 
 
+# What an export's model card and config say about the training data: the source as its authors
+# name it, and its licence where the source states one (a folder's licence is its owner's to say).
+DATA_PROVENANCE = {
+    "digits": ("UCI Optical Recognition of Handwritten Digits, test set (E. Alpaydin, C. Kaynak, 1998), "
+               "as distributed with scikit-learn", "CC BY 4.0"),
+}
+
+
+def data_provenance(spec: str) -> tuple[str, str | None]:
+    """(what --data ``spec`` is, its licence or None where rotnet does not know it)."""
+    return DATA_PROVENANCE.get(_dataset_key(spec), (spec, None))
+
+
 def native_size(spec: str) -> int | None:
     """The image size of a built-in or torchvision source (None for folders)."""
     key = _dataset_key(spec)
@@ -376,6 +389,7 @@ def decode_all(
     ok = torch.zeros(len(images.paths), dtype=torch.bool)
     bad: list[int] = []
     done = 0
+    progress(Decoding(0, len(images.paths)))  # before the workers' first batch, which can take a while
     for idx, batch, failed in loader:
         if strict and failed:  # raised here, not in a worker, whose errors arrive wrapped in a traceback
             raise _strict_error(images.paths[failed[0]])
@@ -651,7 +665,7 @@ def warn_skipped(skipped: list[str]) -> str | None:
 __all__ = [
     "ImageSet", "DataSource", "open_source", "native_size", "dataset_images", "decode_all", "split_indices", "epoch_order",
     "iterate_batches", "random_crop_flip", "auto_augment", "normalize", "decode_file", "scan_images", "num_batches",
-    "warn_skipped", "Batch",
+    "warn_skipped", "Batch", "data_provenance",
 ]
 
 warnings.filterwarnings("ignore", message=".*Palette images with Transparency.*")

@@ -36,6 +36,16 @@ class WarningMessage(Event):
 
 
 @dataclass(frozen=True)
+class Phase(Event):
+    """What the work is doing now, before a bar can show it ("building resnet18", "validating"):
+    a live status on a terminal until the next progress event; otherwise a line, unless the
+    phase recurs every epoch."""
+
+    text: str
+    every_epoch: bool = False
+
+
+@dataclass(frozen=True)
 class DeviceChosen(Event):
     device: str  # e.g. 'cuda:0 (NVIDIA H100 80GB HBM3, 79.2 GiB)'
     precision: str  # resolved: fp32, bf16 or fp16
@@ -62,8 +72,9 @@ class Decoding(Event):
 
 @dataclass(frozen=True)
 class Resumed(Event):
-    epoch: int  # 0-based epoch the run continues in
+    epoch: int  # 0-based epoch the run continues in (== epochs: the run had finished)
     step: int  # steps of that epoch already done
+    epochs: int = 0  # the run's epochs (0: not told)
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,24 @@ class RunStarted(Event):
     epochs: int
     start_epoch: int  # 0-based: a resumed run starts later
     batch_images: int  # model inputs per step (rotated copies), over all processes
+    start_step: int = 0  # steps of start_epoch already done (a run resumed mid-epoch)
+
+
+@dataclass(frozen=True)
+class EpochStarted(Event):
+    epoch: int  # 1-based
+    epochs: int
+    step: int  # steps of this epoch already done (a resumed epoch starts later)
+    steps: int
+
+
+@dataclass(frozen=True)
+class StepFinished(Event):
+    """A training step was taken: sent every step, from host counters alone (no device read)."""
+
+    epoch: int  # 1-based
+    step: int  # steps of this epoch done
+    steps: int
 
 
 @dataclass(frozen=True)
@@ -126,6 +155,6 @@ def ignore(event: Event) -> None:
 
 
 __all__ = [
-    "Event", "Message", "WarningMessage", "DeviceChosen", "TaskProgress", "Decoding", "Resumed", "RunStarted",
-    "StepDone", "EpochEnded", "FeaturesEvaluated", "Progress", "ignore",
+    "Event", "Message", "WarningMessage", "Phase", "DeviceChosen", "TaskProgress", "Decoding", "Resumed", "RunStarted",
+    "EpochStarted", "StepFinished", "StepDone", "EpochEnded", "FeaturesEvaluated", "Progress", "ignore",
 ]

@@ -25,8 +25,9 @@ import torch
 
 from . import rundir
 from ._version import __version__
-from .checkpoint import write_text
+from .checkpoint import write_json, write_text
 from .config import ExportConfig, format_rotations
+from .data import data_provenance
 from .errors import DataError, OutputError, WeightsError
 from .events import Progress, TaskProgress, ignore
 from .models import feature_width
@@ -34,6 +35,12 @@ from .rundir import EXPORT_CONFIG, EXPORT_HEAD, EXPORT_WEIGHTS, MODEL_CARD
 from .weights import LoadedWeights, load_weights
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ROTNET_PAPER = {"paper_name": "Unsupervised Representation Learning by Predicting Image Rotations",
+                "paper_ids": "arXiv:1803.07728"}  # Gidaris, Singh, Komodakis, ICLR 2018
+# What timm's pretrained_cfg says about timm's own weights for an architecture (ImageNet training,
+# their paper, licence and origin). A model built without them inherits those words; an export
+# of other weights must not repeat them.
+TIMM_WEIGHTS_DESCRIPTION = ("license", "description", "origin_url", "paper_name", "paper_ids", "notes")
 
 
 @dataclass
@@ -137,6 +144,7 @@ def _write_backbone(folder: Path, loaded: LoadedWeights, config: ExportConfig, r
         source=str(loaded.run_dir) if loaded.run_dir else loaded.info.get("source", loaded.source),
         dtype=config.dtype, img_size=loaded.img_size, mean=list(loaded.mean), std=list(loaded.std),
         rotations=record["rotations"], data=record["data"], epochs=record["epochs"], val_rot_acc=record["val_rot_acc"],
+        init=record["init"],
     )
     size = loaded.img_size
     # rotnet resizes the shorter side and centre-crops, bilinear: crop_pct 1 makes timm's eval transform the same.
@@ -146,6 +154,37 @@ def _write_backbone(folder: Path, loaded: LoadedWeights, config: ExportConfig, r
         data_config={"input_size": (3, size, size), "mean": tuple(loaded.mean), "std": tuple(loaded.std),
                      "crop_pct": 1.0, "interpolation": "bilinear"},
     )
+    hf_config = json.loads((folder / EXPORT_CONFIG).read_text())
+    hf_config["pretrained_cfg"] = describe_weights(hf_config["pretrained_cfg"], loaded, record)
+    write_json(folder / EXPORT_CONFIG, hf_config)
+
+
+def describe_weights(pretrained_cfg: dict[str, Any], loaded: LoadedWeights, record: dict[str, Any]) -> dict[str, Any]:
+    """timm's pretrained_cfg for the exported weights: their paper, training data and its licence
+    where known, in place of what timm says about its own weights for the architecture.
+
+    timm:NAME weights are timm's, so they keep timm's words; random:NAME ones have no paper nor
+    data; everything else was trained by rotnet. The weights' own licence is their owner's to
+    choose, so rotnet names none (a licence of the training data is in the notes).
+    """
+    if loaded.kind == "timm":
+        return pretrained_cfg
+    cfg = {k: v for k, v in pretrained_cfg.items() if k not in TIMM_WEIGHTS_DESCRIPTION}
+    if loaded.kind == "random":
+        return {**cfg, "description": f"{loaded.model_name} with random weights (seed 0), not trained: a baseline"}
+    angles = record.get("rotations")
+    task = f"which of the rotations {format_rotations(angles)} degrees was applied" if angles else "image rotations"
+    notes = [f"trained by rotnet {__version__}" + (f" for {record['epochs']} epochs" if record.get("epochs") else "")]
+    if record.get("data"):
+        name, licence = data_provenance(str(record["data"]))
+        notes.append(f"training data: {name}; licence: {licence or 'not known to rotnet (see the data source)'}")
+    if record.get("init"):
+        notes.append(f"initialised from {record['init']}: the terms of those weights apply as well")
+    return {
+        **cfg, **ROTNET_PAPER,
+        "description": f"{loaded.model_name} backbone pretrained without labels by predicting {task} (RotNet)",
+        "notes": notes,
+    }
 
 
 def _write_head(folder: Path, loaded: LoadedWeights, config: ExportConfig) -> None:
@@ -217,11 +256,13 @@ def _run_record(loaded: LoadedWeights) -> dict[str, Any]:
     info = loaded.info or {}
     rotations = list(loaded.rotations) if loaded.rotations else info.get("rotations")
     record: dict[str, Any] = {"rotations": rotations if isinstance(rotations, list) and rotations else None, "data": info.get("data"), "epochs": info.get("epochs"),
-                              "val_rot_acc": info.get("val_rot_acc"), "probes": []}
+                              "val_rot_acc": info.get("val_rot_acc"), "init": info.get("init"), "probes": []}
     if loaded.run_dir is None:
         return record
     try:
-        record["data"] = rundir.read_config(loaded.run_dir)["config"].get("data", record["data"])
+        config = rundir.read_config(loaded.run_dir)["config"]
+        record["data"] = config.get("data", record["data"])
+        record["init"] = config.get("init") or None
     except DataError:
         pass
     try:
@@ -286,6 +327,14 @@ def _features_note(features: Any) -> str:
     return "; features of cropped and flipped images recomputed every batch" if features == "augmented" else ""
 
 
+def _data_text(data: Any) -> str:
+    if not data:
+        return "-"
+    name, licence = data_provenance(str(data))
+    described = str(data) if name == str(data) else f"{data}: {name}"
+    return f"{described} (licence: {licence})" if licence else described
+
+
 def registration_import(model_name: str) -> str | None:
     """The import that registers a model rotnet itself defines (the paper's NIN) with timm, else None."""
     import timm
@@ -309,7 +358,7 @@ def model_card(loaded: LoadedWeights, config: ExportConfig, record: dict[str, An
         "model": f"`{name}` ({feature_width(loaded.backbone)} features, "
                  f"{sum(p.numel() for p in loaded.backbone.parameters()):,} parameters)",
         "rotations": rotations,
-        "data": record.get("data") or "-",
+        "data": _data_text(record.get("data")),
         "epochs": record.get("epochs") if record.get("epochs") is not None else "-",
         "final validation rotation accuracy": f"{100 * acc:.2f}%" if isinstance(acc, (int, float)) else "-",
         "input": f"{loaded.img_size} x {loaded.img_size} px, mean {_cell(list(loaded.mean))}, std {_cell(list(loaded.std))}",
@@ -318,7 +367,8 @@ def model_card(loaded: LoadedWeights, config: ExportConfig, record: dict[str, An
     }
     lines = [
         "---", "library_name: timm", "pipeline_tag: image-feature-extraction",
-        "tags:", "- image-feature-extraction", "- timm", "- rotnet", "- self-supervised-learning", "---", "",
+        "tags:", "- image-feature-extraction", "- timm", "- rotnet", "- self-supervised-learning",
+        f"- {ROTNET_PAPER['paper_ids'].lower()}", "---", "",  # the hub links the paper from this tag
         f"# {name}: RotNet self-supervised backbone", "",
         f"A `{name}` backbone trained without labels by predicting which rotation was applied to an image "
         "(RotNet: Gidaris, Singh, Komodakis, *Unsupervised Representation Learning by Predicting Image "

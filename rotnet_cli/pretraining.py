@@ -37,7 +37,8 @@ from .config import PretrainConfig
 from .errors import ConfigError, DataError, InputSizeError, Interrupted, NonFiniteLossError, RotnetError
 from .evaluation import FeatureEval, best_value, evaluate_features, set_up_eval, should_evaluate
 from .events import (
-    DeviceChosen, EpochEnded, FeaturesEvaluated, Message, Progress, Resumed, RunStarted, StepDone, WarningMessage, ignore,
+    DeviceChosen, EpochEnded, EpochStarted, FeaturesEvaluated, Message, Phase, Progress, Resumed, RunStarted, StepDone,
+    StepFinished, WarningMessage, ignore,
 )
 from .loggers import Loggers, check_installed, open_loggers, step_scalars
 from .models import RotNet, create_backbone, data_config, feature_width, rotation_head
@@ -51,6 +52,7 @@ from .weights import load_weights
 
 NO_STEP = 2**62  # "no such step" for the first non-finite loss (a MIN over ranks keeps real steps)
 FUSED_OPTIMIZER_DEVICES = ("cuda", "cpu")  # where torch has fused SGD and AdamW kernels
+CPU_COMFORTABLE_SIZE = 64  # px: above it, a CPU run is told what --img-size 64 would save
 
 
 @dataclass
@@ -65,6 +67,7 @@ class PretrainResult:
     resumed_from: dict | None = None
     best: dict | None = None  # {"epoch", "metric", "value", "weights"} of checkpoints/best (--best-metric)
     kept: list[str] = field(default_factory=list)  # weights specs of the kept checkpoints (RUN:epoch-12, ...)
+    labelled: bool = True  # the training data has classes, so probe can score its features on it
 
     @property
     def final(self) -> dict:
@@ -313,6 +316,7 @@ def pretrain(
 def _train(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision: str, out: Path, saved: dict | None,
            report: Progress, stop_requested: Callable[[], bool], replaced: rundir.ReplacedRun | None) -> PretrainResult:
     report(DeviceChosen(describe_device(device), precision, dist.world_size))
+    report(Phase(f"building {cfg.model}"))
     model, img_size, mean, std = build_model(cfg, init=saved is None, report=report)
     seed_everything(cfg.seed, dist.rank)  # from here on each rank draws its own dropout/drop-path noise
     run = set_up(cfg, dist, device, precision, out, report, stop_requested, replaced, img_size, mean, std)
@@ -322,7 +326,7 @@ def _train(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision:
     state = new_state(run, model)
     if saved is not None:
         restore(run, state, saved)
-        report(Resumed(state.epoch, state.step))
+        report(Resumed(state.epoch, state.step, cfg.epochs))
     run.train_model = wrap_for_training(run, state.model)
     start_run_dir(run, state, resumed=saved is not None)
     start_epoch, start_step = state.epoch, state.step
@@ -350,7 +354,7 @@ def _train(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision:
             if "eval" in row:
                 report(FeaturesEvaluated(epoch + 1, row["eval"], row["eval_seconds"]))
             if stop_now(run, sync_point=True) and epoch + 1 < cfg.epochs:
-                raise Interrupted(f"stopped after epoch {epoch + 1}; checkpoint saved; resume with: rotnet pretrain --resume {out}")
+                raise Interrupted(f"stopped after epoch {epoch + 1} of {cfg.epochs}; checkpoint saved; resume with: rotnet pretrain --resume {out}")
     finally:
         run.loggers.close(finished=state.epoch >= cfg.epochs)
 
@@ -365,6 +369,7 @@ def _train(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision:
         skipped_files=list(dict.fromkeys([*run.skipped, *state.skipped, *(run.evaluator.skipped if run.evaluator else ())])),
         resumed_from={"epoch": start_epoch, "step": start_step} if saved is not None else None,
         best=best_checkpoint(run), kept=[f"{out}:{name}" for name in rundir.kept_checkpoint_names(out)],
+        labelled=run.train_set.labels is not None,
     )
 
 
@@ -402,6 +407,7 @@ def set_up(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision:
            stop_requested: Callable[[], bool], replaced: rundir.ReplacedRun | None, img_size: int,
            mean: tuple[float, ...], std: tuple[float, ...]) -> Run:
     """The data (uint8 (N, 3, S, S) train and validation sets) and the sizes of an epoch."""
+    report(Phase(f"reading {cfg.data}"))
     source = data_lib.open_source(
         cfg.data, img_size, download=cfg.download, data_dir=cfg.data_dir, cache=cfg.cache, workers=cfg.workers,
         strict=cfg.strict_data, progress=report,
@@ -429,6 +435,8 @@ def set_up(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision:
     padding = max(1, img_size // 8)  # 4 px at 32 px, the paper's CIFAR crop
     augment, why = (cfg.augment, "asked for") if cfg.augment != "auto" else data_lib.auto_augment(cfg.data, train_set)
     report(Message(f"augmentation: {augment} ({why}){'' if augment == 'none' else f'; crop padding {padding} px'}"))
+    if hint := slow_device_hint(device, img_size):
+        report(Message(hint))
     return Run(
         cfg=cfg, dist=dist, device=device, precision=precision, out=out, report=report, stop_requested=stop_requested,
         img_size=img_size, mean=mean, std=std, train_set=train_set, val_set=val_set, per_rank_batch=per_rank_batch,
@@ -499,7 +507,7 @@ def start_run_dir(run: Run, state: TrainState, resumed: bool) -> None:
     copies = run.cfg.num_rotations if run.cfg.copies == "all" else 1
     run.report(RunStarted(
         str(run.out), run.cfg.model, run.img_size, len(run.train_set), n_val, run.steps_per_epoch, run.cfg.epochs,
-        state.epoch, run.per_rank_batch * run.dist.world_size * copies,
+        state.epoch, run.per_rank_batch * run.dist.world_size * copies, state.step,
     ))
 
 
@@ -530,6 +538,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
         run.train_set, order, run.per_rank_batch, device, drop_last=True, workers=cfg.workers, start_batch=first,
         strict=cfg.strict_data, with_labels=False,
     )
+    run.report(EpochStarted(epoch + 1, cfg.epochs, first, run.steps_per_epoch))
     step = first
     while step < run.steps_per_epoch:
         t_wait = time.perf_counter()
@@ -563,6 +572,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
         # the sums stay on the device; the host reads them every log_every steps only
         sums.add(step, loss, logits, y)
         step += 1
+        run.report(StepFinished(epoch + 1, step, run.steps_per_epoch))  # host counters only: no device read
         log_now = step % cfg.log_every == 0 or step == run.steps_per_epoch
         if log_now:
             check_finite(run, state, epoch, sums)
@@ -620,8 +630,9 @@ def finish_epoch(run: Run, state: TrainState, epoch: int, stats: EpochStats) -> 
 def validate(run: Run, state: TrainState) -> dict:
     """Rotation accuracy on every rotated copy of the held-out images (no augmentation)."""
     cfg, device = run.cfg, run.device
-    run.train_model.eval()
     R = cfg.num_rotations
+    run.report(Phase(f"validating: {len(run.val_set)} images x {R} rotations", every_epoch=True))
+    run.train_model.eval()
     order = torch.arange(len(run.val_set))[run.dist.rank :: run.dist.world_size]
     correct = torch.zeros(R, device=device)
     count = torch.zeros(R, device=device)
@@ -813,6 +824,18 @@ def _logger_runs(saved: Any) -> dict[str, dict]:
         return {}
     return {name: {"id": entry["id"]} for name, entry in saved.items()
             if isinstance(name, str) and isinstance(entry, dict) and isinstance(entry.get("id"), str)}
+
+
+def slow_device_hint(device: torch.device, img_size: int) -> str | None:
+    """On a CPU, a step's cost grows with the pixels of every image: from twice 64 px on, say what a
+    smaller --img-size saves (the time per epoch follows after the first steps)."""
+    if device.type != "cpu" or img_size < 2 * CPU_COMFORTABLE_SIZE:
+        return None
+    factor = (img_size / CPU_COMFORTABLE_SIZE) ** 2
+    return (
+        f"{img_size} px on a CPU: every image costs about {factor:.0f}x what it costs at {CPU_COMFORTABLE_SIZE} px; "
+        f"for a first look on a CPU train with --img-size {CPU_COMFORTABLE_SIZE} (a GPU: --device cuda)"
+    )
 
 
 def _position(epoch: int, step: int) -> str:

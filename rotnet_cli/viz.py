@@ -37,6 +37,7 @@ TILE_PADDING = 2  # pixels between tiles (make_grid's padding)
 PANEL_GAP = 16  # pixels between side-by-side panels
 LABEL_BAND = 18  # pixels of text band above a panel or a column
 ROW_LABEL_WIDTH = 40  # pixels of text band left of the attention rows
+SCALE_BAR = 10  # pixels: height of the attention figure's colour scale
 BACKGROUND = 1.0  # white, in [0, 1]
 DEFAULT_ROTATIONS = (0.0, 90.0, 180.0, 270.0)  # for weights without a rotation head
 
@@ -403,8 +404,9 @@ def unique_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def attention_figure(rows: torch.Tensor, scale: int, column_labels: list[str], row_labels: list[str]):
-    """rows (R, 1 + L, 3, S, S) -> PIL image: a row per rotated copy, labelled columns and rows."""
+def attention_figure(rows: torch.Tensor, scale: int, column_labels: list[str], row_labels: list[str], lut: torch.Tensor):
+    """rows (R, 1 + L, 3, S, S) -> PIL image: a row per rotated copy, labelled columns and rows,
+    and the colour scale of the maps below."""
     from torchvision.utils import make_grid
 
     tiles = upscale_nearest(rows.flatten(0, 1), scale)
@@ -413,7 +415,25 @@ def attention_figure(rows: torch.Tensor, scale: int, column_labels: list[str], r
     step_y = tiles.shape[-2] + TILE_PADDING
     top = [(i * step_x + TILE_PADDING, (i + 1) * step_x, text) for i, text in enumerate(column_labels)]
     left = [(i * step_y + TILE_PADDING, (i + 1) * step_y, text) for i, text in enumerate(row_labels)]
-    return with_labels(grid, top, left, ROW_LABEL_WIDTH)
+    return with_colour_scale(with_labels(grid, top, left, ROW_LABEL_WIDTH), lut, x0=ROW_LABEL_WIDTH + step_x)
+
+
+def with_colour_scale(image, lut: torch.Tensor, x0: int):
+    """A copy of ``image`` with the colour map as a bar under its columns from ``x0`` on, labelled
+    as the maps are scaled: each map from its own lowest (0) to its highest (1) attention."""
+    from PIL import Image, ImageDraw
+
+    width = max(1, image.width - x0 - TILE_PADDING)
+    ramp = torch.linspace(0, 1, width).expand(SCALE_BAR, width)  # (SCALE_BAR, width)
+    canvas = Image.new("RGB", (image.width, image.height + SCALE_BAR + LABEL_BAND), "white")
+    canvas.paste(image, (0, 0))
+    canvas.paste(to_pil(apply_colormap(ramp, lut)), (x0, image.height))
+    draw = ImageDraw.Draw(canvas)
+    y = image.height + SCALE_BAR + LABEL_BAND / 2
+    draw.text((x0, y), "0", fill="black", font=_font(), anchor="lm")
+    draw.text((x0 + width / 2, y), "attention, each map from its lowest to its highest", fill="black", font=_font(), anchor="mm")
+    draw.text((x0 + width, y), "1", fill="black", font=_font(), anchor="rm")
+    return canvas
 
 
 def draw_attention(config: AttentionConfig, progress: Progress | None = None) -> AttentionResult:
@@ -459,7 +479,7 @@ def draw_attention(config: AttentionConfig, progress: Progress | None = None) ->
         if config.align:  # show every row upright: the input and its maps, rotated back
             copies, maps = rotate_back(copies, rotations), aligned_maps
         rows = torch.cat([copies.float().div(255)[:, None], overlay(copies, maps, lut, config.alpha)], dim=1)
-        figure = attention_figure(rows, scale, columns, rows_text)
+        figure = attention_figure(rows, scale, columns, rows_text, lut)
         out = save_png(figure, out_dir / name)
         result.images.append(AttentionImage(source=str(path), out=out, agreement=agreement(aligned_maps, mask)))
     if not result.images:

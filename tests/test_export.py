@@ -109,6 +109,24 @@ def test_model_card_and_snippet(runs, tmp_path):
     assert f'timm.create_model("local-dir:{out.name}", pretrained=True)' in card
 
 
+def test_export_describes_the_rotnet_weights_not_timms_imagenet_ones(runs, tmp_path):
+    # timm's config for an architecture describes timm's own weights (licence, paper, origin):
+    # an export of other weights must say what they are, and timm reports that back
+    export_ok(runs["test_resnet"], "--out", tmp_path / "run")
+    model = timm.create_model(f"local-dir:{tmp_path / 'run'}", pretrained=True)
+    cfg = model.pretrained_cfg
+    assert cfg["paper_ids"] == "arXiv:1803.07728" and "Predicting Image Rotations" in cfg["paper_name"]
+    assert "license" not in cfg and "origin_url" not in cfg  # test_resnet's timm config says apache-2.0
+    assert any("UCI Optical Recognition of Handwritten Digits" in n and "CC BY 4.0" in n for n in cfg["notes"])
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "- arxiv:1803.07728" in card and "(licence: CC BY 4.0)" in card
+
+    export_ok("random:resnet18", "--out", tmp_path / "random")  # timm's resnet18 names arXiv:2110.00476 and its URL
+    cfg = json.loads((tmp_path / "random" / "config.json").read_text())["pretrained_cfg"]
+    assert not {"license", "paper_ids", "paper_name", "origin_url", "notes"} & set(cfg)
+    assert "random weights" in cfg["description"]
+
+
 def test_card_renders_every_probe_setting_and_survives_an_unreadable_probe_file(runs, tmp_path):
     import shutil
 

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from rotnet_cli import data
 from rotnet_cli.cli import app
-from rotnet_cli.cli.predict import format_correction
+from rotnet_cli.cli.predict import format_correction, format_rotation
 from rotnet_cli.config import PredictConfig, PretrainConfig
 from rotnet_cli.errors import ConfigError, OutputError
 from rotnet_cli.prediction import combine_votes, predict, tta_index_table
@@ -760,6 +760,7 @@ def test_photos_for_a_model_of_grey_digits_get_a_warning(tmp_path, run_dir, rota
 
 def test_corrections_read_as_a_person_says_them():
     assert [format_correction(a) for a in (0, 90, 180, 270, 45, 315)] == ["none", "90° ccw", "180°", "90° cw", "45° ccw", "45° cw"]
+    assert [format_rotation(a) for a in (0, 90, 270, 360)] == ["none", "90° ccw", "270° ccw", "none"]  # not "0° ccw"
 
 
 def test_batch_size_help_speaks_of_images_not_rotations():

@@ -74,6 +74,11 @@ def test_table_compares_with_random_weights(run_dir):
     saved = next(r for r in saved_results(run_dir) if r["setting"]["compare"] == ["random"])
     last = num_stages(load_weights(run_dir).backbone)
     assert [(r["weights"], r["stage"]) for r in saved["rows"]] == [("run", 2), ("run", last), ("random", 2), ("random", last)]
+    # where rotation training helps and where not: the difference per stage, and how to read it
+    run, random = saved["rows"][:2], saved["rows"][2:]
+    gains = " / ".join(f"{100 * (ours['knn'] - theirs['knn']):+.1f}" for ours, theirs in zip(run, random))
+    assert f"against random, points per stage (2, {last}): knn {gains}" in result.stdout
+    assert "deeper stages" in result.stdout and "--labels-per-class 10" in result.stdout
 
 
 def test_backbone_is_bitwise_unchanged(run_dir, monkeypatch):

@@ -18,7 +18,8 @@ from rotnet_cli.cli import app
 from rotnet_cli.errors import ModelError
 from rotnet_cli.rotations import rotate_all
 from rotnet_cli.viz import (
-    LABEL_BAND, PANEL_GAP, ROW_LABEL_WIDTH, TILE_PADDING, agreement, attention_maps, rotate_back, stem_conv,
+    LABEL_BAND, PANEL_GAP, ROW_LABEL_WIDTH, SCALE_BAR, TILE_PADDING, agreement, attention_maps, colormap_lut, rotate_back,
+    stem_conv,
 )
 from rotnet_cli.weights import load_weights
 
@@ -193,7 +194,12 @@ def test_attention_png_per_image_rows_are_the_run_rotations(tmp_path, tiny_run):
     tile = 32 * 2 + TILE_PADDING
     columns, rows = 1 + 2, 2
     picture = Image.open(out / "a.png")
-    assert picture.size == (ROW_LABEL_WIDTH + columns * tile + TILE_PADDING, LABEL_BAND + rows * tile + TILE_PADDING)
+    grid_height = LABEL_BAND + rows * tile + TILE_PADDING
+    assert picture.size == (ROW_LABEL_WIDTH + columns * tile + TILE_PADDING, grid_height + SCALE_BAR + LABEL_BAND)
+    # under the map columns, the colour scale: the colour map from its lowest to its highest colour
+    scale_row = np.asarray(picture.convert("RGB"))[grid_height + SCALE_BAR // 2, ROW_LABEL_WIDTH + tile:-TILE_PADDING]
+    lut = (colormap_lut("jet") * 255).round().numpy()
+    assert np.abs(scale_row[0] - lut[0]).max() <= 1 and np.abs(scale_row[-1] - lut[-1]).max() <= 1
     # --align turns the 180-degree copy back upright: both rows show the same input
     pixels = np.asarray(picture.convert("RGB"))
     first = pixels[LABEL_BAND + TILE_PADDING :, ROW_LABEL_WIDTH + TILE_PADDING :][: tile - TILE_PADDING, : tile - TILE_PADDING]

@@ -9,14 +9,21 @@ import typer
 from .._version import __version__
 from . import export, predict, pretrain, probe, reproduce, viz
 from ._common import set_debug
+from ._typer import RotnetCommand, RotnetGroup, show_help_when_bare
+
+
+class _Rotnet(RotnetGroup):
+    order = ("pretrain", "probe", "export", "viz", "predict", "reproduce")  # the workflow, as the README's table
+
 
 app = typer.Typer(
+    cls=_Rotnet,
     name="rotnet",
     help=(
         "RotNet self-supervised learning for any timm backbone: a network learns features by "
         "predicting which rotation was applied to an image (Gidaris et al., ICLR 2018). No labels needed."
     ),
-    no_args_is_help=True,
+    invoke_without_command=True,  # bare `rotnet`: the help, exit 0
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode="rich",
@@ -32,19 +39,21 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks (also ROTNET_DEBUG=1).")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     set_debug(debug)
+    show_help_when_bare(ctx)
 
 
 # Every command, registered in one place (the command modules know nothing of the app).
-app.command(epilog=pretrain.EXAMPLES)(pretrain.pretrain)
-app.command(epilog=probe.EXAMPLES)(probe.probe)
-app.command(epilog=export.EXAMPLES)(export.export)
+app.command(cls=RotnetCommand, epilog=pretrain.EXAMPLES)(pretrain.pretrain)
+app.command(cls=RotnetCommand, epilog=probe.EXAMPLES)(probe.probe)
+app.command(cls=RotnetCommand, epilog=export.EXAMPLES)(export.export)
 app.add_typer(viz.viz_app, name="viz")
-app.command(epilog=predict.EXAMPLES)(predict.predict)
-app.command(epilog=reproduce.EXAMPLES)(reproduce.reproduce)
+app.command(cls=RotnetCommand, epilog=predict.EXAMPLES)(predict.predict)
+app.command(cls=RotnetCommand, epilog=reproduce.EXAMPLES)(reproduce.reproduce)
 
 
 def main() -> None:

@@ -57,10 +57,10 @@ def error_boundary(command: Callable) -> Callable:
         except RotnetError as e:
             if debug_enabled():
                 raise
-            style = "yellow" if e.exit_code == 130 else "bold red"
-            prefix = "stopped" if e.exit_code == 130 else "error"
-            # the message is plain text: square brackets in it (pip extras, paths) must survive
-            err_console.print(f"[{style}]{prefix}:[/] {escape(str(e))}", soft_wrap=True, markup=True, highlight=False)
+            # the message is plain text: square brackets in it (pip extras, paths) must survive; a stop
+            # (exit 130) says so itself ("stopped after epoch 2 of 10; ... resume with: ...")
+            line = f"[yellow]{escape(str(e))}[/]" if e.exit_code == 130 else f"[bold red]error:[/] {escape(str(e))}"
+            err_console.print(line, soft_wrap=True, markup=True, highlight=False)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             if debug_enabled():
@@ -96,6 +96,14 @@ def print_json(obj: Any) -> None:
     """Machine output: one JSON document on stdout, nothing else there."""
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def print_commands(intro: str, commands: list[str]) -> None:
+    """Commands to copy, each on one line of its own, never wrapped (a terminal's width or a
+    pipe's 80 columns would break them mid-command) and never read as markup."""
+    out_console.print(intro, markup=False, highlight=False, soft_wrap=True)
+    for command in commands:
+        out_console.print(f"  {command}", markup=False, highlight=False, soft_wrap=True)
 
 
 def note(message: str) -> None:

@@ -78,6 +78,11 @@ def format_correction(angle: float) -> str:
     return f"{angle:g}° ccw" if angle < 180 else f"{360 - angle:g}° cw"
 
 
+def format_rotation(angle: float) -> str:
+    """How the image was turned from upright, in words: none, 90° ccw, 270° ccw ..."""
+    return f"{angle % 360:g}° ccw" if angle % 360 else "none"
+
+
 def _render(result, config: PredictConfig) -> None:
     from ..prediction import display_path
 
@@ -92,7 +97,7 @@ def _render(result, config: PredictConfig) -> None:
         readable = p.predicted is not None
         table.add_row(
             escape(display_path(p.path)),
-            f"{p.predicted:g}° ccw" if readable else "-",
+            format_rotation(p.predicted) if readable else "-",
             format_correction(p.correction) if readable else "-",
             f"{100 * p.confidence:.1f}%" if readable else "-",
             f"[{_ACTION_STYLE.get(p.action, 'default')}]{p.action}[/]",

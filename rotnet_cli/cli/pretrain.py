@@ -3,26 +3,42 @@
 from __future__ import annotations
 
 import contextlib
+import shlex
 import signal
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..config import PretrainConfig, default_workers, format_rotations
 from ._common import (
     BatchSizeOpt, ConfigOpt, DataDirOpt, DeviceOpt, DownloadOpt, ImgSizeOpt, JsonOpt, OverwriteOpt, PrecisionOpt,
-    SeedOpt, WorkersOpt, err_console, error_boundary, note, out_console, print_json, warn_skipped,
+    SeedOpt, WorkersOpt, err_console, error_boundary, note, out_console, print_commands, print_json, warn_skipped,
 )
+from ._typer import help_panels
 from .progress import ProgressView
+
+# --help groups the options in the order a user sets a run up
+HELP_PANELS = {
+    "Model": ("model", "rotations", "copies", "init"),
+    "Data": ("data", "data_dir", "download", "val_split", "img_size", "augment", "workers", "cache", "strict_data"),
+    "Optimisation": ("epochs", "batch_size", "lr", "weight_decay", "decay_all_params", "momentum", "optimizer", "schedule",
+                     "milestones", "gamma", "warmup_epochs", "seed"),
+    "Device": ("device", "precision", "channels_last", "compile"),
+    "Output": ("out", "overwrite", "resume_dir", "save_every", "log_every", "config_file", "json_out"),
+    "Watching a long run": ("logger", "eval_data", "eval_every", "eval_layers", "eval_heads", "keep_checkpoints",
+                            "best_metric"),
+}
 
 EXAMPLES = """
 [b]Examples[/b]
 
-  rotnet pretrain                                   [dim]# resnet18 on the built-in digits, CPU ok[/dim]
-  rotnet pretrain --model vit_small_patch16_224 --data ~/photos --epochs 50 --device cuda:1
+  rotnet pretrain --out runs/demo                   [dim]# resnet18 on the built-in digits, CPU ok[/dim]
+  rotnet pretrain --model resnet18 --data ~/photos --img-size 64 --device cpu  [dim]# photos on a CPU: 64 px[/dim]
+  rotnet pretrain --model vit_small_patch16_224 --data ~/photos --optimizer adamw --lr 5e-4 --warmup-epochs 5 --device cuda:1
   rotnet pretrain --model resnet50 --data cifar10 --download --rotations 0,90,180,270 -b 128
-  rotnet pretrain --resume runs/resnet18-20261124-101500  [dim]# continue where it stopped[/dim]
+  rotnet pretrain --resume runs/demo                [dim]# continue where it stopped[/dim]
   rotnet pretrain --resume runs/demo --epochs 30           [dim]# extend a finished run to 30 epochs[/dim]
   rotnet pretrain --logger tensorboard --eval-data digits --keep-checkpoints 3   [dim]# watch it: tensorboard --logdir runs[/dim]
   rotnet pretrain --config runs/demo/config.json --seed 1 --out runs/seed1   [dim]# repeat a run with one change[/dim]
@@ -30,6 +46,7 @@ EXAMPLES = """
 """
 
 
+@help_panels(HELP_PANELS)
 @error_boundary
 def pretrain(
     ctx: typer.Context,
@@ -155,6 +172,9 @@ def _fmt(value, pct: bool = False) -> str:
     return f"{100 * value:.2f}%" if pct else f"{value:.4f}"
 
 
+SUMMARY_EPOCHS = 10  # rows of the closing table; metrics.jsonl has them all
+
+
 def _best_stage(per_stage: dict | None) -> str:
     if not per_stage:
         return "-"
@@ -163,8 +183,11 @@ def _best_stage(per_stage: dict | None) -> str:
 
 
 def _render_summary(result, config: PretrainConfig) -> None:
+    from ..rundir import METRICS
+
     final = result.final
-    table = Table(title=f"RotNet pretraining: {config.model} on {config.data}", title_justify="left")
+    shown = result.history[-SUMMARY_EPOCHS:]
+    table = Table(title=f"RotNet pretraining: {config.model} on {escape(config.data)}", title_justify="left")
     table.add_column("epoch", justify="right")
     table.add_column("loss", justify="right")
     table.add_column("rot acc", justify="right")
@@ -174,7 +197,7 @@ def _render_summary(result, config: PretrainConfig) -> None:
     heads = list(dict.fromkeys(head for row in result.history for head in (row.get("eval") or {})))
     for head in heads:  # --eval-data: the best stage's accuracy
         table.add_column(f"{head} (best stage)", justify="right")
-    for row in result.history[-10:]:
+    for row in shown:
         evaluated = row.get("eval") or {}
         table.add_row(
             str(row["epoch"]), _fmt(row["loss"]), _fmt(row["rot_acc"], True), _fmt(row["val_loss"]),
@@ -182,14 +205,25 @@ def _render_summary(result, config: PretrainConfig) -> None:
             *(_best_stage(evaluated.get(head)) for head in heads),
         )
     out_console.print(table)
+    if len(shown) < len(result.history):
+        out_console.print(f"the last {len(shown)} of {len(result.history)} epochs; all of them: {result.out_dir / METRICS}",
+                          markup=False, soft_wrap=True)
     if result.val_rot_acc_per_rotation:
         per = "  ".join(f"{angle}°: {100 * acc:.1f}%" for angle, acc in result.val_rot_acc_per_rotation.items())
-        out_console.print(f"validation accuracy per rotation ({format_rotations(config.rotations)}): {per}")
-    out_console.print(f"run directory: [bold]{result.out_dir}[/]  (export: rotnet export {result.out_dir} --out {result.out_dir}/export)")
-    if result.best:
-        best = result.best
-        value = f"{best['value']:.4f}" if best["metric"] == "val_loss" else f"{100 * best['value']:.2f}%"
-        out_console.print(f"best epoch {best['epoch']} by {best['metric']} ({value}): {best['weights']}  "
-                          f"(probe it: rotnet probe {best['weights']})", soft_wrap=True)
+        out_console.print(f"validation accuracy per rotation ({format_rotations(config.rotations)}): {per}", soft_wrap=True)
     if final.get("val_rot_acc") is None:
         note("no validation split (--val-split 0); accuracy above is on training images")
+    out_console.print(f"run directory: [bold]{escape(str(result.out_dir))}[/]", soft_wrap=True)
+    if result.best:  # --best-metric: the epoch worth probing
+        best = result.best
+        value = f"{best['value']:.4f}" if best["metric"] == "val_loss" else f"{100 * best['value']:.2f}%"
+        out_console.print(f"best epoch {best['epoch']} by {best['metric']} ({value}): {best['weights']}",
+                          markup=False, soft_wrap=True)
+    run = shlex.quote(str(result.out_dir))
+    # The probe needs labels: digits have them, a folder only with class sub-folders.
+    data = "" if config.data == "digits" else f" --data {shlex.quote(config.data) if result.labelled else 'LABELLED_FOLDER'}"
+    labels_note = "" if result.labelled else " (on labelled images: a folder of class sub-folders)"
+    print_commands(f"next: its features at every stage against random weights{labels_note}, then the backbone for timm:", [
+        f"rotnet probe {run}{data} --compare random",
+        f"rotnet export {run} --out {shlex.quote(str(result.out_dir / 'export'))}",
+    ])

@@ -10,14 +10,21 @@ from rich.table import Table
 
 from ..config import AttentionConfig, CurvesConfig, FiltersConfig
 from ._common import DeviceOpt, JsonOpt, WeightsArg, err_console, error_boundary, out_console, print_json, warn
+from ._typer import RotnetCommand, RotnetGroup, show_help_when_bare
 from .progress import ProgressView
 
 viz_app = typer.Typer(
     name="viz",
+    cls=RotnetGroup,
     help="Draw what rotation training teaches: first-layer filters, attention maps per stage, training curves.",
-    no_args_is_help=True,
+    invoke_without_command=True,  # bare `rotnet viz`: its help, exit 0
     rich_markup_mode="rich",
 )
+
+
+@viz_app.callback()
+def _viz(ctx: typer.Context) -> None:
+    show_help_when_bare(ctx)
 
 FILTERS_EXAMPLES = """
 [b]Examples[/b]
@@ -42,7 +49,7 @@ CURVES_EXAMPLES = """
 """
 
 
-@viz_app.command(epilog=FILTERS_EXAMPLES)
+@viz_app.command(cls=RotnetCommand, epilog=FILTERS_EXAMPLES)
 @error_boundary
 def filters(
     ctx: typer.Context,
@@ -70,7 +77,7 @@ def filters(
     out_console.print(f"wrote [bold]{escape(str(result.out))}[/] ({result.width}x{result.height} px, {result.num_filters} filters)")
 
 
-@viz_app.command(epilog=ATTENTION_EXAMPLES)
+@viz_app.command(cls=RotnetCommand, epilog=ATTENTION_EXAMPLES)
 @error_boundary
 def attention(
     ctx: typer.Context,
@@ -114,7 +121,7 @@ def attention(
     )
 
 
-@viz_app.command(epilog=CURVES_EXAMPLES)
+@viz_app.command(cls=RotnetCommand, epilog=CURVES_EXAMPLES)
 @error_boundary
 def curves(
     ctx: typer.Context,
