@@ -25,10 +25,12 @@ if [ "$has_cuda" = 1 ]; then
     # the official-style loader with the official code's own worker count (--num_workers 4)
     bench benchmarks/pipeline.py --precision bf16 --channels-last --official-workers 4 --skip digits,jpeg
     bench benchmarks/embed.py --device cuda --precision bf16
+    bench benchmarks/online_eval.py --device cuda
     "$python" -m pytest -m gpu -q
 else
     bench benchmarks/probe.py --device cpu
     bench benchmarks/pipeline.py
     bench benchmarks/embed.py --device cpu
+    bench benchmarks/online_eval.py --device cpu
 fi
 echo "figures in $results" >&2

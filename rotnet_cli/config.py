@@ -26,6 +26,9 @@ MIN_IMG_SIZE = 8
 # picture rotnet draws is bounded by PIL's decompression-bomb limit (about 89 million pixels).
 MAX_IMG_SIZE = 8192
 MAX_PICTURE_PIXELS = 89_478_485
+LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")  # --logger; each but csv is an optional extra
+EVAL_HEADS = ("knn", "linear")  # --eval-heads: probe's heads cheap enough to run during pretraining
+BEST_METRICS = ("auto", "none", "val_rot_acc", "val_loss", "knn", "linear")  # --best-metric (knn and linear also as knn:S)
 
 
 def default_workers() -> int:
@@ -221,10 +224,31 @@ class PretrainConfig(_Serializable):
     save_every: int = _resume_free(0)
     log_every: int = _resume_free(10)
     max_steps_per_epoch: int | None = None
+    # watching and steering a run (none of them changes what is computed, so all may differ on --resume)
+    logger: tuple[str, ...] | str = _resume_free(("csv",))  # --logger csv,tensorboard,wandb,mlflow or none
+    eval_data: str | None = _resume_free(None)  # labelled data for kNN (and linear) accuracy during training
+    eval_every: int | str = _resume_free("auto")  # epochs between evaluations (and the last); auto: see evaluation.py
+    eval_layers: tuple[int, ...] | str | None = _resume_free(None)  # stages, as probe's --layers; None: every stage
+    eval_heads: tuple[str, ...] | str = _resume_free(("knn",))
+    keep_checkpoints: int = _resume_free(0)  # weights of the last N epochs under checkpoints/
+    best_metric: str = _resume_free("auto")  # the epoch kept as checkpoints/best (see resolved_best_metric)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rotations", parse_rotations(self.rotations))
         object.__setattr__(self, "milestones", parse_int_list("--milestones", self.milestones))
+        object.__setattr__(self, "logger", parse_loggers(self.logger))
+        object.__setattr__(self, "eval_layers", parse_layers(self.eval_layers, option="--eval-layers"))
+        object.__setattr__(self, "eval_heads", parse_name_list("--eval-heads", self.eval_heads, EVAL_HEADS))
+        _check_best_metric(self.best_metric, self.eval_data, self.eval_heads)
+        if str(self.eval_every).strip().lower() == "auto":
+            object.__setattr__(self, "eval_every", "auto")
+        else:
+            try:
+                object.__setattr__(self, "eval_every", int(self.eval_every))
+            except (TypeError, ValueError):
+                raise ConfigError(f"--eval-every is a number of epochs or auto (got {self.eval_every!r})") from None
+            _check_positive("--eval-every", self.eval_every)
+        _check_positive("--keep-checkpoints", self.keep_checkpoints, allow_zero=True)
         _check_choice("--copies", self.copies, ("all", "one"))
         _check_choice("--optimizer", self.optimizer, ("sgd", "adamw"))
         _check_choice("--schedule", self.schedule, ("cosine", "step"))
@@ -268,6 +292,19 @@ class PretrainConfig(_Serializable):
     def num_rotations(self) -> int:
         return len(self.rotations)
 
+    def resolved_best_metric(self, has_val: bool) -> str:
+        """--best-metric with auto resolved: the kNN accuracy when features are evaluated (the best stage's),
+        else the validation rotation accuracy when checkpoints are kept and there are validation images,
+        else none. An explicit val_* metric without validation images is a ConfigError."""
+        if self.best_metric != "auto":
+            if self.best_metric.startswith("val_") and not has_val:
+                raise ConfigError(f"--best-metric {self.best_metric} needs validation images: give --val-split > 0")
+            return self.best_metric
+        if self.eval_data:
+            return self.eval_heads[0]
+        return "val_rot_acc" if self.keep_checkpoints and has_val else "none"
+
+
     @property
     def resolved_lr(self) -> float:
         # The paper: SGD lr 0.1 at 128 images x 4 rotations; AdamW's usual 1e-3.
@@ -300,6 +337,28 @@ class PretrainConfig(_Serializable):
         return "the default" + ("" if resolved is None else f", {_option_text(resolved)}")
 
 
+def parse_loggers(text: str | tuple | list | None) -> tuple[str, ...]:
+    """'tensorboard,csv' -> ('tensorboard', 'csv'); 'none' or '' -> ()."""
+    if not text or (isinstance(text, str) and text.strip().lower() == "none"):
+        return ()
+    return parse_name_list("--logger", text, LOGGERS)
+
+
+def _check_best_metric(metric: str, eval_data: str | None, eval_heads: tuple[str, ...]) -> None:
+    """auto, none, val_rot_acc, val_loss, or an --eval-heads head (knn, linear) alone or at a stage (knn:3)."""
+    head, _, stage = str(metric).partition(":")
+    if head not in BEST_METRICS or (stage and head not in EVAL_HEADS):
+        raise ConfigError(
+            f"--best-metric must be one of {', '.join(BEST_METRICS)}, or knn:S / linear:S for stage S (got {metric!r})"
+        )
+    if stage and not stage.lstrip("-").isdigit():
+        raise ConfigError(f"--best-metric {metric}: the stage after ':' is a number, e.g. knn:3")
+    if head in EVAL_HEADS and not eval_data:
+        raise ConfigError(f"--best-metric {metric} needs --eval-data: the labelled images the {head} accuracy is measured on")
+    if head in EVAL_HEADS and head not in eval_heads:
+        raise ConfigError(f"--best-metric {metric} needs --eval-heads to include {head}")
+
+
 def _option_text(value: Any) -> str:
     """A value as it is written on the command line (rotations 0,90 rather than (0.0, 90.0))."""
     if isinstance(value, tuple):
@@ -322,6 +381,10 @@ def parse_int_list(option: str, text: str | tuple | list | None) -> tuple[int, .
 __all__ = [
     "PretrainConfig",
     "AUGMENTS",
+    "LOGGERS",
+    "EVAL_HEADS",
+    "BEST_METRICS",
+    "parse_loggers",
     "parse_rotations",
     "format_rotations",
     "parse_int_list",
@@ -412,15 +475,15 @@ PROBE_RECIPES = {
 }
 
 
-def parse_layers(text: str | tuple | list | None) -> tuple[int, ...] | None:
+def parse_layers(text: str | tuple | list | None, option: str = "--layers") -> tuple[int, ...] | None:
     """'all' -> None (every stage); '1,2,-1' -> (1, 2, -1): 1-based, negative counts from the last stage."""
     if text is None or (isinstance(text, str) and text.strip().lower() in ("", "all")):
         return None
-    layers = parse_int_list("--layers", ",".join(map(str, text)) if isinstance(text, (tuple, list)) else text)
+    layers = parse_int_list(option, ",".join(map(str, text)) if isinstance(text, (tuple, list)) else text)
     if 0 in layers:
-        raise ConfigError("--layers counts stages from 1 (first) or -1 (last); 0 is not a stage")
+        raise ConfigError(f"{option} counts stages from 1 (first) or -1 (last); 0 is not a stage")
     if len(set(layers)) != len(layers):
-        raise ConfigError(f"--layers names a stage twice ({','.join(map(str, layers))})")
+        raise ConfigError(f"{option} names a stage twice ({','.join(map(str, layers))})")
     return layers
 
 

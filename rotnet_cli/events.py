@@ -138,6 +138,15 @@ class EpochEnded(Event):
     seconds: float
 
 
+@dataclass(frozen=True)
+class FeaturesEvaluated(Event):
+    """Feature quality measured during pretraining (--eval-data): accuracy of each head per stage."""
+
+    epoch: int  # 1-based
+    accuracy: dict[str, dict[str, float]]  # head -> stage (1-based, as text) -> top-1 in [0, 1]
+    seconds: float
+
+
 Progress = Callable[[Event], None]
 
 
@@ -147,5 +156,5 @@ def ignore(event: Event) -> None:
 
 __all__ = [
     "Event", "Message", "WarningMessage", "Phase", "DeviceChosen", "TaskProgress", "Decoding", "Resumed", "RunStarted",
-    "EpochStarted", "StepFinished", "StepDone", "EpochEnded", "Progress", "ignore",
+    "EpochStarted", "StepFinished", "StepDone", "EpochEnded", "FeaturesEvaluated", "Progress", "ignore",
 ]

@@ -9,7 +9,8 @@ Two objects carry the run. ``Run`` is what stays fixed once it is set up (config
 data, model wrappers, sizes); ``TrainState`` is what training changes (model, optimizer,
 scheduler, scaler, history, position, last save) and what a checkpoint writes down. The
 functions below take them as arguments, and ``_train`` calls them in the order a reader
-sees: set up, restore, then per epoch: train, validate, save, report.
+sees: set up, restore, then per epoch: train, validate, evaluate the features (--eval-data),
+log (--logger), keep checkpoints, save, report.
 
 Exact resume: the data order is a pure function of (seed, epoch), the augmentation and
 rotation randomness of a step a pure function of (seed, step, rank), and the checkpoint
@@ -34,13 +35,15 @@ import torch.nn.functional as F
 
 from . import data as data_lib
 from . import rundir
-from .checkpoint import CHECKPOINT_FORMAT
+from .checkpoint import CHECKPOINT_FORMAT, make_dir
 from .config import PretrainConfig
 from .errors import ConfigError, DataError, DiskFullError, InputSizeError, Interrupted, NonFiniteLossError, RotnetError
+from .evaluation import FeatureEval, best_value, evaluate_features, set_up_eval, should_evaluate
 from .events import (
-    DeviceChosen, EpochEnded, EpochStarted, Message, Phase, Progress, Resumed, RunStarted, StepDone, StepFinished,
-    WarningMessage, ignore,
+    DeviceChosen, EpochEnded, EpochStarted, FeaturesEvaluated, Message, Phase, Progress, Resumed, RunStarted, StepDone,
+    StepFinished, WarningMessage, ignore,
 )
+from .loggers import Loggers, check_installed, open_loggers, step_scalars
 from .models import RotNet, create_backbone, data_config, feature_width, normalises_over_batch, rotation_head
 from .rotations import make_rotation_batch, rotate_all
 from .runtime import (
@@ -65,6 +68,8 @@ class PretrainResult:
     val_rot_acc_per_rotation: dict[str, float] = field(default_factory=dict)
     skipped_files: list[str] = field(default_factory=list)
     resumed_from: dict | None = None
+    best: dict | None = None  # {"epoch", "metric", "value", "weights"} of checkpoints/best (--best-metric)
+    kept: list[str] = field(default_factory=list)  # weights specs of the kept checkpoints (RUN:epoch-12, ...)
     labelled: bool = True  # the training data has classes, so probe can score its features on it
 
     @property
@@ -75,7 +80,8 @@ class PretrainResult:
         return {
             "out_dir": str(self.out_dir), "model": self.model, "device": self.device, "epochs_done": self.epochs_done,
             "final": self.final, "val_rot_acc_per_rotation": self.val_rot_acc_per_rotation,
-            "skipped_files": len(self.skipped_files), "resumed_from": self.resumed_from,
+            "skipped_files": len(self.skipped_files), "resumed_from": self.resumed_from, "best": self.best,
+            "kept": self.kept,
         }
 
 
@@ -108,6 +114,10 @@ class EpochSums:
         """The first step of this epoch whose loss was NaN or inf (reads the device)."""
         bad = (~torch.isfinite(self.loss[: self.done])).nonzero()
         return int(bad[0]) if len(bad) else None
+
+    def since(self, start: int) -> torch.Tensor:
+        """(2,) float on the device: loss sum and correct count of the steps from ``start`` on (what --logger plots)."""
+        return torch.stack([self.loss[start : self.done].sum(), self.correct[start : self.done].sum().float()])
 
     def totals(self) -> torch.Tensor:
         """(3,) float on the device: loss sum, correct count, copies seen."""
@@ -142,6 +152,12 @@ def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device: torch.de
 def lr_factor(step: int, cfg: PretrainConfig, steps_per_epoch: int) -> float:
     """The schedule's multiple of the peak lr at a global step: linear warm-up, then cosine, or
     the paper's step decay at epoch milestones. Per step (a warm-up of 0.5 epochs is 0.5 epochs).
+
+    A run resumed with a larger --epochs (an extension) follows the schedule of its new length from
+    the step it resumes at, as timm's train.py does: step milestones stay where they are, and the
+    cosine is re-planned over the new total, so its lr rises at the resume point to where a run
+    planned that long would be (from 10 to 20 epochs: from about 0 to half the peak) and decays to
+    0 at the new end. The warm-up is unchanged.
 
     Only the shape is written here, for torch's LambdaLR to apply: timm's schedulers start the
     warm-up from a separate initial lr and by default count it as part of the decay, which
@@ -187,7 +203,8 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> PretrainCon
     except DataError as e:
         raise ConfigError(f"--resume {run_dir}: {e}") from None
     given = PretrainConfig.from_dict({**saved.to_dict(), **overrides})
-    clashes = saved.contradictions(given, overrides)
+    check_extension(run_dir, saved.epochs, given.epochs)
+    clashes = saved.contradictions(given, [name for name in overrides if name != "epochs"])
     if clashes:
         raise ConfigError(f"--resume {run_dir}: options contradict the saved run: {'; '.join(clashes)}; drop them or start a new run")
     return PretrainConfig.from_dict({**given.to_dict(), "out": str(run_dir), "resume": True, "overwrite": False})
@@ -216,6 +233,15 @@ def _refuse_stopped_overwrite(run_dir: Path) -> None:
         f"there is nothing of it to resume; the run it was replacing is back in {run_dir}, unchanged. To start the "
         f"new run again: {again} (the old run is kept until the new one writes its first checkpoint)"
     )
+
+
+def check_extension(run_dir: Path, planned: int, asked: int) -> None:
+    """--resume with --epochs: as many as planned, or more to extend the run (see lr_factor); never fewer."""
+    if asked < planned:
+        raise ConfigError(
+            f"--resume {run_dir} --epochs {asked}: the run plans {planned} epochs; a resumed run can be extended "
+            f"(--epochs more than {planned}), not shortened; stop it where you want with Ctrl-C"
+        )
 
 
 # ----------------------------------------------------------------------------- the run and its state
@@ -247,6 +273,9 @@ class Run:
     data_files: int  # image files the data source found (before decoding): what a resume compares
     batch_norm: bool = False  # the model normalises over the batch (a step needs at least 2 inputs)
     train_model: torch.nn.Module | None = None  # the model as trained (DDP-wrapped, compiled): set once the state exists
+    evaluator: FeatureEval | None = None  # --eval-data, decoded once (rank 0 evaluates)
+    best_metric: str = "none"  # --best-metric resolved for this data
+    loggers: Loggers = field(default_factory=lambda: Loggers([]))  # --logger, on rank 0 once the run directory exists
 
 
 @dataclass
@@ -263,6 +292,7 @@ class TrainState:
     partial: dict | None = None  # this rank's sums of those steps (EpochSums.state())
     saved_at: tuple[int, int] | None = None  # (epoch, step) of the last checkpoint
     skipped: dict[str, None] = field(default_factory=dict)  # unreadable files met while training, in order
+    logger_runs: dict[str, dict] = field(default_factory=dict)  # --logger runs to continue on resume (W&B, MLflow ids)
 
 
 @dataclass
@@ -293,6 +323,8 @@ def pretrain(
     second process, repaired if a killed one left it half-way, and, if this run fails before
     its first checkpoint, left as it was (an overwritten run comes back, a new folder goes).
     """
+    check_installed(cfg.logger)  # a missing logger package is known before anything is written
+    check_installed(cfg.logger)  # a missing logger package is known before anything is written
     dist = dist_from_env()
     report = (progress if dist.is_main else None) or ignore
     device = resolve_device(cfg.device, dist.local_rank)
@@ -354,6 +386,9 @@ def _train(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision:
     run = set_up(cfg, dist, device, precision, out, report, stop_requested, writer, img_size, mean, std)
     run.batch_norm = normalises_over_batch(model)
     check_batch_norm(run)
+    copies_per_epoch = run.steps_per_epoch * cfg.batch_size * (cfg.num_rotations if cfg.copies == "all" else 1)
+    run.evaluator = set_up_eval(cfg, model, img_size, copies_per_epoch, report) if dist.is_main else None
+    run.best_metric = cfg.resolved_best_metric(has_val=run.val_set is not None and len(run.val_set) > 0)
     state = new_state(run, model)
     if saved is not None:
         restore(run, state, saved)
@@ -361,38 +396,45 @@ def _train(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision:
     run.train_model = wrap_for_training(run, state.model)
     start_run_dir(run, state, resumed=saved is not None)
     start_epoch, start_step = state.epoch, state.step
+    finished_before = saved is not None and start_epoch >= cfg.epochs and (out / rundir.WEIGHTS).is_file()
+    if dist.is_main and not finished_before:
+        run.loggers = open_loggers(cfg.logger, out, config_record(run), start_epoch * run.steps_per_epoch + start_step
+                                   if saved is not None else None, state.logger_runs)
+        state.logger_runs = {**state.logger_runs, **run.loggers.resume_state()}  # kept: a later resume continues them
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            stats = train_one_epoch(run, state, epoch)  # raises Interrupted (after a checkpoint) when asked to stop
+            row = finish_epoch(run, state, epoch, stats)
+            row.update(evaluate(run, state, epoch))  # kNN (linear) accuracy on --eval-data, every --eval-every epochs
+            state.history.append(row)
+            state.epoch, state.step, state.partial = epoch + 1, 0, None
+            run.loggers.log_epoch(state.epoch * run.steps_per_epoch, row, state.model)
+            keep_checkpoints(run, state)  # before checkpoint.pt: a kill between them trains this epoch again, to the same weights
+            save_checkpoint(run, state, sums=None)
+            if dist.is_main:  # after the checkpoint: a kill between the two leaves metrics a row short, never ahead
+                rundir.write_metrics(out, state.history)
+            report(EpochEnded(
+                epoch + 1, cfg.epochs, row["loss"], row["rot_acc"], row["val_loss"], row["val_rot_acc"], row["lr"],
+                row["images_per_s"], row["seconds"],
+            ))
+            if "eval" in row:
+                report(FeaturesEvaluated(epoch + 1, row["eval"], row["eval_seconds"]))
+            if stop_now(run, sync_point=True) and epoch + 1 < cfg.epochs:
+                raise Interrupted(f"stopped after epoch {epoch + 1} of {cfg.epochs}; checkpoint saved; resume with: {_resume_command(out)}")
+    finally:
+        run.loggers.close(finished=state.epoch >= cfg.epochs)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        stats = train_one_epoch(run, state, epoch)  # raises Interrupted (after a checkpoint) when asked to stop
-        row = finish_epoch(run, state, epoch, stats)
-        state.history.append(row)
-        state.epoch, state.step, state.partial = epoch + 1, 0, None
-        save_checkpoint(run, state, sums=None)
-        if dist.is_main:  # after the checkpoint: a kill between the two leaves metrics a row short, never ahead
-            rundir.write_metrics(out, state.history)
-        report(EpochEnded(
-            epoch + 1, cfg.epochs, row["loss"], row["rot_acc"], row["val_loss"], row["val_rot_acc"], row["lr"],
-            row["images_per_s"], row["seconds"],
-        ))
-        if stop_now(run, sync_point=True) and epoch + 1 < cfg.epochs:
-            raise Interrupted(f"stopped after epoch {epoch + 1} of {cfg.epochs}; checkpoint saved; resume with: {_resume_command(out)}")
-
-    if saved is not None and start_epoch >= cfg.epochs and (out / rundir.WEIGHTS).is_file():
+    if finished_before:
         # a finished run resumed again (a scheduler's requeue) keeps its files as they are
         report(Message(f"{out} had already finished (epoch {cfg.epochs} of {cfg.epochs}); nothing to train, nothing changed"))
     elif dist.is_main:
-        check_finite_weights(run, state)
-        rundir.save_weights(
-            out / rundir.WEIGHTS, state.model.state_dict(), rundir.RUN_FORMAT, cfg.model, rotations=list(cfg.rotations),
-            img_size=img_size, mean=list(mean), std=list(std), num_features=state.model.backbone.num_features,
-            head_hidden_size=feature_width(state.model.backbone),  # what the backbone returns: the head's input
-            data=cfg.data, epochs=cfg.epochs,
-        )
+        save_run_weights(run, state, out / rundir.WEIGHTS)
     return PretrainResult(
         out_dir=out, model=cfg.model, device=describe_device(device), epochs_done=len(state.history), history=state.history,
         val_rot_acc_per_rotation=state.history[-1]["val_rot_acc_per_rotation"] if state.history else {},
-        skipped_files=list(dict.fromkeys([*run.skipped, *state.skipped])),
+        skipped_files=list(dict.fromkeys([*run.skipped, *state.skipped, *(run.evaluator.skipped if run.evaluator else ())])),
         resumed_from={"epoch": start_epoch, "step": start_step} if saved is not None else None,
+        best=best_checkpoint(run), kept=[f"{out}:{name}" for name in rundir.kept_checkpoint_names(out)],
         labelled=run.train_set.labels is not None,
     )
 
@@ -499,6 +541,23 @@ def new_state(run: Run, model: RotNet) -> TrainState:
     )
 
 
+def resolved_config(run: Run) -> dict[str, Any]:
+    """What the config resolved to for this run and machine (config.json's "resolved")."""
+    return {
+        "out": str(run.out), "img_size": run.img_size, "mean": list(run.mean), "std": list(run.std),
+        "lr": run.cfg.resolved_lr, "weight_decay": run.cfg.resolved_weight_decay, "augment": run.augment,
+        "device": str(run.device), "precision": run.precision, "world_size": run.dist.world_size,
+        "threads": torch.get_num_threads(), "train_images": len(run.train_set),
+        "val_images": len(run.val_set) if run.val_set is not None else 0, "data_files": run.data_files,
+        "in_memory": run.train_set.in_memory, "best_metric": run.best_metric,
+    }
+
+
+def config_record(run: Run) -> dict[str, Any]:
+    """The config as --logger records it: every option, with what auto and defaults resolved to."""
+    return {**run.cfg.to_dict(), **resolved_config(run)}
+
+
 def wrap_for_training(run: Run, model: RotNet) -> torch.nn.Module:
     """DDP under torchrun, torch.compile with --compile; the plain model is what gets saved."""
     if run.dist.enabled:
@@ -515,13 +574,18 @@ def start_run_dir(run: Run, state: TrainState, resumed: bool) -> None:
     if run.dist.is_main:
         if not resumed:
             run.writer.start_new(replace=run.cfg.overwrite)  # --overwrite: the old run is set aside, not deleted
-            rundir.write_config(run.out, run.cfg.to_dict(), {
-                "out": str(run.out), "img_size": run.img_size, "mean": list(run.mean), "std": list(run.std),
-                "lr": run.cfg.resolved_lr, "weight_decay": run.cfg.resolved_weight_decay, "augment": run.augment,
-                "device": str(run.device), "precision": run.precision, "world_size": run.dist.world_size,
-                "threads": torch.get_num_threads(), "train_images": len(run.train_set), "val_images": n_val,
-                "data_files": run.data_files, "in_memory": run.train_set.in_memory,
-            })
+            rundir.write_config(run.out, run.cfg.to_dict(), resolved_config(run))
+        else:
+            rundir.remove_temp_files(run.out)  # left by a process killed while writing
+            planned = rundir.read_config(run.out)["config"].get("epochs")
+            if isinstance(planned, int) and run.cfg.epochs > planned:
+                rundir.record_extension(run.out, run.cfg.epochs, at_epoch=state.epoch)
+                run.report(Message(
+                    f"extending the run from {planned} to {run.cfg.epochs} epochs at epoch {state.epoch + 1}: "
+                    + ("the step schedule keeps its milestones" if run.cfg.schedule == "step" else
+                       f"the cosine schedule is re-planned over {run.cfg.epochs} epochs from here (lr now "
+                       f"{run.cfg.resolved_lr * lr_factor(state.epoch * run.steps_per_epoch + state.step, run.cfg, run.steps_per_epoch):.3g})")
+                ))
         rundir.write_metrics(run.out, state.history)
     copies = run.cfg.num_rotations if run.cfg.copies == "all" else 1
     run.report(RunStarted(
@@ -547,6 +611,8 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
     first = state.step
     sums = EpochSums(run.steps_per_epoch, device, state.partial if first else None)
     seen_before = sums.seen
+    # --logger plots the mean of the steps since the last log point; a resumed epoch's slots hold its earlier steps
+    logged = first - first % cfg.log_every
     run.train_model.train()
     t0 = time.perf_counter()
     waited = 0.0
@@ -597,13 +663,23 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
         log_now = step % cfg.log_every == 0 or step == run.steps_per_epoch
         if log_now:
             check_finite(run, state, epoch, sums)
-            loss_total, correct_total, seen_total = sums.totals().tolist()
+            figures = sums.totals()
+            if run.loggers.loggers:  # and the steps since the last log, in the same read from the device
+                figures = torch.cat([figures, sums.since(logged)])
+            loss_total, correct_total, seen_total, *loss_correct_recent = figures.tolist()
             elapsed = max(time.perf_counter() - t0, 1e-9)
             seen = max(seen_total, 1.0)  # every batch so far unreadable: report zeros, not a division by zero
+            images_per_s = (seen_total - seen_before) * dist.world_size / elapsed
             run.report(StepDone(
                 epoch + 1, cfg.epochs, step, run.steps_per_epoch, loss_total / seen, correct_total / seen, lr,
-                (seen_total - seen_before) * dist.world_size / elapsed, waited / elapsed,
+                images_per_s, waited / elapsed,
             ))
+            if loss_correct_recent:
+                loss_recent, correct_recent = loss_correct_recent
+                copies = sums.seen * (step - logged) / step  # every step has as many copies (drop_last)
+                run.loggers.log_step(epoch * run.steps_per_epoch + step, step_scalars(
+                    loss_recent / copies, correct_recent / copies, lr, images_per_s, waited / elapsed))
+                logged = step
         if step == run.steps_per_epoch:
             break  # the epoch-end checkpoint follows (a Ctrl-C now is handled after it)
         state.step = step
@@ -681,6 +757,18 @@ def validate(run: Run, state: TrainState) -> dict:
     return {"loss": loss_sum.item() / total, "acc": correct.sum().item() / total, "per_rotation": per_rotation}
 
 
+def evaluate(run: Run, state: TrainState, epoch: int) -> dict[str, Any]:
+    """{"eval": head -> stage -> accuracy, "eval_seconds": ...} after the epochs --eval-every asks for; else {}.
+    Rank 0 evaluates the plain model (not its DDP or compiled wrapper); the other ranks go on to the checkpoint."""
+    if not should_evaluate(run.evaluator, epoch, run.cfg.epochs):
+        return {}
+    t0 = time.perf_counter()
+    accuracy = evaluate_features(run.evaluator, state.model, run.cfg.model, run.img_size, run.mean, run.std, run.device,
+                                 run.precision)
+    seconds = time.perf_counter() - t0  # knn_accuracy read its results from the device: nothing is left queued
+    return {"eval": accuracy, "eval_seconds": seconds}
+
+
 def check_finite(run: Run, state: TrainState, epoch: int, sums: EpochSums) -> None:
     """Stop before anything is saved from a diverged model; all ranks agree on the step."""
     first_bad = sums.first_nonfinite_step()
@@ -729,6 +817,50 @@ def stop_now(run: Run, sync_point: bool) -> bool:
 # ----------------------------------------------------------------------------- save and restore
 
 
+def save_run_weights(run: Run, state: TrainState, path: Path, **facts: Any) -> None:
+    """Backbone + rotation head as safetensors with the metadata every loader reads (the run's model.safetensors,
+    and the kept checkpoints, which add their epoch). Never weights that hold NaN or infinity."""
+    check_finite_weights(run, state)
+    rundir.save_weights(
+        path, state.model.state_dict(), rundir.RUN_FORMAT, run.cfg.model, rotations=list(run.cfg.rotations),
+        img_size=run.img_size, mean=list(run.mean), std=list(run.std), num_features=state.model.backbone.num_features,
+        head_hidden_size=feature_width(state.model.backbone),  # what the backbone returns: the head's input
+        data=run.cfg.data, epochs=run.cfg.epochs, **facts,
+    )
+
+
+def keep_checkpoints(run: Run, state: TrainState) -> None:
+    """After an epoch (rank 0): its weights as checkpoints/epoch-E (the last --keep-checkpoints epochs are kept),
+    and as checkpoints/best when it is the best epoch so far by --best-metric (ties keep the earlier)."""
+    if not run.dist.is_main or not (run.cfg.keep_checkpoints or run.best_metric != "none"):
+        return
+    epoch, row = state.epoch, state.history[-1]  # 1-based: the epoch just finished
+    make_dir(run.out / rundir.CHECKPOINTS)
+    if run.cfg.keep_checkpoints:
+        save_run_weights(run, state, rundir.kept_checkpoint(run.out, rundir.epoch_checkpoint_name(epoch)), epoch=epoch)
+        for name in rundir.kept_checkpoint_names(run.out):
+            if name != rundir.BEST and int(name.split("-")[1]) <= epoch - run.cfg.keep_checkpoints:
+                rundir.kept_checkpoint(run.out, name).unlink(missing_ok=True)
+    value = best_value(row, run.best_metric) if run.best_metric != "none" else None
+    earlier = [v for v in (best_value(r, run.best_metric) for r in state.history[:-1]) if v is not None]
+    if value is not None and (not earlier or value > max(earlier)):
+        save_run_weights(run, state, rundir.kept_checkpoint(run.out, rundir.BEST), epoch=epoch,
+                         best_metric=run.best_metric, best_value=abs(value))
+
+
+def best_checkpoint(run: Run) -> dict | None:
+    """What checkpoints/best holds, from its own metadata (epoch, metric, value), None when there is none."""
+    path = rundir.kept_checkpoint(run.out, rundir.BEST)
+    if not run.dist.is_main or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = rundir.read_weights_metadata(path, dict(f.metadata() or {}))
+    return {"epoch": meta.get("epoch"), "metric": meta.get("best_metric"), "value": meta.get("best_value"),
+            "weights": f"{run.out}:{rundir.BEST}"}
+
+
 def save_checkpoint(run: Run, state: TrainState, sums: EpochSums | None) -> None:
     """Everything needed to continue at (state.epoch, state.step); rank 0 writes it atomically.
 
@@ -741,6 +873,7 @@ def save_checkpoint(run: Run, state: TrainState, sums: EpochSums | None) -> None
     check_finite_weights(run, state)  # the same weights on every rank (DDP), so every rank agrees
     per_rank = gather_objects({"partial": sums.state() if sums is not None else None, "rng": rng_state()}, run.dist)
     if run.dist.is_main:
+        run.loggers.flush()  # the figures up to this checkpoint are on disk before it: a resume after a kill misses none
         rundir.write_checkpoint(run.out, {
             "config": run.cfg.to_dict(), "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
             "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(), "epoch": state.epoch,
@@ -748,6 +881,7 @@ def save_checkpoint(run: Run, state: TrainState, sums: EpochSums | None) -> None
             "std": list(run.std), "train_images": len(run.train_set), "world_size": run.dist.world_size,
             "threads": torch.get_num_threads(), "data_files": run.data_files, "in_memory": run.train_set.in_memory,
             "partial": [r["partial"] for r in per_rank], "rng": [r["rng"] for r in per_rank],
+            "loggers": state.logger_runs,
         })
         if run.writer is not None:
             run.writer.checkpointed()  # the new run can now be resumed: an overwritten old one is gone for good
@@ -764,6 +898,7 @@ def restore(run: Run, state: TrainState, saved: dict) -> None:
         )
     written_for = saved["run_config"]
     differ = [f.name for f in dataclass_fields(PretrainConfig) if not f.metadata.get("resume_free")
+              and f.name != "epochs"  # a larger --epochs extends the run: check_extension below
               and getattr(written_for, f.name) != getattr(run.cfg, f.name)]
     if differ:
         raise ConfigError(
@@ -787,11 +922,13 @@ def restore(run: Run, state: TrainState, saved: dict) -> None:
                 f"--resume {run.out}: this checkpoint is from the middle of an epoch of a run on {saved_world} process(es); "
                 f"resume it with {saved_world} (here: {run.dist.world_size})"
             )
+        check_extension(run.out, int(saved["config"]["epochs"]), run.cfg.epochs)
         state.model.load_state_dict(saved["model"])
         state.optimizer.load_state_dict(saved["optimizer"])
         state.scheduler.load_state_dict(saved["scheduler"])
         state.scaler.load_state_dict(saved["scaler"])
         state.history = list(saved["history"])
+        state.logger_runs = _logger_runs(saved.get("loggers"))
         state.partial = saved["partial"][run.dist.rank] if step else None
         if run.dist.rank < len(saved["rng"]):  # a run resumed on more processes than it had: new ranks keep their fresh seeds
             set_rng_state(saved["rng"][run.dist.rank])
@@ -831,6 +968,15 @@ def _load_init(model: RotNet, cfg: PretrainConfig, img_size: int) -> None:
         ) from None
     if loaded.head is not None and loaded.rotations == cfg.rotations:
         model.head.load_state_dict(loaded.head.state_dict())
+
+
+def _logger_runs(saved: Any) -> dict[str, dict]:
+    """The checkpoint's logger run ids, checked like any data read from a file (a bad entry is dropped:
+    that logger then starts a new run)."""
+    if not isinstance(saved, dict):
+        return {}
+    return {name: {"id": entry["id"]} for name, entry in saved.items()
+            if isinstance(name, str) and isinstance(entry, dict) and isinstance(entry.get("id"), str)}
 
 
 def slow_device_hint(device: torch.device, img_size: int) -> str | None:

@@ -11,6 +11,10 @@ marker, and the output-folder policy that every command shares::
       checkpoint.pt                 CHECKPOINT: the full training state (weights_only loadable)
       model.safetensors             WEIGHTS: backbone.* and head.*; marker "run"
       probe.json                    PROBE: what rotnet probe measured, one result per setting
+      checkpoints/                  CHECKPOINTS: kept weights (--keep-checkpoints, --best-metric), marker "run"
+        epoch-12.safetensors        the weights after epoch 12; load as RUN:epoch-12 or RUN/checkpoints/epoch-12
+        best.safetensors            the best epoch by --best-metric; load as RUN:best
+      logs/                         LOGS: what --logger writes (scalars.csv, tensorboard/, mlruns/, wandb/)
     EXPORT/                         rotnet export (timm's local-dir / hub layout)
       model.safetensors             the backbone alone, timm's keys; marker "export"
       config.json                   timm's save_config_for_hf
@@ -61,8 +65,12 @@ EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_HEAD = "rotation_head.safetensors"
 MODEL_CARD = "README.md"
 EXPORT_DIR = "export"  # the default place of a run's export (rotnet export RUN --out RUN/export)
+CHECKPOINTS = "checkpoints"
+LOGS = "logs"
+BEST = "best"  # checkpoints/best.safetensors
+LOG_ENTRIES = ("scalars.csv", "tensorboard", "wandb", "mlflow.db", "mlflow-artifacts")  # what the loggers write in logs/
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, WEIGHTS, PROBE)
-RUN_ENTRIES = (*RUN_FILES, EXPORT_DIR)  # what --overwrite replaces; anything else in the folder is the user's
+RUN_ENTRIES = (*RUN_FILES, EXPORT_DIR, CHECKPOINTS, LOGS)  # what --overwrite replaces; anything else in the folder is the user's
 EXPORT_FILES = (EXPORT_WEIGHTS, EXPORT_CONFIG, MODEL_CARD, EXPORT_HEAD)
 PROBE_FORMAT = "rotnet-probe-results"  # probe.json: {"format": PROBE_FORMAT, "results": [one per setting]}
 # an overwritten run's files while the new run has no checkpoint; the folder's name says how far the move got
@@ -388,6 +396,23 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def kept_checkpoint(out: Path, name: str) -> Path:
+    """checkpoints/NAME.safetensors of a run (NAME: best or epoch-E)."""
+    return Path(out) / CHECKPOINTS / f"{name}.safetensors"
+
+
+def epoch_checkpoint_name(epoch: int) -> str:
+    """The kept checkpoint of a finished epoch (1-based): epoch-12."""
+    return f"epoch-{epoch}"
+
+
+def kept_checkpoint_names(out: Path) -> list[str]:
+    """The names of a run's kept checkpoints: best first, then the epochs in order."""
+    names = [p.stem for p in (Path(out) / CHECKPOINTS).glob("*.safetensors")]
+    epochs = sorted((n for n in names if n.startswith("epoch-") and n[6:].isdigit()), key=lambda n: int(n[6:]))
+    return [n for n in names if n == BEST] + epochs
+
+
 def run_dir_of(path: Path) -> Path | None:
     """The run directory a checkpoint.pt or model.safetensors lies in (None for a file on its own)."""
     path = Path(path)
@@ -438,9 +463,24 @@ def update_probe(run_dir: Path, update: Callable[[list[dict[str, Any]]], list[di
         return write_json(run_dir / PROBE, {"format": PROBE_FORMAT, "results": update(read_probe(run_dir))})
 
 
+def record_extension(out: Path, epochs: int, at_epoch: int) -> Path:
+    """config.json of a run resumed with a larger --epochs: the new total (so a later --resume continues it)
+    and, under "extended", when and from what it grew."""
+    record = read_config(out)
+    record.setdefault("extended", []).append({
+        "from_epochs": record["config"].get("epochs"), "to_epochs": epochs, "at_epoch": at_epoch,
+        "time": datetime.now().astimezone().isoformat(timespec="seconds"),
+    })
+    record["config"]["epochs"] = epochs
+    return write_json(Path(out) / CONFIG, record)
+
+
 def remove_temp_files(out: Path) -> None:
     """Delete what a process killed while writing left behind (``.NAME.XXXX.tmp``)."""
     remove_stale_temp_files(out, RUN_FILES)
+    kept = Path(out) / CHECKPOINTS
+    if kept.is_dir():
+        remove_stale_temp_files(kept, ("*.safetensors",))
 
 
 def suggested_command(argv: Iterable[str]) -> str:
@@ -465,6 +505,10 @@ def written_by_rotnet(path: Path) -> bool:
         if path.is_symlink():
             return False  # a link is the user's, wherever it points
         if path.is_dir():
+            if name_is(path, CHECKPOINTS):  # kept weights: rotnet safetensors, nothing else
+                return all(p.suffix == ".safetensors" and written_by_rotnet(p) for p in path.iterdir())
+            if name_is(path, LOGS):  # what the loggers write: their own files and folders, nothing else
+                return all(p.name in LOG_ENTRIES for p in path.iterdir())
             return is_export_folder(path)
         name = path.name
         if name.endswith(".safetensors"):
@@ -491,6 +535,11 @@ def written_by_rotnet(path: Path) -> bool:
     except (OSError, ValueError, WeightsError, DataError):
         return False
     return False
+
+
+def name_is(path: Path, name: str) -> bool:
+    """``path`` is the run's entry ``name`` (a run directory's checkpoints/ or logs/)."""
+    return path.name == name and (path.parent / CONFIG).is_file()
 
 
 def is_export_folder(folder: Path) -> bool:
@@ -948,5 +997,6 @@ __all__ = [
     "run_dir_of", "weights_format", "write_config", "write_metrics", "write_checkpoint", "update_probe",
     "check_out_dir", "check_out_file", "written_by_rotnet", "FolderLock", "RunDirWriter", "export_lock",
     "staging_dir", "install_staged", "recover_staged", "default_run_dir", "claim_default_run_dir", "FileFields",
-    "plain_text", "suggested_command",
+    "plain_text", "suggested_command", "CHECKPOINTS", "LOGS", "BEST", "kept_checkpoint", "epoch_checkpoint_name",
+    "kept_checkpoint_names", "record_extension",
 ]

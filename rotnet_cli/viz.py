@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -128,9 +128,10 @@ class CurvesResult:
     out: Path
     epochs: int
     final: dict[str, Any]
+    panels: list[str] = field(default_factory=list)  # what each panel shows, left to right
 
     def to_dict(self) -> dict[str, Any]:
-        return {"out": str(self.out), "epochs": self.epochs, "final": self.final}
+        return {"out": str(self.out), "epochs": self.epochs, "final": self.final, "panels": self.panels}
 
 
 # ----------------------------------------------------------------------------- shared drawing helpers
@@ -261,19 +262,27 @@ def largest_scale(count: int, kernel: tuple[int, int], cols: int) -> int:
     return low
 
 
-def filter_panel(loaded, label: str, scale: int | None, cols: int | None) -> tuple[Any, FilterPanel]:
-    """The tile grid of one model's stem filters as a PIL image, and its description."""
+def filters_picture(backbone: nn.Module, scale: int | None = None, cols: int | None = None):
+    """The tile grid of a backbone's stem filters as a PIL image (also what --logger shows every epoch)."""
     from torchvision.utils import make_grid
 
-    layer, weight = stem_conv(loaded.backbone)
+    _, weight = stem_conv(backbone)
     kernel = (int(weight.shape[2]), int(weight.shape[3]))
     scale = scale or auto_scale(kernel)
     count = int(weight.shape[0])
     cols = cols or math.ceil(math.sqrt(count))
     width, height = grid_size(count, kernel, scale, cols)
     check_picture_size(width, height, f"--scale {scale}", f"use --scale {largest_scale(count, kernel, cols)} or less")
-    grid = make_grid(filter_tiles(weight, scale), nrow=cols, padding=TILE_PADDING, pad_value=BACKGROUND)
-    image = to_pil(grid)
+    return to_pil(make_grid(filter_tiles(weight, scale), nrow=cols, padding=TILE_PADDING, pad_value=BACKGROUND))
+
+
+def filter_panel(loaded, label: str, scale: int | None, cols: int | None) -> tuple[Any, FilterPanel]:
+    """The tile grid of one model's stem filters as a PIL image, and its description."""
+    layer, weight = stem_conv(loaded.backbone)
+    kernel = (int(weight.shape[2]), int(weight.shape[3]))
+    scale = scale or auto_scale(kernel)
+    count = int(weight.shape[0])
+    image = filters_picture(loaded.backbone, scale, cols)
     panel = FilterPanel(
         label=label, model=loaded.model_name, layer=layer, num_filters=count, in_channels=int(weight.shape[1]),
         kernel=kernel, scale=scale, width=image.width, height=image.height,
@@ -548,25 +557,31 @@ def _pyplot():
 
 
 def draw_curves(config: CurvesConfig, progress: Progress | None = None) -> CurvesResult:
-    """Loss and rotation accuracy per epoch (training and validation) as one PNG."""
+    """Loss and rotation accuracy per epoch (training and validation) as one PNG; with --eval-data, a panel
+    per evaluation head (knn, linear) with a line per stage, at the epochs that were evaluated."""
     rundir.check_out_file(Path(config.out).expanduser(), overwrite=config.overwrite)
     run_dir, rows = read_metrics(config.run)
     plt = _pyplot()
-    epochs = [row["epoch"] for row in rows]
 
-    def series(key: str, factor: float = 1.0) -> list[float] | None:
-        values = [row.get(key) for row in rows]
-        return None if all(v is None for v in values) else [float("nan") if v is None else v * factor for v in values]
+    def figure_of(value) -> Callable[[dict], float | None]:
+        return value if callable(value) else (lambda row: row.get(value))
 
-    figure, (loss_axes, acc_axes) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
-    for axes, keys, factor, ylabel in (
-        (loss_axes, ("loss", "val_loss"), 1.0, "rotation loss (cross-entropy)"),
-        (acc_axes, ("rot_acc", "val_rot_acc"), 100.0, "rotation accuracy (%)"),
-    ):
-        for key, name in zip(keys, ("training", "validation")):
-            values = series(key, factor)
-            if values is not None:
-                axes.plot(epochs, values, marker="o", label=name)
+    def stage_of(head: str, stage: str) -> Callable[[dict], float | None]:
+        return lambda row: ((row.get("eval") or {}).get(head) or {}).get(stage)
+
+    panels = [("loss", "rotation loss (cross-entropy)", 1.0, [("training", "loss"), ("validation", "val_loss")]),
+              ("rotation accuracy", "rotation accuracy (%)", 100.0, [("training", "rot_acc"), ("validation", "val_rot_acc")])]
+    for head in dict.fromkeys(head for row in rows for head in (row.get("eval") or {})):
+        stages = sorted({stage for row in rows for stage in ((row.get("eval") or {}).get(head) or {})}, key=int)
+        panels.append((f"{head} accuracy", f"{head} accuracy on --eval-data (%)", 100.0,
+                       [(f"stage {stage}", stage_of(head, stage)) for stage in stages]))
+    figure, all_axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), layout="constrained")
+    for axes, (_, ylabel, factor, lines) in zip(all_axes, panels):
+        for name, value in lines:
+            points = [(row["epoch"], figure_of(value)(row)) for row in rows]
+            points = [(epoch, v * factor) for epoch, v in points if v is not None]  # epochs that measured it
+            if points:
+                axes.plot([e for e, _ in points], [v for _, v in points], marker="o", label=name)
         axes.set_xlabel("epoch")
         axes.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         axes.set_ylabel(ylabel)
@@ -580,10 +595,10 @@ def draw_curves(config: CurvesConfig, progress: Progress | None = None) -> Curve
         atomic_write(out, lambda tmp: figure.savefig(tmp, format="png", dpi=100, metadata=software))
     finally:
         plt.close(figure)
-    return CurvesResult(out=out, epochs=len(rows), final=rows[-1])
+    return CurvesResult(out=out, epochs=len(rows), final=rows[-1], panels=[title for title, *_ in panels])
 
 
 __all__ = [
-    "draw_filters", "draw_attention", "draw_curves", "attention_maps", "stem_conv", "filter_tiles",
+    "draw_filters", "draw_attention", "draw_curves", "attention_maps", "stem_conv", "filter_tiles", "filters_picture",
     "colormap_lut", "FiltersResult", "FilterPanel", "AttentionResult", "AttentionImage", "CurvesResult",
 ]

@@ -1,9 +1,9 @@
 """The one weight loader: every weights spec a command accepts, to a ready backbone (and head).
 
-Specs: a run directory, its checkpoint.pt or model.safetensors, an exported folder (or its
-model.safetensors), ``timm:NAME`` (timm's pretrained weights: the hub, or its local cache
-when the hub is out of reach) and
-``random:NAME`` (the baseline). A safetensors file says what it is through the format marker
+Specs: a run directory, its checkpoint.pt or model.safetensors, a kept checkpoint of a run
+(``RUN:best``, ``RUN:epoch-12``, or the path ``RUN/checkpoints/epoch-12[.safetensors]``), an
+exported folder (or its model.safetensors), ``timm:NAME`` (timm's pretrained weights: the hub,
+or its local cache when the hub is out of reach) and ``random:NAME`` (the baseline). A safetensors file says what it is through the format marker
 in its metadata (see rundir.py); a folder is what its model.safetensors says it is, or a
 run that stopped before its final weights when it holds only checkpoint.pt.
 """
@@ -67,7 +67,7 @@ def load_weights(spec: str, device: torch.device | str = "cpu", seed: int = 0, i
             backbone = _pretrained_backbone(name, img_size) if kind == "timm" else create_backbone(name, img_size=img_size)
         return _finish(backbone, None, device, model_name=name, rotations=None, source=text, kind=kind, img_size=img_size)
 
-    path = Path(text).expanduser()
+    path = kept_checkpoint_path(text) or Path(text).expanduser()
     if not path.exists():
         raise WeightsError(
             f"{path} does not exist; give a run directory, checkpoint.pt, .safetensors, an exported folder, "
@@ -95,6 +95,32 @@ def load_weights(spec: str, device: torch.device | str = "cpu", seed: int = 0, i
     if path.suffix == ".safetensors":
         return _load_safetensors(path, device, kind="safetensors")
     return _load_checkpoint(path, device)
+
+
+def kept_checkpoint_path(spec: str) -> Path | None:
+    """The file of a kept checkpoint spec (RUN:best, RUN:epoch-12, RUN/checkpoints/epoch-12), None for other specs.
+
+    A path that exists as written is always itself (a folder may have ':' in its name); ``RUN:NAME`` needs
+    RUN to be a run directory, and a NAME it does not keep is a WeightsError listing the kept ones.
+    """
+    path = Path(spec).expanduser()
+    if path.exists():
+        return None
+    if path.parent.name == rundir.CHECKPOINTS and path.with_name(path.name + ".safetensors").is_file():
+        return path.with_name(path.name + ".safetensors")
+    run, sep, name = spec.rpartition(":")
+    run_path = Path(run).expanduser()
+    if not sep or not name or not (run_path / rundir.CONFIG).is_file():
+        return None
+    kept = rundir.kept_checkpoint(run_path, name)
+    if not kept.is_file():
+        names = rundir.kept_checkpoint_names(run_path)
+        have = f"it keeps {', '.join(f'{run}:{n}' for n in names)}" if names else "it keeps none"
+        raise WeightsError(
+            f"{run} has no kept checkpoint {name!r} ({have}); rotnet pretrain --keep-checkpoints N keeps the last N "
+            "epochs, and the best one by --best-metric"
+        )
+    return kept
 
 
 # ----------------------------------------------------------------------------- timm's pretrained weights
@@ -280,4 +306,4 @@ def _finish(backbone: nn.Module, head: nn.Linear | None, device: torch.device | 
     return LoadedWeights(backbone=backbone, head=head, img_size=int(img_size), mean=mean, std=std, **fields_)
 
 
-__all__ = ["load_weights", "LoadedWeights", "load_state_dict_strict"]
+__all__ = ["load_weights", "LoadedWeights", "load_state_dict_strict", "kept_checkpoint_path"]

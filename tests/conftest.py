@@ -53,6 +53,12 @@ def copy_of_run(tiny_run, tmp_path) -> Path:
     return Path(shutil.copytree(tiny_run, tmp_path / "run-copy"))
 
 
+def files_in(folder: Path, with_times: bool = False) -> dict:
+    """Every file under ``folder`` (logs/ and checkpoints/ too), by relative path: its bytes (and mtime)."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) if with_times else p.read_bytes()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
 class _CodeRunningPayload:
     """Unpickling this runs code (it creates a marker file): what a malicious checkpoint does."""
 

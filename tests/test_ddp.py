@@ -81,7 +81,7 @@ def test_both_ranks_end_with_identical_weights_and_rank_0_writes_the_run(ddp_run
     written = load_file(ddp_run / "model.safetensors")
     assert all(torch.equal(written[k], rank0[k]) for k in rank0)
     assert json.loads((ddp_run / "config.json").read_text())["resolved"]["world_size"] == 2
-    assert sorted(p.name for p in ddp_run.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl", "model.safetensors"]
+    assert sorted(p.name for p in ddp_run.iterdir()) == ["checkpoint.pt", "config.json", "logs", "metrics.jsonl", "model.safetensors"]
 
 
 def test_loss_matches_one_process_with_the_same_global_batch(ddp_run, tmp_path):

@@ -155,7 +155,9 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
      ["ratio_linear", "ratio_default_heads", "ratio_linear_mlp_knn", "ratio_readme_example", "ratio_augmented_per_epoch"]),
     ("memory.py", ["--model", "test_resnet", "--steps", "2", "--batch-size", "8", "--device", "cpu"], ["rotnet_vs_bare"]),
     ("startup.py", ["--runs", "1"], ["help_vs_import_timm"]),
-], ids=["pipeline", "probe", "memory", "startup"])
+    ("online_eval.py", ["--model", "test_resnet", "--epochs", "2", "--max-steps-per-epoch", "1", "--batch-size", "8",
+                        "--img-size", "32", "--device", "cpu"], ["eval_per_epoch", "eval_share_auto"]),
+], ids=["pipeline", "probe", "memory", "startup", "online_eval"])
 def test_each_benchmark_prints_its_figures_as_one_json_line(tmp_path, tiny_run, script, args, figures):
     # RUN: a 32 px run (timm's test models default to 160 px, slow to probe on CPU); the probe saves nothing
     args = [str(tiny_run) if a == "RUN" else a for a in args]

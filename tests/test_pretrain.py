@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from conftest import files_in
 from typer.testing import CliRunner
 
 from rotnet_cli.cli import app
@@ -23,7 +24,8 @@ METRIC_FIELDS = {"epoch", "loss", "rot_acc", "val_loss", "val_rot_acc", "lr", "i
 
 def test_run_directory_has_every_documented_file(tiny_run_with_summary):
     out, summary = tiny_run_with_summary
-    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "checkpoint.pt", "model.safetensors"}
+    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "checkpoint.pt", "model.safetensors", "logs"}
+    assert [p.name for p in (out / "logs").iterdir()] == ["scalars.csv"]  # --logger csv, the default
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["model"] == "test_resnet" and config["config"]["rotations"] == [0, 180]
     assert {"torch", "timm", "rotnet"} <= set(config["versions"]) and config["started"] and config["command"]
@@ -44,11 +46,11 @@ def test_run_directory_has_every_documented_file(tiny_run_with_summary):
 
 def test_existing_run_is_refused_and_untouched(tiny_run):
     out = tiny_run
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = files_in(out)
     result = CliRunner().invoke(app, ["pretrain", "--model", "test_resnet", "--out", str(out), "--device", "cpu"])
     assert result.exit_code == 1
     assert "--resume" in result.stderr and "--overwrite" in result.stderr and "Traceback" not in result.output
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert files_in(out) == before
 
 
 def _overfit_folder(folder, n=8):
@@ -106,11 +108,11 @@ def test_resuming_a_finished_run_changes_nothing_and_succeeds(tmp_path):
     # a scheduler that requeues `rotnet pretrain --resume DIR` after the run finished
     run = tmp_path / "run"
     pretrain(PretrainConfig(**FAST, epochs=1, out=str(run)))
-    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.iterdir()}
+    before = files_in(run, with_times=True)
     result = CliRunner().invoke(app, ["pretrain", "--resume", str(run), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "nothing to train" in result.stderr
-    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.iterdir()} == before
+    assert files_in(run, with_times=True) == before
 
 
 def _stop_after_first_epoch():

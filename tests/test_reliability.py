@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from conftest import files_in
 from typer.testing import CliRunner
 
 import rotnet_cli.pretraining as pretrain_module
@@ -35,7 +36,7 @@ from rotnet_cli.events import WarningMessage
 from rotnet_cli.pretraining import pretrain, resume_config
 from rotnet_cli.weights import load_weights
 
-TIMING = ("images_per_s", "seconds", "data_wait")
+TIMING = ("images_per_s", "seconds", "data_wait", "eval_seconds")
 ROTNET = str(Path(sys.executable).parent / "rotnet")
 # A run long enough to be killed in the middle: 2 epochs x 24 steps, a checkpoint every 4 steps.
 SLOW_RUN = ["pretrain", "--model", "test_resnet", "--epochs", "2", "--max-steps-per-epoch", "24", "-b", "16",
@@ -184,16 +185,17 @@ def test_sigterm_from_a_scheduler_checkpoints_like_ctrl_c(tmp_path):
 
 
 def test_resume_with_contradicting_options_names_them_and_changes_nothing(tiny_run):
-    before = {p.name: p.read_bytes() for p in tiny_run.iterdir()}
+    before = files_in(tiny_run)
     result = CliRunner().invoke(app, ["pretrain", "--resume", str(tiny_run), "--epochs", "3", "--rotations", "0,90",
                                       "--lr", "0.5", "--workers", "1"])
     assert result.exit_code == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr
-    assert "--epochs 3 (the run used 1)" in errors[0] and "--lr 0.5 (the run used" in errors[0]
+    assert "--epochs" not in errors[0]  # a larger --epochs extends the run (tests/test_watch.py)
+    assert "--lr 0.5 (the run used" in errors[0]
     assert "--rotations 0,90 (the run used 0,180)" in errors[0]
     assert "--workers" not in errors[0]  # options that do not change the computation may differ
-    assert {p.name: p.read_bytes() for p in tiny_run.iterdir()} == before
+    assert files_in(tiny_run) == before
 
 
 def test_resume_refuses_changed_data(tmp_path):
@@ -285,7 +287,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path
     run = tmp_path / "run"
     pretrain(PretrainConfig(**{**FAST, "epochs": 1, "max_steps_per_epoch": 2}, out=str(run)))
     (run / "notes.txt").write_text("mine")  # not rotnet's: never touched
-    old = {p.name: p.read_bytes() for p in run.iterdir()}
+    old = files_in(run)
 
     # a new run that diverges at its first step, before any checkpoint: the old run is back
     real_loss = pretrain_module.rotation_loss
@@ -294,12 +296,12 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path
                                       "-b", "16", "--device", "cpu", "--workers", "0", "--seed", "5",
                                       "--out", str(run), "--overwrite"])
     assert failed.exit_code == 1 and "NaN" in failed.stderr and "the run it replaced is back as it was" in failed.stderr
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == old
+    assert files_in(run) == old
 
     # the same new run that trains: the old files are replaced, the user's file stays
     monkeypatch.setattr(pretrain_module, "rotation_loss", real_loss)
     pretrain(PretrainConfig(**{**FAST, "epochs": 1, "max_steps_per_epoch": 2, "seed": 5, "overwrite": True}, out=str(run)))
-    assert sorted(p.name for p in run.iterdir()) == sorted(old)  # no .rotnet-replaced left behind
+    assert sorted(files_in(run)) == sorted(old)  # no .rotnet-replaced left behind
     assert (run / "notes.txt").read_text() == "mine"
     assert (run / "model.safetensors").read_bytes() != old["model.safetensors"]
     assert json.loads((run / "config.json").read_text())["config"]["seed"] == 5

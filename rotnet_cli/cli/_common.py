@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import click
@@ -213,8 +214,72 @@ WorkersOpt = Annotated[int, typer.Option("--workers", "-j", help="Loader worker 
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch (before rotation).")]
 ImgSizeOpt = Annotated[Optional[int], typer.Option("--img-size", help="Square input size in pixels (default: the dataset's own, else the model's).")]
 DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Where torchvision datasets live (default ~/.cache/rotnet/datasets/NAME).")]
-DownloadOpt = Annotated[bool, typer.Option("--download", help="Allow downloading a torchvision dataset (needs internet).")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output: rotnet's own files only; files it did not write are never replaced.")]
+DownloadOpt = Annotated[bool, typer.Option("--download/--no-download", help="Allow downloading a torchvision dataset (needs internet).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Replace an existing output: rotnet's own files only; files it did not write are never replaced.")]
+RUN_IDENTITY = ("out", "overwrite", "resume")  # in a run's config.json: where that run went, not how it trained
+
+
+def read_options_file(path: str, ctx: typer.Context) -> dict[str, Any]:
+    """--config FILE.yaml|json: option name -> value, checked against the command's options like the command line.
+
+    A flat mapping of option names (``batch_size`` or ``batch-size``); a run's config.json is read
+    as its "config" (without out, overwrite and resume, so that repeating a run never writes over it).
+    Lists become the comma-separated text the options take (rotations: [0, 90] -> 0,90).
+    """
+    import difflib
+
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as e:
+        raise typer.BadParameter(f"cannot read {file}: {e.strerror}", param_hint="--config") from None
+    try:
+        if file.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            record = yaml.safe_load(text)
+        else:
+            record = json.loads(text)
+    except Exception as e:  # yaml's and json's own errors: the file is not what it claims
+        first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise typer.BadParameter(f"{file} is not valid {'YAML' if file.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {first}",
+                                 param_hint="--config") from None
+    if isinstance(record, dict) and isinstance(record.get("config"), dict) and "resolved" in record:  # a run's config.json
+        record = {k: v for k, v in record["config"].items() if k not in RUN_IDENTITY}
+    if not isinstance(record, dict):
+        raise typer.BadParameter(f"{file} must hold a mapping of option names to values, e.g. epochs: 30", param_hint="--config")
+    params = {p.name: p for p in ctx.command.params if p.name not in ("config_file", "help")}
+    names = {opt.lstrip("-").replace("-", "_"): p.name for p in params.values() for opt in p.opts}  # --opt, -j ... too
+    options: dict[str, Any] = {}
+    for key, value in record.items():
+        norm = str(key).lstrip("-").replace("-", "_")
+        name = names.get(norm) or (norm if norm in params else None)
+        if name is None:
+            close = difflib.get_close_matches(str(key).replace("-", "_"), list(params), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise typer.BadParameter(f"{file}: {key!r} is not an option of this command{hint}", param_hint="--config")
+        if isinstance(value, (list, tuple)):
+            value = ",".join(map(str, value))
+        if value is not None:
+            try:
+                params[name].process_value(ctx, value)  # converted and checked as the command line's would be
+            except typer.BadParameter as e:
+                raise typer.BadParameter(f"{file}: {key}: {e.format_message()}", param_hint="--config") from None
+        options[name] = value
+    return options
+
+
+def _load_options_file(ctx: typer.Context, param: Any, value: Optional[str]) -> Optional[str]:
+    """--config: the file's values become the defaults of this invocation, so the command line wins."""
+    if value:
+        ctx.default_map = {**(ctx.default_map or {}), **read_options_file(value, ctx)}
+    return value
+
+
+ConfigOpt = Annotated[Optional[str], typer.Option(
+    "--config", is_eager=True, callback=_load_options_file,
+    help="YAML or JSON file of options (a run's config.json too); options on the command line win.",
+)]
 WeightsArg = Annotated[
     str,
     typer.Argument(

@@ -13,8 +13,8 @@ from rich.table import Table
 
 from ..config import PretrainConfig, default_workers, format_rotations
 from ._common import (
-    BatchSizeOpt, DataDirOpt, DeviceOpt, DownloadOpt, ImgSizeOpt, JsonOpt, OverwriteOpt, PrecisionOpt, SeedOpt,
-    WorkersOpt, err_console, error_boundary, note, out_console, print_commands, print_json, warn_skipped,
+    BatchSizeOpt, ConfigOpt, DataDirOpt, DeviceOpt, DownloadOpt, ImgSizeOpt, JsonOpt, OverwriteOpt, PrecisionOpt,
+    SeedOpt, WorkersOpt, err_console, error_boundary, note, out_console, print_commands, print_json, warn_skipped,
 )
 from ._typer import help_panels
 from .progress import ProgressView
@@ -26,7 +26,9 @@ HELP_PANELS = {
     "Optimisation": ("epochs", "batch_size", "lr", "weight_decay", "decay_all_params", "momentum", "optimizer", "schedule",
                      "milestones", "gamma", "warmup_epochs", "seed"),
     "Device": ("device", "precision", "channels_last", "compile"),
-    "Output": ("out", "overwrite", "resume_dir", "save_every", "log_every", "json_out"),
+    "Output": ("out", "overwrite", "resume_dir", "save_every", "log_every", "config_file", "json_out"),
+    "Watching a long run": ("logger", "eval_data", "eval_every", "eval_layers", "eval_heads", "keep_checkpoints",
+                            "best_metric"),
 }
 
 EXAMPLES = """
@@ -36,7 +38,10 @@ EXAMPLES = """
   rotnet pretrain --model resnet18 --data ~/photos --img-size 64 --device cpu  [dim]# photos on a CPU: 64 px[/dim]
   rotnet pretrain --model vit_small_patch16_224 --data ~/photos --optimizer adamw --lr 5e-4 --warmup-epochs 5 --device cuda:1
   rotnet pretrain --model resnet50 --data cifar10 --download --rotations 0,90,180,270 -b 128
-  rotnet pretrain --resume runs/resnet18-20261124-101500  [dim]# continue where it stopped[/dim]
+  rotnet pretrain --resume runs/demo                [dim]# continue where it stopped[/dim]
+  rotnet pretrain --resume runs/demo --epochs 30           [dim]# extend a finished run to 30 epochs[/dim]
+  rotnet pretrain --logger tensorboard --eval-data digits --keep-checkpoints 3   [dim]# watch it: tensorboard --logdir runs[/dim]
+  rotnet pretrain --config runs/demo/config.json --seed 1 --out runs/seed1   [dim]# repeat a run with one change[/dim]
   torchrun --nproc-per-node 4 -m rotnet_cli pretrain --model resnet50 --data ~/photos
 """
 
@@ -56,7 +61,7 @@ def pretrain(
     batch_size: BatchSizeOpt = 128,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default 0.1 for SGD as in the paper, 1e-3 for AdamW).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay (default 5e-4 SGD, 0.05 AdamW).")] = None,
-    decay_all_params: Annotated[bool, typer.Option("--decay-all-params", help="Weight decay on norms and biases too (the official RotNet code); by default they are exempt, as in timm.")] = False,
+    decay_all_params: Annotated[bool, typer.Option("--decay-all-params/--no-decay-all-params", help="Weight decay on norms and biases too (the official RotNet code); by default they are exempt, as in timm.")] = False,
     momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum (Nesterov).")] = 0.9,
     optimizer: Annotated[str, typer.Option("--optimizer", "--opt", help="sgd (Nesterov, the paper) or adamw.")] = "sgd",
     schedule: Annotated[str, typer.Option("--schedule", "--sched", help="cosine, or step (with --milestones and --gamma).")] = "cosine",
@@ -71,16 +76,24 @@ def pretrain(
     init: Annotated[Optional[str], typer.Option("--init", help="Start from these weights (a run, checkpoint, safetensors, export, timm:NAME); a new run.")] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
-    channels_last: Annotated[bool, typer.Option("--channels-last", help="channels_last memory format (faster convs on GPU).")] = False,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="channels_last memory format (faster convs on GPU).")] = False,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = False,
     cache: Annotated[str, typer.Option("--cache", help="auto, none, ram or device: keep decoded uint8 images in memory / on the GPU.")] = "auto",
-    strict_data: Annotated[bool, typer.Option("--strict-data", help="Stop at the first unreadable image instead of skipping it.")] = False,
+    strict_data: Annotated[bool, typer.Option("--strict-data/--no-strict-data", help="Stop at the first unreadable image instead of skipping it.")] = False,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run directory (default runs/MODEL-DATE-TIME).")] = None,
     overwrite: OverwriteOpt = False,
     resume_dir: Annotated[Optional[str], typer.Option("--resume", help="Continue the run in this directory exactly where its checkpoint stopped.")] = None,
     save_every: Annotated[int, typer.Option("--save-every", help="Also checkpoint every N steps (0: at the end of each epoch only).")] = 0,
     log_every: Annotated[int, typer.Option("--log-every", help="Read loss/accuracy from the device every N steps (fewer host syncs).")] = 10,
     max_steps_per_epoch: Annotated[Optional[int], typer.Option("--max-steps-per-epoch", hidden=True)] = None,
+    logger: Annotated[str, typer.Option("--logger", help="Where else the figures go, comma-separated: csv (logs/scalars.csv), tensorboard, wandb, mlflow (each an extra: pip install 'rotnet-cli\\[tensorboard]'), or none.")] = "csv",
+    eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="Labelled images (digits, a class folder, a torchvision name) on which the features' kNN accuracy is measured during training.")] = None,
+    eval_every: Annotated[str, typer.Option("--eval-every", help="Measure it every N epochs (and after the last); auto: as often as keeps it at about 3% of the training compute.")] = "auto",
+    eval_layers: Annotated[str, typer.Option("--eval-layers", help="Stages to measure, 1-based (negative from the last), e.g. 2,-1, or all.")] = "all",
+    eval_heads: Annotated[str, typer.Option("--eval-heads", help="knn, and/or linear (a quick linear probe: a few times the cost of knn).")] = "knn",
+    keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="Keep the weights of the last N epochs (RUN:epoch-E) besides the best one (RUN:best).")] = 0,
+    best_metric: Annotated[str, typer.Option("--best-metric", help="The epoch kept as RUN:best: knn, linear (the best stage; knn:3 for stage 3), val_rot_acc, val_loss, none, or auto (knn with --eval-data, else val_rot_acc with --keep-checkpoints).")] = "auto",
+    config_file: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Pretrain a timm backbone by predicting image rotations; writes a run directory."""
@@ -116,7 +129,7 @@ def pretrain(
 def _given(ctx: typer.Context, name: str) -> bool:
     # compared by name: typer may bring its own copy of click's ParameterSource enum
     source = ctx.get_parameter_source(name)
-    return getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT")
+    return getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT", "DEFAULT_MAP")  # DEFAULT_MAP: --config
 
 
 class _StopFlag:
@@ -162,6 +175,13 @@ def _fmt(value, pct: bool = False) -> str:
 SUMMARY_EPOCHS = 10  # rows of the closing table; metrics.jsonl has them all
 
 
+def _best_stage(per_stage: dict | None) -> str:
+    if not per_stage:
+        return "-"
+    stage, acc = max(per_stage.items(), key=lambda item: item[1])
+    return f"{100 * acc:.2f}% ({stage})"
+
+
 def _render_summary(result, config: PretrainConfig) -> None:
     from ..rundir import METRICS
 
@@ -174,10 +194,15 @@ def _render_summary(result, config: PretrainConfig) -> None:
     table.add_column("val loss", justify="right")
     table.add_column("val rot acc", justify="right")
     table.add_column("img/s", justify="right")
+    heads = list(dict.fromkeys(head for row in result.history for head in (row.get("eval") or {})))
+    for head in heads:  # --eval-data: the best stage's accuracy
+        table.add_column(f"{head} (best stage)", justify="right")
     for row in shown:
+        evaluated = row.get("eval") or {}
         table.add_row(
             str(row["epoch"]), _fmt(row["loss"]), _fmt(row["rot_acc"], True), _fmt(row["val_loss"]),
             _fmt(row["val_rot_acc"], True), f"{row['images_per_s']:.0f}",
+            *(_best_stage(evaluated.get(head)) for head in heads),
         )
     out_console.print(table)
     if len(shown) < len(result.history):
@@ -189,6 +214,11 @@ def _render_summary(result, config: PretrainConfig) -> None:
     if final.get("val_rot_acc") is None:
         note("no validation split (--val-split 0); accuracy above is on training images")
     out_console.print(f"run directory: [bold]{escape(str(result.out_dir))}[/]", soft_wrap=True)
+    if result.best:  # --best-metric: the epoch worth probing
+        best = result.best
+        value = f"{best['value']:.4f}" if best["metric"] == "val_loss" else f"{100 * best['value']:.2f}%"
+        out_console.print(f"best epoch {best['epoch']} by {best['metric']} ({value}): {best['weights']}",
+                          markup=False, soft_wrap=True)
     run = shlex.quote(str(result.out_dir))
     # The probe needs labels: digits have them, a folder only with class sub-folders.
     data = "" if config.data == "digits" else f" --data {shlex.quote(config.data) if result.labelled else 'LABELLED_FOLDER'}"

@@ -22,8 +22,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..events import (
-    Decoding, DeviceChosen, EpochEnded, EpochStarted, Event, Message, Phase, Resumed, RunStarted, StepDone,
-    StepFinished, TaskProgress, WarningMessage,
+    Decoding, DeviceChosen, EpochEnded, EpochStarted, Event, FeaturesEvaluated, Message, Phase, Resumed, RunStarted,
+    StepDone, StepFinished, TaskProgress, WarningMessage,
 )
 
 LINE_INTERVAL = 30.0  # seconds: piped output shows progress at least this often while steps finish
@@ -218,6 +218,10 @@ class ProgressView:
                     f"val_rot_acc {_pct(event.val_rot_acc)}  lr {event.lr:.4g}  {event.images_per_s:.0f} img/s  "
                     f"{event.seconds:.1f}s" + ("" if left is None else f"  (run: {duration(left)} left)")
                 )
+            case FeaturesEvaluated():
+                for head, per_stage in event.accuracy.items():
+                    stages = "  ".join(f"{stage}: {_pct(acc)}" for stage, acc in per_stage.items())
+                    self._line(f"epoch {event.epoch} {head} accuracy by stage  {stages}  ({event.seconds:.1f}s)")
             case TaskProgress():
                 if self.progress is not None:
                     self._bar(event.task, escape(event.description), event.done, event.total,
