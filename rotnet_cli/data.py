@@ -136,8 +136,10 @@ def open_source(
     workers: int = 2,
     strict: bool = False,
     progress: Progress | None = None,
+    option: str = "--data",
 ) -> DataSource:
-    """Resolve ``--data`` into train (and maybe val) ImageSets of uint8 at ``img_size``."""
+    """Resolve ``--data`` into train (and maybe val) ImageSets of uint8 at ``img_size``; ``option``:
+    how the command calls its data in messages (--data, --val-data, DATA)."""
     key = _dataset_key(spec)
     if key == "digits":
         digits = _digits(img_size)
@@ -150,11 +152,11 @@ def open_source(
     path = Path(spec).expanduser()
     if not path.exists():
         raise DataError(
-            f"--data {spec}: no such folder, and not a known dataset name "
+            f"{option} {spec}: no such folder, and not a known dataset name "
             f"(digits, {', '.join(TORCHVISION_DATASETS)})"
         )
     if not path.is_dir():
-        raise DataError(f"--data {spec} is a file; give a folder of images (or of class sub-folders)")
+        raise DataError(f"{option} {spec} is a file; give a folder of images (or of class sub-folders)")
     load = dict(img_size=img_size, need_labels=need_labels, cache=cache, workers=workers, strict=strict, progress=progress or ignore)
     if (path / "train").is_dir() and (path / "val").is_dir():
         (train, train_skipped, n_train), (val, val_skipped, n_val) = _folder(path / "train", **load), _folder(path / "val", **load)

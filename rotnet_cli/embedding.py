@@ -450,7 +450,7 @@ def embed(cfg: EmbedConfig, progress: Progress | None = None) -> EmbedResult:
         )
     embedder = make_embedder(weights, cfg.layer, cfg.pool, cfg.normalize, device, precision)
     # folders stay files, decoded by loader workers batch by batch: one pass gains nothing from decoding first
-    source = data_lib.open_source(cfg.data, weights.img_size, download=cfg.download, data_dir=cfg.data_dir, cache="none",
+    source = data_lib.open_source(cfg.data, weights.img_size, option="DATA", download=cfg.download, data_dir=cfg.data_dir, cache="none",
                                   workers=cfg.workers, strict=cfg.strict_data, progress=emit)
     splits, columns = source_splits(source)
     total = sum(len(s.images) for s in splits)

@@ -284,7 +284,7 @@ def labelled_splits(
     source = data_lib.open_source(cfg.data, img_size, **load)
     train_set, val_set, skipped = source.train, source.val, source.skipped
     if cfg.val_data:
-        other = data_lib.open_source(cfg.val_data, img_size, **load)
+        other = data_lib.open_source(cfg.val_data, img_size, option="--val-data", **load)
         val_set = other.val if other.val is not None else other.train
         skipped += other.skipped
     if train_set.labels is None or (val_set is not None and val_set.labels is None):

@@ -885,7 +885,7 @@ def test_ctrl_c_while_starting_is_one_line_and_exit_130(tmp_path, moment):
     _, stderr = proc.communicate(timeout=120)
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr and lines and lines[-1].startswith("stopped:"), stderr
+    assert "Traceback" not in stderr and lines and lines[-1].startswith("stopped"), stderr
     assert sum(line.startswith(("stopped:", "error:")) for line in lines) == 1, stderr
     assert not (tmp_path / "run").exists()
 
@@ -900,7 +900,7 @@ def test_ctrl_c_twice_is_one_line_exit_130_and_an_intact_checkpoint(tmp_path, ga
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130
     log = (tmp_path / "log").read_text()
-    assert "Traceback" not in log and log.strip().splitlines()[-1].startswith("stopped:"), log
+    assert "Traceback" not in log and log.strip().splitlines()[-1].startswith("stopped"), log
     assert f"--resume {run}" in log
     load_checkpoint(run / "checkpoint.pt")  # complete and loadable
 
