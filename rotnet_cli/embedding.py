@@ -43,13 +43,13 @@ from . import data as data_lib
 from . import rundir
 from ._version import __version__
 from .checkpoint import atomic_write, make_dir
-from .config import EmbedConfig
+from .config import EMBED_POOLS, EmbedConfig
 from .errors import ConfigError, DataError, OutputError, RotnetError
 from .events import DeviceChosen, Message, Progress, TaskProgress, WarningMessage, ignore
 from .models import num_stages
 from .probing import stage_features, stage_shapes
 from .runtime import configure_backends, describe_device, resolve_device, resolve_precision
-from .weights import LoadedWeights, load_weights
+from .weights import LoadedWeights, kept_checkpoint_path, load_weights
 
 EMBEDDINGS_FORMAT = "rotnet-embeddings"  # the marker in every file's metadata (CSV has no place for one)
 METADATA_KEY = "rotnet"  # where the metadata lives: parquet schema metadata, safetensors __metadata__, npz array name
@@ -520,8 +520,11 @@ def embed_batches(
 def embeddings_metadata(cfg: EmbedConfig, weights: LoadedWeights, embedder: Embedder, columns: Columns) -> dict[str, Any]:
     """What a file records of how it was made: enough for neighbours --query to embed new images the same way."""
     spec = cfg.weights
-    if not spec.startswith(("timm:", "random:")) and Path(spec).expanduser().exists():
-        spec = str(Path(spec).expanduser().resolve())  # a later command may run from another folder
+    if not spec.startswith(("timm:", "random:")):
+        # a later command may run from another folder; RUN:best names the file it is now (best moves on)
+        local = kept_checkpoint_path(spec) or Path(spec).expanduser()
+        if local.exists():
+            spec = str(local.resolve())
     return {
         "format": EMBEDDINGS_FORMAT, "rotnet_version": __version__, "weights": spec, "model": weights.model_name,
         "layer": embedder.stage, "stages": num_stages(weights.backbone), "layer_shape": list(embedder.shape),
@@ -584,6 +587,16 @@ def _meta(path: Path, text: str | bytes | None) -> dict[str, Any]:
     meta = json.loads(text)
     if not isinstance(meta, dict) or meta.get("format") != EMBEDDINGS_FORMAT:
         raise _not_ours(path, "its metadata is not rotnet's")
+    # neighbours --query embeds new images with these settings: a hand-edited value is named, never run
+    checks = {
+        "weights": lambda v: isinstance(v, str) and bool(v), "model": lambda v: isinstance(v, str) and bool(v),
+        "layer": lambda v: type(v) is int and v != 0, "pool": lambda v: v in EMBED_POOLS,
+        "normalized": lambda v: type(v) is bool, "img_size": lambda v: v is None or (type(v) is int and v > 0),
+    }
+    for key, valid in checks.items():
+        if key not in meta or not valid(meta[key]):
+            raise DataError(f"{path}: its rotnet metadata has {key}={meta.get(key)!r}, which rotnet embed never writes; "
+                            "write it again with rotnet embed")
     return meta
 
 

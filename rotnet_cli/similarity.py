@@ -32,10 +32,10 @@ from . import data as data_lib
 from .checkpoint import atomic_write, make_dir
 from .config import NeighboursConfig
 from .embedding import EmbeddingTable, check_out_file, make_embedder, read_embeddings
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, WeightsError
 from .events import DeviceChosen, Message, Progress, TaskProgress, WarningMessage, ignore
 from .runtime import configure_backends, describe_device, resolve_device, resolve_precision
-from .weights import load_weights
+from .weights import kept_checkpoint_path, load_weights
 
 QUERY_BLOCK = 1024  # queries per tile
 TILE_ELEMENTS = 2**24  # similarities per tile (64 MiB of float32): the rows of a tile follow from it
@@ -225,7 +225,7 @@ def embed_queries(cfg: NeighboursConfig, table: EmbeddingTable, device: torch.de
         raise ConfigError(f"{table.path} is a CSV, which keeps no record of how it was embedded; --query needs "
                           "embeddings written as .parquet, .npz or .safetensors")
     spec = cfg.weights or meta["weights"]
-    if cfg.weights is None and not spec.startswith(("timm:", "random:")) and not Path(spec).exists():
+    if cfg.weights is None and not weights_exist(spec):
         raise ConfigError(f"{table.path} was embedded with {spec}, which is not here; give the weights with --weights")
     precision = resolve_precision(cfg.precision, device)
     configure_backends(device)
@@ -249,6 +249,16 @@ def embed_queries(cfg: NeighboursConfig, table: EmbeddingTable, device: torch.de
     if not names:
         raise DataError(f"none of the {len(files)} query images could be read")
     return names, torch.cat(vectors), skipped
+
+
+def weights_exist(spec: str) -> bool:
+    """Whether a weights spec names something here: timm:/random:, a path, or a kept checkpoint (RUN:best)."""
+    if spec.startswith(("timm:", "random:")):
+        return True
+    try:
+        return (kept_checkpoint_path(spec) or Path(spec).expanduser()).exists()
+    except WeightsError:  # RUN:epoch-E that the run no longer keeps
+        return False
 
 
 def own_rows(names: list[str], table: EmbeddingTable) -> torch.Tensor:

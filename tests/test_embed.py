@@ -317,6 +317,38 @@ def test_queries_need_the_settings_the_file_was_embedded_with(planted, tiny_run,
     assert ok_json(invoke("neighbours", csv_file, "--json", "--device", "cpu"))["neighbours"][0]["similarity"] > 0.9999
 
 
+def test_a_file_embedded_with_a_kept_checkpoint_answers_queries_from_another_folder(copy_of_run, tmp_path, monkeypatch):
+    (copy_of_run / "checkpoints").mkdir()
+    shutil.copyfile(copy_of_run / "model.safetensors", copy_of_run / "checkpoints" / "best.safetensors")
+    query = png(tmp_path / "q" / "a.png", 7)
+    monkeypatch.chdir(tmp_path)
+    ok_json(invoke("embed", f"{copy_of_run.name}:best", query.parent, "--out", "e.npz", "-j", 0, "--device", "cpu", "--json"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    found = ok_json(invoke("neighbours", tmp_path / "e.npz", "--query", query, "-k", 1, "--json", "--device", "cpu"))
+    assert found["neighbours"] == []  # the file's only row is the query itself, never its own neighbour
+    # a file that names its weights RUN:best (as files written before recorded them) is searched too
+    monkeypatch.chdir(tmp_path)
+    npz = dict(np.load("e.npz"))
+    meta = json.loads(str(npz["rotnet"]))
+    npz["rotnet"] = np.array(json.dumps({**meta, "weights": f"{copy_of_run.name}:best"}))
+    np.savez("named.npz", **npz)
+    ok_json(invoke("neighbours", "named.npz", "--query", query, "-k", 1, "--json", "--device", "cpu"))
+
+
+@pytest.mark.parametrize("key, value", [("layer", "x"), ("pool", "median"), ("normalized", "yes"), ("img_size", -3),
+                                        ("weights", None)])
+def test_hand_edited_embedding_settings_are_named_not_run(planted, tmp_path, key, value):
+    _, original, _, emb = planted
+    npz = dict(np.load(emb))
+    meta = json.loads(str(npz["rotnet"]))
+    npz["rotnet"] = np.array(json.dumps({**meta, key: value}))
+    np.savez(tmp_path / "edited.npz", **npz)
+    error = one_line_error(invoke("neighbours", tmp_path / "edited.npz", "--query", original, "--device", "cpu"))
+    assert f"metadata has {key}=" in error and "rotnet embed" in error
+
+
 # ----------------------------------------------------------------------------- the map
 
 

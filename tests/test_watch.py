@@ -403,10 +403,11 @@ def test_a_runs_own_config_json_repeats_it_with_one_change_and_a_new_folder(tmp_
     ("epochs: ten\n", "epochs: Invalid value for '--epochs'"),
     ("- epochs\n", "must hold a mapping of option names to values"),
     ("epochs: [3\n", "is not valid YAML"),
+    (b"\xff\xfeepochs: 3\n", "is not UTF-8 text"),  # a binary file or another encoding: no traceback
 ])
 def test_a_bad_config_file_is_a_usage_error_naming_the_file_and_nothing_runs(tmp_path, captured, text, message):
     path = tmp_path / "options.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     result = CliRunner().invoke(app, ["pretrain", "--config", str(path), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and message in " ".join(result.stderr.split()) and str(path) in " ".join(result.stderr.split())
     assert not captured and not (tmp_path / "run").exists()

@@ -233,6 +233,9 @@ def read_options_file(path: str, ctx: typer.Context) -> dict[str, Any]:
         text = file.read_text(encoding="utf-8")
     except OSError as e:
         raise typer.BadParameter(f"cannot read {file}: {e.strerror}", param_hint="--config") from None
+    except UnicodeDecodeError:  # a binary file, or text in another encoding
+        raise typer.BadParameter(f"{file} is not UTF-8 text; give a YAML or JSON file of options, e.g. epochs: 30",
+                                 param_hint="--config") from None
     try:
         if file.suffix.lower() in (".yaml", ".yml"):
             import yaml
