@@ -69,7 +69,8 @@ def _render(result) -> None:
     worst = max(result.round_trip.values())
     loaders = "; ".join(result.round_trip)
     out_console.print(
-        f"verified (strict load, features equal up to {worst:.2g}): {loaders}", markup=False, highlight=False, soft_wrap=True
+        f"verified (strict load, {'features identical' if worst == 0 else f'features equal within {worst:.2g}'}): {loaders}",
+        markup=False, highlight=False, soft_wrap=True,
     )
     out_console.print("load it with timm:")
     out_console.print(result.snippet, markup=False, highlight=False, soft_wrap=True)  # unwrapped: it is copied

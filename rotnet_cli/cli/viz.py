@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..config import AttentionConfig, CurvesConfig, FiltersConfig
+from ..config import AttentionConfig, CurvesConfig, FiltersConfig, counted
 from ._common import DeviceOpt, JsonOpt, OverwriteOpt, WeightsArg, err_console, error_boundary, out_console, print_json, warn
 from ._typer import RotnetCommand, RotnetGroup, show_help_when_bare
 from .progress import ProgressView
@@ -139,4 +139,4 @@ def curves(
     if json_out:
         print_json(result.to_dict())
         return
-    out_console.print(f"wrote [bold]{escape(str(result.out))}[/] ({result.epochs} epochs)")
+    out_console.print(f"wrote [bold]{escape(str(result.out))}[/] ({counted(result.epochs, 'epoch')})")
