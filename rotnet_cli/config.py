@@ -73,6 +73,11 @@ def format_rotations(angles: tuple[float, ...]) -> str:
     return ",".join(f"{a:g}" for a in angles)
 
 
+def counted(n: Any, noun: str) -> str:
+    """'1 epoch', '2 epochs': a count with its noun, singular for exactly one."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{option} must be one of {', '.join(choices)} (got {value!r})")

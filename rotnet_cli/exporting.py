@@ -30,7 +30,7 @@ import torch
 from . import rundir
 from ._version import __version__
 from .checkpoint import write_json, write_text
-from .config import ExportConfig, format_rotations
+from .config import ExportConfig, counted, format_rotations
 from .data import data_provenance
 from .errors import DataError, DiskFullError, OutputError, WeightsError
 from .events import Message, Progress, TaskProgress, ignore
@@ -191,7 +191,7 @@ def describe_weights(pretrained_cfg: dict[str, Any], loaded: LoadedWeights, reco
         return {**cfg, "description": f"{loaded.model_name} with random weights (seed 0), not trained: a baseline"}
     angles = record.get("rotations")
     task = f"which of the rotations {format_rotations(angles)} degrees was applied" if angles else "image rotations"
-    notes = [f"trained by rotnet {__version__}" + (f" for {record['epochs']} epochs" if record.get("epochs") else "")]
+    notes = [f"trained by rotnet {__version__}" + (f" for {counted(record['epochs'], 'epoch')}" if record.get("epochs") else "")]
     if record.get("data"):
         name, licence = data_provenance(str(record["data"]))
         notes.append(f"training data: {name}; licence: {licence or 'not known to rotnet (see the data source)'}")
@@ -336,9 +336,9 @@ def probe_section(probe: Any) -> list[str]:
         return []
     epochs = probe.get("epochs")
     if isinstance(epochs, dict):  # per trained head
-        trained = ", ".join(f"{h} {n} epochs" for h, n in epochs.items()) or "no trained head"
+        trained = ", ".join(f"{h} {counted(n, 'epoch')}" for h, n in epochs.items()) or "no trained head"
     else:
-        trained = f"each head {epochs if epochs is not None else '?'} epochs"
+        trained = f"each head {counted(epochs if epochs is not None else '?', 'epoch')}"
     recipe = probe.get("recipe")
     lines = [
         f"Frozen-feature probes (`rotnet probe{f' --recipe {recipe}' if recipe else ''}`) on {probe.get('data', '?')}"

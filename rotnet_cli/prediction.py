@@ -353,14 +353,17 @@ def unlike_training(weights: LoadedWeights, decoded: int, colour: int, side: int
         return None
     pixels, grey = trained_on
     differences = []
-    if grey and colour > decoded / 2:
+    # every colour image is named, also one among grey scans: the model's answer on it means as little
+    if grey and colour:
         differences.append(f"{colour} of {decoded} are in colour, its training images were grey")
-    if side is not None and side >= 8 * max(pixels, weights.img_size):  # a blown-up digit is still a digit
+    too_large = side is not None and side >= 8 * max(pixels, weights.img_size)  # a blown-up digit is still a digit
+    if too_large:
         differences.append(f"they are about {side} px on the shorter side, its training images {pixels} px (seen at {weights.img_size} px)")
     if not differences:
         return None
+    which = "these images" if too_large or colour == decoded else "some of these images"
     return (
-        f"these images differ clearly from what {weights.model_name} was trained on ({data}): {'; '.join(differences)}. "
+        f"{which} differ clearly from what {weights.model_name} was trained on ({data}): {'; '.join(differences)}. "
         "Its predictions on them mean little; to orient photos, pretrain on photos like them "
         "(e.g. rotnet pretrain --data ~/photos --img-size 224; see the README's 'Orienting photos')"
     )

@@ -50,6 +50,20 @@ def test_flags_show_as_flags_and_arguments_as_names(command):
     assert "{" not in usage and re.search(r"\[OPTIONS\]( [A-Z\[][A-Z.\]]*)*\s*$", usage), usage
 
 
+@pytest.mark.parametrize("command", [*COMMANDS, ["embed"], ["neighbours"], ["viz", "embeddings"]], ids=" ".join)
+def test_help_examples_are_whole_commands_on_a_narrow_terminal(command):
+    # rich wrapped the examples at the window's width: a copied half of a command runs something else
+    click_command = typer.main.get_command(app)
+    for name in command:
+        click_command = click_command.commands[name]
+    examples = [re.sub(r"\[/?(b|dim)?\]", "", line).replace("\\[", "[").strip() for line in click_command.epilog.splitlines()]
+    examples = [line for line in examples if line.startswith(("rotnet ", "torchrun "))]
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert result.exit_code == 0, result.output
+    shown = [line.strip() for line in result.stdout.splitlines()]
+    assert examples and all(example in shown for example in examples), command
+
+
 def test_a_flag_given_a_value_is_a_usage_error():
     result = CliRunner().invoke(app, ["pretrain", "--download", "true"])
     assert result.exit_code == 2 and "true" in result.output

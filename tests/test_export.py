@@ -95,6 +95,7 @@ def test_model_card_and_snippet(runs, tmp_path):
     assert result.exit_code == 0, result.output
     snippet = f'import timm\nmodel = timm.create_model("local-dir:{out}", pretrained=True)'
     assert snippet in result.stdout
+    assert "verified (strict load, features identical)" in result.stdout  # not "equal up to 0"
     scope: dict = {}
     exec(snippet, scope)  # the printed lines work as they are
     x = random_batch(out)
@@ -118,6 +119,7 @@ def test_export_describes_the_rotnet_weights_not_timms_imagenet_ones(runs, tmp_p
     assert cfg["paper_ids"] == "arXiv:1803.07728" and "Predicting Image Rotations" in cfg["paper_name"]
     assert "license" not in cfg and "origin_url" not in cfg  # test_resnet's timm config says apache-2.0
     assert any("UCI Optical Recognition of Handwritten Digits" in n and "CC BY 4.0" in n for n in cfg["notes"])
+    assert any(n.endswith(" for 1 epoch") for n in cfg["notes"])  # the shared run trains one epoch: not "1 epochs"
     card = (tmp_path / "run" / "README.md").read_text()
     assert "- arxiv:1803.07728" in card and "(licence: CC BY 4.0)" in card
 

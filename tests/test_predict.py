@@ -753,6 +753,11 @@ def test_photos_for_a_model_of_grey_digits_get_a_warning(tmp_path, run_dir, rota
     assert "differ clearly from what test_resnet was trained on (digits)" in warning
     assert "colour" in warning and "200 px" in warning
     assert "differ clearly" not in tta_run[0].output  # held-out digits are what it was trained on
+    # the README's first example: one photo among grey scans is named too, not outvoted by them
+    mixed = invoke(str(run_dir), str(tmp_path / "photo.jpg"), str(rotated_folder[0]))
+    assert mixed.exit_code == 0, mixed.output
+    warning = " ".join(mixed.output.split())
+    assert "some of these images differ clearly" in warning and "1 of " in warning and "are in colour" in warning
 
 
 # ----------------------------------------------------------------------------- messages and refusals

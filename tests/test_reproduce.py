@@ -51,6 +51,8 @@ def test_a_rerun_reuses_every_finished_result(smoke):
     assert again.exit_code == 0, again.output
     # the table says these are not the paper's numbers (the title may wrap)
     assert "[smoke mode: digits, a few steps]" in " ".join(again.stdout.split())
+    # piped (a log, CI) the table keeps every word: rich squeezed it into 80 columns ("4 rotatio…")
+    assert "…" not in again.stdout and "Supervised NIN" in again.stdout
     assert [f.stat().st_mtime_ns for f in files] == stamps
 
 

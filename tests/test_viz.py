@@ -279,6 +279,10 @@ def test_curves_png(tmp_path):
     assert "4 epochs" in result.stdout
     picture = Image.open(tmp_path / "c.png")
     assert picture.format == "PNG" and picture.width > picture.height > 100
+    write_metrics(tmp_path / "one", epochs=1)  # the README's shortened demo: "(1 epoch)", not "(1 epochs)"
+    result = invoke("viz", "curves", tmp_path / "one", "--out", tmp_path / "one.png")
+    assert result.exit_code == 0, result.output
+    assert "(1 epoch)" in result.stdout
 
 
 def test_curves_into_a_folder_that_is_a_file_is_a_one_line_error_that_changes_nothing(tmp_path):

@@ -30,6 +30,20 @@ from ..errors import RotnetError
 out_console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
+def print_table(table: Any) -> None:
+    """A result table on stdout, whole. On a terminal it fits the window; piped or redirected (a log
+    file, CI) rich would squeeze it into 80 columns and cut words ("4 rotatio…"), so there it takes
+    the width it needs."""
+    if out_console.is_terminal:
+        out_console.print(table)
+        return
+    from rich.measure import Measurement
+
+    needed = Measurement.get(out_console, out_console.options.update(max_width=1000), table).maximum
+    # print() clamps its width to the console's: a console of the needed width, on the same stream
+    Console(file=out_console.file, width=max(out_console.width, needed), highlight=False).print(table)
+
+
 _state = {"debug": False}
 
 

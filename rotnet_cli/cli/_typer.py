@@ -8,6 +8,8 @@ command and group of the app is made with them (``cls=`` where it is registered)
 
 from __future__ import annotations
 
+import inspect
+
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
@@ -50,6 +52,29 @@ class RotnetCommand(TyperCommand):
     def collect_usage_pieces(self, ctx) -> list[str]:
         arguments = [_usage_piece(p) for p in self.get_params(ctx) if isinstance(p, TyperArgument)]
         return ([self.options_metavar] if self.options_metavar else []) + arguments
+
+    def format_help(self, ctx, formatter) -> None:
+        # Typer wraps the epilog at the window's width, which breaks an example command in the
+        # middle: copied, half of it runs. The examples are printed here instead, one line each.
+        examples, self.epilog = self.epilog, None
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self.epilog = examples
+        if examples:
+            print_examples(examples)
+
+
+def print_examples(examples: str) -> None:
+    """The Examples of a help page, every line whole (the terminal, not rich, folds a long one, so
+    copying it gives the whole command), indented like the rest of the help."""
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    console.print()
+    for line in inspect.cleandoc(examples).splitlines():
+        console.print(f" {line}" if line else "", soft_wrap=True)
+    console.print()
 
 
 class RotnetGroup(TyperGroup):

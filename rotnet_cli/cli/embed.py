@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..config import EmbeddingMapConfig, EmbedConfig, NeighboursConfig, default_workers
 from ._common import (
+    print_table,
     DataDirOpt, DeviceOpt, DownloadOpt, JsonOpt, OverwriteOpt, PrecisionOpt, WeightsArg, WorkersOpt, err_console,
     error_boundary, out_console, print_json, warn_skipped,
 )
@@ -142,7 +143,7 @@ def _render_neighbours(result, show: int) -> None:
             same = n.image_class is not None and n.image_class == n.neighbour_class
             cells.append(escape(f"{n.image_class or '?'} / {n.neighbour_class or '?'}") + (" [green]same[/]" if same else ""))
         table.add_row(*cells, style="bold" if n.similarity >= 0.9999 else None)
-    out_console.print(table)
+    print_table(table)
     more = len(result.neighbours) - min(show, len(result.neighbours))
     tail = f"{len(result.neighbours):,} row(s) in {result.seconds:.1f}s on {escape(result.device)}"
     if result.out:

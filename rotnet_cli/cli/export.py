@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import ExportConfig, format_rotations
-from ._common import JsonOpt, OverwriteOpt, WeightsArg, err_console, error_boundary, out_console, print_json
+from ._common import JsonOpt, OverwriteOpt, WeightsArg, err_console, error_boundary, out_console, print_json, print_table
 from .progress import ProgressView
 
 EXAMPLES = """
@@ -65,11 +65,12 @@ def _render(result) -> None:
     table.columns[1].justify = "right"
     for name, size in result.files.items():
         table.add_row(name, _size(size))
-    out_console.print(table)
+    print_table(table)
     worst = max(result.round_trip.values())
     loaders = "; ".join(result.round_trip)
     out_console.print(
-        f"verified (strict load, features equal up to {worst:.2g}): {loaders}", markup=False, highlight=False, soft_wrap=True
+        f"verified (strict load, {'features identical' if worst == 0 else f'features equal within {worst:.2g}'}): {loaders}",
+        markup=False, highlight=False, soft_wrap=True,
     )
     out_console.print("load it with timm:")
     out_console.print(result.snippet, markup=False, highlight=False, soft_wrap=True)  # unwrapped: it is copied

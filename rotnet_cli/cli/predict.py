@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..config import DEFAULT_BACKUP_SUFFIX, DEFAULT_MIN_CONFIDENCE, JPEG_ROUTES, PredictConfig, default_workers
 from ._common import (
+    print_table,
     DeviceOpt, JsonOpt, OverwriteOpt, PrecisionOpt, WeightsArg, WorkersOpt, err_console, error_boundary, note,
     out_console, print_json, warn,
 )
@@ -102,7 +103,7 @@ def _render(result, config: PredictConfig) -> None:
             f"{100 * p.confidence:.1f}%" if readable else "-",
             f"[{_ACTION_STYLE.get(p.action, 'default')}]{p.action}[/]",
         )
-    out_console.print(table)
+    print_table(table)
     counts = ", ".join(f"{n} {action}" for action, n in result.counts().items())
     out_console.print(f"{counts}; confidence = probability of the predicted rotation", soft_wrap=True)
     if result.reports:

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ..config import PretrainConfig, default_workers, format_rotations
 from ._common import (
+    print_table,
     BatchSizeOpt, ConfigOpt, DataDirOpt, DeviceOpt, DownloadOpt, ImgSizeOpt, JsonOpt, OverwriteOpt, PrecisionOpt,
     SeedOpt, WorkersOpt, err_console, error_boundary, note, out_console, print_commands, print_json, warn_skipped,
 )
@@ -204,7 +205,7 @@ def _render_summary(result, config: PretrainConfig) -> None:
             _fmt(row["val_rot_acc"], True), f"{row['images_per_s']:.0f}",
             *(_best_stage(evaluated.get(head)) for head in heads),
         )
-    out_console.print(table)
+    print_table(table)
     if len(shown) < len(result.history):
         out_console.print(f"the last {len(shown)} of {len(result.history)} epochs; all of them: {result.out_dir / METRICS}",
                           markup=False, soft_wrap=True)

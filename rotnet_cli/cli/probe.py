@@ -11,6 +11,7 @@ from rich.table import Table
 from ..config import ProbeConfig, default_workers
 from ..errors import OutputError
 from ._common import (
+    print_table,
     DataDirOpt, DeviceOpt, DownloadOpt, JsonOpt, PrecisionOpt, SeedOpt, WeightsArg, WorkersOpt,
     err_console, error_boundary, out_console, print_json, warn_skipped,
 )
@@ -128,7 +129,7 @@ def _render(result) -> None:
                 cells.append(f"{100 * accuracy:.2f}% ({epoch})")
         style = None if row.weights == "run" else "dim"
         table.add_row(escape(row.weights), str(row.stage), " x ".join(map(str, row.shape)), *cells, style=style)
-    out_console.print(table)
+    print_table(table)
     if best:
         line = f"best: stage {best[0].stage} with the {best[1]} head, {100 * best[0].accuracy[best[1]]:.2f}%"
         for other in dict.fromkeys(r.weights for r in result.rows if r.weights != "run"):  # in row order

@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import ReproduceConfig, default_workers
-from ._common import DataDirOpt, DeviceOpt, DownloadOpt, JsonOpt, PrecisionOpt, SeedOpt, WorkersOpt, err_console, error_boundary, out_console, print_json
+from ._common import DataDirOpt, DeviceOpt, DownloadOpt, JsonOpt, PrecisionOpt, SeedOpt, WorkersOpt, err_console, error_boundary, out_console, print_json, print_table
 from .progress import ProgressView
 
 EXAMPLES = """
@@ -57,7 +57,7 @@ def reproduce(
         best = f"{row.best:.2f}" + (f" ({row.best_epoch})" if row.best_epoch else "")
         table.add_row(row.table, row.experiment, "-" if row.stage is None else str(row.stage), row.head, f"{row.ours:.2f}",
                       best, f"{row.paper:.2f}", f"{row.ours - row.paper:+.2f}")
-    out_console.print(table)
+    print_table(table)
     out_console.print("[dim]last: the final epoch (honest); best: the best epoch on the test set itself, what the "
                       "official code keeps and the paper reports[/]")
     out_console.print(f"runs: {escape(str(result.out_dir))}")

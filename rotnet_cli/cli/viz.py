@@ -8,8 +8,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..config import AttentionConfig, CurvesConfig, FiltersConfig
-from ._common import DeviceOpt, JsonOpt, OverwriteOpt, WeightsArg, err_console, error_boundary, out_console, print_json, warn
+from ..config import AttentionConfig, CurvesConfig, FiltersConfig, counted
+from ._common import DeviceOpt, JsonOpt, OverwriteOpt, WeightsArg, err_console, error_boundary, out_console, print_json, print_table, warn
 from ._typer import RotnetCommand, RotnetGroup, show_help_when_bare
 from .progress import ProgressView
 
@@ -116,7 +116,7 @@ def attention(
     table.add_column("agreement", justify="right")
     for stage, p, value in zip(result.stages, result.powers, result.mean_agreement):
         table.add_row(str(stage), f"{p:g}", f"{value:.3f}")
-    out_console.print(table)
+    print_table(table)
     out_console.print(
         "agreement: mean correlation between the maps of the rotated copies, turned back upright "
         "(1 = every copy attends to the same object parts)"
@@ -139,4 +139,4 @@ def curves(
     if json_out:
         print_json(result.to_dict())
         return
-    out_console.print(f"wrote [bold]{escape(str(result.out))}[/] ({result.epochs} epochs)")
+    out_console.print(f"wrote [bold]{escape(str(result.out))}[/] ({counted(result.epochs, 'epoch')})")
