@@ -656,6 +656,11 @@ def check_out_file(out: Path, *, overwrite: bool) -> None:
 
 
 def raise_foreign(out: Path, entry: Path) -> None:
+    if not entry.is_symlink() and written_by_rotnet(entry):  # rotnet's, but another command's output (a run's weights)
+        raise OutputError(
+            f"--out {out}: {entry} is another rotnet command's output (not one this command writes), and --overwrite "
+            "replaces only an earlier output of the same command; choose another --out"
+        )
     raise OutputError(
         f"--out {out}: {entry} was not written by rotnet, and --overwrite replaces only rotnet's own files; "
         "move it away or choose another --out"
