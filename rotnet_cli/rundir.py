@@ -614,6 +614,33 @@ def check_out_dir(
         for entry in entries:
             if (names is None or entry.name in names) and not written_by_rotnet(entry):
                 raise_foreign(out, entry)
+        if entries:
+            _refuse_another_kind(out, "export" if replaces is EVERYTHING else "run")
+
+
+def folder_kind(folder: Path) -> str | None:
+    """What rotnet keeps in ``folder``: "run" (a run directory, or its checkpoints/ or logs/), "export", or None."""
+    if name_is(folder, CHECKPOINTS) or name_is(folder, LOGS):
+        return "run"
+    marker = _marker(folder / WEIGHTS)
+    if marker == EXPORT_FORMAT:
+        return "export"
+    if marker == RUN_FORMAT or any((folder / name).exists() for name in (CHECKPOINT, METRICS, CHECKPOINTS)):
+        return "run"
+    return None
+
+
+def _refuse_another_kind(out: Path, writes: str) -> None:
+    """--overwrite replaces an earlier output of the same command: an export never replaces a run (its
+    checkpoint and history would be lost for good), a run never replaces an export."""
+    held = folder_kind(out)
+    if held is None or held == writes:
+        return
+    what = "a training run's files" if held == "run" else "an exported model"
+    hint = f", e.g. --out {shlex.quote(str(out / EXPORT_DIR))}" if folder_kind(out / "..") != "run" and held == "run" else ""
+    raise OutputError(
+        f"--out {out} holds {what}, and --overwrite replaces only an earlier {writes} there; choose another --out{hint}"
+    )
 
 
 def check_out_file(out: Path, *, overwrite: bool) -> None:
@@ -629,6 +656,11 @@ def check_out_file(out: Path, *, overwrite: bool) -> None:
 
 
 def raise_foreign(out: Path, entry: Path) -> None:
+    if not entry.is_symlink() and written_by_rotnet(entry):  # rotnet's, but another command's output (a run's weights)
+        raise OutputError(
+            f"--out {out}: {entry} is another rotnet command's output (not one this command writes), and --overwrite "
+            "replaces only an earlier output of the same command; choose another --out"
+        )
     raise OutputError(
         f"--out {out}: {entry} was not written by rotnet, and --overwrite replaces only rotnet's own files; "
         "move it away or choose another --out"

@@ -443,6 +443,15 @@ def test_the_map_with_real_tsne_and_umap(tiny_run, tmp_path):
         assert result["points"] == 300 and result["classes"] == 10 and (tmp_path / f"{method}.png").is_file()
 
 
+def test_overwrite_onto_a_runs_weights_is_refused_as_another_commands_output(copy_of_run):
+    """A run's model.safetensors is rotnet's, but no embeddings file: refused, and not called a file of the user's."""
+    weights = copy_of_run / "model.safetensors"
+    before = weights.read_bytes()
+    result = invoke("embed", copy_of_run, "digits", "--out", weights, "--overwrite")
+    assert result.exit_code == 1 and "another rotnet command's output" in result.output
+    assert "not written by rotnet" not in result.output and weights.read_bytes() == before
+
+
 def test_overwrite_replaces_only_files_rotnet_wrote_for_embeddings_pairs_and_maps(planted, tiny_run, tmp_path):
     pytest.importorskip("matplotlib")
     _, _, _, emb = planted

@@ -749,6 +749,28 @@ def test_pretrain_overwrite_refuses_a_folder_whose_run_files_are_not_rotnets(tmp
     assert files_of(out) == before
 
 
+def test_overwrite_never_replaces_another_commands_output(copy_of_run, tiny_run, tmp_path):
+    """export --overwrite onto a run (or its kept checkpoints) would delete the run's checkpoint and history for good;
+    pretrain --overwrite onto an export would leave half an export: both are refused, and nothing changes."""
+    kept = copy_of_run / "checkpoints"
+    kept.mkdir()
+    (kept / "epoch-1.safetensors").write_bytes((copy_of_run / "model.safetensors").read_bytes())
+    before = files_in(copy_of_run)
+    for out in (copy_of_run, kept):
+        refused = CliRunner().invoke(app, ["export", str(tiny_run), "--out", str(out), "--overwrite"])
+        assert "holds a training run's files" in one_error_line(refused)
+    assert "--out " + str(copy_of_run / "export") in one_error_line(refused := CliRunner().invoke(
+        app, ["export", str(tiny_run), "--out", str(copy_of_run), "--overwrite"]))
+    assert files_in(copy_of_run) == before
+
+    exported = tmp_path / "exported"
+    assert CliRunner().invoke(app, ["export", str(tiny_run), "--out", str(exported)]).exit_code == 0
+    before = files_in(exported)
+    with pytest.raises(OutputError, match="holds an exported model"):
+        pretrain(PretrainConfig(**FAST, out=str(exported), overwrite=True))
+    assert files_in(exported) == before
+
+
 # ----------------------------------------------------------------------------- 6: an export killed half-way is repaired
 
 
