@@ -84,20 +84,33 @@ def run_variant(args, variant: str) -> dict:
         if not (run / "model.safetensors").is_file():
             use_padding(padding)
             t0 = time.perf_counter()
-            pretrain(PretrainConfig(
-                model=args.model, data=args.data, epochs=args.epochs, augment=augment, img_size=args.img_size,
-                seed=args.seed, out=str(run), overwrite=run.exists(), max_steps_per_epoch=args.max_steps_per_epoch,
-            ))
+            pretrain(
+                PretrainConfig(
+                    model=args.model,
+                    data=args.data,
+                    epochs=args.epochs,
+                    augment=augment,
+                    img_size=args.img_size,
+                    seed=args.seed,
+                    out=str(run),
+                    overwrite=run.exists(),
+                    max_steps_per_epoch=args.max_steps_per_epoch,
+                )
+            )
             use_padding(None)
             row["wall_seconds"] = round(time.perf_counter() - t0, 1)
         history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         saved = json.loads((run / "config.json").read_text())
-        row.update({
-            "augment": saved["resolved"].get("augment", augment), "padding": padding,
-            "train_seconds": round(sum(h["seconds"] for h in history), 1),
-            "rot_acc": round(history[-1]["rot_acc"], 4), "val_rot_acc": round(history[-1]["val_rot_acc"], 4),
-            "val_rot_acc_curve": [round(h["val_rot_acc"], 4) for h in history],
-        })
+        row.update(
+            {
+                "augment": saved["resolved"].get("augment", augment),
+                "padding": padding,
+                "train_seconds": round(sum(h["seconds"] for h in history), 1),
+                "rot_acc": round(history[-1]["rot_acc"], 4),
+                "val_rot_acc": round(history[-1]["val_rot_acc"], 4),
+                "val_rot_acc_curve": [round(h["val_rot_acc"], 4) for h in history],
+            }
+        )
         weights = str(run)
     row["probe"] = {
         "full": probe_stages(weights, args, labels_per_class=None, seeds=(args.seed,)),
@@ -110,12 +123,23 @@ def probe_stages(weights: str, args, labels_per_class: int | None, seeds: tuple[
     """{head: [accuracy per stage]}, averaged over ``seeds`` (each draws other labelled images)."""
     per_seed = []
     for seed in seeds:
-        result = probe(ProbeConfig(
-            weights=weights, data=args.probe_data or args.data, heads=HEADS, labels_per_class=labels_per_class,
-            seed=seed, save=False, img_size=args.img_size if weights.startswith("random:") else None, epochs=args.probe_epochs,
-        ))
+        result = probe(
+            ProbeConfig(
+                weights=weights,
+                data=args.probe_data or args.data,
+                heads=HEADS,
+                labels_per_class=labels_per_class,
+                seed=seed,
+                save=False,
+                img_size=args.img_size if weights.startswith("random:") else None,
+                epochs=args.probe_epochs,
+            )
+        )
         per_seed.append({head: [row.accuracy[head] for row in result.rows] for head in HEADS})
-    return {head: [round(float(np.mean([s[head][i] for s in per_seed])), 4) for i in range(len(per_seed[0][head]))] for head in HEADS}
+    return {
+        head: [round(float(np.mean([s[head][i] for s in per_seed])), 4) for i in range(len(per_seed[0][head]))]
+        for head in HEADS
+    }
 
 
 # ----------------------------------------------------------------------------- the photo set
@@ -153,11 +177,19 @@ def tables(paths: list[str]) -> str:
     for data in dict.fromkeys(r["data"] for r in rows):
         these = [r for r in rows if r["data"] == data]
         stages = len(these[0]["probe"]["full"]["linear"])
-        lines += [f"\n{data} ({these[0]['model']}, {these[0]['epochs']} epochs; probe: linear / kNN per stage 1-{stages})\n"]
-        lines += ["| augmentation | val rot acc | " + " | ".join(f"{n} labels: {h}" for n in ("all", "10/class") for h in HEADS) + " |"]
+        lines += [
+            f"\n{data} ({these[0]['model']}, {these[0]['epochs']} epochs; probe: linear / kNN per stage 1-{stages})\n"
+        ]
+        lines += [
+            "| augmentation | val rot acc | "
+            + " | ".join(f"{n} labels: {h}" for n in ("all", "10/class") for h in HEADS)
+            + " |"
+        ]
         lines += ["|---|---|" + "---|" * (2 * len(HEADS))]
         for r in these:
-            cells = [" / ".join(f"{100 * a:.1f}" for a in r["probe"][k][h]) for k in ("full", str(FEW_LABELS)) for h in HEADS]
+            cells = [
+                " / ".join(f"{100 * a:.1f}" for a in r["probe"][k][h]) for k in ("full", str(FEW_LABELS)) for h in HEADS
+            ]
             rot = f"{r['val_rot_acc']:.3f}" if "val_rot_acc" in r else "-"
             lines += [f"| {r['variant']} | {rot} | " + " | ".join(cells) + " |"]
     return "\n".join(lines)

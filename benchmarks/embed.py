@@ -76,11 +76,20 @@ def embed_rate(args, data: str, img_size: int, workdir: Path) -> float:
     """images/s of rotnet's embed loop (result.seconds: the loop and the file, not loading the weights)."""
     rates = []
     for repeat in range(args.repeats + 1):  # the first run warms up (allocator, loader workers, JPEG caches)
-        result = embed(EmbedConfig(
-            weights=f"random:{args.model}", data=data, out=str(workdir / f"e{repeat}.npz"), layer=args.layer,
-            img_size=img_size, batch_size=args.batch_size, workers=args.workers, device=args.device, overwrite=True,
-            precision=args.precision,
-        ))
+        result = embed(
+            EmbedConfig(
+                weights=f"random:{args.model}",
+                data=data,
+                out=str(workdir / f"e{repeat}.npz"),
+                layer=args.layer,
+                img_size=img_size,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                device=args.device,
+                overwrite=True,
+                precision=args.precision,
+            )
+        )
         if repeat:
             rates.append(result.images_per_s)
     return max(rates)
@@ -91,7 +100,12 @@ def neighbours_figures(args, device: torch.device, workdir: Path) -> dict:
     path = workdir / "bank.npz"
     vectors = np.random.default_rng(0).standard_normal((args.rows, args.dim), dtype=np.float32)
     meta = {"format": EMBEDDINGS_FORMAT, "model": "random", "layer": 1, "pool": "avg", "normalized": False}
-    np.savez(path, embeddings=vectors, paths=np.array([f"{i:07d}.jpg" for i in range(args.rows)]), rotnet=np.array(json.dumps(meta)))
+    np.savez(
+        path,
+        embeddings=vectors,
+        paths=np.array([f"{i:07d}.jpg" for i in range(args.rows)]),
+        rotnet=np.array(json.dumps(meta)),
+    )
     del vectors
     rss_before = peak_rss_mb()
     if device.type == "cuda":
@@ -99,9 +113,13 @@ def neighbours_figures(args, device: torch.device, workdir: Path) -> dict:
     t0 = time.perf_counter()
     result = neighbours(NeighboursConfig(embeddings=str(path), k=args.k, device=args.device))
     figures = {
-        "neighbours_rows": args.rows, "neighbours_dim": args.dim, "neighbours_k": args.k,
-        "neighbours_s": round(time.perf_counter() - t0, 2), "neighbours_pairs": len(result.neighbours),
-        "neighbours_bank_mb": round(args.rows * args.dim * 4 / 2**20), "neighbours_peak_rss_mb": round(peak_rss_mb()),
+        "neighbours_rows": args.rows,
+        "neighbours_dim": args.dim,
+        "neighbours_k": args.k,
+        "neighbours_s": round(time.perf_counter() - t0, 2),
+        "neighbours_pairs": len(result.neighbours),
+        "neighbours_bank_mb": round(args.rows * args.dim * 4 / 2**20),
+        "neighbours_peak_rss_mb": round(peak_rss_mb()),
         "peak_rss_before_neighbours_mb": round(rss_before),
     }
     if device.type == "cuda":
@@ -115,7 +133,9 @@ def main() -> None:
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--layer", type=int, default=-1)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--images", type=int, default=None, help="images of the in-memory set (default 5,000 on CPU, 50,000 on a GPU)")
+    p.add_argument(
+        "--images", type=int, default=None, help="images of the in-memory set (default 5,000 on CPU, 50,000 on a GPU)"
+    )
     p.add_argument("--jpeg-count", type=int, default=2000)
     p.add_argument("--jpeg-size", type=int, default=64)
     p.add_argument("--rows", type=int, default=100_000)
@@ -133,33 +153,58 @@ def main() -> None:
     args.images = args.images or (5000 if device.type == "cpu" else 50_000)
     configure_backends(device)  # what rotnet's commands set: the bare figures get it too
     workdir = Path(tempfile.mkdtemp(prefix="rotnet-bench-embed-"))
-    figures: dict = {"benchmark": "embed", "rotnet": __version__, **machine(), "device": str(device), "precision": precision,
-                     "model": args.model, "layer": args.layer, "batch_size": args.batch_size, "repeats": args.repeats,
-                     "workers": args.workers}
+    figures: dict = {
+        "benchmark": "embed",
+        "rotnet": __version__,
+        **machine(),
+        "device": str(device),
+        "precision": precision,
+        "model": args.model,
+        "layer": args.layer,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "workers": args.workers,
+    }
 
     if "neighbours" in cases:  # first: its peak memory must be its own
         figures.update(neighbours_figures(args, device, workdir))
 
     if "memory" in cases:
         bare = bare_forward(args, args.img_size, device, precision)
-        random_set = data_lib.ImageSet("random", args.img_size, images=torch.randint(
-            0, 256, (args.images, 3, args.img_size, args.img_size), dtype=torch.uint8))
+        random_set = data_lib.ImageSet(
+            "random",
+            args.img_size,
+            images=torch.randint(0, 256, (args.images, 3, args.img_size, args.img_size), dtype=torch.uint8),
+        )
         real_open = data_lib.open_source
         data_lib.open_source = lambda *a, **k: data_lib.DataSource(random_set)  # embed's source: the set in memory
         try:
             rate = embed_rate(args, "random", args.img_size, workdir)
         finally:
             data_lib.open_source = real_open
-        figures.update(img_size=args.img_size, memory_images=args.images, bare_images_per_s=round(bare, 1),
-                       memory_images_per_s=round(rate, 1), memory_vs_bare=round(rate / bare, 3))
+        figures.update(
+            img_size=args.img_size,
+            memory_images=args.images,
+            bare_images_per_s=round(bare, 1),
+            memory_images_per_s=round(rate, 1),
+            memory_vs_bare=round(rate / bare, 3),
+        )
 
     if "jpeg" in cases:
-        folder = make_jpeg_folder(Path(tempfile.gettempdir()) / f"rotnet-bench-jpeg-{args.jpeg_count}-{args.jpeg_size}",
-                                  args.jpeg_count, args.jpeg_size)
+        folder = make_jpeg_folder(
+            Path(tempfile.gettempdir()) / f"rotnet-bench-jpeg-{args.jpeg_count}-{args.jpeg_size}",
+            args.jpeg_count,
+            args.jpeg_size,
+        )
         bare = bare_forward(args, args.jpeg_size, device, precision)
         rate = embed_rate(args, str(folder), args.jpeg_size, workdir)
-        figures.update(jpeg_count=args.jpeg_count, jpeg_size=args.jpeg_size, jpeg_bare_images_per_s=round(bare, 1),
-                       jpeg_images_per_s=round(rate, 1), jpeg_vs_bare=round(rate / bare, 3))
+        figures.update(
+            jpeg_count=args.jpeg_count,
+            jpeg_size=args.jpeg_size,
+            jpeg_bare_images_per_s=round(bare, 1),
+            jpeg_images_per_s=round(rate, 1),
+            jpeg_vs_bare=round(rate / bare, 3),
+        )
 
     emit({**figures, "goal_memory_vs_bare": 0.9, "peak_rss_mb": round(peak_rss_mb())})
 

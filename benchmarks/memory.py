@@ -32,15 +32,34 @@ def child(kind: str, args) -> None:
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     configure_backends(device)  # what rotnet's commands set: the bare figures get it too
-    ns = ap.Namespace(model=args.model, img_size=args.img_size, batch_size=args.batch_size, steps=args.steps,
-                      warmup=1, repeats=1, channels_last=False, compile=False)
+    ns = ap.Namespace(
+        model=args.model,
+        img_size=args.img_size,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup=1,
+        repeats=1,
+        channels_last=False,
+        compile=False,
+    )
     if kind == "bare":
         pipeline.bare_step(ns, device, precision)
     else:
-        pretrain(PretrainConfig(model=args.model, data="digits", img_size=args.img_size, epochs=1,
-                                batch_size=args.batch_size, max_steps_per_epoch=args.steps + 1, val_split=0.1,
-                                device=args.device, precision=args.precision, workers=0,
-                                out=tempfile.mkdtemp(prefix="rotnet-mem-")))
+        pretrain(
+            PretrainConfig(
+                model=args.model,
+                data="digits",
+                img_size=args.img_size,
+                epochs=1,
+                batch_size=args.batch_size,
+                max_steps_per_epoch=args.steps + 1,
+                val_split=0.1,
+                device=args.device,
+                precision=args.precision,
+                workers=0,
+                out=tempfile.mkdtemp(prefix="rotnet-mem-"),
+            )
+        )
     print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 
 
@@ -59,16 +78,38 @@ def main() -> None:
         return
     peaks = {}
     for kind in ("bare", "rotnet"):
-        cmd = [sys.executable, __file__, "--child", kind, "--model", args.model, "--img-size", str(args.img_size),
-               "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--device", args.device,
-               "--precision", args.precision]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            kind,
+            "--model",
+            args.model,
+            "--img-size",
+            str(args.img_size),
+            "--batch-size",
+            str(args.batch_size),
+            "--steps",
+            str(args.steps),
+            "--device",
+            args.device,
+            "--precision",
+            args.precision,
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         peaks[kind] = json.loads(out)["peak_rss_mb"]
-    emit({
-        "benchmark": "memory", **machine(), "model": args.model, "img_size": args.img_size,
-        "batch_images": args.batch_size * 4, "bare_peak_rss_mb": round(peaks["bare"], 1),
-        "rotnet_peak_rss_mb": round(peaks["rotnet"], 1), "rotnet_vs_bare": round(peaks["rotnet"] / peaks["bare"], 3),
-    })
+    emit(
+        {
+            "benchmark": "memory",
+            **machine(),
+            "model": args.model,
+            "img_size": args.img_size,
+            "batch_images": args.batch_size * 4,
+            "bare_peak_rss_mb": round(peaks["bare"], 1),
+            "rotnet_peak_rss_mb": round(peaks["rotnet"], 1),
+            "rotnet_vs_bare": round(peaks["rotnet"] / peaks["bare"], 3),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -52,23 +52,47 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        result = pretraining.pretrain(PretrainConfig(
-            model=args.model, data=args.data, epochs=args.epochs, batch_size=args.batch_size, img_size=args.img_size,
-            device=args.device, eval_data=args.eval_data, eval_heads=args.eval_heads, eval_every=1, logger="none",
-            max_steps_per_epoch=args.max_steps_per_epoch, out=str(out),
-        ), progress=progress)
+        result = pretraining.pretrain(
+            PretrainConfig(
+                model=args.model,
+                data=args.data,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                img_size=args.img_size,
+                device=args.device,
+                eval_data=args.eval_data,
+                eval_heads=args.eval_heads,
+                eval_every=1,
+                logger="none",
+                max_steps_per_epoch=args.max_steps_per_epoch,
+                out=str(out),
+            ),
+            progress=progress,
+        )
         rows = rundir.read_metrics(out)[1:]
     eval_images = len(evaluators[0].train_set) + len(evaluators[0].val_set)
     auto_every = auto_eval_every(eval_images, started[0].steps_per_epoch * started[0].batch_images)
     epoch_s = statistics.median(row["seconds"] for row in rows)
     eval_s = statistics.median(row["eval_seconds"] for row in rows)
-    emit({
-        "benchmark": "online_eval", "model": args.model, "data": args.data, "eval_data": args.eval_data,
-        "eval_heads": args.eval_heads, "batch_size": args.batch_size, "device": result.device,
-        "epoch_seconds": round(epoch_s, 3), "eval_seconds": round(eval_s, 3), "eval_per_epoch": round(eval_s / epoch_s, 4),
-        "eval_images": eval_images, "auto_eval_every": auto_every, "eval_share_auto": round(eval_s / epoch_s / auto_every, 4),
-        "epochs_measured": len(rows), **machine(),
-    })
+    emit(
+        {
+            "benchmark": "online_eval",
+            "model": args.model,
+            "data": args.data,
+            "eval_data": args.eval_data,
+            "eval_heads": args.eval_heads,
+            "batch_size": args.batch_size,
+            "device": result.device,
+            "epoch_seconds": round(epoch_s, 3),
+            "eval_seconds": round(eval_s, 3),
+            "eval_per_epoch": round(eval_s / epoch_s, 4),
+            "eval_images": eval_images,
+            "auto_eval_every": auto_every,
+            "eval_share_auto": round(eval_s / epoch_s / auto_every, 4),
+            "epochs_measured": len(rows),
+            **machine(),
+        }
+    )
 
 
 if __name__ == "__main__":

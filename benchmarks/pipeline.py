@@ -96,11 +96,25 @@ def best_rate(run, args, device) -> float:
 def rotnet_loop(args, data: str, cache: str, workdir: Path) -> float:
     """images/s of rotnet's real training loop: the best of its epochs after the first (a warm-up)."""
     out = Path(tempfile.mkdtemp(dir=workdir))
-    result = pretrain(PretrainConfig(
-        model=args.model, data=data, img_size=args.img_size, epochs=1 + args.repeats, batch_size=args.batch_size, val_split=0,
-        max_steps_per_epoch=args.steps, device=args.device, precision=args.precision, channels_last=args.channels_last,
-        compile=args.compile, cache=cache, workers=args.workers, out=str(out), log_every=max(10, args.steps),
-    ))
+    result = pretrain(
+        PretrainConfig(
+            model=args.model,
+            data=data,
+            img_size=args.img_size,
+            epochs=1 + args.repeats,
+            batch_size=args.batch_size,
+            val_split=0,
+            max_steps_per_epoch=args.steps,
+            device=args.device,
+            precision=args.precision,
+            channels_last=args.channels_last,
+            compile=args.compile,
+            cache=cache,
+            workers=args.workers,
+            out=str(out),
+            log_every=max(10, args.steps),
+        )
+    )
     return max(row["images_per_s"] for row in result.history[1:])
 
 
@@ -128,7 +142,9 @@ class OfficialStyleDataset(torch.utils.data.Dataset):
         if np.random.rand() < 0.5:
             img = img[:, ::-1]
         copies = [np.rot90(img, k).copy() for k in range(4)]
-        tensors = [torch.from_numpy(((c.transpose(2, 0, 1) / 255.0 - self.mean) / self.std).astype(np.float32)) for c in copies]
+        tensors = [
+            torch.from_numpy(((c.transpose(2, 0, 1) / 255.0 - self.mean) / self.std).astype(np.float32)) for c in copies
+        ]
         return torch.stack(tensors), torch.arange(4)
 
 
@@ -137,8 +153,13 @@ def official_loop(args, device, precision, images: np.ndarray | None, paths: lis
     cfg = data_config(model.backbone)
     dataset = OfficialStyleDataset(images, paths, args.img_size, cfg["mean"], cfg["std"])
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.official_workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=args.official_workers > 0,
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.official_workers,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.official_workers > 0,
     )
     batches = iter(loader)
 
@@ -177,14 +198,28 @@ def main() -> None:
     p.add_argument("--model", default="resnet18")
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64, help="images before rotation (x4 per step)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="measured steps per epoch (default 20 on CPU; 300 on a GPU, whose steps are short: per-epoch costs must not dominate)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="measured steps per epoch (default 20 on CPU; 300 on a GPU, whose steps are short: per-epoch costs must not dominate)",
+    )
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=3,
-                   help="measure every figure this many times and keep the best: on a shared machine the least disturbed run")
-    p.add_argument("--workers", type=int, default=default_workers(), help="loader workers of both loops (default: rotnet's own)")
-    p.add_argument("--official-workers", type=int, default=None,
-                   help="workers of the official-style loader (default: --workers, the same for both; the official code's own default is 4)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="measure every figure this many times and keep the best: on a shared machine the least disturbed run",
+    )
+    p.add_argument(
+        "--workers", type=int, default=default_workers(), help="loader workers of both loops (default: rotnet's own)"
+    )
+    p.add_argument(
+        "--official-workers",
+        type=int,
+        default=None,
+        help="workers of the official-style loader (default: --workers, the same for both; the official code's own default is 4)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
     p.add_argument("--channels-last", action="store_true")
@@ -200,10 +235,21 @@ def main() -> None:
     args.official_workers = args.workers if args.official_workers is None else args.official_workers
     configure_backends(device)  # what rotnet's commands set: the bare figures get it too
     workdir = Path(tempfile.mkdtemp(prefix="rotnet-bench-"))
-    figures: dict = {"benchmark": "pipeline", **machine(), "device": str(device), "precision": precision,
-                     "model": args.model, "img_size": args.img_size, "batch_images": args.batch_size * 4, "steps": args.steps, "repeats": args.repeats,
-                     "channels_last": args.channels_last, "compile": args.compile, "workers": args.workers,
-                     "official_workers": args.official_workers}
+    figures: dict = {
+        "benchmark": "pipeline",
+        **machine(),
+        "device": str(device),
+        "precision": precision,
+        "model": args.model,
+        "img_size": args.img_size,
+        "batch_images": args.batch_size * 4,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "workers": args.workers,
+        "official_workers": args.official_workers,
+    }
 
     bare = bare_step(args, device, precision)
     figures["bare_images_per_s"] = round(bare, 1)
@@ -216,7 +262,11 @@ def main() -> None:
         # a CIFAR-sized random uint8 set served through rotnet's in-memory path (50,000 images;
         # fewer at large sizes, at most 1.5 GB: 10,000 at 224 px)
         count = min(50_000, int(1.5 * 2**30) // (3 * args.img_size**2))
-        random_set = data_lib.ImageSet("random", args.img_size, images=torch.randint(0, 256, (count, 3, args.img_size, args.img_size), dtype=torch.uint8))
+        random_set = data_lib.ImageSet(
+            "random",
+            args.img_size,
+            images=torch.randint(0, 256, (count, 3, args.img_size, args.img_size), dtype=torch.uint8),
+        )
         real_open = data_lib.open_source
         data_lib.open_source = lambda *a, **k: data_lib.DataSource(random_set)
         try:
@@ -227,10 +277,16 @@ def main() -> None:
         if "official" not in skip:
             hwc = random_set.images.permute(0, 2, 3, 1).numpy()
             figures["official_memory_images_per_s"] = round(official_loop(args, device, precision, hwc, None), 1)
-            figures["rotnet_vs_official_memory"] = round(figures["memory_images_per_s"] / figures["official_memory_images_per_s"], 3)
+            figures["rotnet_vs_official_memory"] = round(
+                figures["memory_images_per_s"] / figures["official_memory_images_per_s"], 3
+            )
 
     if "jpeg" not in skip:
-        folder = make_jpeg_folder(Path(tempfile.gettempdir()) / f"rotnet-bench-jpeg-{args.jpeg_count}-{args.jpeg_size}", args.jpeg_count, args.jpeg_size)
+        folder = make_jpeg_folder(
+            Path(tempfile.gettempdir()) / f"rotnet-bench-jpeg-{args.jpeg_count}-{args.jpeg_size}",
+            args.jpeg_count,
+            args.jpeg_size,
+        )
         jpeg_args = argparse.Namespace(**{**vars(args), "img_size": args.jpeg_size})
         jpeg_bare = bare_step(jpeg_args, device, precision) if args.jpeg_size != args.img_size else bare
         figures["jpeg_bare_images_per_s"] = round(jpeg_bare, 1)
@@ -241,7 +297,9 @@ def main() -> None:
         if "official" not in skip:
             paths = data_lib.scan_images(folder)
             figures["official_jpeg_images_per_s"] = round(official_loop(jpeg_args, device, precision, None, paths), 1)
-            figures["rotnet_vs_official_jpeg"] = round(figures["jpeg_cache_none_images_per_s"] / figures["official_jpeg_images_per_s"], 3)
+            figures["rotnet_vs_official_jpeg"] = round(
+                figures["jpeg_cache_none_images_per_s"] / figures["official_jpeg_images_per_s"], 3
+            )
 
     emit(figures)
 

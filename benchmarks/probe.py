@@ -47,7 +47,9 @@ def sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def bare_extraction_seconds(specs: list[str], args, device: torch.device, precision: str, img_size: int | None = None) -> tuple[float, int]:
+def bare_extraction_seconds(
+    specs: list[str], args, device: torch.device, precision: str, img_size: int | None = None
+) -> tuple[float, int]:
     """One pass of every labelled image through each backbone, all stages, nothing cached: (seconds, images)."""
     backbones = [load_weights(spec, device, img_size=img_size) for spec in specs]
     images = data_lib.open_source(args.data, backbones[0].img_size, need_labels=True).train.images.to(device)
@@ -69,12 +71,21 @@ def bare_extraction_seconds(specs: list[str], args, device: torch.device, precis
 
 
 def probe_seconds(args, **options) -> tuple[float, dict]:
-    cfg = ProbeConfig(data=args.data, batch_size=args.batch_size, device=args.device, precision=args.precision,
-                      workers=0, save=False, **options)
+    cfg = ProbeConfig(
+        data=args.data,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+        workers=0,
+        save=False,
+        **options,
+    )
     t0 = time.perf_counter()
     result = probe(cfg)
-    return time.perf_counter() - t0, {"extract_s": round(result.extract_seconds, 3),
-                                      "heads_s": {k: round(v, 3) for k, v in result.train_seconds.items()}}
+    return time.perf_counter() - t0, {
+        "extract_s": round(result.extract_seconds, 3),
+        "heads_s": {k: round(v, 3) for k, v in result.train_seconds.items()},
+    }
 
 
 def main() -> None:
@@ -83,7 +94,9 @@ def main() -> None:
     parser.add_argument("--data", default="digits")
     parser.add_argument("--epochs", type=int, default=100, help="epochs of the cached-mode probes")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--readme-weights", default="random:resnet18", help="the README example's backbone (its demo run)")
+    parser.add_argument(
+        "--readme-weights", default="random:resnet18", help="the README example's backbone (its demo run)"
+    )
     parser.add_argument("--readme-img-size", type=int, default=32)
     parser.add_argument("--augmented-epochs", type=int, default=2, help="epochs of the augmented-mode probe")
     parser.add_argument("--cases", default="cached,readme,augmented", help="which figures to make (comma list)")
@@ -95,8 +108,17 @@ def main() -> None:
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     configure_backends(device)  # what rotnet's commands set: the bare figures get it too
-    figures = {"benchmark": "probe", "rotnet": __version__, **machine(), "device": str(device), "precision": precision,
-               "weights": args.weights, "data": args.data, "epochs": args.epochs, "batch_size": args.batch_size}
+    figures = {
+        "benchmark": "probe",
+        "rotnet": __version__,
+        **machine(),
+        "device": str(device),
+        "precision": precision,
+        "weights": args.weights,
+        "data": args.data,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+    }
     if cases & {"cached", "augmented"}:
         bare, images = bare_extraction_seconds([args.weights], args, device, precision)
         figures.update(images=images, bare_extraction_s=round(bare, 3))
@@ -106,30 +128,50 @@ def main() -> None:
         default, default_split = probe_seconds(args, **common, heads=ProbeConfig.heads)
         with_mlp, with_mlp_split = probe_seconds(args, **common, heads=("linear", "mlp", "knn"))
         figures.update(
-            probe_linear_s=round(linear, 3), probe_linear_split=linear_split, probe_default_heads_s=round(default, 3),
-            probe_default_split=default_split, default_heads=list(ProbeConfig.heads),
-            probe_linear_mlp_knn_s=round(with_mlp, 3), probe_linear_mlp_knn_split=with_mlp_split,
-            ratio_linear=round(linear / bare, 2), ratio_default_heads=round(default / bare, 2),
+            probe_linear_s=round(linear, 3),
+            probe_linear_split=linear_split,
+            probe_default_heads_s=round(default, 3),
+            probe_default_split=default_split,
+            default_heads=list(ProbeConfig.heads),
+            probe_linear_mlp_knn_s=round(with_mlp, 3),
+            probe_linear_mlp_knn_split=with_mlp_split,
+            ratio_linear=round(linear / bare, 2),
+            ratio_default_heads=round(default / bare, 2),
             ratio_linear_mlp_knn=round(with_mlp / bare, 2),
         )
     if "readme" in cases:
         # the README's first probe: a demo run (resnet18, 32 px) against random weights, default heads
         specs = [args.readme_weights, f"random:{args.readme_weights.split(':', 1)[-1]}"]
         readme_bare, _ = bare_extraction_seconds(specs, args, device, precision, img_size=args.readme_img_size)
-        readme, readme_split = probe_seconds(args, weights=args.readme_weights, img_size=args.readme_img_size,
-                                             compare=("random",), epochs=args.epochs)
-        figures.update(readme_weights=args.readme_weights, readme_bare_extraction_s=round(readme_bare, 3),
-                       readme_probe_s=round(readme, 3), readme_split=readme_split,
-                       ratio_readme_example=round(readme / readme_bare, 2))
+        readme, readme_split = probe_seconds(
+            args, weights=args.readme_weights, img_size=args.readme_img_size, compare=("random",), epochs=args.epochs
+        )
+        figures.update(
+            readme_weights=args.readme_weights,
+            readme_bare_extraction_s=round(readme_bare, 3),
+            readme_probe_s=round(readme, 3),
+            readme_split=readme_split,
+            ratio_readme_example=round(readme / readme_bare, 2),
+        )
     if "augmented" in cases:
         # the paper recipe: every epoch recomputes the features of cropped + flipped training images
         augmented, augmented_split = probe_seconds(
-            args, weights=args.weights, recipe="paper", heads=("mlp", "conv"), layers=(2,), pool="flatten",
+            args,
+            weights=args.weights,
+            recipe="paper",
+            heads=("mlp", "conv"),
+            layers=(2,),
+            pool="flatten",
             epochs=args.augmented_epochs,  # --precision auto: the recipe's fp32
         )
-        figures.update(augmented_epochs=args.augmented_epochs, augmented_probe_s=round(augmented, 3),
-                       augmented_split=augmented_split,
-                       ratio_augmented_per_epoch=round(sum(augmented_split["heads_s"].values()) / (args.augmented_epochs * bare), 2))
+        figures.update(
+            augmented_epochs=args.augmented_epochs,
+            augmented_probe_s=round(augmented, 3),
+            augmented_split=augmented_split,
+            ratio_augmented_per_epoch=round(
+                sum(augmented_split["heads_s"].values()) / (args.augmented_epochs * bare), 2
+            ),
+        )
     emit({**figures, "goal_ratio": 1.5, "peak_rss_mb": round(peak_rss_mb())})
 
 

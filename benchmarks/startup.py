@@ -38,12 +38,18 @@ def main() -> None:
     help_s = median_seconds(rotnet + ["--help"], args.runs)
     pretrain_help_s = median_seconds(rotnet + ["pretrain", "--help"], args.runs)
     timm_s = median_seconds([sys.executable, "-c", "import timm"], args.runs)
-    emit({
-        "benchmark": "startup", **machine(), "runs": args.runs,
-        "rotnet_help_s": round(help_s, 4), "rotnet_pretrain_help_s": round(pretrain_help_s, 4),
-        "import_timm_s": round(timm_s, 4), "help_vs_import_timm": round(help_s / timm_s, 3),
-        "pretrain_help_vs_import_timm": round(pretrain_help_s / timm_s, 3),
-    })
+    emit(
+        {
+            "benchmark": "startup",
+            **machine(),
+            "runs": args.runs,
+            "rotnet_help_s": round(help_s, 4),
+            "rotnet_pretrain_help_s": round(pretrain_help_s, 4),
+            "import_timm_s": round(timm_s, 4),
+            "help_vs_import_timm": round(help_s / timm_s, 3),
+            "pretrain_help_vs_import_timm": round(pretrain_help_s / timm_s, 3),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         if os_error is not None and os_error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             # what to do next depends on the command (resume, start again, export again): callers may say more
             kept = "its previous version is intact" if existed else "nothing was written"
-            raise DiskFullError(path, f"disk full while writing {path} ({kept}); free space and run the command again") from e
-        if os_error is not None and os_error.errno in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOENT, errno.ENOTDIR):
+            raise DiskFullError(
+                path, f"disk full while writing {path} ({kept}); free space and run the command again"
+            ) from e
+        if os_error is not None and os_error.errno in (
+            errno.EACCES,
+            errno.EROFS,
+            errno.EPERM,
+            errno.ENOENT,
+            errno.ENOTDIR,
+        ):
             raise OutputError(f"cannot write {path}: {os_error.strerror}; choose another --out") from e
         raise
     return path
@@ -196,7 +204,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a checkpoint without unpickling code; every failure is a WeightsError."""
     path = Path(path)
     if path.is_dir():
-        raise WeightsError(f"{path} is a folder, not a checkpoint file; give a run directory, checkpoint.pt or .safetensors file")
+        raise WeightsError(
+            f"{path} is a folder, not a checkpoint file; give a run directory, checkpoint.pt or .safetensors file"
+        )
     if not path.is_file():
         raise WeightsError(f"{path} does not exist; give a run directory, checkpoint.pt or .safetensors file")
     if path.stat().st_size == 0:
@@ -290,7 +300,9 @@ def _safetensors_header_metadata(path: Path, header: bytes) -> dict[str, str]:
             raise ValueError("the header is cut short")
         parsed = json.loads(header[8 : 8 + length].decode("utf-8"))
         metadata = parsed.get("__metadata__") or {} if isinstance(parsed, dict) else None
-        if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        ):
             raise ValueError("its metadata is not a map of strings")
     except ValueError as e:
         raise WeightsError(f"{path} is not a readable safetensors file (truncated or corrupt: {e})") from None
@@ -309,5 +321,7 @@ def _unreadable(path: Path, e: OSError) -> WeightsError:
     if isinstance(e, FileNotFoundError):
         return WeightsError(f"{path} does not exist")
     if isinstance(e, PermissionError):
-        return WeightsError(f"cannot read {path}: permission denied; make it readable (chmod u+r) or copy it somewhere readable")
+        return WeightsError(
+            f"cannot read {path}: permission denied; make it readable (chmod u+r) or copy it somewhere readable"
+        )
     return WeightsError(f"cannot read {path}: {e.strerror or e}")

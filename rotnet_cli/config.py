@@ -28,7 +28,14 @@ MAX_IMG_SIZE = 8192
 MAX_PICTURE_PIXELS = 89_478_485
 LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")  # --logger; each but csv is an optional extra
 EVAL_HEADS = ("knn", "linear")  # --eval-heads: probe's heads cheap enough to run during pretraining
-BEST_METRICS = ("auto", "none", "val_rot_acc", "val_loss", "knn", "linear")  # --best-metric (knn and linear also as knn:S)
+BEST_METRICS = (
+    "auto",
+    "none",
+    "val_rot_acc",
+    "val_loss",
+    "knn",
+    "linear",
+)  # --best-metric (knn and linear also as knn:S)
 
 
 def default_workers() -> int:
@@ -120,11 +127,17 @@ class _Serializable:
         names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         if source is not None:
             if not isinstance(d, dict):
-                raise ConfigError(f"{source} holds a {type(d).__name__} where a config (a JSON object) belongs; {FILE_FIX}")
+                raise ConfigError(
+                    f"{source} holds a {type(d).__name__} where a config (a JSON object) belongs; {FILE_FIX}"
+                )
             hints = typing.get_type_hints(cls)
             for name in sorted(names & d.keys()):
-                if not _value_fits(d[name], hints[name]) and not (name in cls._OLDER_TYPES and _value_fits(d[name], cls._OLDER_TYPES[name])):
-                    raise ConfigError(f"{source}: field {name!r} is {_shown(d[name])}, not {_describe(hints[name])}; {FILE_FIX}")
+                if not _value_fits(d[name], hints[name]) and not (
+                    name in cls._OLDER_TYPES and _value_fits(d[name], cls._OLDER_TYPES[name])
+                ):
+                    raise ConfigError(
+                        f"{source}: field {name!r} is {_shown(d[name])}, not {_describe(hints[name])}; {FILE_FIX}"
+                    )
         kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
         if source is None:
             return cls(**kwargs)
@@ -163,7 +176,9 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(a) for a in args)
     if origin is tuple:
         return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(args[0], str(args[0]))
-    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, str(hint)
+    )
 
 
 def _shown(value: Any) -> str:
@@ -280,9 +295,7 @@ class PretrainConfig(_Serializable):
         if not 0 < self.gamma <= 1:
             raise ConfigError(f"--gamma must be in (0, 1] (got {self.gamma})")
         if self.warmup_epochs >= self.epochs:
-            raise ConfigError(
-                f"--warmup-epochs ({self.warmup_epochs:g}) must be shorter than --epochs ({self.epochs})"
-            )
+            raise ConfigError(f"--warmup-epochs ({self.warmup_epochs:g}) must be shorter than --epochs ({self.epochs})")
         milestones = self.milestones
         if any(m <= 0 or m >= self.epochs for m in milestones) or list(milestones) != sorted(set(milestones)):
             raise ConfigError(
@@ -308,7 +321,6 @@ class PretrainConfig(_Serializable):
         if self.eval_data:
             return self.eval_heads[0]
         return "val_rot_acc" if self.keep_checkpoints and has_val else "none"
-
 
     @property
     def resolved_lr(self) -> float:
@@ -359,7 +371,9 @@ def _check_best_metric(metric: str, eval_data: str | None, eval_heads: tuple[str
     if stage and not stage.lstrip("-").isdigit():
         raise ConfigError(f"--best-metric {metric}: the stage after ':' is a number, e.g. knn:3")
     if head in EVAL_HEADS and not eval_data:
-        raise ConfigError(f"--best-metric {metric} needs --eval-data: the labelled images the {head} accuracy is measured on")
+        raise ConfigError(
+            f"--best-metric {metric} needs --eval-data: the labelled images the {head} accuracy is measured on"
+        )
     if head in EVAL_HEADS and head not in eval_heads:
         raise ConfigError(f"--best-metric {metric} needs --eval-heads to include {head}")
 
@@ -470,13 +484,20 @@ _PAPER_CONV = HeadRecipe("sgd", 0.1, 5e-4, 100, "step", (35, 70, 85), 0.2, init=
 PROBE_RECIPES = {
     # fast looks: features extracted once, AdamW with cosine decay. A BN + linear head on normalised
     # features converges within 100 epochs only with the larger step; the mlp and conv heads like 1e-3.
-    "quick": ProbeRecipe("cached", 256, "auto", {
-        "linear": HeadRecipe("adamw", 1e-2, 5e-4, 100, "cosine"),
-        "mlp": HeadRecipe("adamw", 1e-3, 5e-4, 100, "cosine"),
-        "conv": HeadRecipe("adamw", 1e-3, 5e-4, 100, "cosine"),
-    }, reports_best=False),
-    "paper": ProbeRecipe("augmented", 128, "fp32", {"linear": _PAPER_MLP, "mlp": _PAPER_MLP, "conv": _PAPER_CONV},
-                         reports_best=True),
+    "quick": ProbeRecipe(
+        "cached",
+        256,
+        "auto",
+        {
+            "linear": HeadRecipe("adamw", 1e-2, 5e-4, 100, "cosine"),
+            "mlp": HeadRecipe("adamw", 1e-3, 5e-4, 100, "cosine"),
+            "conv": HeadRecipe("adamw", 1e-3, 5e-4, 100, "cosine"),
+        },
+        reports_best=False,
+    ),
+    "paper": ProbeRecipe(
+        "augmented", 128, "fp32", {"linear": _PAPER_MLP, "mlp": _PAPER_MLP, "conv": _PAPER_CONV}, reports_best=True
+    ),
 }
 
 
@@ -494,7 +515,11 @@ def parse_layers(text: str | tuple | list | None, option: str = "--layers") -> t
 
 def parse_name_list(option: str, text: str | tuple | list, choices: tuple[str, ...]) -> tuple[str, ...]:
     """'linear,mlp' -> ('linear', 'mlp'), each one of ``choices``, none twice."""
-    items = list(text) if isinstance(text, (tuple, list)) else [t.strip().lower() for t in str(text).split(",") if t.strip()]
+    items = (
+        list(text)
+        if isinstance(text, (tuple, list))
+        else [t.strip().lower() for t in str(text).split(",") if t.strip()]
+    )
     if not items:
         raise ConfigError(f"{option} is empty: give one or more of {', '.join(choices)}")
     for item in items:
@@ -603,8 +628,14 @@ class ProbeConfig(_Serializable):
         """What decides the numbers of a probe, resolved (probe.json keeps one result per setting):
         ``--recipe paper`` and ``--recipe paper --features augmented`` are the same setting."""
         setting = {k: v for k, v in self.to_dict().items() if k not in PROBE_RUN_OPTIONS}
-        setting.update(features=self.resolved_features, batch_size=self.resolved_batch_size,
-                       precision=self.resolved_precision(), epochs=None, lr=None, weight_decay=None)
+        setting.update(
+            features=self.resolved_features,
+            batch_size=self.resolved_batch_size,
+            precision=self.resolved_precision(),
+            epochs=None,
+            lr=None,
+            weight_decay=None,
+        )
         setting["training"] = {h: dataclasses.asdict(self.head_recipe(h)) for h in self.heads if h in TRAINED_HEADS}
         for key in ("epochs", "lr", "weight_decay"):  # folded into "training"
             del setting[key]
@@ -623,8 +654,17 @@ def json_safe(value: Any) -> Any:
 
 
 __all__ += [
-    "ProbeConfig", "parse_layers", "parse_name_list", "PROBE_HEADS", "PROBE_POOLS", "PROBE_FEATURES", "TRAINED_HEADS",
-    "HeadRecipe", "ProbeRecipe", "PROBE_RECIPES", "PROBE_RUN_OPTIONS",
+    "ProbeConfig",
+    "parse_layers",
+    "parse_name_list",
+    "PROBE_HEADS",
+    "PROBE_POOLS",
+    "PROBE_FEATURES",
+    "TRAINED_HEADS",
+    "HeadRecipe",
+    "ProbeRecipe",
+    "PROBE_RECIPES",
+    "PROBE_RUN_OPTIONS",
 ]
 
 
@@ -748,7 +788,9 @@ class PredictConfig(_Serializable):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(str(p) for p in self.inputs))
-        _check_required("WEIGHTS", self.weights, "a run directory, checkpoint.pt or model.safetensors with a rotation head")
+        _check_required(
+            "WEIGHTS", self.weights, "a run directory, checkpoint.pt or model.safetensors with a rotation head"
+        )
         if not self.inputs:
             raise ConfigError("give at least one image file or folder to predict")
         if self.in_place and not self.fix:
@@ -850,8 +892,13 @@ class SupervisedConfig(_Serializable):
 
     def __post_init__(self) -> None:
         _check_choice("--precision", self.precision, PRECISIONS)
-        for option, value in (("--epochs", self.epochs), ("--lr", self.lr), ("--batch-size", self.batch_size),
-                              ("--labels-per-class", self.labels_per_class), ("--max-steps-per-epoch", self.max_steps_per_epoch)):
+        for option, value in (
+            ("--epochs", self.epochs),
+            ("--lr", self.lr),
+            ("--batch-size", self.batch_size),
+            ("--labels-per-class", self.labels_per_class),
+            ("--max-steps-per-epoch", self.max_steps_per_epoch),
+        ):
             _check_positive(option, value)
         _check_positive("--weight-decay", self.weight_decay, allow_zero=True)
         _check_positive("--workers", self.workers, allow_zero=True)
@@ -899,7 +946,9 @@ class EmbedConfig(_Serializable):
 
     def __post_init__(self) -> None:
         _check_required("WEIGHTS", self.weights, WEIGHTS_SPECS)
-        _check_required("DATA", self.data, "a folder of images (flat or class sub-folders), digits, or a torchvision name")
+        _check_required(
+            "DATA", self.data, "a folder of images (flat or class sub-folders), digits, or a torchvision name"
+        )
         _check_required("--out", self.out, "the file to write, e.g. --out embeddings.parquet")
         _check_suffix("--out", self.out, EMBEDDING_FORMATS, "the format comes from the extension")
         if self.layer == 0:

@@ -96,8 +96,11 @@ def _dataset_key(spec: str) -> str:
 # What an export's model card and config say about the training data: the source as its authors
 # name it, and its licence where the source states one (a folder's licence is its owner's to say).
 DATA_PROVENANCE = {
-    "digits": ("UCI Optical Recognition of Handwritten Digits, test set (E. Alpaydin, C. Kaynak, 1998), "
-               "as distributed with scikit-learn", "CC BY 4.0"),
+    "digits": (
+        "UCI Optical Recognition of Handwritten Digits, test set (E. Alpaydin, C. Kaynak, 1998), "
+        "as distributed with scikit-learn",
+        "CC BY 4.0",
+    ),
 }
 
 
@@ -109,14 +112,21 @@ def data_provenance(spec: str) -> tuple[str, str | None]:
 def native_size(spec: str) -> int | None:
     """The image size of a built-in or torchvision source (None for folders)."""
     key = _dataset_key(spec)
-    return {"digits": 32, "cifar10": 32, "cifar100": 32, "mnist": 32, "fashionmnist": 32, "svhn": 32, "stl10": 96}.get(key)
+    return {"digits": 32, "cifar10": 32, "cifar100": 32, "mnist": 32, "fashionmnist": 32, "svhn": 32, "stl10": 96}.get(
+        key
+    )
 
 
 # What the built-in and torchvision datasets hold: (pixels on a side, grey). predict warns
 # when the images it is given differ clearly from the data its weights were trained on.
 DATASET_IMAGES = {
-    "digits": (8, True), "mnist": (28, True), "fashionmnist": (28, True), "cifar10": (32, False),
-    "cifar100": (32, False), "svhn": (32, False), "stl10": (96, False),
+    "digits": (8, True),
+    "mnist": (28, True),
+    "fashionmnist": (28, True),
+    "cifar10": (32, False),
+    "cifar100": (32, False),
+    "svhn": (32, False),
+    "stl10": (96, False),
 }
 
 
@@ -152,14 +162,23 @@ def open_source(
     path = Path(spec).expanduser()
     if not path.exists():
         raise DataError(
-            f"{option} {spec}: no such folder, and not a known dataset name "
-            f"(digits, {', '.join(TORCHVISION_DATASETS)})"
+            f"{option} {spec}: no such folder, and not a known dataset name (digits, {', '.join(TORCHVISION_DATASETS)})"
         )
     if not path.is_dir():
         raise DataError(f"{option} {spec} is a file; give a folder of images (or of class sub-folders)")
-    load = dict(img_size=img_size, need_labels=need_labels, cache=cache, workers=workers, strict=strict, progress=progress or ignore)
+    load = dict(
+        img_size=img_size,
+        need_labels=need_labels,
+        cache=cache,
+        workers=workers,
+        strict=strict,
+        progress=progress or ignore,
+    )
     if (path / "train").is_dir() and (path / "val").is_dir():
-        (train, train_skipped, n_train), (val, val_skipped, n_val) = _folder(path / "train", **load), _folder(path / "val", **load)
+        (train, train_skipped, n_train), (val, val_skipped, n_val) = (
+            _folder(path / "train", **load),
+            _folder(path / "val", **load),
+        )
         return DataSource(train, val, tuple(train_skipped + val_skipped), n_train + n_val)
     train, skipped, found = _folder(path, **load)
     return DataSource(train, None, tuple(skipped), found)
@@ -311,7 +330,9 @@ def _class_layout(folder: Path, image_paths: list[Path]) -> tuple[list[str], lis
     classes, paths, labels = [], [], []
     for label, name in enumerate(subdirs):
         if not by_class[name]:
-            raise DataError(f"class folder {folder / name} has no images; remove it or add images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+            raise DataError(
+                f"class folder {folder / name} has no images; remove it or add images (extensions: {', '.join(IMAGE_EXTENSIONS)})"
+            )
         classes.append(name)
         paths += by_class[name]
         labels += [label] * len(by_class[name])
@@ -319,7 +340,13 @@ def _class_layout(folder: Path, image_paths: list[Path]) -> tuple[list[str], lis
 
 
 def _folder(
-    folder: Path, img_size: int, need_labels: bool, cache: str, workers: int, strict: bool, progress: Progress,
+    folder: Path,
+    img_size: int,
+    need_labels: bool,
+    cache: str,
+    workers: int,
+    strict: bool,
+    progress: Progress,
 ) -> tuple[ImageSet, list[str], int]:
     """The images below ``folder`` (labelled when it holds class sub-folders), the files left out,
     and the number of image files found (readable or not)."""
@@ -479,7 +506,10 @@ def decode_all(
     """Decode every file once into memory -> (in-memory ImageSet, the unreadable files left out)."""
     assert images.paths is not None
     loader = torch.utils.data.DataLoader(
-        FileDataset(images.paths, images.img_size), batch_size=64, num_workers=workers, collate_fn=_collate,
+        FileDataset(images.paths, images.img_size),
+        batch_size=64,
+        num_workers=workers,
+        collate_fn=_collate,
         worker_init_fn=_ignore_sigint,
     )
     out = torch.empty((len(images.paths), 3, images.img_size, images.img_size), dtype=torch.uint8)
@@ -500,7 +530,9 @@ def decode_all(
     if len(keep) == 0:
         raise DataError(f"none of the {len(images.paths)} image files in {images.name} could be read")
     decoded = dataclasses.replace(
-        images, images=out[keep], paths=[images.paths[i] for i in keep.tolist()],
+        images,
+        images=out[keep],
+        paths=[images.paths[i] for i in keep.tolist()],
         labels=images.labels[keep] if images.labels is not None else None,
     )
     return decoded, [str(images.paths[i]) for i in sorted(bad)]
@@ -509,7 +541,9 @@ def decode_all(
 # ----------------------------------------------------------------------------- splits and batches
 
 
-def split_indices(n: int, fraction: float, seed: int, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def split_indices(
+    n: int, fraction: float, seed: int, labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, val) index tensors; seeded; stratified by class when labels are given."""
     g = torch.Generator().manual_seed(seed)
     if fraction <= 0:
@@ -595,7 +629,9 @@ def iterate_batches(
     sampler.batches = [order[rows].tolist() for rows in batch_rows]
     held: Batch | None = None  # one batch behind the loader, so that it can name the unreadable files after it
     pending: list[str] = []  # unreadable files of batches with nothing readable, before any batch was held
-    for index, (idx, batch, failed) in enumerate(_from_workers(loader), start=start_batch):  # in order: the k-th batch of the sampler
+    for index, (idx, batch, failed) in enumerate(
+        _from_workers(loader), start=start_batch
+    ):  # in order: the k-th batch of the sampler
         if strict and failed:
             raise _strict_error(images.paths[failed[0]])
         skipped = [str(images.paths[i]) for i in failed]
@@ -604,8 +640,13 @@ def iterate_batches(
             continue
         if held is not None:
             yield held
-        held = Batch(batch.to(device, non_blocking=pin), to_device(labels[idx]) if labels is not None else None,
-                     pending + skipped, indices=idx, index=index)
+        held = Batch(
+            batch.to(device, non_blocking=pin),
+            to_device(labels[idx]) if labels is not None else None,
+            pending + skipped,
+            indices=idx,
+            index=index,
+        )
         pending = []
     if held is not None:
         yield held
@@ -717,7 +758,10 @@ def auto_augment(spec: str, images: ImageSet) -> tuple[str, str]:
     if choice is not None:
         return choice, f"{spec} holds pictures of characters"
     if _colour_spread(images) < GREY_SPREAD:
-        return "none", "grey images, like digits and scans: mirrored characters are no characters, and a crop pays off only in long runs (--augment crop)"
+        return (
+            "none",
+            "grey images, like digits and scans: mirrored characters are no characters, and a crop pays off only in long runs (--augment crop)",
+        )
     return "crop+flip", "colour images, flipped as in the paper"
 
 
@@ -748,7 +792,9 @@ def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
 
 
 @functools.lru_cache(maxsize=16)
-def _pixel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pixel_stats(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(1 / std, -mean / std) for 0..255 pixels as (1, C, 1, 1) tensors on ``device``, made once:
     building them from Python numbers on a GPU is a copy that waits for the GPU (a sync every step)."""
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
@@ -765,9 +811,27 @@ def warn_skipped(skipped: list[str]) -> str | None:
 
 
 __all__ = [
-    "ImageSet", "DataSource", "open_source", "native_size", "dataset_images", "decode_all", "split_indices", "epoch_order",
-    "iterate_batches", "random_crop_flip", "auto_augment", "normalize", "decode_file", "scan_images", "num_batches",
-    "warn_skipped", "Batch", "data_provenance", "to_rgb", "check_readable", "UnsupportedPixels",
+    "ImageSet",
+    "DataSource",
+    "open_source",
+    "native_size",
+    "dataset_images",
+    "decode_all",
+    "split_indices",
+    "epoch_order",
+    "iterate_batches",
+    "random_crop_flip",
+    "auto_augment",
+    "normalize",
+    "decode_file",
+    "scan_images",
+    "num_batches",
+    "warn_skipped",
+    "Batch",
+    "data_provenance",
+    "to_rgb",
+    "check_readable",
+    "UnsupportedPixels",
 ]
 
 warnings.filterwarnings("ignore", message=".*Palette images with Transparency.*")

@@ -81,13 +81,16 @@ class Embedder:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) uint8 on the device -> (B, C) float32 on the device."""
-        [fmap] = stage_features([("run", self.weights)], [[self.stage]], images, self.device, self.precision)  # (B, C, H, W)
+        [fmap] = stage_features(
+            [("run", self.weights)], [[self.stage]], images, self.device, self.precision
+        )  # (B, C, H, W)
         vectors = fmap.mean((2, 3)) if self.pool == "avg" else fmap.amax((2, 3))
         return F.normalize(vectors, dim=1) if self.normalize else vectors
 
 
-def make_embedder(weights: LoadedWeights, layer: int, pool: str, normalize: bool, device: torch.device,
-                  precision: str) -> Embedder:
+def make_embedder(
+    weights: LoadedWeights, layer: int, pool: str, normalize: bool, device: torch.device, precision: str
+) -> Embedder:
     """The embedder of stage ``layer`` (1-based, negative from the last) of loaded weights."""
     count = num_stages(weights.backbone)
     if not -count <= layer <= count or layer == 0:
@@ -216,8 +219,10 @@ class ParquetWriter:
         self.pa, self.dim, self.columns = pa, dim, columns
         types = {"path": pa.string(), "class": pa.string(), "label": pa.int64(), "split": pa.string()}
         names = table_columns(columns)
-        schema = pa.schema([pa.field(n, types[n]) for n in names] + [pa.field("embedding", pa.list_(pa.float32(), dim))],
-                           metadata={METADATA_KEY: json.dumps(meta)})
+        schema = pa.schema(
+            [pa.field(n, types[n]) for n in names] + [pa.field("embedding", pa.list_(pa.float32(), dim))],
+            metadata={METADATA_KEY: json.dumps(meta)},
+        )
         self.schema = schema
         self.writer = pq.ParquetWriter(str(path), schema)
         self.fields: list[list] = []
@@ -292,7 +297,9 @@ class NpzWriter(_ArrayWriter):
     def finish(self) -> None:
         with zipfile.ZipFile(self.path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
             with archive.open("embeddings.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (self.rows, self.dim)})
+                np.lib.format.write_array_header_1_0(
+                    f, {"descr": "<f4", "fortran_order": False, "shape": (self.rows, self.dim)}
+                )
                 self.copy_vectors(f)
             arrays = {"paths": np.array(self.paths, dtype=str), METADATA_KEY: np.array(json.dumps(self.meta))}
             if self.columns.classes is not None:
@@ -319,10 +326,16 @@ class SafetensorsWriter(_ArrayWriter):
 
     def finish(self) -> None:
         vector_bytes = 4 * self.rows * self.dim
-        tensors: dict[str, Any] = {"embeddings": {"dtype": "F32", "shape": [self.rows, self.dim], "data_offsets": [0, vector_bytes]}}
+        tensors: dict[str, Any] = {
+            "embeddings": {"dtype": "F32", "shape": [self.rows, self.dim], "data_offsets": [0, vector_bytes]}
+        }
         labels = self.label_array() if self.columns.classes is not None else None
         if labels is not None:
-            tensors["labels"] = {"dtype": "I64", "shape": [self.rows], "data_offsets": [vector_bytes, vector_bytes + labels.nbytes]}
+            tensors["labels"] = {
+                "dtype": "I64",
+                "shape": [self.rows],
+                "data_offsets": [vector_bytes, vector_bytes + labels.nbytes],
+            }
         metadata = {METADATA_KEY: json.dumps(self.meta), "paths": json.dumps(self.paths)}
         if self.columns.classes is not None:
             metadata["classes"] = json.dumps(self.columns.classes)
@@ -331,7 +344,9 @@ class SafetensorsWriter(_ArrayWriter):
         header = json.dumps({"__metadata__": metadata, **tensors}, separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)  # the format pads the header to 8 bytes with spaces
         if len(header) > SAFETENSORS_HEADER_LIMIT:
-            raise OutputError(f"the safetensors header would take {len(header) / 1e6:.0f} MB; write .parquet or .npz instead")
+            raise OutputError(
+                f"the safetensors header would take {len(header) / 1e6:.0f} MB; write .parquet or .npz instead"
+            )
         with open(self.path, "wb") as out:
             out.write(struct.pack("<Q", len(header)) + header)
             self.copy_vectors(out)
@@ -343,7 +358,9 @@ WRITERS = {".csv": CsvWriter, ".parquet": ParquetWriter, ".npz": NpzWriter, ".sa
 
 
 def table_columns(columns: Columns) -> list[str]:
-    return ["path"] + (["class", "label"] if columns.classes is not None else []) + (["split"] if columns.splits else [])
+    return (
+        ["path"] + (["class", "label"] if columns.classes is not None else []) + (["split"] if columns.splits else [])
+    )
 
 
 def row_fields(rows: Rows, columns: Columns, missing: Any = "") -> list[list]:
@@ -366,7 +383,9 @@ def require_pyarrow():
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise RotnetError("parquet files need pyarrow: pip install 'rotnet-cli[parquet]' (or pip install pyarrow)") from None
+        raise RotnetError(
+            "parquet files need pyarrow: pip install 'rotnet-cli[parquet]' (or pip install pyarrow)"
+        ) from None
     return pa, pq
 
 
@@ -401,11 +420,26 @@ class EmbedResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "out": str(self.out), "format": self.format, "rows": self.rows, "dim": self.dim, "model": self.model,
-            "weights": self.weights, "layer": self.layer, "stages": self.stages, "layer_shape": list(self.layer_shape),
-            "pool": self.pool, "normalized": self.normalized, "img_size": self.img_size, "data": self.data,
-            "classes": self.classes, "splits": self.splits, "device": self.device, "precision": self.precision,
-            "seconds": round(self.seconds, 3), "images_per_s": round(self.images_per_s, 1), "skipped": self.skipped,
+            "out": str(self.out),
+            "format": self.format,
+            "rows": self.rows,
+            "dim": self.dim,
+            "model": self.model,
+            "weights": self.weights,
+            "layer": self.layer,
+            "stages": self.stages,
+            "layer_shape": list(self.layer_shape),
+            "pool": self.pool,
+            "normalized": self.normalized,
+            "img_size": self.img_size,
+            "data": self.data,
+            "classes": self.classes,
+            "splits": self.splits,
+            "device": self.device,
+            "precision": self.precision,
+            "seconds": round(self.seconds, 3),
+            "images_per_s": round(self.images_per_s, 1),
+            "skipped": self.skipped,
         }
 
 
@@ -450,18 +484,31 @@ def embed(cfg: EmbedConfig, progress: Progress | None = None) -> EmbedResult:
         )
     embedder = make_embedder(weights, cfg.layer, cfg.pool, cfg.normalize, device, precision)
     # folders stay files, decoded by loader workers batch by batch: one pass gains nothing from decoding first
-    source = data_lib.open_source(cfg.data, weights.img_size, option="DATA", download=cfg.download, data_dir=cfg.data_dir, cache="none",
-                                  workers=cfg.workers, strict=cfg.strict_data, progress=emit)
+    source = data_lib.open_source(
+        cfg.data,
+        weights.img_size,
+        option="DATA",
+        download=cfg.download,
+        data_dir=cfg.data_dir,
+        cache="none",
+        workers=cfg.workers,
+        strict=cfg.strict_data,
+        progress=emit,
+    )
     splits, columns = source_splits(source)
     total = sum(len(s.images) for s in splits)
     if cfg.format == ".safetensors":
-        SafetensorsWriter.check_header(sum(len(str(p)) + 4 for s in splits for p in (s.images.paths or [])) + 24 * total)
+        SafetensorsWriter.check_header(
+            sum(len(str(p)) + 4 for s in splits for p in (s.images.paths or [])) + 24 * total
+        )
     meta = embeddings_metadata(cfg, weights, embedder, columns)
     c, h, w = embedder.shape
-    emit(Message(
-        f"{weights.model_name} stage {embedder.stage} of {meta['stages']} ({c} x {h} x {w}, {cfg.pool}-pooled"
-        f"{', L2-normalised' if cfg.normalize else ''}) at {weights.img_size} px: {total} images of {cfg.data} -> {out}"
-    ))
+    emit(
+        Message(
+            f"{weights.model_name} stage {embedder.stage} of {meta['stages']} ({c} x {h} x {w}, {cfg.pool}-pooled"
+            f"{', L2-normalised' if cfg.normalize else ''}) at {weights.img_size} px: {total} images of {cfg.data} -> {out}"
+        )
+    )
 
     written, skipped = 0, list(source.skipped)
     t0 = time.perf_counter()
@@ -485,15 +532,35 @@ def embed(cfg: EmbedConfig, progress: Progress | None = None) -> EmbedResult:
     if skipped:
         emit(WarningMessage(data_lib.warn_skipped(skipped)))
     return EmbedResult(
-        out=out, format=cfg.format.lstrip("."), rows=written, dim=embedder.dim, model=weights.model_name, weights=cfg.weights,
-        layer=embedder.stage, stages=meta["stages"], layer_shape=embedder.shape, pool=cfg.pool, normalized=cfg.normalize,
-        img_size=weights.img_size, data=cfg.data, classes=columns.classes, splits=columns.splits,
-        device=describe_device(device), precision=precision, seconds=seconds, skipped=skipped,
+        out=out,
+        format=cfg.format.lstrip("."),
+        rows=written,
+        dim=embedder.dim,
+        model=weights.model_name,
+        weights=cfg.weights,
+        layer=embedder.stage,
+        stages=meta["stages"],
+        layer_shape=embedder.shape,
+        pool=cfg.pool,
+        normalized=cfg.normalize,
+        img_size=weights.img_size,
+        data=cfg.data,
+        classes=columns.classes,
+        splits=columns.splits,
+        device=describe_device(device),
+        precision=precision,
+        seconds=seconds,
+        skipped=skipped,
     )
 
 
 def embed_batches(
-    embedder: Embedder, splits: list[Split], columns: Columns, cfg: EmbedConfig, total: int, skipped: list[str],
+    embedder: Embedder,
+    splits: list[Split],
+    columns: Columns,
+    cfg: EmbedConfig,
+    total: int,
+    skipped: list[str],
     emit: Progress,
 ) -> Iterator[tuple[Rows, np.ndarray]]:
     """(rows, (n, D) float32 vectors) batch by batch, in the source's order; unreadable files are added to
@@ -502,8 +569,16 @@ def embed_batches(
     pending: tuple[Rows, Callable[[], np.ndarray]] | None = None
     for split in splits:
         order = torch.arange(len(split.images))
-        for batch in data_lib.iterate_batches(split.images, order, cfg.batch_size, embedder.device, drop_last=False,
-                                              workers=cfg.workers, strict=cfg.strict_data, with_labels=False):
+        for batch in data_lib.iterate_batches(
+            split.images,
+            order,
+            cfg.batch_size,
+            embedder.device,
+            drop_last=False,
+            workers=cfg.workers,
+            strict=cfg.strict_data,
+            with_labels=False,
+        ):
             vectors = host_copy(embedder(batch.images))  # (n, D), on its way to the host
             if pending is not None:
                 yield pending[0], pending[1]()
@@ -517,7 +592,9 @@ def embed_batches(
         emit(TaskProgress("embed", "embedding", total, total))
 
 
-def embeddings_metadata(cfg: EmbedConfig, weights: LoadedWeights, embedder: Embedder, columns: Columns) -> dict[str, Any]:
+def embeddings_metadata(
+    cfg: EmbedConfig, weights: LoadedWeights, embedder: Embedder, columns: Columns
+) -> dict[str, Any]:
     """What a file records of how it was made: enough for neighbours --query to embed new images the same way."""
     spec = cfg.weights
     if not spec.startswith(("timm:", "random:")):
@@ -526,10 +603,20 @@ def embeddings_metadata(cfg: EmbedConfig, weights: LoadedWeights, embedder: Embe
         if local.exists():
             spec = str(local.resolve())
     return {
-        "format": EMBEDDINGS_FORMAT, "rotnet_version": __version__, "weights": spec, "model": weights.model_name,
-        "layer": embedder.stage, "stages": num_stages(weights.backbone), "layer_shape": list(embedder.shape),
-        "pool": embedder.pool, "normalized": embedder.normalize, "img_size": weights.img_size, "dim": embedder.dim,
-        "data": cfg.data, "classes": columns.classes, "splits": columns.splits,
+        "format": EMBEDDINGS_FORMAT,
+        "rotnet_version": __version__,
+        "weights": spec,
+        "model": weights.model_name,
+        "layer": embedder.stage,
+        "stages": num_stages(weights.backbone),
+        "layer_shape": list(embedder.shape),
+        "pool": embedder.pool,
+        "normalized": embedder.normalize,
+        "img_size": weights.img_size,
+        "dim": embedder.dim,
+        "data": cfg.data,
+        "classes": columns.classes,
+        "splits": columns.splits,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -572,13 +659,17 @@ def read_embeddings(path: str | Path) -> EmbeddingTable:
     except RotnetError:
         raise
     except Exception as e:  # every library raises its own types for a broken file
-        raise DataError(f"{path} is not a readable embeddings file ({type(e).__name__}: {str(e)[:120]}); "
-                        "write it again with rotnet embed") from e
+        raise DataError(
+            f"{path} is not a readable embeddings file ({type(e).__name__}: {str(e)[:120]}); "
+            "write it again with rotnet embed"
+        ) from e
     return _validated(table)
 
 
 def _not_ours(path: Path, why: str) -> DataError:
-    return DataError(f"{path} was not written by rotnet embed ({why}); write embeddings with rotnet embed WEIGHTS DATA --out FILE")
+    return DataError(
+        f"{path} was not written by rotnet embed ({why}); write embeddings with rotnet embed WEIGHTS DATA --out FILE"
+    )
 
 
 def _meta(path: Path, text: str | bytes | None) -> dict[str, Any]:
@@ -589,14 +680,19 @@ def _meta(path: Path, text: str | bytes | None) -> dict[str, Any]:
         raise _not_ours(path, "its metadata is not rotnet's")
     # neighbours --query embeds new images with these settings: a hand-edited value is named, never run
     checks = {
-        "weights": lambda v: isinstance(v, str) and bool(v), "model": lambda v: isinstance(v, str) and bool(v),
-        "layer": lambda v: type(v) is int and v != 0, "pool": lambda v: v in EMBED_POOLS,
-        "normalized": lambda v: type(v) is bool, "img_size": lambda v: v is None or (type(v) is int and v > 0),
+        "weights": lambda v: isinstance(v, str) and bool(v),
+        "model": lambda v: isinstance(v, str) and bool(v),
+        "layer": lambda v: type(v) is int and v != 0,
+        "pool": lambda v: v in EMBED_POOLS,
+        "normalized": lambda v: type(v) is bool,
+        "img_size": lambda v: v is None or (type(v) is int and v > 0),
     }
     for key, valid in checks.items():
         if key not in meta or not valid(meta[key]):
-            raise DataError(f"{path}: its rotnet metadata has {key}={meta.get(key)!r}, which rotnet embed never writes; "
-                            "write it again with rotnet embed")
+            raise DataError(
+                f"{path}: its rotnet metadata has {key}={meta.get(key)!r}, which rotnet embed never writes; "
+                "write it again with rotnet embed"
+            )
     return meta
 
 
@@ -606,10 +702,13 @@ def _read_npz(path: Path) -> EmbeddingTable:
             raise _not_ours(path, "no 'embeddings' and 'paths' arrays")
         meta = _meta(path, str(npz[METADATA_KEY]) if METADATA_KEY in npz.files else None)
         return EmbeddingTable(
-            path, npz["embeddings"], npz["paths"].tolist(),
+            path,
+            npz["embeddings"],
+            npz["paths"].tolist(),
             npz["labels"] if "labels" in npz.files else None,
             npz["classes"].tolist() if "classes" in npz.files else None,
-            npz["splits"].tolist() if "splits" in npz.files else None, meta,
+            npz["splits"].tolist() if "splits" in npz.files else None,
+            meta,
         )
 
 
@@ -624,9 +723,13 @@ def _read_safetensors(path: Path) -> EmbeddingTable:
         labels = f.get_tensor("labels") if "labels" in f.keys() else None
         vectors = f.get_tensor("embeddings")
     return EmbeddingTable(
-        path, vectors, json.loads(raw["paths"]), labels,
+        path,
+        vectors,
+        json.loads(raw["paths"]),
+        labels,
         json.loads(raw["classes"]) if "classes" in raw else None,
-        json.loads(raw["splits"]) if "splits" in raw else None, meta,
+        json.loads(raw["splits"]) if "splits" in raw else None,
+        meta,
     )
 
 
@@ -658,7 +761,9 @@ def _read_csv(path: Path) -> EmbeddingTable:
         paths, classes_seen, labels, splits, vectors = [], {}, [], [], []
         for number, row in enumerate(reader, start=2):
             if len(row) != len(header):
-                raise DataError(f"{path} line {number} has {len(row)} fields, the header {len(header)}; is the file complete?")
+                raise DataError(
+                    f"{path} line {number} has {len(row)} fields, the header {len(header)}; is the file complete?"
+                )
             paths.append(row[0])
             if "label" in named:
                 label = int(row[named["label"]]) if row[named["label"]] else -1
@@ -670,9 +775,13 @@ def _read_csv(path: Path) -> EmbeddingTable:
             vectors.append(row[first:])
     classes = [classes_seen.get(i, str(i)) for i in range(max(classes_seen) + 1)] if classes_seen else None
     return EmbeddingTable(
-        path, np.array(vectors, dtype=np.float32).reshape(len(paths), len(header) - first), paths,
-        np.array(labels, dtype=np.int64) if "label" in named else None, classes if "label" in named else None,
-        splits if "split" in named else None, {},
+        path,
+        np.array(vectors, dtype=np.float32).reshape(len(paths), len(header) - first),
+        paths,
+        np.array(labels, dtype=np.int64) if "label" in named else None,
+        classes if "label" in named else None,
+        splits if "split" in named else None,
+        {},
     )
 
 
@@ -680,12 +789,20 @@ def _validated(table: EmbeddingTable) -> EmbeddingTable:
     """Shapes that agree, finite vectors, labels inside the class list."""
     path, n = table.path, len(table.vectors)
     if table.vectors.ndim != 2 or n == 0 or table.vectors.shape[1] == 0:
-        raise DataError(f"{path} holds no embeddings (shape {tuple(table.vectors.shape)}); write it again with rotnet embed")
+        raise DataError(
+            f"{path} holds no embeddings (shape {tuple(table.vectors.shape)}); write it again with rotnet embed"
+        )
     for name, column in (("paths", table.paths), ("labels", table.labels), ("splits", table.splits)):
         if column is not None and len(column) != n:
             raise DataError(f"{path}: {len(column)} {name} for {n} embeddings; write it again with rotnet embed")
-    if table.labels is not None and len(table.labels) and (table.labels.max() >= len(table.classes or []) or table.labels.min() < -1):
-        raise DataError(f"{path}: a label is outside its {len(table.classes or [])} classes; write it again with rotnet embed")
+    if (
+        table.labels is not None
+        and len(table.labels)
+        and (table.labels.max() >= len(table.classes or []) or table.labels.min() < -1)
+    ):
+        raise DataError(
+            f"{path}: a label is outside its {len(table.classes or [])} classes; write it again with rotnet embed"
+        )
     if not np.isfinite(table.vectors).all():
         raise DataError(f"{path} holds embeddings that are not finite numbers; write it again with rotnet embed")
     table.vectors = np.ascontiguousarray(table.vectors, dtype=np.float32)

@@ -55,9 +55,16 @@ class EmbeddingMapResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "out": str(self.out), "method": self.method, "points": self.points, "rows": self.rows, "classes": self.classes,
-            "explained_variance": self.explained_variance, "thumbnails": self.thumbnails, "width": self.width,
-            "height": self.height, "skipped": self.skipped,
+            "out": str(self.out),
+            "method": self.method,
+            "points": self.points,
+            "rows": self.rows,
+            "classes": self.classes,
+            "explained_variance": self.explained_variance,
+            "thumbnails": self.thumbnails,
+            "width": self.width,
+            "height": self.height,
+            "skipped": self.skipped,
         }
 
 
@@ -92,14 +99,18 @@ def project(x: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, list[flo
         try:
             from sklearn.manifold import TSNE
         except ImportError:
-            raise RotnetError("--method tsne needs scikit-learn: pip install 'rotnet-cli[tsne]' (or pip install scikit-learn)") from None
+            raise RotnetError(
+                "--method tsne needs scikit-learn: pip install 'rotnet-cli[tsne]' (or pip install scikit-learn)"
+            ) from None
         # perplexity must stay below the number of points; 30 is the usual value
         tsne = TSNE(n_components=2, perplexity=min(30.0, (n - 1) / 3), init="pca", random_state=seed)
         return np.asarray(tsne.fit_transform(reduced), dtype=np.float32), None
     try:
         import umap
     except ImportError:
-        raise RotnetError("--method umap needs umap-learn: pip install 'rotnet-cli[umap]' (or pip install umap-learn)") from None
+        raise RotnetError(
+            "--method umap needs umap-learn: pip install 'rotnet-cli[umap]' (or pip install umap-learn)"
+        ) from None
     reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=seed)
     return np.asarray(reducer.fit_transform(reduced), dtype=np.float32), None
 
@@ -163,7 +174,9 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise RotnetError("rotnet viz embeddings needs matplotlib: pip install 'rotnet-cli[plot]' (or pip install matplotlib)") from None
+        raise RotnetError(
+            "rotnet viz embeddings needs matplotlib: pip install 'rotnet-cli[plot]' (or pip install matplotlib)"
+        ) from None
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
@@ -205,11 +218,29 @@ def draw_embedding_map(cfg: EmbeddingMapConfig, progress: Progress | None = None
         for c, name in enumerate(table.classes):
             members = labels == c
             if members.any():
-                ax.scatter(coords[members, 0], coords[members, 1], s=size, color=colours[c], alpha=0.75, linewidths=0, label=name)
+                ax.scatter(
+                    coords[members, 0],
+                    coords[members, 1],
+                    s=size,
+                    color=colours[c],
+                    alpha=0.75,
+                    linewidths=0,
+                    label=name,
+                )
         if (labels < 0).any():
-            ax.scatter(coords[labels < 0, 0], coords[labels < 0, 1], s=size, color="0.6", alpha=0.6, linewidths=0, label="(none)")
+            ax.scatter(
+                coords[labels < 0, 0],
+                coords[labels < 0, 1],
+                s=size,
+                color="0.6",
+                alpha=0.6,
+                linewidths=0,
+                label="(none)",
+            )
         if len(table.classes) <= MAX_LEGEND_CLASSES:
-            ax.legend(title="class", markerscale=max(1.0, 6 / math.sqrt(size)), fontsize="small", loc="best", framealpha=0.8)
+            ax.legend(
+                title="class", markerscale=max(1.0, 6 / math.sqrt(size)), fontsize="small", loc="best", framealpha=0.8
+            )
     else:
         ax.scatter(coords[:, 0], coords[:, 1], s=size, color="tab:blue", alpha=0.7, linewidths=0)
 
@@ -231,12 +262,21 @@ def draw_embedding_map(cfg: EmbeddingMapConfig, progress: Progress | None = None
 
     make_dir(out.parent)
     atomic_write(out, lambda tmp: tmp.write_bytes(png.getvalue()))
-    return EmbeddingMapResult(out, cfg.method, len(rows), len(table), len(table.classes or []), explained, thumbnails,
-                              width, height, skipped)
+    return EmbeddingMapResult(
+        out, cfg.method, len(rows), len(table), len(table.classes or []), explained, thumbnails, width, height, skipped
+    )
 
 
-def draw_thumbnails(ax, table: EmbeddingTable, rows: np.ndarray, coords: np.ndarray, labels: np.ndarray | None,
-                    colours: list, count: int, emit: Progress) -> tuple[int, list[str]]:
+def draw_thumbnails(
+    ax,
+    table: EmbeddingTable,
+    rows: np.ndarray,
+    coords: np.ndarray,
+    labels: np.ndarray | None,
+    colours: list,
+    count: int,
+    emit: Progress,
+) -> tuple[int, list[str]]:
     """Images at up to ``count`` points spread over the map, framed in their class colour
     -> (thumbnails drawn, the rows whose image could not be read)."""
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
@@ -253,8 +293,13 @@ def draw_thumbnails(ax, table: EmbeddingTable, rows: np.ndarray, coords: np.ndar
         label = labels[point] if labels is not None else -1
         frame = colours[label] if label >= 0 and colours else "0.3"
         zoom = 28 / max(image.shape[:2])  # about 28 points across, whatever the decoded size
-        box = AnnotationBbox(OffsetImage(image, zoom=zoom, cmap="gray"), coords[point], frameon=True, pad=0.15,
-                             bboxprops={"edgecolor": frame, "linewidth": 1.5})
+        box = AnnotationBbox(
+            OffsetImage(image, zoom=zoom, cmap="gray"),
+            coords[point],
+            frameon=True,
+            pad=0.15,
+            bboxprops={"edgecolor": frame, "linewidth": 1.5},
+        )
         ax.add_artist(box)
         drawn += 1
     if skipped:

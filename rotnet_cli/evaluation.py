@@ -27,7 +27,14 @@ from .errors import ConfigError
 from .events import Message, Progress
 from .models import RotNet, num_stages, resolve_stages
 from .probing import (
-    extract_features, HeadTrainer, knn_accuracy, labelled_splits, plan_cache, stage_shapes, train_heads, views_needed,
+    extract_features,
+    HeadTrainer,
+    knn_accuracy,
+    labelled_splits,
+    plan_cache,
+    stage_shapes,
+    train_heads,
+    views_needed,
 )
 from .weights import LoadedWeights
 
@@ -59,8 +66,9 @@ class _Silent:
         pass
 
 
-def set_up_eval(cfg: PretrainConfig, model: RotNet, img_size: int, copies_per_epoch: int, report: Progress
-                ) -> FeatureEval | None:
+def set_up_eval(
+    cfg: PretrainConfig, model: RotNet, img_size: int, copies_per_epoch: int, report: Progress
+) -> FeatureEval | None:
     """Check --eval-layers against the model, decode --eval-data once at the run's image size and resolve
     --eval-every auto for ``copies_per_epoch`` rotated training images an epoch (None without --eval-data)."""
     if not cfg.eval_data:
@@ -69,18 +77,31 @@ def set_up_eval(cfg: PretrainConfig, model: RotNet, img_size: int, copies_per_ep
     try:
         stages = resolve_stages(cfg.eval_layers, count)
     except ConfigError:
-        raise ConfigError(f"--eval-layers: {cfg.model} has {count} stages; use 1..{count} or -{count}..-1, or all") from None
+        raise ConfigError(
+            f"--eval-layers: {cfg.model} has {count} stages; use 1..{count} or -{count}..-1, or all"
+        ) from None
     probe_cfg = ProbeConfig(
-        weights="the model in training", data=cfg.eval_data, data_dir=cfg.data_dir, download=cfg.download,
-        layers=cfg.eval_layers, heads=cfg.eval_heads, epochs=ONLINE_LINEAR_EPOCHS, workers=cfg.workers, seed=cfg.seed,
+        weights="the model in training",
+        data=cfg.eval_data,
+        data_dir=cfg.data_dir,
+        download=cfg.download,
+        layers=cfg.eval_layers,
+        heads=cfg.eval_heads,
+        epochs=ONLINE_LINEAR_EPOCHS,
+        workers=cfg.workers,
+        seed=cfg.seed,
     )
     train_set, val_set, num_classes, skipped = labelled_splits(probe_cfg, img_size, report)
-    every = cfg.eval_every if cfg.eval_every != "auto" else auto_eval_every(len(train_set) + len(val_set), copies_per_epoch)
-    report(Message(
-        f"feature evaluation: {','.join(cfg.eval_heads)} on {cfg.eval_data} ({len(train_set)} / {len(val_set)} images), "
-        f"stages {','.join(map(str, stages))}, every {'epoch' if every == 1 else f'{every} epochs'} and after the last"
-        + (" (--eval-every auto: about 3% of the training compute)" if cfg.eval_every == "auto" else "")
-    ))
+    every = (
+        cfg.eval_every if cfg.eval_every != "auto" else auto_eval_every(len(train_set) + len(val_set), copies_per_epoch)
+    )
+    report(
+        Message(
+            f"feature evaluation: {','.join(cfg.eval_heads)} on {cfg.eval_data} ({len(train_set)} / {len(val_set)} images), "
+            f"stages {','.join(map(str, stages))}, every {'epoch' if every == 1 else f'{every} epochs'} and after the last"
+            + (" (--eval-every auto: about 3% of the training compute)" if cfg.eval_every == "auto" else "")
+        )
+    )
     return FeatureEval(probe_cfg, stages, every, train_set, val_set, num_classes, tuple(skipped))
 
 
@@ -95,8 +116,16 @@ def should_evaluate(ev: FeatureEval | None, epoch: int, epochs: int) -> bool:
     return ev is not None and ((epoch + 1) % ev.every == 0 or epoch + 1 == epochs)
 
 
-def evaluate_features(ev: FeatureEval, model: RotNet, model_name: str, img_size: int, mean: tuple[float, ...],
-                      std: tuple[float, ...], device: torch.device, precision: str) -> dict[str, dict[str, float]]:
+def evaluate_features(
+    ev: FeatureEval,
+    model: RotNet,
+    model_name: str,
+    img_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device,
+    precision: str,
+) -> dict[str, dict[str, float]]:
     """head -> stage (1-based, as text) -> top-1 accuracy on the validation images of --eval-data.
 
     Inside fork_rng: loader workers draw their seeds from the global generator and the linear heads
@@ -106,11 +135,33 @@ def evaluate_features(ev: FeatureEval, model: RotNet, model_name: str, img_size:
 
 
 @torch.no_grad()
-def _evaluate(ev: FeatureEval, model: RotNet, model_name: str, img_size: int, mean: tuple[float, ...],
-              std: tuple[float, ...], device: torch.device, precision: str) -> dict[str, dict[str, float]]:
+def _evaluate(
+    ev: FeatureEval,
+    model: RotNet,
+    model_name: str,
+    img_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device,
+    precision: str,
+) -> dict[str, dict[str, float]]:
     cfg, backbone = ev.probe_cfg, model.backbone
-    backbones = [("run", LoadedWeights(model_name, backbone, None, None, img_size, tuple(mean), tuple(std),
-                                       source="the model in training", kind="run"))]
+    backbones = [
+        (
+            "run",
+            LoadedWeights(
+                model_name,
+                backbone,
+                None,
+                None,
+                img_size,
+                tuple(mean),
+                tuple(std),
+                source="the model in training",
+                kind="run",
+            ),
+        )
+    ]
     stages = [ev.stages]
     was_training = backbone.training
     backbone.eval()  # BatchNorm on its running statistics, which the evaluation leaves as they are
@@ -126,8 +177,16 @@ def _evaluate(ev: FeatureEval, model: RotNet, model_name: str, img_size: int, me
     for head in cfg.heads:
         if head == "knn":
             accuracy[head] = {
-                name: knn_accuracy(train.row_avg(r), train.labels, val.row_avg(r), val.labels, ev.num_classes,
-                                   cfg.knn_k, cfg.knn_temperature, device)
+                name: knn_accuracy(
+                    train.row_avg(r),
+                    train.labels,
+                    val.row_avg(r),
+                    val.labels,
+                    ev.num_classes,
+                    cfg.knn_k,
+                    cfg.knn_temperature,
+                    device,
+                )
                 for r, name in enumerate(names)
             }
         else:  # a quick linear head per stage on the cached features
@@ -160,6 +219,12 @@ def best_value(row: dict, metric: str) -> float | None:
 
 
 __all__ = [
-    "FeatureEval", "set_up_eval", "evaluate_features", "should_evaluate", "auto_eval_every", "best_value",
-    "ONLINE_LINEAR_EPOCHS", "AUTO_EVAL_SHARE",
+    "FeatureEval",
+    "set_up_eval",
+    "evaluate_features",
+    "should_evaluate",
+    "auto_eval_every",
+    "best_value",
+    "ONLINE_LINEAR_EPOCHS",
+    "AUTO_EVAL_SHARE",
 ]

@@ -155,6 +155,20 @@ def ignore(event: Event) -> None:
 
 
 __all__ = [
-    "Event", "Message", "WarningMessage", "Phase", "DeviceChosen", "TaskProgress", "Decoding", "Resumed", "RunStarted",
-    "EpochStarted", "StepFinished", "StepDone", "EpochEnded", "FeaturesEvaluated", "Progress", "ignore",
+    "Event",
+    "Message",
+    "WarningMessage",
+    "Phase",
+    "DeviceChosen",
+    "TaskProgress",
+    "Decoding",
+    "Resumed",
+    "RunStarted",
+    "EpochStarted",
+    "StepFinished",
+    "StepDone",
+    "EpochEnded",
+    "FeaturesEvaluated",
+    "Progress",
+    "ignore",
 ]

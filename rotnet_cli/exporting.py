@@ -39,8 +39,10 @@ from .rundir import EXPORT_CONFIG, EXPORT_HEAD, EXPORT_WEIGHTS, MODEL_CARD
 from .weights import LoadedWeights, load_weights
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ROTNET_PAPER = {"paper_name": "Unsupervised Representation Learning by Predicting Image Rotations",
-                "paper_ids": "arXiv:1803.07728"}  # Gidaris, Singh, Komodakis, ICLR 2018
+ROTNET_PAPER = {
+    "paper_name": "Unsupervised Representation Learning by Predicting Image Rotations",
+    "paper_ids": "arXiv:1803.07728",
+}  # Gidaris, Singh, Komodakis, ICLR 2018
 # What timm's pretrained_cfg says about timm's own weights for an architecture (ImageNet training,
 # their paper, licence and origin). A model built without them inherits those words; an export
 # of other weights must not repeat them.
@@ -72,11 +74,20 @@ class ExportResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "out_dir": str(self.out_dir), "model": self.model, "dtype": self.dtype, "source": self.source,
-            "num_features": self.num_features, "head_hidden_size": self.head_hidden_size, "num_params": self.num_params, "img_size": self.img_size,
-            "rotations": list(self.rotations) if self.rotations else None, "with_head": self.with_head,
+            "out_dir": str(self.out_dir),
+            "model": self.model,
+            "dtype": self.dtype,
+            "source": self.source,
+            "num_features": self.num_features,
+            "head_hidden_size": self.head_hidden_size,
+            "num_params": self.num_params,
+            "img_size": self.img_size,
+            "rotations": list(self.rotations) if self.rotations else None,
+            "with_head": self.with_head,
             "files": [{"name": n, "path": str(self.out_dir / n), "bytes": b} for n, b in self.files.items()],
-            "total_bytes": sum(self.files.values()), "round_trip_max_abs_diff": self.round_trip, "snippet": self.snippet,
+            "total_bytes": sum(self.files.values()),
+            "round_trip_max_abs_diff": self.round_trip,
+            "snippet": self.snippet,
         }
 
 
@@ -89,8 +100,9 @@ def export(config: ExportConfig, progress: Progress | None = None) -> ExportResu
             emit(Message(note))
         # an export may go inside the run it comes from (runs/demo/export), never over it; --overwrite
         # replaces an export rotnet wrote, never a folder with files of the user's
-        rundir.check_out_dir(out, overwrite=config.overwrite, inputs=(config.weights,), inside_inputs=True,
-                             replaces=rundir.EVERYTHING)
+        rundir.check_out_dir(
+            out, overwrite=config.overwrite, inputs=(config.weights,), inside_inputs=True, replaces=rundir.EVERYTHING
+        )
         return _export(config, out, emit)
 
 
@@ -120,25 +132,38 @@ def _export(config: ExportConfig, out: Path, emit: Progress) -> ExportResult:
         rundir.install_staged(staging, out)
     except DiskFullError as e:
         shutil.rmtree(staging, ignore_errors=True)
-        raise DiskFullError(e.path, "disk full while writing the export; nothing was written: free space and export again") from e
+        raise DiskFullError(
+            e.path, "disk full while writing the export; nothing was written: free space and export again"
+        ) from e
     except OSError as e:  # timm's config writer and the renames raise plain OSErrors (disk full, permissions)
         shutil.rmtree(staging, ignore_errors=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise DiskFullError(out, "disk full while writing the export; nothing was written: free space and export again") from e
+            raise DiskFullError(
+                out, "disk full while writing the export; nothing was written: free space and export again"
+            ) from e
         raise OutputError(f"cannot write {out}: {e.strerror or e}; nothing was written: choose another --out") from e
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     stage(3, "export")
     return ExportResult(
-        out_dir=out, model=loaded.model_name, dtype=config.dtype, source=loaded.source,
-        num_features=loaded.backbone.num_features, head_hidden_size=feature_width(loaded.backbone), num_params=sum(p.numel() for p in loaded.backbone.parameters()),
-        img_size=loaded.img_size, rotations=tuple(record["rotations"] or ()) or None, with_head=config.with_head,
-        files={p.name: p.stat().st_size for p in sorted(out.iterdir())}, round_trip=round_trip,
+        out_dir=out,
+        model=loaded.model_name,
+        dtype=config.dtype,
+        source=loaded.source,
+        num_features=loaded.backbone.num_features,
+        head_hidden_size=feature_width(loaded.backbone),
+        num_params=sum(p.numel() for p in loaded.backbone.parameters()),
+        img_size=loaded.img_size,
+        rotations=tuple(record["rotations"] or ()) or None,
+        with_head=config.with_head,
+        files={p.name: p.stat().st_size for p in sorted(out.iterdir())},
+        round_trip=round_trip,
     )
 
 
 # ----------------------------------------------------------------------------- files
+
 
 def _rounded_state(module: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The module's state in ``dtype``, loaded back into the module itself.
@@ -156,20 +181,35 @@ def _write_backbone(folder: Path, loaded: LoadedWeights, config: ExportConfig, r
 
     state = _rounded_state(loaded.backbone, DTYPES[config.dtype])
     rundir.save_weights(
-        folder / EXPORT_WEIGHTS, state, rundir.EXPORT_FORMAT, loaded.model_name,
+        folder / EXPORT_WEIGHTS,
+        state,
+        rundir.EXPORT_FORMAT,
+        loaded.model_name,
         # the training run; a re-export keeps naming the run its input was exported from
         source=str(loaded.run_dir) if loaded.run_dir else loaded.info.get("source", loaded.source),  # \xNN if not UTF-8
-        dtype=config.dtype, img_size=loaded.img_size, mean=list(loaded.mean), std=list(loaded.std),
-        rotations=record["rotations"], data=record["data"], epochs=record["epochs"], val_rot_acc=record["val_rot_acc"],
+        dtype=config.dtype,
+        img_size=loaded.img_size,
+        mean=list(loaded.mean),
+        std=list(loaded.std),
+        rotations=record["rotations"],
+        data=record["data"],
+        epochs=record["epochs"],
+        val_rot_acc=record["val_rot_acc"],
         init=record["init"],
     )
     size = loaded.img_size
     # rotnet resizes the shorter side and centre-crops, bilinear: crop_pct 1 makes timm's eval transform the same.
     save_config_for_hf(
-        loaded.backbone, str(folder / EXPORT_CONFIG),
+        loaded.backbone,
+        str(folder / EXPORT_CONFIG),
         model_config={"pretrained_cfg": {"tag": "rotnet"}},  # not the tag of timm's own weights for this model
-        data_config={"input_size": (3, size, size), "mean": tuple(loaded.mean), "std": tuple(loaded.std),
-                     "crop_pct": 1.0, "interpolation": "bilinear"},
+        data_config={
+            "input_size": (3, size, size),
+            "mean": tuple(loaded.mean),
+            "std": tuple(loaded.std),
+            "crop_pct": 1.0,
+            "interpolation": "bilinear",
+        },
     )
     hf_config = json.loads((folder / EXPORT_CONFIG).read_text())
     hf_config["pretrained_cfg"] = describe_weights(hf_config["pretrained_cfg"], loaded, record)
@@ -191,14 +231,18 @@ def describe_weights(pretrained_cfg: dict[str, Any], loaded: LoadedWeights, reco
         return {**cfg, "description": f"{loaded.model_name} with random weights (seed 0), not trained: a baseline"}
     angles = record.get("rotations")
     task = f"which of the rotations {format_rotations(angles)} degrees was applied" if angles else "image rotations"
-    notes = [f"trained by rotnet {__version__}" + (f" for {counted(record['epochs'], 'epoch')}" if record.get("epochs") else "")]
+    notes = [
+        f"trained by rotnet {__version__}"
+        + (f" for {counted(record['epochs'], 'epoch')}" if record.get("epochs") else "")
+    ]
     if record.get("data"):
         name, licence = data_provenance(str(record["data"]))
         notes.append(f"training data: {name}; licence: {licence or 'not known to rotnet (see the data source)'}")
     if record.get("init"):
         notes.append(f"initialised from {record['init']}: the terms of those weights apply as well")
     return {
-        **cfg, **ROTNET_PAPER,
+        **cfg,
+        **ROTNET_PAPER,
         "description": f"{loaded.model_name} backbone pretrained without labels by predicting {task} (RotNet)",
         "notes": notes,
     }
@@ -206,11 +250,18 @@ def describe_weights(pretrained_cfg: dict[str, Any], loaded: LoadedWeights, reco
 
 def _write_head(folder: Path, loaded: LoadedWeights, config: ExportConfig) -> None:
     tensors = _rounded_state(loaded.head, DTYPES[config.dtype])  # weight (R, head_hidden_size), bias (R,)
-    rundir.save_weights(folder / EXPORT_HEAD, tensors, rundir.HEAD_FORMAT, loaded.model_name, rotations=list(loaded.rotations),
-                        head_hidden_size=feature_width(loaded.backbone))
+    rundir.save_weights(
+        folder / EXPORT_HEAD,
+        tensors,
+        rundir.HEAD_FORMAT,
+        loaded.model_name,
+        rotations=list(loaded.rotations),
+        head_hidden_size=feature_width(loaded.backbone),
+    )
 
 
 # ----------------------------------------------------------------------------- round trip
+
 
 def _verify_round_trip(folder: Path, cfg: dict[str, Any], loaded: LoadedWeights, with_head: bool) -> dict[str, float]:
     """Load ``folder`` (whose config.json holds ``cfg``) back three ways; each must load strictly
@@ -228,18 +279,23 @@ def _verify_round_trip(folder: Path, cfg: dict[str, Any], loaded: LoadedWeights,
 
     def through_rotnet() -> torch.nn.Module:
         again = load_weights(str(folder))
-        if with_head and (again.head is None or not all(
-            torch.equal(a, b) for a, b in zip(again.head.state_dict().values(), loaded.head.state_dict().values())
-        )):
+        if with_head and (
+            again.head is None
+            or not all(
+                torch.equal(a, b) for a, b in zip(again.head.state_dict().values(), loaded.head.state_dict().values())
+            )
+        ):
             raise WeightsError("the rotation head did not load back")
         return again.backbone
 
     with utf8_alias(folder) as alias:  # safetensors' file reader refuses paths that are not UTF-8
         loaders = {
-            'timm.create_model("local-dir:DIR", pretrained=True)':
-                lambda: timm.create_model(f"local-dir:{alias}", pretrained=True),
-            f'timm.create_model("{cfg["architecture"]}", checkpoint_path="DIR/{EXPORT_WEIGHTS}", **model_args)':
-                lambda: timm.create_model(cfg["architecture"], checkpoint_path=str(alias / EXPORT_WEIGHTS), **model_args),
+            'timm.create_model("local-dir:DIR", pretrained=True)': lambda: timm.create_model(
+                f"local-dir:{alias}", pretrained=True
+            ),
+            f'timm.create_model("{cfg["architecture"]}", checkpoint_path="DIR/{EXPORT_WEIGHTS}", **model_args)': lambda: (
+                timm.create_model(cfg["architecture"], checkpoint_path=str(alias / EXPORT_WEIGHTS), **model_args)
+            ),
             "rotnet_cli.load_weights(DIR)": through_rotnet,
         }
         return _compare_loaders(loaders, x, expected)
@@ -286,6 +342,7 @@ def _compare_loaders(loaders: dict, x: torch.Tensor, expected: torch.Tensor) -> 
 
 # ----------------------------------------------------------------------------- model card
 
+
 def _run_record(loaded: LoadedWeights) -> dict[str, Any]:
     """What the card tells about the training run: rotations, data, epochs, final accuracy, probe results.
 
@@ -295,8 +352,14 @@ def _run_record(loaded: LoadedWeights) -> dict[str, Any]:
     """
     info = loaded.info or {}
     rotations = loaded.rotations or info.get("rotations")  # validated when read: a tuple of angles, or absent
-    record: dict[str, Any] = {"rotations": list(rotations) if rotations else None, "data": info.get("data"), "epochs": info.get("epochs"),
-                              "val_rot_acc": info.get("val_rot_acc"), "init": info.get("init"), "probes": []}
+    record: dict[str, Any] = {
+        "rotations": list(rotations) if rotations else None,
+        "data": info.get("data"),
+        "epochs": info.get("epochs"),
+        "val_rot_acc": info.get("val_rot_acc"),
+        "init": info.get("init"),
+        "probes": [],
+    }
     if loaded.run_dir is None:
         return record
     try:
@@ -344,18 +407,26 @@ def probe_section(probe: Any) -> list[str]:
         f"Frozen-feature probes (`rotnet probe{f' --recipe {recipe}' if recipe else ''}`) on {probe.get('data', '?')}"
         f"{_labels_note(probe.get('labels_per_class'))}: top-1 accuracy on {probe.get('val_images', '?')} held-out images "
         f"after the last epoch ({trained}{_features_note(probe.get('features'))}), each head on the frozen features of one stage.",
-        "", "| weights | stage | C x H x W | " + " | ".join(map(_cell, heads)) + " |", "|" + "---|" * (3 + len(heads)),
+        "",
+        "| weights | stage | C x H x W | " + " | ".join(map(_cell, heads)) + " |",
+        "|" + "---|" * (3 + len(heads)),
     ]
     for row in rows:
         if not isinstance(row, dict):
             continue
         accuracy = [f"{100 * row[h]:.2f}%" if isinstance(row.get(h), (int, float)) else "-" for h in heads]
         shape = row.get("shape") if isinstance(row.get("shape"), list) else []
-        lines.append(f"| {_cell(row.get('weights'))} | {_cell(row.get('stage'))} | {' x '.join(map(_cell, shape))} | "
-                     + " | ".join(accuracy) + " |")
+        lines.append(
+            f"| {_cell(row.get('weights'))} | {_cell(row.get('stage'))} | {' x '.join(map(_cell, shape))} | "
+            + " | ".join(accuracy)
+            + " |"
+        )
     best = probe.get("best")
     if isinstance(best, dict) and isinstance(best.get("accuracy"), (int, float)):
-        lines += ["", f"Best: stage {_cell(best.get('stage'))} with the {_cell(best.get('head'))} head, {100 * best['accuracy']:.2f}%."]
+        lines += [
+            "",
+            f"Best: stage {_cell(best.get('stage'))} with the {_cell(best.get('head'))} head, {100 * best['accuracy']:.2f}%.",
+        ]
     return lines
 
 
@@ -396,7 +467,7 @@ def model_card(loaded: LoadedWeights, config: ExportConfig, record: dict[str, An
     acc = record.get("val_rot_acc")
     facts = {
         "model": f"`{name}` ({feature_width(loaded.backbone)} features, "
-                 f"{sum(p.numel() for p in loaded.backbone.parameters()):,} parameters)",
+        f"{sum(p.numel() for p in loaded.backbone.parameters()):,} parameters)",
         "rotations": rotations,
         "data": _data_text(record.get("data")),
         "epochs": record.get("epochs") if record.get("epochs") is not None else "-",
@@ -406,14 +477,27 @@ def model_card(loaded: LoadedWeights, config: ExportConfig, record: dict[str, An
         "rotation head": f"`{EXPORT_HEAD}`" if config.with_head else "not included (export with --with-head)",
     }
     lines = [
-        "---", "library_name: timm", "pipeline_tag: image-feature-extraction",
-        "tags:", "- image-feature-extraction", "- timm", "- rotnet", "- self-supervised-learning",
-        f"- {ROTNET_PAPER['paper_ids'].lower()}", "---", "",  # the hub links the paper from this tag
-        f"# {name}: RotNet self-supervised backbone", "",
+        "---",
+        "library_name: timm",
+        "pipeline_tag: image-feature-extraction",
+        "tags:",
+        "- image-feature-extraction",
+        "- timm",
+        "- rotnet",
+        "- self-supervised-learning",
+        f"- {ROTNET_PAPER['paper_ids'].lower()}",
+        "---",
+        "",  # the hub links the paper from this tag
+        f"# {name}: RotNet self-supervised backbone",
+        "",
         f"A `{name}` backbone trained without labels by predicting which rotation was applied to an image "
         "(RotNet: Gidaris, Singh, Komodakis, *Unsupervised Representation Learning by Predicting Image "
-        f"Rotations*, ICLR 2018), with rotnet {__version__}.", "",
-        "| | |", "|---|---|", *[f"| {k} | {_cell(v)} |" for k, v in facts.items()], "",
+        f"Rotations*, ICLR 2018), with rotnet {__version__}.",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {k} | {_cell(v)} |" for k, v in facts.items()],
+        "",
     ]
     probes = [section for section in map(probe_section, record.get("probes") or []) if section]
     if probes:
@@ -423,21 +507,33 @@ def model_card(loaded: LoadedWeights, config: ExportConfig, record: dict[str, An
     # the arguments timm recorded to rebuild this backbone (num_classes=0, img_size for fixed-size models, ...)
     build_args = "".join(f", {k}={v!r}" for k, v in model_args.items())
     lines += [
-        "## How to load", "",
-        "With timm alone (this folder, or the hub repository it is uploaded to):", "",
-        "```python", *([registration] if registration else []), "import timm", "",
+        "## How to load",
+        "",
+        "With timm alone (this folder, or the hub repository it is uploaded to):",
+        "",
+        "```python",
+        *([registration] if registration else []),
+        "import timm",
+        "",
         f'model = timm.create_model("local-dir:{folder}", pretrained=True)  # or "hf-hub:USER/REPO"',
-        "model.eval()", "data_config = timm.data.resolve_model_data_config(model)",
+        "model.eval()",
+        "data_config = timm.data.resolve_model_data_config(model)",
         "transform = timm.data.create_transform(**data_config, is_training=False)",
-        "features = model(transform(image).unsqueeze(0))  # (1, model.head_hidden_size)", "```", "",
-        "Or the weights file on its own:", "", "```python",
-        f'model = timm.create_model("{name}", checkpoint_path="{folder}/{EXPORT_WEIGHTS}"{build_args})', "```", "",
+        "features = model(transform(image).unsqueeze(0))  # (1, model.head_hidden_size)",
+        "```",
+        "",
+        "Or the weights file on its own:",
+        "",
+        "```python",
+        f'model = timm.create_model("{name}", checkpoint_path="{folder}/{EXPORT_WEIGHTS}"{build_args})',
+        "```",
+        "",
     ]
     if config.with_head:
         lines += [
             f"The rotation head is `{EXPORT_HEAD}` (`weight` (R, head_hidden_size), `bias` (R,), metadata `rotations`):",
             "`torch.nn.Linear(model.head_hidden_size, R)` loads it with `safetensors.torch.load_file`. "
-            f"`rotnet predict {folder}` uses it.", "",
+            f"`rotnet predict {folder}` uses it.",
+            "",
         ]
     return "\n".join(lines)
-

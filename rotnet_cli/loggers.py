@@ -48,7 +48,9 @@ def check_installed(names: tuple[str, ...]) -> None:
     """A missing logger package is one line naming its extra, before anything is written."""
     for name in names:
         if name in NEEDS and importlib.util.find_spec(NEEDS[name][0]) is None:
-            raise ConfigError(f"--logger {name} needs the {NEEDS[name][0]} package: pip install 'rotnet-cli[{NEEDS[name][1]}]'")
+            raise ConfigError(
+                f"--logger {name} needs the {NEEDS[name][0]} package: pip install 'rotnet-cli[{NEEDS[name][1]}]'"
+            )
 
 
 class Logger:
@@ -114,8 +116,13 @@ class Loggers:
                 pass
 
 
-def open_loggers(names: tuple[str, ...], out: Path, hparams: dict[str, Any], resume_step: int | None,
-                 saved: dict[str, dict[str, Any]]) -> Loggers:
+def open_loggers(
+    names: tuple[str, ...],
+    out: Path,
+    hparams: dict[str, Any],
+    resume_step: int | None,
+    saved: dict[str, dict[str, Any]],
+) -> Loggers:
     """The loggers of a run, writing under out/logs. ``resume_step``: the steps done at the checkpoint a
     resumed run continues from (None for a new run); ``saved``: their resume_state() from that checkpoint."""
     folder = make_dir(Path(out) / rundir.LOGS)
@@ -133,15 +140,26 @@ def open_loggers(names: tuple[str, ...], out: Path, hparams: dict[str, Any], res
 
 
 def step_scalars(loss: float, rot_acc: float, lr: float, images_per_s: float, data_wait: float) -> dict[str, float]:
-    return {"train/loss": loss, "train/rot_acc": rot_acc, "train/lr": lr, "train/images_per_s": images_per_s,
-            "train/data_wait": data_wait}
+    return {
+        "train/loss": loss,
+        "train/rot_acc": rot_acc,
+        "train/lr": lr,
+        "train/images_per_s": images_per_s,
+        "train/data_wait": data_wait,
+    }
 
 
 def epoch_scalars(row: dict[str, Any]) -> dict[str, float]:
     """A metrics.jsonl row as flat scalar names (figures an epoch did not measure are left out)."""
-    scalars = {"epoch/number": row["epoch"], "epoch/loss": row.get("loss"), "epoch/rot_acc": row.get("rot_acc"),
-               "epoch/lr": row.get("lr"), "epoch/seconds": row.get("seconds"), "val/loss": row.get("val_loss"),
-               "val/rot_acc": row.get("val_rot_acc")}
+    scalars = {
+        "epoch/number": row["epoch"],
+        "epoch/loss": row.get("loss"),
+        "epoch/rot_acc": row.get("rot_acc"),
+        "epoch/lr": row.get("lr"),
+        "epoch/seconds": row.get("seconds"),
+        "val/loss": row.get("val_loss"),
+        "val/rot_acc": row.get("val_rot_acc"),
+    }
     for angle, acc in (row.get("val_rot_acc_per_rotation") or {}).items():
         scalars[f"val/rot_acc_{angle}"] = acc
     for head, per_stage in (row.get("eval") or {}).items():
@@ -220,9 +238,13 @@ class TensorBoardLogger(Logger):
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
         # purge_step: TensorBoard hides this folder's events from that step on, which the resumed run logs again
-        self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1)
+        self.writer = SummaryWriter(
+            str(folder / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1
+        )
         if resume_step is None:
-            flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat_hparams(hparams).items()}
+            flat = {
+                k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat_hparams(hparams).items()
+            }
             for summary in hparams_summary(flat, {"val/rot_acc": 0.0, "knn/stage1": 0.0}):
                 self.writer.file_writer.add_summary(summary)
             self.writer.add_text("config", "```\n" + json.dumps(hparams, indent=2, default=str) + "\n```", 0)
@@ -258,10 +280,16 @@ class WandbLogger(Logger):
 
         self.wandb = wandb
         self.mark = folder / WANDB_LAST_STEPS
-        self.run_id = saved.get("id") or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        self.run_id = saved.get("id") or "".join(
+            secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8)
+        )
         self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", PROJECT), name=run_name, id=self.run_id, resume="allow",
-            dir=str(folder), config=flat_hparams(hparams),
+            project=os.environ.get("WANDB_PROJECT", PROJECT),
+            name=run_name,
+            id=self.run_id,
+            resume="allow",
+            dir=str(folder),
+            config=flat_hparams(hparams),
             settings=wandb.Settings(console="off", silent=True),  # rotnet's own output stays as it is
         )
         marks = _read_json(self.mark) if resume_step is not None else {}
@@ -304,8 +332,15 @@ class MlflowLogger(Logger):
         self.client = MlflowClient(tracking_uri=uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", PROJECT)
         experiment = self.client.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
-            name, artifact_location=None if os.environ.get("MLFLOW_TRACKING_URI") else (folder / "mlflow-artifacts").resolve().as_uri()
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else self.client.create_experiment(
+                name,
+                artifact_location=None
+                if os.environ.get("MLFLOW_TRACKING_URI")
+                else (folder / "mlflow-artifacts").resolve().as_uri(),
+            )
         )
         self.run_id = saved.get("id")
         self.last_steps: dict[str, int] = {}  # scalar -> the last step the store holds (a resumed run skips up to it)

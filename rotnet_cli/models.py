@@ -27,11 +27,15 @@ def canonical_model_name(name: str) -> str:
     _register_builtin_models()
     text = name.strip()
     if text.startswith("timm/"):
-        text = text[len("timm/"):]
+        text = text[len("timm/") :]
     arch = timm.models.split_model_name_tag(text)[0]
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; list models with: python -c \"import timm; print(timm.list_models('*resnet*'))\""
+        hint = (
+            f"; did you mean {', '.join(close)}?"
+            if close
+            else "; list models with: python -c \"import timm; print(timm.list_models('*resnet*'))\""
+        )
         raise ModelError(f"unknown timm model {name!r}{hint}")
     return text
 
@@ -41,7 +45,9 @@ def _register_builtin_models() -> None:
     import_module(".nin", __package__)
 
 
-def create_backbone(name: str, img_size: int | list[int] | None = None, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+def create_backbone(
+    name: str, img_size: int | list[int] | None = None, pretrained: bool = False, **kwargs: Any
+) -> nn.Module:
     """A headless timm model (``num_classes=0``), checked to run on ``img_size`` images:
     ``model(x)`` gives pooled (N, feature_width(model)) features.
 
@@ -126,7 +132,9 @@ def model_default_size(name: str) -> int:
     """The input size timm defines the model (and its pretrained tag) for: pretrained_cfg's input_size."""
     import timm
 
-    cfg = timm.models.get_pretrained_cfg(name) or timm.models.get_pretrained_cfg(timm.models.split_model_name_tag(name)[0])
+    cfg = timm.models.get_pretrained_cfg(name) or timm.models.get_pretrained_cfg(
+        timm.models.split_model_name_tag(name)[0]
+    )
     return int(cfg.input_size[-1]) if cfg is not None else 224
 
 

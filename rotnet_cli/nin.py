@@ -18,6 +18,7 @@ Importing this module registers them, after which the usual timm API applies::
 
 Feature shapes on a 32x32 input: block 1 -> 96x16x16, blocks 2+ -> 192x8x8.
 """
+
 import math
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -29,7 +30,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-__all__ = ['NetworkInNetwork']  # register_model appends the model entrypoint names
+__all__ = ["NetworkInNetwork"]  # register_model appends the model entrypoint names
 
 # CIFAR-10 per-channel statistics: the paper trains and evaluates the NIN on CIFAR-10.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -43,15 +44,15 @@ class ConvBnAct(nn.Module):
     """
 
     def __init__(
-            self,
-            in_chs: int,
-            out_chs: int,
-            kernel_size: int,
-            device=None,
-            dtype=None,
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
+        dd = {"device": device, "dtype": dtype}
         self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, padding=(kernel_size - 1) // 2, bias=False, **dd)
         self.bn = nn.BatchNorm2d(out_chs, **dd)
         self.act = nn.ReLU(inplace=True)
@@ -68,13 +69,13 @@ class NinHead(nn.Module):
     """
 
     def __init__(
-            self,
-            in_features: int,
-            num_classes: int,
-            pool_type: str = 'avg',
-            drop_rate: float = 0.,
-            device=None,
-            dtype=None,
+        self,
+        in_features: int,
+        num_classes: int,
+        pool_type: str = "avg",
+        drop_rate: float = 0.0,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         self.in_features = in_features
@@ -82,12 +83,12 @@ class NinHead(nn.Module):
         self.reset(num_classes, pool_type, device=device, dtype=dtype)
 
     def reset(
-            self,
-            num_classes: int,
-            pool_type: Optional[str] = None,
-            in_features: Optional[int] = None,
-            device=None,
-            dtype=None,
+        self,
+        num_classes: int,
+        pool_type: Optional[str] = None,
+        in_features: Optional[int] = None,
+        device=None,
+        dtype=None,
     ) -> None:
         """Rebuild pooling (kept if ``pool_type`` is None) and classifier; '' pool_type = no pooling."""
         if in_features is not None:
@@ -113,8 +114,8 @@ def _block_layout(num_blocks: int) -> List[Tuple[Tuple[Tuple[int, int], ...], Op
     Straight from the official NetworkInNetwork.py; the final width (192) is the model's num_features.
     """
     layout = [
-        (((5, 192), (1, 160), (1, 96)), 'max'),
-        (((5, 192), (1, 192), (1, 192)), 'avg'),
+        (((5, 192), (1, 160), (1, 96)), "max"),
+        (((5, 192), (1, 192), (1, 192)), "avg"),
     ]
     layout += [(((3, 192), (1, 192), (1, 192)), None)] * (num_blocks - 2)
     return layout
@@ -134,15 +135,15 @@ class NetworkInNetwork(nn.Module):
     """
 
     def __init__(
-            self,
-            num_blocks: int = 4,
-            num_classes: int = 10,
-            in_chans: int = 3,
-            global_pool: str = 'avg',
-            drop_rate: float = 0.,
-            weight_init: str = 'official',
-            device=None,
-            dtype=None,
+        self,
+        num_blocks: int = 4,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        weight_init: str = "official",
+        device=None,
+        dtype=None,
     ):
         """
         Args:
@@ -155,11 +156,11 @@ class NetworkInNetwork(nn.Module):
         """
         super().__init__()
         if num_blocks < 2:
-            raise ValueError(f'NetworkInNetwork needs at least 2 blocks, got num_blocks={num_blocks}')
+            raise ValueError(f"NetworkInNetwork needs at least 2 blocks, got num_blocks={num_blocks}")
         if weight_init not in _INITS:
             raise ValueError(f"weight_init must be one of {', '.join(_INITS)}, got {weight_init!r}")
         self.weight_init = weight_init
-        dd = {'device': device, 'dtype': dtype}
+        dd = {"device": device, "dtype": dtype}
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -174,14 +175,14 @@ class NetworkInNetwork(nn.Module):
             for kernel_size, out_chs in convs:
                 layers.append(ConvBnAct(prev_chs, out_chs, kernel_size, **dd))
                 prev_chs = out_chs
-            if pool == 'max':
+            if pool == "max":
                 layers.append(nn.MaxPool2d(kernel_size=3, stride=2, padding=1))  # H -> H/2
                 reduction *= 2
-            elif pool == 'avg':
+            elif pool == "avg":
                 layers.append(nn.AvgPool2d(kernel_size=3, stride=2, padding=1))  # H -> H/2
                 reduction *= 2
             blocks.append(nn.Sequential(*layers))
-            self.feature_info.append(dict(num_chs=prev_chs, reduction=reduction, module=f'blocks.{block_idx}'))
+            self.feature_info.append(dict(num_chs=prev_chs, reduction=reduction, module=f"blocks.{block_idx}"))
         self.blocks = nn.Sequential(*blocks)
         self.num_features = self.head_hidden_size = prev_chs  # 192
 
@@ -195,8 +196,8 @@ class NetworkInNetwork(nn.Module):
         """Parameter groups for layer-wise LR decay: block 0 is the stem, then one group per later block
         (per conv when not coarse); the head lands in the last group."""
         return dict(
-            stem=r'^blocks\.0\.',
-            blocks=r'^blocks\.(\d+)' if coarse else r'^blocks\.(\d+)\.(\d+)',
+            stem=r"^blocks\.0\.",
+            blocks=r"^blocks\.(\d+)" if coarse else r"^blocks\.(\d+)\.(\d+)",
         )
 
     @torch.jit.ignore
@@ -223,13 +224,13 @@ class NetworkInNetwork(nn.Module):
         self.head.apply(_INITS[self.weight_init])  # the same init as at construction
 
     def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Forward features and return the output of selected blocks.
 
@@ -246,14 +247,14 @@ class NetworkInNetwork(nn.Module):
             The list of block outputs (block 0: (B, 96, H/2, W/2), later: (B, 192, H/4, W/4)), or
             (final features, that list).
         """
-        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        assert output_fmt in ("NCHW",), "Output shape must be NCHW."
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
 
         if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
             blocks = self.blocks
         else:
-            blocks = self.blocks[:max_index + 1]
+            blocks = self.blocks[: max_index + 1]
         for feat_idx, block in enumerate(blocks):
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint_seq(block, x)  # per block, as forward_features
@@ -267,10 +268,10 @@ class NetworkInNetwork(nn.Module):
         return x, intermediates
 
     def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
     ) -> List[int]:
         """Drop the blocks after the last one needed for ``indices`` (and the classifier if asked).
 
@@ -279,12 +280,12 @@ class NetworkInNetwork(nn.Module):
         """
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         prune_end = max_index < len(self.blocks) - 1
-        self.blocks = self.blocks[:max_index + 1]
+        self.blocks = self.blocks[: max_index + 1]
         if prune_end:
             # features now end at the last kept block; the head was sized for the old final features
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
         if prune_head or prune_end:
-            self.reset_classifier(0, '')
+            self.reset_classifier(0, "")
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -308,7 +309,7 @@ def _init_official(module: nn.Module) -> None:
     which are today's defaults too, and BatchNorm weights U(0, 1), bias 0: PyTorch's default until 1.0
     (pytorch/pytorch#12259), set here by hand because today's default is 1."""
     if isinstance(module, nn.BatchNorm2d):
-        nn.init.uniform_(module.weight, 0., 1.)
+        nn.init.uniform_(module.weight, 0.0, 1.0)
         nn.init.zeros_(module.bias)
 
 
@@ -317,7 +318,7 @@ def _init_he(module: nn.Module) -> None:
     BN as identity, zero Linear bias (the Linear weight keeps PyTorch's default)."""
     if isinstance(module, nn.Conv2d):
         fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
-        nn.init.normal_(module.weight, mean=0., std=math.sqrt(2. / fan_out))
+        nn.init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
     elif isinstance(module, nn.BatchNorm2d):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
@@ -325,7 +326,7 @@ def _init_he(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-_INITS = {'official': _init_official, 'he': _init_he}
+_INITS = {"official": _init_official, "he": _init_he}
 
 
 def _create_nin(variant: str, num_blocks: int, pretrained: bool = False, **kwargs) -> NetworkInNetwork:
@@ -344,39 +345,41 @@ def _create_nin(variant: str, num_blocks: int, pretrained: bool = False, **kwarg
 def _cfg(**kwargs) -> Dict[str, Any]:
     # No url / hf_hub_id: no pretrained weights are published in timm format, so pretrained=True errors out.
     return {
-        'num_classes': 10,
-        'input_size': (3, 32, 32),
-        'pool_size': (8, 8),
-        'crop_pct': 1.0,
-        'interpolation': 'bilinear',
-        'mean': CIFAR10_MEAN,
-        'std': CIFAR10_STD,
-        'first_conv': 'blocks.0.0.conv',
-        'classifier': 'head.fc',
+        "num_classes": 10,
+        "input_size": (3, 32, 32),
+        "pool_size": (8, 8),
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": CIFAR10_MEAN,
+        "std": CIFAR10_STD,
+        "first_conv": "blocks.0.0.conv",
+        "classifier": "head.fc",
         **kwargs,
     }
 
 
-default_cfgs = generate_default_cfgs({
-    'rotnet_nin3': _cfg(),
-    'rotnet_nin4': _cfg(),
-    'rotnet_nin5': _cfg(),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "rotnet_nin3": _cfg(),
+        "rotnet_nin4": _cfg(),
+        "rotnet_nin5": _cfg(),
+    }
+)
 
 
 @register_model
 def rotnet_nin3(pretrained: bool = False, **kwargs) -> NetworkInNetwork:
     """NIN with 3 blocks (Gidaris et al., 2018)."""
-    return _create_nin('rotnet_nin3', num_blocks=3, pretrained=pretrained, **kwargs)
+    return _create_nin("rotnet_nin3", num_blocks=3, pretrained=pretrained, **kwargs)
 
 
 @register_model
 def rotnet_nin4(pretrained: bool = False, **kwargs) -> NetworkInNetwork:
     """NIN with 4 blocks (Gidaris et al., 2018), the paper's main CIFAR-10 RotNet model."""
-    return _create_nin('rotnet_nin4', num_blocks=4, pretrained=pretrained, **kwargs)
+    return _create_nin("rotnet_nin4", num_blocks=4, pretrained=pretrained, **kwargs)
 
 
 @register_model
 def rotnet_nin5(pretrained: bool = False, **kwargs) -> NetworkInNetwork:
     """NIN with 5 blocks (Gidaris et al., 2018)."""
-    return _create_nin('rotnet_nin5', num_blocks=5, pretrained=pretrained, **kwargs)
+    return _create_nin("rotnet_nin5", num_blocks=5, pretrained=pretrained, **kwargs)

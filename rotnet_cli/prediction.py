@@ -74,8 +74,12 @@ class PredictResult:
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model, "weights": self.weights, "rotations": list(self.rotations), "device": self.device,
-            "tta": self.tta, "out_dir": str(self.out_dir) if self.out_dir else None,
+            "model": self.model,
+            "weights": self.weights,
+            "rotations": list(self.rotations),
+            "device": self.device,
+            "tta": self.tta,
+            "out_dir": str(self.out_dir) if self.out_dir else None,
             "reports": [str(p) for p in self.reports],
             "counts": self.counts(),
             "predictions": report_rows(self.predictions),
@@ -145,8 +149,14 @@ def combine_votes(log_probs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rotation_probabilities(model: torch.nn.Module, images: torch.Tensor, rotations: tuple[float, ...],
-                           device: torch.device, precision: str, tta_table: torch.Tensor | None) -> torch.Tensor:
+def rotation_probabilities(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    rotations: tuple[float, ...],
+    device: torch.device,
+    precision: str,
+    tta_table: torch.Tensor | None,
+) -> torch.Tensor:
     """(N, 3, S, S) normalised images -> (N, R) probabilities of each rotation."""
     if tta_table is None:
         if needs_mask(rotations):  # the model saw every copy, the 0-degree one too, disc-masked
@@ -180,7 +190,9 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
 
     # labels carry each file's index, so predictions map back to files; unreadable files
     # are the indices that never come back from the loader
-    files = data_lib.ImageSet("predict", weights.img_size, paths=[i.path for i in inputs], labels=torch.arange(len(inputs)))
+    files = data_lib.ImageSet(
+        "predict", weights.img_size, paths=[i.path for i in inputs], labels=torch.arange(len(inputs))
+    )
     predictions = [ImagePrediction(str(i.path), action="unreadable", note="could not be decoded") for i in inputs]
     batches = data_lib.iterate_batches(
         files, torch.arange(len(inputs)), cfg.batch_size, device, drop_last=False, workers=cfg.workers
@@ -206,7 +218,9 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
     if warning:
         emit(WarningMessage(warning))
 
-    result = PredictResult(weights.model_name, weights.source, rotations, describe_device(device), cfg.tta, predictions, out)
+    result = PredictResult(
+        weights.model_name, weights.source, rotations, describe_device(device), cfg.tta, predictions, out
+    )
     if out is not None:
         make_dir(out)
     try:
@@ -254,8 +268,9 @@ DISK_FULL = "not written: the disk is full"
 INTERRUPTED = "not written: interrupted"
 
 
-def _fix_images(inputs: list[InputImage], predictions: list[ImagePrediction], cfg: PredictConfig, out: Path | None,
-                emit: Progress) -> None:
+def _fix_images(
+    inputs: list[InputImage], predictions: list[ImagePrediction], cfg: PredictConfig, out: Path | None, emit: Progress
+) -> None:
     """Decide each image's action and write what is due: upright copies under ``out``, or the
     originals in place (each kept first under its backup name); --copy-unchanged copies the rest."""
     what = "turning images in place" if cfg.in_place else "writing upright copies"
@@ -295,7 +310,9 @@ def _fix_one(image: InputImage, p: ImagePrediction, cfg: PredictConfig, out: Pat
             if cfg.in_place and image.path.is_symlink():
                 raise NotWritten("a symbolic link: not turned in place (give the file it points to)")
             if backup is not None and os.path.lexists(backup):
-                raise NotWritten(f"its backup {display_path(str(backup))} exists; move it away or choose another --backup-suffix")
+                raise NotWritten(
+                    f"its backup {display_path(str(backup))} exists; move it away or choose another --backup-suffix"
+                )
             make_dir(target.parent)
             p.note = write_upright(image.path, target, p.correction, jpeg=cfg.jpeg, backup=backup)
             p.action, p.output = "fixed", str(target)
@@ -358,7 +375,9 @@ def unlike_training(weights: LoadedWeights, decoded: int, colour: int, side: int
         differences.append(f"{colour} of {decoded} are in colour, its training images were grey")
     too_large = side is not None and side >= 8 * max(pixels, weights.img_size)  # a blown-up digit is still a digit
     if too_large:
-        differences.append(f"they are about {side} px on the shorter side, its training images {pixels} px (seen at {weights.img_size} px)")
+        differences.append(
+            f"they are about {side} px on the shorter side, its training images {pixels} px (seen at {weights.img_size} px)"
+        )
     if not differences:
         return None
     which = "these images" if too_large or colour == decoded else "some of these images"
@@ -418,5 +437,13 @@ def write_reports(out: Path, predictions: list[ImagePrediction]) -> list[Path]:
         raise
 
 
-__all__ = ["predict", "PredictResult", "ImagePrediction", "combine_votes", "tta_index_table", "display_path",
-           "check_outputs", "unlike_training"]
+__all__ = [
+    "predict",
+    "PredictResult",
+    "ImagePrediction",
+    "combine_votes",
+    "tta_index_table",
+    "display_path",
+    "check_outputs",
+    "unlike_training",
+]

@@ -40,15 +40,39 @@ from .config import PretrainConfig
 from .errors import ConfigError, DataError, DiskFullError, InputSizeError, Interrupted, NonFiniteLossError, RotnetError
 from .evaluation import FeatureEval, best_value, evaluate_features, set_up_eval, should_evaluate
 from .events import (
-    DeviceChosen, EpochEnded, EpochStarted, FeaturesEvaluated, Message, Phase, Progress, Resumed, RunStarted, StepDone,
-    StepFinished, WarningMessage, ignore,
+    DeviceChosen,
+    EpochEnded,
+    EpochStarted,
+    FeaturesEvaluated,
+    Message,
+    Phase,
+    Progress,
+    Resumed,
+    RunStarted,
+    StepDone,
+    StepFinished,
+    WarningMessage,
+    ignore,
 )
 from .loggers import Loggers, check_installed, open_loggers, step_scalars
 from .models import RotNet, create_backbone, data_config, feature_width, normalises_over_batch, rotation_head
 from .rotations import make_rotation_batch, rotate_all
 from .runtime import (
-    DistInfo, all_reduce_sum, autocast, barrier, configure_backends, describe_device, dist_from_env, gather_objects,
-    init_distributed, reduce_int, resolve_device, resolve_precision, rng_state, seed_everything, set_rng_state,
+    DistInfo,
+    all_reduce_sum,
+    autocast,
+    barrier,
+    configure_backends,
+    describe_device,
+    dist_from_env,
+    gather_objects,
+    init_distributed,
+    reduce_int,
+    resolve_device,
+    resolve_precision,
+    rng_state,
+    seed_everything,
+    set_rng_state,
     shutdown_distributed,
 )
 from .weights import load_weights
@@ -78,9 +102,15 @@ class PretrainResult:
 
     def to_dict(self) -> dict:
         return {
-            "out_dir": str(self.out_dir), "model": self.model, "device": self.device, "epochs_done": self.epochs_done,
-            "final": self.final, "val_rot_acc_per_rotation": self.val_rot_acc_per_rotation,
-            "skipped_files": len(self.skipped_files), "resumed_from": self.resumed_from, "best": self.best,
+            "out_dir": str(self.out_dir),
+            "model": self.model,
+            "device": self.device,
+            "epochs_done": self.epochs_done,
+            "final": self.final,
+            "val_rot_acc_per_rotation": self.val_rot_acc_per_rotation,
+            "skipped_files": len(self.skipped_files),
+            "resumed_from": self.resumed_from,
+            "best": self.best,
             "kept": self.kept,
         }
 
@@ -121,7 +151,9 @@ class EpochSums:
 
     def totals(self) -> torch.Tensor:
         """(3,) float on the device: loss sum, correct count, copies seen."""
-        return torch.stack([self.loss.sum(), self.correct.sum().float(), torch.tensor(float(self.seen), device=self.loss.device)])
+        return torch.stack(
+            [self.loss.sum(), self.correct.sum().float(), torch.tensor(float(self.seen), device=self.loss.device)]
+        )
 
     def state(self) -> dict:
         """What a checkpoint keeps to continue this epoch exactly (reads the device)."""
@@ -142,7 +174,10 @@ def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device: torch.de
     import timm.optim
 
     return timm.optim.create_optimizer_v2(
-        model, opt=cfg.optimizer, lr=cfg.resolved_lr, weight_decay=cfg.resolved_weight_decay,
+        model,
+        opt=cfg.optimizer,
+        lr=cfg.resolved_lr,
+        weight_decay=cfg.resolved_weight_decay,
         filter_bias_and_bn=not cfg.decay_all_params,
         **({"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}),
         **({"fused": True} if device.type in FUSED_OPTIMIZER_DEVICES else {}),
@@ -174,7 +209,9 @@ def lr_factor(step: int, cfg: PretrainConfig, steps_per_epoch: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: PretrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: PretrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """torch's LambdaLR over lr_factor, stepped once per training step; its position is in the checkpoint."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, steps_per_epoch))
 
@@ -192,7 +229,9 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> PretrainCon
     if rundir.overwrite_pending(run_dir):
         _refuse_stopped_overwrite(run_dir)
     if not (run_dir / rundir.CONFIG).is_file():
-        raise ConfigError(f"--resume {run_dir}: no {rundir.CONFIG} there, so it is not a rotnet run; give the run directory to continue")
+        raise ConfigError(
+            f"--resume {run_dir}: no {rundir.CONFIG} there, so it is not a rotnet run; give the run directory to continue"
+        )
     if not (run_dir / rundir.CHECKPOINT).is_file():
         raise ConfigError(
             f"--resume {run_dir}: the run stopped before its first checkpoint, so there is nothing to resume; "
@@ -206,7 +245,9 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> PretrainCon
     check_extension(run_dir, saved.epochs, given.epochs)
     clashes = saved.contradictions(given, [name for name in overrides if name != "epochs"])
     if clashes:
-        raise ConfigError(f"--resume {run_dir}: options contradict the saved run: {'; '.join(clashes)}; drop them or start a new run")
+        raise ConfigError(
+            f"--resume {run_dir}: options contradict the saved run: {'; '.join(clashes)}; drop them or start a new run"
+        )
     return PretrainConfig.from_dict({**given.to_dict(), "out": str(run_dir), "resume": True, "overwrite": False})
 
 
@@ -272,7 +313,9 @@ class Run:
     skipped: tuple[str, ...]  # files left out when the data was opened (not images, or unreadable)
     data_files: int  # image files the data source found (before decoding): what a resume compares
     batch_norm: bool = False  # the model normalises over the batch (a step needs at least 2 inputs)
-    train_model: torch.nn.Module | None = None  # the model as trained (DDP-wrapped, compiled): set once the state exists
+    train_model: torch.nn.Module | None = (
+        None  # the model as trained (DDP-wrapped, compiled): set once the state exists
+    )
     evaluator: FeatureEval | None = None  # --eval-data, decoded once (rank 0 evaluates)
     best_metric: str = "none"  # --best-metric resolved for this data
     loggers: Loggers = field(default_factory=lambda: Loggers([]))  # --logger, on rank 0 once the run directory exists
@@ -343,12 +386,23 @@ def pretrain(
     with writer:
         if dist.is_main and writer.recovered:
             report(Message(f"{out}: {writer.recovered}"))
-        rundir.check_out_dir(out, overwrite=cfg.overwrite, resume=cfg.resume, resumable=True, replaces=rundir.RUN_ENTRIES)
+        rundir.check_out_dir(
+            out, overwrite=cfg.overwrite, resume=cfg.resume, resumable=True, replaces=rundir.RUN_ENTRIES
+        )
         saved = rundir.read_checkpoint(out / rundir.CHECKPOINT) if cfg.resume else None
         init_distributed(dist, device)
         try:
-            result = _train(cfg, dist, device, precision, out, saved, report, should_stop or (lambda: False),
-                            writer if dist.is_main else None)
+            result = _train(
+                cfg,
+                dist,
+                device,
+                precision,
+                out,
+                saved,
+                report,
+                should_stop or (lambda: False),
+                writer if dist.is_main else None,
+            )
             barrier(dist)  # rank 0 writes the last files: the others wait rather than tear the group down under it
             return result
         except BaseException as e:
@@ -369,16 +423,33 @@ def _explained(e: BaseException, out: Path, writer: rundir.RunDirWriter | None) 
     if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C: stopped at once
         if saved:
             return Interrupted(f"stopped at once; the last checkpoint in {out} is intact; resume with: {resume}")
-        return Interrupted("stopped at once, before the first checkpoint; nothing was kept (an overwritten run is back as it was)")
+        return Interrupted(
+            "stopped at once, before the first checkpoint; nothing was kept (an overwritten run is back as it was)"
+        )
     if isinstance(e, DiskFullError):
         if saved:
-            return DiskFullError(e.path, f"disk full while writing {e.path}; the last checkpoint is intact: free space and resume with: {resume}")
-        return DiskFullError(e.path, f"disk full while writing {e.path}, before the first checkpoint; nothing of this run was kept (a run it replaced is back as it was): free space and run the same command again")
+            return DiskFullError(
+                e.path,
+                f"disk full while writing {e.path}; the last checkpoint is intact: free space and resume with: {resume}",
+            )
+        return DiskFullError(
+            e.path,
+            f"disk full while writing {e.path}, before the first checkpoint; nothing of this run was kept (a run it replaced is back as it was): free space and run the same command again",
+        )
     return e
 
 
-def _train(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision: str, out: Path, saved: dict | None,
-           report: Progress, stop_requested: Callable[[], bool], writer: rundir.RunDirWriter | None) -> PretrainResult:
+def _train(
+    cfg: PretrainConfig,
+    dist: DistInfo,
+    device: torch.device,
+    precision: str,
+    out: Path,
+    saved: dict | None,
+    report: Progress,
+    stop_requested: Callable[[], bool],
+    writer: rundir.RunDirWriter | None,
+) -> PretrainResult:
     report(DeviceChosen(describe_device(device), precision, dist.world_size))
     report(Phase(f"building {cfg.model}"))
     model, img_size, mean, std = build_model(cfg, init=saved is None, report=report)
@@ -398,8 +469,13 @@ def _train(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision:
     start_epoch, start_step = state.epoch, state.step
     finished_before = saved is not None and start_epoch >= cfg.epochs and (out / rundir.WEIGHTS).is_file()
     if dist.is_main and not finished_before:
-        run.loggers = open_loggers(cfg.logger, out, config_record(run), start_epoch * run.steps_per_epoch + start_step
-                                   if saved is not None else None, state.logger_runs)
+        run.loggers = open_loggers(
+            cfg.logger,
+            out,
+            config_record(run),
+            start_epoch * run.steps_per_epoch + start_step if saved is not None else None,
+            state.logger_runs,
+        )
         state.logger_runs = {**state.logger_runs, **run.loggers.resume_state()}  # kept: a later resume continues them
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -409,32 +485,56 @@ def _train(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision:
             state.history.append(row)
             state.epoch, state.step, state.partial = epoch + 1, 0, None
             run.loggers.log_epoch(state.epoch * run.steps_per_epoch, row, state.model)
-            keep_checkpoints(run, state)  # before checkpoint.pt: a kill between them trains this epoch again, to the same weights
+            keep_checkpoints(
+                run, state
+            )  # before checkpoint.pt: a kill between them trains this epoch again, to the same weights
             save_checkpoint(run, state, sums=None)
             if dist.is_main:  # after the checkpoint: a kill between the two leaves metrics a row short, never ahead
                 rundir.write_metrics(out, state.history)
-            report(EpochEnded(
-                epoch + 1, cfg.epochs, row["loss"], row["rot_acc"], row["val_loss"], row["val_rot_acc"], row["lr"],
-                row["images_per_s"], row["seconds"],
-            ))
+            report(
+                EpochEnded(
+                    epoch + 1,
+                    cfg.epochs,
+                    row["loss"],
+                    row["rot_acc"],
+                    row["val_loss"],
+                    row["val_rot_acc"],
+                    row["lr"],
+                    row["images_per_s"],
+                    row["seconds"],
+                )
+            )
             if "eval" in row:
                 report(FeaturesEvaluated(epoch + 1, row["eval"], row["eval_seconds"]))
             if stop_now(run, sync_point=True) and epoch + 1 < cfg.epochs:
-                raise Interrupted(f"stopped after epoch {epoch + 1} of {cfg.epochs}; checkpoint saved; resume with: {_resume_command(out)}")
+                raise Interrupted(
+                    f"stopped after epoch {epoch + 1} of {cfg.epochs}; checkpoint saved; resume with: {_resume_command(out)}"
+                )
     finally:
         run.loggers.close(finished=state.epoch >= cfg.epochs)
 
     if finished_before:
         # a finished run resumed again (a scheduler's requeue) keeps its files as they are
-        report(Message(f"{out} had already finished (epoch {cfg.epochs} of {cfg.epochs}); nothing to train, nothing changed"))
+        report(
+            Message(
+                f"{out} had already finished (epoch {cfg.epochs} of {cfg.epochs}); nothing to train, nothing changed"
+            )
+        )
     elif dist.is_main:
         save_run_weights(run, state, out / rundir.WEIGHTS)
     return PretrainResult(
-        out_dir=out, model=cfg.model, device=describe_device(device), epochs_done=len(state.history), history=state.history,
+        out_dir=out,
+        model=cfg.model,
+        device=describe_device(device),
+        epochs_done=len(state.history),
+        history=state.history,
         val_rot_acc_per_rotation=state.history[-1]["val_rot_acc_per_rotation"] if state.history else {},
-        skipped_files=list(dict.fromkeys([*run.skipped, *state.skipped, *(run.evaluator.skipped if run.evaluator else ())])),
+        skipped_files=list(
+            dict.fromkeys([*run.skipped, *state.skipped, *(run.evaluator.skipped if run.evaluator else ())])
+        ),
         resumed_from={"epoch": start_epoch, "step": start_step} if saved is not None else None,
-        best=best_checkpoint(run), kept=[f"{out}:{name}" for name in rundir.kept_checkpoint_names(out)],
+        best=best_checkpoint(run),
+        kept=[f"{out}:{name}" for name in rundir.kept_checkpoint_names(out)],
         labelled=run.train_set.labels is not None,
     )
 
@@ -442,7 +542,9 @@ def _train(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision:
 # ----------------------------------------------------------------------------- set up
 
 
-def build_model(cfg: PretrainConfig, init: bool, report: Progress = ignore) -> tuple[RotNet, int, tuple[float, ...], tuple[float, ...]]:
+def build_model(
+    cfg: PretrainConfig, init: bool, report: Progress = ignore
+) -> tuple[RotNet, int, tuple[float, ...], tuple[float, ...]]:
     """A headless timm backbone + Linear(width, R) rotation head, the same on every rank;
     -> (model, img_size, mean, std). ``init``: start from --init weights (not on resume)."""
     seed_everything(cfg.seed)  # the same initial weights on every rank
@@ -465,18 +567,38 @@ def run_backbone(cfg: PretrainConfig, report: Progress = ignore) -> tuple[torch.
     except InputSizeError as e:
         if cfg.img_size is not None:
             raise
-        report(Message(f"{cfg.model} cannot run on {img_size} px images; {cfg.data} is resized to {e.size} px, its own size"))
+        report(
+            Message(
+                f"{cfg.model} cannot run on {img_size} px images; {cfg.data} is resized to {e.size} px, its own size"
+            )
+        )
         return create_backbone(cfg.model, img_size=e.size), e.size
 
 
-def set_up(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision: str, out: Path, report: Progress,
-           stop_requested: Callable[[], bool], writer: rundir.RunDirWriter | None, img_size: int,
-           mean: tuple[float, ...], std: tuple[float, ...]) -> Run:
+def set_up(
+    cfg: PretrainConfig,
+    dist: DistInfo,
+    device: torch.device,
+    precision: str,
+    out: Path,
+    report: Progress,
+    stop_requested: Callable[[], bool],
+    writer: rundir.RunDirWriter | None,
+    img_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> Run:
     """The data (uint8 (N, 3, S, S) train and validation sets) and the sizes of an epoch."""
     report(Phase(f"reading {cfg.data}"))
     source = data_lib.open_source(
-        cfg.data, img_size, download=cfg.download, data_dir=cfg.data_dir, cache=cfg.cache, workers=cfg.workers,
-        strict=cfg.strict_data, progress=report,
+        cfg.data,
+        img_size,
+        download=cfg.download,
+        data_dir=cfg.data_dir,
+        cache=cfg.cache,
+        workers=cfg.workers,
+        strict=cfg.strict_data,
+        progress=report,
     )
     train_set, val_set = source.train, source.val
     if not train_set.in_memory:  # streamed: read while training, so prove now that something decodes
@@ -498,7 +620,9 @@ def set_up(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision:
             f"the training set has {len(train_set)} images, fewer than one batch of {cfg.batch_size}; "
             f"lower --batch-size to at most {max(dist.world_size, images_per_rank * dist.world_size)}"
         )
-    if cfg.cache == "device" or (cfg.cache == "auto" and device.type == "cuda" and train_set.in_memory and _fits_on(device, train_set)):
+    if cfg.cache == "device" or (
+        cfg.cache == "auto" and device.type == "cuda" and train_set.in_memory and _fits_on(device, train_set)
+    ):
         train_set = train_set.to(device)
         if val_set is not None and val_set.in_memory:
             val_set = val_set.to(device)
@@ -511,10 +635,26 @@ def set_up(cfg: PretrainConfig, dist: DistInfo, device: torch.device, precision:
     if hint := slow_device_hint(device, img_size):
         report(Message(hint))
     return Run(
-        cfg=cfg, dist=dist, device=device, precision=precision, out=out, report=report, stop_requested=stop_requested,
-        img_size=img_size, mean=mean, std=std, train_set=train_set, val_set=val_set, per_rank_batch=per_rank_batch,
-        images_per_rank=images_per_rank, steps_per_epoch=steps_per_epoch, padding=padding, augment=augment,
-        writer=writer, skipped=source.skipped, data_files=source.files,
+        cfg=cfg,
+        dist=dist,
+        device=device,
+        precision=precision,
+        out=out,
+        report=report,
+        stop_requested=stop_requested,
+        img_size=img_size,
+        mean=mean,
+        std=std,
+        train_set=train_set,
+        val_set=val_set,
+        per_rank_batch=per_rank_batch,
+        images_per_rank=images_per_rank,
+        steps_per_epoch=steps_per_epoch,
+        padding=padding,
+        augment=augment,
+        writer=writer,
+        skipped=source.skipped,
+        data_files=source.files,
     )
 
 
@@ -536,7 +676,9 @@ def new_state(run: Run, model: RotNet) -> TrainState:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, run.cfg, run.device)
     return TrainState(
-        model=model, optimizer=optimizer, scheduler=make_scheduler(optimizer, run.cfg, run.steps_per_epoch),
+        model=model,
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, run.cfg, run.steps_per_epoch),
         scaler=torch.amp.GradScaler(run.device.type, enabled=run.precision == "fp16"),
     )
 
@@ -544,12 +686,22 @@ def new_state(run: Run, model: RotNet) -> TrainState:
 def resolved_config(run: Run) -> dict[str, Any]:
     """What the config resolved to for this run and machine (config.json's "resolved")."""
     return {
-        "out": str(run.out), "img_size": run.img_size, "mean": list(run.mean), "std": list(run.std),
-        "lr": run.cfg.resolved_lr, "weight_decay": run.cfg.resolved_weight_decay, "augment": run.augment,
-        "device": str(run.device), "precision": run.precision, "world_size": run.dist.world_size,
-        "threads": torch.get_num_threads(), "train_images": len(run.train_set),
-        "val_images": len(run.val_set) if run.val_set is not None else 0, "data_files": run.data_files,
-        "in_memory": run.train_set.in_memory, "best_metric": run.best_metric,
+        "out": str(run.out),
+        "img_size": run.img_size,
+        "mean": list(run.mean),
+        "std": list(run.std),
+        "lr": run.cfg.resolved_lr,
+        "weight_decay": run.cfg.resolved_weight_decay,
+        "augment": run.augment,
+        "device": str(run.device),
+        "precision": run.precision,
+        "world_size": run.dist.world_size,
+        "threads": torch.get_num_threads(),
+        "train_images": len(run.train_set),
+        "val_images": len(run.val_set) if run.val_set is not None else 0,
+        "data_files": run.data_files,
+        "in_memory": run.train_set.in_memory,
+        "best_metric": run.best_metric,
     }
 
 
@@ -561,7 +713,9 @@ def config_record(run: Run) -> dict[str, Any]:
 def wrap_for_training(run: Run, model: RotNet) -> torch.nn.Module:
     """DDP under torchrun, torch.compile with --compile; the plain model is what gets saved."""
     if run.dist.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[run.device.index] if run.device.type == "cuda" else None
+        )
     if run.cfg.compile:
         model = torch.compile(model)
     return model
@@ -580,18 +734,33 @@ def start_run_dir(run: Run, state: TrainState, resumed: bool) -> None:
             planned = rundir.read_config(run.out)["config"].get("epochs")
             if isinstance(planned, int) and run.cfg.epochs > planned:
                 rundir.record_extension(run.out, run.cfg.epochs, at_epoch=state.epoch)
-                run.report(Message(
-                    f"extending the run from {planned} to {run.cfg.epochs} epochs at epoch {state.epoch + 1}: "
-                    + ("the step schedule keeps its milestones" if run.cfg.schedule == "step" else
-                       f"the cosine schedule is re-planned over {run.cfg.epochs} epochs from here (lr now "
-                       f"{run.cfg.resolved_lr * lr_factor(state.epoch * run.steps_per_epoch + state.step, run.cfg, run.steps_per_epoch):.3g})")
-                ))
+                run.report(
+                    Message(
+                        f"extending the run from {planned} to {run.cfg.epochs} epochs at epoch {state.epoch + 1}: "
+                        + (
+                            "the step schedule keeps its milestones"
+                            if run.cfg.schedule == "step"
+                            else f"the cosine schedule is re-planned over {run.cfg.epochs} epochs from here (lr now "
+                            f"{run.cfg.resolved_lr * lr_factor(state.epoch * run.steps_per_epoch + state.step, run.cfg, run.steps_per_epoch):.3g})"
+                        )
+                    )
+                )
         rundir.write_metrics(run.out, state.history)
     copies = run.cfg.num_rotations if run.cfg.copies == "all" else 1
-    run.report(RunStarted(
-        str(run.out), run.cfg.model, run.img_size, len(run.train_set), n_val, run.steps_per_epoch, run.cfg.epochs,
-        state.epoch, run.per_rank_batch * run.dist.world_size * copies, state.step,
-    ))
+    run.report(
+        RunStarted(
+            str(run.out),
+            run.cfg.model,
+            run.img_size,
+            len(run.train_set),
+            n_val,
+            run.steps_per_epoch,
+            run.cfg.epochs,
+            state.epoch,
+            run.per_rank_batch * run.dist.world_size * copies,
+            state.step,
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -618,8 +787,15 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
     waited = 0.0
     lr = state.optimizer.param_groups[0]["lr"]
     batches = data_lib.iterate_batches(
-        run.train_set, order, run.per_rank_batch, device, drop_last=True, workers=cfg.workers, start_batch=first,
-        strict=cfg.strict_data, with_labels=False,
+        run.train_set,
+        order,
+        run.per_rank_batch,
+        device,
+        drop_last=True,
+        workers=cfg.workers,
+        start_batch=first,
+        strict=cfg.strict_data,
+        with_labels=False,
     )
     run.report(EpochStarted(epoch + 1, cfg.epochs, first, run.steps_per_epoch))
     step = first
@@ -670,15 +846,26 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
             elapsed = max(time.perf_counter() - t0, 1e-9)
             seen = max(seen_total, 1.0)  # every batch so far unreadable: report zeros, not a division by zero
             images_per_s = (seen_total - seen_before) * dist.world_size / elapsed
-            run.report(StepDone(
-                epoch + 1, cfg.epochs, step, run.steps_per_epoch, loss_total / seen, correct_total / seen, lr,
-                images_per_s, waited / elapsed,
-            ))
+            run.report(
+                StepDone(
+                    epoch + 1,
+                    cfg.epochs,
+                    step,
+                    run.steps_per_epoch,
+                    loss_total / seen,
+                    correct_total / seen,
+                    lr,
+                    images_per_s,
+                    waited / elapsed,
+                )
+            )
             if loss_correct_recent:
                 loss_recent, correct_recent = loss_correct_recent
                 copies = sums.seen * (step - logged) / step  # every step has as many copies (drop_last)
-                run.loggers.log_step(epoch * run.steps_per_epoch + step, step_scalars(
-                    loss_recent / copies, correct_recent / copies, lr, images_per_s, waited / elapsed))
+                run.loggers.log_step(
+                    epoch * run.steps_per_epoch + step,
+                    step_scalars(loss_recent / copies, correct_recent / copies, lr, images_per_s, waited / elapsed),
+                )
                 logged = step
         if step == run.steps_per_epoch:
             break  # the epoch-end checkpoint follows (a Ctrl-C now is handled after it)
@@ -688,7 +875,9 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
         if stop_now(run, sync_point=log_now):
             if state.saved_at != (epoch, step):
                 save_checkpoint(run, state, sums)
-            raise Interrupted(f"stopped at {_position(epoch, step)}; checkpoint saved; resume with: {_resume_command(run.out)}")
+            raise Interrupted(
+                f"stopped at {_position(epoch, step)}; checkpoint saved; resume with: {_resume_command(run.out)}"
+            )
 
     check_finite(run, state, epoch, sums)
     return EpochStats(sums, seen_before, time.perf_counter() - t0, waited, lr)
@@ -737,7 +926,13 @@ def validate(run: Run, state: TrainState) -> dict:
     count = torch.zeros(R, device=device)
     loss_sum = torch.zeros((), device=device)
     batches = data_lib.iterate_batches(
-        run.val_set, order, run.per_rank_batch, device, drop_last=False, workers=cfg.workers, with_labels=False,
+        run.val_set,
+        order,
+        run.per_rank_batch,
+        device,
+        drop_last=False,
+        workers=cfg.workers,
+        with_labels=False,
     )
     for batch in batches:
         state.skipped.update(dict.fromkeys(batch.skipped))
@@ -763,8 +958,9 @@ def evaluate(run: Run, state: TrainState, epoch: int) -> dict[str, Any]:
     if not should_evaluate(run.evaluator, epoch, run.cfg.epochs):
         return {}
     t0 = time.perf_counter()
-    accuracy = evaluate_features(run.evaluator, state.model, run.cfg.model, run.img_size, run.mean, run.std, run.device,
-                                 run.precision)
+    accuracy = evaluate_features(
+        run.evaluator, state.model, run.cfg.model, run.img_size, run.mean, run.std, run.device, run.precision
+    )
     seconds = time.perf_counter() - t0  # knn_accuracy read its results from the device: nothing is left queued
     return {"eval": accuracy, "eval_seconds": seconds}
 
@@ -822,10 +1018,19 @@ def save_run_weights(run: Run, state: TrainState, path: Path, **facts: Any) -> N
     and the kept checkpoints, which add their epoch). Never weights that hold NaN or infinity."""
     check_finite_weights(run, state)
     rundir.save_weights(
-        path, state.model.state_dict(), rundir.RUN_FORMAT, run.cfg.model, rotations=list(run.cfg.rotations),
-        img_size=run.img_size, mean=list(run.mean), std=list(run.std), num_features=state.model.backbone.num_features,
+        path,
+        state.model.state_dict(),
+        rundir.RUN_FORMAT,
+        run.cfg.model,
+        rotations=list(run.cfg.rotations),
+        img_size=run.img_size,
+        mean=list(run.mean),
+        std=list(run.std),
+        num_features=state.model.backbone.num_features,
         head_hidden_size=feature_width(state.model.backbone),  # what the backbone returns: the head's input
-        data=run.cfg.data, epochs=run.cfg.epochs, **facts,
+        data=run.cfg.data,
+        epochs=run.cfg.epochs,
+        **facts,
     )
 
 
@@ -844,8 +1049,14 @@ def keep_checkpoints(run: Run, state: TrainState) -> None:
     value = best_value(row, run.best_metric) if run.best_metric != "none" else None
     earlier = [v for v in (best_value(r, run.best_metric) for r in state.history[:-1]) if v is not None]
     if value is not None and (not earlier or value > max(earlier)):
-        save_run_weights(run, state, rundir.kept_checkpoint(run.out, rundir.BEST), epoch=epoch,
-                         best_metric=run.best_metric, best_value=abs(value))
+        save_run_weights(
+            run,
+            state,
+            rundir.kept_checkpoint(run.out, rundir.BEST),
+            epoch=epoch,
+            best_metric=run.best_metric,
+            best_value=abs(value),
+        )
 
 
 def best_checkpoint(run: Run) -> dict | None:
@@ -857,8 +1068,12 @@ def best_checkpoint(run: Run) -> dict | None:
 
     with safe_open(str(path), framework="pt") as f:
         meta = rundir.read_weights_metadata(path, dict(f.metadata() or {}))
-    return {"epoch": meta.get("epoch"), "metric": meta.get("best_metric"), "value": meta.get("best_value"),
-            "weights": f"{run.out}:{rundir.BEST}"}
+    return {
+        "epoch": meta.get("epoch"),
+        "metric": meta.get("best_metric"),
+        "value": meta.get("best_value"),
+        "weights": f"{run.out}:{rundir.BEST}",
+    }
 
 
 def save_checkpoint(run: Run, state: TrainState, sums: EpochSums | None) -> None:
@@ -874,15 +1089,30 @@ def save_checkpoint(run: Run, state: TrainState, sums: EpochSums | None) -> None
     per_rank = gather_objects({"partial": sums.state() if sums is not None else None, "rng": rng_state()}, run.dist)
     if run.dist.is_main:
         run.loggers.flush()  # the figures up to this checkpoint are on disk before it: a resume after a kill misses none
-        rundir.write_checkpoint(run.out, {
-            "config": run.cfg.to_dict(), "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
-            "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(), "epoch": state.epoch,
-            "step": state.step, "history": state.history, "img_size": run.img_size, "mean": list(run.mean),
-            "std": list(run.std), "train_images": len(run.train_set), "world_size": run.dist.world_size,
-            "threads": torch.get_num_threads(), "data_files": run.data_files, "in_memory": run.train_set.in_memory,
-            "partial": [r["partial"] for r in per_rank], "rng": [r["rng"] for r in per_rank],
-            "loggers": state.logger_runs,
-        })
+        rundir.write_checkpoint(
+            run.out,
+            {
+                "config": run.cfg.to_dict(),
+                "model": state.model.state_dict(),
+                "optimizer": state.optimizer.state_dict(),
+                "scheduler": state.scheduler.state_dict(),
+                "scaler": state.scaler.state_dict(),
+                "epoch": state.epoch,
+                "step": state.step,
+                "history": state.history,
+                "img_size": run.img_size,
+                "mean": list(run.mean),
+                "std": list(run.std),
+                "train_images": len(run.train_set),
+                "world_size": run.dist.world_size,
+                "threads": torch.get_num_threads(),
+                "data_files": run.data_files,
+                "in_memory": run.train_set.in_memory,
+                "partial": [r["partial"] for r in per_rank],
+                "rng": [r["rng"] for r in per_rank],
+                "loggers": state.logger_runs,
+            },
+        )
         if run.writer is not None:
             run.writer.checkpointed()  # the new run can now be resumed: an overwritten old one is gone for good
     state.saved_at = (state.epoch, state.step)
@@ -897,9 +1127,13 @@ def restore(run: Run, state: TrainState, saved: dict) -> None:
             f"start a new run (--init {checkpoint} starts from its weights)"
         )
     written_for = saved["run_config"]
-    differ = [f.name for f in dataclass_fields(PretrainConfig) if not f.metadata.get("resume_free")
-              and f.name != "epochs"  # a larger --epochs extends the run: check_extension below
-              and getattr(written_for, f.name) != getattr(run.cfg, f.name)]
+    differ = [
+        f.name
+        for f in dataclass_fields(PretrainConfig)
+        if not f.metadata.get("resume_free")
+        and f.name != "epochs"  # a larger --epochs extends the run: check_extension below
+        and getattr(written_for, f.name) != getattr(run.cfg, f.name)
+    ]
     if differ:
         raise ConfigError(
             f"--resume {run.out}: {rundir.CONFIG} and {rundir.CHECKPOINT} there describe different runs "
@@ -913,10 +1147,12 @@ def restore(run: Run, state: TrainState, saved: dict) -> None:
             raise DataError(_data_changed(run, saved, train_images))
         threads = saved.get("threads")
         if run.device.type == "cpu" and threads and threads != torch.get_num_threads():
-            run.report(WarningMessage(
-                f"the run used {threads} CPU threads, this process {torch.get_num_threads()}: the result will not be "
-                f"bitwise that of an uninterrupted run (set OMP_NUM_THREADS={threads} for that)"
-            ))
+            run.report(
+                WarningMessage(
+                    f"the run used {threads} CPU threads, this process {torch.get_num_threads()}: the result will not be "
+                    f"bitwise that of an uninterrupted run (set OMP_NUM_THREADS={threads} for that)"
+                )
+            )
         if step and saved_world != run.dist.world_size:
             raise ConfigError(
                 f"--resume {run.out}: this checkpoint is from the middle of an epoch of a run on {saved_world} process(es); "
@@ -930,12 +1166,16 @@ def restore(run: Run, state: TrainState, saved: dict) -> None:
         state.history = list(saved["history"])
         state.logger_runs = _logger_runs(saved.get("loggers"))
         state.partial = saved["partial"][run.dist.rank] if step else None
-        if run.dist.rank < len(saved["rng"]):  # a run resumed on more processes than it had: new ranks keep their fresh seeds
+        if run.dist.rank < len(
+            saved["rng"]
+        ):  # a run resumed on more processes than it had: new ranks keep their fresh seeds
             set_rng_state(saved["rng"][run.dist.rank])
     except RotnetError:
         raise
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
-        raise ConfigError(f"{checkpoint} does not fit this run's model or optimizer: {str(e).splitlines()[0][:160]}") from None
+        raise ConfigError(
+            f"{checkpoint} does not fit this run's model or optimizer: {str(e).splitlines()[0][:160]}"
+        ) from None
     state.epoch, state.step, state.saved_at = epoch, step, (epoch, step)
 
 
@@ -948,12 +1188,19 @@ def _data_changed(run: Run, saved: dict, train_images: int) -> str:
         return f"--resume {run.out}: the training data changed ({counted} when the run started, {now}); restore the data or start a new run"
     if saved.get("in_memory") is not None and saved["in_memory"] != run.train_set.in_memory:
         cache = "ram" if saved["in_memory"] else "none"
-        how = "decoded them into memory, leaving out unreadable files before the split" if saved["in_memory"] else \
-            "read them from disk while training, where unreadable files count until they are met"
-        return (f"--resume {run.out}: the data is unchanged ({files_now} image files), but the run {how}; "
-                f"resume with --cache {cache} to continue the same computation")
-    return (f"--resume {run.out}: the same {files_now} image files are there, but {len(run.train_set)} of them are "
-            f"readable now and {train_images} were when the run started; restore the unreadable files or start a new run")
+        how = (
+            "decoded them into memory, leaving out unreadable files before the split"
+            if saved["in_memory"]
+            else "read them from disk while training, where unreadable files count until they are met"
+        )
+        return (
+            f"--resume {run.out}: the data is unchanged ({files_now} image files), but the run {how}; "
+            f"resume with --cache {cache} to continue the same computation"
+        )
+    return (
+        f"--resume {run.out}: the same {files_now} image files are there, but {len(run.train_set)} of them are "
+        f"readable now and {train_images} were when the run started; restore the unreadable files or start a new run"
+    )
 
 
 def _load_init(model: RotNet, cfg: PretrainConfig, img_size: int) -> None:
@@ -975,8 +1222,11 @@ def _logger_runs(saved: Any) -> dict[str, dict]:
     that logger then starts a new run)."""
     if not isinstance(saved, dict):
         return {}
-    return {name: {"id": entry["id"]} for name, entry in saved.items()
-            if isinstance(name, str) and isinstance(entry, dict) and isinstance(entry.get("id"), str)}
+    return {
+        name: {"id": entry["id"]}
+        for name, entry in saved.items()
+        if isinstance(name, str) and isinstance(entry, dict) and isinstance(entry.get("id"), str)
+    }
 
 
 def slow_device_hint(device: torch.device, img_size: int) -> str | None:

@@ -117,15 +117,30 @@ class ProbeResult:
     def to_dict(self) -> dict:
         best = self.best()
         return {
-            "weights": self.weights, "model": self.model, "data": self.data, "img_size": self.img_size,
-            "heads": list(self.heads), "pool": self.pool, "recipe": self.recipe, "features": self.features,
-            "epochs": self.epochs, "num_classes": self.num_classes,
-            "train_images": self.train_images, "val_images": self.val_images, "labels_per_class": self.labels_per_class,
+            "weights": self.weights,
+            "model": self.model,
+            "data": self.data,
+            "img_size": self.img_size,
+            "heads": list(self.heads),
+            "pool": self.pool,
+            "recipe": self.recipe,
+            "features": self.features,
+            "epochs": self.epochs,
+            "num_classes": self.num_classes,
+            "train_images": self.train_images,
+            "val_images": self.val_images,
+            "labels_per_class": self.labels_per_class,
             "rows": [row.to_dict() for row in self.rows],
-            "best": {"stage": best[0].stage, "head": best[1], "accuracy": round(best[0].accuracy[best[1]], 4)} if best else None,
-            "device": self.device, "precision": self.precision, "extract_seconds": round(self.extract_seconds, 3),
-            "train_seconds": {k: round(v, 3) for k, v in self.train_seconds.items()}, "setting": self.setting,
-            "rotnet_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "best": {"stage": best[0].stage, "head": best[1], "accuracy": round(best[0].accuracy[best[1]], 4)}
+            if best
+            else None,
+            "device": self.device,
+            "precision": self.precision,
+            "extract_seconds": round(self.extract_seconds, 3),
+            "train_seconds": {k: round(v, 3) for k, v in self.train_seconds.items()},
+            "setting": self.setting,
+            "rotnet_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 
 
@@ -152,7 +167,15 @@ def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
     if save_to is not None:
         check_saved_result(save_to, cfg)  # before the work: a clash is known now, not after an hour of training
     backbones = [("run", main)] + [
-        (label, load_weights(f"random:{main.model_name}" if label == "random" else label, device, seed=cfg.seed, img_size=main.img_size))
+        (
+            label,
+            load_weights(
+                f"random:{main.model_name}" if label == "random" else label,
+                device,
+                seed=cfg.seed,
+                img_size=main.img_size,
+            ),
+        )
         for label in cfg.compare
     ]
     stages = [resolve_stages(cfg.layers, num_stages(w.backbone), label) for label, w in backbones]
@@ -161,11 +184,14 @@ def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
     train_set, val_set, num_classes, skipped = labelled_splits(cfg, main.img_size, emit)
     trained = [h for h in cfg.heads if h in TRAINED_HEADS]
     augmented = trained if cfg.resolved_features == "augmented" else []
-    emit(Message(
-        f"{main.model_name} at {main.img_size} px: {len(train_set)} training / {len(val_set)} validation images, "
-        f"{num_classes} classes; stages {','.join(map(str, stages[0]))}; heads {','.join(cfg.heads)}; "
-        f"recipe {cfg.recipe}" + (f" ({','.join(augmented)} on augmented images, features recomputed every batch)" if augmented else "")
-    ))
+    emit(
+        Message(
+            f"{main.model_name} at {main.img_size} px: {len(train_set)} training / {len(val_set)} validation images, "
+            f"{num_classes} classes; stages {','.join(map(str, stages[0]))}; heads {','.join(cfg.heads)}; "
+            f"recipe {cfg.recipe}"
+            + (f" ({','.join(augmented)} on augmented images, features recomputed every batch)" if augmented else "")
+        )
+    )
 
     # -- features: one forward pass per batch for all stages of all backbones, cached for the heads that read a cache
     shapes = stage_shapes(backbones, stages, main.img_size, device)  # (C, H, W) per row
@@ -193,8 +219,16 @@ def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
         t_head = time.perf_counter()
         if head == "knn":
             accuracies = [
-                knn_accuracy(train.row_avg(r), train.labels, val.row_avg(r), val.labels, num_classes, cfg.knn_k,
-                             cfg.knn_temperature, device)
+                knn_accuracy(
+                    train.row_avg(r),
+                    train.labels,
+                    val.row_avg(r),
+                    val.labels,
+                    num_classes,
+                    cfg.knn_k,
+                    cfg.knn_temperature,
+                    device,
+                )
                 for r in range(len(rows))
             ]
             for row, acc in zip(rows, accuracies):
@@ -203,13 +237,35 @@ def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
         else:
             counter = _Counter(emit, f"train-{head}", f"training {head} heads", trainers[head].recipe.epochs)
             with one_thread_for_small_steps(device, trainers[head].view):
-                train_heads(trainers[head], train, val, cfg.resolved_batch_size, cfg.seed, device, precision, counter,
-                            every_epoch=cfg.protocol.reports_best)
+                train_heads(
+                    trainers[head],
+                    train,
+                    val,
+                    cfg.resolved_batch_size,
+                    cfg.seed,
+                    device,
+                    precision,
+                    counter,
+                    every_epoch=cfg.protocol.reports_best,
+                )
         train_seconds[head] = time.perf_counter() - t_head
     if augmented:
         t_heads = time.perf_counter()
-        skipped = (*skipped, *train_heads_on_augmented_images([trainers[h] for h in augmented], backbones, stages, train_set,
-                                                              val_set, cfg, main.img_size, device, precision, emit))
+        skipped = (
+            *skipped,
+            *train_heads_on_augmented_images(
+                [trainers[h] for h in augmented],
+                backbones,
+                stages,
+                train_set,
+                val_set,
+                cfg,
+                main.img_size,
+                device,
+                precision,
+                emit,
+            ),
+        )
         train_seconds["+".join(augmented)] = time.perf_counter() - t_heads
     for head, trainer in trainers.items():
         for row, last, (best, epoch) in zip(rows, trainer.last_accuracy(), trainer.best_accuracy()):
@@ -220,12 +276,26 @@ def probe(cfg: ProbeConfig, progress: Progress | None = None) -> ProbeResult:
         row.accuracy = {head: row.accuracy[head] for head in cfg.heads}
 
     result = ProbeResult(
-        weights=cfg.weights, model=main.model_name, data=cfg.data, img_size=main.img_size,
-        device=describe_device(device), precision=precision, heads=cfg.heads, pool=cfg.pool, recipe=cfg.recipe,
-        features=cfg.resolved_features, epochs={h: t.recipe.epochs for h, t in trainers.items()},
-        reports_best=cfg.protocol.reports_best, num_classes=num_classes, train_images=len(train_set),
-        val_images=len(val_set), labels_per_class=cfg.labels_per_class, rows=rows, extract_seconds=extract_seconds,
-        train_seconds=train_seconds, setting=cfg.setting(),
+        weights=cfg.weights,
+        model=main.model_name,
+        data=cfg.data,
+        img_size=main.img_size,
+        device=describe_device(device),
+        precision=precision,
+        heads=cfg.heads,
+        pool=cfg.pool,
+        recipe=cfg.recipe,
+        features=cfg.resolved_features,
+        epochs={h: t.recipe.epochs for h, t in trainers.items()},
+        reports_best=cfg.protocol.reports_best,
+        num_classes=num_classes,
+        train_images=len(train_set),
+        val_images=len(val_set),
+        labels_per_class=cfg.labels_per_class,
+        rows=rows,
+        extract_seconds=extract_seconds,
+        train_seconds=train_seconds,
+        setting=cfg.setting(),
         skipped_files=list(dict.fromkeys([*skipped, *(train.skipped if train else []), *(val.skipped if val else [])])),
     )
     if save_to is not None:
@@ -253,10 +323,14 @@ def save_result(run_dir: Path, result: ProbeResult, overwrite: bool) -> Path:
     """Add ``result`` to probe.json, replacing a result of the same setting only when ``overwrite``."""
     new = result.to_dict()
 
-    def merged(results: list[dict]) -> list[dict]:  # read again under the lock: another probe may have saved since the check
+    def merged(
+        results: list[dict],
+    ) -> list[dict]:  # read again under the lock: another probe may have saved since the check
         if any(r.get("setting") == new["setting"] for r in results) and not overwrite:
-            raise OutputError(f"{Path(run_dir) / rundir.PROBE} already holds a result with these settings; "
-                              "pass --overwrite to replace it, or --no-save")
+            raise OutputError(
+                f"{Path(run_dir) / rundir.PROBE} already holds a result with these settings; "
+                "pass --overwrite to replace it, or --no-save"
+            )
         return [r for r in results if r.get("setting") != new["setting"]] + [new]
 
     return rundir.update_probe(run_dir, merged)
@@ -277,7 +351,9 @@ class _Counter:
 
 
 def labelled_splits(
-    cfg: ProbeConfig, img_size: int, emit: Progress,
+    cfg: ProbeConfig,
+    img_size: int,
+    emit: Progress,
 ) -> tuple[data_lib.ImageSet, data_lib.ImageSet, int, tuple[str, ...]]:
     """(train, val, number of classes, files left out): --val-data, the source's own split, or a stratified --val-split."""
     load = dict(need_labels=True, download=cfg.download, data_dir=cfg.data_dir, workers=cfg.workers, progress=emit)
@@ -288,7 +364,9 @@ def labelled_splits(
         val_set = other.val if other.val is not None else other.train
         skipped += other.skipped
     if train_set.labels is None or (val_set is not None and val_set.labels is None):
-        raise DataError(f"--data {cfg.data} has no labels; a probe needs class sub-folders, digits, or a labelled dataset")
+        raise DataError(
+            f"--data {cfg.data} has no labels; a probe needs class sub-folders, digits, or a labelled dataset"
+        )
     if val_set is None:
         train_idx, val_idx = data_lib.split_indices(len(train_set), cfg.val_split, cfg.seed, labels=train_set.labels)
         train_set, val_set = train_set.subset(train_idx), train_set.subset(val_idx)
@@ -300,12 +378,20 @@ def labelled_splits(
     if cfg.labels_per_class:
         keep, short = keep_per_class(train_set.labels, cfg.labels_per_class, cfg.seed)
         if short:
-            emit(WarningMessage(f"{len(short)} class(es) have fewer than {cfg.labels_per_class} training images "
-                                f"(e.g. class {short[0]}); all of theirs are used"))
+            emit(
+                WarningMessage(
+                    f"{len(short)} class(es) have fewer than {cfg.labels_per_class} training images "
+                    f"(e.g. class {short[0]}); all of theirs are used"
+                )
+            )
         train_set = train_set.subset(keep)
-    num_classes = len(train_set.classes) if train_set.classes else int(torch.cat([train_set.labels, val_set.labels]).max()) + 1
+    num_classes = (
+        len(train_set.classes) if train_set.classes else int(torch.cat([train_set.labels, val_set.labels]).max()) + 1
+    )
     if len(train_set.labels.unique()) < 2:
-        raise DataError(f"--data {cfg.data}: the training split has fewer than 2 classes; a classifier needs at least 2")
+        raise DataError(
+            f"--data {cfg.data}: the training split has fewer than 2 classes; a classifier needs at least 2"
+        )
     if len(val_set) == 0:
         raise DataError("the validation split is empty; raise --val-split or give --val-data")
     return train_set, val_set, num_classes, skipped
@@ -399,7 +485,11 @@ class FeatureCache:
     def allocate(cls, n: int, shapes: list[tuple[int, int, int]], plan: CachePlan) -> "FeatureCache":
         width = sum(c for c, _, _ in shapes)
         pooled = {v: torch.empty(n, width, device=plan.device) for v in plan.views - {"maps"}}
-        maps = [torch.empty(n, *s, dtype=plan.maps_dtype, device=plan.device) for s in shapes] if "maps" in plan.views else None
+        maps = (
+            [torch.empty(n, *s, dtype=plan.maps_dtype, device=plan.device) for s in shapes]
+            if "maps" in plan.views
+            else None
+        )
         return cls(torch.empty(n, dtype=torch.long, device=plan.device), shapes, pooled, maps)
 
     @classmethod
@@ -426,8 +516,11 @@ class FeatureCache:
     def truncate(self, n: int) -> "FeatureCache":
         """The first ``n`` images (when unreadable files left the end unfilled)."""
         return FeatureCache(
-            self.labels[:n], self.shapes, {v: t[:n] for v, t in self.pooled.items()},
-            [m[:n] for m in self.maps] if self.maps is not None else None, self.skipped,
+            self.labels[:n],
+            self.shapes,
+            {v: t[:n] for v, t in self.pooled.items()},
+            [m[:n] for m in self.maps] if self.maps is not None else None,
+            self.skipped,
         )
 
     def row_avg(self, r: int) -> torch.Tensor:
@@ -452,7 +545,10 @@ class FeatureCache:
 
 @torch.no_grad()
 def stage_features(
-    backbones: list[tuple[str, LoadedWeights]], stages: list[list[int]], images: torch.Tensor, device: torch.device,
+    backbones: list[tuple[str, LoadedWeights]],
+    stages: list[list[int]],
+    images: torch.Tensor,
+    device: torch.device,
     precision: str,
 ) -> list[torch.Tensor]:
     """The stage maps of one batch of uint8 images (B, 3, S, S) for every row (backbone x stage):
@@ -467,15 +563,23 @@ def stage_features(
 
 @torch.no_grad()
 def extract_features(
-    backbones: list[tuple[str, LoadedWeights]], stages: list[list[int]], images: data_lib.ImageSet,
-    shapes: list[tuple[int, int, int]], plan: CachePlan, cfg: ProbeConfig, device: torch.device, precision: str,
+    backbones: list[tuple[str, LoadedWeights]],
+    stages: list[list[int]],
+    images: data_lib.ImageSet,
+    shapes: list[tuple[int, int, int]],
+    plan: CachePlan,
+    cfg: ProbeConfig,
+    device: torch.device,
+    precision: str,
     counter: _Counter,
 ) -> FeatureCache:
     """Run every backbone over ``images`` once, in eval mode, keeping the views of every requested stage."""
     cache = FeatureCache.allocate(len(images), shapes, plan)
     filled = 0
     order = torch.arange(len(images))
-    for batch in data_lib.iterate_batches(images, order, cfg.resolved_batch_size, device, drop_last=False, workers=cfg.workers):
+    for batch in data_lib.iterate_batches(
+        images, order, cfg.resolved_batch_size, device, drop_last=False, workers=cfg.workers
+    ):
         cache.skipped += batch.skipped
         rows = slice(filled, filled + len(batch.images))
         cache.labels[rows] = batch.labels.to(plan.device)
@@ -517,7 +621,9 @@ class StackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)  # (B, R, H) from a previous StackedLinear: its rows side by side
-        y = torch.stack([x[:, a:b] @ w for a, b, w in zip(self.offsets, self.offsets[1:], self.weights)], dim=1)  # (B, R, K)
+        y = torch.stack(
+            [x[:, a:b] @ w for a, b, w in zip(self.offsets, self.offsets[1:], self.weights)], dim=1
+        )  # (B, R, K)
         return y + self.bias if self.bias is not None else y
 
 
@@ -532,8 +638,14 @@ def pooled_heads(kind: str, dims: list[int], num_classes: int) -> nn.Module:
         return nn.Sequential(nn.BatchNorm1d(sum(dims), affine=False), StackedLinear(dims, num_classes))
     hidden = [MLP_HIDDEN] * rows
     return nn.Sequential(
-        StackedLinear(dims, MLP_HIDDEN, bias=False), nn.Flatten(), nn.BatchNorm1d(rows * MLP_HIDDEN), nn.ReLU(inplace=True),
-        StackedLinear(hidden, MLP_HIDDEN, bias=False), nn.Flatten(), nn.BatchNorm1d(rows * MLP_HIDDEN), nn.ReLU(inplace=True),
+        StackedLinear(dims, MLP_HIDDEN, bias=False),
+        nn.Flatten(),
+        nn.BatchNorm1d(rows * MLP_HIDDEN),
+        nn.ReLU(inplace=True),
+        StackedLinear(hidden, MLP_HIDDEN, bias=False),
+        nn.Flatten(),
+        nn.BatchNorm1d(rows * MLP_HIDDEN),
+        nn.ReLU(inplace=True),
         StackedLinear(hidden, num_classes),
     )
 
@@ -555,8 +667,12 @@ def spatial_head(kind: str, shape: tuple[int, int, int], num_classes: int) -> nn
         dim = math.prod(shape)
         return nn.Sequential(
             nn.Flatten(),
-            nn.Linear(dim, MLP_HIDDEN, bias=False), nn.BatchNorm1d(MLP_HIDDEN), nn.ReLU(inplace=True),
-            nn.Linear(MLP_HIDDEN, MLP_HIDDEN, bias=False), nn.BatchNorm1d(MLP_HIDDEN), nn.ReLU(inplace=True),
+            nn.Linear(dim, MLP_HIDDEN, bias=False),
+            nn.BatchNorm1d(MLP_HIDDEN),
+            nn.ReLU(inplace=True),
+            nn.Linear(MLP_HIDDEN, MLP_HIDDEN, bias=False),
+            nn.BatchNorm1d(MLP_HIDDEN),
+            nn.ReLU(inplace=True),
             nn.Linear(MLP_HIDDEN, num_classes),
         )
 
@@ -564,8 +680,12 @@ def spatial_head(kind: str, shape: tuple[int, int, int], num_classes: int) -> nn
         return [nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
     return nn.Sequential(
-        *conv_bn_relu(shape[0], CONV_WIDTH, 3), *conv_bn_relu(CONV_WIDTH, CONV_WIDTH, 1), *conv_bn_relu(CONV_WIDTH, CONV_WIDTH, 1),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(CONV_WIDTH, num_classes),
+        *conv_bn_relu(shape[0], CONV_WIDTH, 3),
+        *conv_bn_relu(CONV_WIDTH, CONV_WIDTH, 1),
+        *conv_bn_relu(CONV_WIDTH, CONV_WIDTH, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(CONV_WIDTH, num_classes),
     )
 
 
@@ -596,7 +716,9 @@ def make_head_optimizer(params, recipe: HeadRecipe, device: torch.device) -> tor
     """
     fused = {"fused": True} if device.type in FUSED_OPTIMIZER_DEVICES else {}
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay, **fused)
+        return torch.optim.SGD(
+            params, lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay, **fused
+        )
     return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, **fused)
 
 
@@ -613,8 +735,16 @@ class HeadTrainer:
     """One kind of head for every row (backbone x stage): the modules, their optimiser and schedule,
     and the validation accuracy per row of the last and the best epoch (kept on the device)."""
 
-    def __init__(self, kind: str, shapes: list[tuple[int, int, int]], num_classes: int, pool: str, recipe: HeadRecipe,
-                 seed: int, device: torch.device):
+    def __init__(
+        self,
+        kind: str,
+        shapes: list[tuple[int, int, int]],
+        num_classes: int,
+        pool: str,
+        recipe: HeadRecipe,
+        seed: int,
+        device: torch.device,
+    ):
         self.kind, self.recipe, self.view, self.num_classes = kind, recipe, head_view(kind, pool), num_classes
         torch.manual_seed(seed)  # the same initial heads every time
         if self.view == "maps":
@@ -629,8 +759,16 @@ class HeadTrainer:
         self.best = torch.full((len(shapes),), -1.0, device=device)  # (R,) best top-1 so far
         self.best_epoch = torch.zeros(len(shapes), dtype=torch.long, device=device)  # (R,) 1-based
 
-    def train_step(self, inputs, labels: torch.Tensor, epoch: int, step: int, steps_per_epoch: int,
-                   device: torch.device, precision: str) -> None:
+    def train_step(
+        self,
+        inputs,
+        labels: torch.Tensor,
+        epoch: int,
+        step: int,
+        steps_per_epoch: int,
+        device: torch.device,
+        precision: str,
+    ) -> None:
         """One optimiser step on a mini-batch: inputs (B, R, D) or [(B, C, H, W)] per row, labels (B,)."""
         for group in self.optimizer.param_groups:
             group["lr"] = head_lr(self.recipe, epoch, step, steps_per_epoch)
@@ -686,8 +824,15 @@ def one_thread_for_small_steps(device: torch.device, view: str):
 
 
 def train_heads(
-    trainer: HeadTrainer, train: FeatureCache, val: FeatureCache, batch_size: int, seed: int, device: torch.device,
-    precision: str, counter: _Counter, every_epoch: bool = False,
+    trainer: HeadTrainer,
+    train: FeatureCache,
+    val: FeatureCache,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    precision: str,
+    counter: _Counter,
+    every_epoch: bool = False,
 ) -> None:
     """Train one kind of head for every row on the cached features; evaluate after the last epoch, or
     after every epoch when the best one is wanted (about a tenth more time for a linear head)."""
@@ -701,14 +846,20 @@ def train_heads(
         for step in range(steps_per_epoch):
             idx = perm[step * batch_size : (step + 1) * batch_size]
             labels = train.labels[idx].to(device, non_blocking=True)
-            trainer.train_step(train.inputs(trainer.view, idx, device), labels, epoch, step, steps_per_epoch, device, precision)
+            trainer.train_step(
+                train.inputs(trainer.view, idx, device), labels, epoch, step, steps_per_epoch, device, precision
+            )
         if every_epoch or epoch == trainer.recipe.epochs - 1:
-            trainer.record(epoch, evaluate_on_cache(trainer, val, max(batch_size, 1024), device, precision), len(val.labels))
+            trainer.record(
+                epoch, evaluate_on_cache(trainer, val, max(batch_size, 1024), device, precision), len(val.labels)
+            )
         counter.step()
 
 
 @torch.no_grad()
-def evaluate_on_cache(trainer: HeadTrainer, val: FeatureCache, batch_size: int, device: torch.device, precision: str) -> torch.Tensor:
+def evaluate_on_cache(
+    trainer: HeadTrainer, val: FeatureCache, batch_size: int, device: torch.device, precision: str
+) -> torch.Tensor:
     """(R,) right answers of every row's head on the cached validation features."""
     trainer.heads.eval()
     correct = torch.zeros(len(val.shapes), dtype=torch.long, device=device)
@@ -720,9 +871,16 @@ def evaluate_on_cache(trainer: HeadTrainer, val: FeatureCache, batch_size: int, 
 
 
 def train_heads_on_augmented_images(
-    trainers: list[HeadTrainer], backbones: list[tuple[str, LoadedWeights]], stages: list[list[int]],
-    train_set: data_lib.ImageSet, val_set: data_lib.ImageSet, cfg: ProbeConfig, img_size: int, device: torch.device,
-    precision: str, emit: Progress,
+    trainers: list[HeadTrainer],
+    backbones: list[tuple[str, LoadedWeights]],
+    stages: list[list[int]],
+    train_set: data_lib.ImageSet,
+    val_set: data_lib.ImageSet,
+    cfg: ProbeConfig,
+    img_size: int,
+    device: torch.device,
+    precision: str,
+    emit: Progress,
 ) -> list[str]:
     """Train every head on features recomputed for each batch of randomly cropped and flipped images;
     returns the files that could not be read while streaming (none for images in memory).
@@ -753,12 +911,23 @@ def train_heads_on_augmented_images(
             if len(batch.images) < 2:  # a last batch of one image: BatchNorm cannot train on it
                 continue
             # the crop and flip of a step are a function of (seed, epoch, step), like pretraining's
-            generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch * steps_per_epoch + step)
+            generator = torch.Generator(device=device).manual_seed(
+                cfg.seed * 1_000_003 + epoch * steps_per_epoch + step
+            )
             images = data_lib.random_crop_flip(batch.images, padding, generator)  # (B, 3, S, S) uint8
-            features = FeatureCache.of_batch(stage_features(backbones, stages, images, device, precision), batch.labels, views)
+            features = FeatureCache.of_batch(
+                stage_features(backbones, stages, images, device, precision), batch.labels, views
+            )
             for trainer in active:
-                trainer.train_step(features.inputs(trainer.view, None, device), batch.labels, epoch, step, steps_per_epoch,
-                                   device, precision)
+                trainer.train_step(
+                    features.inputs(trainer.view, None, device),
+                    batch.labels,
+                    epoch,
+                    step,
+                    steps_per_epoch,
+                    device,
+                    precision,
+                )
         evaluate_on_images(active, backbones, stages, val_set, views, epoch, cfg, device, precision)
         counter.step()
     return skipped
@@ -766,8 +935,15 @@ def train_heads_on_augmented_images(
 
 @torch.no_grad()
 def evaluate_on_images(
-    trainers: list[HeadTrainer], backbones, stages: list[list[int]], images: data_lib.ImageSet, views: set[str],
-    epoch: int, cfg: ProbeConfig, device: torch.device, precision: str,
+    trainers: list[HeadTrainer],
+    backbones,
+    stages: list[list[int]],
+    images: data_lib.ImageSet,
+    views: set[str],
+    epoch: int,
+    cfg: ProbeConfig,
+    device: torch.device,
+    precision: str,
 ) -> None:
     """Evaluate every trainer's heads on the features of the un-augmented ``images`` and record the epoch."""
     for trainer in trainers:
@@ -775,8 +951,12 @@ def evaluate_on_images(
     correct = [torch.zeros(len(trainer.last), dtype=torch.long, device=device) for trainer in trainers]
     seen = 0
     order = torch.arange(len(images))
-    for batch in data_lib.iterate_batches(images, order, cfg.resolved_batch_size, device, drop_last=False, workers=cfg.workers):
-        features = FeatureCache.of_batch(stage_features(backbones, stages, batch.images, device, precision), batch.labels, views)
+    for batch in data_lib.iterate_batches(
+        images, order, cfg.resolved_batch_size, device, drop_last=False, workers=cfg.workers
+    ):
+        features = FeatureCache.of_batch(
+            stage_features(backbones, stages, batch.images, device, precision), batch.labels, views
+        )
         for trainer, right in zip(trainers, correct):
             right += trainer.count_correct(features.inputs(trainer.view, None, device), batch.labels, device, precision)
         seen += len(batch.labels)
@@ -786,8 +966,14 @@ def evaluate_on_images(
 
 @torch.no_grad()
 def knn_accuracy(
-    train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, num_classes: int,
-    k: int, temperature: float, device: torch.device,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    num_classes: int,
+    k: int,
+    temperature: float,
+    device: torch.device,
 ) -> float:
     """Top-1 of a cosine k-NN vote: each of the k nearest training images votes exp(similarity / T) for its class."""
     bank = F.normalize(train_x.to(device).float(), dim=1)  # (N, C)
@@ -804,6 +990,14 @@ def knn_accuracy(
 
 
 __all__ = [
-    "probe", "ProbeResult", "ProbeRow", "keep_per_class", "knn_accuracy", "stage_features", "extract_features",
-    "train_heads", "train_heads_on_augmented_images", "HeadTrainer",
+    "probe",
+    "ProbeResult",
+    "ProbeRow",
+    "keep_per_class",
+    "knn_accuracy",
+    "stage_features",
+    "extract_features",
+    "train_heads",
+    "train_heads_on_augmented_images",
+    "HeadTrainer",
 ]

@@ -28,7 +28,11 @@ from pathlib import Path
 
 from . import rundir
 from .config import (
-    PRETRAIN_SCHEDULES, PretrainConfig, ProbeConfig, ReproduceConfig, SupervisedConfig,
+    PRETRAIN_SCHEDULES,
+    PretrainConfig,
+    ProbeConfig,
+    ReproduceConfig,
+    SupervisedConfig,
     format_rotations,
 )
 from .errors import ConfigError, DataError, OutputError
@@ -47,7 +51,12 @@ ROTATION_STUDY = (
     ("2 rotations: 90, 270", (90.0, 270.0), 85.52),
 )
 TABLE1_PAPER = {1: 85.07, 2: 89.06, 3: 86.21, 4: 61.73}
-TABLE3_PAPER = {"Supervised NIN": 92.80, "Random init + conv": 72.50, "RotNet + non-linear": 89.06, "RotNet + conv": 91.16}
+TABLE3_PAPER = {
+    "Supervised NIN": 92.80,
+    "Random init + conv": 72.50,
+    "RotNet + non-linear": 89.06,
+    "RotNet + conv": 91.16,
+}
 TABLE3_CONV_PAPER = TABLE3_PAPER["RotNet + conv"]
 
 
@@ -75,8 +84,13 @@ class ReproduceResult:
     runs: dict[str, str] = field(default_factory=dict)  # experiment -> run directory
 
     def to_dict(self) -> dict:
-        return {"out_dir": str(self.out_dir), "smoke": self.smoke, "schedule": self.schedule, "runs": self.runs,
-                "rows": [r.to_dict() for r in self.rows]}
+        return {
+            "out_dir": str(self.out_dir),
+            "smoke": self.smoke,
+            "schedule": self.schedule,
+            "runs": self.runs,
+            "rows": [r.to_dict() for r in self.rows],
+        }
 
 
 # ----------------------------------------------------------------------------- the recipe's configs
@@ -86,28 +100,67 @@ def pretrain_config(cfg: ReproduceConfig, rotations: tuple[float, ...], out: Pat
     """RotNet pretraining as the official code (config/CIFAR10_RotNet_NIN4blocks.py), on the --schedule's epochs."""
     epochs, milestones = PRETRAIN_SCHEDULES[cfg.schedule]
     common = dict(
-        model="rotnet_nin4", rotations=rotations, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
-        decay_all_params=True, batch_size=128, augment="crop+flip", device=cfg.device, precision=cfg.precision,
-        workers=cfg.workers, seed=cfg.seed, out=str(out), schedule="step", gamma=0.2,
+        model="rotnet_nin4",
+        rotations=rotations,
+        optimizer="sgd",
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=5e-4,
+        decay_all_params=True,
+        batch_size=128,
+        augment="crop+flip",
+        device=cfg.device,
+        precision=cfg.precision,
+        workers=cfg.workers,
+        seed=cfg.seed,
+        out=str(out),
+        schedule="step",
+        gamma=0.2,
     )
     if cfg.smoke:
-        return PretrainConfig(**common | {"batch_size": 16}, data="digits", img_size=8, epochs=2, milestones=(1,),
-                              max_steps_per_epoch=2, val_split=0.02)
+        return PretrainConfig(
+            **common | {"batch_size": 16},
+            data="digits",
+            img_size=8,
+            epochs=2,
+            milestones=(1,),
+            max_steps_per_epoch=2,
+            val_split=0.02,
+        )
     # CIFAR-10 brings its test split, which serves as the rotation validation set (as the official code's)
-    return PretrainConfig(**common, data=cfg.data, data_dir=cfg.data_dir, download=cfg.download, img_size=32,
-                          epochs=epochs, milestones=milestones, val_split=0.02)
+    return PretrainConfig(
+        **common,
+        data=cfg.data,
+        data_dir=cfg.data_dir,
+        download=cfg.download,
+        img_size=32,
+        epochs=epochs,
+        milestones=milestones,
+        val_split=0.02,
+    )
 
 
-def probe_config(cfg: ReproduceConfig, run: Path, layers: tuple[int, ...], heads: tuple[str, ...],
-                 compare: tuple[str, ...] = ()) -> ProbeConfig:
+def probe_config(
+    cfg: ReproduceConfig, run: Path, layers: tuple[int, ...], heads: tuple[str, ...], compare: tuple[str, ...] = ()
+) -> ProbeConfig:
     """The official classifiers' protocol (the paper recipe) on frozen feature maps, flattened for the MLP.
 
     The 8-rotation NIN masks every pretraining copy with a disc (so empty corners give nothing
     away); its probes see whole, unmasked images all the same: the mask is a device of the pretext
     task, and the classifiers are judged on the images the downstream task has.
     """
-    common = dict(weights=str(run), layers=layers, heads=heads, pool="flatten", recipe="paper", compare=compare,
-                  device=cfg.device, precision=cfg.precision, workers=cfg.workers, seed=cfg.seed)
+    common = dict(
+        weights=str(run),
+        layers=layers,
+        heads=heads,
+        pool="flatten",
+        recipe="paper",
+        compare=compare,
+        device=cfg.device,
+        precision=cfg.precision,
+        workers=cfg.workers,
+        seed=cfg.seed,
+    )
     if cfg.smoke:
         return ProbeConfig(**common, data="digits", epochs=2, val_split=0.05, labels_per_class=10)
     return ProbeConfig(**common, data=cfg.data, data_dir=cfg.data_dir, download=cfg.download)
@@ -115,11 +168,26 @@ def probe_config(cfg: ReproduceConfig, run: Path, layers: tuple[int, ...], heads
 
 def supervised_config(cfg: ReproduceConfig, out: Path) -> SupervisedConfig:
     """Table 3's supervised NIN: config/CIFAR10_supervised_NIN.py (SupervisedConfig's defaults)."""
-    common = dict(model="rotnet_nin3", device=cfg.device, precision=cfg.precision, workers=cfg.workers, seed=cfg.seed,
-                  out=str(out))
+    common = dict(
+        model="rotnet_nin3",
+        device=cfg.device,
+        precision=cfg.precision,
+        workers=cfg.workers,
+        seed=cfg.seed,
+        out=str(out),
+    )
     if cfg.smoke:
-        return SupervisedConfig(**common, data="digits", img_size=8, epochs=2, milestones=(1,), batch_size=16,
-                                labels_per_class=10, val_split=0.05, max_steps_per_epoch=2)
+        return SupervisedConfig(
+            **common,
+            data="digits",
+            img_size=8,
+            epochs=2,
+            milestones=(1,),
+            batch_size=16,
+            labels_per_class=10,
+            val_split=0.05,
+            max_steps_per_epoch=2,
+        )
     return SupervisedConfig(**common, data=cfg.data, data_dir=cfg.data_dir, download=cfg.download, img_size=32)
 
 
@@ -143,11 +211,15 @@ def reproduce(cfg: ReproduceConfig, progress: Progress | None = None) -> Reprodu
             for stage in (1, 2, 3, 4):
                 result.rows.append(_row(mlp, "1", name, "run", stage, "mlp", TABLE1_PAPER[stage]))
             result.rows.append(_row(mlp, "2", name, "run", 2, "mlp", paper_block2))
-            table3["RotNet + non-linear"] = _row(mlp, "3", "RotNet + non-linear", "run", 2, "mlp", TABLE3_PAPER["RotNet + non-linear"])
+            table3["RotNet + non-linear"] = _row(
+                mlp, "3", "RotNet + non-linear", "run", 2, "mlp", TABLE3_PAPER["RotNet + non-linear"]
+            )
             emit(Message(f"[{name}] the conv classifier on block 2, and on a random NIN's (Table 3)"))
             conv = probe_once(probe_config(cfg, run, (2,), ("conv",), compare=("random",)), emit, progress)
             table3["RotNet + conv"] = _row(conv, "3", "RotNet + conv", "run", 2, "conv", TABLE3_PAPER["RotNet + conv"])
-            table3["Random init + conv"] = _row(conv, "3", "Random init + conv", "random", 2, "conv", TABLE3_PAPER["Random init + conv"])
+            table3["Random init + conv"] = _row(
+                conv, "3", "Random init + conv", "random", 2, "conv", TABLE3_PAPER["Random init + conv"]
+            )
         else:
             emit(Message(f"[{name}] the non-linear classifier on block 2 (Table 2)"))
             mlp = probe_once(probe_config(cfg, run, (2,), ("mlp",)), emit, progress)
@@ -158,8 +230,14 @@ def reproduce(cfg: ReproduceConfig, progress: Progress | None = None) -> Reprodu
     emit(Message(f"[Supervised NIN] training rotnet_nin3 on the labels -> {supervised_dir}"))
     supervised = train_supervised(supervised_config(cfg, supervised_dir), progress)
     table3["Supervised NIN"] = ReproduceRow(
-        "3", "Supervised NIN", None, "nin3", _pct(supervised.accuracy), _pct(supervised.best_accuracy),
-        supervised.best_epoch, TABLE3_PAPER["Supervised NIN"],
+        "3",
+        "Supervised NIN",
+        None,
+        "nin3",
+        _pct(supervised.accuracy),
+        _pct(supervised.best_accuracy),
+        supervised.best_epoch,
+        TABLE3_PAPER["Supervised NIN"],
     )
     result.rows += [table3[name] for name in TABLE3_PAPER]  # in the paper's order
     result.rows.sort(key=lambda r: r.table)  # stable: the study's order within each table
@@ -193,8 +271,10 @@ def _saved_pretrain_config(run: Path) -> PretrainConfig | None:
     try:
         return rundir.read_run_config(run)  # every field checked: a wrong type is named, never a traceback
     except (DataError, ConfigError) as e:
-        raise OutputError(f"{run / rundir.CONFIG} is not a rotnet run config ({str(e).splitlines()[0][:80]}); "
-                          "give another --out, or move it away") from None
+        raise OutputError(
+            f"{run / rundir.CONFIG} is not a rotnet run config ({str(e).splitlines()[0][:80]}); "
+            "give another --out, or move it away"
+        ) from None
 
 
 def probe_once(cfg: ProbeConfig, emit: Progress, progress: Progress | None) -> dict:
@@ -211,10 +291,14 @@ def _row(result: dict, table: str, experiment: str, weights: str, stage: int, he
     try:
         row = next(r for r in result["rows"] if r["weights"] == weights and r["stage"] == stage)
         best = row.get("best_epoch", {}).get(head, {"accuracy": row[head], "epoch": None})
-        return ReproduceRow(table, experiment, stage, head, _pct(row[head]), _pct(best["accuracy"]), best["epoch"], paper)
+        return ReproduceRow(
+            table, experiment, stage, head, _pct(row[head]), _pct(best["accuracy"]), best["epoch"], paper
+        )
     except (KeyError, TypeError, StopIteration):
-        raise OutputError(f"the probe result of {result.get('weights')} has no {head} accuracy for {weights} block {stage}; "
-                          f"move its {rundir.PROBE} away and run again") from None
+        raise OutputError(
+            f"the probe result of {result.get('weights')} has no {head} accuracy for {weights} block {stage}; "
+            f"move its {rundir.PROBE} away and run again"
+        ) from None
 
 
 def _pct(accuracy: float) -> float:

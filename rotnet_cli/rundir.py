@@ -48,8 +48,17 @@ from typing import Any, Callable, Iterable
 
 from ._version import __version__
 from .checkpoint import (
-    current_umask, encode_text, load_checkpoint, make_dir, printable, remove_stale_temp_files, safetensors_metadata,
-    save_checkpoint, save_safetensors, write_json, write_text,
+    current_umask,
+    encode_text,
+    load_checkpoint,
+    make_dir,
+    printable,
+    remove_stale_temp_files,
+    safetensors_metadata,
+    save_checkpoint,
+    save_safetensors,
+    write_json,
+    write_text,
 )
 from .config import FILE_FIX, MAX_IMG_SIZE, MIN_IMG_SIZE, PretrainConfig, parse_rotations
 from .errors import ConfigError, DataError, OutputError, WeightsError
@@ -68,9 +77,20 @@ EXPORT_DIR = "export"  # the default place of a run's export (rotnet export RUN 
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 BEST = "best"  # checkpoints/best.safetensors
-LOG_ENTRIES = ("scalars.csv", "tensorboard", "wandb", "mlflow.db", "mlflow-artifacts")  # what the loggers write in logs/
+LOG_ENTRIES = (
+    "scalars.csv",
+    "tensorboard",
+    "wandb",
+    "mlflow.db",
+    "mlflow-artifacts",
+)  # what the loggers write in logs/
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, WEIGHTS, PROBE)
-RUN_ENTRIES = (*RUN_FILES, EXPORT_DIR, CHECKPOINTS, LOGS)  # what --overwrite replaces; anything else in the folder is the user's
+RUN_ENTRIES = (
+    *RUN_FILES,
+    EXPORT_DIR,
+    CHECKPOINTS,
+    LOGS,
+)  # what --overwrite replaces; anything else in the folder is the user's
 EXPORT_FILES = (EXPORT_WEIGHTS, EXPORT_CONFIG, MODEL_CARD, EXPORT_HEAD)
 PROBE_FORMAT = "rotnet-probe-results"  # probe.json: {"format": PROBE_FORMAT, "results": [one per setting]}
 # an overwritten run's files while the new run has no checkpoint; the folder's name says how far the move got
@@ -86,7 +106,15 @@ RUN_FORMAT = "run"  # a run's model.safetensors: backbone.* + head.*
 EXPORT_FORMAT = "export"  # an export's model.safetensors: the backbone's own keys
 HEAD_FORMAT = "rotation-head"  # an export's rotation_head.safetensors
 FORMATS = (RUN_FORMAT, EXPORT_FORMAT, HEAD_FORMAT)
-TEXT_FIELDS = ("format", FORMAT_KEY, "rotnet_version", "model", "source", "data", "dtype")  # stored as they are; the rest as JSON
+TEXT_FIELDS = (
+    "format",
+    FORMAT_KEY,
+    "rotnet_version",
+    "model",
+    "source",
+    "data",
+    "dtype",
+)  # stored as they are; the rest as JSON
 
 
 def plain_text(text: str) -> str:
@@ -142,8 +170,12 @@ class FileFields:
         value = self.get(key, required)
         if value is None:
             return None
-        if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(_is_number(v) for v in value) \
-                or (positive and not all(v > 0 for v in value)):
+        if (
+            not isinstance(value, (list, tuple))
+            or len(value) != 3
+            or not all(_is_number(v) for v in value)
+            or (positive and not all(v > 0 for v in value))
+        ):
             self.fail(key, "3 numbers (one per RGB channel)" + (", each above 0" if positive else ""))
         return tuple(float(v) for v in value)
 
@@ -218,7 +250,9 @@ def read_weights_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
         try:
             meta[key] = value if key in TEXT_FIELDS else json.loads(value)
         except ValueError:
-            raise WeightsError(f"{path}: its metadata {key!r} is not valid ({value[:40]!r}); the file was not written by rotnet") from None
+            raise WeightsError(
+                f"{path}: its metadata {key!r} is not valid ({value[:40]!r}); the file was not written by rotnet"
+            ) from None
     fields = FileFields(meta, f"{path} (metadata)")
     fields.text("model")
     meta["rotations"] = fields.rotations("rotations", required=meta[FORMAT_KEY] == HEAD_FORMAT)
@@ -292,18 +326,29 @@ def read_export_config(folder: Path) -> dict[str, Any]:
     args = fields.mapping("model_args", required=False) or {}
     inner = FileFields(pcfg, f"{path} pretrained_cfg")
     size = inner.get("input_size", required=False)
-    if size is not None and not (isinstance(size, list) and len(size) == 3 and all(_is_int(v) for v in size)
-                                 and MIN_IMG_SIZE <= size[-1] <= MAX_IMG_SIZE):
+    if size is not None and not (
+        isinstance(size, list)
+        and len(size) == 3
+        and all(_is_int(v) for v in size)
+        and MIN_IMG_SIZE <= size[-1] <= MAX_IMG_SIZE
+    ):
         inner.fail("input_size", f"[3, H, W] with sizes from {MIN_IMG_SIZE} to {MAX_IMG_SIZE}")
     build = args.get("img_size")
     if build is not None and not (
         (_is_int(build) and MIN_IMG_SIZE <= build <= MAX_IMG_SIZE)
-        or (isinstance(build, list) and len(build) == 2 and all(_is_int(v) and MIN_IMG_SIZE <= v <= MAX_IMG_SIZE for v in build))
+        or (
+            isinstance(build, list)
+            and len(build) == 2
+            and all(_is_int(v) and MIN_IMG_SIZE <= v <= MAX_IMG_SIZE for v in build)
+        )
     ):
         FileFields(args, f"{path} model_args").fail("img_size", "a size in pixels or [H, W]")
     return {
-        "architecture": fields.text("architecture"), "img_size": size[-1] if size else None, "build_size": build,
-        "mean": inner.channel_stats("mean", positive=False), "std": inner.channel_stats("std", positive=True),
+        "architecture": fields.text("architecture"),
+        "img_size": size[-1] if size else None,
+        "build_size": build,
+        "mean": inner.channel_stats("mean", positive=False),
+        "std": inner.channel_stats("std", positive=True),
         "record": record,
     }
 
@@ -428,16 +473,22 @@ def write_config(out: Path, config: dict[str, Any], resolved: dict[str, Any]) ->
     import torch
     import torchvision
 
-    return write_json(out / CONFIG, {
-        "config": config,
-        "resolved": resolved,
-        "versions": {
-            "rotnet": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__, "python": platform.python_version(),
+    return write_json(
+        out / CONFIG,
+        {
+            "config": config,
+            "resolved": resolved,
+            "versions": {
+                "rotnet": __version__,
+                "torch": torch.__version__,
+                "torchvision": torchvision.__version__,
+                "timm": timm.__version__,
+                "python": platform.python_version(),
+            },
+            "command": sys.argv,
+            "started": datetime.now().astimezone().isoformat(timespec="seconds"),
         },
-        "command": sys.argv,
-        "started": datetime.now().astimezone().isoformat(timespec="seconds"),
-    })
+    )
 
 
 def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
@@ -458,8 +509,13 @@ def update_probe(run_dir: Path, update: Callable[[list[dict[str, Any]]], list[di
     decides which replaces which), read and written while holding the run directory's lock (a run
     being written, or another probe saving, is refused)."""
     run_dir = Path(run_dir)
-    with FolderLock(run_dir / LOCK, run_dir, "wait until it ends, or pass --no-save",
-                    "make it writable (chmod u+w), or pass --no-save", wait_s=PROBE_SAVE_WAIT_S):
+    with FolderLock(
+        run_dir / LOCK,
+        run_dir,
+        "wait until it ends, or pass --no-save",
+        "make it writable (chmod u+w), or pass --no-save",
+        wait_s=PROBE_SAVE_WAIT_S,
+    ):
         return write_json(run_dir / PROBE, {"format": PROBE_FORMAT, "results": update(read_probe(run_dir))})
 
 
@@ -467,10 +523,14 @@ def record_extension(out: Path, epochs: int, at_epoch: int) -> Path:
     """config.json of a run resumed with a larger --epochs: the new total (so a later --resume continues it)
     and, under "extended", when and from what it grew."""
     record = read_config(out)
-    record.setdefault("extended", []).append({
-        "from_epochs": record["config"].get("epochs"), "to_epochs": epochs, "at_epoch": at_epoch,
-        "time": datetime.now().astimezone().isoformat(timespec="seconds"),
-    })
+    record.setdefault("extended", []).append(
+        {
+            "from_epochs": record["config"].get("epochs"),
+            "to_epochs": epochs,
+            "at_epoch": at_epoch,
+            "time": datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
+    )
     record["config"]["epochs"] = epochs
     return write_json(Path(out) / CONFIG, record)
 
@@ -522,7 +582,11 @@ def written_by_rotnet(path: Path) -> bool:
             if (path.parent / EXPORT_WEIGHTS).is_file() and _marker(path.parent / EXPORT_WEIGHTS) == EXPORT_FORMAT:
                 return True  # timm's config.json of a rotnet export
             record = json.loads(path.read_bytes().decode("utf-8"))
-            return isinstance(record, dict) and isinstance(record.get("config"), dict) and "rotnet" in (record.get("versions") or {})
+            return (
+                isinstance(record, dict)
+                and isinstance(record.get("config"), dict)
+                and "rotnet" in (record.get("versions") or {})
+            )
         if name == PROBE:
             record = json.loads(path.read_bytes().decode("utf-8"))
             if isinstance(record, dict) and record.get("format") == PROBE_FORMAT:
@@ -580,8 +644,15 @@ EVERYTHING = None  # ``replaces`` of a command that replaces the whole folder (a
 
 
 def check_out_dir(
-    out: Path, *, overwrite: bool, resume: bool = False, resumable: bool = False, inputs: tuple[str, ...] = (),
-    inside_inputs: bool = False, overwrite_does: str = "replace it", replaces: Iterable[str] | None | bool = False,
+    out: Path,
+    *,
+    overwrite: bool,
+    resume: bool = False,
+    resumable: bool = False,
+    inputs: tuple[str, ...] = (),
+    inside_inputs: bool = False,
+    overwrite_does: str = "replace it",
+    replaces: Iterable[str] | None | bool = False,
 ) -> None:
     """Refuse an --out that cannot be used; nothing is created or changed here.
 
@@ -600,15 +671,29 @@ def check_out_dir(
         if not given.exists():
             continue
         given = given.resolve()
-        if given == resolved or resolved in given.parents or (not inside_inputs and given.is_dir() and given in resolved.parents):
-            hint = f", e.g. --out {shlex.quote(str(out / EXPORT_DIR))}" if inside_inputs else " (the originals are never changed)"
+        if (
+            given == resolved
+            or resolved in given.parents
+            or (not inside_inputs and given.is_dir() and given in resolved.parents)
+        ):
+            hint = (
+                f", e.g. --out {shlex.quote(str(out / EXPORT_DIR))}"
+                if inside_inputs
+                else " (the originals are never changed)"
+            )
             raise OutputError(f"--out {out} overlaps the input {spec}; choose a folder outside the inputs{hint}")
     if resume:
         return
     entries = _entries(out)
     if entries and not overwrite:
-        options = f"pass --resume {shlex.quote(str(out))} to continue it, " if resumable and (out / CHECKPOINT).is_file() else "pass "
-        raise OutputError(f"--out {out} exists and is not empty; {options}--overwrite to {overwrite_does}, or choose another --out")
+        options = (
+            f"pass --resume {shlex.quote(str(out))} to continue it, "
+            if resumable and (out / CHECKPOINT).is_file()
+            else "pass "
+        )
+        raise OutputError(
+            f"--out {out} exists and is not empty; {options}--overwrite to {overwrite_does}, or choose another --out"
+        )
     if replaces is not False:
         names = set(replaces) if replaces is not EVERYTHING else None
         for entry in entries:
@@ -637,7 +722,11 @@ def _refuse_another_kind(out: Path, writes: str) -> None:
     if held is None or held == writes:
         return
     what = "a training run's files" if held == "run" else "an exported model"
-    hint = f", e.g. --out {shlex.quote(str(out / EXPORT_DIR))}" if folder_kind(out / "..") != "run" and held == "run" else ""
+    hint = (
+        f", e.g. --out {shlex.quote(str(out / EXPORT_DIR))}"
+        if folder_kind(out / "..") != "run" and held == "run"
+        else ""
+    )
     raise OutputError(
         f"--out {out} holds {what}, and --overwrite replaces only an earlier {writes} there; choose another --out{hint}"
     )
@@ -676,7 +765,9 @@ def _entries(folder: Path) -> list[Path]:
     except NotADirectoryError:
         raise OutputError(f"--out {folder} is a file; choose a folder name") from None
     except PermissionError:
-        raise OutputError(f"cannot read {folder}: permission denied; make it readable, or choose another --out") from None
+        raise OutputError(
+            f"cannot read {folder}: permission denied; make it readable, or choose another --out"
+        ) from None
 
 
 def default_run_dir(model: str) -> Path:
@@ -730,8 +821,15 @@ class FolderLock:
     before checks, once it holds the lock, that the file is still the one at that path.
     """
 
-    def __init__(self, path: Path, folder: Path, busy_fix: str = "wait until it ends, or choose another --out",
-                 denied_fix: str = "choose another --out", make_parents: bool = False, wait_s: float = 0.0):
+    def __init__(
+        self,
+        path: Path,
+        folder: Path,
+        busy_fix: str = "wait until it ends, or choose another --out",
+        denied_fix: str = "choose another --out",
+        make_parents: bool = False,
+        wait_s: float = 0.0,
+    ):
         self.path, self.folder, self.busy_fix, self.denied_fix = Path(path), Path(folder), busy_fix, denied_fix
         self.make_parents = make_parents
         self.wait_s = wait_s  # how long to wait for a holder that only saves a file (a probe): not for a run
@@ -782,7 +880,9 @@ class FolderLock:
                 if time.monotonic() < deadline:
                     time.sleep(0.05)
                     continue
-                raise OutputError(f"{self.folder} is in use by another rotnet process ({holder}); {self.busy_fix}") from None
+                raise OutputError(
+                    f"{self.folder} is in use by another rotnet process ({holder}); {self.busy_fix}"
+                ) from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -792,13 +892,20 @@ class FolderLock:
             os.close(fd)  # the holder removed the file as we opened it: lock the new one
         self.fd = fd
         since = datetime.now().astimezone().isoformat(timespec="seconds")
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": since, "command": suggested_command(sys.argv)}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": since,
+            "command": suggested_command(sys.argv),
+        }
         os.ftruncate(fd, 0)
         os.write(fd, encode_text(json.dumps(info)))
 
     def _in_the_way(self) -> str:
-        return (f"{self.path} is in the way of rotnet's lock file (a link, a folder or another kind of file rotnet did "
-                "not make); remove it and run the command again")
+        return (
+            f"{self.path} is in the way of rotnet's lock file (a link, a folder or another kind of file rotnet did "
+            "not make); remove it and run the command again"
+        )
 
     def release(self) -> None:
         if self.fd is not None:
@@ -844,7 +951,8 @@ class RunDirWriter:
         self.out, self.resume = Path(out), resume
         self.made = made if made is not None else missing_folders(self.out)  # removed again if left empty
         self.lock = FolderLock(
-            self.out / LOCK, self.out,
+            self.out / LOCK,
+            self.out,
             "wait until it ends (or stop it), then resume" if resume else "wait until it ends, or choose another --out",
             "make it writable (chmod u+w), or copy it and resume the copy" if resume else "choose another --out",
         )
@@ -1006,7 +1114,9 @@ def recover_staged(out: Path) -> list[str]:
     stale staging folders of ``out`` (also those of earlier rotnet versions). Returns what it did."""
     done = []
     # this version's names, and earlier ones': .NAME.XXXXXXXX.tmp and .NAME.XXXXXXXX.tmp.previous
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(rotnet-)?[a-z0-9_]{{8}}\.tmp(\.previous)?|\.{re.escape(out.name)}\.rotnet-previous")
+    pattern = re.compile(
+        rf"\.{re.escape(out.name)}\.(rotnet-)?[a-z0-9_]{{8}}\.tmp(\.previous)?|\.{re.escape(out.name)}\.rotnet-previous"
+    )
     try:
         leftovers = sorted(p for p in out.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir())
     except OSError:
@@ -1023,12 +1133,51 @@ def recover_staged(out: Path) -> list[str]:
 
 
 __all__ = [
-    "CONFIG", "METRICS", "CHECKPOINT", "WEIGHTS", "PROBE", "EXPORT_CONFIG", "EXPORT_WEIGHTS", "EXPORT_HEAD",
-    "MODEL_CARD", "RUN_FORMAT", "EXPORT_FORMAT", "HEAD_FORMAT", "save_weights", "read_weights_metadata",
-    "read_config", "read_run_config", "read_export_config", "read_metrics", "read_probe", "read_checkpoint",
-    "run_dir_of", "weights_format", "write_config", "write_metrics", "write_checkpoint", "update_probe",
-    "check_out_dir", "check_out_file", "written_by_rotnet", "FolderLock", "RunDirWriter", "export_lock",
-    "staging_dir", "install_staged", "recover_staged", "default_run_dir", "claim_default_run_dir", "FileFields",
-    "plain_text", "suggested_command", "CHECKPOINTS", "LOGS", "BEST", "kept_checkpoint", "epoch_checkpoint_name",
-    "kept_checkpoint_names", "record_extension",
+    "CONFIG",
+    "METRICS",
+    "CHECKPOINT",
+    "WEIGHTS",
+    "PROBE",
+    "EXPORT_CONFIG",
+    "EXPORT_WEIGHTS",
+    "EXPORT_HEAD",
+    "MODEL_CARD",
+    "RUN_FORMAT",
+    "EXPORT_FORMAT",
+    "HEAD_FORMAT",
+    "save_weights",
+    "read_weights_metadata",
+    "read_config",
+    "read_run_config",
+    "read_export_config",
+    "read_metrics",
+    "read_probe",
+    "read_checkpoint",
+    "run_dir_of",
+    "weights_format",
+    "write_config",
+    "write_metrics",
+    "write_checkpoint",
+    "update_probe",
+    "check_out_dir",
+    "check_out_file",
+    "written_by_rotnet",
+    "FolderLock",
+    "RunDirWriter",
+    "export_lock",
+    "staging_dir",
+    "install_staged",
+    "recover_staged",
+    "default_run_dir",
+    "claim_default_run_dir",
+    "FileFields",
+    "plain_text",
+    "suggested_command",
+    "CHECKPOINTS",
+    "LOGS",
+    "BEST",
+    "kept_checkpoint",
+    "epoch_checkpoint_name",
+    "kept_checkpoint_names",
+    "record_extension",
 ]

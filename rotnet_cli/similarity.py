@@ -74,9 +74,16 @@ class NeighboursResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "embeddings": self.embeddings, "mode": self.mode, "rows": self.rows, "queries": self.queries, "k": self.k,
-            "threshold": self.threshold, "device": self.device, "seconds": round(self.seconds, 3),
-            "out": str(self.out) if self.out else None, "skipped": self.skipped,
+            "embeddings": self.embeddings,
+            "mode": self.mode,
+            "rows": self.rows,
+            "queries": self.queries,
+            "k": self.k,
+            "threshold": self.threshold,
+            "device": self.device,
+            "seconds": round(self.seconds, 3),
+            "out": str(self.out) if self.out else None,
+            "skipped": self.skipped,
             "neighbours": [asdict(n) | {"similarity": round(n.similarity, 6)} for n in self.neighbours],
         }
 
@@ -106,8 +113,13 @@ def normalize_rows_(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def top_k_cosine(
-    queries: torch.Tensor, bank: torch.Tensor, k: int, device: torch.device, exclude: torch.Tensor | None = None,
-    query_block: int = QUERY_BLOCK, tile_elements: int = TILE_ELEMENTS,
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    k: int,
+    device: torch.device,
+    exclude: torch.Tensor | None = None,
+    query_block: int = QUERY_BLOCK,
+    tile_elements: int = TILE_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k rows of ``bank`` most cosine-similar to each query: (similarity (Q, k) float32, index (Q, k) int64), on the host.
 
@@ -179,8 +191,11 @@ def neighbours(cfg: NeighboursConfig, progress: Progress | None = None) -> Neigh
         found = []
         for name, own, row_sims, row_index in zip(names, exclude.tolist(), sims.tolist(), index.tolist()):
             own_class = table.class_of(own) if own >= 0 else None  # a query that is a row of the file has its class
-            found += [Neighbour(name, rank + 1, table.paths[j], s, own_class, table.class_of(j))
-                      for rank, (s, j) in enumerate(zip(row_sims, row_index)) if j >= 0]
+            found += [
+                Neighbour(name, rank + 1, table.paths[j], s, own_class, table.class_of(j))
+                for rank, (s, j) in enumerate(zip(row_sims, row_index))
+                if j >= 0
+            ]
         mode, queried = "query", len(names)
     else:
         emit(Message(f"the {k} nearest of each of the {len(table)} rows of {table.path}: the most alike pairs"))
@@ -191,8 +206,19 @@ def neighbours(cfg: NeighboursConfig, progress: Progress | None = None) -> Neigh
         found = [n for n in found if n.similarity >= cfg.threshold]
     emit(TaskProgress("neighbours", "searching", 1, 1))
 
-    result = NeighboursResult(str(table.path), mode, len(table), queried, k, cfg.threshold, describe_device(device),
-                              time.perf_counter() - t0, found, out, skipped)
+    result = NeighboursResult(
+        str(table.path),
+        mode,
+        len(table),
+        queried,
+        k,
+        cfg.threshold,
+        describe_device(device),
+        time.perf_counter() - t0,
+        found,
+        out,
+        skipped,
+    )
     if out is not None:
         make_dir(out.parent)
         write_neighbours_csv(out, found)
@@ -213,17 +239,24 @@ def most_alike_pairs(table: EmbeddingTable, sims: torch.Tensor, index: torch.Ten
         if j < 0 or pair in seen:
             continue
         seen.add(pair)
-        pairs.append(Neighbour(table.paths[i], rank + 1, table.paths[j], flat_sims[position], table.class_of(i), table.class_of(j)))
+        pairs.append(
+            Neighbour(
+                table.paths[i], rank + 1, table.paths[j], flat_sims[position], table.class_of(i), table.class_of(j)
+            )
+        )
     return pairs
 
 
-def embed_queries(cfg: NeighboursConfig, table: EmbeddingTable, device: torch.device, emit: Progress
-                  ) -> tuple[list[str], torch.Tensor, list[str]]:
+def embed_queries(
+    cfg: NeighboursConfig, table: EmbeddingTable, device: torch.device, emit: Progress
+) -> tuple[list[str], torch.Tensor, list[str]]:
     """(names of the readable query images, their (Q, D) embeddings on the host, the unreadable ones)."""
     meta = table.meta
     if not meta:
-        raise ConfigError(f"{table.path} is a CSV, which keeps no record of how it was embedded; --query needs "
-                          "embeddings written as .parquet, .npz or .safetensors")
+        raise ConfigError(
+            f"{table.path} is a CSV, which keeps no record of how it was embedded; --query needs "
+            "embeddings written as .parquet, .npz or .safetensors"
+        )
     spec = cfg.weights or meta["weights"]
     if cfg.weights is None and not weights_exist(spec):
         raise ConfigError(f"{table.path} was embedded with {spec}, which is not here; give the weights with --weights")
@@ -231,16 +264,27 @@ def embed_queries(cfg: NeighboursConfig, table: EmbeddingTable, device: torch.de
     configure_backends(device)
     weights = load_weights(spec, device, img_size=meta["img_size"])
     if weights.model_name != meta["model"]:
-        raise ConfigError(f"--weights {spec} is a {weights.model_name}; {table.path} was embedded with a {meta['model']}")
+        raise ConfigError(
+            f"--weights {spec} is a {weights.model_name}; {table.path} was embedded with a {meta['model']}"
+        )
     embedder = make_embedder(weights, meta["layer"], meta["pool"], meta["normalized"], device, precision)
     if embedder.dim != table.vectors.shape[1]:
-        raise DataError(f"{spec} gives {embedder.dim} dimensions at stage {meta['layer']}, {table.path} holds "
-                        f"{table.vectors.shape[1]}; give the weights it was embedded with")
+        raise DataError(
+            f"{spec} gives {embedder.dim} dimensions at stage {meta['layer']}, {table.path} holds "
+            f"{table.vectors.shape[1]}; give the weights it was embedded with"
+        )
     files = [path for path, _ in data_lib.image_inputs(cfg.query)]
     images = data_lib.ImageSet("query", meta["img_size"], paths=files)
     names, vectors, skipped = [], [], []
-    for batch in data_lib.iterate_batches(images, torch.arange(len(files)), cfg.batch_size, device, drop_last=False,
-                                          workers=min(cfg.workers, len(files)), with_labels=False):
+    for batch in data_lib.iterate_batches(
+        images,
+        torch.arange(len(files)),
+        cfg.batch_size,
+        device,
+        drop_last=False,
+        workers=min(cfg.workers, len(files)),
+        with_labels=False,
+    ):
         names += [str(files[i]) for i in batch.indices.tolist()]
         vectors.append(embedder(batch.images).cpu())
         skipped += batch.skipped
@@ -285,7 +329,9 @@ def write_neighbours_csv(out: Path, found: list[Neighbour]) -> Path:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(NEIGHBOUR_FIELDS)
             for n in found:
-                writer.writerow([n.image, n.rank, n.neighbour, f"{n.similarity:.6f}", n.image_class or "", n.neighbour_class or ""])
+                writer.writerow(
+                    [n.image, n.rank, n.neighbour, f"{n.similarity:.6f}", n.image_class or "", n.neighbour_class or ""]
+                )
 
     return atomic_write(out, write)
 

@@ -58,8 +58,12 @@ class SupervisedResult:
     reused: bool = False
 
     def to_dict(self) -> dict:
-        return {"format": SUPERVISED_FORMAT, **asdict(self), "rotnet_version": __version__,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        return {
+            "format": SUPERVISED_FORMAT,
+            **asdict(self),
+            "rotnet_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
 
 
 def setting(cfg: SupervisedConfig) -> dict:
@@ -77,7 +81,9 @@ def saved_result(cfg: SupervisedConfig) -> SupervisedResult | None:
         names = set(SupervisedResult.__dataclass_fields__)
         result = SupervisedResult(**{k: v for k, v in saved.items() if k in names})
     except (OSError, ValueError, TypeError) as e:
-        raise OutputError(f"{path} is not a readable supervised result ({str(e).splitlines()[0][:80]}); move it away") from None
+        raise OutputError(
+            f"{path} is not a readable supervised result ({str(e).splitlines()[0][:80]}); move it away"
+        ) from None
     if result.setting != setting(cfg):
         raise OutputError(f"{path} holds a supervised result of other settings; give another --out, or move it away")
     result.reused = True
@@ -116,8 +122,12 @@ def train_supervised(cfg: SupervisedConfig, progress: Progress | None = None) ->
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     padding = max(1, img_size // 8)  # RandomCrop(32, padding=4) at 32 px
-    emit(Message(f"supervised {cfg.model} at {img_size} px: {n} training / {len(val_set)} validation images, "
-                 f"{num_classes} classes, {cfg.epochs} epochs"))
+    emit(
+        Message(
+            f"supervised {cfg.model} at {img_size} px: {n} training / {len(val_set)} validation images, "
+            f"{num_classes} classes, {cfg.epochs} epochs"
+        )
+    )
 
     t0 = time.perf_counter()
     last = best = torch.zeros((), device=device)
@@ -131,8 +141,12 @@ def train_supervised(cfg: SupervisedConfig, progress: Progress | None = None) ->
         for step, batch in zip(range(steps_per_epoch), batches):
             if len(batch.images) < 2:  # a last batch of one image: BatchNorm cannot train on it
                 continue
-            generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch * steps_per_epoch + step)
-            x = data_lib.normalize(data_lib.random_crop_flip(batch.images, padding, generator), mean, std)  # (B, 3, S, S)
+            generator = torch.Generator(device=device).manual_seed(
+                cfg.seed * 1_000_003 + epoch * steps_per_epoch + step
+            )
+            x = data_lib.normalize(
+                data_lib.random_crop_flip(batch.images, padding, generator), mean, std
+            )  # (B, 3, S, S)
             with autocast(device, precision):
                 logits = model(x)  # (B, K)
             loss = F.cross_entropy(logits.float(), batch.labels)
@@ -142,13 +156,28 @@ def train_supervised(cfg: SupervisedConfig, progress: Progress | None = None) ->
         last = evaluate(model, val_set, mean, std, batch_size, cfg.workers, device, precision)
         better = last > best
         best, best_epoch = torch.where(better, last, best), torch.where(better, epoch + 1, best_epoch)
-        emit(TaskProgress("supervised", f"training {cfg.model} on the labels (val top-1 {100 * last.item():.1f}%)",
-                          epoch + 1, cfg.epochs))
+        emit(
+            TaskProgress(
+                "supervised",
+                f"training {cfg.model} on the labels (val top-1 {100 * last.item():.1f}%)",
+                epoch + 1,
+                cfg.epochs,
+            )
+        )
 
     result = SupervisedResult(
-        model=cfg.model, data=cfg.data, img_size=img_size, epochs=cfg.epochs, accuracy=round(last.item(), 4),
-        best_accuracy=round(best.item(), 4), best_epoch=int(best_epoch), train_images=n, val_images=len(val_set),
-        device=describe_device(device), precision=precision, seconds=round(time.perf_counter() - t0, 1),
+        model=cfg.model,
+        data=cfg.data,
+        img_size=img_size,
+        epochs=cfg.epochs,
+        accuracy=round(last.item(), 4),
+        best_accuracy=round(best.item(), 4),
+        best_epoch=int(best_epoch),
+        train_images=n,
+        val_images=len(val_set),
+        device=describe_device(device),
+        precision=precision,
+        seconds=round(time.perf_counter() - t0, 1),
         setting=setting(cfg),
     )
     if cfg.out:
@@ -158,8 +187,9 @@ def train_supervised(cfg: SupervisedConfig, progress: Progress | None = None) ->
 
 
 @torch.no_grad()
-def evaluate(model, images: data_lib.ImageSet, mean, std, batch_size: int, workers: int, device: torch.device,
-             precision: str) -> torch.Tensor:
+def evaluate(
+    model, images: data_lib.ImageSet, mean, std, batch_size: int, workers: int, device: torch.device, precision: str
+) -> torch.Tensor:
     """Top-1 of ``model`` on ``images`` (un-augmented, eval mode) as a 0-d tensor on the device."""
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)

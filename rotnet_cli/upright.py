@@ -47,13 +47,37 @@ LOSSLESS_EXTRA = "pip install 'rotnet-cli[jpeg]'"
 # True), then turn counter-clockwise by turns x 90 degrees. Turning it further by c is
 # (mirror, turns + c). EXIF orientation N means a viewer shows the stored pixels through
 # ORIENTATIONS[N] (the table PIL's ImageOps.exif_transpose applies; tests check they agree).
-ORIENTATIONS = {1: (False, 0), 2: (True, 0), 3: (False, 2), 4: (True, 2), 5: (True, 1), 6: (False, 3), 7: (True, 3), 8: (False, 1)}
+ORIENTATIONS = {
+    1: (False, 0),
+    2: (True, 0),
+    3: (False, 2),
+    4: (True, 2),
+    5: (True, 1),
+    6: (False, 3),
+    7: (True, 3),
+    8: (False, 1),
+}
 _ORIENTATION_OF = {grid: n for n, grid in ORIENTATIONS.items()}
 # The same eight as PIL Transpose names, and as libjpeg-turbo's transform ops (whose ROT90 is clockwise).
-_PIL_METHOD = {(False, 1): "ROTATE_90", (False, 2): "ROTATE_180", (False, 3): "ROTATE_270", (True, 0): "FLIP_LEFT_RIGHT",
-               (True, 1): "TRANSPOSE", (True, 2): "FLIP_TOP_BOTTOM", (True, 3): "TRANSVERSE"}
-_TJ_OP = {(False, 0): "NONE", (False, 1): "ROT270", (False, 2): "ROT180", (False, 3): "ROT90", (True, 0): "HFLIP",
-          (True, 1): "TRANSPOSE", (True, 2): "VFLIP", (True, 3): "TRANSVERSE"}
+_PIL_METHOD = {
+    (False, 1): "ROTATE_90",
+    (False, 2): "ROTATE_180",
+    (False, 3): "ROTATE_270",
+    (True, 0): "FLIP_LEFT_RIGHT",
+    (True, 1): "TRANSPOSE",
+    (True, 2): "FLIP_TOP_BOTTOM",
+    (True, 3): "TRANSVERSE",
+}
+_TJ_OP = {
+    (False, 0): "NONE",
+    (False, 1): "ROT270",
+    (False, 2): "ROT180",
+    (False, 3): "ROT90",
+    (True, 0): "HFLIP",
+    (True, 1): "TRANSPOSE",
+    (True, 2): "VFLIP",
+    (True, 3): "TRANSVERSE",
+}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 # description, make, model, software, date and time, artist, copyright
 _TIFF_DESCRIPTIVE_TAGS = (270, 271, 272, 305, 306, 315, 33432)
@@ -74,8 +98,9 @@ class DiskFull(Exception):
 # ----------------------------------------------------------------------------- the one entry point
 
 
-def write_upright(source: Path, target: Path, correction: float, *, jpeg: str = "reencode",
-                  backup: Path | None = None) -> str:
+def write_upright(
+    source: Path, target: Path, correction: float, *, jpeg: str = "reencode", backup: Path | None = None
+) -> str:
     """Write ``source`` turned counter-clockwise by ``correction`` degrees to ``target``; see the module docstring.
 
     ``target`` gets the source's access and modification times; with ``target == source``
@@ -100,7 +125,9 @@ def write_upright(source: Path, target: Path, correction: float, *, jpeg: str = 
     elif fmt == "PNG" and grid is not None and _png_bit_depth(data) == 16:
         content, note = _png16_upright(data, grid)
     elif eight_bit_only:
-        raise NotWritten(f"PIL reads this {fmt} with 16 bits per channel as 8 bits; not turned, so that no precision is lost")
+        raise NotWritten(
+            f"PIL reads this {fmt} with 16 bits per channel as 8 bits; not turned, so that no precision is lost"
+        )
     else:
         content, note = _pil_upright(image, fmt, data, grid, correction)
         if fmt == "MPO" and jpeg != "reencode":
@@ -369,8 +396,14 @@ def _lossless_jpeg(data: bytes, image, grid: tuple[bool, int], trim: bool) -> tu
         note = "lossless (JPEG blocks turned, not re-encoded)"
     except RuntimeError as perfect_error:
         if not trim or "not perfect" not in str(perfect_error):
-            reason = (f"{width}x{height} is not a whole number of JPEG blocks, so a lossless turn would lose the "
-                      "edge blocks (--jpeg lossless-trim trims them)") if "not perfect" in str(perfect_error) else str(perfect_error)
+            reason = (
+                (
+                    f"{width}x{height} is not a whole number of JPEG blocks, so a lossless turn would lose the "
+                    "edge blocks (--jpeg lossless-trim trims them)"
+                )
+                if "not perfect" in str(perfect_error)
+                else str(perfect_error)
+            )
             content, note = _pil_upright(image, "JPEG", data, grid, 0)
             return content, f"{note}: {reason}"
         content = turbojpeg.transform(data, op=op, perfect=False, trim=True)
@@ -522,5 +555,14 @@ def copy_unchanged(source: Path, target: Path) -> None:
     _install(source.read_bytes(), source, target, None)
 
 
-__all__ = ["write_upright", "copy_unchanged", "require_jpeg_route", "apply_grid", "NotWritten", "UnreadableImage", "DiskFull",
-           "JPEG_ROUTES", "ORIENTATIONS"]
+__all__ = [
+    "write_upright",
+    "copy_unchanged",
+    "require_jpeg_route",
+    "apply_grid",
+    "NotWritten",
+    "UnreadableImage",
+    "DiskFull",
+    "JPEG_ROUTES",
+    "ORIENTATIONS",
+]

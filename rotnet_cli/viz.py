@@ -45,12 +45,19 @@ DEFAULT_ROTATIONS = (0.0, 90.0, 180.0, 270.0)  # for weights without a rotation 
 # Piecewise-linear colour maps: (position in [0, 1], RGB in [0, 1]) anchors.
 COLORMAPS: dict[str, tuple[tuple[float, tuple[float, float, float]], ...]] = {
     "jet": (
-        (0.0, (0.0, 0.0, 0.5)), (0.125, (0.0, 0.0, 1.0)), (0.375, (0.0, 1.0, 1.0)),
-        (0.625, (1.0, 1.0, 0.0)), (0.875, (1.0, 0.0, 0.0)), (1.0, (0.5, 0.0, 0.0)),
+        (0.0, (0.0, 0.0, 0.5)),
+        (0.125, (0.0, 0.0, 1.0)),
+        (0.375, (0.0, 1.0, 1.0)),
+        (0.625, (1.0, 1.0, 0.0)),
+        (0.875, (1.0, 0.0, 0.0)),
+        (1.0, (0.5, 0.0, 0.0)),
     ),
     "inferno": (
-        (0.0, (0.0, 0.0, 0.016)), (0.25, (0.341, 0.063, 0.431)), (0.5, (0.737, 0.216, 0.329)),
-        (0.75, (0.976, 0.557, 0.035)), (1.0, (0.988, 1.0, 0.643)),
+        (0.0, (0.0, 0.0, 0.016)),
+        (0.25, (0.341, 0.063, 0.431)),
+        (0.5, (0.737, 0.216, 0.329)),
+        (0.75, (0.976, 0.557, 0.035)),
+        (1.0, (0.988, 1.0, 0.643)),
     ),
 }
 
@@ -84,7 +91,10 @@ class FiltersResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "out": str(self.out), "num_filters": self.num_filters, "width": self.width, "height": self.height,
+            "out": str(self.out),
+            "num_filters": self.num_filters,
+            "width": self.width,
+            "height": self.height,
             "panels": [vars(p) | {"kernel": list(p.kernel)} for p in self.panels],
         }
 
@@ -115,8 +125,13 @@ class AttentionResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "out_dir": str(self.out_dir), "model": self.model, "rotations": list(self.rotations),
-            "stages": self.stages, "powers": self.powers, "aligned": self.aligned, "img_size": self.img_size,
+            "out_dir": str(self.out_dir),
+            "model": self.model,
+            "rotations": list(self.rotations),
+            "stages": self.stages,
+            "powers": self.powers,
+            "aligned": self.aligned,
+            "img_size": self.img_size,
             "mean_agreement": self.mean_agreement,
             "images": [{"source": i.source, "out": str(i.out), "agreement": i.agreement} for i in self.images],
             "skipped": self.skipped,
@@ -159,7 +174,9 @@ def save_png(image, path: Path) -> Path:
 def check_picture_size(width: int, height: int, option: str, fix: str) -> None:
     """Refuse a picture too large to draw before anything is allocated (PIL's decompression-bomb limit)."""
     if width * height > MAX_PICTURE_PIXELS:
-        raise ConfigError(f"{option}: the picture would be {width:,} x {height:,} pixels, more than {MAX_PICTURE_PIXELS:,}; {fix}")
+        raise ConfigError(
+            f"{option}: the picture would be {width:,} x {height:,} pixels, more than {MAX_PICTURE_PIXELS:,}; {fix}"
+        )
 
 
 def _font():
@@ -249,7 +266,9 @@ def auto_scale(kernel: tuple[int, int], target: int = 32) -> int:
 def grid_size(count: int, kernel: tuple[int, int], scale: int, cols: int) -> tuple[int, int]:
     """(width, height) in pixels of make_grid's grid of ``count`` tiles of ``kernel`` x ``scale``."""
     rows = math.ceil(count / cols)
-    return min(cols, count) * (kernel[1] * scale + TILE_PADDING) + TILE_PADDING, rows * (kernel[0] * scale + TILE_PADDING) + TILE_PADDING
+    return min(cols, count) * (kernel[1] * scale + TILE_PADDING) + TILE_PADDING, rows * (
+        kernel[0] * scale + TILE_PADDING
+    ) + TILE_PADDING
 
 
 def largest_scale(count: int, kernel: tuple[int, int], cols: int) -> int:
@@ -284,8 +303,15 @@ def filter_panel(loaded, label: str, scale: int | None, cols: int | None) -> tup
     count = int(weight.shape[0])
     image = filters_picture(loaded.backbone, scale, cols)
     panel = FilterPanel(
-        label=label, model=loaded.model_name, layer=layer, num_filters=count, in_channels=int(weight.shape[1]),
-        kernel=kernel, scale=scale, width=image.width, height=image.height,
+        label=label,
+        model=loaded.model_name,
+        layer=layer,
+        num_filters=count,
+        in_channels=int(weight.shape[1]),
+        kernel=kernel,
+        scale=scale,
+        width=image.width,
+        height=image.height,
     )
     return image, panel
 
@@ -301,7 +327,9 @@ def side_by_side(images: list, labels: list[str]):
         padded.paste(image, ((width - image.width) // 2, 0))
         labelled.append(with_labels(padded, [(0, width, label)]))
     canvas = Image.new(
-        "RGB", (sum(p.width for p in labelled) + PANEL_GAP * (len(labelled) - 1), max(p.height for p in labelled)), "white"
+        "RGB",
+        (sum(p.width for p in labelled) + PANEL_GAP * (len(labelled) - 1), max(p.height for p in labelled)),
+        "white",
     )
     x = 0
     for panel in labelled:
@@ -322,8 +350,12 @@ def draw_filters(config: FiltersConfig, progress: Progress | None = None) -> Fil
         image, panel = filter_panel(load_weights(spec, "cpu"), label, config.scale, config.cols)
         images.append(image)
         panels.append(panel)
-    check_picture_size(sum(i.width for i in images) + PANEL_GAP * len(images), max(i.height for i in images) + LABEL_BAND,
-                       f"{len(images)} panels", "draw fewer weights at once, or a smaller --scale")
+    check_picture_size(
+        sum(i.width for i in images) + PANEL_GAP * len(images),
+        max(i.height for i in images) + LABEL_BAND,
+        f"{len(images)} panels",
+        "draw fewer weights at once, or a smaller --scale",
+    )
     picture = side_by_side(images, labels) if len(images) > 1 or config.labels else images[0]
     out = save_png(picture, out)
     return FiltersResult(out=out, panels=panels, width=picture.width, height=picture.height)
@@ -345,7 +377,9 @@ def colormap_lut(name: str, size: int = 256) -> torch.Tensor:
 
 def apply_colormap(maps: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     """(..., H, W) values in [0, 1] -> (..., 3, H, W) colours."""
-    index = (maps.nan_to_num(0.0).clamp(0, 1) * (len(lut) - 1)).round().long()  # NaN (a model's inf) -> the lowest colour
+    index = (
+        (maps.nan_to_num(0.0).clamp(0, 1) * (len(lut) - 1)).round().long()
+    )  # NaN (a model's inf) -> the lowest colour
     return lut.to(maps.device)[index].movedim(-1, -3)
 
 
@@ -369,8 +403,12 @@ def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def attention_maps(
-    backbone: nn.Module, images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
-    stage_indices: list[int], powers: list[float],
+    backbone: nn.Module,
+    images: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    stage_indices: list[int],
+    powers: list[float],
 ) -> torch.Tensor:
     """Attention maps of a batch at the images' own size.
 
@@ -440,7 +478,9 @@ def unique_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def attention_figure(rows: torch.Tensor, scale: int, column_labels: list[str], row_labels: list[str], lut: torch.Tensor):
+def attention_figure(
+    rows: torch.Tensor, scale: int, column_labels: list[str], row_labels: list[str], lut: torch.Tensor
+):
     """rows (R, 1 + L, 3, S, S) -> PIL image: a row per rotated copy, labelled columns and rows,
     and the colour scale of the maps below."""
     from torchvision.utils import make_grid
@@ -467,7 +507,13 @@ def with_colour_scale(image, lut: torch.Tensor, x0: int):
     draw = ImageDraw.Draw(canvas)
     y = image.height + SCALE_BAR + LABEL_BAND / 2
     draw.text((x0, y), "0", fill="black", font=_font(), anchor="lm")
-    draw.text((x0 + width / 2, y), "attention, each map from its lowest to its highest", fill="black", font=_font(), anchor="mm")
+    draw.text(
+        (x0 + width / 2, y),
+        "attention, each map from its lowest to its highest",
+        fill="black",
+        font=_font(),
+        anchor="mm",
+    )
     draw.text((x0 + width, y), "1", fill="black", font=_font(), anchor="rm")
     return canvas
 
@@ -494,13 +540,20 @@ def draw_attention(config: AttentionConfig, progress: Progress | None = None) ->
     rows_text = [f"{a:g}°" for a in rotations]
     tile = img_size * scale + TILE_PADDING
     check_picture_size(
-        ROW_LABEL_WIDTH + len(columns) * tile + TILE_PADDING, LABEL_BAND + len(rotations) * tile + TILE_PADDING,
-        f"--scale {scale} at {img_size} px", "use a smaller --scale or --img-size, or fewer --layers",
+        ROW_LABEL_WIDTH + len(columns) * tile + TILE_PADDING,
+        LABEL_BAND + len(rotations) * tile + TILE_PADDING,
+        f"--scale {scale} at {img_size} px",
+        "use a smaller --scale or --img-size, or fewer --layers",
     )
 
     result = AttentionResult(
-        out_dir=out_dir, model=loaded.model_name, rotations=rotations, stages=[i + 1 for i in stages],
-        powers=powers, aligned=config.align, img_size=img_size,
+        out_dir=out_dir,
+        model=loaded.model_name,
+        rotations=rotations,
+        stages=[i + 1 for i in stages],
+        powers=powers,
+        aligned=config.align,
+        img_size=img_size,
     )
     for done, (path, name) in enumerate(zip(paths, names)):
         emit(TaskProgress("attention", "attention maps", done, len(paths)))
@@ -511,7 +564,9 @@ def draw_attention(config: AttentionConfig, progress: Progress | None = None) ->
             continue
         copies, _ = rotate_all(image[None].to(device), rotations)  # (R, 3, S, S), masked for odd angles
         try:
-            maps = attention_maps(loaded.backbone, copies, loaded.mean, loaded.std, stages, powers).cpu()  # (R, L, S, S)
+            maps = attention_maps(
+                loaded.backbone, copies, loaded.mean, loaded.std, stages, powers
+            ).cpu()  # (R, L, S, S)
         except (RuntimeError, AssertionError) as e:  # timm asserts the input size of fixed-size models (ViTs)
             raise ModelError(
                 f"{loaded.model_name} could not run on {img_size}x{img_size} images ({str(e).splitlines()[0][:160]}); "
@@ -569,12 +624,20 @@ def draw_curves(config: CurvesConfig, progress: Progress | None = None) -> Curve
     def stage_of(head: str, stage: str) -> Callable[[dict], float | None]:
         return lambda row: ((row.get("eval") or {}).get(head) or {}).get(stage)
 
-    panels = [("loss", "rotation loss (cross-entropy)", 1.0, [("training", "loss"), ("validation", "val_loss")]),
-              ("rotation accuracy", "rotation accuracy (%)", 100.0, [("training", "rot_acc"), ("validation", "val_rot_acc")])]
+    panels = [
+        ("loss", "rotation loss (cross-entropy)", 1.0, [("training", "loss"), ("validation", "val_loss")]),
+        ("rotation accuracy", "rotation accuracy (%)", 100.0, [("training", "rot_acc"), ("validation", "val_rot_acc")]),
+    ]
     for head in dict.fromkeys(head for row in rows for head in (row.get("eval") or {})):
         stages = sorted({stage for row in rows for stage in ((row.get("eval") or {}).get(head) or {})}, key=int)
-        panels.append((f"{head} accuracy", f"{head} accuracy on --eval-data (%)", 100.0,
-                       [(f"stage {stage}", stage_of(head, stage)) for stage in stages]))
+        panels.append(
+            (
+                f"{head} accuracy",
+                f"{head} accuracy on --eval-data (%)",
+                100.0,
+                [(f"stage {stage}", stage_of(head, stage)) for stage in stages],
+            )
+        )
     figure, all_axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), layout="constrained")
     for axes, (_, ylabel, factor, lines) in zip(all_axes, panels):
         for name, value in lines:
@@ -599,6 +662,17 @@ def draw_curves(config: CurvesConfig, progress: Progress | None = None) -> Curve
 
 
 __all__ = [
-    "draw_filters", "draw_attention", "draw_curves", "attention_maps", "stem_conv", "filter_tiles", "filters_picture",
-    "colormap_lut", "FiltersResult", "FilterPanel", "AttentionResult", "AttentionImage", "CurvesResult",
+    "draw_filters",
+    "draw_attention",
+    "draw_curves",
+    "attention_maps",
+    "stem_conv",
+    "filter_tiles",
+    "filters_picture",
+    "colormap_lut",
+    "FiltersResult",
+    "FilterPanel",
+    "AttentionResult",
+    "AttentionImage",
+    "CurvesResult",
 ]

@@ -52,7 +52,9 @@ class LoadedWeights:
         return RotNet(self.backbone, self.head)
 
 
-def load_weights(spec: str, device: torch.device | str = "cpu", seed: int = 0, img_size: int | None = None) -> LoadedWeights:
+def load_weights(
+    spec: str, device: torch.device | str = "cpu", seed: int = 0, img_size: int | None = None
+) -> LoadedWeights:
     """Resolve any weights spec rotnet accepts to a ready (eval-mode) backbone and head.
 
     ``img_size`` builds ``timm:``/``random:`` models that need a fixed input size (ViTs) for
@@ -64,8 +66,12 @@ def load_weights(spec: str, device: torch.device | str = "cpu", seed: int = 0, i
         name = canonical_model_name(name)
         with torch.random.fork_rng(devices=[]):  # the same "random" baseline every time; the caller's RNG is untouched
             torch.manual_seed(seed)
-            backbone = _pretrained_backbone(name, img_size) if kind == "timm" else create_backbone(name, img_size=img_size)
-        return _finish(backbone, None, device, model_name=name, rotations=None, source=text, kind=kind, img_size=img_size)
+            backbone = (
+                _pretrained_backbone(name, img_size) if kind == "timm" else create_backbone(name, img_size=img_size)
+            )
+        return _finish(
+            backbone, None, device, model_name=name, rotations=None, source=text, kind=kind, img_size=img_size
+        )
 
     path = kept_checkpoint_path(text) or Path(text).expanduser()
     if not path.exists():
@@ -189,8 +195,18 @@ def _load_safetensors(path: Path, device, kind: str) -> LoadedWeights:
     backbone, head = _build(meta["model"], img_size, rotations, backbone_state, head_state, str(path))
     run_dir = rundir.run_dir_of(path) if marker == rundir.RUN_FORMAT else None
     return _finish(
-        backbone, head, device, model_name=meta["model"], rotations=rotations, img_size=img_size, mean=meta.get("mean"),
-        std=meta.get("std"), source=str(path), kind=kind, run_dir=run_dir, info=meta,
+        backbone,
+        head,
+        device,
+        model_name=meta["model"],
+        rotations=rotations,
+        img_size=img_size,
+        mean=meta.get("mean"),
+        std=meta.get("std"),
+        source=str(path),
+        kind=kind,
+        run_dir=run_dir,
+        info=meta,
     )
 
 
@@ -210,8 +226,16 @@ def _load_checkpoint(path: Path, device) -> LoadedWeights:
     img_size = state.get("img_size")
     backbone, head = _build(config.model, img_size, rotations, backbone_state, head_state, str(path))
     return _finish(
-        backbone, head, device, model_name=config.model, rotations=rotations, img_size=img_size,
-        mean=state.get("mean"), std=state.get("std"), source=str(path), kind="checkpoint",
+        backbone,
+        head,
+        device,
+        model_name=config.model,
+        rotations=rotations,
+        img_size=img_size,
+        mean=state.get("mean"),
+        std=state.get("std"),
+        source=str(path),
+        kind="checkpoint",
         run_dir=rundir.run_dir_of(path),
         info={"epoch": state.get("epoch"), "step": state.get("step")},
     )
@@ -232,8 +256,17 @@ def _load_exported(folder: Path, device) -> LoadedWeights:
         head_state = head_tensors
     backbone, head = _build(name, config["build_size"], rotations, tensors, head_state, str(folder))
     return _finish(
-        backbone, head, device, model_name=name, rotations=rotations, img_size=config["img_size"],
-        mean=config["mean"], std=config["std"], source=str(folder), kind="exported", info=meta,
+        backbone,
+        head,
+        device,
+        model_name=name,
+        rotations=rotations,
+        img_size=config["img_size"],
+        mean=config["mean"],
+        std=config["std"],
+        source=str(folder),
+        kind="exported",
+        info=meta,
     )
 
 
@@ -242,14 +275,19 @@ def _load_exported(folder: Path, device) -> LoadedWeights:
 
 def _split_prefixed(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A RotNet state dict -> (backbone's, head's), each with its own keys."""
-    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+    backbone = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    head = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
     return backbone, head
 
 
-def _build(model_name: str, img_size: int | list[int] | None, rotations: tuple[float, ...] | None,
-           backbone_state: dict[str, torch.Tensor], head_state: dict[str, torch.Tensor] | None, source: str
-           ) -> tuple[nn.Module, nn.Linear | None]:
+def _build(
+    model_name: str,
+    img_size: int | list[int] | None,
+    rotations: tuple[float, ...] | None,
+    backbone_state: dict[str, torch.Tensor],
+    head_state: dict[str, torch.Tensor] | None,
+    source: str,
+) -> tuple[nn.Module, nn.Linear | None]:
     check_finite_weights({**backbone_state, **(head_state or {})}, source)
     try:
         backbone = create_backbone(model_name, img_size=img_size)

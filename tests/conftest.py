@@ -27,8 +27,24 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-TINY_RUN = ["pretrain", "--model", "test_resnet", "--epochs", "1", "-b", "32", "--max-steps-per-epoch", "3",
-            "--rotations", "0,180", "--device", "cpu", "--workers", "0", "--json"]
+TINY_RUN = [
+    "pretrain",
+    "--model",
+    "test_resnet",
+    "--epochs",
+    "1",
+    "-b",
+    "32",
+    "--max-steps-per-epoch",
+    "3",
+    "--rotations",
+    "0,180",
+    "--device",
+    "cpu",
+    "--workers",
+    "0",
+    "--json",
+]
 
 
 @pytest.fixture(scope="session")
@@ -55,8 +71,11 @@ def copy_of_run(tiny_run, tmp_path) -> Path:
 
 def files_in(folder: Path, with_times: bool = False) -> dict:
     """Every file under ``folder`` (logs/ and checkpoints/ too), by relative path: its bytes (and mtime)."""
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) if with_times else p.read_bytes()
-            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) if with_times else p.read_bytes()
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file()
+    }
 
 
 class _CodeRunningPayload:

@@ -24,7 +24,9 @@ FAST = dict(model="test_resnet", batch_size=32, max_steps_per_epoch=1, workers=0
 def _grey(n=12, size=16, noise=0):
     """(n, 3, size, size) uint8 grey images; ``noise`` px of colour jitter, as JPEG leaves in scans."""
     g = torch.Generator().manual_seed(0)
-    grey = torch.randint(0, 256 - noise, (n, 1, size, size), generator=g, dtype=torch.uint8).expand(-1, 3, -1, -1).clone()
+    grey = (
+        torch.randint(0, 256 - noise, (n, 1, size, size), generator=g, dtype=torch.uint8).expand(-1, 3, -1, -1).clone()
+    )
     if noise:
         grey[:, 0] += torch.randint(0, noise + 1, (n, size, size), generator=g, dtype=torch.uint8)
     return grey
@@ -34,17 +36,20 @@ def _colour(n=12, size=16):
     return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
 
 
-@pytest.mark.parametrize("spec, pixels, expected", [
-    ("digits", "grey", "none"),
-    ("mnist", "grey", "none"),
-    ("fashionmnist", "grey", "none"),
-    ("~/scans", "grey+jpeg-noise", "none"),  # a scanned page's JPEG chroma noise is still grey
-    ("svhn", "colour", "crop"),  # colour photos of house numbers: the one name in the table
-    ("SVHN", "colour", "crop"),
-    ("cifar10", "colour", "crop+flip"),
-    ("stl10", "colour", "crop+flip"),
-    ("~/photos", "colour", "crop+flip"),
-])
+@pytest.mark.parametrize(
+    "spec, pixels, expected",
+    [
+        ("digits", "grey", "none"),
+        ("mnist", "grey", "none"),
+        ("fashionmnist", "grey", "none"),
+        ("~/scans", "grey+jpeg-noise", "none"),  # a scanned page's JPEG chroma noise is still grey
+        ("svhn", "colour", "crop"),  # colour photos of house numbers: the one name in the table
+        ("SVHN", "colour", "crop"),
+        ("cifar10", "colour", "crop+flip"),
+        ("stl10", "colour", "crop+flip"),
+        ("~/photos", "colour", "crop+flip"),
+    ],
+)
 def test_auto_policy_table(spec, pixels, expected):
     images = {"grey": _grey(), "grey+jpeg-noise": _grey(noise=3), "colour": _colour()}[pixels]
     choice, why = data.auto_augment(spec, data.ImageSet("x", 16, images=images))
@@ -109,10 +114,27 @@ def test_the_choice_is_printed_at_start_and_recorded(tmp_path):
 
 def test_no_augment_flag_of_earlier_versions_still_works(tmp_path):
     out = tmp_path / "plain"
-    result = CliRunner().invoke(app, [
-        "pretrain", "--model", "test_resnet", "--epochs", "1", "-b", "32", "--max-steps-per-epoch", "1", "-j", "0",
-        "--device", "cpu", "--out", str(out), "--no-augment",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "pretrain",
+            "--model",
+            "test_resnet",
+            "--epochs",
+            "1",
+            "-b",
+            "32",
+            "--max-steps-per-epoch",
+            "1",
+            "-j",
+            "0",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--no-augment",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "augmentation: none (asked for)" in result.stderr
     saved = json.loads((out / "config.json").read_text())
@@ -143,10 +165,29 @@ def test_the_demo_learns_clearly_better_than_the_old_default_at_equal_epochs(tmp
 def test_the_augmentation_benchmark_prints_one_json_line_per_variant(tmp_path):
     # the README's tables come from this script: it must keep running (tiny settings; figures not checked)
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "augmentation.py"
-    done = subprocess.run([
-        sys.executable, str(script), "--model", "test_resnet", "--img-size", "16", "--epochs", "1",
-        "--max-steps-per-epoch", "1", "--probe-epochs", "1", "--variants", "crop2+flip,random", "--out", str(tmp_path),
-    ], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--model",
+            "test_resnet",
+            "--img-size",
+            "16",
+            "--epochs",
+            "1",
+            "--max-steps-per-epoch",
+            "1",
+            "--probe-epochs",
+            "1",
+            "--variants",
+            "crop2+flip,random",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [r["variant"] for r in rows] == ["crop2+flip", "random"]

@@ -63,7 +63,11 @@ MATRIX = [
     # -- pretrain: weights to start from
     ("pretrain --init {missing} --device cpu", 1, "does not exist"),
     ("pretrain --init {evil} --device cpu", 1, "was refused"),
-    ("pretrain --model test_vit --init {run} --device cpu", 1, "do not fit --model test_vit at 32 px; pass --model test_resnet"),
+    (
+        "pretrain --model test_vit --init {run} --device cpu",
+        1,
+        "do not fit --model test_vit at 32 px; pass --model test_resnet",
+    ),
     # -- export
     ("export {missing} --out {new}", 1, "does not exist"),
     ("export {run} --out {full_dir}", 1, "--overwrite"),
@@ -157,11 +161,25 @@ def sentinel(tmp_path_factory, tiny_run) -> dict[str, Path]:
     """A folder with everything the bad inputs point at; tests must leave it as it is."""
     root = tmp_path_factory.mktemp("sentinel")
     shutil.copytree(tiny_run, root / "run")
-    paths = {"root": root, "run": root / "run", "img": root / "photo.png", "notes": root / "notes.txt",
-             "empty": root / "empty", "full_dir": root / "full_dir", "few": root / "few", "broken": root / "broken",
-             "empty_class": root / "empty_class", "evil": root / "evil.pt", "foreign": root / "foreign.safetensors",
-             "missing": root / "does-not-exist", "new": root / "new-output", "new_png": root / "new.png",
-             "foreign_run": root / "my-project", "one": root / "one", "stopped": root / "stopped"}
+    paths = {
+        "root": root,
+        "run": root / "run",
+        "img": root / "photo.png",
+        "notes": root / "notes.txt",
+        "empty": root / "empty",
+        "full_dir": root / "full_dir",
+        "few": root / "few",
+        "broken": root / "broken",
+        "empty_class": root / "empty_class",
+        "evil": root / "evil.pt",
+        "foreign": root / "foreign.safetensors",
+        "missing": root / "does-not-exist",
+        "new": root / "new-output",
+        "new_png": root / "new.png",
+        "foreign_run": root / "my-project",
+        "one": root / "one",
+        "stopped": root / "stopped",
+    }
     _png(paths["img"], 0)
     paths["notes"].write_text("not an image\n")
     paths["empty"].mkdir()
@@ -235,7 +253,9 @@ def _options_of(argv: list[str]) -> set[str]:
     for word in argv:  # a group's commands (typer may bring its own copy of click: no isinstance)
         if word in getattr(command, "commands", {}):
             command = command.commands[word]
-    return {name for param in command.params for name in getattr(param, "opts", []) + getattr(param, "secondary_opts", [])}
+    return {
+        name for param in command.params for name in getattr(param, "opts", []) + getattr(param, "secondary_opts", [])
+    }
 
 
 def assert_named_options_exist(argv: list[str], message: str) -> None:
@@ -280,36 +300,215 @@ FILTERS = ["viz", "filters", "{spec}", "--out", "{tmp}/f.png"]
 RESUME = ["pretrain", "--resume", "{spec}"]
 STRANGER_FILES = [
     # (id, which copy: run | export, how it is changed, the command, the file named, the field named)
-    ("meta-rotations-text", "run", lambda d: _set_metadata(d / "model.safetensors", rotations='"0,90"'), FILTERS, "model.safetensors", "'rotations'"),
-    ("meta-rotations-object", "run", lambda d: _set_metadata(d / "model.safetensors", rotations='{"a": 1}'), FILTERS, "model.safetensors", "'rotations'"),
-    ("meta-img-size-text", "run", lambda d: _set_metadata(d / "model.safetensors", img_size='"big"'), FILTERS, "model.safetensors", "'img_size'"),
-    ("meta-img-size-negative", "run", lambda d: _set_metadata(d / "model.safetensors", img_size="-4"), FILTERS, "model.safetensors", "'img_size'"),
-    ("meta-mean-length", "run", lambda d: _set_metadata(d / "model.safetensors", mean="[0.5, 0.5]"), FILTERS, "model.safetensors", "'mean'"),
-    ("meta-std-zero", "run", lambda d: _set_metadata(d / "model.safetensors", std="[0.0, 0.2, 0.2]"), FILTERS, "model.safetensors", "'std'"),
-    ("meta-epochs-text", "run", lambda d: _set_metadata(d / "model.safetensors", epochs='"2"'), FILTERS, "model.safetensors", "'epochs'"),
-    ("meta-model-unknown", "run", lambda d: _set_metadata(d / "model.safetensors", model="not_a_model_xyz"), FILTERS, "model.safetensors", "names the model"),
-    ("checkpoint-rotations-text", "run", lambda d: _set_checkpoint(d, lambda s: s["config"].update(rotations="0,90")), FILTERS, "checkpoint.pt", "'rotations'"),
-    ("checkpoint-epochs-negative", "run", lambda d: _set_checkpoint(d, lambda s: s["config"].update(epochs=-1)), FILTERS, "checkpoint.pt", "--epochs"),
-    ("checkpoint-img-size-text", "run", lambda d: _set_checkpoint(d, lambda s: s.update(img_size="big")), FILTERS, "checkpoint.pt", "'img_size'"),
-    ("checkpoint-mean-length", "run", lambda d: _set_checkpoint(d, lambda s: s.update(mean=[1.0, 2.0])), FILTERS, "checkpoint.pt", "'mean'"),
-    ("checkpoint-config-list", "run", lambda d: _set_checkpoint(d, lambda s: s.update(config=[1])), FILTERS, "checkpoint.pt", "'config'"),
-    ("config-epochs-text", "run", lambda d: _set_json(d / "config.json", lambda r: _set_config(r, epochs="2")), RESUME, "config.json", "'epochs'"),
-    ("config-rotations-text", "run", lambda d: _set_json(d / "config.json", lambda r: _set_config(r, rotations="0,90")), RESUME, "config.json", "'rotations'"),
-    ("config-img-size-negative", "run", lambda d: _set_json(d / "config.json", lambda r: _set_config(r, img_size=-3)), RESUME, "config.json", "--img-size"),
-    ("config-list", "run", lambda d: _set_json(d / "config.json", lambda r: r.update(config=[])), RESUME, "config.json", "no run config"),
-    ("config-not-utf8", "run", lambda d: (d / "config.json").write_bytes(b'{"config": "\xff"}'), RESUME, "config.json", "not valid JSON"),
-    ("metrics-epoch-text", "run", lambda d: (d / "metrics.jsonl").write_text('{"epoch": "2", "loss": 1.0}\n'),
-     ["viz", "curves", "{spec}", "--out", "{tmp}/c.png"], "metrics.jsonl line 1", "'epoch'"),
-    ("metrics-bare-nan", "run", lambda d: (d / "metrics.jsonl").write_text('{"epoch": 1, "loss": NaN}\n'),
-     ["viz", "curves", "{spec}", "--out", "{tmp}/c.png"], "metrics.jsonl line 1", "'loss'"),
-    ("export-input-size-text", "export", lambda d: _set_json(d / "config.json", lambda r: r["pretrained_cfg"].update(input_size=[3, "big", 32])), FILTERS, "config.json", "input_size"),
-    ("export-mean-length", "export", lambda d: _set_json(d / "config.json", lambda r: r["pretrained_cfg"].update(mean=[0.5, 0.5])), FILTERS, "config.json", "'mean'"),
-    ("export-std-zero", "export", lambda d: _set_json(d / "config.json", lambda r: r["pretrained_cfg"].update(std=[0, 1, 1])), FILTERS, "config.json", "'std'"),
-    ("export-architecture-number", "export", lambda d: _set_json(d / "config.json", lambda r: r.update(architecture=5)), FILTERS, "config.json", "'architecture'"),
-    ("export-pretrained-cfg-list", "export", lambda d: _set_json(d / "config.json", lambda r: r.update(pretrained_cfg=[])), FILTERS, "config.json", "'pretrained_cfg'"),
+    (
+        "meta-rotations-text",
+        "run",
+        lambda d: _set_metadata(d / "model.safetensors", rotations='"0,90"'),
+        FILTERS,
+        "model.safetensors",
+        "'rotations'",
+    ),
+    (
+        "meta-rotations-object",
+        "run",
+        lambda d: _set_metadata(d / "model.safetensors", rotations='{"a": 1}'),
+        FILTERS,
+        "model.safetensors",
+        "'rotations'",
+    ),
+    (
+        "meta-img-size-text",
+        "run",
+        lambda d: _set_metadata(d / "model.safetensors", img_size='"big"'),
+        FILTERS,
+        "model.safetensors",
+        "'img_size'",
+    ),
+    (
+        "meta-img-size-negative",
+        "run",
+        lambda d: _set_metadata(d / "model.safetensors", img_size="-4"),
+        FILTERS,
+        "model.safetensors",
+        "'img_size'",
+    ),
+    (
+        "meta-mean-length",
+        "run",
+        lambda d: _set_metadata(d / "model.safetensors", mean="[0.5, 0.5]"),
+        FILTERS,
+        "model.safetensors",
+        "'mean'",
+    ),
+    (
+        "meta-std-zero",
+        "run",
+        lambda d: _set_metadata(d / "model.safetensors", std="[0.0, 0.2, 0.2]"),
+        FILTERS,
+        "model.safetensors",
+        "'std'",
+    ),
+    (
+        "meta-epochs-text",
+        "run",
+        lambda d: _set_metadata(d / "model.safetensors", epochs='"2"'),
+        FILTERS,
+        "model.safetensors",
+        "'epochs'",
+    ),
+    (
+        "meta-model-unknown",
+        "run",
+        lambda d: _set_metadata(d / "model.safetensors", model="not_a_model_xyz"),
+        FILTERS,
+        "model.safetensors",
+        "names the model",
+    ),
+    (
+        "checkpoint-rotations-text",
+        "run",
+        lambda d: _set_checkpoint(d, lambda s: s["config"].update(rotations="0,90")),
+        FILTERS,
+        "checkpoint.pt",
+        "'rotations'",
+    ),
+    (
+        "checkpoint-epochs-negative",
+        "run",
+        lambda d: _set_checkpoint(d, lambda s: s["config"].update(epochs=-1)),
+        FILTERS,
+        "checkpoint.pt",
+        "--epochs",
+    ),
+    (
+        "checkpoint-img-size-text",
+        "run",
+        lambda d: _set_checkpoint(d, lambda s: s.update(img_size="big")),
+        FILTERS,
+        "checkpoint.pt",
+        "'img_size'",
+    ),
+    (
+        "checkpoint-mean-length",
+        "run",
+        lambda d: _set_checkpoint(d, lambda s: s.update(mean=[1.0, 2.0])),
+        FILTERS,
+        "checkpoint.pt",
+        "'mean'",
+    ),
+    (
+        "checkpoint-config-list",
+        "run",
+        lambda d: _set_checkpoint(d, lambda s: s.update(config=[1])),
+        FILTERS,
+        "checkpoint.pt",
+        "'config'",
+    ),
+    (
+        "config-epochs-text",
+        "run",
+        lambda d: _set_json(d / "config.json", lambda r: _set_config(r, epochs="2")),
+        RESUME,
+        "config.json",
+        "'epochs'",
+    ),
+    (
+        "config-rotations-text",
+        "run",
+        lambda d: _set_json(d / "config.json", lambda r: _set_config(r, rotations="0,90")),
+        RESUME,
+        "config.json",
+        "'rotations'",
+    ),
+    (
+        "config-img-size-negative",
+        "run",
+        lambda d: _set_json(d / "config.json", lambda r: _set_config(r, img_size=-3)),
+        RESUME,
+        "config.json",
+        "--img-size",
+    ),
+    (
+        "config-list",
+        "run",
+        lambda d: _set_json(d / "config.json", lambda r: r.update(config=[])),
+        RESUME,
+        "config.json",
+        "no run config",
+    ),
+    (
+        "config-not-utf8",
+        "run",
+        lambda d: (d / "config.json").write_bytes(b'{"config": "\xff"}'),
+        RESUME,
+        "config.json",
+        "not valid JSON",
+    ),
+    (
+        "metrics-epoch-text",
+        "run",
+        lambda d: (d / "metrics.jsonl").write_text('{"epoch": "2", "loss": 1.0}\n'),
+        ["viz", "curves", "{spec}", "--out", "{tmp}/c.png"],
+        "metrics.jsonl line 1",
+        "'epoch'",
+    ),
+    (
+        "metrics-bare-nan",
+        "run",
+        lambda d: (d / "metrics.jsonl").write_text('{"epoch": 1, "loss": NaN}\n'),
+        ["viz", "curves", "{spec}", "--out", "{tmp}/c.png"],
+        "metrics.jsonl line 1",
+        "'loss'",
+    ),
+    (
+        "export-input-size-text",
+        "export",
+        lambda d: _set_json(d / "config.json", lambda r: r["pretrained_cfg"].update(input_size=[3, "big", 32])),
+        FILTERS,
+        "config.json",
+        "input_size",
+    ),
+    (
+        "export-mean-length",
+        "export",
+        lambda d: _set_json(d / "config.json", lambda r: r["pretrained_cfg"].update(mean=[0.5, 0.5])),
+        FILTERS,
+        "config.json",
+        "'mean'",
+    ),
+    (
+        "export-std-zero",
+        "export",
+        lambda d: _set_json(d / "config.json", lambda r: r["pretrained_cfg"].update(std=[0, 1, 1])),
+        FILTERS,
+        "config.json",
+        "'std'",
+    ),
+    (
+        "export-architecture-number",
+        "export",
+        lambda d: _set_json(d / "config.json", lambda r: r.update(architecture=5)),
+        FILTERS,
+        "config.json",
+        "'architecture'",
+    ),
+    (
+        "export-pretrained-cfg-list",
+        "export",
+        lambda d: _set_json(d / "config.json", lambda r: r.update(pretrained_cfg=[])),
+        FILTERS,
+        "config.json",
+        "'pretrained_cfg'",
+    ),
     ("export-config-missing", "export", lambda d: (d / "config.json").unlink(), FILTERS, "config.json", "is missing"),
-    ("export-head-rotations-text", "export", lambda d: _set_metadata(d / "rotation_head.safetensors", rotations='"x"'), FILTERS,
-     "rotation_head.safetensors", "'rotations'"),
+    (
+        "export-head-rotations-text",
+        "export",
+        lambda d: _set_metadata(d / "rotation_head.safetensors", rotations='"x"'),
+        FILTERS,
+        "rotation_head.safetensors",
+        "'rotations'",
+    ),
 ]
 
 
@@ -321,8 +520,12 @@ def exported(tiny_run, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("kind, change, command, file, field", [row[1:] for row in STRANGER_FILES], ids=[row[0] for row in STRANGER_FILES])
-def test_a_stranger_file_is_one_line_naming_the_file_and_the_field(tiny_run, exported, tmp_path, monkeypatch, kind, change, command, file, field):
+@pytest.mark.parametrize(
+    "kind, change, command, file, field", [row[1:] for row in STRANGER_FILES], ids=[row[0] for row in STRANGER_FILES]
+)
+def test_a_stranger_file_is_one_line_naming_the_file_and_the_field(
+    tiny_run, exported, tmp_path, monkeypatch, kind, change, command, file, field
+):
     spec = Path(shutil.copytree(tiny_run if kind == "run" else exported, tmp_path / "weights"))
     change(spec)
     monkeypatch.chdir(tmp_path)

@@ -1,6 +1,7 @@
 """What a newcomer reads: help that shows flags as flags and options in panels, commands in
 workflow order, bare `rotnet` as help; messages that say what happened in plain words;
 commands to copy printed whole; the test extra that runs every test."""
+
 import ast
 import re
 import tomllib
@@ -20,8 +21,16 @@ from rotnet_cli.errors import Interrupted
 from rotnet_cli.runtime import describe_device
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = [["pretrain"], ["probe"], ["export"], ["predict"], ["reproduce"], ["viz", "filters"], ["viz", "attention"],
-            ["viz", "curves"]]
+COMMANDS = [
+    ["pretrain"],
+    ["probe"],
+    ["export"],
+    ["predict"],
+    ["reproduce"],
+    ["viz", "filters"],
+    ["viz", "attention"],
+    ["viz", "curves"],
+]
 
 
 def help_text(*command: str) -> str:
@@ -38,7 +47,11 @@ def test_bare_rotnet_prints_its_help_and_exits_0(bare):
 
 def test_commands_are_listed_in_workflow_order():
     text = help_text()
-    listed = [name for name in re.findall(r"^│ (\w+) ", text, flags=re.M) if name in {"pretrain", "probe", "export", "viz", "predict", "reproduce"}]
+    listed = [
+        name
+        for name in re.findall(r"^│ (\w+) ", text, flags=re.M)
+        if name in {"pretrain", "probe", "export", "viz", "predict", "reproduce"}
+    ]
     assert listed == ["pretrain", "probe", "export", "viz", "predict", "reproduce"]
 
 
@@ -56,7 +69,9 @@ def test_help_examples_are_whole_commands_on_a_narrow_terminal(command):
     click_command = typer.main.get_command(app)
     for name in command:
         click_command = click_command.commands[name]
-    examples = [re.sub(r"\[/?(b|dim)?\]", "", line).replace("\\[", "[").strip() for line in click_command.epilog.splitlines()]
+    examples = [
+        re.sub(r"\[/?(b|dim)?\]", "", line).replace("\\[", "[").strip() for line in click_command.epilog.splitlines()
+    ]
     examples = [line for line in examples if line.startswith(("rotnet ", "torchrun "))]
     result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
     assert result.exit_code == 0, result.output
@@ -77,7 +92,7 @@ def test_every_pretrain_option_is_in_a_help_panel_in_set_up_order():
     text = help_text("pretrain")
     positions = [text.index(f"─ {title} ─") for title in HELP_PANELS]
     assert positions == sorted(positions)
-    data_panel = text[positions[1]:positions[2]]
+    data_panel = text[positions[1] : positions[2]]
     assert "--img-size" in data_panel and "--download" in data_panel and "--epochs" not in data_panel
 
 
@@ -107,19 +122,28 @@ def test_messages_say_one_thread_and_the_default_a_run_used():
 def test_a_stopped_run_says_stopped_once_and_names_the_resume_command():
     @error_boundary
     def stopped() -> None:
-        raise Interrupted("stopped after epoch 2 of 10; checkpoint saved; resume with: rotnet pretrain --resume runs/demo")
+        raise Interrupted(
+            "stopped after epoch 2 of 10; checkpoint saved; resume with: rotnet pretrain --resume runs/demo"
+        )
 
     with err_console.capture() as captured, pytest.raises(typer.Exit) as exit_info:
         stopped()
     assert exit_info.value.exit_code == 130
-    assert captured.get().strip() == "stopped after epoch 2 of 10; checkpoint saved; resume with: rotnet pretrain --resume runs/demo"
+    assert (
+        captured.get().strip()
+        == "stopped after epoch 2 of 10; checkpoint saved; resume with: rotnet pretrain --resume runs/demo"
+    )
 
 
 def test_summary_says_what_the_table_leaves_out_and_prints_next_commands_whole(tmp_path):
     out_dir = tmp_path / ("a-run-directory-with-a-name-long-enough-to-pass-eighty-columns-" + "x" * 30)
-    rows = [{"epoch": e, "loss": 0.5, "rot_acc": 0.8, "val_loss": 0.6, "val_rot_acc": 0.75, "images_per_s": 900.0}
-            for e in range(1, 13)]
-    result = SimpleNamespace(out_dir=out_dir, history=rows, final=rows[-1], val_rot_acc_per_rotation={}, labelled=True, best=None)
+    rows = [
+        {"epoch": e, "loss": 0.5, "rot_acc": 0.8, "val_loss": 0.6, "val_rot_acc": 0.75, "images_per_s": 900.0}
+        for e in range(1, 13)
+    ]
+    result = SimpleNamespace(
+        out_dir=out_dir, history=rows, final=rows[-1], val_rot_acc_per_rotation={}, labelled=True, best=None
+    )
     with out_console.capture() as captured:
         _render_summary(result, PretrainConfig(epochs=12))
     lines = captured.get().splitlines()
@@ -130,8 +154,9 @@ def test_summary_says_what_the_table_leaves_out_and_prints_next_commands_whole(t
 
 def test_next_probe_command_asks_for_labelled_images_after_an_unlabelled_folder(tmp_path):
     rows = [{"epoch": 1, "loss": 0.5, "rot_acc": 0.8, "val_loss": 0.6, "val_rot_acc": 0.75, "images_per_s": 900.0}]
-    result = SimpleNamespace(out_dir=tmp_path / "run", history=rows, final=rows[-1], val_rot_acc_per_rotation={},
-                             labelled=False, best=None)
+    result = SimpleNamespace(
+        out_dir=tmp_path / "run", history=rows, final=rows[-1], val_rot_acc_per_rotation={}, labelled=False, best=None
+    )
     with out_console.capture() as captured:
         _render_summary(result, PretrainConfig(data=str(tmp_path / "photos"), epochs=1))
     output = captured.get()

@@ -45,15 +45,30 @@ sweep = _load_sweep()
 
 # -- a thin VGG: timm's VGG class (features, then a pre-logits ConvMlp to 4096 before pooling)
 # with two small conv blocks and a 40-channel MLP middle, so it trains in a second
-default_cfgs = generate_default_cfgs({"vgg_thin_for_tests": {"input_size": (3, 32, 32), "num_classes": 10, "first_conv": "features.0",
-                                                        "classifier": "head.fc", "mean": (0.5,) * 3, "std": (0.5,) * 3}})
+default_cfgs = generate_default_cfgs(
+    {
+        "vgg_thin_for_tests": {
+            "input_size": (3, 32, 32),
+            "num_classes": 10,
+            "first_conv": "features.0",
+            "classifier": "head.fc",
+            "mean": (0.5,) * 3,
+            "std": (0.5,) * 3,
+        }
+    }
+)
 
 
 @register_model
 def vgg_thin_for_tests(pretrained: bool = False, **kwargs) -> VGG:
     return build_model_with_cfg(
-        VGG, "vgg_thin_for_tests", pretrained, model_cfg=[16, "M", 32, "M"], mlp_ratio=0.01,
-        feature_cfg={"flatten_sequential": True, "out_indices": (0, 1, 2)}, **kwargs,
+        VGG,
+        "vgg_thin_for_tests",
+        pretrained,
+        model_cfg=[16, "M", 32, "M"],
+        mlp_ratio=0.01,
+        feature_cfg={"flatten_sequential": True, "out_indices": (0, 1, 2)},
+        **kwargs,
     )
 
 
@@ -114,13 +129,33 @@ def one_line_error(result) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize("model, size, needed", [
-    ("crossvit_tiny_240", 64, 240),  # built for 64 px, its two patch sizes do not fit it
-    ("inception_v3", 32, 299),  # too small for its downsampling
-])
+@pytest.mark.parametrize(
+    "model, size, needed",
+    [
+        ("crossvit_tiny_240", 64, 240),  # built for 64 px, its two patch sizes do not fit it
+        ("inception_v3", 32, 299),  # too small for its downsampling
+    ],
+)
 def test_an_input_size_the_model_cannot_take_is_one_line_before_training(model, size, needed, images, tmp_path):
-    result = invoke("pretrain", "--model", model, "--data", images, "--img-size", size, "--epochs", "1", "-b", "4",
-                    "--device", "cpu", "--workers", "0", "--out", tmp_path / "run")
+    result = invoke(
+        "pretrain",
+        "--model",
+        model,
+        "--data",
+        images,
+        "--img-size",
+        size,
+        "--epochs",
+        "1",
+        "-b",
+        "4",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--out",
+        tmp_path / "run",
+    )
     line = one_line_error(result)
     assert f"{model} cannot run on {size} px images" in line and f"use --img-size {needed}" in line
     assert not (tmp_path / "run").exists()
@@ -135,7 +170,9 @@ def test_a_dataset_size_the_model_cannot_take_gives_way_to_the_model_size():
     events = []
     backbone, size = run_backbone(PretrainConfig(model="crossvit_tiny_240", data="digits"), events.append)
     assert size == 240 and backbone.patch_embed[0].img_size == (240, 240)
-    assert events == [Message("crossvit_tiny_240 cannot run on 32 px images; digits is resized to 240 px, its own size")]
+    assert events == [
+        Message("crossvit_tiny_240 cannot run on 32 px images; digits is resized to 240 px, its own size")
+    ]
     with pytest.raises(InputSizeError):
         run_backbone(PretrainConfig(model="crossvit_tiny_240", data="digits", img_size=32))
 

@@ -77,7 +77,11 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path):
     assert sorted(p.rsplit("/", 1)[-1] for p in src.skipped) == ["garbage.jpg", "truncated.png", "zero.png"]
     with pytest.raises(DataError, match="unreadable image"):  # streamed from workers too
         on_disk = data.open_source(str(tmp_path), 16, cache="none").train
-        list(data.iterate_batches(on_disk, torch.arange(len(on_disk)), 2, torch.device("cpu"), drop_last=False, workers=2, strict=True))
+        list(
+            data.iterate_batches(
+                on_disk, torch.arange(len(on_disk)), 2, torch.device("cpu"), drop_last=False, workers=2, strict=True
+            )
+        )
     with pytest.raises(DataError, match="unreadable image"):
         data.open_source(str(tmp_path), 16, strict=True, workers=0)
 

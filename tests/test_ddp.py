@@ -21,10 +21,21 @@ from safetensors.torch import load_file
 from rotnet_cli.config import PretrainConfig
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
-OPTIONS = dict(model="test_vit", epochs=2, max_steps_per_epoch=4, batch_size=16, device="cpu", workers=0,
-               augment=False, optimizer="adamw", lr=1e-3, save_every=3, log_every=1)
+OPTIONS = dict(
+    model="test_vit",
+    epochs=2,
+    max_steps_per_epoch=4,
+    batch_size=16,
+    device="cpu",
+    workers=0,
+    augment=False,
+    optimizer="adamw",
+    lr=1e-3,
+    save_every=3,
+    log_every=1,
+)
 
-HARNESS = '''
+HARNESS = """
 import json, os, sys
 from pathlib import Path
 import rotnet_cli.pretraining as P
@@ -49,7 +60,7 @@ except Interrupted:  # both ranks stop at the same step (exit 0: torchrun report
     sys.exit(0)
 state = {k: v.contiguous() for k, v in built[-1].state_dict().items()}
 save_file(state, str(out.parent / f"{out.name}-rank{os.environ['RANK']}.safetensors"))
-'''
+"""
 
 
 def torchrun(tmp_path: Path, out: Path, stop_after: int = 0) -> None:
@@ -57,8 +68,20 @@ def torchrun(tmp_path: Path, out: Path, stop_after: int = 0) -> None:
     script.write_text(HARNESS)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [TORCHRUN, "--standalone", "--nproc-per-node", "2", str(script), json.dumps(OPTIONS), str(out), str(stop_after)],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            TORCHRUN,
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(script),
+            json.dumps(OPTIONS),
+            str(out),
+            str(stop_after),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -81,7 +104,13 @@ def test_both_ranks_end_with_identical_weights_and_rank_0_writes_the_run(ddp_run
     written = load_file(ddp_run / "model.safetensors")
     assert all(torch.equal(written[k], rank0[k]) for k in rank0)
     assert json.loads((ddp_run / "config.json").read_text())["resolved"]["world_size"] == 2
-    assert sorted(p.name for p in ddp_run.iterdir()) == ["checkpoint.pt", "config.json", "logs", "metrics.jsonl", "model.safetensors"]
+    assert sorted(p.name for p in ddp_run.iterdir()) == [
+        "checkpoint.pt",
+        "config.json",
+        "logs",
+        "metrics.jsonl",
+        "model.safetensors",
+    ]
 
 
 def test_loss_matches_one_process_with_the_same_global_batch(ddp_run, tmp_path):

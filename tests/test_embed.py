@@ -54,7 +54,11 @@ def png(path: Path, seed: int, size: int = 24) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +112,9 @@ def test_every_format_holds_each_images_own_features_with_its_path_and_class(tin
     if fmt == "parquet":
         pytest.importorskip("pyarrow")
     out = tmp_path / f"pets.{fmt}"
-    summary = ok_json(invoke("embed", tiny_run, classes_folder, "--out", out, "-b", 3, "-j", 0, "--device", "cpu", "--json"))
+    summary = ok_json(
+        invoke("embed", tiny_run, classes_folder, "--out", out, "-b", 3, "-j", 0, "--device", "cpu", "--json")
+    )
     assert summary["rows"] == 8 and summary["classes"] == ["birds", "cats", "dogs"] and summary["skipped"] == []
 
     paths, classes, vectors = read_with_its_own_library(out, fmt)
@@ -164,8 +170,16 @@ def test_a_folder_is_streamed_never_decoded_whole(tiny_run, classes_folder, tmp_
         raise AssertionError("embed decoded the whole folder into memory")
 
     monkeypatch.setattr(data_lib, "decode_all", decode_everything)
-    result = embed(EmbedConfig(weights=str(tiny_run), data=str(classes_folder), out=str(tmp_path / "e.npz"), batch_size=2,
-                               workers=0, device="cpu"))
+    result = embed(
+        EmbedConfig(
+            weights=str(tiny_run),
+            data=str(classes_folder),
+            out=str(tmp_path / "e.npz"),
+            batch_size=2,
+            workers=0,
+            device="cpu",
+        )
+    )
     assert result.rows == 8
 
 
@@ -174,12 +188,19 @@ def test_layer_pool_and_normalize_change_the_vectors_as_asked(tiny_run, classes_
     paths = sorted(str(p) for p in classes_folder.rglob("*.png"))  # the class folders' order
     images = torch.stack([data_lib.decode_file(Path(p), weights.img_size) for p in paths])
     with torch.no_grad():
-        [stage2] = weights.backbone.forward_intermediates(data_lib.normalize(images, weights.mean, weights.std), indices=[1],
-                                                         intermediates_only=True)  # (N, C2, H, W)
+        [stage2] = weights.backbone.forward_intermediates(
+            data_lib.normalize(images, weights.mean, weights.std), indices=[1], intermediates_only=True
+        )  # (N, C2, H, W)
 
     def run(name: str, **options) -> np.ndarray:
-        cfg = EmbedConfig(weights=str(tiny_run), data=str(classes_folder), out=str(tmp_path / name), workers=0, device="cpu",
-                          **options)
+        cfg = EmbedConfig(
+            weights=str(tiny_run),
+            data=str(classes_folder),
+            out=str(tmp_path / name),
+            workers=0,
+            device="cpu",
+            **options,
+        )
         table = read_embeddings(embed(cfg).out)
         assert table.paths == paths
         return table.vectors
@@ -190,7 +211,9 @@ def test_layer_pool_and_normalize_change_the_vectors_as_asked(tiny_run, classes_
     np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-5)
 
 
-def test_an_existing_file_is_refused_replaced_with_overwrite_and_kept_when_a_run_fails(tiny_run, classes_folder, tmp_path):
+def test_an_existing_file_is_refused_replaced_with_overwrite_and_kept_when_a_run_fails(
+    tiny_run, classes_folder, tmp_path
+):
     out = tmp_path / "out" / "pets.npz"
     ok_json(invoke("embed", tiny_run, classes_folder, "--out", out, "-j", 0, "--device", "cpu", "--json"))
     before = snapshot(out.parent)
@@ -204,7 +227,23 @@ def test_an_existing_file_is_refused_replaced_with_overwrite_and_kept_when_a_run
     assert "could be read" in line
     assert snapshot(out.parent) == before  # the old file as it was, no scratch or temporary file left
 
-    ok_json(invoke("embed", tiny_run, classes_folder, "--out", out, "--layer", 2, "--overwrite", "-j", 0, "--device", "cpu", "--json"))
+    ok_json(
+        invoke(
+            "embed",
+            tiny_run,
+            classes_folder,
+            "--out",
+            out,
+            "--layer",
+            2,
+            "--overwrite",
+            "-j",
+            0,
+            "--device",
+            "cpu",
+            "--json",
+        )
+    )
     assert read_embeddings(out).meta["layer"] == 2 and sorted(p.name for p in out.parent.iterdir()) == ["pets.npz"]
 
 
@@ -215,15 +254,18 @@ def test_parquet_without_pyarrow_names_the_extra_before_any_work(tiny_run, class
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("args, fix", [
-    (["--out", "{tmp}/e.txt"], "ending in .parquet, .npz, .safetensors, .csv"),
-    (["--out", "{tmp}/e.npz", "--layer", "9"], "has 5 stages; use 1..5"),
-    (["--out", "{tmp}/e.npz", "--layer", "0"], "numbered from 1"),
-    (["--out", "{tmp}/e.npz", "--pool", "sum"], "--pool must be one of avg, max"),
-    (["--out", "{tmp}"], "ending in"),
-    (["--out", "{tmp}/folder.npz"], "is a folder"),
-    (["--out", "{tmp}/e.npz", "--img-size", "64"], "drop --img-size"),
-])
+@pytest.mark.parametrize(
+    "args, fix",
+    [
+        (["--out", "{tmp}/e.txt"], "ending in .parquet, .npz, .safetensors, .csv"),
+        (["--out", "{tmp}/e.npz", "--layer", "9"], "has 5 stages; use 1..5"),
+        (["--out", "{tmp}/e.npz", "--layer", "0"], "numbered from 1"),
+        (["--out", "{tmp}/e.npz", "--pool", "sum"], "--pool must be one of avg, max"),
+        (["--out", "{tmp}"], "ending in"),
+        (["--out", "{tmp}/folder.npz"], "is a folder"),
+        (["--out", "{tmp}/e.npz", "--img-size", "64"], "drop --img-size"),
+    ],
+)
 def test_bad_embed_options_are_one_line(tiny_run, classes_folder, tmp_path, args, fix):
     (tmp_path / "folder.npz").mkdir()
     before = snapshot(tmp_path)
@@ -280,7 +322,9 @@ def test_the_most_alike_pair_is_a_planted_exact_duplicate(planted, tmp_path):
     assert first["similarity"] == pytest.approx(1.0, abs=1e-5) and first["rank"] == 1
     pairs = {frozenset((n["image"], n["neighbour"])) for n in result["neighbours"]}
     assert len(pairs) == len(result["neighbours"])  # each pair once
-    assert [n["similarity"] for n in result["neighbours"]] == sorted((n["similarity"] for n in result["neighbours"]), reverse=True)
+    assert [n["similarity"] for n in result["neighbours"]] == sorted(
+        (n["similarity"] for n in result["neighbours"]), reverse=True
+    )
 
     out = tmp_path / "duplicates.csv"
     duplicates = ok_json(invoke("neighbours", emb, "--threshold", 0.9999, "--out", out, "--json", "--device", "cpu"))
@@ -308,11 +352,16 @@ def test_queries_need_the_settings_the_file_was_embedded_with(planted, tiny_run,
     _, original, _, emb = planted
     table = read_embeddings(emb)
     csv_file = tmp_path / "e.csv"
-    csv_file.write_text("path," + ",".join(f"e{i}" for i in range(table.vectors.shape[1])) + "\n"
-                        + "".join(f"{p}," + ",".join(map(str, v)) + "\n" for p, v in zip(table.paths, table.vectors)))
+    csv_file.write_text(
+        "path,"
+        + ",".join(f"e{i}" for i in range(table.vectors.shape[1]))
+        + "\n"
+        + "".join(f"{p}," + ",".join(map(str, v)) + "\n" for p, v in zip(table.paths, table.vectors))
+    )
     assert "keeps no record" in one_line_error(invoke("neighbours", csv_file, "--query", original, "--device", "cpu"))
     assert "was embedded with a test_resnet" in one_line_error(
-        invoke("neighbours", emb, "--query", original, "--weights", "random:test_vit", "--device", "cpu"))
+        invoke("neighbours", emb, "--query", original, "--weights", "random:test_vit", "--device", "cpu")
+    )
     # without --query a CSV is searched like any other file
     assert ok_json(invoke("neighbours", csv_file, "--json", "--device", "cpu"))["neighbours"][0]["similarity"] > 0.9999
 
@@ -322,7 +371,11 @@ def test_a_file_embedded_with_a_kept_checkpoint_answers_queries_from_another_fol
     shutil.copyfile(copy_of_run / "model.safetensors", copy_of_run / "checkpoints" / "best.safetensors")
     query = png(tmp_path / "q" / "a.png", 7)
     monkeypatch.chdir(tmp_path)
-    ok_json(invoke("embed", f"{copy_of_run.name}:best", query.parent, "--out", "e.npz", "-j", 0, "--device", "cpu", "--json"))
+    ok_json(
+        invoke(
+            "embed", f"{copy_of_run.name}:best", query.parent, "--out", "e.npz", "-j", 0, "--device", "cpu", "--json"
+        )
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -337,8 +390,9 @@ def test_a_file_embedded_with_a_kept_checkpoint_answers_queries_from_another_fol
     ok_json(invoke("neighbours", "named.npz", "--query", query, "-k", 1, "--json", "--device", "cpu"))
 
 
-@pytest.mark.parametrize("key, value", [("layer", "x"), ("pool", "median"), ("normalized", "yes"), ("img_size", -3),
-                                        ("weights", None)])
+@pytest.mark.parametrize(
+    "key, value", [("layer", "x"), ("pool", "median"), ("normalized", "yes"), ("img_size", -3), ("weights", None)]
+)
 def test_hand_edited_embedding_settings_are_named_not_run(planted, tmp_path, key, value):
     _, original, _, emb = planted
     npz = dict(np.load(emb))
@@ -414,14 +468,18 @@ def test_thumbnails_of_dataset_rows_are_the_datasets_own_images(tmp_path):
     from rotnet_cli.embedding_map import ThumbnailSource
 
     table = EmbeddingTable(tmp_path / "t.npz", np.zeros((1, 2), np.float32), ["digits:train[5]"], meta={"img_size": 16})
-    assert np.array_equal(ThumbnailSource(table).image("digits:train[5]"),
-                          data_lib.open_source("digits", 16).train.images[5].permute(1, 2, 0).numpy())
+    assert np.array_equal(
+        ThumbnailSource(table).image("digits:train[5]"),
+        data_lib.open_source("digits", 16).train.images[5].permute(1, 2, 0).numpy(),
+    )
 
 
 def test_the_map_draws_every_class_with_thumbnails(planted, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "map.png"
-    result = ok_json(invoke("viz", "embeddings", planted[3], "--out", out, "--thumbnails", 4, "--max-points", 10, "--json"))
+    result = ok_json(
+        invoke("viz", "embeddings", planted[3], "--out", out, "--thumbnails", 4, "--max-points", 10, "--json")
+    )
     assert result["points"] == 10 and result["rows"] == 13 and result["classes"] == 2
     assert result["thumbnails"] == 4 and result["skipped"] == []
     assert len(result["explained_variance"]) == 2 and 0 < sum(result["explained_variance"]) <= 1
@@ -438,8 +496,20 @@ def test_the_map_with_real_tsne_and_umap(tiny_run, tmp_path):
     emb = tmp_path / "digits.npz"
     embed(EmbedConfig(weights=str(tiny_run), data="digits", out=str(emb), workers=0, device="cpu"))
     for method in ("tsne", "umap"):
-        result = ok_json(invoke("viz", "embeddings", emb, "--out", tmp_path / f"{method}.png", "--method", method,
-                                "--max-points", 300, "--json"))
+        result = ok_json(
+            invoke(
+                "viz",
+                "embeddings",
+                emb,
+                "--out",
+                tmp_path / f"{method}.png",
+                "--method",
+                method,
+                "--max-points",
+                300,
+                "--json",
+            )
+        )
         assert result["points"] == 300 and result["classes"] == 10 and (tmp_path / f"{method}.png").is_file()
 
 
@@ -461,11 +531,14 @@ def test_overwrite_replaces_only_files_rotnet_wrote_for_embeddings_pairs_and_map
     theirs["notes.csv"].write_text("name,amount\nrent,900\n")
     png(theirs["holiday.png"], 7)
     before = snapshot(tmp_path)
-    for args in (("embed", tiny_run, emb.parent / "photos", "--out", theirs["notes.npz"], "-j", 0),
-                 ("neighbours", emb, "--out", theirs["notes.csv"]),
-                 ("viz", "embeddings", emb, "--out", theirs["holiday.png"])):
-        line = one_line_error(invoke(*args, "--overwrite", "--device", "cpu") if args[0] != "viz"
-                              else invoke(*args, "--overwrite"))
+    for args in (
+        ("embed", tiny_run, emb.parent / "photos", "--out", theirs["notes.npz"], "-j", 0),
+        ("neighbours", emb, "--out", theirs["notes.csv"]),
+        ("viz", "embeddings", emb, "--out", theirs["holiday.png"]),
+    ):
+        line = one_line_error(
+            invoke(*args, "--overwrite", "--device", "cpu") if args[0] != "viz" else invoke(*args, "--overwrite")
+        )
         assert "was not written by rotnet" in line
     assert snapshot(tmp_path) == before
 

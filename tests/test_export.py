@@ -1,4 +1,5 @@
 """rotnet export: a folder timm loads on its own, strictly, with the features of the trained backbone."""
+
 import json
 import os
 import subprocess
@@ -25,8 +26,17 @@ def runs(tmp_path_factory, tiny_run) -> dict[str, Path]:
     """One tiny pretraining run per architecture family (a few steps each; test_resnet's is the shared run)."""
     root = tmp_path_factory.mktemp("export-runs")
     for name in MODELS[1:]:
-        pretrain(PretrainConfig(model=name, epochs=1, out=str(root / name), max_steps_per_epoch=1, batch_size=8,
-                                val_split=0.05, workers=0))
+        pretrain(
+            PretrainConfig(
+                model=name,
+                epochs=1,
+                out=str(root / name),
+                max_steps_per_epoch=1,
+                batch_size=8,
+                val_split=0.05,
+                workers=0,
+            )
+        )
     return {"test_resnet": tiny_run} | {name: root / name for name in MODELS[1:]}
 
 
@@ -64,7 +74,9 @@ def test_export_loads_in_timm_both_ways_with_the_trained_features(runs, tmp_path
 
     config = json.loads((out / "config.json").read_text())
     by_folder = timm.create_model(f"local-dir:{out}", pretrained=True)
-    by_file = timm.create_model(config["architecture"], checkpoint_path=str(out / "model.safetensors"), **config["model_args"])
+    by_file = timm.create_model(
+        config["architecture"], checkpoint_path=str(out / "model.safetensors"), **config["model_args"]
+    )
     assert torch.equal(features(by_folder, x), expected)
     assert torch.equal(features(by_file, x), expected)
 
@@ -81,7 +93,9 @@ def test_export_loads_in_timm_both_ways_with_the_trained_features(runs, tmp_path
     assert config["architecture"] == name and config["num_classes"] == 0
     assert config["num_features"] == trained.num_features
     assert config["pretrained_cfg"]["input_size"] == [3, size, size]
-    assert config["pretrained_cfg"]["mean"] == run_config["mean"] and config["pretrained_cfg"]["std"] == run_config["std"]
+    assert (
+        config["pretrained_cfg"]["mean"] == run_config["mean"] and config["pretrained_cfg"]["std"] == run_config["std"]
+    )
     assert timm.data.resolve_model_data_config(by_folder)["input_size"] == (3, size, size)
 
     assert sorted(f["name"] for f in report["files"]) == ["README.md", "config.json", "model.safetensors"]
@@ -134,7 +148,10 @@ def test_card_renders_every_probe_setting_and_survives_an_unreadable_probe_file(
 
     run = tmp_path / "run"
     shutil.copytree(runs["test_resnet"], run)
-    for args in (["--head", "linear,knn", "--layers", "1,-1"], ["--head", "knn", "--layers", "-1", "--labels-per-class", "10"]):
+    for args in (
+        ["--head", "linear,knn", "--layers", "1,-1"],
+        ["--head", "knn", "--layers", "-1", "--labels-per-class", "10"],
+    ):
         probed = CliRunner().invoke(app, ["probe", str(run), "--epochs", "2", "--device", "cpu", *args])
         assert probed.exit_code == 0, probed.output
     first, second = json.loads((run / "probe.json").read_text())["results"]  # the second probe kept the first
@@ -142,7 +159,11 @@ def test_card_renders_every_probe_setting_and_survives_an_unreadable_probe_file(
     card = (tmp_path / "a" / "README.md").read_text()
     assert "## Probe results" in card and "| weights | stage | C x H x W | linear | knn |" in card
     for row in first["rows"]:  # every stage with every head's accuracy, in percent
-        assert f"| run | {row['stage']} | " in card and f"{100 * row['linear']:.2f}%" in card and f"{100 * row['knn']:.2f}%" in card
+        assert (
+            f"| run | {row['stage']} | " in card
+            and f"{100 * row['linear']:.2f}%" in card
+            and f"{100 * row['knn']:.2f}%" in card
+        )
     assert f"Best: stage {first['best']['stage']} with the {first['best']['head']} head" in card
     assert "| weights | stage | C x H x W | knn |" in card and "10 labelled images per class" in card
     assert f"{100 * second['rows'][0]['knn']:.2f}%" in card
@@ -163,7 +184,9 @@ def test_with_head_keeps_the_rotation_head_and_timm_still_loads_strictly(runs, t
     assert torch.equal(again.head.weight, original.head.weight) and torch.equal(again.head.bias, original.head.bias)
     x = random_batch(out)
     assert torch.equal(features(again.rotnet(), x), features(original.rotnet(), x))
-    assert torch.equal(features(timm.create_model(f"local-dir:{out}", pretrained=True), x), features(original.backbone, x))
+    assert torch.equal(
+        features(timm.create_model(f"local-dir:{out}", pretrained=True), x), features(original.backbone, x)
+    )
 
     # an export is itself a weights spec: exporting it again keeps every tensor and the ViT's input size
     again_out = tmp_path / "again"
@@ -212,7 +235,12 @@ def test_existing_folder_is_kept_unless_overwrite(runs, tmp_path):
     (out / "mine.txt").unlink()
     export_ok(runs["test_resnet"], "--out", out)  # an empty folder is not "taken"
     export_ok(runs["test_resnet"], "--out", out, "--overwrite", "--with-head")  # an export of rotnet's is replaced
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "rotation_head.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "rotation_head.safetensors",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no staging folder or lock left behind
 
 
@@ -266,7 +294,11 @@ def test_export_loads_where_rotnet_is_not_installed(runs, tmp_path):
     """)
     saved = tmp_path / "features.pt"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", script, str(saved)], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(saved)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     x = random_batch(out)
-    assert torch.equal(torch.load(saved, weights_only=True), features(load_weights(str(runs["test_efficientnet"])).backbone, x))
+    assert torch.equal(
+        torch.load(saved, weights_only=True), features(load_weights(str(runs["test_efficientnet"])).backbone, x)
+    )

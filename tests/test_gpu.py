@@ -34,10 +34,19 @@ def test_auto_device_and_precision_pick_the_gpu_and_bf16():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_pretrain_on_the_gpu_with_channels_last_and_device_cache(tmp_path, precision):
-    result = pretrain(PretrainConfig(
-        model="test_resnet", epochs=2, batch_size=64, max_steps_per_epoch=5, device="cuda", precision=precision,
-        channels_last=True, cache="device", out=str(tmp_path / precision),
-    ))
+    result = pretrain(
+        PretrainConfig(
+            model="test_resnet",
+            epochs=2,
+            batch_size=64,
+            max_steps_per_epoch=5,
+            device="cuda",
+            precision=precision,
+            channels_last=True,
+            cache="device",
+            out=str(tmp_path / precision),
+        )
+    )
     assert result.device.startswith("cuda")
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in result.history)
     assert result.history[-1]["loss"] < result.history[0]["loss"] * 1.5  # trains, does not diverge
@@ -45,7 +54,9 @@ def test_pretrain_on_the_gpu_with_channels_last_and_device_cache(tmp_path, preci
 
 def test_probe_runs_on_the_gpu(tmp_path):
     run = tmp_path / "run"
-    pretrain(PretrainConfig(model="test_resnet", epochs=1, batch_size=64, max_steps_per_epoch=3, device="cuda", out=str(run)))
+    pretrain(
+        PretrainConfig(model="test_resnet", epochs=1, batch_size=64, max_steps_per_epoch=3, device="cuda", out=str(run))
+    )
     result = CliRunner().invoke(app, ["probe", str(run), "--epochs", "2", "--device", "cuda", "--json"])
     assert result.exit_code == 0, result.output
     assert "cuda" in json.loads(result.stdout)["device"]
@@ -67,8 +78,16 @@ def test_a_gpu_training_step_never_synchronises_with_the_host(tmp_path, source):
 
     def sync_warnings(steps: int) -> int:
         cfg = PretrainConfig(
-            model="test_resnet", data=data, img_size=32, epochs=1, batch_size=16, max_steps_per_epoch=steps,
-            log_every=1000, device="cuda", cache="none" if source == "folder" else "auto", workers=2,
+            model="test_resnet",
+            data=data,
+            img_size=32,
+            epochs=1,
+            batch_size=16,
+            max_steps_per_epoch=steps,
+            log_every=1000,
+            device="cuda",
+            cache="none" if source == "folder" else "auto",
+            workers=2,
             out=str(tmp_path / f"run-{steps}"),
         )
         with warnings.catch_warnings(record=True) as caught:

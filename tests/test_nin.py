@@ -1,4 +1,5 @@
 """Tests for the paper's Network-In-Network backbones (rotnet_cli.nin) through timm's public API."""
+
 import math
 
 import pytest
@@ -9,15 +10,19 @@ from torch import nn
 
 import rotnet_cli.nin  # importing registers the rotnet_nin* models with timm
 
-NIN_MODELS = ['rotnet_nin3', 'rotnet_nin4', 'rotnet_nin5']
-NUM_BLOCKS = {'rotnet_nin3': 3, 'rotnet_nin4': 4, 'rotnet_nin5': 5}
+NIN_MODELS = ["rotnet_nin3", "rotnet_nin4", "rotnet_nin5"]
+NUM_BLOCKS = {"rotnet_nin3": 3, "rotnet_nin4": 4, "rotnet_nin5": 5}
 
 
 def nin_conv_specs(num_blocks, in_chans=3):
     """(kernel, in_chs, out_chs) of every conv, written out from the paper's NIN description."""
     specs = [
-        (5, in_chans, 192), (1, 192, 160), (1, 160, 96),  # block 1 (then max-pool)
-        (5, 96, 192), (1, 192, 192), (1, 192, 192),  # block 2 (then avg-pool)
+        (5, in_chans, 192),
+        (1, 192, 160),
+        (1, 160, 96),  # block 1 (then max-pool)
+        (5, 96, 192),
+        (1, 192, 192),
+        (1, 192, 192),  # block 2 (then avg-pool)
     ]
     for _ in range(num_blocks - 2):  # blocks 3+
         specs += [(3, 192, 192), (1, 192, 192), (1, 192, 192)]
@@ -36,7 +41,7 @@ def images():
 
 
 def test_models_are_registered_and_listed():
-    assert timm.list_models('rotnet_nin*') == NIN_MODELS
+    assert timm.list_models("rotnet_nin*") == NIN_MODELS
     for name in NIN_MODELS:
         model = timm.create_model(name)
         assert isinstance(model, rotnet_cli.nin.NetworkInNetwork)
@@ -45,7 +50,7 @@ def test_models_are_registered_and_listed():
         assert isinstance(model.get_classifier(), nn.Linear)
 
 
-@pytest.mark.parametrize('name', NIN_MODELS)
+@pytest.mark.parametrize("name", NIN_MODELS)
 def test_headless_parameter_count_matches_architecture(name):
     model = timm.create_model(name, num_classes=0)
     assert sum(p.numel() for p in model.parameters()) == expected_headless_param_count(NUM_BLOCKS[name])
@@ -59,12 +64,12 @@ def test_parameter_count_helper_on_known_value():
 
 
 def test_in_chans_changes_only_first_conv():
-    model = timm.create_model('rotnet_nin3', num_classes=0, in_chans=1)
+    model = timm.create_model("rotnet_nin3", num_classes=0, in_chans=1)
     assert sum(p.numel() for p in model.parameters()) == expected_headless_param_count(3, in_chans=1)
     assert model(torch.randn(1, 1, 32, 32)).shape == (1, 192)
 
 
-@pytest.mark.parametrize('name', NIN_MODELS)
+@pytest.mark.parametrize("name", NIN_MODELS)
 def test_intermediate_feature_shapes_and_feature_info(name, images):
     model = timm.create_model(name, num_classes=0).eval()
     num_blocks = NUM_BLOCKS[name]
@@ -72,15 +77,15 @@ def test_intermediate_feature_shapes_and_feature_info(name, images):
         feats = model.forward_intermediates(images, intermediates_only=True)
     assert [tuple(f.shape) for f in feats] == [(2, 96, 16, 16)] + [(2, 192, 8, 8)] * (num_blocks - 1)
 
-    assert [info['num_chs'] for info in model.feature_info] == [f.shape[1] for f in feats]
-    assert [info['reduction'] for info in model.feature_info] == [32 // f.shape[-1] for f in feats]
-    assert [info['module'] for info in model.feature_info] == [f'blocks.{i}' for i in range(num_blocks)]
+    assert [info["num_chs"] for info in model.feature_info] == [f.shape[1] for f in feats]
+    assert [info["reduction"] for info in model.feature_info] == [32 // f.shape[-1] for f in feats]
+    assert [info["module"] for info in model.feature_info] == [f"blocks.{i}" for i in range(num_blocks)]
     for info in model.feature_info:
-        model.get_submodule(info['module'])  # the named module exists
+        model.get_submodule(info["module"])  # the named module exists
 
 
 def test_forward_intermediates_indices_and_final_features(images):
-    model = timm.create_model('rotnet_nin4', num_classes=0).eval()
+    model = timm.create_model("rotnet_nin4", num_classes=0).eval()
     with torch.no_grad():
         all_feats = model.forward_intermediates(images, intermediates_only=True)
         final, picked = model.forward_intermediates(images, indices=[0, 2])
@@ -104,7 +109,7 @@ def test_forward_intermediates_indices_and_final_features(images):
 
 
 def test_forward_head_pre_logits_is_global_average(images):
-    model = timm.create_model('rotnet_nin4', num_classes=10).eval()
+    model = timm.create_model("rotnet_nin4", num_classes=10).eval()
     with torch.no_grad():
         features = model.forward_features(images)  # (2, 192, 8, 8)
         pooled = model.forward_head(features, pre_logits=True)
@@ -116,7 +121,7 @@ def test_forward_head_pre_logits_is_global_average(images):
 
 
 def test_forward_backward_gives_finite_grads_everywhere(images):
-    model = timm.create_model('rotnet_nin4', num_classes=4, drop_rate=0.1).train()
+    model = timm.create_model("rotnet_nin4", num_classes=4, drop_rate=0.1).train()
     logits = model(images)
     assert logits.shape == (2, 4)
     nn.functional.cross_entropy(logits, torch.tensor([0, 3])).backward()
@@ -126,7 +131,7 @@ def test_forward_backward_gives_finite_grads_everywhere(images):
 
 
 def test_grad_checkpointing_matches_plain_forward(images):
-    model = timm.create_model('rotnet_nin3', num_classes=4).eval()
+    model = timm.create_model("rotnet_nin3", num_classes=4).eval()
     plain = model(images)
     model.set_grad_checkpointing(True)
     checkpointed = model(images)
@@ -134,33 +139,33 @@ def test_grad_checkpointing_matches_plain_forward(images):
 
 
 def test_pretrained_cfg_first_conv_and_classifier_resolve():
-    model = timm.create_model('rotnet_nin4')
+    model = timm.create_model("rotnet_nin4")
     cfg = model.pretrained_cfg
-    assert cfg['input_size'] == (3, 32, 32)
-    assert cfg['pool_size'] == (8, 8)
-    assert cfg['num_classes'] == 10
-    assert cfg['mean'] == pytest.approx((0.4914, 0.4822, 0.4465))
-    assert cfg['std'] == pytest.approx((0.2470, 0.2435, 0.2616))
+    assert cfg["input_size"] == (3, 32, 32)
+    assert cfg["pool_size"] == (8, 8)
+    assert cfg["num_classes"] == 10
+    assert cfg["mean"] == pytest.approx((0.4914, 0.4822, 0.4465))
+    assert cfg["std"] == pytest.approx((0.2470, 0.2435, 0.2616))
 
-    first_conv = model.get_submodule(cfg['first_conv'])
+    first_conv = model.get_submodule(cfg["first_conv"])
     first_module_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     assert first_conv is first_module_conv
     assert first_conv.kernel_size == (5, 5)
     assert (first_conv.in_channels, first_conv.out_channels) == (3, 192)
-    assert model.get_submodule(cfg['classifier']) is model.get_classifier()
+    assert model.get_submodule(cfg["classifier"]) is model.get_classifier()
 
 
 def test_pretrained_weights_do_not_exist():
     with pytest.raises(RuntimeError):
-        timm.create_model('rotnet_nin4', pretrained=True)
+        timm.create_model("rotnet_nin4", pretrained=True)
 
 
 def test_default_init_is_what_the_official_code_runs():
     # the official NetworkInNetwork.weight_initialization is never called: layers keep PyTorch 0.2's defaults,
     # convs U(-1/sqrt(fan_in), 1/sqrt(fan_in)) and BatchNorm weights U(0, 1) (today's default would be 1)
     torch.manual_seed(0)
-    model = timm.create_model('rotnet_nin4')
-    first_conv = model.get_submodule(model.pretrained_cfg['first_conv'])
+    model = timm.create_model("rotnet_nin4")
+    first_conv = model.get_submodule(model.pretrained_cfg["first_conv"])
     bound = 1 / math.sqrt(3 * 5 * 5)
     assert first_conv.weight.abs().max().item() <= bound
     assert first_conv.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)  # std of U(-b, b)
@@ -172,30 +177,30 @@ def test_default_init_is_what_the_official_code_runs():
 
 def test_he_init_is_the_official_files_unused_weight_initialization():
     torch.manual_seed(0)
-    model = timm.create_model('rotnet_nin4', weight_init='he')
-    first_conv = model.get_submodule(model.pretrained_cfg['first_conv'])
+    model = timm.create_model("rotnet_nin4", weight_init="he")
+    first_conv = model.get_submodule(model.pretrained_cfg["first_conv"])
     expected_std = math.sqrt(2.0 / (5 * 5 * 192))  # N(0, sqrt(2 / (k*k*out)))
     assert first_conv.weight.std().item() == pytest.approx(expected_std, rel=0.05)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             assert torch.all(module.weight == 1) and torch.all(module.bias == 0)
     assert torch.all(model.get_classifier().bias == 0)
-    with pytest.raises(ValueError, match='weight_init'):
-        timm.create_model('rotnet_nin4', weight_init='xavier')
+    with pytest.raises(ValueError, match="weight_init"):
+        timm.create_model("rotnet_nin4", weight_init="xavier")
 
 
 def test_safetensors_checkpoint_round_trip(tmp_path, images):
     torch.manual_seed(0)
-    source = timm.create_model('rotnet_nin4', num_classes=0)
+    source = timm.create_model("rotnet_nin4", num_classes=0)
     # a few training steps' worth of BN statistics, so the running buffers are not their defaults
     with torch.no_grad():
         source.train()(images)
     source.eval()
-    checkpoint = tmp_path / 'nin4.safetensors'
+    checkpoint = tmp_path / "nin4.safetensors"
     save_file(source.state_dict(), str(checkpoint))
 
     torch.manual_seed(1)  # a different random init, so equality below comes from the checkpoint
-    loaded = timm.create_model('rotnet_nin4', num_classes=0, checkpoint_path=str(checkpoint)).eval()
+    loaded = timm.create_model("rotnet_nin4", num_classes=0, checkpoint_path=str(checkpoint)).eval()
     with torch.no_grad():
         expected = source(images)
         actual = loaded(images)
@@ -204,7 +209,7 @@ def test_safetensors_checkpoint_round_trip(tmp_path, images):
 
 
 def test_reset_classifier_changes_output_classes(images):
-    model = timm.create_model('rotnet_nin4', num_classes=0)
+    model = timm.create_model("rotnet_nin4", num_classes=0)
     model.reset_classifier(7)
     assert model.num_classes == 7
     assert isinstance(model.get_classifier(), nn.Linear)
@@ -214,7 +219,7 @@ def test_reset_classifier_changes_output_classes(images):
 
 
 def test_prune_intermediate_layers_keeps_requested_blocks(images):
-    model = timm.create_model('rotnet_nin5').eval()
+    model = timm.create_model("rotnet_nin5").eval()
     with torch.no_grad():
         before = model.forward_intermediates(images, intermediates_only=True)
     kept = model.prune_intermediate_layers(indices=[0, 1])
@@ -227,7 +232,7 @@ def test_prune_intermediate_layers_keeps_requested_blocks(images):
 
 
 def test_features_only_returns_every_block(images):
-    model = timm.create_model('rotnet_nin3', features_only=True).eval()
+    model = timm.create_model("rotnet_nin3", features_only=True).eval()
     with torch.no_grad():
         feats = model(images)
     assert [tuple(f.shape) for f in feats] == [(2, 96, 16, 16), (2, 192, 8, 8), (2, 192, 8, 8)]

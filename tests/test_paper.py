@@ -32,7 +32,9 @@ class OfficialBasicBlock(nn.Module):
         super().__init__()
         padding = (kernel_size - 1) // 2
         self.layers = nn.Sequential()
-        self.layers.add_module("Conv", nn.Conv2d(in_planes, out_planes, kernel_size=kernel_size, stride=1, padding=padding, bias=False))
+        self.layers.add_module(
+            "Conv", nn.Conv2d(in_planes, out_planes, kernel_size=kernel_size, stride=1, padding=padding, bias=False)
+        )
         self.layers.add_module("BatchNorm", nn.BatchNorm2d(out_planes))
         self.layers.add_module("ReLU", nn.ReLU(inplace=True))
 
@@ -140,14 +142,46 @@ class OfficialClassifier(nn.Module):
 
 
 # The official configs, copied as they stand (config/*.py, the optim_params line and max_num_epochs)
-OFFICIAL_ROTNET = {"optim_type": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True,
-                   "LUT_lr": [(60, 0.1), (120, 0.02), (160, 0.004), (200, 0.0008)], "max_num_epochs": 200, "batch_size": 128}
-OFFICIAL_MULTLAYER = {"optim_type": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True,
-                      "LUT_lr": [(20, 0.1), (40, 0.02), (45, 0.004), (50, 0.0008)], "max_num_epochs": 50, "batch_size": 128}
-OFFICIAL_CONV = {"optim_type": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True,
-                 "LUT_lr": [(35, 0.1), (70, 0.02), (85, 0.004), (100, 0.0008)], "max_num_epochs": 100, "batch_size": 128}
-OFFICIAL_SUPERVISED = {"optim_type": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True,
-                       "LUT_lr": [(60, 0.1), (120, 0.02), (160, 0.004), (200, 0.0008)], "max_num_epochs": 200, "batch_size": 128}
+OFFICIAL_ROTNET = {
+    "optim_type": "sgd",
+    "lr": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "nesterov": True,
+    "LUT_lr": [(60, 0.1), (120, 0.02), (160, 0.004), (200, 0.0008)],
+    "max_num_epochs": 200,
+    "batch_size": 128,
+}
+OFFICIAL_MULTLAYER = {
+    "optim_type": "sgd",
+    "lr": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "nesterov": True,
+    "LUT_lr": [(20, 0.1), (40, 0.02), (45, 0.004), (50, 0.0008)],
+    "max_num_epochs": 50,
+    "batch_size": 128,
+}
+OFFICIAL_CONV = {
+    "optim_type": "sgd",
+    "lr": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "nesterov": True,
+    "LUT_lr": [(35, 0.1), (70, 0.02), (85, 0.004), (100, 0.0008)],
+    "max_num_epochs": 100,
+    "batch_size": 128,
+}
+OFFICIAL_SUPERVISED = {
+    "optim_type": "sgd",
+    "lr": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "nesterov": True,
+    "LUT_lr": [(60, 0.1), (120, 0.02), (160, 0.004), (200, 0.0008)],
+    "max_num_epochs": 200,
+    "batch_size": 128,
+}
 
 
 def official_lr(optim_params: dict, epoch: int) -> float:
@@ -202,14 +236,22 @@ def test_nin_computes_what_the_official_network_computes(num_stages, name):
         torch.testing.assert_close(ours(x), official(x), rtol=1e-5, atol=1e-5)  # through the rotation classifier
 
 
-@pytest.mark.parametrize("cls_type, head, shape", [
-    ("MultLayer", "mlp", (192, 8, 8)),  # the non-linear classifier on block 2 (nChannels 192*8*8)
-    ("MultLayer", "mlp", (96, 16, 16)),  # ... and on block 1 (Table 1)
-    ("NIN_ConvBlock3", "conv", (192, 8, 8)),  # "RotNet + conv"
-])
+@pytest.mark.parametrize(
+    "cls_type, head, shape",
+    [
+        ("MultLayer", "mlp", (192, 8, 8)),  # the non-linear classifier on block 2 (nChannels 192*8*8)
+        ("MultLayer", "mlp", (96, 16, 16)),  # ... and on block 1 (Table 1)
+        ("NIN_ConvBlock3", "conv", (192, 8, 8)),  # "RotNet + conv"
+    ],
+)
 def test_probe_heads_compute_what_the_official_classifiers_compute(cls_type, head, shape):
-    official = OfficialClassifier({"nChannels": math.prod(shape) if cls_type == "MultLayer" else shape[0],
-                                   "num_classes": 10, "cls_type": cls_type}).eval()
+    official = OfficialClassifier(
+        {
+            "nChannels": math.prod(shape) if cls_type == "MultLayer" else shape[0],
+            "num_classes": 10,
+            "cls_type": cls_type,
+        }
+    ).eval()
     randomise_batchnorm(official)
     ours = spatial_head(head, shape, 10).eval()
     copy_in_order(official, ours)
@@ -221,8 +263,13 @@ def test_probe_heads_compute_what_the_official_classifiers_compute(cls_type, hea
 @pytest.mark.parametrize("cls_type, head", [("MultLayer", "mlp"), ("NIN_ConvBlock3", "conv")])
 def test_paper_recipe_initialises_heads_as_the_official_classifiers(cls_type, head):
     shape = (192, 8, 8)
-    official = OfficialClassifier({"nChannels": math.prod(shape) if cls_type == "MultLayer" else shape[0],
-                                   "num_classes": 10, "cls_type": cls_type})
+    official = OfficialClassifier(
+        {
+            "nChannels": math.prod(shape) if cls_type == "MultLayer" else shape[0],
+            "num_classes": 10,
+            "cls_type": cls_type,
+        }
+    )
     ours = spatial_head(head, shape, 10)
     torch.manual_seed(3)
     official.initilize()
@@ -230,8 +277,9 @@ def test_paper_recipe_initialises_heads_as_the_official_classifiers(cls_type, he
     ours.apply(official_head_init)  # what HeadTrainer does for the paper recipe
     for (name, a), (_, b) in zip(official.state_dict().items(), ours.state_dict().items(), strict=True):
         assert torch.equal(a, b), name  # the same draws in the same order: bitwise the same weights
-    trainer = HeadTrainer(head, [shape], 10, "flatten", ProbeConfig(weights="x", recipe="paper").head_recipe(head), 0,
-                          torch.device("cpu"))
+    trainer = HeadTrainer(
+        head, [shape], 10, "flatten", ProbeConfig(weights="x", recipe="paper").head_recipe(head), 0, torch.device("cpu")
+    )
     biases = [m.bias for m in trainer.heads.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None]
     assert biases and all(torch.all(b == 0) for b in biases)
 
@@ -255,7 +303,11 @@ def test_paper_probe_recipe_is_the_official_classifier_training(head, official):
     optimizer = make_head_optimizer(heads.parameters(), recipe, torch.device("cpu"))
     assert isinstance(optimizer, torch.optim.SGD) and len(optimizer.param_groups) == 1
     group = optimizer.param_groups[0]
-    assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (official["momentum"], official["nesterov"], official["weight_decay"])
+    assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (
+        official["momentum"],
+        official["nesterov"],
+        official["weight_decay"],
+    )
     # every parameter decays (the official optimiser takes net.parameters(), Algorithm.py l. 118)
     assert sum(p.numel() for p in group["params"]) == sum(p.numel() for p in heads.parameters())
 
@@ -267,7 +319,14 @@ def test_epochs_option_keeps_the_steps_at_the_same_share_of_the_run():
 
 def test_rotnet_pretraining_is_the_official_one(tmp_path):
     cfg = pretrain_config(ReproduceConfig(schedule="official"), (0.0, 90.0, 180.0, 270.0), tmp_path / "run")
-    assert (cfg.model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.batch_size, cfg.augment) == ("rotnet_nin4", "sgd", 0.1, 0.9, 128, "crop+flip")
+    assert (cfg.model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.batch_size, cfg.augment) == (
+        "rotnet_nin4",
+        "sgd",
+        0.1,
+        0.9,
+        128,
+        "crop+flip",
+    )
     assert cfg.precision == "fp32" and cfg.copies == "all"
     step = lambda e: cfg.lr * cfg.gamma ** sum(e >= m for m in cfg.milestones)  # noqa: E731
     assert_schedule_is_official(step, OFFICIAL_ROTNET, cfg.epochs)
@@ -275,7 +334,9 @@ def test_rotnet_pretraining_is_the_official_one(tmp_path):
     model = timm.create_model("rotnet_nin4", num_classes=4)
     optimizer = make_optimizer(model, cfg, torch.device("cpu"))
     assert all(g["weight_decay"] == OFFICIAL_ROTNET["weight_decay"] and g["nesterov"] for g in optimizer.param_groups)
-    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(
+        p.numel() for p in model.parameters()
+    )
     # the paper's text: 100 epochs, lr / 5 after 30, 60 and 80
     paper = pretrain_config(ReproduceConfig(schedule="paper"), (0.0, 90.0), tmp_path / "run")
     assert (paper.epochs, paper.milestones, paper.gamma) == (100, (30, 60, 80), 0.2)
@@ -284,7 +345,9 @@ def test_rotnet_pretraining_is_the_official_one(tmp_path):
 
 def test_supervised_baseline_is_the_official_one(tmp_path):
     cfg = supervised_config(ReproduceConfig(), tmp_path)
-    assert cfg.model == "rotnet_nin3" and cfg.batch_size == OFFICIAL_SUPERVISED["batch_size"] and cfg.precision == "fp32"
+    assert (
+        cfg.model == "rotnet_nin3" and cfg.batch_size == OFFICIAL_SUPERVISED["batch_size"] and cfg.precision == "fp32"
+    )
     assert (cfg.lr, cfg.weight_decay) == (OFFICIAL_SUPERVISED["lr"], OFFICIAL_SUPERVISED["weight_decay"])
     step = lambda e: cfg.lr * cfg.gamma ** sum(e >= m for m in cfg.milestones)  # noqa: E731
     assert_schedule_is_official(step, OFFICIAL_SUPERVISED, cfg.epochs)

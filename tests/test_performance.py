@@ -26,7 +26,16 @@ from rotnet_cli.runtime import configure_backends
 # Tensor ops that make the host wait for the device on a GPU: reading a value, learning a
 # data-dependent size, or copying to host memory.
 HOST_READS = {
-    "item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy", "unique",
+    "item",
+    "tolist",
+    "__bool__",
+    "__int__",
+    "__float__",
+    "__index__",
+    "nonzero",
+    "cpu",
+    "numpy",
+    "unique",
     "masked_select",
 }
 
@@ -51,18 +60,29 @@ class HostReads(TorchFunctionMode):
 
 def host_reads_of_one_epoch(tmp_path, steps: int, **options) -> collections.Counter:
     cfg = PretrainConfig(
-        model="test_resnet", epochs=1, batch_size=16, max_steps_per_epoch=steps, log_every=1000, device="cpu",
-        workers=0, out=str(tmp_path / f"run-{steps}"), **options,
+        model="test_resnet",
+        epochs=1,
+        batch_size=16,
+        max_steps_per_epoch=steps,
+        log_every=1000,
+        device="cpu",
+        workers=0,
+        out=str(tmp_path / f"run-{steps}"),
+        **options,
     )
     with HostReads() as reads:
         pretrain(cfg)
     return reads.calls
 
 
-@pytest.mark.parametrize("options", [
-    {},  # the paper: every rotated copy
-    {"copies": "one", "rotations": (0.0, 45.0, 90.0, 180.0)},  # sampled rotation, resampled and masked
-], ids=["all-copies", "one-copy-resampled"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # the paper: every rotated copy
+        {"copies": "one", "rotations": (0.0, 45.0, 90.0, 180.0)},  # sampled rotation, resampled and masked
+    ],
+    ids=["all-copies", "one-copy-resampled"],
+)
 def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, options):
     # With --log-every above the epoch length the loop reads loss and accuracy only at the
     # epoch's end: three times as many steps must not mean a single extra host read.
@@ -87,10 +107,19 @@ def test_the_host_read_counter_catches_a_read_in_the_step(tmp_path, monkeypatch)
 
 
 def test_bf16_autocast_and_channels_last_train_and_save_fp32_weights(tmp_path):
-    result = pretrain(PretrainConfig(
-        model="test_resnet", epochs=2, batch_size=32, max_steps_per_epoch=6, device="cpu", precision="bf16",
-        channels_last=True, workers=0, out=str(tmp_path / "run"),
-    ))
+    result = pretrain(
+        PretrainConfig(
+            model="test_resnet",
+            epochs=2,
+            batch_size=32,
+            max_steps_per_epoch=6,
+            device="cpu",
+            precision="bf16",
+            channels_last=True,
+            workers=0,
+            out=str(tmp_path / "run"),
+        )
+    )
     assert all(torch.isfinite(torch.tensor([row["loss"], row["val_loss"]])).all() for row in result.history)
     weights = load_file(tmp_path / "run" / "model.safetensors")
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}  # autocast, not a cast
@@ -100,11 +129,33 @@ def test_bf16_autocast_and_channels_last_train_and_save_fp32_weights(tmp_path):
 def test_compiled_training_saves_the_plain_model(tmp_path):
     # torch.compile wraps the module; the run must still save and reload timm's own keys.
     # Slow (about 45 s of compiling on 2 cores); the uncompiled loop is tested everywhere.
-    plain = pretrain(PretrainConfig(model="test_resnet", epochs=1, batch_size=32, max_steps_per_epoch=4, device="cpu",
-                                    workers=0, out=str(tmp_path / "plain")))
-    compiled = pretrain(PretrainConfig(model="test_resnet", epochs=1, batch_size=32, max_steps_per_epoch=4, device="cpu",
-                                       workers=0, compile=True, out=str(tmp_path / "compiled")))
-    assert load_file(tmp_path / "compiled" / "model.safetensors").keys() == load_file(tmp_path / "plain" / "model.safetensors").keys()
+    plain = pretrain(
+        PretrainConfig(
+            model="test_resnet",
+            epochs=1,
+            batch_size=32,
+            max_steps_per_epoch=4,
+            device="cpu",
+            workers=0,
+            out=str(tmp_path / "plain"),
+        )
+    )
+    compiled = pretrain(
+        PretrainConfig(
+            model="test_resnet",
+            epochs=1,
+            batch_size=32,
+            max_steps_per_epoch=4,
+            device="cpu",
+            workers=0,
+            compile=True,
+            out=str(tmp_path / "compiled"),
+        )
+    )
+    assert (
+        load_file(tmp_path / "compiled" / "model.safetensors").keys()
+        == load_file(tmp_path / "plain" / "model.safetensors").keys()
+    )
     # the same computation: compiled kernels may differ in the last bits only
     assert compiled.history[0]["loss"] == pytest.approx(plain.history[0]["loss"], rel=1e-3)
 
@@ -125,9 +176,17 @@ def test_cuda_runs_autotune_convolutions_and_allow_tf32_like_timm_train(backend_
     assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
 
 
-@pytest.mark.parametrize("cores, local_world, expected", [
-    (2, None, 2), (4, None, 3), (16, None, 8), (64, None, 8), (16, "4", 3), (16, "8", 2),
-])
+@pytest.mark.parametrize(
+    "cores, local_world, expected",
+    [
+        (2, None, 2),
+        (4, None, 3),
+        (16, None, 8),
+        (64, None, 8),
+        (16, "4", 3),
+        (16, "8", 2),
+    ],
+)
 def test_default_workers_follow_the_cores_each_process_has(monkeypatch, cores, local_world, expected):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     if local_world is None:
@@ -145,24 +204,96 @@ def test_default_workers_follow_the_cores_each_process_has(monkeypatch, cores, l
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.mark.parametrize("script, args, figures", [
-    ("pipeline.py", ["--model", "test_resnet", "--batch-size", "8", "--steps", "2", "--repeats", "1", "--warmup", "1",
-                     "--jpeg-count", "40", "--workers", "0", "--official-workers", "1", "--device", "cpu"],
-     ["digits_vs_bare", "memory_vs_bare", "jpeg_cache_none_vs_bare", "jpeg_cache_auto_vs_bare",
-      "rotnet_vs_official_memory", "rotnet_vs_official_jpeg"]),
-    ("probe.py", ["--weights", "RUN", "--epochs", "2", "--augmented-epochs", "1", "--readme-weights", "random:test_resnet",
-                  "--device", "cpu"],
-     ["ratio_linear", "ratio_default_heads", "ratio_linear_mlp_knn", "ratio_readme_example", "ratio_augmented_per_epoch"]),
-    ("memory.py", ["--model", "test_resnet", "--steps", "2", "--batch-size", "8", "--device", "cpu"], ["rotnet_vs_bare"]),
-    ("startup.py", ["--runs", "1"], ["help_vs_import_timm"]),
-    ("online_eval.py", ["--model", "test_resnet", "--epochs", "2", "--max-steps-per-epoch", "1", "--batch-size", "8",
-                        "--img-size", "32", "--device", "cpu"], ["eval_per_epoch", "eval_share_auto"]),
-], ids=["pipeline", "probe", "memory", "startup", "online_eval"])
+@pytest.mark.parametrize(
+    "script, args, figures",
+    [
+        (
+            "pipeline.py",
+            [
+                "--model",
+                "test_resnet",
+                "--batch-size",
+                "8",
+                "--steps",
+                "2",
+                "--repeats",
+                "1",
+                "--warmup",
+                "1",
+                "--jpeg-count",
+                "40",
+                "--workers",
+                "0",
+                "--official-workers",
+                "1",
+                "--device",
+                "cpu",
+            ],
+            [
+                "digits_vs_bare",
+                "memory_vs_bare",
+                "jpeg_cache_none_vs_bare",
+                "jpeg_cache_auto_vs_bare",
+                "rotnet_vs_official_memory",
+                "rotnet_vs_official_jpeg",
+            ],
+        ),
+        (
+            "probe.py",
+            [
+                "--weights",
+                "RUN",
+                "--epochs",
+                "2",
+                "--augmented-epochs",
+                "1",
+                "--readme-weights",
+                "random:test_resnet",
+                "--device",
+                "cpu",
+            ],
+            [
+                "ratio_linear",
+                "ratio_default_heads",
+                "ratio_linear_mlp_knn",
+                "ratio_readme_example",
+                "ratio_augmented_per_epoch",
+            ],
+        ),
+        (
+            "memory.py",
+            ["--model", "test_resnet", "--steps", "2", "--batch-size", "8", "--device", "cpu"],
+            ["rotnet_vs_bare"],
+        ),
+        ("startup.py", ["--runs", "1"], ["help_vs_import_timm"]),
+        (
+            "online_eval.py",
+            [
+                "--model",
+                "test_resnet",
+                "--epochs",
+                "2",
+                "--max-steps-per-epoch",
+                "1",
+                "--batch-size",
+                "8",
+                "--img-size",
+                "32",
+                "--device",
+                "cpu",
+            ],
+            ["eval_per_epoch", "eval_share_auto"],
+        ),
+    ],
+    ids=["pipeline", "probe", "memory", "startup", "online_eval"],
+)
 def test_each_benchmark_prints_its_figures_as_one_json_line(tmp_path, tiny_run, script, args, figures):
     # RUN: a 32 px run (timm's test models default to 160 px, slow to probe on CPU); the probe saves nothing
     args = [str(tiny_run) if a == "RUN" else a for a in args]
     env = {**os.environ, "TMPDIR": str(tmp_path)}  # the JPEG folder and runs go under tmp_path
-    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, env=env, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1

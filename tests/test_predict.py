@@ -46,10 +46,22 @@ runner = CliRunner()
 def run_dir(tmp_path_factory) -> Path:
     """A test_resnet RotNet trained briefly on digits, with the usual 10% held out."""
     out = tmp_path_factory.mktemp("predict-run") / "run"
-    pretrain(PretrainConfig(
-        model="test_resnet", data="digits", img_size=IMG_SIZE, epochs=3, batch_size=32, optimizer="adamw", lr=3e-3,
-        val_split=VAL_SPLIT, seed=SEED, workers=0, device="cpu", out=str(out),
-    ))
+    pretrain(
+        PretrainConfig(
+            model="test_resnet",
+            data="digits",
+            img_size=IMG_SIZE,
+            epochs=3,
+            batch_size=32,
+            optimizer="adamw",
+            lr=3e-3,
+            val_split=VAL_SPLIT,
+            seed=SEED,
+            workers=0,
+            device="cpu",
+            out=str(out),
+        )
+    )
     return out
 
 
@@ -105,9 +117,11 @@ def tta_run(run_dir, rotated_folder):
 def reliable_digits(held_out, heldout_predictions) -> list[int]:
     """Held-out digits whose four rotations the model all gets right, confidently."""
     good = [
-        i for i in range(len(held_out))
+        i
+        for i in range(len(held_out))
         if all(
-            heldout_predictions[f"{i:03d}_{a}.png"].predicted == a and heldout_predictions[f"{i:03d}_{a}.png"].confidence > 0.7
+            heldout_predictions[f"{i:03d}_{a}.png"].predicted == a
+            and heldout_predictions[f"{i:03d}_{a}.png"].confidence > 0.7
             for a in ANGLES
         )
     ]
@@ -129,7 +143,8 @@ def non_square(digit: torch.Tensor, noise_seed: int | None) -> np.ndarray:
 def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
     return {
         str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-        for p in sorted(folder.rglob("*")) if p.is_file()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -171,7 +186,9 @@ def calibration(confidence: np.ndarray, right: np.ndarray, threshold: float = 0.
             over += chosen.mean() * max(gap, 0.0)
     wrong = ~right
     return {
-        "ece": ece, "overconfidence": over, "wrong_at_threshold": int((wrong & (confidence >= threshold)).sum()),
+        "ece": ece,
+        "overconfidence": over,
+        "wrong_at_threshold": int((wrong & (confidence >= threshold)).sum()),
         "confidence_of_wrong": float(confidence[wrong].mean()) if wrong.any() else 0.0,
     }
 
@@ -239,7 +256,9 @@ def test_fix_writes_exact_full_resolution_upright_copies_and_leaves_inputs_alone
     for n, i in enumerate(reliable_digits):
         upright[i] = non_square(held_out[i], noise_seed=n)
         for angle in ANGLES:
-            Image.fromarray(rot90(upright[i], angle)).save(inputs / ("nested" if angle == 180 else "") / f"{i}_{angle}.png")
+            Image.fromarray(rot90(upright[i], angle)).save(
+                inputs / ("nested" if angle == 180 else "") / f"{i}_{angle}.png"
+            )
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     old_times = 1_500_000_000  # the copies keep their originals' file times
     for path in inputs.rglob("*.png"):
@@ -251,7 +270,9 @@ def test_fix_writes_exact_full_resolution_upright_copies_and_leaves_inputs_alone
 
     assert result.exit_code == 0, result.output
     assert snapshot(inputs) == before
-    rows = {Path(r["path"]).relative_to(inputs).as_posix(): r for r in json.loads((out / "predictions.json").read_text())}
+    rows = {
+        Path(r["path"]).relative_to(inputs).as_posix(): r for r in json.loads((out / "predictions.json").read_text())
+    }
     assert rows["broken.png"]["action"] == "unreadable"
     assert "broken.png" in result.output
     for i, image in upright.items():
@@ -306,7 +327,9 @@ def test_only_confident_predictions_are_fixed(tmp_path, run_dir, rotated_folder,
     folder, _ = rotated_folder
     threshold = float(np.median([p.confidence for p in heldout_predictions.values() if p.predicted != 0]))
     out = tmp_path / "upright"
-    result = invoke(str(run_dir), str(folder), "--fix", "--out", str(out), "--min-confidence", f"{threshold:.6f}", "--json")
+    result = invoke(
+        str(run_dir), str(folder), "--fix", "--out", str(out), "--min-confidence", f"{threshold:.6f}", "--json"
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["predictions"]
     fixed = [r for r in rows if r["action"] == "fixed"]
@@ -463,8 +486,9 @@ def test_fix_gives_every_awkward_image_a_row_and_always_writes_the_report(tmp_pa
     assert "could not be turned" in result.output and "Traceback" not in result.output
 
 
-def test_a_full_disk_stops_the_copies_reports_every_image_and_says_run_again(tmp_path, run_dir, held_out, reliable_digits,
-                                                                             monkeypatch):
+def test_a_full_disk_stops_the_copies_reports_every_image_and_says_run_again(
+    tmp_path, run_dir, held_out, reliable_digits, monkeypatch
+):
     from rotnet_cli import upright
 
     inputs = tmp_path / "in"
@@ -530,8 +554,16 @@ def test_in_place_keeps_a_backup_and_the_file_times_and_leaves_the_rest_byte_for
     original = np.asarray(Image.open(photos / "sure.png"))
     turn = heldout_predictions[Path(sure).name].correction
 
-    result = invoke(str(run_dir), str(photos), "--fix", "--in-place", "--min-confidence", f"{threshold:.6f}",
-                    "--out", str(tmp_path / "report"))
+    result = invoke(
+        str(run_dir),
+        str(photos),
+        "--fix",
+        "--in-place",
+        "--min-confidence",
+        f"{threshold:.6f}",
+        "--out",
+        str(tmp_path / "report"),
+    )
 
     assert result.exit_code == 0, result.output
     after = snapshot(photos)
@@ -540,11 +572,22 @@ def test_in_place_keeps_a_backup_and_the_file_times_and_leaves_the_rest_byte_for
     assert after["sure.png.orig"] == before["sure.png"]
     assert after["sure.png"][1] == before["sure.png"][1] and after["sure.png"][0] != before["sure.png"][0]
     assert np.array_equal(np.asarray(Image.open(photos / "sure.png")), rot90(original, int(turn)))
-    assert sorted(after) == ["blocked.png", "blocked.png.orig", "sure.png", "sure.png.orig", "unsure.png", "upright.png"]
+    assert sorted(after) == [
+        "blocked.png",
+        "blocked.png.orig",
+        "sure.png",
+        "sure.png.orig",
+        "unsure.png",
+        "upright.png",
+    ]
     _, rows = report(tmp_path / "report")
     actions = {Path(r["path"]).name: r["action"] for r in rows}
-    assert actions == {"sure.png": "fixed", "blocked.png": "not-fixed", "unsure.png": "skipped-low-confidence",
-                       "upright.png": "skipped-upright"}
+    assert actions == {
+        "sure.png": "fixed",
+        "blocked.png": "not-fixed",
+        "unsure.png": "skipped-low-confidence",
+        "upright.png": "skipped-upright",
+    }
     assert "sure.png.orig" in result.output or ".orig" in result.output
 
 
@@ -557,11 +600,15 @@ def test_copy_unchanged_makes_a_complete_upright_mirror(tmp_path, run_dir, heldo
     (scans / "broken.png").write_bytes(b"not an image")
     out = tmp_path / "mirror"
 
-    result = invoke(str(run_dir), str(scans), "--fix", "--out", str(out), "--copy-unchanged",
-                    "--min-confidence", f"{threshold:.6f}")
+    result = invoke(
+        str(run_dir), str(scans), "--fix", "--out", str(out), "--copy-unchanged", "--min-confidence", f"{threshold:.6f}"
+    )
 
     assert result.exit_code == 0, result.output
-    mirrored = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"predictions.csv", "predictions.json"}
+    mirrored = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {
+        "predictions.csv",
+        "predictions.json",
+    }
     assert mirrored == {"sure.png", "deep/unsure.png", "upright.png", "broken.png"}
     for name in ("deep/unsure.png", "upright.png", "broken.png"):
         assert (out / name).read_bytes() == (scans / name).read_bytes()
@@ -638,7 +685,13 @@ def png16(pixels: np.ndarray, extra: list[tuple[bytes, bytes]]) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 16, 2 if channels == 3 else 6, 0, 0, 0)
     body = [chunk(k, b) for k, b in extra]
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + b"".join(body) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + b"".join(body)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision 0.29 marks its decoders deprecated
@@ -648,7 +701,9 @@ def test_a_48_or_64_bit_png_keeps_all_16_bits_and_its_chunks(tmp_path, channels)
     from torchvision.io import ImageReadMode, decode_png
 
     pixels = np.random.default_rng(channels).integers(0, 65536, (6, 9, channels), dtype=np.uint16)
-    (tmp_path / "deep.png").write_bytes(png16(pixels, [(b"pHYs", struct.pack(">IIB", 1000, 2000, 1)), (b"tEXt", b"Title\0kept")]))
+    (tmp_path / "deep.png").write_bytes(
+        png16(pixels, [(b"pHYs", struct.pack(">IIB", 1000, 2000, 1)), (b"tEXt", b"Title\0kept")])
+    )
 
     note = write_upright(tmp_path / "deep.png", tmp_path / "fixed.png", 90)
 
@@ -745,7 +800,9 @@ def test_lossless_jpeg_without_its_extra_is_a_one_line_refusal(tmp_path, run_dir
 
 def test_photos_for_a_model_of_grey_digits_get_a_warning(tmp_path, run_dir, rotated_folder, tta_run):
     y, x = np.mgrid[0:200, 0:300]
-    colourful = np.stack([x * 255 // 300, y * 255 // 200, np.full_like(x, 60)], -1).astype(np.uint8)  # a colour gradient
+    colourful = np.stack([x * 255 // 300, y * 255 // 200, np.full_like(x, 60)], -1).astype(
+        np.uint8
+    )  # a colour gradient
     Image.fromarray(colourful).save(tmp_path / "photo.jpg")
     result = invoke(str(run_dir), str(tmp_path / "photo.jpg"))
     assert result.exit_code == 0, result.output
@@ -764,7 +821,14 @@ def test_photos_for_a_model_of_grey_digits_get_a_warning(tmp_path, run_dir, rota
 
 
 def test_corrections_read_as_a_person_says_them():
-    assert [format_correction(a) for a in (0, 90, 180, 270, 45, 315)] == ["none", "90° ccw", "180°", "90° cw", "45° ccw", "45° cw"]
+    assert [format_correction(a) for a in (0, 90, 180, 270, 45, 315)] == [
+        "none",
+        "90° ccw",
+        "180°",
+        "90° cw",
+        "45° ccw",
+        "45° cw",
+    ]
     assert [format_rotation(a) for a in (0, 90, 270, 360)] == ["none", "90° ccw", "270° ccw", "none"]  # not "0° ccw"
 
 
@@ -774,14 +838,17 @@ def test_batch_size_help_speaks_of_images_not_rotations():
     assert "before rotation" not in line and "Images per forward pass" in line
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--in-place"], "--in-place changes the originals only together with --fix"),
-    (["--fix", "--in-place", "--copy-unchanged"], "--copy-unchanged"),
-    (["--fix", "--out", "x", "--backup-suffix", ".bak"], "--backup-suffix"),
-    (["--fix", "--in-place", "--backup-suffix", ".jpg"], "ends like an image file"),
-    (["--fix", "--in-place", "--backup-suffix", ""], "--backup-suffix must be"),
-    (["--fix", "--out", "x", "--jpeg", "rotate"], "--jpeg must be one of"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--in-place"], "--in-place changes the originals only together with --fix"),
+        (["--fix", "--in-place", "--copy-unchanged"], "--copy-unchanged"),
+        (["--fix", "--out", "x", "--backup-suffix", ".bak"], "--backup-suffix"),
+        (["--fix", "--in-place", "--backup-suffix", ".jpg"], "ends like an image file"),
+        (["--fix", "--in-place", "--backup-suffix", ""], "--backup-suffix must be"),
+        (["--fix", "--out", "x", "--jpeg", "rotate"], "--jpeg must be one of"),
+    ],
+)
 def test_option_combinations_that_cannot_work_are_refused_before_anything_is_written(tmp_path, run_dir, args, message):
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
     before = snapshot(tmp_path)

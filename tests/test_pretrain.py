@@ -24,7 +24,13 @@ METRIC_FIELDS = {"epoch", "loss", "rot_acc", "val_loss", "val_rot_acc", "lr", "i
 
 def test_run_directory_has_every_documented_file(tiny_run_with_summary):
     out, summary = tiny_run_with_summary
-    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "checkpoint.pt", "model.safetensors", "logs"}
+    assert {p.name for p in out.iterdir()} == {
+        "config.json",
+        "metrics.jsonl",
+        "checkpoint.pt",
+        "model.safetensors",
+        "logs",
+    }
     assert [p.name for p in (out / "logs").iterdir()] == ["scalars.csv"]  # --logger csv, the default
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["model"] == "test_resnet" and config["config"]["rotations"] == [0, 180]
@@ -38,7 +44,9 @@ def test_run_directory_has_every_documented_file(tiny_run_with_summary):
         meta = f.metadata()
         keys = set(f.keys())
     assert meta["model"] == "test_resnet" and json.loads(meta["rotations"]) == [0, 180]
-    assert json.loads(meta["img_size"]) == 32 and len(json.loads(meta["mean"])) == 3 and len(json.loads(meta["std"])) == 3
+    assert (
+        json.loads(meta["img_size"]) == 32 and len(json.loads(meta["mean"])) == 3 and len(json.loads(meta["std"])) == 3
+    )
     assert any(k.startswith("backbone.") for k in keys) and {"head.weight", "head.bias"} <= keys
     assert set(summary["val_rot_acc_per_rotation"]) == {"0", "180"}
     assert summary["out_dir"] == str(out)
@@ -66,10 +74,20 @@ def _overfit_folder(folder, n=8):
 
 def test_loss_falls_when_overfitting_a_few_images(tmp_path):
     _overfit_folder(tmp_path / "few")
-    result = pretrain(PretrainConfig(
-        model="test_resnet", data=str(tmp_path / "few"), epochs=25, batch_size=8, val_split=0, augment=False,
-        lr=0.05, workers=0, device="cpu", out=str(tmp_path / "run"),
-    ))
+    result = pretrain(
+        PretrainConfig(
+            model="test_resnet",
+            data=str(tmp_path / "few"),
+            epochs=25,
+            batch_size=8,
+            val_split=0,
+            augment=False,
+            lr=0.05,
+            workers=0,
+            device="cpu",
+            out=str(tmp_path / "run"),
+        )
+    )
     losses = [row["loss"] for row in result.history]
     assert losses[-1] < 0.5 * losses[0]
     assert result.history[-1]["rot_acc"] > 0.9
@@ -84,12 +102,19 @@ def test_vit_and_convnext_pretrain(tmp_path, model):
 
 def test_init_builds_a_fixed_size_model_at_the_run_size(tmp_path):
     # test_vit's default size is not 32 px: --init random:/timm: weights must be built for the run's size
-    cfg = PretrainConfig(**{**FAST, "model": "test_vit", "max_steps_per_epoch": 1}, init="random:test_vit", epochs=1, out=str(tmp_path / "r"))
+    cfg = PretrainConfig(
+        **{**FAST, "model": "test_vit", "max_steps_per_epoch": 1},
+        init="random:test_vit",
+        epochs=1,
+        out=str(tmp_path / "r"),
+    )
     assert pretrain(cfg).epochs_done == 1
 
 
 def test_one_copy_and_interpolated_rotations(tmp_path):
-    result = pretrain(PretrainConfig(**FAST, epochs=1, copies="one", rotations=(0.0, 45.0, 90.0), out=str(tmp_path / "r")))
+    result = pretrain(
+        PretrainConfig(**FAST, epochs=1, copies="one", rotations=(0.0, 45.0, 90.0), out=str(tmp_path / "r"))
+    )
     assert set(result.val_rot_acc_per_rotation) == {"0", "45", "90"}
 
 
@@ -98,7 +123,10 @@ def test_resume_continues_to_the_same_weights(tmp_path):
     with pytest.raises(Interrupted, match="--resume"):
         pretrain(PretrainConfig(**FAST, epochs=2, out=str(tmp_path / "part")), should_stop=_stop_after_first_epoch())
     resumed = pretrain(PretrainConfig(**FAST, epochs=2, out=str(tmp_path / "part"), resume=True))
-    with safe_open(str(tmp_path / "full" / "model.safetensors"), "pt") as a, safe_open(str(tmp_path / "part" / "model.safetensors"), "pt") as b:
+    with (
+        safe_open(str(tmp_path / "full" / "model.safetensors"), "pt") as a,
+        safe_open(str(tmp_path / "part" / "model.safetensors"), "pt") as b,
+    ):
         for key in a.keys():
             assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
@@ -127,7 +155,9 @@ def _stop_after_first_epoch():
 
 
 def test_unknown_model_suggests_close_names(tmp_path):
-    result = CliRunner().invoke(app, ["pretrain", "--model", "resnet19", "--out", str(tmp_path / "x"), "--device", "cpu"])
+    result = CliRunner().invoke(
+        app, ["pretrain", "--model", "resnet19", "--out", str(tmp_path / "x"), "--device", "cpu"]
+    )
     assert result.exit_code == 1 and "did you mean" in result.stderr and "resnet18" in result.stderr
     assert not (tmp_path / "x").exists()
 
@@ -147,7 +177,9 @@ def test_installed_rotnet_command_runs():
     script = Path(sys.executable).parent / "rotnet"  # the console script pip installed beside python
     out = subprocess.run([str(script), "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("rotnet ")
-    out = subprocess.run([sys.executable, "-m", "rotnet_cli", "pretrain", "--rotations", "0,0"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "rotnet_cli", "pretrain", "--rotations", "0,0"], capture_output=True, text=True
+    )
     assert out.returncode == 1 and "appears twice" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -156,4 +188,6 @@ def test_python_api_names_are_the_functions_even_after_the_cli_loaded_the_module
     from rotnet_cli import export, pretrain as api_pretrain, predict, probe
 
     assert api_pretrain is pretrain
-    assert all(callable(f) and f.__name__ == name for f, name in ((export, "export"), (predict, "predict"), (probe, "probe")))
+    assert all(
+        callable(f) and f.__name__ == name for f, name in ((export, "export"), (predict, "predict"), (probe, "probe"))
+    )

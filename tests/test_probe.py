@@ -73,7 +73,12 @@ def test_table_compares_with_random_weights(run_dir):
     assert "random" in result.stdout and "best: stage" in result.stdout
     saved = next(r for r in saved_results(run_dir) if r["setting"]["compare"] == ["random"])
     last = num_stages(load_weights(run_dir).backbone)
-    assert [(r["weights"], r["stage"]) for r in saved["rows"]] == [("run", 2), ("run", last), ("random", 2), ("random", last)]
+    assert [(r["weights"], r["stage"]) for r in saved["rows"]] == [
+        ("run", 2),
+        ("run", last),
+        ("random", 2),
+        ("random", last),
+    ]
     # where rotation training helps and where not: the difference per stage, and how to read it
     run, random = saved["rows"][:2], saved["rows"][2:]
     gains = " / ".join(f"{100 * (ours['knn'] - theirs['knn']):+.1f}" for ours, theirs in zip(run, random))
@@ -85,8 +90,18 @@ def test_backbone_is_bitwise_unchanged(run_dir, monkeypatch):
     loaded = load_weights(run_dir)
     before = {k: v.clone() for k, v in loaded.backbone.state_dict().items()}
     monkeypatch.setattr(probe_lib, "load_weights", lambda spec, device, seed=0, img_size=None: loaded)
-    probe_lib.probe(ProbeConfig(weights=str(run_dir), heads=("linear", "mlp", "knn", "conv"), pool="flatten",
-                                layers=(-1,), epochs=1, device="cpu", workers=0, save=False))
+    probe_lib.probe(
+        ProbeConfig(
+            weights=str(run_dir),
+            heads=("linear", "mlp", "knn", "conv"),
+            pool="flatten",
+            layers=(-1,),
+            epochs=1,
+            device="cpu",
+            workers=0,
+            save=False,
+        )
+    )
     after = loaded.backbone.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -94,8 +109,9 @@ def test_backbone_is_bitwise_unchanged(run_dir, monkeypatch):
 
 
 def test_labels_per_class_trains_on_exactly_k_per_class(run_dir):
-    result = probe_lib.probe(ProbeConfig(weights=str(run_dir), labels_per_class=5, heads=("knn",), device="cpu",
-                                         workers=0, save=False))
+    result = probe_lib.probe(
+        ProbeConfig(weights=str(run_dir), labels_per_class=5, heads=("knn",), device="cpu", workers=0, save=False)
+    )
     assert result.train_images == 5 * 10 and result.val_images == 359  # validation keeps its full size
     keep, short = probe_lib.keep_per_class(torch.arange(40) % 4, 5, seed=1)
     assert torch.bincount(torch.arange(40)[keep] % 4).tolist() == [5, 5, 5, 5] and short == []
@@ -104,9 +120,29 @@ def test_labels_per_class_trains_on_exactly_k_per_class(run_dir):
 
 def test_every_head_beats_chance_on_a_separable_set(run_dir, toy_folder):
     # -b 16: three steps per epoch; with one (-b 32) 30 steps leave the conv head on a 1x1 map at chance
-    result = invoke(str(run_dir), "--data", str(toy_folder), "--val-split", "0.25", "--layers", "3,-1",
-                    "--head", "linear,mlp,knn,conv", "--pool", "flatten", "--epochs", "30", "-b", "16",
-                    "--device", "cpu", "--workers", "0", "--json", "--no-save")
+    result = invoke(
+        str(run_dir),
+        "--data",
+        str(toy_folder),
+        "--val-split",
+        "0.25",
+        "--layers",
+        "3,-1",
+        "--head",
+        "linear,mlp,knn,conv",
+        "--pool",
+        "flatten",
+        "--epochs",
+        "30",
+        "-b",
+        "16",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--json",
+        "--no-save",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["num_classes"] == 3 and report["val_images"] == 18  # 6 per class, stratified
@@ -116,18 +152,31 @@ def test_every_head_beats_chance_on_a_separable_set(run_dir, toy_folder):
 
 
 def test_val_data_folder_is_used_as_validation(run_dir, toy_folder):
-    result = probe_lib.probe(ProbeConfig(weights=str(run_dir), data=str(toy_folder), val_data=str(toy_folder),
-                                         layers=(-1,), heads=("knn",), device="cpu", workers=0, save=False))
+    result = probe_lib.probe(
+        ProbeConfig(
+            weights=str(run_dir),
+            data=str(toy_folder),
+            val_data=str(toy_folder),
+            layers=(-1,),
+            heads=("knn",),
+            device="cpu",
+            workers=0,
+            save=False,
+        )
+    )
     assert result.train_images == result.val_images == 72
     assert result.rows[0].accuracy["knn"] > 0.9  # the same images: each is its own nearest neighbour
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--layers", "9"], "--layers 9"),
-    (["--head", "linear,svm"], "--head"),
-    (["--pool", "median"], "--pool"),
-    (["--img-size", "48"], "was trained at 32 px"),  # saved weights are probed at their own size
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--layers", "9"], "--layers 9"),
+        (["--head", "linear,svm"], "--head"),
+        (["--pool", "median"], "--pool"),
+        (["--img-size", "48"], "was trained at 32 px"),  # saved weights are probed at their own size
+    ],
+)
 def test_bad_options_are_one_line_errors(run_dir, args, message):
     before = (run_dir / "probe.json").read_bytes() if (run_dir / "probe.json").exists() else None
     result = invoke(str(run_dir), *args, *FAST)
@@ -209,7 +258,11 @@ def test_probe_json_keeps_every_setting_and_replaces_one_only_with_overwrite(own
 
 
 def test_a_probe_json_of_one_result_is_kept_when_another_setting_is_added(own_run):
-    old = {"weights": str(own_run), "heads": ["knn"], "rows": [{"weights": "run", "stage": 1, "shape": [1, 1, 1], "knn": 0.5}]}
+    old = {
+        "weights": str(own_run),
+        "heads": ["knn"],
+        "rows": [{"weights": "run", "stage": 1, "shape": [1, 1, 1], "knn": 0.5}],
+    }
     (own_run / "probe.json").write_text(json.dumps(old))  # the form written before results were kept per setting
     assert invoke(str(own_run), "--layers", "-1", *QUICK).exit_code == 0
     results = saved_results(own_run)
@@ -237,8 +290,19 @@ def test_paper_recipe_recomputes_features_of_augmented_images_and_reports_best_a
 
     monkeypatch.setattr(probe_lib.data_lib, "random_crop_flip", crop)
     monkeypatch.setattr(probe_lib, "forward_stages", forward)
-    result = probe_lib.probe(ProbeConfig(weights=str(run_dir), recipe="paper", heads=("linear", "knn"), layers=(-1,),
-                                         epochs=3, labels_per_class=5, device="cpu", workers=0, save=False))
+    result = probe_lib.probe(
+        ProbeConfig(
+            weights=str(run_dir),
+            recipe="paper",
+            heads=("linear", "knn"),
+            layers=(-1,),
+            epochs=3,
+            labels_per_class=5,
+            device="cpu",
+            workers=0,
+            save=False,
+        )
+    )
     assert result.features == "augmented" and result.precision == "fp32" and result.epochs == {"linear": 3}
     # every epoch crops and flips the 50 training images (4 px of padding at 32 px, as RandomCrop(32, padding=4))
     assert crops == [(50, 4)] * 3
@@ -254,8 +318,18 @@ def test_paper_recipe_recomputes_features_of_augmented_images_and_reports_best_a
 
 def test_quick_recipe_uses_the_cache_and_no_augmentation(run_dir, monkeypatch):
     monkeypatch.setattr(probe_lib.data_lib, "random_crop_flip", lambda *a: pytest.fail("augmented in the quick recipe"))
-    result = probe_lib.probe(ProbeConfig(weights=str(run_dir), heads=("linear",), layers=(-1,), epochs=2,
-                                         labels_per_class=5, device="cpu", workers=0, save=False))
+    result = probe_lib.probe(
+        ProbeConfig(
+            weights=str(run_dir),
+            heads=("linear",),
+            layers=(-1,),
+            epochs=2,
+            labels_per_class=5,
+            device="cpu",
+            workers=0,
+            save=False,
+        )
+    )
     assert result.features == "cached" and result.epochs == {"linear": 2} and result.rows[0].best == {}
 
 
@@ -269,8 +343,18 @@ def test_pooled_heads_train_on_one_cpu_thread_and_the_count_comes_back(run_dir, 
     monkeypatch.setattr(probe_lib, "train_heads", train_heads)
     torch.set_num_threads(2)
     try:
-        probe_lib.probe(ProbeConfig(weights=str(run_dir), heads=("linear", "conv"), layers=(-1,), epochs=1,
-                                    labels_per_class=5, device="cpu", workers=0, save=False))
+        probe_lib.probe(
+            ProbeConfig(
+                weights=str(run_dir),
+                heads=("linear", "conv"),
+                layers=(-1,),
+                epochs=1,
+                labels_per_class=5,
+                device="cpu",
+                workers=0,
+                save=False,
+            )
+        )
         assert threads == [1, 2]  # linear: small steps on one thread; conv keeps the process's threads
         assert torch.get_num_threads() == 2
     finally:

@@ -1,6 +1,7 @@
 """What a user sees while a run works: what is happening now, per-step bars, epoch and run ETAs,
 the measured time per epoch after the first steps; piped, a line per phase and epoch and one
 whenever a long epoch would otherwise stay silent."""
+
 import io
 
 import pytest
@@ -10,7 +11,16 @@ from rich.console import Console
 from rotnet_cli.cli.progress import ProgressView, StepClock, duration
 from rotnet_cli.config import PretrainConfig
 from rotnet_cli.events import (
-    Decoding, DeviceChosen, EpochEnded, EpochStarted, Message, Phase, Resumed, RunStarted, StepDone, StepFinished,
+    Decoding,
+    DeviceChosen,
+    EpochEnded,
+    EpochStarted,
+    Message,
+    Phase,
+    Resumed,
+    RunStarted,
+    StepDone,
+    StepFinished,
 )
 from rotnet_cli.pretraining import pretrain, slow_device_hint
 
@@ -68,7 +78,10 @@ def test_piped_output_says_what_happens_from_the_first_second():
     ]
     assert lines[6] == "epoch 1/2: first step (it also warms up: memory, loader workers)"
     # after the second step: 1 s per step from then on, 22 steps left
-    assert lines[7] == "timing: 1.0 s per step after a first step of 3.0 s: about 12 s per epoch, 22 s to the end of the run"
+    assert (
+        lines[7]
+        == "timing: 1.0 s per step after a first step of 3.0 s: about 12 s per epoch, 22 s to the end of the run"
+    )
     assert lines[8].startswith("epoch 1/2  loss 0.5000") and lines[8].endswith("(run: 12 s left)")
     assert len(lines) == 9  # 12 short steps: no step lines between the epoch lines
 
@@ -85,8 +98,10 @@ def test_piped_output_prints_a_step_line_when_an_epoch_runs_long():
     lines = buffer.getvalue().splitlines()
     # step 2 (t=40): the estimate; step 4 (t=80): 40 s without a line -> a step line with the figures and ETAs
     assert lines[2].startswith("timing: 20 s per step")
-    assert lines[3] == ("epoch 1/1 step 4/10  loss 1.2000  acc 50.0%  100 img/s  data wait 1.0%  "
-                        "epoch: 2 min 00 s left, run: 2 min 00 s left")
+    assert lines[3] == (
+        "epoch 1/1 step 4/10  loss 1.2000  acc 50.0%  100 img/s  data wait 1.0%  "
+        "epoch: 2 min 00 s left, run: 2 min 00 s left"
+    )
     assert len(lines) == 4  # step 5 (t=100): only 20 s after the last line
 
 
@@ -158,8 +173,20 @@ def test_a_cpu_run_at_photo_size_says_what_a_smaller_img_size_saves():
 
 def test_pretraining_reports_every_step_and_what_it_is_doing(tmp_path):
     events = []
-    pretrain(PretrainConfig(model="test_resnet", epochs=2, batch_size=8, max_steps_per_epoch=3, val_split=0.05,
-                            device="cpu", workers=0, log_every=10, out=str(tmp_path / "run")), progress=events.append)
+    pretrain(
+        PretrainConfig(
+            model="test_resnet",
+            epochs=2,
+            batch_size=8,
+            max_steps_per_epoch=3,
+            val_split=0.05,
+            device="cpu",
+            workers=0,
+            log_every=10,
+            out=str(tmp_path / "run"),
+        ),
+        progress=events.append,
+    )
     kinds = [type(e).__name__ for e in events]
     assert events[kinds.index("Phase")].text == "building test_resnet"
     assert kinds.index("Phase") < kinds.index("RunStarted") < kinds.index("EpochStarted")

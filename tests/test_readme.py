@@ -1,6 +1,7 @@
 """The README's commands as a newcomer copies them, in order: the demo makes the run every later
 example uses, no example writes over an earlier one's output without --overwrite, and every
 option the README shows exists."""
+
 import re
 import shlex
 import shutil
@@ -75,6 +76,11 @@ def test_every_option_the_readme_shows_exists():
 @pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs a git checkout")
 def test_no_tracked_file_is_ignored_by_gitignore():
     # docs/*.png are tracked and shown in the README: a .gitignore that lists them would drop new ones
-    ignored = subprocess.run(["git", "ls-files", "--cached", "--ignored", "--exclude-standard"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.split()
+    ignored = subprocess.run(
+        ["git", "ls-files", "--cached", "--ignored", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert ignored == []

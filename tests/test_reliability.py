@@ -39,9 +39,35 @@ from rotnet_cli.weights import load_weights
 TIMING = ("images_per_s", "seconds", "data_wait", "eval_seconds")
 ROTNET = str(Path(sys.executable).parent / "rotnet")
 # A run long enough to be killed in the middle: 2 epochs x 24 steps, a checkpoint every 4 steps.
-SLOW_RUN = ["pretrain", "--model", "test_resnet", "--epochs", "2", "--max-steps-per-epoch", "24", "-b", "16",
-            "--save-every", "4", "--device", "cpu", "--workers", "0", "--log-every", "5"]
-FAST = dict(model="test_resnet", epochs=2, max_steps_per_epoch=5, batch_size=16, device="cpu", workers=0, save_every=2, log_every=1)
+SLOW_RUN = [
+    "pretrain",
+    "--model",
+    "test_resnet",
+    "--epochs",
+    "2",
+    "--max-steps-per-epoch",
+    "24",
+    "-b",
+    "16",
+    "--save-every",
+    "4",
+    "--device",
+    "cpu",
+    "--workers",
+    "0",
+    "--log-every",
+    "5",
+]
+FAST = dict(
+    model="test_resnet",
+    epochs=2,
+    max_steps_per_epoch=5,
+    batch_size=16,
+    device="cpu",
+    workers=0,
+    save_every=2,
+    log_every=1,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -87,7 +113,9 @@ def start(args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen([ROTNET, *args], env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
 
 
-def wait_for_checkpoint(proc: subprocess.Popen, run: Path, at_least: tuple[int, int], timeout: float = 120) -> tuple[int, int]:
+def wait_for_checkpoint(
+    proc: subprocess.Popen, run: Path, at_least: tuple[int, int], timeout: float = 120
+) -> tuple[int, int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = position(run)
@@ -136,10 +164,13 @@ def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(tmp_path, fast
     assert_same_run(fast_reference, run)
 
 
-@pytest.mark.parametrize("kills", [
-    pytest.param([(0, 8), (1, 8)], id="mid-epoch-1,mid-epoch-2"),
-    pytest.param([(0, 4), (1, 0), (1, 16)], id="three-kills", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "kills",
+    [
+        pytest.param([(0, 8), (1, 8)], id="mid-epoch-1,mid-epoch-2"),
+        pytest.param([(0, 4), (1, 0), (1, 16)], id="three-kills", marks=pytest.mark.slow),
+    ],
+)
 def test_kill_9_at_several_points_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, uninterrupted, kills):
     """SIGKILL shortly after a given checkpoint appears (so at a random point of the steps after it)."""
     run = tmp_path / "run"
@@ -186,8 +217,22 @@ def test_sigterm_from_a_scheduler_checkpoints_like_ctrl_c(tmp_path):
 
 def test_resume_with_contradicting_options_names_them_and_changes_nothing(tiny_run):
     before = files_in(tiny_run)
-    result = CliRunner().invoke(app, ["pretrain", "--resume", str(tiny_run), "--epochs", "3", "--rotations", "0,90",
-                                      "--lr", "0.5", "--workers", "1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "pretrain",
+            "--resume",
+            str(tiny_run),
+            "--epochs",
+            "3",
+            "--rotations",
+            "0,90",
+            "--lr",
+            "0.5",
+            "--workers",
+            "1",
+        ],
+    )
     assert result.exit_code == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr
@@ -238,21 +283,61 @@ def folder_with_broken_files(tmp_path) -> tuple[Path, list[Path]]:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_unreadable_images_are_counted_skipped_and_the_run_completes(tmp_path, folder_with_broken_files, workers):
     data, broken = folder_with_broken_files
-    result = CliRunner().invoke(app, ["pretrain", "--model", "test_resnet", "--data", str(data), "--epochs", "1", "-b", "8",
-                                      "--device", "cpu", "--workers", str(workers), "--out", str(tmp_path / "run")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "pretrain",
+            "--model",
+            "test_resnet",
+            "--data",
+            str(data),
+            "--epochs",
+            "1",
+            "-b",
+            "8",
+            "--device",
+            "cpu",
+            "--workers",
+            str(workers),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     assert "skipped 5 file(s) that are not readable images" in result.stderr
     assert str(sorted(broken)[0]) in result.stderr  # the first few are named
     assert (tmp_path / "run" / "model.safetensors").is_file()
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]["train_images"] + \
-        json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]["val_images"] == 40
+    assert (
+        json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]["train_images"]
+        + json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]["val_images"]
+        == 40
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_strict_data_makes_the_first_unreadable_image_an_error(tmp_path, folder_with_broken_files, workers):
     data, broken = folder_with_broken_files
-    result = CliRunner().invoke(app, ["pretrain", "--model", "test_resnet", "--data", str(data), "--epochs", "1", "-b", "8",
-                                      "--device", "cpu", "--workers", str(workers), "--strict-data", "--out", str(tmp_path / "run")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "pretrain",
+            "--model",
+            "test_resnet",
+            "--data",
+            str(data),
+            "--epochs",
+            "1",
+            "-b",
+            "8",
+            "--device",
+            "cpu",
+            "--workers",
+            str(workers),
+            "--strict-data",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert result.exit_code == 1
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "unreadable image" in lines[0] and "--strict-data" in lines[0], result.stderr
@@ -277,7 +362,9 @@ def test_loader_workers_without_room_in_shared_memory_give_one_line_not_a_hang(f
         "    print('DataError:', e)\n"
     )
     done = subprocess.run([sys.executable, "-c", script, str(data)], capture_output=True, text=True, timeout=120)
-    assert "DataError:" in done.stdout and "shared memory" in done.stdout and "-j 0" in done.stdout, done.stdout + done.stderr
+    assert "DataError:" in done.stdout and "shared memory" in done.stdout and "-j 0" in done.stdout, (
+        done.stdout + done.stderr
+    )
 
 
 # ----------------------------------------------------------------------------- a diverging loss
@@ -291,16 +378,40 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path
 
     # a new run that diverges at its first step, before any checkpoint: the old run is back
     real_loss = pretrain_module.rotation_loss
-    monkeypatch.setattr(pretrain_module, "rotation_loss", lambda logits, labels: real_loss(logits, labels) * float("nan"))
-    failed = CliRunner().invoke(app, ["pretrain", "--model", "test_resnet", "--epochs", "1", "--max-steps-per-epoch", "2",
-                                      "-b", "16", "--device", "cpu", "--workers", "0", "--seed", "5",
-                                      "--out", str(run), "--overwrite"])
+    monkeypatch.setattr(
+        pretrain_module, "rotation_loss", lambda logits, labels: real_loss(logits, labels) * float("nan")
+    )
+    failed = CliRunner().invoke(
+        app,
+        [
+            "pretrain",
+            "--model",
+            "test_resnet",
+            "--epochs",
+            "1",
+            "--max-steps-per-epoch",
+            "2",
+            "-b",
+            "16",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--seed",
+            "5",
+            "--out",
+            str(run),
+            "--overwrite",
+        ],
+    )
     assert failed.exit_code == 1 and "NaN" in failed.stderr and "the run it replaced is back as it was" in failed.stderr
     assert files_in(run) == old
 
     # the same new run that trains: the old files are replaced, the user's file stays
     monkeypatch.setattr(pretrain_module, "rotation_loss", real_loss)
-    pretrain(PretrainConfig(**{**FAST, "epochs": 1, "max_steps_per_epoch": 2, "seed": 5, "overwrite": True}, out=str(run)))
+    pretrain(
+        PretrainConfig(**{**FAST, "epochs": 1, "max_steps_per_epoch": 2, "seed": 5, "overwrite": True}, out=str(run))
+    )
     assert sorted(files_in(run)) == sorted(old)  # no .rotnet-replaced left behind
     assert (run / "notes.txt").read_text() == "mine"
     assert (run / "model.safetensors").read_bytes() != old["model.safetensors"]
@@ -318,9 +429,30 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path,
 
     monkeypatch.setattr(pretrain_module, "rotation_loss", poisoned)
     run = tmp_path / "run"
-    result = CliRunner().invoke(app, ["pretrain", "--model", "test_resnet", "--epochs", "1", "--max-steps-per-epoch", "6",
-                                      "-b", "16", "--device", "cpu", "--workers", "0", "--save-every", "2",
-                                      "--log-every", "10", "--out", str(run)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "pretrain",
+            "--model",
+            "test_resnet",
+            "--epochs",
+            "1",
+            "--max-steps-per-epoch",
+            "6",
+            "-b",
+            "16",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--save-every",
+            "2",
+            "--log-every",
+            "10",
+            "--out",
+            str(run),
+        ],
+    )
     assert result.exit_code == 1
     error = result.stderr.strip().splitlines()[-1]
     assert "NaN or infinite at step 4 " in error and "last good checkpoint" in error and "lower --lr" in error
@@ -363,8 +495,28 @@ def test_disk_full_during_training_is_one_line_and_keeps_the_last_checkpoint(tmp
 
     monkeypatch.setattr(torch, "save", fills_the_disk)
     run = tmp_path / "run"
-    result = CliRunner().invoke(app, ["pretrain", "--model", "test_resnet", "--epochs", "1", "--max-steps-per-epoch", "6",
-                                      "-b", "16", "--device", "cpu", "--workers", "0", "--save-every", "2", "--out", str(run)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "pretrain",
+            "--model",
+            "test_resnet",
+            "--epochs",
+            "1",
+            "--max-steps-per-epoch",
+            "6",
+            "-b",
+            "16",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--save-every",
+            "2",
+            "--out",
+            str(run),
+        ],
+    )
     assert result.exit_code == 1
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: disk full while writing") and "free space and resume" in error
@@ -375,8 +527,24 @@ def test_disk_full_during_training_is_one_line_and_keeps_the_last_checkpoint(tmp
 def test_output_that_cannot_be_created_is_a_clear_error(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("keep me")
-    result = CliRunner().invoke(app, ["pretrain", "--model", "test_resnet", "--epochs", "1", "-b", "16", "--device", "cpu",
-                                      "--max-steps-per-epoch", "1", "--out", str(blocker / "run")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "pretrain",
+            "--model",
+            "test_resnet",
+            "--epochs",
+            "1",
+            "-b",
+            "16",
+            "--device",
+            "cpu",
+            "--max-steps-per-epoch",
+            "1",
+            "--out",
+            str(blocker / "run"),
+        ],
+    )
     assert result.exit_code == 1
     assert "choose another --out" in result.stderr.strip().splitlines()[-1]
     assert blocker.read_text() == "keep me"
@@ -452,7 +620,9 @@ def files_of(folder: Path) -> dict[str, bytes]:
 def one_error_line(result) -> str:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-    assert lines and lines[-1].startswith("error:") and sum(line.startswith("error:") for line in lines) == 1, result.stderr
+    assert lines and lines[-1].startswith("error:") and sum(line.startswith("error:") for line in lines) == 1, (
+        result.stderr
+    )
     return lines[-1]
 
 
@@ -547,7 +717,9 @@ def test_resume_after_a_stopped_overwrite_puts_the_old_run_back_and_advises_a_sa
     old = files_of(run)
     rundir.set_aside(run)  # what pretrain --overwrite did before it was killed ...
     killed_argv = [ROTNET, "pretrain", "--model", "test_resnet", "--seed", "7", "--out", str(run), "--overwrite"]
-    (run / "config.json").write_text(json.dumps({"config": PretrainConfig(**FAST, seed=7).to_dict(), "command": killed_argv}))
+    (run / "config.json").write_text(
+        json.dumps({"config": PretrainConfig(**FAST, seed=7).to_dict(), "command": killed_argv})
+    )
     (run / rundir.LOCK).write_text("{}")  # ... and its lock file, no longer locked
 
     result = CliRunner().invoke(app, ["pretrain", "--resume", str(run)])
@@ -565,13 +737,35 @@ def test_kill_9_after_overwrite_then_the_advised_commands_keep_the_old_run(tmp_p
     run = tmp_path / "run"
     pretrain(PretrainConfig(**{**FAST, "epochs": 1, "max_steps_per_epoch": 2}, out=str(run)))
     old = files_of(run)
-    overwrite = ["pretrain", "--model", "test_resnet", "--epochs", "1", "--max-steps-per-epoch", "24", "-b", "16",
-                 "--device", "cpu", "--workers", "0", "--seed", "7", "--out", str(run), "--overwrite"]
+    overwrite = [
+        "pretrain",
+        "--model",
+        "test_resnet",
+        "--epochs",
+        "1",
+        "--max-steps-per-epoch",
+        "24",
+        "-b",
+        "16",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--seed",
+        "7",
+        "--out",
+        str(run),
+        "--overwrite",
+    ]
     before_first_checkpoint = lambda: (run / rundir.REPLACED).is_dir() and (run / "config.json").is_file()  # noqa: E731
 
     _kill_when(start(overwrite, tmp_path / "log"), before_first_checkpoint)
-    refused = subprocess.run([ROTNET, "pretrain", "--resume", str(run)], capture_output=True, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    refused = subprocess.run(
+        [ROTNET, "pretrain", "--resume", str(run)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert refused.returncode == 1, refused.stderr
     assert files_of(run) == old  # the resume put the old run back, as it was
     advice = refused.stderr.split("To start the new run again: ")[1].split(" (the old run is kept")[0]
@@ -598,8 +792,12 @@ def test_a_second_process_on_a_run_directory_is_refused_naming_the_holder(tmp_pa
     first = start([*SLOW_RUN, "--out", str(run), "--epochs", "20", "--max-steps-per-epoch", "400"], tmp_path / "log")
     try:
         wait_for_checkpoint(first, run, (0, 4))
-        second = subprocess.run([ROTNET, *SLOW_RUN, "--out", str(run), "--seed", "3"], capture_output=True, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        second = subprocess.run(
+            [ROTNET, *SLOW_RUN, "--out", str(run), "--seed", "3"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         assert second.returncode == 1 and first.poll() is None, second.stderr
         error = second.stderr.strip().splitlines()[-1]
         assert f"is in use by another rotnet process (pid {first.pid} on " in error and "since" in error, error
@@ -611,10 +809,18 @@ def test_a_second_process_on_a_run_directory_is_refused_naming_the_holder(tmp_pa
 
 
 def test_a_lock_dies_with_its_process(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from rotnet_cli.rundir import FolderLock; "
-        f"FolderLock(Path({str(tmp_path / 'lock')!r}), Path('run')).acquire(); print('held', flush=True); time.sleep(600)"
-    )], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from pathlib import Path; from rotnet_cli.rundir import FolderLock; "
+                f"FolderLock(Path({str(tmp_path / 'lock')!r}), Path('run')).acquire(); print('held', flush=True); time.sleep(600)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(OutputError, match=f"in use by another rotnet process \\(pid {holder.pid} on "):
         rundir.FolderLock(tmp_path / "lock", tmp_path).acquire()
@@ -643,9 +849,13 @@ def test_a_lock_path_taken_by_something_else_is_refused_and_never_written_throug
     yours.write_text("mine")
     lock = tmp_path / "run" / ".rotnet-lock"
     lock.parent.mkdir()
-    make = {"link to a file of yours": lambda: lock.symlink_to(yours), "hard link to it": lambda: os.link(yours, lock),
-            "dangling link": lambda: lock.symlink_to(tmp_path / "nowhere"), "folder": lock.mkdir,
-            "fifo": lambda: os.mkfifo(lock)}
+    make = {
+        "link to a file of yours": lambda: lock.symlink_to(yours),
+        "hard link to it": lambda: os.link(yours, lock),
+        "dangling link": lambda: lock.symlink_to(tmp_path / "nowhere"),
+        "folder": lock.mkdir,
+        "fifo": lambda: os.mkfifo(lock),
+    }
     make[occupant]()
     with pytest.raises(OutputError, match="is in the way of rotnet's lock file .*remove it"):
         rundir.FolderLock(lock, lock.parent).acquire()
@@ -665,7 +875,9 @@ def test_runs_started_in_the_same_second_get_their_own_default_directories(tmp_p
 # ----------------------------------------------------------------------------- 4: no NaN is ever saved or printed
 
 
-@pytest.mark.parametrize("validation, caught_by", [("0.1", "the validation loss became NaN"), ("0", "weights became NaN or infinite")])
+@pytest.mark.parametrize(
+    "validation, caught_by", [("0.1", "the validation loss became NaN"), ("0", "weights became NaN or infinite")]
+)
 def test_weights_that_blow_up_while_the_loss_is_finite_are_never_saved(tmp_path, monkeypatch, validation, caught_by):
     real_step, steps = torch.optim.SGD.step, {"n": 0}
 
@@ -679,9 +891,29 @@ def test_weights_that_blow_up_while_the_loss_is_finite_are_never_saved(tmp_path,
 
     monkeypatch.setattr(torch.optim.SGD, "step", step_that_diverges)
     run = tmp_path / "run"
-    result = CliRunner().invoke(app, ["pretrain", "--model", "test_resnet", "--epochs", "1", "--max-steps-per-epoch", "2",
-                                      "-b", "16", "--device", "cpu", "--workers", "0", "--out", str(run), "--json",
-                                      "--val-split", validation])
+    result = CliRunner().invoke(
+        app,
+        [
+            "pretrain",
+            "--model",
+            "test_resnet",
+            "--epochs",
+            "1",
+            "--max-steps-per-epoch",
+            "2",
+            "-b",
+            "16",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--out",
+            str(run),
+            "--json",
+            "--val-split",
+            validation,
+        ],
+    )
     error = one_error_line(result)
     assert caught_by in error and "lower --lr" in error
     assert result.stdout == "" and not run.exists()  # nothing was kept: no checkpoint, no metrics, no folder
@@ -725,7 +957,9 @@ def test_overwrite_replaces_rotnet_pictures_and_never_the_users(tiny_run, tmp_pa
     refused = CliRunner().invoke(app, ["viz", "filters", str(tiny_run), "--out", str(theirs), "--overwrite"])
     assert "theirs.png was not written by rotnet" in one_error_line(refused)
     assert {p.name: p.read_bytes() for p in (theirs, ours)} == kept
-    replaced = CliRunner().invoke(app, ["viz", "filters", str(tiny_run), "random:test_resnet", "--out", str(ours), "--overwrite"])
+    replaced = CliRunner().invoke(
+        app, ["viz", "filters", str(tiny_run), "random:test_resnet", "--out", str(ours), "--overwrite"]
+    )
     assert replaced.exit_code == 0 and ours.read_bytes() != kept["ours.png"]
 
     # a folder of pictures: one that is not empty needs --overwrite, which keeps every other file
@@ -736,7 +970,10 @@ def test_overwrite_replaces_rotnet_pictures_and_never_the_users(tiny_run, tmp_pa
     assert "--overwrite" in one_error_line(CliRunner().invoke(app, attention))
     assert CliRunner().invoke(app, [*attention, "--overwrite"]).exit_code == 0
     assert CliRunner().invoke(app, [*attention, "--overwrite"]).exit_code == 0  # its own picture is replaced
-    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "theirs.png"] and (folder / "notes.txt").read_text() == "mine"
+    assert (
+        sorted(p.name for p in folder.iterdir()) == ["notes.txt", "theirs.png"]
+        and (folder / "notes.txt").read_text() == "mine"
+    )
 
 
 def test_pretrain_overwrite_refuses_a_folder_whose_run_files_are_not_rotnets(tmp_path):
@@ -759,8 +996,9 @@ def test_overwrite_never_replaces_another_commands_output(copy_of_run, tiny_run,
     for out in (copy_of_run, kept):
         refused = CliRunner().invoke(app, ["export", str(tiny_run), "--out", str(out), "--overwrite"])
         assert "holds a training run's files" in one_error_line(refused)
-    assert "--out " + str(copy_of_run / "export") in one_error_line(refused := CliRunner().invoke(
-        app, ["export", str(tiny_run), "--out", str(copy_of_run), "--overwrite"]))
+    assert "--out " + str(copy_of_run / "export") in one_error_line(
+        refused := CliRunner().invoke(app, ["export", str(tiny_run), "--out", str(copy_of_run), "--overwrite"])
+    )
     assert files_in(copy_of_run) == before
 
     exported = tmp_path / "exported"
@@ -822,8 +1060,28 @@ def test_paths_of_any_bytes_work_through_every_command(tmp_path, monkeypatch):
         assert result.exit_code == 0, result.output
         return result.stdout
 
-    summary = json.loads(ok("pretrain", "--model", "test_resnet", "--data", data, "--epochs", "1", "-b", "4",
-                            "--max-steps-per-epoch", "1", "--device", "cpu", "--workers", "0", "--out", run, "--json"))
+    summary = json.loads(
+        ok(
+            "pretrain",
+            "--model",
+            "test_resnet",
+            "--data",
+            data,
+            "--epochs",
+            "1",
+            "-b",
+            "4",
+            "--max-steps-per-epoch",
+            "1",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--out",
+            run,
+            "--json",
+        )
+    )
     assert summary["out_dir"] == str(run)  # JSON escapes the undecodable byte, and it comes back the same
     assert "odd \\xff\nname" in rundir.safetensors_metadata(run / "model.safetensors")["data"]  # metadata: valid UTF-8
     ok("pretrain", "--resume", run)
@@ -854,8 +1112,20 @@ def test_streamed_batches_left_too_small_by_unreadable_files_pass_without_a_step
     for i in range(3):
         _png(data / f"{i}.png", i)
     (data / "broken.png").write_bytes(b"not an image")
-    result = pretrain(PretrainConfig(model="test_resnet", data=str(data), epochs=1, batch_size=2, copies="one",
-                                     cache="none", val_split=0, device="cpu", workers=0, out=str(tmp_path / "run")))
+    result = pretrain(
+        PretrainConfig(
+            model="test_resnet",
+            data=str(data),
+            epochs=1,
+            batch_size=2,
+            copies="one",
+            cache="none",
+            val_split=0,
+            device="cpu",
+            workers=0,
+            out=str(tmp_path / "run"),
+        )
+    )
     assert result.skipped_files == [str(data / "broken.png")] and math.isfinite(result.final["loss"])
 
 
@@ -893,9 +1163,23 @@ def _loaded(pid: int, library: str) -> bool:
 @pytest.mark.parametrize("moment", ["0.3s", "0.8s", "loading torch", "setting up"])
 def test_ctrl_c_while_starting_is_one_line_and_exit_130(tmp_path, moment):
     """Ctrl-C at any moment of the start-up (the interpreter itself aside): exit 130 and one line."""
-    proc = subprocess.Popen([ROTNET, "pretrain", "--model", "test_resnet", "--device", "cpu", "--workers", "0",
-                             "--out", str(tmp_path / "run")], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "ROTNET_DEBUG": "0", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [
+            ROTNET,
+            "pretrain",
+            "--model",
+            "test_resnet",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "ROTNET_DEBUG": "0", "OMP_NUM_THREADS": "1"},
+    )
     if moment.endswith("s"):
         time.sleep(float(moment[:-1]))
     else:
@@ -912,7 +1196,9 @@ def test_ctrl_c_while_starting_is_one_line_and_exit_130(tmp_path, moment):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("gap", [0.0, pytest.param(0.03, marks=pytest.mark.slow), pytest.param(0.2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "gap", [0.0, pytest.param(0.03, marks=pytest.mark.slow), pytest.param(0.2, marks=pytest.mark.slow)]
+)
 def test_ctrl_c_twice_is_one_line_exit_130_and_an_intact_checkpoint(tmp_path, gap):
     run = tmp_path / "run"
     proc = start([*SLOW_RUN, "--out", str(run), "--save-every", "1"], tmp_path / "log")  # a save at every step
@@ -933,8 +1219,9 @@ def test_ctrl_c_twice_is_one_line_exit_130_and_an_intact_checkpoint(tmp_path, ga
 def test_probe_that_cannot_save_prints_its_results_and_says_what_to_do(copy_of_run, monkeypatch):
     monkeypatch.setattr(rundir, "PROBE_SAVE_WAIT_S", 0.2)  # a run holds the lock for its whole length: waiting ends
     with rundir.FolderLock(copy_of_run / rundir.LOCK, copy_of_run):  # another process writes the run
-        result = CliRunner().invoke(app, ["probe", str(copy_of_run), "--head", "knn", "--epochs", "1", "--device", "cpu",
-                                          "--workers", "0"])
+        result = CliRunner().invoke(
+            app, ["probe", str(copy_of_run), "--head", "knn", "--epochs", "1", "--device", "cpu", "--workers", "0"]
+        )
     error = one_error_line(result)
     assert "probe.json was not saved" in error and "--no-save" in error and "in use by another rotnet process" in error
     assert "knn" in result.stdout and "%" in result.stdout  # the table was printed all the same
@@ -947,8 +1234,23 @@ def test_disk_full_before_the_first_checkpoint_says_start_again_and_leaves_nothi
 
     monkeypatch.setattr(torch, "save", full)
     run = tmp_path / "run"
-    args = ["pretrain", "--model", "test_resnet", "--epochs", "1", "--max-steps-per-epoch", "2", "-b", "16",
-            "--device", "cpu", "--workers", "0", "--out", str(run)]
+    args = [
+        "pretrain",
+        "--model",
+        "test_resnet",
+        "--epochs",
+        "1",
+        "--max-steps-per-epoch",
+        "2",
+        "-b",
+        "16",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--out",
+        str(run),
+    ]
     error = one_error_line(CliRunner().invoke(app, args))
     assert "before the first checkpoint" in error and "run the same command again" in error and "resume" not in error
     assert not run.exists()  # so the same command works once there is space
@@ -1002,7 +1304,10 @@ def test_a_config_json_of_another_run_is_named_not_a_state_dict_error(tmp_path):
     record = json.loads((run / "config.json").read_text())
     record["config"]["model"] = "test_vit"
     (run / "config.json").write_text(json.dumps(record))
-    with pytest.raises(ConfigError, match="config.json and checkpoint.pt there describe different runs .*model: 'test_vit' vs 'test_resnet'"):
+    with pytest.raises(
+        ConfigError,
+        match="config.json and checkpoint.pt there describe different runs .*model: 'test_vit' vs 'test_resnet'",
+    ):
         pretrain(resume_config(run, {}))
 
 

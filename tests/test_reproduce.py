@@ -37,7 +37,10 @@ def test_smoke_recipe_runs_every_experiment_of_the_three_tables(smoke):
     assert len(weights) == 4 and all(w.is_file() and w.parent.parent == out for w in weights)
     # the classifiers trained as the official code trains them: features of cropped and flipped images
     probes = json.loads((out / "nin4-rot0-90-180-270" / "probe.json").read_text())["results"]
-    assert [(p["recipe"], p["features"], p["heads"]) for p in probes] == [("paper", "augmented", ["mlp"]), ("paper", "augmented", ["conv"])]
+    assert [(p["recipe"], p["features"], p["heads"]) for p in probes] == [
+        ("paper", "augmented", ["mlp"]),
+        ("paper", "augmented", ["conv"]),
+    ]
     assert [r["weights"] for r in probes[1]["rows"]] == ["run", "random"]  # Table 3's random init + conv
     assert (out / "supervised-nin3" / "supervised.json").is_file()
 

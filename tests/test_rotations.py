@@ -66,7 +66,9 @@ def test_disc_mask_hides_corners_identically_on_every_copy():
     # every copy, the 0-degree one included, is zero outside the same disc
     assert (copies[:, :, outside] == 0).all()
     # inside the disc, a constant image stays (almost) constant for every angle: no corner cue
-    inner = disc_mask(32, 32)[0, 0].bool() & (torch.hypot(*torch.meshgrid(torch.arange(32.) - 15.5, torch.arange(32.) - 15.5, indexing="ij")) < 14)
+    inner = disc_mask(32, 32)[0, 0].bool() & (
+        torch.hypot(*torch.meshgrid(torch.arange(32.0) - 15.5, torch.arange(32.0) - 15.5, indexing="ij")) < 14
+    )
     assert torch.allclose(copies[:, :, inner], torch.ones(()), atol=1e-4)
 
 
@@ -78,7 +80,14 @@ def test_exact_sets_are_not_masked():
 
 @pytest.mark.parametrize(
     "text, fragment",
-    [("", "empty"), ("0,90,90", "twice"), ("0,abc", "not a number"), ("0,360", "outside"), ("-90,0", "outside"), ("90", "at least two")],
+    [
+        ("", "empty"),
+        ("0,90,90", "twice"),
+        ("0,abc", "not a number"),
+        ("0,360", "outside"),
+        ("-90,0", "outside"),
+        ("90", "at least two"),
+    ],
 )
 def test_bad_rotation_lists(text, fragment):
     with pytest.raises(ConfigError, match=fragment):

@@ -18,8 +18,17 @@ from rotnet_cli.cli import app
 from rotnet_cli.errors import ModelError
 from rotnet_cli.rotations import rotate_all
 from rotnet_cli.viz import (
-    LABEL_BAND, PANEL_GAP, ROW_LABEL_WIDTH, SCALE_BAR, TILE_PADDING, agreement, attention_maps, colormap_lut, rotate_back,
-    save_png, stem_conv,
+    LABEL_BAND,
+    PANEL_GAP,
+    ROW_LABEL_WIDTH,
+    SCALE_BAR,
+    TILE_PADDING,
+    agreement,
+    attention_maps,
+    colormap_lut,
+    rotate_back,
+    save_png,
+    stem_conv,
 )
 from rotnet_cli.weights import load_weights
 
@@ -79,7 +88,9 @@ def test_filter_tiles_are_distinct_and_not_blank(tmp_path):
     out = tmp_path / "f.png"
     count, _, k, _ = stem_shape("random:test_convnext")
     scale, cols = 3, 6
-    assert invoke("viz", "filters", "random:test_convnext", "--scale", scale, "--cols", cols, "--out", out).exit_code == 0
+    assert (
+        invoke("viz", "filters", "random:test_convnext", "--scale", scale, "--cols", cols, "--out", out).exit_code == 0
+    )
     pixels = np.asarray(Image.open(out).convert("RGB")).astype(np.int16)
     step = k * scale + TILE_PADDING
     tiles = [
@@ -95,8 +106,22 @@ def test_filter_tiles_are_distinct_and_not_blank(tmp_path):
 def test_several_weights_are_panels_side_by_side_with_labels(tmp_path, tiny_run):
     out = tmp_path / "f.png"
     scale, cols = 8, 4
-    result = invoke("viz", "filters", "random:test_resnet", tiny_run, "--scale", scale, "--cols", cols,
-                    "--label", "before", "--label", "after", "--out", out)
+    result = invoke(
+        "viz",
+        "filters",
+        "random:test_resnet",
+        tiny_run,
+        "--scale",
+        scale,
+        "--cols",
+        cols,
+        "--label",
+        "before",
+        "--label",
+        "after",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     count, _, k, _ = stem_shape("random:test_resnet")
     panel_w, panel_h = grid_pixels(count, k, scale, cols)
@@ -130,11 +155,14 @@ def test_model_without_conv_stem_is_a_one_line_error_and_writes_nothing(tmp_path
     assert out.read_bytes() == old
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--cols", "0"], "--cols"),
-    (["--out", "f.jpg"], ".png"),
-    (["--label", "a", "--label", "b"], "--label"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--cols", "0"], "--cols"),
+        (["--out", "f.jpg"], ".png"),
+        (["--label", "a", "--label", "b"], "--label"),
+    ],
+)
 def test_bad_filter_options_are_one_line_errors(tmp_path, args, message):
     assert message in one_line_error(invoke("viz", "filters", "random:test_resnet", *args))
 
@@ -161,7 +189,9 @@ def test_attention_maps_of_huge_activations_are_the_same_maps(monkeypatch):
     images = torch.zeros(2, 3, 24, 24, dtype=torch.uint8)
     maps = {}
     for scale in (1.0, 1e12):
-        monkeypatch.setattr(rotnet_cli.viz, "forward_stages", lambda backbone, x, indices, scale=scale: [feature * scale])
+        monkeypatch.setattr(
+            rotnet_cli.viz, "forward_stages", lambda backbone, x, indices, scale=scale: [feature * scale]
+        )
         maps[scale] = attention_maps(None, images, (0.5,) * 3, (0.5,) * 3, [0], [4.0])
     assert torch.isfinite(maps[1e12]).all()
     torch.testing.assert_close(maps[1e12], maps[1.0])
@@ -185,11 +215,27 @@ def test_attention_png_per_image_rows_are_the_run_rotations(tmp_path, tiny_run):
     save_disc_png(images / "sub" / "a.png")  # same stem: must not overwrite the first picture
     (images / "broken.jpg").write_bytes(b"not an image")
     out = tmp_path / "maps"
-    result = invoke("viz", "attention", tiny_run, images, "--out", out, "--layers", "1,-1", "--scale", 2,
-                    "--align", "--json", "--device", "cpu")
+    result = invoke(
+        "viz",
+        "attention",
+        tiny_run,
+        images,
+        "--out",
+        out,
+        "--layers",
+        "1,-1",
+        "--scale",
+        2,
+        "--align",
+        "--json",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["rotations"] == [0.0, 180.0] and report["stages"] == [1, 5] and report["img_size"] == 32  # the run's own set
+    assert (
+        report["rotations"] == [0.0, 180.0] and report["stages"] == [1, 5] and report["img_size"] == 32
+    )  # the run's own set
     assert len(report["images"]) == 2 and "broken.jpg" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["a-2.png", "a.png"]
     tile = 32 * 2 + TILE_PADDING
@@ -198,13 +244,17 @@ def test_attention_png_per_image_rows_are_the_run_rotations(tmp_path, tiny_run):
     grid_height = LABEL_BAND + rows * tile + TILE_PADDING
     assert picture.size == (ROW_LABEL_WIDTH + columns * tile + TILE_PADDING, grid_height + SCALE_BAR + LABEL_BAND)
     # under the map columns, the colour scale: the colour map from its lowest to its highest colour
-    scale_row = np.asarray(picture.convert("RGB"))[grid_height + SCALE_BAR // 2, ROW_LABEL_WIDTH + tile:-TILE_PADDING]
+    scale_row = np.asarray(picture.convert("RGB"))[grid_height + SCALE_BAR // 2, ROW_LABEL_WIDTH + tile : -TILE_PADDING]
     lut = (colormap_lut("jet") * 255).round().numpy()
     assert np.abs(scale_row[0] - lut[0]).max() <= 1 and np.abs(scale_row[-1] - lut[-1]).max() <= 1
     # --align turns the 180-degree copy back upright: both rows show the same input
     pixels = np.asarray(picture.convert("RGB"))
-    first = pixels[LABEL_BAND + TILE_PADDING :, ROW_LABEL_WIDTH + TILE_PADDING :][: tile - TILE_PADDING, : tile - TILE_PADDING]
-    second = pixels[LABEL_BAND + TILE_PADDING + tile :, ROW_LABEL_WIDTH + TILE_PADDING :][: tile - TILE_PADDING, : tile - TILE_PADDING]
+    first = pixels[LABEL_BAND + TILE_PADDING :, ROW_LABEL_WIDTH + TILE_PADDING :][
+        : tile - TILE_PADDING, : tile - TILE_PADDING
+    ]
+    second = pixels[LABEL_BAND + TILE_PADDING + tile :, ROW_LABEL_WIDTH + TILE_PADDING :][
+        : tile - TILE_PADDING, : tile - TILE_PADDING
+    ]
     assert np.array_equal(first, second)
 
 
@@ -220,8 +270,18 @@ def test_attention_of_weights_without_head_uses_four_rotations_or_the_option(tmp
 
 def test_attention_prints_the_agreement_table(tmp_path):
     save_disc_png(tmp_path / "d.png")
-    result = invoke("viz", "attention", "random:test_resnet", tmp_path / "d.png", "--img-size", 32, "--layers", "1,2",
-                    "--out", tmp_path / "o")
+    result = invoke(
+        "viz",
+        "attention",
+        "random:test_resnet",
+        tmp_path / "d.png",
+        "--img-size",
+        32,
+        "--layers",
+        "1,2",
+        "--out",
+        tmp_path / "o",
+    )
     assert result.exit_code == 0, result.output
     assert "agreement" in result.stdout and str(tmp_path / "o" / "d.png") in result.stdout.replace("\n", "")
 
@@ -246,7 +306,13 @@ def test_attention_bad_inputs_are_one_line_errors(tmp_path):
 def write_metrics(run, epochs: int = 3) -> None:
     run.mkdir()
     rows = [
-        {"epoch": e, "loss": 1.4 - 0.3 * e, "rot_acc": 0.3 + 0.2 * e, "val_loss": 1.5 - 0.3 * e, "val_rot_acc": 0.3 + 0.15 * e}
+        {
+            "epoch": e,
+            "loss": 1.4 - 0.3 * e,
+            "rot_acc": 0.3 + 0.2 * e,
+            "val_loss": 1.5 - 0.3 * e,
+            "val_rot_acc": 0.3 + 0.15 * e,
+        }
         for e in range(1, epochs + 1)
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

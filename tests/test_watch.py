@@ -41,9 +41,15 @@ def one_thread():
 @pytest.fixture
 def wandb_offline(tmp_path, monkeypatch):
     """W&B without the network or a login: offline mode, its files and settings under tmp_path."""
-    for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb-dir"), "WANDB_SILENT": "true",
-                       "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
-                       "WANDB_DISABLE_GIT": "true", "WANDB_API_KEY": ""}.items():
+    for key, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path / "wandb-dir"),
+        "WANDB_SILENT": "true",
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB_API_KEY": "",
+    }.items():
         monkeypatch.setenv(key, value)
     (tmp_path / "wandb-dir").mkdir()
 
@@ -155,12 +161,16 @@ def wandb_records(path: Path) -> list:
 
 
 def wandb_history(path: Path) -> list[dict]:
-    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            for record in wandb_records(path) if record.WhichOneof("record_type") == "history"]
+    return [
+        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+        for record in wandb_records(path)
+        if record.WhichOneof("record_type") == "history"
+    ]
 
 
 def test_wandb_offline_files_hold_the_scalars_and_a_resume_keeps_the_run_id_without_repeating_steps(
-        tmp_path, reference, wandb_offline):
+    tmp_path, reference, wandb_offline
+):
     run = tmp_path / "run"
     stopped_and_resumed(run, eval_data="digits", eval_layers="1,-1", logger="wandb")
     run_id = rundir.read_checkpoint(run / "checkpoint.pt")["loggers"]["wandb"]["id"]
@@ -173,15 +183,20 @@ def test_wandb_offline_files_hold_the_scalars_and_a_resume_keeps_the_run_id_with
         merged.setdefault(row["_step"], {}).update(row)
     reference_csv = csv_scalars(reference)
     for name in ("train/loss", "epoch/loss", "knn/stage5"):
-        assert [(step, pytest.approx(row[name])) for step, row in sorted(merged.items()) if name in row] == reference_csv[name]
+        assert [
+            (step, pytest.approx(row[name])) for step, row in sorted(merged.items()) if name in row
+        ] == reference_csv[name]
     assert merged[8]["filters/_type"] == "image-file"  # the stem filters, as an image
 
 
-@pytest.mark.parametrize("left_by_the_kill, kept", [
-    ("", []),  # killed before anything reached the disk
-    ("step,name,value\n2,train/loss,1.5\n4,train/loss,1.25\n6,train/lo", ["2,train/loss,1.5", "4,train/loss,1.25"]),
-    ("step,name,value\n2,train/loss,1.5\n4,train/loss,1.2", ["2,train/loss,1.5"]),  # a number cut short
-])
+@pytest.mark.parametrize(
+    "left_by_the_kill, kept",
+    [
+        ("", []),  # killed before anything reached the disk
+        ("step,name,value\n2,train/loss,1.5\n4,train/loss,1.25\n6,train/lo", ["2,train/loss,1.5", "4,train/loss,1.25"]),
+        ("step,name,value\n2,train/loss,1.5\n4,train/loss,1.2", ["2,train/loss,1.5"]),  # a number cut short
+    ],
+)
 def test_csv_after_a_kill_keeps_the_whole_rows_up_to_the_checkpoint(tmp_path, left_by_the_kill, kept):
     from rotnet_cli.loggers import CsvLogger
 
@@ -197,8 +212,20 @@ def test_a_missing_logger_package_is_one_line_naming_the_extra_and_nothing_is_wr
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
-    result = CliRunner().invoke(app, ["pretrain", "--model", "test_resnet", "--logger", "csv,wandb", "--device", "cpu",
-                                      "--out", str(tmp_path / "run")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "pretrain",
+            "--model",
+            "test_resnet",
+            "--logger",
+            "csv,wandb",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert result.exit_code == 1
     assert result.stderr.strip() == "error: --logger wandb needs the wandb package: pip install 'rotnet-cli[wandb]'"
     assert not (tmp_path / "run").exists()
@@ -220,8 +247,13 @@ def test_knn_accuracy_appears_at_the_asked_epochs_and_rises_on_digits(tmp_path):
     from rotnet_cli.evaluation import evaluate_features, set_up_eval
     from rotnet_cli.pretraining import build_model
 
-    config = PretrainConfig(**{**RUN, "epochs": 5, "max_steps_per_epoch": 8, "batch_size": 32}, eval_data="digits",
-                            eval_every=2, eval_heads="knn,linear", out=str(tmp_path / "run"))
+    config = PretrainConfig(
+        **{**RUN, "epochs": 5, "max_steps_per_epoch": 8, "batch_size": 32},
+        eval_data="digits",
+        eval_every=2,
+        eval_heads="knn,linear",
+        out=str(tmp_path / "run"),
+    )
     result = pretrain(config)
     evaluated = [row["epoch"] for row in rundir.read_metrics(tmp_path / "run") if "eval" in row]
     assert evaluated == [2, 4, 5]  # every second epoch, and the last
@@ -230,8 +262,16 @@ def test_knn_accuracy_appears_at_the_asked_epochs_and_rises_on_digits(tmp_path):
     assert all(0.5 < acc <= 1 for head in last.values() for acc in head.values())
     # the same evaluation of the network before training (the run's initial weights)
     model, img_size, mean, std = build_model(config, init=True)
-    before = evaluate_features(set_up_eval(config, model, img_size, 1, lambda event: None), model, "test_resnet",
-                               img_size, mean, std, torch.device("cpu"), "fp32")
+    before = evaluate_features(
+        set_up_eval(config, model, img_size, 1, lambda event: None),
+        model,
+        "test_resnet",
+        img_size,
+        mean,
+        std,
+        torch.device("cpu"),
+        "fp32",
+    )
     average = lambda per_stage: sum(per_stage.values()) / len(per_stage)  # noqa: E731
     assert average(last["knn"]) > average(before["knn"]) + 0.02
 
@@ -251,8 +291,17 @@ def test_eval_options_are_checked_before_the_run_starts(tmp_path):
 def kept_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("kept") / "run"
     torch.set_num_threads(1)
-    pretrain(PretrainConfig(**{**RUN, "epochs": 3}, keep_checkpoints=2, eval_data="digits", eval_layers="-1", eval_every=1,
-                            logger="none", out=str(out)))
+    pretrain(
+        PretrainConfig(
+            **{**RUN, "epochs": 3},
+            keep_checkpoints=2,
+            eval_data="digits",
+            eval_layers="-1",
+            eval_every=1,
+            logger="none",
+            out=str(out),
+        )
+    )
     return out
 
 
@@ -268,14 +317,18 @@ def test_kept_checkpoints_are_the_last_epochs_and_best_is_the_best_epoch(kept_ru
     assert all(torch.equal(final[k], last[k]) for k in final)  # the last epoch's weights are the run's
 
 
-@pytest.mark.parametrize("spec", ["{run}:best", "{run}:epoch-2", "{run}/checkpoints/epoch-3", "{run}/checkpoints/epoch-3.safetensors"])
+@pytest.mark.parametrize(
+    "spec", ["{run}:best", "{run}:epoch-2", "{run}/checkpoints/epoch-3", "{run}/checkpoints/epoch-3.safetensors"]
+)
 def test_every_kept_checkpoint_spec_loads(kept_run, spec):
     loaded = load_weights(spec.format(run=kept_run))
     assert loaded.model_name == "test_resnet" and loaded.head is not None and loaded.img_size == 32
 
 
 def test_a_checkpoint_that_is_not_kept_names_the_kept_ones(kept_run):
-    with pytest.raises(WeightsError, match=r"no kept checkpoint 'epoch-1' \(it keeps .*:best, .*:epoch-2, .*:epoch-3\)"):
+    with pytest.raises(
+        WeightsError, match=r"no kept checkpoint 'epoch-1' \(it keeps .*:best, .*:epoch-2, .*:epoch-3\)"
+    ):
         load_weights(f"{kept_run}:epoch-1")
 
 
@@ -290,8 +343,27 @@ def test_every_command_accepts_kept_checkpoints(kept_run, tmp_path):
         ["export", epoch_2, "--out", str(tmp_path / "export")],
         ["viz", "filters", best, epoch_2, "--out", str(tmp_path / "filters.png")],
         ["predict", best, str(image), "--device", "cpu", "--workers", "0"],
-        ["pretrain", "--init", best, "--model", "test_resnet", "--epochs", "1", "--max-steps-per-epoch", "1", "-b", "16",
-         "--device", "cpu", "--workers", "0", "--logger", "none", "--out", str(tmp_path / "from-best")],
+        [
+            "pretrain",
+            "--init",
+            best,
+            "--model",
+            "test_resnet",
+            "--epochs",
+            "1",
+            "--max-steps-per-epoch",
+            "1",
+            "-b",
+            "16",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--logger",
+            "none",
+            "--out",
+            str(tmp_path / "from-best"),
+        ],
     ]
     for args in commands:
         result = CliRunner().invoke(app, args)
@@ -360,22 +432,26 @@ def config_of(captured: list, args: list[str]) -> PretrainConfig:
 
 
 @pytest.mark.parametrize("fmt", ["yaml", "json"])
-@pytest.mark.parametrize("option, in_file, on_command_line, from_file, from_both", [
-    ("channels_last", True, ["--no-channels-last"], True, False),  # a bool flag
-    ("compile", False, ["--compile"], False, True),
-    ("rotations", [0, 90, 180], ["--rotations", "0,180"], (0.0, 90.0, 180.0), (0.0, 180.0)),  # a list
-    ("milestones", [2, 3], ["--milestones", "1"], (2, 3), (1,)),
-    ("lr", 0.05, ["--lr", "0.2"], 0.05, 0.2),  # an optional number
-    ("img_size", 16, ["--img-size", "24"], 16, 24),
-    ("warmup_epochs", 0.5, ["--warmup-epochs", "1"], 0.5, 1.0),  # a float
-    ("epochs", 7, ["--epochs", "9"], 7, 9),  # an int
-    ("data", "photos/train", ["--data", "other/dir"], "photos/train", "other/dir"),  # a path
-    ("init", "runs/a:best", ["--init", "runs/b"], "runs/a:best", "runs/b"),
-    ("logger", ["tensorboard", "csv"], ["--logger", "none"], ("tensorboard", "csv"), ()),  # a list of names
-    ("augment", "crop", ["--augment", "none"], "crop", "none"),  # a choice
-])
+@pytest.mark.parametrize(
+    "option, in_file, on_command_line, from_file, from_both",
+    [
+        ("channels_last", True, ["--no-channels-last"], True, False),  # a bool flag
+        ("compile", False, ["--compile"], False, True),
+        ("rotations", [0, 90, 180], ["--rotations", "0,180"], (0.0, 90.0, 180.0), (0.0, 180.0)),  # a list
+        ("milestones", [2, 3], ["--milestones", "1"], (2, 3), (1,)),
+        ("lr", 0.05, ["--lr", "0.2"], 0.05, 0.2),  # an optional number
+        ("img_size", 16, ["--img-size", "24"], 16, 24),
+        ("warmup_epochs", 0.5, ["--warmup-epochs", "1"], 0.5, 1.0),  # a float
+        ("epochs", 7, ["--epochs", "9"], 7, 9),  # an int
+        ("data", "photos/train", ["--data", "other/dir"], "photos/train", "other/dir"),  # a path
+        ("init", "runs/a:best", ["--init", "runs/b"], "runs/a:best", "runs/b"),
+        ("logger", ["tensorboard", "csv"], ["--logger", "none"], ("tensorboard", "csv"), ()),  # a list of names
+        ("augment", "crop", ["--augment", "none"], "crop", "none"),  # a choice
+    ],
+)
 def test_config_file_sets_every_kind_of_option_and_the_command_line_wins(
-        tmp_path, captured, fmt, option, in_file, on_command_line, from_file, from_both):
+    tmp_path, captured, fmt, option, in_file, on_command_line, from_file, from_both
+):
     base = {"schedule": "step", "milestones": [2, 3], "epochs": 5} if option == "milestones" else {}
     values = {**base, option: in_file}
     path = tmp_path / f"options.{fmt}"
@@ -393,23 +469,31 @@ def test_a_runs_own_config_json_repeats_it_with_one_change_and_a_new_folder(tmp_
     repeated = config_of(captured, ["--config", str(tiny_run / "config.json"), "--seed", "1"])
     saved = PretrainConfig.from_dict(rundir.read_config(tiny_run)["config"])
     assert repeated.seed == 1 and repeated.rotations == (0.0, 180.0) == saved.rotations
-    assert {k: v for k, v in repeated.to_dict().items() if k not in ("seed", "out")} == \
-        {k: v for k, v in saved.to_dict().items() if k not in ("seed", "out")}
+    assert {k: v for k, v in repeated.to_dict().items() if k not in ("seed", "out")} == {
+        k: v for k, v in saved.to_dict().items() if k not in ("seed", "out")
+    }
     assert repeated.out is None  # where the old run went is not taken: it would be refused, or overwritten
 
 
-@pytest.mark.parametrize("text, message", [
-    ("epoch: 3\n", "'epoch' is not an option of this command (did you mean epochs?)"),
-    ("epochs: ten\n", "epochs: Invalid value for '--epochs'"),
-    ("- epochs\n", "must hold a mapping of option names to values"),
-    ("epochs: [3\n", "is not valid YAML"),
-    (b"\xff\xfeepochs: 3\n", "is not UTF-8 text"),  # a binary file or another encoding: no traceback
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("epoch: 3\n", "'epoch' is not an option of this command (did you mean epochs?)"),
+        ("epochs: ten\n", "epochs: Invalid value for '--epochs'"),
+        ("- epochs\n", "must hold a mapping of option names to values"),
+        ("epochs: [3\n", "is not valid YAML"),
+        (b"\xff\xfeepochs: 3\n", "is not UTF-8 text"),  # a binary file or another encoding: no traceback
+    ],
+)
 def test_a_bad_config_file_is_a_usage_error_naming_the_file_and_nothing_runs(tmp_path, captured, text, message):
     path = tmp_path / "options.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     result = CliRunner().invoke(app, ["pretrain", "--config", str(path), "--out", str(tmp_path / "run")])
-    assert result.exit_code == 2 and message in " ".join(result.stderr.split()) and str(path) in " ".join(result.stderr.split())
+    assert (
+        result.exit_code == 2
+        and message in " ".join(result.stderr.split())
+        and str(path) in " ".join(result.stderr.split())
+    )
     assert not captured and not (tmp_path / "run").exists()
 
 
@@ -421,7 +505,6 @@ def test_viz_curves_draws_the_knn_curve_too(reference, tmp_path):
     result = CliRunner().invoke(app, ["viz", "curves", str(reference), "--out", str(tmp_path / "curves.png"), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["panels"] == ["loss", "rotation accuracy", "knn accuracy"]
-
 
 
 def test_eval_every_auto_keeps_evaluations_near_3_percent_of_the_training_compute():

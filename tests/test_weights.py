@@ -2,6 +2,7 @@
 
 Every refusal is a WeightsError whose message is one line that names the problem.
 """
+
 import os
 import shutil
 import subprocess
@@ -43,6 +44,7 @@ def refusal(spec) -> str:
 
 
 # ----------------------------------------------------------------------------- specs that load
+
 
 def test_run_directory_loads_backbone_head_and_preprocessing(run_dir):
     loaded = load_weights(str(run_dir))
@@ -96,7 +98,10 @@ def test_timm_spec_offline_is_a_clear_one_line_error(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "NO_COLOR": "1", "COLUMNS": "400"}
     done = subprocess.run(
         [sys.executable, "-m", "rotnet_cli", "export", "timm:test_resnet", "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
@@ -105,6 +110,7 @@ def test_timm_spec_offline_is_a_clear_one_line_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------- specs that are refused
+
 
 def test_missing_path(tmp_path):
     message = refusal(tmp_path / "nope")
@@ -157,7 +163,7 @@ def test_weights_that_do_not_fit_the_named_model_name_the_keys(run_dir, tmp_path
     unexpected = message.split(" unexpected (")[1].split(")")[0].split(", ")
     assert 1 <= len(missing) <= 5 and 1 <= len(unexpected) <= 5
     assert set(missing) <= set(timm.create_model("test_convnext", num_classes=0).state_dict())  # convnext's keys ...
-    assert set(unexpected) <= {k[len("backbone."):] for k in tensors}  # ... and the resnet file's
+    assert set(unexpected) <= {k[len("backbone.") :] for k in tensors}  # ... and the resnet file's
 
 
 def test_safetensors_without_rotnet_metadata(tmp_path):

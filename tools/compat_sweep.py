@@ -58,7 +58,9 @@ def choose_models(work: Path) -> dict[str, dict]:
     families = {}
     with _no_weight_init():
         for family in timm.list_modules():
-            counts = {name: _count_params(name) for name in timm.list_models(module=family) if not name.startswith("test_")}
+            counts = {
+                name: _count_params(name) for name in timm.list_models(module=family) if not name.startswith("test_")
+            }
             counts = {name: n for name, n in counts.items() if n is not None}
             if counts:
                 name = min(counts, key=lambda n: (counts[n], n))
@@ -98,8 +100,19 @@ def _no_weight_init():
 
     for attr in ("uniform_", "normal_", "erfinv_", "clamp_", "mul_", "add_", "fill_", "zero_", "copy_", "div_", "sub_"):
         skip_on_meta(torch.Tensor, attr)
-    for attr in ("trunc_normal_", "normal_", "uniform_", "kaiming_normal_", "kaiming_uniform_", "xavier_uniform_",
-                 "xavier_normal_", "constant_", "zeros_", "ones_", "orthogonal_"):
+    for attr in (
+        "trunc_normal_",
+        "normal_",
+        "uniform_",
+        "kaiming_normal_",
+        "kaiming_uniform_",
+        "xavier_uniform_",
+        "xavier_normal_",
+        "constant_",
+        "zeros_",
+        "ones_",
+        "orthogonal_",
+    ):
         skip_on_meta(torch.nn.init, attr)
     try:
         yield
@@ -125,7 +138,7 @@ def make_images(folder: Path) -> Path:
             pixels = rng.integers(0, 80, (IMAGE_PIXELS, IMAGE_PIXELS, 3)).astype(np.uint8)
             top = rng.integers(4, IMAGE_PIXELS // 2)
             if c == 0:
-                pixels[top: top + 8, 4:-4] = rng.integers(150, 256, 3)
+                pixels[top : top + 8, 4:-4] = rng.integers(150, 256, 3)
             else:
                 yy, xx = np.mgrid[:IMAGE_PIXELS, :IMAGE_PIXELS]
                 pixels[(yy - top - 8) ** 2 + (xx - IMAGE_PIXELS // 3) ** 2 < 60] = rng.integers(150, 256, 3)
@@ -177,11 +190,46 @@ def run_family(family: str, model: str, work: Path, images: Path, size: int | No
     run, export = folder / "run", folder / "export"
     image = next(iter(sorted(images.rglob("*.png"))))
     argv = {
-        "pretrain": ["pretrain", "--model", model, "--data", images, "--img-size", size, "--epochs", "1", "-b", "4",
-                     "--max-steps-per-epoch", "2", "--val-split", "0.25", "--device", "cpu", "--workers", "0",
-                     "--out", run, "--overwrite"],
-        "probe": ["probe", run, "--data", images, "--head", "linear", "--epochs", "3", "-b", "8", "--device", "cpu",
-                  "--workers", "0"],
+        "pretrain": [
+            "pretrain",
+            "--model",
+            model,
+            "--data",
+            images,
+            "--img-size",
+            size,
+            "--epochs",
+            "1",
+            "-b",
+            "4",
+            "--max-steps-per-epoch",
+            "2",
+            "--val-split",
+            "0.25",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--out",
+            run,
+            "--overwrite",
+        ],
+        "probe": [
+            "probe",
+            run,
+            "--data",
+            images,
+            "--head",
+            "linear",
+            "--epochs",
+            "3",
+            "-b",
+            "8",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ],
         "export": ["export", run, "--out", export, "--with-head", "--overwrite"],
         "viz filters": ["viz", "filters", run, "--out", folder / "filters.png"],
         "viz attention": ["viz", "attention", run, image, "--out", folder / "attention", "--device", "cpu"],
@@ -209,7 +257,7 @@ def _one_line(result) -> str:
     lines = [line.strip() for line in (result.stderr or "").splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]
     if len(errors) == 1 and lines[-1] == errors[0]:
-        return errors[0][len("error:"):].strip()
+        return errors[0][len("error:") :].strip()
     return f"exit {result.exit_code} without one error line: {' / '.join(lines[-3:])[:300]}"
 
 
@@ -255,7 +303,10 @@ def sweep(args: argparse.Namespace) -> None:
     print(f"{len(todo)} of {len(chosen_families)} families to run; results in {work / 'results.jsonl'}", flush=True)
     started = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait: each family is a process of its own
-        running = [pool.submit(run_child, family, families[family]["model"], work, args.timeout, args.threads) for family in todo]
+        running = [
+            pool.submit(run_child, family, families[family]["model"], work, args.timeout, args.threads)
+            for family in todo
+        ]
         for i, future in enumerate(as_completed(running), 1):
             record = future.result()
             family = record["family"]
@@ -265,26 +316,44 @@ def sweep(args: argparse.Namespace) -> None:
             results[family] = record
             write_markdown(results, families, Path(args.out))
             failed = {c: r for c, r in record["results"].items() if r != "ok"}
-            print(f"[{i}/{len(todo)}] {family} ({record['model']}, {record.get('img_size')} px, {record['seconds']:.0f} s): "
-                  + ("ok" if not failed and len(record["results"]) == len(COMMANDS) else json.dumps(failed)), flush=True)
+            print(
+                f"[{i}/{len(todo)}] {family} ({record['model']}, {record.get('img_size')} px, {record['seconds']:.0f} s): "
+                + ("ok" if not failed and len(record["results"]) == len(COMMANDS) else json.dumps(failed)),
+                flush=True,
+            )
     write_markdown(results, families, Path(args.out))
-    print(f"swept {len(todo)} families in {(time.perf_counter() - started) / 60:.1f} minutes; wrote {args.out}", flush=True)
+    print(
+        f"swept {len(todo)} families in {(time.perf_counter() - started) / 60:.1f} minutes; wrote {args.out}",
+        flush=True,
+    )
 
 
 def run_child(family: str, model: str, work: Path, timeout: float, threads: int) -> dict:
     """One family in its own process (a crash or a hang costs only that family)."""
     record_file = work / "families" / f"{family}.json"
     record_file.unlink(missing_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     started = time.perf_counter()
     command = [sys.executable, __file__, "--work", str(work), "--family", family, "--model", model]
     try:
         done = subprocess.run(command, env=env, timeout=timeout, capture_output=True, text=True)
-        ended = None if done.returncode == 0 else f"the process ended with exit code {done.returncode}: " + (
-            (done.stderr.strip().splitlines() or [""])[-1][:200])
+        ended = (
+            None
+            if done.returncode == 0
+            else f"the process ended with exit code {done.returncode}: "
+            + ((done.stderr.strip().splitlines() or [""])[-1][:200])
+        )
     except subprocess.TimeoutExpired:
         ended = f"timed out after {timeout:.0f} s"
-    record = json.loads(record_file.read_text()) if record_file.is_file() else {"family": family, "model": model, "results": {}}
+    record = (
+        json.loads(record_file.read_text())
+        if record_file.is_file()
+        else {"family": family, "model": model, "results": {}}
+    )
     record["seconds"] = round(time.perf_counter() - started, 1)
     if ended:
         pending = [c for c in COMMANDS if c not in record["results"]]
@@ -319,40 +388,59 @@ def write_markdown(results: dict[str, dict], families: dict[str, dict], out: Pat
     bugs = [f for f in swept if any(is_bug(r) for r in results[f]["results"].values())]
     refused = [f for f in swept if results[f].get("refused")]
     lines = [
-        "# Compatibility: every timm family through every rotnet command", "",
+        "# Compatibility: every timm family through every rotnet command",
+        "",
         "Generated by `python tools/compat_sweep.py` (do not edit by hand). One model of every timm model "
         "module (a *family*), the smallest by parameter count, runs through `rotnet pretrain` (1 epoch of 2 "
         "steps on 16 small images), `rotnet probe` (every stage, linear head), `rotnet export --with-head` "
-        "followed by a strict `timm.create_model(\"local-dir:...\")` whose features must equal the run's, "
+        'followed by a strict `timm.create_model("local-dir:...")` whose features must equal the run\'s, '
         "`rotnet viz filters`, `rotnet viz attention` and `rotnet predict`, with random initial weights at a "
-        "small input size: the first of 64, 112, 128, 224 px that rotnet accepts for the model, else its own.", "",
+        "small input size: the first of 64, 112, 128, 224 px that rotnet accepts for the model, else its own.",
+        "",
         f"rotnet {__version__}, timm {timm.__version__}, torch {torch.__version__.split('+')[0]}, Python "
         f"{platform.python_version()}, CPU; {datetime.now(timezone.utc).strftime('%Y-%m-%d')}. "
         f"{len(swept)} of {len(families)} families swept, in {sum(results[f]['seconds'] for f in swept) / 60:.0f} "
         "minutes of family processes"
-        + (" (`python tools/compat_sweep.py` continues the sweep)." if len(swept) < len(families) else "."), "",
+        + (" (`python tools/compat_sweep.py` continues the sweep)." if len(swept) < len(families) else "."),
+        "",
         f"**{len(passing)} of {len(swept)} families pass every command.** "
-        + ("The others stop with the one-line error rotnet gives, shown in their row." if len(passing) < len(swept) else "")
-        + (f" Unexpected errors (bugs): {', '.join(bugs)}." if bugs else ""), "",
+        + (
+            "The others stop with the one-line error rotnet gives, shown in their row."
+            if len(passing) < len(swept)
+            else ""
+        )
+        + (f" Unexpected errors (bugs): {', '.join(bugs)}." if bugs else ""),
+        "",
         "| family | model | params | px | " + " | ".join(COMMANDS) + " |",
         "|---|---|---:|---:|" + "---|" * len(COMMANDS),
     ]
     for family in sorted(families):
         if family not in results:  # a sweep still to be continued
-            lines.append(f"| {family} | `{families[family]['model']}` | {families[family]['params'] / 1e6:.1f}M | | "
-                         + " | ".join(["not swept yet"] * len(COMMANDS)) + " |")
+            lines.append(
+                f"| {family} | `{families[family]['model']}` | {families[family]['params'] / 1e6:.1f}M | | "
+                + " | ".join(["not swept yet"] * len(COMMANDS))
+                + " |"
+            )
             continue
         record = results[family]
         cells = [_cell(record["results"].get(c)) for c in COMMANDS]
-        lines.append(f"| {family} | `{record['model']}` | {record.get('params', 0) / 1e6:.1f}M | {record.get('img_size', '')} | "
-                     + " | ".join(cells) + " |")
+        lines.append(
+            f"| {family} | `{record['model']}` | {record.get('params', 0) / 1e6:.1f}M | {record.get('img_size', '')} | "
+            + " | ".join(cells)
+            + " |"
+        )
     if refused:
         lines += [
-            "", "## Input sizes", "",
+            "",
+            "## Input sizes",
+            "",
             "Models that rotnet refused at 64 px, with the line it gives (a run that does not choose "
-            "`--img-size` gets a size the model takes):", "",
+            "`--img-size` gets a size the model takes):",
+            "",
         ]
-        lines += [f"- {family} (`{results[family]['model']}`): {_text(results[family]['refused'])}" for family in refused]
+        lines += [
+            f"- {family} (`{results[family]['model']}`): {_text(results[family]['refused'])}" for family in refused
+        ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
 
@@ -362,7 +450,9 @@ def _passes(record: dict) -> bool:
 
 
 def is_bug(outcome: str) -> bool:
-    return BUG_MARK in outcome or outcome.startswith(("traceback:", "exit ", "timm local-dir load:", "not finished: the process"))
+    return BUG_MARK in outcome or outcome.startswith(
+        ("traceback:", "exit ", "timm local-dir load:", "not finished: the process")
+    )
 
 
 def _cell(outcome: str | None) -> str:
@@ -383,8 +473,14 @@ def _write_json(path: Path, obj) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default=str(ROOT / "runs" / "compat-sweep"), help="Working folder: model choice, images, runs, results.jsonl.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--work",
+        default=str(ROOT / "runs" / "compat-sweep"),
+        help="Working folder: model choice, images, runs, results.jsonl.",
+    )
     parser.add_argument("--out", default=str(ROOT / "docs" / "compatibility.md"), help="The table to write.")
     parser.add_argument("--only", help="Comma list of families (default: all).")
     parser.add_argument("--redo", action="store_true", help="Run families that have a result again.")

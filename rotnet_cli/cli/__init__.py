@@ -48,7 +48,9 @@ def _version(value: bool) -> None:
 def _root(
     ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks (also ROTNET_DEBUG=1).")] = False,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     set_debug(debug)
     show_help_when_bare(ctx)
@@ -63,7 +65,9 @@ app.add_typer(viz.viz_app, name="viz")
 app.command(cls=RotnetCommand, epilog=predict.EXAMPLES)(predict.predict)
 app.command(cls=RotnetCommand, epilog=embed.EMBED_EXAMPLES)(embed.embed)
 app.command(cls=RotnetCommand, epilog=embed.NEIGHBOURS_EXAMPLES)(embed.neighbours)
-app.command("neighbors", cls=RotnetCommand, epilog=embed.NEIGHBOURS_EXAMPLES, hidden=True)(embed.neighbours)  # the US spelling
+app.command("neighbors", cls=RotnetCommand, epilog=embed.NEIGHBOURS_EXAMPLES, hidden=True)(
+    embed.neighbours
+)  # the US spelling
 app.command(cls=RotnetCommand, epilog=reproduce.EXAMPLES)(reproduce.reproduce)
 
 

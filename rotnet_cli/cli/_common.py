@@ -30,6 +30,7 @@ from ..errors import RotnetError
 out_console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
+
 def print_table(table: Any) -> None:
     """A result table on stdout, whole. On a terminal it fits the window; piped or redirected (a log
     file, CI) rich would squeeze it into 80 columns and cut words ("4 rotatio…"), so there it takes
@@ -57,10 +58,16 @@ def debug_enabled() -> bool:
 
 # Typer's exits and usage errors pass through the boundary. Typer 0.29 carries its own copy of
 # click (typer._click) while older releases raise click's classes: both are listed.
-_CLI_FLOW = tuple({
-    typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException,
-    next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"),
-})
+_CLI_FLOW = tuple(
+    {
+        typer.Exit,
+        typer.Abort,
+        click.exceptions.Exit,
+        click.exceptions.Abort,
+        click.exceptions.ClickException,
+        next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"),
+    }
+)
 
 
 def error_boundary(command: Callable) -> Callable:
@@ -95,7 +102,9 @@ def error_boundary(command: Callable) -> Callable:
             if debug_enabled():
                 raise
             if _out_of_memory(e):
-                error_line("error", "out of memory; lower --batch-size (or --img-size), or use a device with more memory")
+                error_line(
+                    "error", "out of memory; lower --batch-size (or --img-size), or use a device with more memory"
+                )
             else:  # a bug: still one line, the traceback only on request
                 report_bug(e)
             raise typer.Exit(1) from None
@@ -121,13 +130,19 @@ def error_line(prefix: str | None, message: str) -> None:
 
 def visible(text: str) -> str:
     """``text`` with its control characters escaped, so it prints as one line."""
-    return re.sub(r"[\x00-\x1f\x7f]", lambda m: {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(m[0], f"\\x{ord(m[0]):02x}"), text)
+    return re.sub(
+        r"[\x00-\x1f\x7f]", lambda m: {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(m[0], f"\\x{ord(m[0]):02x}"), text
+    )
 
 
 def _out_of_memory(e: BaseException) -> bool:
     text = str(e)
-    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text \
+    return (
+        isinstance(e, MemoryError)
+        or type(e).__name__ == "OutOfMemoryError"
+        or "can't allocate memory" in text
         or "out of memory" in text.lower()
+    )
 
 
 def stop_at_start(signum: int, frame: Any) -> None:
@@ -152,7 +167,7 @@ def _surrogates(error: UnicodeError) -> tuple[bytes, int]:
     if not isinstance(error, UnicodeEncodeError):
         raise error
     out = b""
-    for char in error.object[error.start:error.end]:
+    for char in error.object[error.start : error.end]:
         code = ord(char)
         out += bytes([code - 0xDC00]) if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}".encode()
     return out, error.end
@@ -175,7 +190,9 @@ def report_bug(error: Exception) -> None:
     """
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     message = f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
-    error_line("error", f"{message} (unexpected: a bug in rotnet, please report it); rerun with --debug for the traceback")
+    error_line(
+        "error", f"{message} (unexpected: a bug in rotnet, please report it); rerun with --debug for the traceback"
+    )
 
 
 def print_json(obj: Any) -> None:
@@ -220,16 +237,39 @@ def warn(message: str) -> None:
 # ----------------------------------------------------------------------------- shared options
 # Names follow timm's train.py where it has one.
 
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, N or mps.")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16.")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, N or mps.")
+]
+PrecisionOpt = Annotated[
+    str, typer.Option("--precision", help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16.")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (and nothing else there).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (data order, splits, initialisation).")]
-WorkersOpt = Annotated[int, typer.Option("--workers", "-j", help="Loader worker processes for image folders (default: CPU cores - 1, from 2 to 8).")]
+WorkersOpt = Annotated[
+    int,
+    typer.Option(
+        "--workers", "-j", help="Loader worker processes for image folders (default: CPU cores - 1, from 2 to 8)."
+    ),
+]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch (before rotation).")]
-ImgSizeOpt = Annotated[Optional[int], typer.Option("--img-size", help="Square input size in pixels (default: the dataset's own, else the model's).")]
-DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Where torchvision datasets live (default ~/.cache/rotnet/datasets/NAME).")]
-DownloadOpt = Annotated[bool, typer.Option("--download/--no-download", help="Allow downloading a torchvision dataset (needs internet).")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Replace an existing output: rotnet's own files only; files it did not write are never replaced.")]
+ImgSizeOpt = Annotated[
+    Optional[int],
+    typer.Option("--img-size", help="Square input size in pixels (default: the dataset's own, else the model's)."),
+]
+DataDirOpt = Annotated[
+    Optional[str],
+    typer.Option("--data-dir", help="Where torchvision datasets live (default ~/.cache/rotnet/datasets/NAME)."),
+]
+DownloadOpt = Annotated[
+    bool, typer.Option("--download/--no-download", help="Allow downloading a torchvision dataset (needs internet).")
+]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite/--no-overwrite",
+        help="Replace an existing output: rotnet's own files only; files it did not write are never replaced.",
+    ),
+]
 RUN_IDENTITY = ("out", "overwrite", "resume")  # in a run's config.json: where that run went, not how it trained
 
 
@@ -248,8 +288,9 @@ def read_options_file(path: str, ctx: typer.Context) -> dict[str, Any]:
     except OSError as e:
         raise typer.BadParameter(f"cannot read {file}: {e.strerror}", param_hint="--config") from None
     except UnicodeDecodeError:  # a binary file, or text in another encoding
-        raise typer.BadParameter(f"{file} is not UTF-8 text; give a YAML or JSON file of options, e.g. epochs: 30",
-                                 param_hint="--config") from None
+        raise typer.BadParameter(
+            f"{file} is not UTF-8 text; give a YAML or JSON file of options, e.g. epochs: 30", param_hint="--config"
+        ) from None
     try:
         if file.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -259,12 +300,18 @@ def read_options_file(path: str, ctx: typer.Context) -> dict[str, Any]:
             record = json.loads(text)
     except Exception as e:  # yaml's and json's own errors: the file is not what it claims
         first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise typer.BadParameter(f"{file} is not valid {'YAML' if file.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {first}",
-                                 param_hint="--config") from None
-    if isinstance(record, dict) and isinstance(record.get("config"), dict) and "resolved" in record:  # a run's config.json
+        raise typer.BadParameter(
+            f"{file} is not valid {'YAML' if file.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {first}",
+            param_hint="--config",
+        ) from None
+    if (
+        isinstance(record, dict) and isinstance(record.get("config"), dict) and "resolved" in record
+    ):  # a run's config.json
         record = {k: v for k, v in record["config"].items() if k not in RUN_IDENTITY}
     if not isinstance(record, dict):
-        raise typer.BadParameter(f"{file} must hold a mapping of option names to values, e.g. epochs: 30", param_hint="--config")
+        raise typer.BadParameter(
+            f"{file} must hold a mapping of option names to values, e.g. epochs: 30", param_hint="--config"
+        )
     params = {p.name: p for p in ctx.command.params if p.name not in ("config_file", "help")}
     names = {opt.lstrip("-").replace("-", "_"): p.name for p in params.values() for opt in p.opts}  # --opt, -j ... too
     options: dict[str, Any] = {}
@@ -293,10 +340,15 @@ def _load_options_file(ctx: typer.Context, param: Any, value: Optional[str]) -> 
     return value
 
 
-ConfigOpt = Annotated[Optional[str], typer.Option(
-    "--config", is_eager=True, callback=_load_options_file,
-    help="YAML or JSON file of options (a run's config.json too); options on the command line win.",
-)]
+ConfigOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--config",
+        is_eager=True,
+        callback=_load_options_file,
+        help="YAML or JSON file of options (a run's config.json too); options on the command line win.",
+    ),
+]
 WeightsArg = Annotated[
     str,
     typer.Argument(

@@ -102,4 +102,3 @@ def show_help_when_bare(ctx: typer.Context) -> None:
         if text:
             typer.echo(text)
         raise typer.Exit(0)
-

@@ -11,8 +11,19 @@ from rich.table import Table
 from ..config import EmbeddingMapConfig, EmbedConfig, NeighboursConfig, default_workers
 from ._common import (
     print_table,
-    DataDirOpt, DeviceOpt, DownloadOpt, JsonOpt, OverwriteOpt, PrecisionOpt, WeightsArg, WorkersOpt, err_console,
-    error_boundary, out_console, print_json, warn_skipped,
+    DataDirOpt,
+    DeviceOpt,
+    DownloadOpt,
+    JsonOpt,
+    OverwriteOpt,
+    PrecisionOpt,
+    WeightsArg,
+    WorkersOpt,
+    err_console,
+    error_boundary,
+    out_console,
+    print_json,
+    warn_skipped,
 )
 from .progress import ProgressView
 
@@ -42,24 +53,59 @@ MAP_EXAMPLES = """
   rotnet viz embeddings photos.npz --method umap --out umap.png                  [dim]# pip install 'rotnet-cli\\[umap]'[/dim]
 """
 
-EmbeddingsArg = Annotated[str, typer.Argument(help="A file written by rotnet embed (.parquet, .npz, .safetensors or .csv).", show_default=False)]
+EmbeddingsArg = Annotated[
+    str,
+    typer.Argument(help="A file written by rotnet embed (.parquet, .npz, .safetensors or .csv).", show_default=False),
+]
 
 
 @error_boundary
 def embed(
     ctx: typer.Context,
     weights: WeightsArg,
-    data: Annotated[str, typer.Argument(help="A folder of images (flat or class sub-folders, searched recursively; train/ + val/ both), digits, or cifar10, cifar100, stl10, mnist, fashionmnist, svhn.", show_default=False)],
-    out: Annotated[str, typer.Option("--out", "-o", help="File to write; its extension picks the format: .parquet (needs the parquet extra), .npz, .safetensors or .csv.", show_default=False)],
-    layer: Annotated[int, typer.Option("--layer", help="Stage whose map is pooled: 1-based, negative from the last (-1: the last stage).")] = -1,
-    pool: Annotated[str, typer.Option("--pool", help="How a stage's map becomes one vector: avg or max over its positions.")] = "avg",
-    normalize: Annotated[bool, typer.Option("--normalize", help="L2-normalise every embedding (cosine similarity becomes a dot product).")] = False,
-    img_size: Annotated[Optional[int], typer.Option("--img-size", help="Input size in pixels for timm:NAME and random:NAME weights (default: the model's own); saved weights embed at the size they were trained at.")] = None,
+    data: Annotated[
+        str,
+        typer.Argument(
+            help="A folder of images (flat or class sub-folders, searched recursively; train/ + val/ both), digits, or cifar10, cifar100, stl10, mnist, fashionmnist, svhn.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            help="File to write; its extension picks the format: .parquet (needs the parquet extra), .npz, .safetensors or .csv.",
+            show_default=False,
+        ),
+    ],
+    layer: Annotated[
+        int,
+        typer.Option(
+            "--layer", help="Stage whose map is pooled: 1-based, negative from the last (-1: the last stage)."
+        ),
+    ] = -1,
+    pool: Annotated[
+        str, typer.Option("--pool", help="How a stage's map becomes one vector: avg or max over its positions.")
+    ] = "avg",
+    normalize: Annotated[
+        bool,
+        typer.Option("--normalize", help="L2-normalise every embedding (cosine similarity becomes a dot product)."),
+    ] = False,
+    img_size: Annotated[
+        Optional[int],
+        typer.Option(
+            "--img-size",
+            help="Input size in pixels for timm:NAME and random:NAME weights (default: the model's own); saved weights embed at the size they were trained at.",
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")] = 256,
     workers: WorkersOpt = default_workers(),
     data_dir: DataDirOpt = None,
     download: DownloadOpt = False,
-    strict_data: Annotated[bool, typer.Option("--strict-data", help="Stop at the first unreadable image instead of skipping it.")] = False,
+    strict_data: Annotated[
+        bool, typer.Option("--strict-data", help="Stop at the first unreadable image instead of skipping it.")
+    ] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     overwrite: OverwriteOpt = False,
@@ -81,7 +127,8 @@ def embed(
         f"wrote {result.rows:,} embeddings of {result.dim} dimensions ({result.model} stage {result.layer} of {result.stages}, "
         f"{c} x {h} x {w} {result.pool}-pooled{', L2-normalised' if result.normalized else ''}{classes}) to "
         f"[bold]{escape(str(result.out))}[/] in {result.seconds:.1f}s ({result.images_per_s:,.0f} images/s)",
-        highlight=False, soft_wrap=True,
+        highlight=False,
+        soft_wrap=True,
     )
     loaders = {
         "parquet": f'pandas.read_parquet("{result.out}")  # columns path, ..., embedding',
@@ -96,12 +143,31 @@ def embed(
 def neighbours(
     ctx: typer.Context,
     embeddings: EmbeddingsArg,
-    query: Annotated[Optional[List[str]], typer.Option("--query", "-q", help="Image file or folder to look up (repeatable), embedded as the file was; default: the most alike pairs of the file's own images.")] = None,
+    query: Annotated[
+        Optional[List[str]],
+        typer.Option(
+            "--query",
+            "-q",
+            help="Image file or folder to look up (repeatable), embedded as the file was; default: the most alike pairs of the file's own images.",
+        ),
+    ] = None,
     k: Annotated[int, typer.Option("-k", help="Neighbours per image.")] = 5,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Keep only neighbours at least this cosine-similar, e.g. 0.98 for near-duplicates.")] = None,
+    threshold: Annotated[
+        Optional[float],
+        typer.Option(
+            "--threshold", help="Keep only neighbours at least this cosine-similar, e.g. 0.98 for near-duplicates."
+        ),
+    ] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write every row found to this CSV file.")] = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="For --query: the weights to embed with, when those the file names are elsewhere now.")] = None,
-    show: Annotated[int, typer.Option("--show", help="Rows of the table on screen (all of them go to --out and --json).")] = 20,
+    weights: Annotated[
+        Optional[str],
+        typer.Option(
+            "--weights", help="For --query: the weights to embed with, when those the file names are elsewhere now."
+        ),
+    ] = None,
+    show: Annotated[
+        int, typer.Option("--show", help="Rows of the table on screen (all of them go to --out and --json).")
+    ] = 20,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Query images per batch.")] = 256,
     workers: WorkersOpt = default_workers(),
     device: DeviceOpt = "auto",
@@ -141,7 +207,9 @@ def _render_neighbours(result, show: int) -> None:
         cells = [escape(n.image), str(n.rank), escape(n.neighbour), f"{n.similarity:.4f}"]
         if classes:
             same = n.image_class is not None and n.image_class == n.neighbour_class
-            cells.append(escape(f"{n.image_class or '?'} / {n.neighbour_class or '?'}") + (" [green]same[/]" if same else ""))
+            cells.append(
+                escape(f"{n.image_class or '?'} / {n.neighbour_class or '?'}") + (" [green]same[/]" if same else "")
+            )
         table.add_row(*cells, style="bold" if n.similarity >= 0.9999 else None)
     print_table(table)
     more = len(result.neighbours) - min(show, len(result.neighbours))
@@ -158,9 +226,19 @@ def embeddings_map(
     ctx: typer.Context,
     embeddings: EmbeddingsArg,
     out: Annotated[str, typer.Option("--out", "-o", help="PNG file to write.")] = "embeddings.png",
-    method: Annotated[str, typer.Option("--method", help="pca (built in), tsne (needs the tsne extra: scikit-learn) or umap (needs the umap extra: umap-learn).")] = "pca",
-    thumbnails: Annotated[int, typer.Option("--thumbnails", help="Draw the images at this many points spread over the map.")] = 0,
-    max_points: Annotated[int, typer.Option("--max-points", help="Draw a seeded sample of this many rows when the file has more.")] = 20000,
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            help="pca (built in), tsne (needs the tsne extra: scikit-learn) or umap (needs the umap extra: umap-learn).",
+        ),
+    ] = "pca",
+    thumbnails: Annotated[
+        int, typer.Option("--thumbnails", help="Draw the images at this many points spread over the map.")
+    ] = 0,
+    max_points: Annotated[
+        int, typer.Option("--max-points", help="Draw a seeded sample of this many rows when the file has more.")
+    ] = 20000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sample, t-SNE and UMAP.")] = 0,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
@@ -174,10 +252,15 @@ def embeddings_map(
     if json_out:
         print_json(result.to_dict())
         return
-    drawn = f"{result.points:,} of {result.rows:,} points" if result.points < result.rows else f"{result.points:,} points"
+    drawn = (
+        f"{result.points:,} of {result.rows:,} points" if result.points < result.rows else f"{result.points:,} points"
+    )
     extra = f", {result.classes} classes" if result.classes else ""
     extra += f", {result.thumbnails} thumbnails" if result.thumbnails else ""
     if result.explained_variance:
         extra += f"; the axes hold {100 * sum(result.explained_variance):.1f}% of the variance"
-    out_console.print(f"wrote [bold]{escape(str(result.out))}[/] ({result.width}x{result.height} px, {drawn}{extra})",
-                      highlight=False, soft_wrap=True)
+    out_console.print(
+        f"wrote [bold]{escape(str(result.out))}[/] ({result.width}x{result.height} px, {drawn}{extra})",
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -9,7 +9,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import ExportConfig, format_rotations
-from ._common import JsonOpt, OverwriteOpt, WeightsArg, err_console, error_boundary, out_console, print_json, print_table
+from ._common import (
+    JsonOpt,
+    OverwriteOpt,
+    WeightsArg,
+    err_console,
+    error_boundary,
+    out_console,
+    print_json,
+    print_table,
+)
 from .progress import ProgressView
 
 EXAMPLES = """
@@ -27,8 +36,22 @@ EXAMPLES = """
 def export(
     ctx: typer.Context,
     weights: WeightsArg,
-    out: Annotated[str, typer.Option("--out", "-o", help="Folder to write (timm / Hugging Face hub layout: model.safetensors, config.json, README.md).", show_default=False)],
-    with_head: Annotated[bool, typer.Option("--with-head", help="Also write the rotation head (rotation_head.safetensors, needed by rotnet predict); timm still loads the backbone strictly.")] = False,
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder to write (timm / Hugging Face hub layout: model.safetensors, config.json, README.md).",
+            show_default=False,
+        ),
+    ],
+    with_head: Annotated[
+        bool,
+        typer.Option(
+            "--with-head",
+            help="Also write the rotation head (rotation_head.safetensors, needed by rotnet predict); timm still loads the backbone strictly.",
+        ),
+    ] = False,
     dtype: Annotated[str, typer.Option("--dtype", help="Weights precision in the files: fp32, fp16 or bf16.")] = "fp32",
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
@@ -59,7 +82,9 @@ def _render(result) -> None:
     rotations = f", rotations {format_rotations(result.rotations)}" if result.rotations else ""
     out_console.print(
         f"exported {result.model} ({result.num_params:,} parameters, {result.head_hidden_size} features, "
-        f"{result.img_size} px, {result.dtype}{rotations}) to [bold]{escape(str(result.out_dir))}[/]", highlight=False, soft_wrap=True,
+        f"{result.img_size} px, {result.dtype}{rotations}) to [bold]{escape(str(result.out_dir))}[/]",
+        highlight=False,
+        soft_wrap=True,
     )
     table = Table("file", "size")
     table.columns[1].justify = "right"
@@ -70,7 +95,9 @@ def _render(result) -> None:
     loaders = "; ".join(result.round_trip)
     out_console.print(
         f"verified (strict load, {'features identical' if worst == 0 else f'features equal within {worst:.2g}'}): {loaders}",
-        markup=False, highlight=False, soft_wrap=True,
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
     )
     out_console.print("load it with timm:")
     out_console.print(result.snippet, markup=False, highlight=False, soft_wrap=True)  # unwrapped: it is copied

@@ -11,8 +11,18 @@ from rich.table import Table
 from ..config import DEFAULT_BACKUP_SUFFIX, DEFAULT_MIN_CONFIDENCE, JPEG_ROUTES, PredictConfig, default_workers
 from ._common import (
     print_table,
-    DeviceOpt, JsonOpt, OverwriteOpt, PrecisionOpt, WeightsArg, WorkersOpt, err_console, error_boundary, note,
-    out_console, print_json, warn,
+    DeviceOpt,
+    JsonOpt,
+    OverwriteOpt,
+    PrecisionOpt,
+    WeightsArg,
+    WorkersOpt,
+    err_console,
+    error_boundary,
+    note,
+    out_console,
+    print_json,
+    warn,
 )
 from .progress import ProgressView
 
@@ -41,17 +51,68 @@ _JPEG_HELP = (
 def predict(
     ctx: typer.Context,
     weights: WeightsArg,
-    inputs: Annotated[list[str], typer.Argument(help="Image files and folders (searched recursively).", metavar="images", show_default=False)],
-    tta: Annotated[bool, typer.Option("--tta", help="Test-time agreement: also predict the image's rotated copies and average their votes.")] = False,
-    fix: Annotated[bool, typer.Option("--fix", help="Turn each confidently rotated image upright: a copy in --out (originals never change), or with --in-place the original itself.")] = False,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Folder for predictions.csv/.json and, with --fix, the upright copies (folder inputs are mirrored).")] = None,
-    in_place: Annotated[bool, typer.Option("--in-place", help="With --fix: turn the originals themselves, each first kept as NAME.orig (--backup-suffix); file times are kept, unsure and upright images are not touched.")] = False,
-    backup_suffix: Annotated[Optional[str], typer.Option("--backup-suffix", help=f"With --in-place: the ending of each original's backup (default {DEFAULT_BACKUP_SUFFIX}).", show_default=False)] = None,
+    inputs: Annotated[
+        list[str],
+        typer.Argument(help="Image files and folders (searched recursively).", metavar="images", show_default=False),
+    ],
+    tta: Annotated[
+        bool,
+        typer.Option(
+            "--tta", help="Test-time agreement: also predict the image's rotated copies and average their votes."
+        ),
+    ] = False,
+    fix: Annotated[
+        bool,
+        typer.Option(
+            "--fix",
+            help="Turn each confidently rotated image upright: a copy in --out (originals never change), or with --in-place the original itself.",
+        ),
+    ] = False,
+    out: Annotated[
+        Optional[str],
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for predictions.csv/.json and, with --fix, the upright copies (folder inputs are mirrored).",
+        ),
+    ] = None,
+    in_place: Annotated[
+        bool,
+        typer.Option(
+            "--in-place",
+            help="With --fix: turn the originals themselves, each first kept as NAME.orig (--backup-suffix); file times are kept, unsure and upright images are not touched.",
+        ),
+    ] = False,
+    backup_suffix: Annotated[
+        Optional[str],
+        typer.Option(
+            "--backup-suffix",
+            help=f"With --in-place: the ending of each original's backup (default {DEFAULT_BACKUP_SUFFIX}).",
+            show_default=False,
+        ),
+    ] = None,
     jpeg: Annotated[str, typer.Option("--jpeg", help=_JPEG_HELP)] = "reencode",
-    copy_unchanged: Annotated[bool, typer.Option("--copy-unchanged", help="With --fix --out: copy the images left as they are (upright, unsure, not turnable) too, byte for byte: a complete upright mirror.")] = False,
-    min_confidence: Annotated[float, typer.Option("--min-confidence", help="Turn only images predicted with at least this probability; the rest stay byte for byte as they were. The default keeps wrong turns rare: an image left sideways costs one manual turn, an upright photo turned wrong costs more.")] = DEFAULT_MIN_CONFIDENCE,
+    copy_unchanged: Annotated[
+        bool,
+        typer.Option(
+            "--copy-unchanged",
+            help="With --fix --out: copy the images left as they are (upright, unsure, not turnable) too, byte for byte: a complete upright mirror.",
+        ),
+    ] = False,
+    min_confidence: Annotated[
+        float,
+        typer.Option(
+            "--min-confidence",
+            help="Turn only images predicted with at least this probability; the rest stay byte for byte as they were. The default keeps wrong turns rare: an image left sideways costs one manual turn, an upright photo turned wrong costs more.",
+        ),
+    ] = DEFAULT_MIN_CONFIDENCE,
     overwrite: OverwriteOpt = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass (with --tta each image adds its rotated copies).")] = 64,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size", "-b", help="Images per forward pass (with --tta each image adds its rotated copies)."
+        ),
+    ] = 64,
     workers: WorkersOpt = default_workers(),
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
@@ -107,13 +168,21 @@ def _render(result, config: PredictConfig) -> None:
     counts = ", ".join(f"{n} {action}" for action, n in result.counts().items())
     out_console.print(f"{counts}; confidence = probability of the predicted rotation", soft_wrap=True)
     if result.reports:
-        out_console.print(f"report: [bold]{escape(str(result.reports[0]))}[/] and {escape(result.reports[1].name)}", soft_wrap=True)
+        out_console.print(
+            f"report: [bold]{escape(str(result.reports[0]))}[/] and {escape(result.reports[1].name)}", soft_wrap=True
+        )
     fixed = [p for p in result.predictions if p.action == "fixed"]
     if config.in_place and fixed:
-        note(f"the originals of the {len(fixed)} turned image(s) are kept beside them as NAME{config.resolved_backup_suffix}")
+        note(
+            f"the originals of the {len(fixed)} turned image(s) are kept beside them as NAME{config.resolved_backup_suffix}"
+        )
     if any("re-encoded as JPEG" in p.note for p in fixed):
-        note("JPEGs were re-encoded (quality 95, EXIF and ICC profile kept); --jpeg lossless or orientation-tag leave "
-             "their pixels as they were; PNG and other lossless copies are exact (the report says so per image)")
+        note(
+            "JPEGs were re-encoded (quality 95, EXIF and ICC profile kept); --jpeg lossless or orientation-tag leave "
+            "their pixels as they were; PNG and other lossless copies are exact (the report says so per image)"
+        )
     not_fixed = [p for p in result.predictions if p.action == "not-fixed"]
     if not_fixed:
-        warn(f"{len(not_fixed)} rotated image(s) could not be turned, e.g. {display_path(not_fixed[0].path)}: {not_fixed[0].note}")
+        warn(
+            f"{len(not_fixed)} rotated image(s) could not be turned, e.g. {display_path(not_fixed[0].path)}: {not_fixed[0].note}"
+        )

@@ -14,8 +14,24 @@ from rich.table import Table
 from ..config import PretrainConfig, default_workers, format_rotations
 from ._common import (
     print_table,
-    BatchSizeOpt, ConfigOpt, DataDirOpt, DeviceOpt, DownloadOpt, ImgSizeOpt, JsonOpt, OverwriteOpt, PrecisionOpt,
-    SeedOpt, WorkersOpt, err_console, error_boundary, note, out_console, print_commands, print_json, warn_skipped,
+    BatchSizeOpt,
+    ConfigOpt,
+    DataDirOpt,
+    DeviceOpt,
+    DownloadOpt,
+    ImgSizeOpt,
+    JsonOpt,
+    OverwriteOpt,
+    PrecisionOpt,
+    SeedOpt,
+    WorkersOpt,
+    err_console,
+    error_boundary,
+    note,
+    out_console,
+    print_commands,
+    print_json,
+    warn_skipped,
 )
 from ._typer import help_panels
 from .progress import ProgressView
@@ -24,12 +40,31 @@ from .progress import ProgressView
 HELP_PANELS = {
     "Model": ("model", "rotations", "copies", "init"),
     "Data": ("data", "data_dir", "download", "val_split", "img_size", "augment", "workers", "cache", "strict_data"),
-    "Optimisation": ("epochs", "batch_size", "lr", "weight_decay", "decay_all_params", "momentum", "optimizer", "schedule",
-                     "milestones", "gamma", "warmup_epochs", "seed"),
+    "Optimisation": (
+        "epochs",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "decay_all_params",
+        "momentum",
+        "optimizer",
+        "schedule",
+        "milestones",
+        "gamma",
+        "warmup_epochs",
+        "seed",
+    ),
     "Device": ("device", "precision", "channels_last", "compile"),
     "Output": ("out", "overwrite", "resume_dir", "save_every", "log_every", "config_file", "json_out"),
-    "Watching a long run": ("logger", "eval_data", "eval_every", "eval_layers", "eval_heads", "keep_checkpoints",
-                            "best_metric"),
+    "Watching a long run": (
+        "logger",
+        "eval_data",
+        "eval_every",
+        "eval_layers",
+        "eval_heads",
+        "keep_checkpoints",
+        "best_metric",
+    ),
 }
 
 EXAMPLES = """
@@ -52,48 +87,151 @@ EXAMPLES = """
 def pretrain(
     ctx: typer.Context,
     model: Annotated[str, typer.Option("--model", "-m", help="Any timm model name (also timm/NAME).")] = "resnet18",
-    data: Annotated[str, typer.Option("--data", help="digits (built in), a folder of images (flat or class sub-folders; train/ + val/ used as such), or cifar10, cifar100, stl10, mnist, fashionmnist, svhn.")] = "digits",
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            help="digits (built in), a folder of images (flat or class sub-folders; train/ + val/ used as such), or cifar10, cifar100, stl10, mnist, fashionmnist, svhn.",
+        ),
+    ] = "digits",
     data_dir: DataDirOpt = None,
     download: DownloadOpt = False,
-    val_split: Annotated[float, typer.Option("--val-split", help="Share of images held out for validation rotation accuracy (seeded).")] = 0.1,
-    rotations: Annotated[str, typer.Option("--rotations", help="Angles in degrees, comma-separated; the label of a copy is its angle's index. Non-multiples of 90 are interpolated and disc-masked.")] = "0,90,180,270",
-    copies: Annotated[str, typer.Option("--copies", help="all: every rotated copy of each image in the batch (the paper); one: one sampled rotation per image.")] = "all",
+    val_split: Annotated[
+        float, typer.Option("--val-split", help="Share of images held out for validation rotation accuracy (seeded).")
+    ] = 0.1,
+    rotations: Annotated[
+        str,
+        typer.Option(
+            "--rotations",
+            help="Angles in degrees, comma-separated; the label of a copy is its angle's index. Non-multiples of 90 are interpolated and disc-masked.",
+        ),
+    ] = "0,90,180,270",
+    copies: Annotated[
+        str,
+        typer.Option(
+            "--copies",
+            help="all: every rotated copy of each image in the batch (the paper); one: one sampled rotation per image.",
+        ),
+    ] = "all",
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (the paper: 100).")] = 10,
     batch_size: BatchSizeOpt = 128,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default 0.1 for SGD as in the paper, 1e-3 for AdamW).")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay (default 5e-4 SGD, 0.05 AdamW).")] = None,
-    decay_all_params: Annotated[bool, typer.Option("--decay-all-params/--no-decay-all-params", help="Weight decay on norms and biases too (the official RotNet code); by default they are exempt, as in timm.")] = False,
+    lr: Annotated[
+        Optional[float],
+        typer.Option("--lr", help="Peak learning rate (default 0.1 for SGD as in the paper, 1e-3 for AdamW)."),
+    ] = None,
+    weight_decay: Annotated[
+        Optional[float], typer.Option("--weight-decay", help="Weight decay (default 5e-4 SGD, 0.05 AdamW).")
+    ] = None,
+    decay_all_params: Annotated[
+        bool,
+        typer.Option(
+            "--decay-all-params/--no-decay-all-params",
+            help="Weight decay on norms and biases too (the official RotNet code); by default they are exempt, as in timm.",
+        ),
+    ] = False,
     momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum (Nesterov).")] = 0.9,
     optimizer: Annotated[str, typer.Option("--optimizer", "--opt", help="sgd (Nesterov, the paper) or adamw.")] = "sgd",
-    schedule: Annotated[str, typer.Option("--schedule", "--sched", help="cosine, or step (with --milestones and --gamma).")] = "cosine",
-    milestones: Annotated[Optional[str], typer.Option("--milestones", help="Epochs where a step schedule multiplies the lr by --gamma, e.g. 30,60,80.")] = None,
+    schedule: Annotated[
+        str, typer.Option("--schedule", "--sched", help="cosine, or step (with --milestones and --gamma).")
+    ] = "cosine",
+    milestones: Annotated[
+        Optional[str],
+        typer.Option("--milestones", help="Epochs where a step schedule multiplies the lr by --gamma, e.g. 30,60,80."),
+    ] = None,
     gamma: Annotated[float, typer.Option("--gamma", help="lr factor at each milestone (the paper: 0.2).")] = 0.2,
     warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear lr warm-up, in epochs.")] = 0.0,
     img_size: ImgSizeOpt = None,
-    augment: Annotated[str, typer.Option("--augment", help="Before rotating: none, crop (random crop with padding), crop+flip (and horizontal flips, the paper's), or auto: none for grey images (digits, scans), crop+flip for colour ones.")] = "auto",
+    augment: Annotated[
+        str,
+        typer.Option(
+            "--augment",
+            help="Before rotating: none, crop (random crop with padding), crop+flip (and horizontal flips, the paper's), or auto: none for grey images (digits, scans), crop+flip for colour ones.",
+        ),
+    ] = "auto",
     no_augment: Annotated[bool, typer.Option("--no-augment", hidden=True, help="The same as --augment none.")] = False,
     workers: WorkersOpt = default_workers(),
     seed: SeedOpt = 0,
-    init: Annotated[Optional[str], typer.Option("--init", help="Start from these weights (a run, checkpoint, safetensors, export, timm:NAME); a new run.")] = None,
+    init: Annotated[
+        Optional[str],
+        typer.Option(
+            "--init", help="Start from these weights (a run, checkpoint, safetensors, export, timm:NAME); a new run."
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
-    channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="channels_last memory format (faster convs on GPU).")] = False,
+    channels_last: Annotated[
+        bool,
+        typer.Option("--channels-last/--no-channels-last", help="channels_last memory format (faster convs on GPU)."),
+    ] = False,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = False,
-    cache: Annotated[str, typer.Option("--cache", help="auto, none, ram or device: keep decoded uint8 images in memory / on the GPU.")] = "auto",
-    strict_data: Annotated[bool, typer.Option("--strict-data/--no-strict-data", help="Stop at the first unreadable image instead of skipping it.")] = False,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run directory (default runs/MODEL-DATE-TIME).")] = None,
+    cache: Annotated[
+        str,
+        typer.Option("--cache", help="auto, none, ram or device: keep decoded uint8 images in memory / on the GPU."),
+    ] = "auto",
+    strict_data: Annotated[
+        bool,
+        typer.Option(
+            "--strict-data/--no-strict-data", help="Stop at the first unreadable image instead of skipping it."
+        ),
+    ] = False,
+    out: Annotated[
+        Optional[str], typer.Option("--out", "-o", help="Run directory (default runs/MODEL-DATE-TIME).")
+    ] = None,
     overwrite: OverwriteOpt = False,
-    resume_dir: Annotated[Optional[str], typer.Option("--resume", help="Continue the run in this directory exactly where its checkpoint stopped.")] = None,
-    save_every: Annotated[int, typer.Option("--save-every", help="Also checkpoint every N steps (0: at the end of each epoch only).")] = 0,
-    log_every: Annotated[int, typer.Option("--log-every", help="Read loss/accuracy from the device every N steps (fewer host syncs).")] = 10,
+    resume_dir: Annotated[
+        Optional[str],
+        typer.Option("--resume", help="Continue the run in this directory exactly where its checkpoint stopped."),
+    ] = None,
+    save_every: Annotated[
+        int, typer.Option("--save-every", help="Also checkpoint every N steps (0: at the end of each epoch only).")
+    ] = 0,
+    log_every: Annotated[
+        int, typer.Option("--log-every", help="Read loss/accuracy from the device every N steps (fewer host syncs).")
+    ] = 10,
     max_steps_per_epoch: Annotated[Optional[int], typer.Option("--max-steps-per-epoch", hidden=True)] = None,
-    logger: Annotated[str, typer.Option("--logger", help="Where else the figures go, comma-separated: csv (logs/scalars.csv), tensorboard, wandb, mlflow (each an extra: pip install 'rotnet-cli\\[tensorboard]'), or none.")] = "csv",
-    eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="Labelled images (digits, a class folder, a torchvision name) on which the features' kNN accuracy is measured during training.")] = None,
-    eval_every: Annotated[str, typer.Option("--eval-every", help="Measure it every N epochs (and after the last); auto: as often as keeps it at about 3% of the training compute.")] = "auto",
-    eval_layers: Annotated[str, typer.Option("--eval-layers", help="Stages to measure, 1-based (negative from the last), e.g. 2,-1, or all.")] = "all",
-    eval_heads: Annotated[str, typer.Option("--eval-heads", help="knn, and/or linear (a quick linear probe: a few times the cost of knn).")] = "knn",
-    keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="Keep the weights of the last N epochs (RUN:epoch-E) besides the best one (RUN:best).")] = 0,
-    best_metric: Annotated[str, typer.Option("--best-metric", help="The epoch kept as RUN:best: knn, linear (the best stage; knn:3 for stage 3), val_rot_acc, val_loss, none, or auto (knn with --eval-data, else val_rot_acc with --keep-checkpoints).")] = "auto",
+    logger: Annotated[
+        str,
+        typer.Option(
+            "--logger",
+            help="Where else the figures go, comma-separated: csv (logs/scalars.csv), tensorboard, wandb, mlflow (each an extra: pip install 'rotnet-cli\\[tensorboard]'), or none.",
+        ),
+    ] = "csv",
+    eval_data: Annotated[
+        Optional[str],
+        typer.Option(
+            "--eval-data",
+            help="Labelled images (digits, a class folder, a torchvision name) on which the features' kNN accuracy is measured during training.",
+        ),
+    ] = None,
+    eval_every: Annotated[
+        str,
+        typer.Option(
+            "--eval-every",
+            help="Measure it every N epochs (and after the last); auto: as often as keeps it at about 3% of the training compute.",
+        ),
+    ] = "auto",
+    eval_layers: Annotated[
+        str,
+        typer.Option("--eval-layers", help="Stages to measure, 1-based (negative from the last), e.g. 2,-1, or all."),
+    ] = "all",
+    eval_heads: Annotated[
+        str,
+        typer.Option("--eval-heads", help="knn, and/or linear (a quick linear probe: a few times the cost of knn)."),
+    ] = "knn",
+    keep_checkpoints: Annotated[
+        int,
+        typer.Option(
+            "--keep-checkpoints",
+            help="Keep the weights of the last N epochs (RUN:epoch-E) besides the best one (RUN:best).",
+        ),
+    ] = 0,
+    best_metric: Annotated[
+        str,
+        typer.Option(
+            "--best-metric",
+            help="The epoch kept as RUN:best: knn, linear (the best stage; knn:3 for stage 3), val_rot_acc, val_loss, none, or auto (knn with --eval-data, else val_rot_acc with --keep-checkpoints).",
+        ),
+    ] = "auto",
     config_file: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -201,30 +339,47 @@ def _render_summary(result, config: PretrainConfig) -> None:
     for row in shown:
         evaluated = row.get("eval") or {}
         table.add_row(
-            str(row["epoch"]), _fmt(row["loss"]), _fmt(row["rot_acc"], True), _fmt(row["val_loss"]),
-            _fmt(row["val_rot_acc"], True), f"{row['images_per_s']:.0f}",
+            str(row["epoch"]),
+            _fmt(row["loss"]),
+            _fmt(row["rot_acc"], True),
+            _fmt(row["val_loss"]),
+            _fmt(row["val_rot_acc"], True),
+            f"{row['images_per_s']:.0f}",
             *(_best_stage(evaluated.get(head)) for head in heads),
         )
     print_table(table)
     if len(shown) < len(result.history):
-        out_console.print(f"the last {len(shown)} of {len(result.history)} epochs; all of them: {result.out_dir / METRICS}",
-                          markup=False, soft_wrap=True)
+        out_console.print(
+            f"the last {len(shown)} of {len(result.history)} epochs; all of them: {result.out_dir / METRICS}",
+            markup=False,
+            soft_wrap=True,
+        )
     if result.val_rot_acc_per_rotation:
         per = "  ".join(f"{angle}°: {100 * acc:.1f}%" for angle, acc in result.val_rot_acc_per_rotation.items())
-        out_console.print(f"validation accuracy per rotation ({format_rotations(config.rotations)}): {per}", soft_wrap=True)
+        out_console.print(
+            f"validation accuracy per rotation ({format_rotations(config.rotations)}): {per}", soft_wrap=True
+        )
     if final.get("val_rot_acc") is None:
         note("no validation split (--val-split 0); accuracy above is on training images")
     out_console.print(f"run directory: [bold]{escape(str(result.out_dir))}[/]", soft_wrap=True)
     if result.best:  # --best-metric: the epoch worth probing
         best = result.best
         value = f"{best['value']:.4f}" if best["metric"] == "val_loss" else f"{100 * best['value']:.2f}%"
-        out_console.print(f"best epoch {best['epoch']} by {best['metric']} ({value}): {best['weights']}",
-                          markup=False, soft_wrap=True)
+        out_console.print(
+            f"best epoch {best['epoch']} by {best['metric']} ({value}): {best['weights']}", markup=False, soft_wrap=True
+        )
     run = shlex.quote(str(result.out_dir))
     # The probe needs labels: digits have them, a folder only with class sub-folders.
-    data = "" if config.data == "digits" else f" --data {shlex.quote(config.data) if result.labelled else 'LABELLED_FOLDER'}"
+    data = (
+        ""
+        if config.data == "digits"
+        else f" --data {shlex.quote(config.data) if result.labelled else 'LABELLED_FOLDER'}"
+    )
     labels_note = "" if result.labelled else " (on labelled images: a folder of class sub-folders)"
-    print_commands(f"next: its features at every stage against random weights{labels_note}, then the backbone for timm:", [
-        f"rotnet probe {run}{data} --compare random",
-        f"rotnet export {run} --out {shlex.quote(str(result.out_dir / 'export'))}",
-    ])
+    print_commands(
+        f"next: its features at every stage against random weights{labels_note}, then the backbone for timm:",
+        [
+            f"rotnet probe {run}{data} --compare random",
+            f"rotnet export {run} --out {shlex.quote(str(result.out_dir / 'export'))}",
+        ],
+    )

@@ -12,8 +12,19 @@ from ..config import ProbeConfig, default_workers
 from ..errors import OutputError
 from ._common import (
     print_table,
-    DataDirOpt, DeviceOpt, DownloadOpt, JsonOpt, PrecisionOpt, SeedOpt, WeightsArg, WorkersOpt,
-    err_console, error_boundary, out_console, print_json, warn_skipped,
+    DataDirOpt,
+    DeviceOpt,
+    DownloadOpt,
+    JsonOpt,
+    PrecisionOpt,
+    SeedOpt,
+    WeightsArg,
+    WorkersOpt,
+    err_console,
+    error_boundary,
+    out_console,
+    print_json,
+    warn_skipped,
 )
 from .progress import ProgressView
 
@@ -32,30 +43,127 @@ EXAMPLES = """
 def probe(
     ctx: typer.Context,
     weights: WeightsArg,
-    data: Annotated[str, typer.Option("--data", help="Labelled data: digits (built in), a folder of class sub-folders (train/ + val/ used as such), or cifar10, cifar100, stl10, mnist, fashionmnist, svhn.")] = "digits",
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            help="Labelled data: digits (built in), a folder of class sub-folders (train/ + val/ used as such), or cifar10, cifar100, stl10, mnist, fashionmnist, svhn.",
+        ),
+    ] = "digits",
     data_dir: DataDirOpt = None,
     download: DownloadOpt = False,
-    val_data: Annotated[Optional[str], typer.Option("--val-data", help="Labelled validation data (same classes); default: the dataset's own split, else --val-split.")] = None,
-    val_split: Annotated[float, typer.Option("--val-split", help="Share of the labelled images held out for validation (stratified, seeded).")] = 0.2,
-    layers: Annotated[str, typer.Option("--layers", help="Stages to probe: all, or 1-based indices such as 1,2,-1 (negative: from the last).")] = "all",
-    heads: Annotated[str, typer.Option("--head", help="Comma list of linear (BN + linear on pooled features), mlp (2x200 hidden, BN + ReLU), knn (cosine k-NN vote), conv (NIN block + linear on spatial maps).")] = "linear,knn",
-    pool: Annotated[str, typer.Option("--pool", help="How the mlp head sees a stage: avg or max (global pooling) or flatten (every position).")] = "avg",
-    recipe: Annotated[str, typer.Option("--recipe", help="quick: features extracted once, AdamW, cosine, 100 epochs, batch 256. paper: the official code's classifier training (features of cropped+flipped images recomputed every batch, SGD Nesterov lr 0.1, weight decay 5e-4, lr/5 steps, mlp 50 / conv 100 epochs, batch 128, fp32, best and last epoch).")] = "quick",
-    features: Annotated[Optional[str], typer.Option("--features", help="cached (extracted once: fast) or augmented (recomputed every batch from cropped+flipped images: epochs x one forward pass); default: the recipe's.")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Training epochs of every head (default: the recipe's; a step schedule keeps its steps at the same share of the run).")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate of the heads (default: the recipe's: quick 1e-2 linear, 1e-3 mlp and conv; paper 0.1).")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay of the heads, on every parameter (default: the recipe's, 5e-4).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per batch, for extracting features and for training the heads (default: the recipe's, 256 quick, 128 paper).")] = None,
-    labels_per_class: Annotated[Optional[int], typer.Option("--labels-per-class", help="Keep only K labelled training images per class (seeded); the paper's semi-supervised study.")] = None,
+    val_data: Annotated[
+        Optional[str],
+        typer.Option(
+            "--val-data",
+            help="Labelled validation data (same classes); default: the dataset's own split, else --val-split.",
+        ),
+    ] = None,
+    val_split: Annotated[
+        float,
+        typer.Option("--val-split", help="Share of the labelled images held out for validation (stratified, seeded)."),
+    ] = 0.2,
+    layers: Annotated[
+        str,
+        typer.Option(
+            "--layers", help="Stages to probe: all, or 1-based indices such as 1,2,-1 (negative: from the last)."
+        ),
+    ] = "all",
+    heads: Annotated[
+        str,
+        typer.Option(
+            "--head",
+            help="Comma list of linear (BN + linear on pooled features), mlp (2x200 hidden, BN + ReLU), knn (cosine k-NN vote), conv (NIN block + linear on spatial maps).",
+        ),
+    ] = "linear,knn",
+    pool: Annotated[
+        str,
+        typer.Option(
+            "--pool", help="How the mlp head sees a stage: avg or max (global pooling) or flatten (every position)."
+        ),
+    ] = "avg",
+    recipe: Annotated[
+        str,
+        typer.Option(
+            "--recipe",
+            help="quick: features extracted once, AdamW, cosine, 100 epochs, batch 256. paper: the official code's classifier training (features of cropped+flipped images recomputed every batch, SGD Nesterov lr 0.1, weight decay 5e-4, lr/5 steps, mlp 50 / conv 100 epochs, batch 128, fp32, best and last epoch).",
+        ),
+    ] = "quick",
+    features: Annotated[
+        Optional[str],
+        typer.Option(
+            "--features",
+            help="cached (extracted once: fast) or augmented (recomputed every batch from cropped+flipped images: epochs x one forward pass); default: the recipe's.",
+        ),
+    ] = None,
+    epochs: Annotated[
+        Optional[int],
+        typer.Option(
+            "--epochs",
+            help="Training epochs of every head (default: the recipe's; a step schedule keeps its steps at the same share of the run).",
+        ),
+    ] = None,
+    lr: Annotated[
+        Optional[float],
+        typer.Option(
+            "--lr",
+            help="Learning rate of the heads (default: the recipe's: quick 1e-2 linear, 1e-3 mlp and conv; paper 0.1).",
+        ),
+    ] = None,
+    weight_decay: Annotated[
+        Optional[float],
+        typer.Option(
+            "--weight-decay", help="Weight decay of the heads, on every parameter (default: the recipe's, 5e-4)."
+        ),
+    ] = None,
+    batch_size: Annotated[
+        Optional[int],
+        typer.Option(
+            "--batch-size",
+            "-b",
+            help="Images per batch, for extracting features and for training the heads (default: the recipe's, 256 quick, 128 paper).",
+        ),
+    ] = None,
+    labels_per_class: Annotated[
+        Optional[int],
+        typer.Option(
+            "--labels-per-class",
+            help="Keep only K labelled training images per class (seeded); the paper's semi-supervised study.",
+        ),
+    ] = None,
     knn_k: Annotated[int, typer.Option("--knn-k", help="Neighbours that vote in the knn head.")] = 20,
-    compare: Annotated[Optional[str], typer.Option("--compare", help="Baseline rows: random (the same architecture, random weights) and/or other weights, e.g. timm:resnet18; comma list.")] = None,
-    img_size: Annotated[Optional[int], typer.Option("--img-size", help="Input size in pixels for timm:NAME and random:NAME weights (default: the model's own); saved weights are probed at the size they were trained at.")] = None,
+    compare: Annotated[
+        Optional[str],
+        typer.Option(
+            "--compare",
+            help="Baseline rows: random (the same architecture, random weights) and/or other weights, e.g. timm:resnet18; comma list.",
+        ),
+    ] = None,
+    img_size: Annotated[
+        Optional[int],
+        typer.Option(
+            "--img-size",
+            help="Input size in pixels for timm:NAME and random:NAME weights (default: the model's own); saved weights are probed at the size they were trained at.",
+        ),
+    ] = None,
     workers: WorkersOpt = default_workers(),
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
-    save: Annotated[bool, typer.Option("--save/--no-save", help="Keep the result in the run directory's probe.json (one result per setting) when WEIGHTS is one.")] = True,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a result with the same settings in probe.json (results of other settings are always kept).")] = False,
+    save: Annotated[
+        bool,
+        typer.Option(
+            "--save/--no-save",
+            help="Keep the result in the run directory's probe.json (one result per setting) when WEIGHTS is one.",
+        ),
+    ] = True,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace a result with the same settings in probe.json (results of other settings are always kept).",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Measure frozen features: a classifier per stage and head, top-1 on held-out labelled images."""
@@ -71,7 +179,9 @@ def probe(
     else:
         _render(result)
     if result.save_error:  # shown after the results, which are complete: only saving them failed
-        raise OutputError(f"probe.json was not saved: {result.save_error} (the results above are complete; --json prints them to keep)")
+        raise OutputError(
+            f"probe.json was not saved: {result.save_error} (the results above are complete; --json prints them to keep)"
+        )
 
 
 # How to read a probe against random weights (README, "Where rotation features help"): the
@@ -94,7 +204,8 @@ def against_baselines(result) -> list[str]:
             continue
         stages = ", ".join(str(ours.stage) for ours, _ in rows)
         per_head = "; ".join(
-            f"{head} " + " / ".join(f"{100 * (ours.accuracy[head] - theirs.accuracy[head]):+.1f}" for ours, theirs in rows)
+            f"{head} "
+            + " / ".join(f"{100 * (ours.accuracy[head] - theirs.accuracy[head]):+.1f}" for ours, theirs in rows)
             for head in result.heads
         )
         lines.append(f"against {baseline}, points per stage ({stages}): {per_head}")
@@ -105,7 +216,7 @@ def _render(result) -> None:
     best = result.best()
     table = Table(
         title=f"Frozen-feature probe: {result.model} on {escape(result.data)} ({result.num_classes} classes, "
-              f"{result.train_images} train / {result.val_images} val, top-1, recipe {result.recipe})",
+        f"{result.train_images} train / {result.val_images} val, top-1, recipe {result.recipe})",
         title_justify="left",
     )
     table.add_column("weights")
@@ -140,13 +251,19 @@ def _render(result) -> None:
     for line in against_baselines(result):
         out_console.print(escape(line), soft_wrap=True)
     if any(row.weights == "random" for row in result.rows):
-        out_console.print(f"[dim]{escape(WHY_RANDOM_IS_STRONG)}{'' if result.labels_per_class else ' (--labels-per-class 10)'}[/]",
-                          soft_wrap=True)
+        out_console.print(
+            f"[dim]{escape(WHY_RANDOM_IS_STRONG)}{'' if result.labels_per_class else ' (--labels-per-class 10)'}[/]",
+            soft_wrap=True,
+        )
     if result.reports_best and result.epochs:
-        out_console.print("[dim]head columns: the last epoch; 'best (epoch)': the best epoch, chosen on the validation "
-                          "images themselves as the official code does (optimistic)[/]")
+        out_console.print(
+            "[dim]head columns: the last epoch; 'best (epoch)': the best epoch, chosen on the validation "
+            "images themselves as the official code does (optimistic)[/]"
+        )
     seconds = result.extract_seconds + sum(result.train_seconds.values())
-    out_console.print(f"[dim]features {result.extract_seconds:.1f}s, heads {sum(result.train_seconds.values()):.1f}s, "
-                      f"total {seconds:.1f}s on {escape(result.device)}[/]")
+    out_console.print(
+        f"[dim]features {result.extract_seconds:.1f}s, heads {sum(result.train_seconds.values()):.1f}s, "
+        f"total {seconds:.1f}s on {escape(result.device)}[/]"
+    )
     if result.saved_to:
         out_console.print(f"saved: {escape(str(result.saved_to))}")

@@ -22,8 +22,20 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..events import (
-    Decoding, DeviceChosen, EpochEnded, EpochStarted, Event, FeaturesEvaluated, Message, Phase, Resumed, RunStarted,
-    StepDone, StepFinished, TaskProgress, WarningMessage,
+    Decoding,
+    DeviceChosen,
+    EpochEnded,
+    EpochStarted,
+    Event,
+    FeaturesEvaluated,
+    Message,
+    Phase,
+    Resumed,
+    RunStarted,
+    StepDone,
+    StepFinished,
+    TaskProgress,
+    WarningMessage,
 )
 
 LINE_INTERVAL = 30.0  # seconds: piped output shows progress at least this often while steps finish
@@ -99,8 +111,13 @@ class StepClock:
 
 
 class ProgressView:
-    def __init__(self, console: Console, title: str = "", interval: float = LINE_INTERVAL,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        console: Console,
+        title: str = "",
+        interval: float = LINE_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.console = console
         self.title = title
         self.live = console.is_terminal
@@ -146,8 +163,16 @@ class ProgressView:
         """Piped output: has a line been owed for ``interval`` seconds?"""
         return not self.live and self.clock() - self.last_line_at >= self.interval
 
-    def _bar(self, key: str, description: str, done: int, total: int | None, count: str = "", stats: str = "",
-             eta: str | None = None) -> None:
+    def _bar(
+        self,
+        key: str,
+        description: str,
+        done: int,
+        total: int | None,
+        count: str = "",
+        stats: str = "",
+        eta: str | None = None,
+    ) -> None:
         if self.progress is None:
             return
         if eta is None:
@@ -224,8 +249,13 @@ class ProgressView:
                     self._line(f"epoch {event.epoch} {head} accuracy by stage  {stages}  ({event.seconds:.1f}s)")
             case TaskProgress():
                 if self.progress is not None:
-                    self._bar(event.task, escape(event.description), event.done, event.total,
-                              count=f"{event.done}/{event.total}")
+                    self._bar(
+                        event.task,
+                        escape(event.description),
+                        event.done,
+                        event.total,
+                        count=f"{event.done}/{event.total}",
+                    )
                 elif event.done == event.total or self._due():
                     self._line(f"{escape(event.description)}: {event.done}/{event.total}")
 
@@ -260,20 +290,34 @@ class ProgressView:
             self._remove("decode")
             self._line(f"decoded {event.total} images in {duration(seconds)}")
         elif self.progress is not None:
-            self._bar("decode", "decoding images", event.done, event.total, count=f"{event.done}/{event.total}",
-                      eta=self._eta_text(eta))
+            self._bar(
+                "decode",
+                "decoding images",
+                event.done,
+                event.total,
+                count=f"{event.done}/{event.total}",
+                eta=self._eta_text(eta),
+            )
         elif not started:
             self._line(f"decoding {event.total} images into memory")
         elif self._due():
-            self._line(f"decoding: {event.done}/{event.total} images" + ("" if eta is None else f", {duration(eta)} left"))
+            self._line(
+                f"decoding: {event.done}/{event.total} images" + ("" if eta is None else f", {duration(eta)} left")
+            )
 
     def _epoch_started(self, event: EpochStarted) -> None:
         self.steps.epoch_started()
         self.stats = ""
         first = self.steps.session_steps == 0
         eta = "timing the first step" if first else self._eta_text(self.steps.eta(event.steps - event.step))
-        self._bar("epoch", f"epoch {event.epoch}/{event.epochs}", event.step, event.steps,
-                  count=f"{event.step}/{event.steps}", eta=eta)
+        self._bar(
+            "epoch",
+            f"epoch {event.epoch}/{event.epochs}",
+            event.step,
+            event.steps,
+            count=f"{event.step}/{event.steps}",
+            eta=eta,
+        )
         if first and self.progress is None:
             self._line(f"epoch {event.epoch}/{event.epochs}: first step (it also warms up: memory, loader workers)")
 
@@ -282,11 +326,24 @@ class ProgressView:
         epoch_eta = self.steps.eta(event.steps - event.step)
         run_eta = self.steps.run_eta()
         if self.progress is not None:
-            self._bar("epoch", f"epoch {event.epoch}/{self.epochs}", event.step, event.steps,
-                      count=f"{event.step}/{event.steps}", stats=self.stats, eta=self._eta_text(epoch_eta))
+            self._bar(
+                "epoch",
+                f"epoch {event.epoch}/{self.epochs}",
+                event.step,
+                event.steps,
+                count=f"{event.step}/{event.steps}",
+                stats=self.stats,
+                eta=self._eta_text(epoch_eta),
+            )
             if "run" in self.tasks:
-                self._bar("run", "run", self.steps.done, self.steps.total,
-                          count=f"{self.steps.done}/{self.steps.total} steps", eta=self._eta_text(run_eta))
+                self._bar(
+                    "run",
+                    "run",
+                    self.steps.done,
+                    self.steps.total,
+                    count=f"{self.steps.done}/{self.steps.total} steps",
+                    eta=self._eta_text(run_eta),
+                )
         if self.steps.session_steps == 2 and self.steps.done < self.steps.total:
             self._line(self._estimate_text())
         elif self._due():

@@ -9,7 +9,20 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import ReproduceConfig, default_workers
-from ._common import DataDirOpt, DeviceOpt, DownloadOpt, JsonOpt, PrecisionOpt, SeedOpt, WorkersOpt, err_console, error_boundary, out_console, print_json, print_table
+from ._common import (
+    DataDirOpt,
+    DeviceOpt,
+    DownloadOpt,
+    JsonOpt,
+    PrecisionOpt,
+    SeedOpt,
+    WorkersOpt,
+    err_console,
+    error_boundary,
+    out_console,
+    print_json,
+    print_table,
+)
 from .progress import ProgressView
 
 EXAMPLES = """
@@ -24,13 +37,34 @@ EXAMPLES = """
 @error_boundary
 def reproduce(
     ctx: typer.Context,
-    recipe: Annotated[str, typer.Argument(help="The experiment set: paper-cifar10 (Gidaris et al. 2018, Tables 1-3, NIN on CIFAR-10).")] = "paper-cifar10",
+    recipe: Annotated[
+        str,
+        typer.Argument(help="The experiment set: paper-cifar10 (Gidaris et al. 2018, Tables 1-3, NIN on CIFAR-10)."),
+    ] = "paper-cifar10",
     data: Annotated[str, typer.Option("--data", help="The dataset (the paper: cifar10).")] = "cifar10",
     data_dir: DataDirOpt = None,
     download: DownloadOpt = False,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Folder for the runs (default runs/paper-cifar10, or runs/paper-cifar10-smoke); a rerun reuses finished runs and resumes stopped ones of the same settings.")] = None,
-    schedule: Annotated[str, typer.Option("--schedule", help="RotNet pretraining: paper (100 epochs, lr/5 after 30, 60, 80: the paper's text) or official (200 epochs, lr/5 after 60, 120, 160: the released code's config).")] = "paper",
-    smoke: Annotated[bool, typer.Option("--smoke", help="Run every step on the built-in digits for a few steps (checks the recipe, not the paper).")] = False,
+    out: Annotated[
+        Optional[str],
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for the runs (default runs/paper-cifar10, or runs/paper-cifar10-smoke); a rerun reuses finished runs and resumes stopped ones of the same settings.",
+        ),
+    ] = None,
+    schedule: Annotated[
+        str,
+        typer.Option(
+            "--schedule",
+            help="RotNet pretraining: paper (100 epochs, lr/5 after 30, 60, 80: the paper's text) or official (200 epochs, lr/5 after 60, 120, 160: the released code's config).",
+        ),
+    ] = "paper",
+    smoke: Annotated[
+        bool,
+        typer.Option(
+            "--smoke", help="Run every step on the built-in digits for a few steps (checks the recipe, not the paper)."
+        ),
+    ] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
     workers: WorkersOpt = default_workers(),
@@ -47,17 +81,28 @@ def reproduce(
         print_json(result.to_dict())
         return
     # escaped: rich would take the bracketed smoke note for a style tag and drop it
-    title = (f"Gidaris et al. 2018 on CIFAR-10: ours vs the paper (top-1 %, --schedule {result.schedule})"
-             + (escape("  [smoke mode: digits, a few steps]") if smoke else ""))
+    title = f"Gidaris et al. 2018 on CIFAR-10: ours vs the paper (top-1 %, --schedule {result.schedule})" + (
+        escape("  [smoke mode: digits, a few steps]") if smoke else ""
+    )
     table = Table(title=title, title_justify="left")
     numbers = ("ours (last)", "ours (best, epoch)", "paper", "last - paper")
     for column in ("table", "experiment", "block", "classifier", *numbers):
         table.add_column(column, justify="right" if column in ("block", *numbers) else "left")
     for row in result.rows:
         best = f"{row.best:.2f}" + (f" ({row.best_epoch})" if row.best_epoch else "")
-        table.add_row(row.table, row.experiment, "-" if row.stage is None else str(row.stage), row.head, f"{row.ours:.2f}",
-                      best, f"{row.paper:.2f}", f"{row.ours - row.paper:+.2f}")
+        table.add_row(
+            row.table,
+            row.experiment,
+            "-" if row.stage is None else str(row.stage),
+            row.head,
+            f"{row.ours:.2f}",
+            best,
+            f"{row.paper:.2f}",
+            f"{row.ours - row.paper:+.2f}",
+        )
     print_table(table)
-    out_console.print("[dim]last: the final epoch (honest); best: the best epoch on the test set itself, what the "
-                      "official code keeps and the paper reports[/]")
+    out_console.print(
+        "[dim]last: the final epoch (honest); best: the best epoch on the test set itself, what the "
+        "official code keeps and the paper reports[/]"
+    )
     out_console.print(f"runs: {escape(str(result.out_dir))}")

@@ -9,7 +9,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import AttentionConfig, CurvesConfig, FiltersConfig, counted
-from ._common import DeviceOpt, JsonOpt, OverwriteOpt, WeightsArg, err_console, error_boundary, out_console, print_json, print_table, warn
+from ._common import (
+    DeviceOpt,
+    JsonOpt,
+    OverwriteOpt,
+    WeightsArg,
+    err_console,
+    error_boundary,
+    out_console,
+    print_json,
+    print_table,
+    warn,
+)
 from ._typer import RotnetCommand, RotnetGroup, show_help_when_bare
 from .progress import ProgressView
 
@@ -25,6 +36,7 @@ viz_app = typer.Typer(
 @viz_app.callback()
 def _viz(ctx: typer.Context) -> None:
     show_help_when_bare(ctx)
+
 
 FILTERS_EXAMPLES = """
 [b]Examples[/b]
@@ -53,10 +65,26 @@ CURVES_EXAMPLES = """
 @error_boundary
 def filters(
     ctx: typer.Context,
-    weights: Annotated[List[str], typer.Argument(help="One or more weights (run directory, checkpoint.pt, .safetensors, export, timm:NAME, random:NAME); several are drawn side by side.", show_default=False)],
-    out: Annotated[str, typer.Option("--out", "-o", help="PNG file to write (an existing one only with --overwrite).")] = "filters.png",
-    labels: Annotated[Optional[List[str]], typer.Option("--label", help="Text above a panel, once per weights in order (default: the weights as given).")] = None,
-    scale: Annotated[Optional[int], typer.Option("--scale", help="Enlarge every filter pixel to SCALE x SCALE pixels (default: tiles of about 32 px).")] = None,
+    weights: Annotated[
+        List[str],
+        typer.Argument(
+            help="One or more weights (run directory, checkpoint.pt, .safetensors, export, timm:NAME, random:NAME); several are drawn side by side.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="PNG file to write (an existing one only with --overwrite).")
+    ] = "filters.png",
+    labels: Annotated[
+        Optional[List[str]],
+        typer.Option("--label", help="Text above a panel, once per weights in order (default: the weights as given)."),
+    ] = None,
+    scale: Annotated[
+        Optional[int],
+        typer.Option(
+            "--scale", help="Enlarge every filter pixel to SCALE x SCALE pixels (default: tiles of about 32 px)."
+        ),
+    ] = None,
     cols: Annotated[Optional[int], typer.Option("--cols", help="Filters per row (default: a square-ish grid).")] = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
@@ -75,7 +103,9 @@ def filters(
             f"{escape(panel.label)}: {panel.num_filters} filters of {panel.model}.{panel.layer} "
             f"({panel.in_channels} x {kernel}, scale {panel.scale})"
         )
-    out_console.print(f"wrote [bold]{escape(str(result.out))}[/] ({result.width}x{result.height} px, {result.num_filters} filters)")
+    out_console.print(
+        f"wrote [bold]{escape(str(result.out))}[/] ({result.width}x{result.height} px, {result.num_filters} filters)"
+    )
 
 
 @viz_app.command(cls=RotnetCommand, epilog=ATTENTION_EXAMPLES)
@@ -83,16 +113,47 @@ def filters(
 def attention(
     ctx: typer.Context,
     weights: WeightsArg,
-    images: Annotated[List[str], typer.Argument(help="Image files and/or folders of images (searched recursively).", show_default=False)],
-    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the PNGs, one per image (made if missing; one that is not empty only with --overwrite).")] = "attention",
-    layers: Annotated[str, typer.Option("--layers", help="Stages to draw, 1-based (negative from the last), e.g. 1,2,3, or all.")] = "all",
-    power: Annotated[str, typer.Option("--power", help="p in sum over channels of |activation|^p; auto: 1, 2, 4 for early, middle, late stages (the paper).")] = "auto",
-    rotations: Annotated[Optional[str], typer.Option("--rotations", help="Angles for the rows (default: the model's rotation set, else 0,90,180,270).")] = None,
-    align: Annotated[bool, typer.Option("--align", help="Turn every rotated copy and its maps back upright, so the rows can be compared.")] = False,
-    img_size: Annotated[Optional[int], typer.Option("--img-size", help="Input size in pixels (default: the size the weights were trained at).")] = None,
-    scale: Annotated[Optional[int], typer.Option("--scale", help="Enlarge tiles SCALE times (default: to at least 128 px).")] = None,
+    images: Annotated[
+        List[str],
+        typer.Argument(help="Image files and/or folders of images (searched recursively).", show_default=False),
+    ],
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for the PNGs, one per image (made if missing; one that is not empty only with --overwrite).",
+        ),
+    ] = "attention",
+    layers: Annotated[
+        str, typer.Option("--layers", help="Stages to draw, 1-based (negative from the last), e.g. 1,2,3, or all.")
+    ] = "all",
+    power: Annotated[
+        str,
+        typer.Option(
+            "--power",
+            help="p in sum over channels of |activation|^p; auto: 1, 2, 4 for early, middle, late stages (the paper).",
+        ),
+    ] = "auto",
+    rotations: Annotated[
+        Optional[str],
+        typer.Option("--rotations", help="Angles for the rows (default: the model's rotation set, else 0,90,180,270)."),
+    ] = None,
+    align: Annotated[
+        bool,
+        typer.Option("--align", help="Turn every rotated copy and its maps back upright, so the rows can be compared."),
+    ] = False,
+    img_size: Annotated[
+        Optional[int],
+        typer.Option("--img-size", help="Input size in pixels (default: the size the weights were trained at)."),
+    ] = None,
+    scale: Annotated[
+        Optional[int], typer.Option("--scale", help="Enlarge tiles SCALE times (default: to at least 128 px).")
+    ] = None,
     cmap: Annotated[str, typer.Option("--cmap", help="Colour map of the attention: jet or inferno.")] = "jet",
-    alpha: Annotated[float, typer.Option("--alpha", help="Opacity of the attention colours over the image, 0..1.")] = 0.5,
+    alpha: Annotated[
+        float, typer.Option("--alpha", help="Opacity of the attention colours over the image, 0..1.")
+    ] = 0.5,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
@@ -127,8 +188,12 @@ def attention(
 @error_boundary
 def curves(
     ctx: typer.Context,
-    run: Annotated[str, typer.Argument(help="A run directory made by rotnet pretrain (or its metrics.jsonl).", show_default=False)],
-    out: Annotated[str, typer.Option("--out", "-o", help="PNG file to write (an existing one only with --overwrite).")] = "curves.png",
+    run: Annotated[
+        str, typer.Argument(help="A run directory made by rotnet pretrain (or its metrics.jsonl).", show_default=False)
+    ],
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="PNG file to write (an existing one only with --overwrite).")
+    ] = "curves.png",
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
