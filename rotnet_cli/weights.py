@@ -119,6 +119,11 @@ def kept_checkpoint_path(spec: str) -> Path | None:
     if not sep or not name or not (run_path / rundir.CONFIG).is_file():
         return None
     kept = rundir.kept_checkpoint(run_path, name)
+    if not kept.is_file() and rundir.folder_kind(run_path) == "export":
+        raise WeightsError(  # an export holds one set of weights: kept checkpoints stay in the run it came from
+            f"{run} is an export, which keeps no checkpoints; give the export itself ({run}), or the run it came "
+            f"from as RUN:{name}"
+        )
     if not kept.is_file():
         names = rundir.kept_checkpoint_names(run_path)
         have = f"it keeps {', '.join(f'{run}:{n}' for n in names)}" if names else "it keeps none"

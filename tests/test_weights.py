@@ -178,3 +178,13 @@ def test_a_run_of_an_early_development_build_is_named_as_such(run_dir, tmp_path)
     save_file(tensors, str(path), metadata={k: v for k, v in meta.items() if k != "rotnet_format"})  # before the marker
     message = refusal(path)
     assert "early development build of rotnet" in message and "pretrain (or export) it again" in message
+
+
+def test_a_kept_checkpoint_asked_of_an_export_names_the_run_it_came_from(run_dir, tmp_path):
+    from rotnet_cli import ExportConfig, export
+
+    out = tmp_path / "exported"
+    export(ExportConfig(weights=str(run_dir), out=str(out)))
+    message = refusal(f"{out}:best")
+    assert "is an export, which keeps no checkpoints" in message and "RUN:best" in message
+    assert "--keep-checkpoints" not in message  # advice for a run, not for an export
