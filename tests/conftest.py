@@ -132,3 +132,17 @@ def _bugs_fail_tests(request, monkeypatch):
 def expect_bug(_bugs_fail_tests) -> list[Exception]:
     """The unexpected exceptions the CLI reported in this test (they do not fail it)."""
     return _bugs_fail_tests
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """Each test starts with the interpreter's own SIGINT/SIGTERM handlers and leaves them so: a command run
+    in-process (CliRunner) installs its Ctrl-C handler, and one left behind turns a later test's Ctrl-C into
+    a stop request instead of a KeyboardInterrupt."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
