@@ -263,6 +263,10 @@ DataDirOpt = Annotated[
 DownloadOpt = Annotated[
     bool, typer.Option("--download/--no-download", help="Allow downloading a torchvision dataset (needs internet).")
 ]
+StrictDataOpt = Annotated[
+    bool,
+    typer.Option("--strict-data/--no-strict-data", help="Stop at the first unreadable image instead of skipping it."),
+]
 OverwriteOpt = Annotated[
     bool,
     typer.Option(

@@ -11,6 +11,7 @@ from rich.table import Table
 from ..config import EmbeddingMapConfig, EmbedConfig, NeighboursConfig, default_workers
 from ._common import (
     print_table,
+    StrictDataOpt,
     DataDirOpt,
     DeviceOpt,
     DownloadOpt,
@@ -103,9 +104,7 @@ def embed(
     workers: WorkersOpt = default_workers(),
     data_dir: DataDirOpt = None,
     download: DownloadOpt = False,
-    strict_data: Annotated[
-        bool, typer.Option("--strict-data", help="Stop at the first unreadable image instead of skipping it.")
-    ] = False,
+    strict_data: StrictDataOpt = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     overwrite: OverwriteOpt = False,

@@ -14,6 +14,7 @@ from rich.table import Table
 from ..config import PretrainConfig, default_workers, format_rotations
 from ._common import (
     print_table,
+    StrictDataOpt,
     BatchSizeOpt,
     ConfigOpt,
     DataDirOpt,
@@ -168,12 +169,7 @@ def pretrain(
         str,
         typer.Option("--cache", help="auto, none, ram or device: keep decoded uint8 images in memory / on the GPU."),
     ] = "auto",
-    strict_data: Annotated[
-        bool,
-        typer.Option(
-            "--strict-data/--no-strict-data", help="Stop at the first unreadable image instead of skipping it."
-        ),
-    ] = False,
+    strict_data: StrictDataOpt = False,
     out: Annotated[
         Optional[str], typer.Option("--out", "-o", help="Run directory (default runs/MODEL-DATE-TIME).")
     ] = None,
