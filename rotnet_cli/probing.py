@@ -597,34 +597,67 @@ class StackedLinear(nn.Module):
     """R independent linear layers applied at once: (B, D_1 + ... + D_R) -> (B, R, K).
 
     Row r reads its own ``in_dims[r]`` columns of the input (the rows' features side by side,
-    as the cache's pooled views hold them). One matmul per row: on a CPU about 3x faster than
-    batching rows of equal width with einsum over zero-padded inputs, whose permuted copies
-    cost more than the small matmuls themselves (resnet18's 5 stages x 2 backbones, 256 images,
-    10 classes, 1 thread: 13 vs 35 ms per step). Each row is initialised like its own
-    ``nn.Linear(in_dims[r], K)``.
+    as the cache's pooled views hold them) and is initialised like its own ``nn.Linear(in_dims[r], K)``.
+    The weights are one (R, D_max, K) parameter: row r's (D_r, K) block (the transpose of its
+    Linear's weight) in ``weight[r, :D_r]``. The entries past D_r are inert: no input ever
+    reaches them (the batched path pads the input with zeros), so they get no gradient and
+    change no output.
+
+    Two ways to apply the rows, the same numbers (``forward`` picks by device):
+    - per row, on a CPU: one matmul per row on views of the input, no copies. On a CPU that is
+      about 3x faster than padding and batching (resnet18's 5 stages x 2 backbones, 256 images,
+      10 classes, 1 thread: 13 vs 35 ms per step), because the copies cost more than the
+      small matmuls themselves;
+    - batched, on a GPU: one gather pads every row's columns to D_max, one batched matmul adds
+      the bias. A head step this small is bound by kernel launches, not arithmetic: a constant
+      few launches whatever R, where per row costs R matmuls forward and R more backward.
     """
 
     def __init__(self, in_dims: list[int], out_dim: int, bias: bool = True):
         super().__init__()
         self.in_dims = list(in_dims)
         self.offsets = [0, *itertools.accumulate(in_dims)]
-        # row r's weight as (D_r, K): the transpose of its nn.Linear's, so the forward is x @ weight
-        self.weights = nn.ParameterList(
-            nn.Parameter(torch.empty(d, out_dim).uniform_(-1 / math.sqrt(d), 1 / math.sqrt(d))) for d in in_dims
-        )
+        rows, widest = len(in_dims), max(in_dims)
+        self.weight = nn.Parameter(torch.zeros(rows, widest, out_dim))  # (R, D_max, K)
+        with torch.no_grad():
+            for r, d in enumerate(in_dims):
+                self.weight[r, :d].uniform_(-1 / math.sqrt(d), 1 / math.sqrt(d))
         bounds = torch.tensor([1 / math.sqrt(d) for d in in_dims])[:, None]
-        self.bias = nn.Parameter((torch.rand(len(in_dims), out_dim) * 2 - 1) * bounds) if bias else None  # (R, K)
+        self.bias = nn.Parameter((torch.rand(rows, out_dim) * 2 - 1) * bounds) if bias else None  # (R, K)
+        # (R, D_max): the input column of row r's d-th feature; past D_r, column D_1 + ... + D_R,
+        # the zero column the batched path appends. None when every row is as wide (a plain view).
+        columns = torch.tensor(
+            [[a + d if d < b - a else self.offsets[-1] for d in range(widest)] for a, b in itertools.pairwise(self.offsets)]
+        )
+        self.register_buffer("columns", None if len(set(in_dims)) == 1 else columns, persistent=False)
 
     def row(self, r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight (D_r, K), bias (K,)) of row r, as its own nn.Linear would hold them (transposed)."""
-        return self.weights[r], None if self.bias is None else self.bias[r]
+        return self.weight[r, : self.in_dims[r]], None if self.bias is None else self.bias[r]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)  # (B, R, H) from a previous StackedLinear: its rows side by side
+        x = x.flatten(1)  # (B, D_1 + ... + D_R); (B, R, H) from a previous StackedLinear: its rows side by side
+        return self.per_row(x) if x.device.type == "cpu" else self.batched(x)
+
+    def per_row(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D_1 + ... + D_R) -> (B, R, K) with one matmul per row."""
+        # unbind: one view per row whose backward is one stack, where indexing each row would add R full-size gradients
+        weights = self.weight.unbind(0)  # R x (D_max, K)
         y = torch.stack(
-            [x[:, a:b] @ w for a, b, w in zip(self.offsets, self.offsets[1:], self.weights)], dim=1
+            [x[:, a:b] @ (w if b - a == len(w) else w[: b - a]) for (a, b), w in zip(itertools.pairwise(self.offsets), weights)],
+            dim=1,
         )  # (B, R, K)
         return y + self.bias if self.bias is not None else y
+
+    def batched(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D_1 + ... + D_R) -> (B, R, K) with one gather and one batched matmul."""
+        if self.columns is None:
+            padded = x.reshape(len(x), *self.weight.shape[:2]).transpose(0, 1)  # (R, B, D)
+        else:
+            padded = F.pad(x, (0, 1)).t()[self.columns].transpose(1, 2)  # (R, B, D_max), zeros past D_r
+        if self.bias is None:
+            return torch.bmm(padded, self.weight).transpose(0, 1)  # (B, R, K)
+        return torch.baddbmm(self.bias[:, None], padded, self.weight).transpose(0, 1)  # (B, R, K)
 
 
 def pooled_heads(kind: str, dims: list[int], num_classes: int) -> nn.Module:
@@ -700,10 +733,8 @@ def official_head_init(module: nn.Module) -> None:
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
     elif isinstance(module, (nn.Linear, StackedLinear)):
-        weights = [module.weight] if isinstance(module, nn.Linear) else list(module.weights)
-        out_features = weights[0].shape[0] if isinstance(module, nn.Linear) else weights[0].shape[-1]
-        for weight in weights:
-            nn.init.normal_(weight, 0.0, math.sqrt(2.0 / out_features))
+        out_features = module.weight.shape[0] if isinstance(module, nn.Linear) else module.weight.shape[-1]
+        nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / out_features))
         if module.bias is not None:
             nn.init.zeros_(module.bias)
 
@@ -746,6 +777,10 @@ class HeadTrainer:
         device: torch.device,
     ):
         self.kind, self.recipe, self.view, self.num_classes = kind, recipe, head_view(kind, pool), num_classes
+        # Heads on pooled features train in fp32 (TF32 matmuls on CUDA): their matmuls are too small
+        # to gain from bf16, whose casts would add launches to a launch-bound step (and fp16 would
+        # need a gradient scaler). Heads on spatial maps do enough arithmetic to gain from autocast.
+        self.autocasts = self.view == "maps"
         torch.manual_seed(seed)  # the same initial heads every time
         if self.view == "maps":
             self.heads = SpatialHeads(kind, shapes, num_classes)
@@ -772,11 +807,11 @@ class HeadTrainer:
         """One optimiser step on a mini-batch: inputs (B, R, D) or [(B, C, H, W)] per row, labels (B,)."""
         for group in self.optimizer.param_groups:
             group["lr"] = head_lr(self.recipe, epoch, step, steps_per_epoch)
-        with autocast(device, precision):
+        with autocast(device, precision if self.autocasts else "fp32"):
             logits = self.heads(inputs)  # (B, R, K)
         rows = logits.shape[1]
-        # the sum over rows of each row's mean cross-entropy
-        loss = F.cross_entropy(logits.float().reshape(-1, self.num_classes), labels.repeat_interleave(rows)) * rows
+        # the sum over rows of each row's mean cross-entropy: classes on dim 1, the label of each image for all rows
+        loss = F.cross_entropy(logits.float().transpose(1, 2), labels[:, None].expand(-1, rows)) * rows
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -784,7 +819,7 @@ class HeadTrainer:
     @torch.no_grad()
     def count_correct(self, inputs, labels: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
         """(R,) right answers of every row's head on a validation batch (BatchNorm on its running statistics)."""
-        with autocast(device, precision):
+        with autocast(device, precision if self.autocasts else "fp32"):
             logits = self.heads(inputs)  # (B, R, K)
         return (logits.argmax(2) == labels[:, None]).sum(0)
 

@@ -219,6 +219,25 @@ def test_stacked_linear_rows_are_independent_linears():
     assert torch.equal(layer(other)[:, [0, 2]], y[:, [0, 2]])
 
 
+@pytest.mark.parametrize("dims", [[3, 5, 3], [4, 4, 4]], ids=["unequal-widths", "equal-widths"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_stacked_linear_gpu_path_computes_what_the_cpu_path_does(dims, bias):
+    # a GPU applies the rows as one padded batched matmul, a CPU one matmul per row: the same heads either way
+    layer = probe_lib.StackedLinear(dims, 4, bias=bias)
+    x = torch.randn(16, sum(dims), requires_grad=True)
+    per_row, batched = layer.per_row(x), layer.batched(x)
+    assert batched.shape == per_row.shape == (16, len(dims), 4)
+    assert torch.allclose(batched, per_row, atol=1e-5)
+    grads_per_row = torch.autograd.grad(per_row.square().sum(), [x, *layer.parameters()])
+    grads_batched = torch.autograd.grad(batched.square().sum(), [x, *layer.parameters()])
+    for a, b in zip(grads_per_row, grads_batched):
+        assert torch.allclose(a, b, atol=1e-4)
+    # the padding past a narrow row's width is inert: no gradient reaches it
+    weight_grad = grads_batched[1]
+    for r, d in enumerate(dims):
+        assert not weight_grad[r, d:].any()
+
+
 # ----------------------------------------------------------------------------- probe.json keeps every setting
 
 
