@@ -367,7 +367,6 @@ def pretrain(
     its first checkpoint, left as it was (an overwritten run comes back, a new folder goes).
     """
     check_installed(cfg.logger)  # a missing logger package is known before anything is written
-    check_installed(cfg.logger)  # a missing logger package is known before anything is written
     dist = dist_from_env()
     report = (progress if dist.is_main else None) or ignore
     device = resolve_device(cfg.device, dist.local_rank)

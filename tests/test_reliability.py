@@ -1196,6 +1196,109 @@ def test_ctrl_c_while_starting_is_one_line_and_exit_130(tmp_path, moment):
     assert not (tmp_path / "run").exists()
 
 
+# rotnet's own main() with its config step made to do what some library code does while it
+# imports: a Ctrl-C arrives and a broad `except` swallows its KeyboardInterrupt
+SWALLOWING_START = """
+import os, signal, sys, time
+from rotnet_cli.config import PretrainConfig
+
+original = PretrainConfig.from_dict.__func__
+
+
+def swallowing(cls, *args, **kwargs):
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+    except BaseException:
+        pass
+    return original(cls, *args, **kwargs)
+
+
+PretrainConfig.from_dict = classmethod(swallowing)
+from rotnet_cli.cli import main
+
+sys.argv = ["rotnet", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_ctrl_c_that_library_code_swallowed_while_starting_still_stops_the_run(tmp_path):
+    # seen in CI: a Ctrl-C during start-up was lost and the run trained on for minutes
+    run = tmp_path / "run"
+    args = ["pretrain", "--model", "test_resnet", "--device", "cpu", "--workers", "0", "--epochs", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-c", SWALLOWING_START, *args, "--out", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "ROTNET_DEBUG": "0", "OMP_NUM_THREADS": "1"},
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 130, proc.stderr
+    assert lines[-1].startswith("stopped") and "Traceback" not in proc.stderr, proc.stderr
+    assert not run.exists()
+
+
+# rotnet's own main() with a set-up step that takes long (decoding a big folder, building a big model)
+CTRL_C_WHILE_SETTING_UP = """
+import os, signal, sys, time
+import rotnet_cli.pretraining as pretraining
+
+original = pretraining.set_up
+
+
+def slow_set_up(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(60)
+    return original(*args, **kwargs)
+
+
+pretraining.set_up = slow_set_up
+from rotnet_cli.cli import main
+
+sys.argv = ["rotnet", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new", "overwrite"])
+def test_a_first_ctrl_c_before_training_begins_stops_at_once_and_keeps_nothing(tmp_path, copy_of_run, overwrite):
+    run = copy_of_run if overwrite else tmp_path / "run"  # an earlier run, to come back as it was
+    before = files_in(run) if overwrite else None
+    args = ["pretrain", "--model", "test_resnet", "--device", "cpu", "--workers", "0", "--epochs", "1"]
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", CTRL_C_WHILE_SETTING_UP, *args, "--out", str(run), *(["--overwrite"] if overwrite else [])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "ROTNET_DEBUG": "0", "OMP_NUM_THREADS": "1"},
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 130, proc.stderr
+    assert time.monotonic() - started < 50  # not after the 60 s of set-up and a first step
+    assert lines[-1].startswith("stopped") and "nothing was kept" in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr
+    if overwrite:
+        assert files_in(run) == before
+    else:
+        assert not run.exists()
+
+
+def test_a_ctrl_c_that_python_wrapped_in_another_error_is_a_stop_not_a_bug(monkeypatch):
+    # Python turns a KeyboardInterrupt raised while a class is created (__set_name__) into a RuntimeError
+    def wrapped(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("Error calling __set_name__ on 'cached_property' instance") from e
+
+    monkeypatch.setattr(pretrain_module, "pretrain", wrapped)
+    result = CliRunner().invoke(app, ["pretrain", "--model", "test_resnet", "--device", "cpu", "--out", "unused"])
+    assert result.exit_code == 130
+    assert result.stderr.strip() == "stopped: interrupted"
+
+
 @pytest.mark.parametrize(
     "gap", [0.0, pytest.param(0.03, marks=pytest.mark.slow), pytest.param(0.2, marks=pytest.mark.slow)]
 )

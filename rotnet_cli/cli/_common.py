@@ -81,7 +81,8 @@ def error_boundary(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _set_interrupt_handler(signal.default_int_handler, only_replacing=stop_at_start)
+        _ctrl_c["seen"] = 0
+        _set_interrupt_handler(interrupt, only_replacing=stop_at_start)
         prepare_streams()  # file names of any bytes print (also where a test runner replaced the streams)
         try:
             return command(*args, **kwargs)
@@ -101,6 +102,9 @@ def error_boundary(command: Callable) -> Callable:
         except Exception as e:  # torch reports an allocation that failed as a RuntimeError
             if debug_enabled():
                 raise
+            if _caused_by_ctrl_c(e):  # Python wraps a Ctrl-C raised while a class is created in a RuntimeError
+                error_line("stopped", "interrupted")
+                raise typer.Exit(130) from None
             if _out_of_memory(e):
                 error_line(
                     "error", "out of memory; lower --batch-size (or --img-size), or use a device with more memory"
@@ -143,6 +147,36 @@ def _out_of_memory(e: BaseException) -> bool:
         or "can't allocate memory" in text
         or "out of memory" in text.lower()
     )
+
+
+# Ctrl-Cs seen since the command started. Library code that catches broad exceptions while it
+# imports (or Python itself, wrapping one raised in a class's creation) can swallow the
+# KeyboardInterrupt; a long command checks this before its long work (ctrl_c_seen) so that the
+# Ctrl-C is honoured all the same.
+_ctrl_c = {"seen": 0}
+
+
+def interrupt(signum: int, frame: Any) -> None:
+    """Ctrl-C inside a command: counted, then a KeyboardInterrupt (the command may handle it)."""
+    _ctrl_c["seen"] += 1
+    raise KeyboardInterrupt
+
+
+def ctrl_c_seen() -> bool:
+    """Whether Ctrl-C was pressed since the command started (even if its KeyboardInterrupt was swallowed)."""
+    return _ctrl_c["seen"] > 0
+
+
+def _caused_by_ctrl_c(e: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is among the exceptions that caused ``e``."""
+    seen: set[int] = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def stop_at_start(signum: int, frame: Any) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import shlex
 import signal
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.markup import escape
@@ -26,6 +26,7 @@ from ._common import (
     PrecisionOpt,
     SeedOpt,
     WorkersOpt,
+    ctrl_c_seen,
     err_console,
     error_boundary,
     note,
@@ -247,11 +248,12 @@ def pretrain(
     else:
         config = PretrainConfig.from_dict(params)
 
-    stop = _StopFlag()
+    main_rank = dist_from_env().is_main
+    stop = _StopFlag(training=not main_rank)  # the other ranks see no events: they keep the checkpointing stop
     view = ProgressView(err_console, title="pretrain")
     with stop.installed(), view:
-        result = run_pretrain(config, progress=view, should_stop=stop)
-    if not dist_from_env().is_main:  # under torchrun, rank 0 alone reports
+        result = run_pretrain(config, progress=stop.watching(view), should_stop=stop)
+    if not main_rank:  # under torchrun, rank 0 alone reports
         return
 
     warn_skipped(result.skipped_files)
@@ -269,19 +271,33 @@ def _given(ctx: typer.Context, name: str) -> bool:
 
 class _StopFlag:
     """Ctrl-C (SIGINT) or a scheduler's SIGTERM asks the loop to stop at the next step
-    boundary: it checkpoints, then exits 130. A second Ctrl-C stops at once.
+    boundary: it checkpoints, then exits 130. A second Ctrl-C stops at once, and so does the
+    first one before training has begun (building the model, decoding the data can take
+    minutes; there is nothing to save yet, and the run directory goes back as it was).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, training: bool = False) -> None:
         self.requested = False
+        self.training = training  # the first epoch has started
 
     def __call__(self) -> bool:
         return self.requested
 
+    def watching(self, progress: Callable[[Any], None]) -> Callable[[Any], None]:
+        """``progress``, also telling this flag when the first epoch starts."""
+        from ..events import EpochStarted
+
+        def report(event: Any) -> None:
+            if isinstance(event, EpochStarted):
+                self.training = True
+            progress(event)
+
+        return report
+
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.requested or not self.training:
             raise KeyboardInterrupt
         self.requested = True
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
@@ -289,6 +305,8 @@ class _StopFlag:
 
     @contextlib.contextmanager
     def installed(self):
+        if ctrl_c_seen():  # a Ctrl-C while the command started, whose KeyboardInterrupt library code swallowed
+            raise KeyboardInterrupt
         try:
             previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         except ValueError:  # not the main thread (e.g. some test runners): no handlers
