@@ -62,6 +62,17 @@ def test_probe_runs_on_the_gpu(tmp_path):
     assert "cuda" in json.loads(result.stdout)["device"]
 
 
+def test_probe_heads_on_the_gpu_compute_what_they_compute_on_the_cpu():
+    # on CUDA the rows are one padded batched matmul, on the CPU one matmul per row: the same heads
+    from rotnet_cli.probing import StackedLinear
+
+    layer = StackedLinear([64, 128, 512, 512], 10)
+    x = torch.randn(256, 64 + 128 + 512 + 512)
+    on_cpu = layer(x)
+    on_gpu = layer.cuda()(x.cuda()).cpu()
+    assert torch.allclose(on_gpu, on_cpu, atol=2e-2, rtol=1e-2)  # TF32 matmuls on the GPU
+
+
 @pytest.mark.parametrize("source", ["digits", "folder"])
 def test_a_gpu_training_step_never_synchronises_with_the_host(tmp_path, source):
     # CUDA's sync debug mode warns at every operation that makes the host wait for the GPU.
