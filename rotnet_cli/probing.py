@@ -627,7 +627,10 @@ class StackedLinear(nn.Module):
         # (R, D_max): the input column of row r's d-th feature; past D_r, column D_1 + ... + D_R,
         # the zero column the batched path appends. None when every row is as wide (a plain view).
         columns = torch.tensor(
-            [[a + d if d < b - a else self.offsets[-1] for d in range(widest)] for a, b in itertools.pairwise(self.offsets)]
+            [
+                [a + d if d < b - a else self.offsets[-1] for d in range(widest)]
+                for a, b in itertools.pairwise(self.offsets)
+            ]
         )
         self.register_buffer("columns", None if len(set(in_dims)) == 1 else columns, persistent=False)
 
@@ -644,7 +647,10 @@ class StackedLinear(nn.Module):
         # unbind: one view per row whose backward is one stack, where indexing each row would add R full-size gradients
         weights = self.weight.unbind(0)  # R x (D_max, K)
         y = torch.stack(
-            [x[:, a:b] @ (w if b - a == len(w) else w[: b - a]) for (a, b), w in zip(itertools.pairwise(self.offsets), weights)],
+            [
+                x[:, a:b] @ (w if b - a == len(w) else w[: b - a])
+                for (a, b), w in zip(itertools.pairwise(self.offsets), weights)
+            ],
             dim=1,
         )  # (B, R, K)
         return y + self.bias if self.bias is not None else y

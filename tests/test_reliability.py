@@ -1268,7 +1268,15 @@ def test_a_first_ctrl_c_before_training_begins_stops_at_once_and_keeps_nothing(t
     args = ["pretrain", "--model", "test_resnet", "--device", "cpu", "--workers", "0", "--epochs", "1"]
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-c", CTRL_C_WHILE_SETTING_UP, *args, "--out", str(run), *(["--overwrite"] if overwrite else [])],
+        [
+            sys.executable,
+            "-c",
+            CTRL_C_WHILE_SETTING_UP,
+            *args,
+            "--out",
+            str(run),
+            *(["--overwrite"] if overwrite else []),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
