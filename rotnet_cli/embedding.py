@@ -697,6 +697,10 @@ def _meta(path: Path, text: str | bytes | None) -> dict[str, Any]:
 
 
 def _read_npz(path: Path) -> EmbeddingTable:
+    with open(path, "rb") as f:
+        # np.load takes anything that is neither a zip archive nor an .npy array for a pickle and says so
+        if f.read(4) != b"PK\x03\x04":
+            raise _not_ours(path, "not a zip archive, as every .npz is")
     with np.load(path, allow_pickle=False) as npz:
         if "embeddings" not in npz.files or "paths" not in npz.files:
             raise _not_ours(path, "no 'embeddings' and 'paths' arrays")

@@ -107,6 +107,7 @@ MATRIX = [
     ("neighbours {missing}.npz", 1, "does not exist"),
     ("neighbours {notes}", 1, "embeddings files end in"),
     ("neighbours {foreign}", 1, "not written by rotnet embed"),
+    ("neighbours {noise_npz}", 1, "not a zip archive, as every .npz is"),
     ("neighbours {foreign} -k 0", 1, "-k must be > 0"),
     ("neighbours {foreign} --out {new}.json", 1, "ending in .csv"),
     ("viz embeddings {missing}.npz --out {new}.png", 1, "does not exist"),
@@ -173,6 +174,7 @@ def sentinel(tmp_path_factory, tiny_run) -> dict[str, Path]:
         "empty_class": root / "empty_class",
         "evil": root / "evil.pt",
         "foreign": root / "foreign.safetensors",
+        "noise_npz": root / "noise.npz",
         "missing": root / "does-not-exist",
         "new": root / "new-output",
         "new_png": root / "new.png",
@@ -198,6 +200,7 @@ def sentinel(tmp_path_factory, tiny_run) -> dict[str, Path]:
     from safetensors.torch import save_file
 
     save_file({"weight": torch.zeros(2, 2)}, str(paths["foreign"]))
+    paths["noise_npz"].write_bytes(bytes(range(256)) * 8)  # numpy would take it for a pickle
     paths["foreign_run"].mkdir()
     (paths["foreign_run"] / "config.json").write_text('{"project": "mine, not a rotnet run"}\n')
     paths["one"].mkdir()
