@@ -1196,6 +1196,21 @@ def test_ctrl_c_while_starting_is_one_line_and_exit_130(tmp_path, moment):
     assert not (tmp_path / "run").exists()
 
 
+SHORT_PRETRAIN = ["pretrain", "--model", "test_resnet", "--device", "cpu", "--workers", "0", "--epochs", "1"]
+
+
+def rotnet_after(patch: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``rotnet ARGS`` run by rotnet's own main() in a fresh interpreter, after the Python source ``patch``."""
+    main = "\nfrom rotnet_cli.cli import main\nsys.argv = ['rotnet', *sys.argv[1:]]\nmain()\n"
+    return subprocess.run(
+        [sys.executable, "-c", patch + main, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "ROTNET_DEBUG": "0", "OMP_NUM_THREADS": "1"},
+    )
+
+
 # rotnet's own main() with its config step made to do what some library code does while it
 # imports: a Ctrl-C arrives and a broad `except` swallows its KeyboardInterrupt
 SWALLOWING_START = """
@@ -1215,24 +1230,13 @@ def swallowing(cls, *args, **kwargs):
 
 
 PretrainConfig.from_dict = classmethod(swallowing)
-from rotnet_cli.cli import main
-
-sys.argv = ["rotnet", *sys.argv[1:]]
-main()
 """
 
 
 def test_a_ctrl_c_that_library_code_swallowed_while_starting_still_stops_the_run(tmp_path):
     # seen in CI: a Ctrl-C during start-up was lost and the run trained on for minutes
     run = tmp_path / "run"
-    args = ["pretrain", "--model", "test_resnet", "--device", "cpu", "--workers", "0", "--epochs", "1"]
-    proc = subprocess.run(
-        [sys.executable, "-c", SWALLOWING_START, *args, "--out", str(run)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "ROTNET_DEBUG": "0", "OMP_NUM_THREADS": "1"},
-    )
+    proc = rotnet_after(SWALLOWING_START, [*SHORT_PRETRAIN, "--out", str(run)])
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 130, proc.stderr
     assert lines[-1].startswith("stopped") and "Traceback" not in proc.stderr, proc.stderr
@@ -1254,10 +1258,6 @@ def slow_set_up(*args, **kwargs):
 
 
 pretraining.set_up = slow_set_up
-from rotnet_cli.cli import main
-
-sys.argv = ["rotnet", *sys.argv[1:]]
-main()
 """
 
 
@@ -1265,23 +1265,8 @@ main()
 def test_a_first_ctrl_c_before_training_begins_stops_at_once_and_keeps_nothing(tmp_path, copy_of_run, overwrite):
     run = copy_of_run if overwrite else tmp_path / "run"  # an earlier run, to come back as it was
     before = files_in(run) if overwrite else None
-    args = ["pretrain", "--model", "test_resnet", "--device", "cpu", "--workers", "0", "--epochs", "1"]
     started = time.monotonic()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            CTRL_C_WHILE_SETTING_UP,
-            *args,
-            "--out",
-            str(run),
-            *(["--overwrite"] if overwrite else []),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "ROTNET_DEBUG": "0", "OMP_NUM_THREADS": "1"},
-    )
+    proc = rotnet_after(CTRL_C_WHILE_SETTING_UP, [*SHORT_PRETRAIN, "--out", str(run), *(["--overwrite"] * overwrite)])
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 130, proc.stderr
     assert time.monotonic() - started < 50  # not after the 60 s of set-up and a first step
