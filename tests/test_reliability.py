@@ -1239,6 +1239,49 @@ def test_a_ctrl_c_that_library_code_swallowed_while_starting_still_stops_the_run
     assert not run.exists()
 
 
+# the `rotnet` command loading, with one of its imports doing what some library code does while it
+# imports: a Ctrl-C arrives and a broad `except` swallows its KeyboardInterrupt (found by a start-up scan)
+SWALLOWING_IMPORT = """
+import builtins, os, signal, sys, time
+
+real_import = builtins.__import__
+
+
+def swallowing_import(name, *args, **kwargs):
+    if name == "typer" and "typer" not in sys.modules:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+        except BaseException:
+            pass
+    return real_import(name, *args, **kwargs)
+
+
+builtins.__import__ = swallowing_import
+from rotnet_cli.cli import main
+
+builtins.__import__ = real_import
+sys.argv = ["rotnet", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_ctrl_c_that_an_import_swallowed_while_the_cli_loads_still_stops(tmp_path):
+    run = tmp_path / "run"
+    args = ["pretrain", "--model", "test_resnet", "--device", "cpu", "--workers", "0", "--epochs", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-c", SWALLOWING_IMPORT, *args, "--max-steps-per-epoch", "1", "--out", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "ROTNET_DEBUG": "0", "OMP_NUM_THREADS": "1"},
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 130, proc.stderr
+    assert lines == ["stopped: interrupted before the command started; nothing was changed"], proc.stderr
+    assert not run.exists()
+
+
 # rotnet's own main() with a set-up step that takes long (decoding a big folder, building a big model)
 CTRL_C_WHILE_SETTING_UP = """
 import os, signal, sys, time
