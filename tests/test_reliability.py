@@ -1160,9 +1160,19 @@ def _loaded(pid: int, library: str) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="watches /proc to see how far the start-up got")
-@pytest.mark.parametrize("moment", ["0.3s", "0.8s", "loading torch", "setting up"])
-def test_ctrl_c_while_starting_is_one_line_and_exit_130(tmp_path, moment):
-    """Ctrl-C at any moment of the start-up (the interpreter itself aside): exit 130 and one line."""
+@pytest.mark.parametrize(
+    "moment, signum",
+    [
+        ("0.3s", signal.SIGINT),
+        ("0.8s", signal.SIGINT),
+        ("loading torch", signal.SIGINT),
+        ("setting up", signal.SIGINT),
+        ("loading torch", signal.SIGTERM),  # a scheduler's stop while the command imports: was a silent kill
+    ],
+    ids=["0.3s", "0.8s", "loading-torch", "setting-up", "sigterm-loading-torch"],
+)
+def test_ctrl_c_while_starting_is_one_line_and_exit_130(tmp_path, moment, signum):
+    """Ctrl-C (or SIGTERM) at any moment of the start-up (the interpreter itself aside): exit 130 and one line."""
     proc = subprocess.Popen(
         [
             ROTNET,
@@ -1187,7 +1197,7 @@ def test_ctrl_c_while_starting_is_one_line_and_exit_130(tmp_path, moment):
         while not _loaded(proc.pid, "libtorch") and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
         time.sleep(0.0 if moment == "loading torch" else 1.0)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert proc.returncode == 130, stderr

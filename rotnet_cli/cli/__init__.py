@@ -93,7 +93,9 @@ app.command(cls=RotnetCommand, epilog=reproduce.EXAMPLES)(reproduce.reproduce)
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, stop_at_start)  # until a command's error boundary takes Ctrl-C over
+    # until a command's error boundary takes them over; SIGTERM (a scheduler's stop) as Ctrl-C
+    signal.signal(signal.SIGINT, stop_at_start)
+    signal.signal(signal.SIGTERM, stop_at_start)
     if _loading["ctrl_c"]:  # a Ctrl-C while the CLI loaded that an import swallowed
         stop_at_start(signal.SIGINT, None)
     prepare_streams()  # file names of any bytes print
