@@ -447,11 +447,14 @@ class FileDataset(torch.utils.data.Dataset):
             return index, None
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """Ctrl-C is the main process's business (it checkpoints); workers must not die of it."""
+def _worker_signals(worker_id: int) -> None:
+    """Ctrl-C is the main process's business (it checkpoints); workers must not die of it. SIGTERM
+    ends a worker at once, as the loader expects when it terminates one: the handler the worker
+    inherited from the CLI would turn it into a KeyboardInterrupt wherever the worker happened to be."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _strict_error(path) -> DataError:
@@ -510,7 +513,7 @@ def decode_all(
         batch_size=64,
         num_workers=workers,
         collate_fn=_collate,
-        worker_init_fn=_ignore_sigint,
+        worker_init_fn=_worker_signals,
     )
     out = torch.empty((len(images.paths), 3, images.img_size, images.img_size), dtype=torch.uint8)
     ok = torch.zeros(len(images.paths), dtype=torch.bool)
@@ -683,7 +686,7 @@ def _file_loader(images: ImageSet, workers: int, pin: bool) -> tuple[torch.utils
             pin_memory=pin,
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
-            worker_init_fn=_ignore_sigint,
+            worker_init_fn=_worker_signals,
         )
         cached = _LOADERS[images] = (key, loader, sampler)
     return cached[1], cached[2]

@@ -221,9 +221,16 @@ def test_stacked_linear_rows_are_independent_linears():
 
 @pytest.mark.parametrize("dims", [[3, 5, 3], [4, 4, 4]], ids=["unequal-widths", "equal-widths"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_stacked_linear_gpu_path_computes_what_the_cpu_path_does(dims, bias):
-    # a GPU applies the rows as one padded batched matmul, a CPU one matmul per row: the same heads either way
-    layer = probe_lib.StackedLinear(dims, 4, bias=bias)
+@pytest.mark.parametrize("padded", [False, True], ids=["packed", "padded"])
+def test_stacked_linear_gpu_path_computes_what_the_cpu_path_does(dims, bias, padded):
+    # a GPU applies the rows as one padded batched matmul, a CPU one matmul per row: the same heads
+    # either way, whichever layout the weights have
+    torch.manual_seed(0)
+    layer = probe_lib.StackedLinear(dims, 4, bias=bias, padded=padded)
+    torch.manual_seed(0)
+    other_layout = probe_lib.StackedLinear(dims, 4, bias=bias, padded=not padded)
+    for r in range(len(dims)):  # each row initialised like its own Linear, in either layout
+        assert torch.equal(layer.row(r)[0], other_layout.row(r)[0])
     x = torch.randn(16, sum(dims), requires_grad=True)
     per_row, batched = layer.per_row(x), layer.batched(x)
     assert batched.shape == per_row.shape == (16, len(dims), 4)
@@ -232,10 +239,26 @@ def test_stacked_linear_gpu_path_computes_what_the_cpu_path_does(dims, bias):
     grads_batched = torch.autograd.grad(batched.square().sum(), [x, *layer.parameters()])
     for a, b in zip(grads_per_row, grads_batched):
         assert torch.allclose(a, b, atol=1e-4)
-    # the padding past a narrow row's width is inert: no gradient reaches it
-    weight_grad = grads_batched[1]
-    for r, d in enumerate(dims):
-        assert not weight_grad[r, d:].any()
+    if padded:  # the padding past a narrow row's width is inert: no gradient reaches it
+        weight_grad = grads_batched[1]
+        for r, d in enumerate(dims):
+            assert not weight_grad[r, d:].any()
+
+
+def test_pooled_heads_on_a_cpu_hold_no_padding_for_the_optimiser_to_step():
+    # rows of very different widths (resnet50's stages): padded to the widest, the optimiser would step
+    # 5 x 2048 weights per class where the rows have 3904, most of them zeros, and a CPU step got slower
+    dims = [64, 256, 512, 1024, 2048]
+    recipe = probe_lib.HeadRecipe("adamw", 1e-3, 5e-4, 1, "cosine")
+    for kind in ("linear", "mlp"):
+        trainer = probe_lib.HeadTrainer(kind, [(c, 1, 1) for c in dims], 10, "avg", recipe, 0, torch.device("cpu"))
+        weights = sum(
+            p.numel() for name, p in trainer.heads.named_parameters() if name.endswith("weight") and p.dim() > 1
+        )
+        hidden = probe_lib.MLP_HIDDEN
+        assert weights == (
+            sum(dims) * 10 if kind == "linear" else sum(dims) * hidden + len(dims) * hidden * (hidden + 10)
+        )
 
 
 # ----------------------------------------------------------------------------- probe.json keeps every setting

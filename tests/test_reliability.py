@@ -1160,9 +1160,19 @@ def _loaded(pid: int, library: str) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="watches /proc to see how far the start-up got")
-@pytest.mark.parametrize("moment", ["0.3s", "0.8s", "loading torch", "setting up"])
-def test_ctrl_c_while_starting_is_one_line_and_exit_130(tmp_path, moment):
-    """Ctrl-C at any moment of the start-up (the interpreter itself aside): exit 130 and one line."""
+@pytest.mark.parametrize(
+    "moment, signum",
+    [
+        ("0.3s", signal.SIGINT),
+        ("0.8s", signal.SIGINT),
+        ("loading torch", signal.SIGINT),
+        ("setting up", signal.SIGINT),
+        ("loading torch", signal.SIGTERM),  # a scheduler's stop while the command imports: was a silent kill
+    ],
+    ids=["0.3s", "0.8s", "loading-torch", "setting-up", "sigterm-loading-torch"],
+)
+def test_ctrl_c_while_starting_is_one_line_and_exit_130(tmp_path, moment, signum):
+    """Ctrl-C (or SIGTERM) at any moment of the start-up (the interpreter itself aside): exit 130 and one line."""
     proc = subprocess.Popen(
         [
             ROTNET,
@@ -1187,7 +1197,7 @@ def test_ctrl_c_while_starting_is_one_line_and_exit_130(tmp_path, moment):
         while not _loaded(proc.pid, "libtorch") and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
         time.sleep(0.0 if moment == "loading torch" else 1.0)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert proc.returncode == 130, stderr
@@ -1240,6 +1250,49 @@ def test_a_ctrl_c_that_library_code_swallowed_while_starting_still_stops_the_run
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 130, proc.stderr
     assert lines[-1].startswith("stopped") and "Traceback" not in proc.stderr, proc.stderr
+    assert not run.exists()
+
+
+# the `rotnet` command loading, with one of its imports doing what some library code does while it
+# imports: a Ctrl-C arrives and a broad `except` swallows its KeyboardInterrupt (found by a start-up scan)
+SWALLOWING_IMPORT = """
+import builtins, os, signal, sys, time
+
+real_import = builtins.__import__
+
+
+def swallowing_import(name, *args, **kwargs):
+    if name == "typer" and "typer" not in sys.modules:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+        except BaseException:
+            pass
+    return real_import(name, *args, **kwargs)
+
+
+builtins.__import__ = swallowing_import
+from rotnet_cli.cli import main
+
+builtins.__import__ = real_import
+sys.argv = ["rotnet", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_ctrl_c_that_an_import_swallowed_while_the_cli_loads_still_stops(tmp_path):
+    run = tmp_path / "run"
+    args = ["pretrain", "--model", "test_resnet", "--device", "cpu", "--workers", "0", "--epochs", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-c", SWALLOWING_IMPORT, *args, "--max-steps-per-epoch", "1", "--out", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "ROTNET_DEBUG": "0", "OMP_NUM_THREADS": "1"},
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 130, proc.stderr
+    assert lines == ["stopped: interrupted before the command started; nothing was changed"], proc.stderr
     assert not run.exists()
 
 

@@ -2,6 +2,27 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+
+# Ctrl-C while the CLI loads. Its KeyboardInterrupt normally lands in the except below, but a library
+# that catches broad exceptions while it imports (rich, typer and their dependencies probe optional
+# modules) can swallow it, and the command then ran to its end. So the Ctrl-C is also counted here and
+# main() honours it. Installed only over the interpreter's own handler: an importer that set its own keeps it.
+_loading = {"ctrl_c": 0}
+
+
+def _interrupt_while_loading(signum, frame):
+    _loading["ctrl_c"] += 1
+    raise KeyboardInterrupt
+
+
+if (
+    threading.current_thread() is threading.main_thread()
+    and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+):
+    signal.signal(signal.SIGINT, _interrupt_while_loading)
+
 try:  # Ctrl-C while the CLI loads: one line and exit 130, as everywhere else (not an import traceback)
     from typing import Annotated
 
@@ -72,8 +93,10 @@ app.command(cls=RotnetCommand, epilog=reproduce.EXAMPLES)(reproduce.reproduce)
 
 
 def main() -> None:
-    import signal
-
+    # until a command's error boundary takes them over; SIGTERM (a scheduler's stop) as Ctrl-C
+    signal.signal(signal.SIGINT, stop_at_start)
+    signal.signal(signal.SIGTERM, stop_at_start)
+    if _loading["ctrl_c"]:  # a Ctrl-C while the CLI loaded that an import swallowed
+        stop_at_start(signal.SIGINT, None)
     prepare_streams()  # file names of any bytes print
-    signal.signal(signal.SIGINT, stop_at_start)  # until a command's error boundary takes Ctrl-C over
     app(prog_name="rotnet")

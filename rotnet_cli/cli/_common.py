@@ -83,6 +83,7 @@ def error_boundary(command: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _ctrl_c["seen"] = 0
         _set_interrupt_handler(interrupt, only_replacing=stop_at_start)
+        _set_interrupt_handler(interrupt, only_replacing=stop_at_start, signum=signal.SIGTERM)
         prepare_streams()  # file names of any bytes print (also where a test runner replaced the streams)
         try:
             return command(*args, **kwargs)
@@ -180,19 +181,19 @@ def _caused_by_ctrl_c(e: BaseException) -> bool:
 
 
 def stop_at_start(signum: int, frame: Any) -> None:
-    """Ctrl-C before a command has started: nothing to save or undo, so one line and exit 130 at once."""
+    """Ctrl-C (or SIGTERM) before a command has started: nothing to save or undo, so one line and exit 130 at once."""
     sys.stderr.write("stopped: interrupted before the command started; nothing was changed\n")
     sys.stderr.flush()
     os._exit(130)
 
 
-def _set_interrupt_handler(handler: Any, only_replacing: Any = None) -> Any:
-    """Install a SIGINT handler (main thread only) -> the one it replaced, or None when nothing changed."""
+def _set_interrupt_handler(handler: Any, only_replacing: Any = None, signum: int = signal.SIGINT) -> Any:
+    """Install a SIGINT (or ``signum``) handler (main thread only) -> the one it replaced, or None when nothing changed."""
     if threading.current_thread() is not threading.main_thread():
         return None
-    if only_replacing is not None and signal.getsignal(signal.SIGINT) is not only_replacing:
+    if only_replacing is not None and signal.getsignal(signum) is not only_replacing:
         return None
-    return signal.signal(signal.SIGINT, handler)
+    return signal.signal(signum, handler)
 
 
 def _surrogates(error: UnicodeError) -> tuple[bytes, int]:
