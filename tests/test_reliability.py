@@ -1331,6 +1331,24 @@ def test_a_first_ctrl_c_before_training_begins_stops_at_once_and_keeps_nothing(t
         assert not run.exists()
 
 
+# a Ctrl-C that arrives while the interpreter shuts down, after the command's last line (seen in a
+# slow test: a second Ctrl-C 0.2 s after the first came after the stop line and Python died of SIGINT).
+# Registered before rotnet's main() runs, this callback runs after rotnet's own: the last teardown.
+CTRL_C_AT_SHUTDOWN = """
+import atexit, os, signal, sys, time
+
+atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(1)))
+"""
+
+
+def test_a_ctrl_c_after_the_last_line_changes_nothing(tmp_path):
+    proc = rotnet_after(CTRL_C_AT_SHUTDOWN, ["probe", str(tmp_path / "no-such-run")])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1, proc.stderr  # the command's own exit code
+    assert lines[-1].startswith("error:") and "does not exist" in lines[-1], proc.stderr  # the command's last word
+    assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr, proc.stderr
+
+
 def test_a_ctrl_c_that_python_wrapped_in_another_error_is_a_stop_not_a_bug(monkeypatch):
     # Python turns a KeyboardInterrupt raised while a class is created (__set_name__) into a RuntimeError
     def wrapped(*args, **kwargs):

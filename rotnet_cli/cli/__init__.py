@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import signal
 import threading
 
@@ -30,7 +31,7 @@ try:  # Ctrl-C while the CLI loads: one line and exit 130, as everywhere else (n
 
     from .._version import __version__
     from . import embed, export, predict, pretrain, probe, reproduce, viz
-    from ._common import prepare_streams, set_debug, stop_at_start
+    from ._common import ignore_signals_at_exit, prepare_streams, set_debug, stop_at_start
     from ._typer import RotnetCommand, RotnetGroup, show_help_when_bare
 except KeyboardInterrupt:
     import sys
@@ -98,5 +99,6 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop_at_start)
     if _loading["ctrl_c"]:  # a Ctrl-C while the CLI loaded that an import swallowed
         stop_at_start(signal.SIGINT, None)
+    atexit.register(ignore_signals_at_exit)  # first registered, so the last to run
     prepare_streams()  # file names of any bytes print
     app(prog_name="rotnet")

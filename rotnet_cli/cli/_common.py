@@ -82,39 +82,67 @@ def error_boundary(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _ctrl_c["seen"] = 0
-        _set_interrupt_handler(interrupt, only_replacing=stop_at_start)
+        owns_signals = _set_interrupt_handler(interrupt, only_replacing=stop_at_start) is not None  # run by main()
         _set_interrupt_handler(interrupt, only_replacing=stop_at_start, signum=signal.SIGTERM)
         prepare_streams()  # file names of any bytes print (also where a test runner replaced the streams)
         try:
-            return command(*args, **kwargs)
-        except RotnetError as e:
-            if debug_enabled():
-                raise
-            # a stop (exit 130) says so itself: "stopped after epoch 2 of 10; ... resume with: ..."
-            error_line(None if e.exit_code == 130 else "error", str(e))
-            raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            if debug_enabled():
-                raise
-            error_line("stopped", "interrupted")
-            raise typer.Exit(130) from None
-        except _CLI_FLOW:
-            raise  # Typer's own exits and usage errors (typer.Exit is a RuntimeError)
-        except Exception as e:  # torch reports an allocation that failed as a RuntimeError
-            if debug_enabled():
-                raise
-            if _caused_by_ctrl_c(e):  # Python wraps a Ctrl-C raised while a class is created in a RuntimeError
-                error_line("stopped", "interrupted")
-                raise typer.Exit(130) from None
-            if _out_of_memory(e):
-                error_line(
-                    "error", "out of memory; lower --batch-size (or --img-size), or use a device with more memory"
-                )
-            else:  # a bug: still one line, the traceback only on request
-                report_bug(e)
-            raise typer.Exit(1) from None
+            return _run_to_last_word(command, args, kwargs)
+        finally:
+            if owns_signals:  # the command has said its last word: a signal now only ends the process, quietly
+                _set_interrupt_handler(_exit_quietly)
+                _set_interrupt_handler(_exit_quietly, signum=signal.SIGTERM)
 
     return wrapper
+
+
+def _run_to_last_word(command: Callable, args: tuple, kwargs: dict) -> Any:
+    """Run the command; every error it raises becomes its one last line and an exit code (see error_boundary)."""
+    try:
+        return command(*args, **kwargs)
+    except RotnetError as e:
+        if debug_enabled():
+            raise
+        # a stop (exit 130) says so itself: "stopped after epoch 2 of 10; ... resume with: ..."
+        error_line(None if e.exit_code == 130 else "error", str(e))
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        if debug_enabled():
+            raise
+        error_line("stopped", "interrupted")
+        raise typer.Exit(130) from None
+    except _CLI_FLOW:
+        raise  # Typer's own exits and usage errors (typer.Exit is a RuntimeError)
+    except Exception as e:  # torch reports an allocation that failed as a RuntimeError
+        if debug_enabled():
+            raise
+        if _caused_by_ctrl_c(e):  # Python wraps a Ctrl-C raised while a class is created in a RuntimeError
+            error_line("stopped", "interrupted")
+            raise typer.Exit(130) from None
+        if _out_of_memory(e):
+            error_line("error", "out of memory; lower --batch-size (or --img-size), or use a device with more memory")
+        else:  # a bug: still one line, the traceback only on request
+            report_bug(e)
+        raise typer.Exit(1) from None
+
+
+def ignore_signals_at_exit() -> None:
+    """For the interpreter's last teardown: Ctrl-C and SIGTERM are ignored.
+
+    main() registers this with atexit before any command runs, so it runs after every other atexit
+    callback (they run last-registered first). From there to the end Python has no handler of its own
+    and would leave a signal to the default action: the process killed by SIGINT (exit -2) after the
+    command had said its last word and chosen its exit code.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _exit_quietly(signum: int, frame: Any) -> None:
+    """Ctrl-C or SIGTERM once the command has printed its last line (the interpreter is shutting down):
+    end the process at once, exit 130, with nothing more to say (a KeyboardInterrupt here would end it
+    with Python's own exit by SIGINT)."""
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def error_line(prefix: str | None, message: str) -> None:
