@@ -6,23 +6,17 @@ import atexit
 import signal
 import threading
 
-# Ctrl-C while the CLI loads. Its KeyboardInterrupt normally lands in the except below, but a library
+from ._interrupts import ctrl_c_seen, interrupt
+
+# Ctrl-C while the CLI loads: its KeyboardInterrupt normally lands in the except below, but a library
 # that catches broad exceptions while it imports (rich, typer and their dependencies probe optional
-# modules) can swallow it, and the command then ran to its end. So the Ctrl-C is also counted here and
+# modules) can swallow it, and the command then ran to its end. So the Ctrl-C is also counted and
 # main() honours it. Installed only over the interpreter's own handler: an importer that set its own keeps it.
-_loading = {"ctrl_c": 0}
-
-
-def _interrupt_while_loading(signum, frame):
-    _loading["ctrl_c"] += 1
-    raise KeyboardInterrupt
-
-
 if (
     threading.current_thread() is threading.main_thread()
     and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 ):
-    signal.signal(signal.SIGINT, _interrupt_while_loading)
+    signal.signal(signal.SIGINT, interrupt)
 
 try:  # Ctrl-C while the CLI loads: one line and exit 130, as everywhere else (not an import traceback)
     from typing import Annotated
@@ -97,7 +91,7 @@ def main() -> None:
     # until a command's error boundary takes them over; SIGTERM (a scheduler's stop) as Ctrl-C
     signal.signal(signal.SIGINT, stop_at_start)
     signal.signal(signal.SIGTERM, stop_at_start)
-    if _loading["ctrl_c"]:  # a Ctrl-C while the CLI loaded that an import swallowed
+    if ctrl_c_seen():  # a Ctrl-C while the CLI loaded that an import swallowed
         stop_at_start(signal.SIGINT, None)
     atexit.register(ignore_signals_at_exit)  # first registered, so the last to run
     prepare_streams()  # file names of any bytes print

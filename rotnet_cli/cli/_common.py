@@ -24,6 +24,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import RotnetError
+from ._interrupts import interrupt
+from ._interrupts import reset as reset_ctrl_c
 
 # Results go to stdout; messages, progress and errors to stderr, so `--json` output
 # on stdout stays machine-readable.
@@ -81,7 +83,7 @@ def error_boundary(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _ctrl_c["seen"] = 0
+        reset_ctrl_c()
         owns_signals = _set_interrupt_handler(interrupt, only_replacing=stop_at_start) is not None  # run by main()
         _set_interrupt_handler(interrupt, only_replacing=stop_at_start, signum=signal.SIGTERM)
         prepare_streams()  # file names of any bytes print (also where a test runner replaced the streams)
@@ -176,24 +178,6 @@ def _out_of_memory(e: BaseException) -> bool:
         or "can't allocate memory" in text
         or "out of memory" in text.lower()
     )
-
-
-# Ctrl-Cs seen since the command started. Library code that catches broad exceptions while it
-# imports (or Python itself, wrapping one raised in a class's creation) can swallow the
-# KeyboardInterrupt; a long command checks this before its long work (ctrl_c_seen) so that the
-# Ctrl-C is honoured all the same.
-_ctrl_c = {"seen": 0}
-
-
-def interrupt(signum: int, frame: Any) -> None:
-    """Ctrl-C inside a command: counted, then a KeyboardInterrupt (the command may handle it)."""
-    _ctrl_c["seen"] += 1
-    raise KeyboardInterrupt
-
-
-def ctrl_c_seen() -> bool:
-    """Whether Ctrl-C was pressed since the command started (even if its KeyboardInterrupt was swallowed)."""
-    return _ctrl_c["seen"] > 0
 
 
 def _caused_by_ctrl_c(e: BaseException) -> bool:

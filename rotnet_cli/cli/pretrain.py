@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import PretrainConfig, default_workers, format_rotations
+from ._interrupts import ctrl_c_seen
 from ._common import (
     print_table,
     StrictDataOpt,
@@ -26,7 +27,6 @@ from ._common import (
     PrecisionOpt,
     SeedOpt,
     WorkersOpt,
-    ctrl_c_seen,
     err_console,
     error_boundary,
     note,
