@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
 from .errors import ConfigError
+from .heads import HEAD_TYPES, HeadRecipe, trained_heads
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CACHE_MODES = ("auto", "none", "ram", "device")
@@ -431,32 +432,11 @@ class ExportConfig(_Serializable):
         _check_choice("--dtype", self.dtype, EXPORT_DTYPES)
 
 
-PROBE_HEADS = ("linear", "mlp", "knn", "conv")
-BATCHNORM_HEADS = ("linear", "mlp", "conv")  # heads that train with BatchNorm: a batch of one cannot be normalised
+PROBE_HEADS = tuple(HEAD_TYPES)  # heads.py's registry: a name not there never gets past --head
+BATCHNORM_HEADS = tuple(h for h, t in HEAD_TYPES.items() if t.batchnorm)  # a batch of one cannot be normalised
 PROBE_POOLS = ("avg", "max", "flatten")
 PROBE_FEATURES = ("cached", "augmented")
-TRAINED_HEADS = ("linear", "mlp", "conv")  # knn has nothing to train: it votes with cached features
-
-
-@dataclass(frozen=True)
-class HeadRecipe:
-    """How one kind of probe head is trained: optimiser, learning-rate schedule, epochs, init."""
-
-    optimizer: str  # 'sgd' (Nesterov, momentum 0.9, coupled L2 on every parameter) or 'adamw' (decoupled)
-    lr: float
-    weight_decay: float
-    epochs: int
-    schedule: str  # 'step': lr x gamma after each milestone epoch; 'cosine': per step, to 0
-    milestones: tuple[int, ...] = ()
-    gamma: float = 0.2
-    init: str = "torch"  # 'torch' (PyTorch's defaults) or 'official' (NonLinearClassifier.py's initilize)
-
-    def with_epochs(self, epochs: int) -> "HeadRecipe":
-        """The same recipe for ``epochs``: lr steps keep their place as a share of the run."""
-        if epochs == self.epochs:
-            return self
-        scaled = sorted({round(m * epochs / self.epochs) for m in self.milestones})
-        return dataclasses.replace(self, epochs=epochs, milestones=tuple(m for m in scaled if 0 < m < epochs))
+TRAINED_HEADS = tuple(h for h, t in HEAD_TYPES.items() if t.trains)  # knn has nothing to train: it votes
 
 
 @dataclass(frozen=True)
@@ -470,34 +450,12 @@ class ProbeRecipe:
     reports_best: bool  # report the best epoch next to the last (the official code keeps its best test epoch)
 
 
-# The paper's classifiers as the official code trains them (github.com/gidariss/FeatureLearningRotNet):
-# config/CIFAR10_MultLayerClassifier_on_RotNet_NIN4blocks_Conv2_feats.py (l. 1, 23, 30) for the non-linear
-# classifier ("mlp": 50 epochs, lr 0.1 / 5 after epochs 20, 40, 45) and
-# config/CIFAR10_ConvClassifier_on_RotNet_NIN4blocks_Conv2_feats.py (l. 1, 23, 30) for the conv classifier
-# (100 epochs, steps after 35, 70, 85): SGD, Nesterov, momentum 0.9, weight decay 5e-4 on every parameter
-# (algorithms/Algorithm.py l. 118-128), batch 128, RandomCrop(32, padding=4) + flip on the training images
-# (dataloader.py l. 151-153) with the frozen features recomputed every batch (FeatureClassificationModel.py
-# l. 69), the LUT_lr read per epoch (Algorithm.py l. 296), fp32. The official CIFAR code has no linear
-# classifier: 'linear' takes the non-linear classifier's schedule.
-_PAPER_MLP = HeadRecipe("sgd", 0.1, 5e-4, 50, "step", (20, 40, 45), 0.2, init="official")
-_PAPER_CONV = HeadRecipe("sgd", 0.1, 5e-4, 100, "step", (35, 70, 85), 0.2, init="official")
+# Each head's training under each recipe is in its entry of heads.HEAD_TYPES (the paper's: the official code's).
 PROBE_RECIPES = {
-    # fast looks: features extracted once, AdamW with cosine decay. A BN + linear head on normalised
-    # features converges within 100 epochs only with the larger step; the mlp and conv heads like 1e-3.
-    "quick": ProbeRecipe(
-        "cached",
-        256,
-        "auto",
-        {
-            "linear": HeadRecipe("adamw", 1e-2, 5e-4, 100, "cosine"),
-            "mlp": HeadRecipe("adamw", 1e-3, 5e-4, 100, "cosine"),
-            "conv": HeadRecipe("adamw", 1e-3, 5e-4, 100, "cosine"),
-        },
-        reports_best=False,
-    ),
-    "paper": ProbeRecipe(
-        "augmented", 128, "fp32", {"linear": _PAPER_MLP, "mlp": _PAPER_MLP, "conv": _PAPER_CONV}, reports_best=True
-    ),
+    # fast looks: features extracted once, AdamW with cosine decay
+    "quick": ProbeRecipe("cached", 256, "auto", trained_heads("quick"), reports_best=False),
+    # the official code's classifiers: features recomputed from cropped and flipped images every batch, fp32
+    "paper": ProbeRecipe("augmented", 128, "fp32", trained_heads("paper"), reports_best=True),
 }
 
 

@@ -5,7 +5,7 @@ row per readable image: its file path (for a built-in or torchvision dataset, ``
 its class and class index when the data has classes, its split when the source has two
 (``train/`` + ``val/``, or a torchvision dataset's train and test sets), and the embedding: the
 stage's map pooled over its positions (average or max), optionally L2-normalised. The maps
-come from ``probing.stage_features``, the probe's own extraction, so an embedding is exactly
+come from ``features.stage_features``, the probe's own extraction, so an embedding is exactly
 what the probe's heads see.
 
 Rows go to disk batch by batch and are never all in memory, nor are the images (folders are
@@ -47,7 +47,7 @@ from .config import EMBED_POOLS, EmbedConfig
 from .errors import ConfigError, DataError, OutputError, RotnetError
 from .events import DeviceChosen, Message, Progress, TaskProgress, WarningMessage, ignore
 from .models import num_stages
-from .probing import stage_features, stage_shapes
+from .features import stage_features, stage_shapes
 from .runtime import configure_backends, describe_device, resolve_device, resolve_precision
 from .weights import LoadedWeights, kept_checkpoint_path, load_weights
 

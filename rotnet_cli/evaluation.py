@@ -26,16 +26,9 @@ from .config import PretrainConfig, ProbeConfig
 from .errors import ConfigError
 from .events import Message, Progress
 from .models import RotNet, num_stages, resolve_stages
-from .probing import (
-    extract_features,
-    HeadTrainer,
-    knn_accuracy,
-    labelled_splits,
-    plan_cache,
-    stage_shapes,
-    train_heads,
-    views_needed,
-)
+from .features import extract_features, labelled_splits, plan_cache, stage_shapes
+from .head_training import HeadTrainer, knn_accuracy, train_heads
+from .heads import HEAD_TYPES, views_needed
 from .weights import LoadedWeights
 
 # --eval-every auto: evaluate as often as keeps the evaluations at about this share of the training compute,
@@ -168,14 +161,15 @@ def _evaluate(
     try:
         shapes = stage_shapes(backbones, stages, img_size, device)
         plan = plan_cache(shapes, views_needed(cfg.heads, "avg"), len(ev.train_set) + len(ev.val_set), device)
-        train = extract_features(backbones, stages, ev.train_set, shapes, plan, cfg, device, precision, _Silent())
-        val = extract_features(backbones, stages, ev.val_set, shapes, plan, cfg, device, precision, _Silent())
+        batch_size, workers = cfg.resolved_batch_size, cfg.workers
+        train = extract_features(backbones, stages, ev.train_set, shapes, plan, batch_size, workers, device, precision)
+        val = extract_features(backbones, stages, ev.val_set, shapes, plan, batch_size, workers, device, precision)
     finally:
         backbone.train(was_training)
     names = [str(stage) for stage in ev.stages]
     accuracy: dict[str, dict[str, float]] = {}
     for head in cfg.heads:
-        if head == "knn":
+        if not HEAD_TYPES[head].trains:  # knn: a vote of the nearest training images
             accuracy[head] = {
                 name: knn_accuracy(
                     train.row_avg(r),

@@ -58,6 +58,7 @@ from .loggers import Loggers, check_installed, open_loggers, step_scalars
 from .models import RotNet, create_backbone, data_config, feature_width, normalises_over_batch, rotation_head
 from .rotations import make_rotation_batch, rotate_all
 from .runtime import (
+    FUSED_OPTIMIZER_DEVICES,
     DistInfo,
     all_reduce_sum,
     autocast,
@@ -78,7 +79,6 @@ from .runtime import (
 from .weights import load_weights
 
 NO_STEP = 2**62  # "no such step" for the first non-finite loss (a MIN over ranks keeps real steps)
-FUSED_OPTIMIZER_DEVICES = ("cuda", "cpu")  # where torch has fused SGD and AdamW kernels
 CPU_COMFORTABLE_SIZE = 64  # px: above it, a CPU run is told what --img-size 64 would save
 
 

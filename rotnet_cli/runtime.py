@@ -13,6 +13,8 @@ import torch
 
 from .errors import ConfigError, DeviceError
 
+FUSED_OPTIMIZER_DEVICES = ("cuda", "cpu")  # where torch has fused SGD and AdamW kernels
+
 
 def available_devices() -> list[str]:
     found = ["cpu"]

@@ -4,7 +4,7 @@ Table 3 of the paper puts RotNet's probes beside the same kind of network traine
 labels ("Supervised NIN", 92.80% on CIFAR-10). ``train_supervised(config, progress)`` trains it
 as the official code's config/CIFAR10_supervised_NIN.py does (see ``SupervisedConfig``): the
 model's classifier is timm's (``reset_classifier``), the optimiser and the per-epoch lr steps
-are the probe heads' (``probing.make_head_optimizer``, ``probing.head_lr``), the images are
+are the probe heads' (``head_training.make_head_optimizer``, ``head_training.head_lr``), the images are
 randomly cropped and flipped on the device, and the validation images are evaluated after
 every epoch, so the result holds the last epoch (honest) and the best one (chosen on the
 validation images, as the official code's logs allow).
@@ -26,11 +26,13 @@ import torch.nn.functional as F
 from . import data as data_lib
 from ._version import __version__
 from .checkpoint import write_json
-from .config import HeadRecipe, SupervisedConfig, json_safe
+from .config import SupervisedConfig, json_safe
 from .errors import OutputError
 from .events import DeviceChosen, Message, Progress, TaskProgress, ignore
 from .models import create_backbone, data_config
-from .probing import head_lr, labelled_splits, make_head_optimizer
+from .features import labelled_splits
+from .head_training import head_lr, make_head_optimizer
+from .heads import HeadRecipe
 from .runtime import autocast, configure_backends, describe_device, resolve_device, resolve_precision, seed_everything
 
 SUPERVISED_FILE = "supervised.json"

@@ -64,7 +64,7 @@ def test_probe_runs_on_the_gpu(tmp_path):
 
 def test_probe_heads_on_the_gpu_compute_what_they_compute_on_the_cpu():
     # on CUDA the rows are one padded batched matmul, on the CPU one matmul per row: the same heads
-    from rotnet_cli.probing import StackedLinear
+    from rotnet_cli.head_training import StackedLinear
 
     layer = StackedLinear([64, 128, 512, 512], 10)
     x = torch.randn(256, 64 + 128 + 512 + 512)

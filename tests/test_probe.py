@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+import rotnet_cli.features as features_lib
+import rotnet_cli.head_training as heads_lib
 import rotnet_cli.probing as probe_lib
 from rotnet_cli.cli import app
 from rotnet_cli.config import ProbeConfig
@@ -113,9 +115,9 @@ def test_labels_per_class_trains_on_exactly_k_per_class(run_dir):
         ProbeConfig(weights=str(run_dir), labels_per_class=5, heads=("knn",), device="cpu", workers=0, save=False)
     )
     assert result.train_images == 5 * 10 and result.val_images == 359  # validation keeps its full size
-    keep, short = probe_lib.keep_per_class(torch.arange(40) % 4, 5, seed=1)
+    keep, short = features_lib.keep_per_class(torch.arange(40) % 4, 5, seed=1)
     assert torch.bincount(torch.arange(40)[keep] % 4).tolist() == [5, 5, 5, 5] and short == []
-    assert not torch.equal(keep, probe_lib.keep_per_class(torch.arange(40) % 4, 5, seed=2)[0])  # seeded choice
+    assert not torch.equal(keep, features_lib.keep_per_class(torch.arange(40) % 4, 5, seed=2)[0])  # seeded choice
 
 
 def test_every_head_beats_chance_on_a_separable_set(run_dir, toy_folder):
@@ -206,7 +208,7 @@ def test_unlabelled_flat_folder_is_a_one_line_error(run_dir, tmp_path):
 def test_stacked_linear_rows_are_independent_linears():
     # three rows of 3, 5 and 3 features side by side: each row is its own Linear on its own columns
     dims = [3, 5, 3]
-    layer = probe_lib.StackedLinear(dims, 4)
+    layer = heads_lib.StackedLinear(dims, 4)
     x = torch.randn(16, sum(dims))
     y = layer(x)
     columns = [slice(0, 3), slice(3, 8), slice(8, 11)]
@@ -226,9 +228,9 @@ def test_stacked_linear_gpu_path_computes_what_the_cpu_path_does(dims, bias, pad
     # a GPU applies the rows as one padded batched matmul, a CPU one matmul per row: the same heads
     # either way, whichever layout the weights have
     torch.manual_seed(0)
-    layer = probe_lib.StackedLinear(dims, 4, bias=bias, padded=padded)
+    layer = heads_lib.StackedLinear(dims, 4, bias=bias, padded=padded)
     torch.manual_seed(0)
-    other_layout = probe_lib.StackedLinear(dims, 4, bias=bias, padded=not padded)
+    other_layout = heads_lib.StackedLinear(dims, 4, bias=bias, padded=not padded)
     for r in range(len(dims)):  # each row initialised like its own Linear, in either layout
         assert torch.equal(layer.row(r)[0], other_layout.row(r)[0])
     x = torch.randn(16, sum(dims), requires_grad=True)
@@ -249,13 +251,13 @@ def test_pooled_heads_on_a_cpu_hold_no_padding_for_the_optimiser_to_step():
     # rows of very different widths (resnet50's stages): padded to the widest, the optimiser would step
     # 5 x 2048 weights per class where the rows have 3904, most of them zeros, and a CPU step got slower
     dims = [64, 256, 512, 1024, 2048]
-    recipe = probe_lib.HeadRecipe("adamw", 1e-3, 5e-4, 1, "cosine")
+    recipe = heads_lib.HeadRecipe("adamw", 1e-3, 5e-4, 1, "cosine")
     for kind in ("linear", "mlp"):
-        trainer = probe_lib.HeadTrainer(kind, [(c, 1, 1) for c in dims], 10, "avg", recipe, 0, torch.device("cpu"))
+        trainer = heads_lib.HeadTrainer(kind, [(c, 1, 1) for c in dims], 10, "avg", recipe, 0, torch.device("cpu"))
         weights = sum(
             p.numel() for name, p in trainer.heads.named_parameters() if name.endswith("weight") and p.dim() > 1
         )
-        hidden = probe_lib.MLP_HIDDEN
+        hidden = heads_lib.MLP_HIDDEN
         assert weights == (
             sum(dims) * 10 if kind == "linear" else sum(dims) * hidden + len(dims) * hidden * (hidden + 10)
         )
@@ -320,7 +322,7 @@ def test_a_probe_json_of_one_result_is_kept_when_another_setting_is_added(own_ru
 
 def test_paper_recipe_recomputes_features_of_augmented_images_and_reports_best_and_last(run_dir, monkeypatch):
     crops, forwards = [], []
-    real_crop, real_forward = probe_lib.data_lib.random_crop_flip, probe_lib.forward_stages
+    real_crop, real_forward = probe_lib.data_lib.random_crop_flip, features_lib.forward_stages
 
     def crop(images, padding, generator):
         crops.append((len(images), padding))
@@ -331,7 +333,7 @@ def test_paper_recipe_recomputes_features_of_augmented_images_and_reports_best_a
         return real_forward(backbone, x, indices)
 
     monkeypatch.setattr(probe_lib.data_lib, "random_crop_flip", crop)
-    monkeypatch.setattr(probe_lib, "forward_stages", forward)
+    monkeypatch.setattr(features_lib, "forward_stages", forward)
     result = probe_lib.probe(
         ProbeConfig(
             weights=str(run_dir),
