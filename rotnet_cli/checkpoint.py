@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
 import pickle
-import signal
 import struct
 import tempfile
-import threading
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from ._version import __version__
 from .errors import DiskFullError, OutputError, WeightsError
+from .stopping import signals_deferred
 
 CHECKPOINT_FORMAT = 2  # 2: the lr scheduler joined the training state
 TEMP_SUFFIX = ".tmp"
@@ -66,51 +64,6 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             raise OutputError(f"cannot write {path}: {os_error.strerror}; choose another --out") from e
         raise
     return path
-
-
-# SIGINT/SIGTERM arriving while a file is written are held back until it is complete: raised inside
-# torch.save they surface as a RuntimeError (a traceback, exit 1) instead of a clean stop.
-_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_deferral: dict[str, Any] = {"depth": 0, "caught": []}
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold back SIGINT and SIGTERM for the duration; deliver them, in order, to the handlers that
-    were installed before (a KeyboardInterrupt, the pretrain loop's stop flag, ...) once the block ends.
-
-    Works only in the main thread (where Python runs signal handlers); elsewhere it does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread() or _deferral["depth"]:
-        yield  # another thread, or nested: the outer block delivers
-        return
-    previous = {}
-    try:
-        for sig in _DEFERRED_SIGNALS:
-            previous[sig] = signal.signal(sig, lambda signum, frame: _deferral["caught"].append(signum))
-    except ValueError:  # not the main interpreter thread after all
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        yield
-        return
-    _deferral["depth"] = 1
-    try:
-        yield
-    finally:
-        _deferral["depth"] = 0
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        caught, _deferral["caught"] = _deferral["caught"], []
-        for signum in caught:
-            _deliver(signum, previous[signum])
-
-
-def _deliver(signum: int, handler: Any) -> None:
-    """Call the handler that a deferred signal would have reached."""
-    if callable(handler):
-        handler(signum, None)
-    elif handler == signal.SIG_DFL:
-        signal.raise_signal(signum)  # the default action (SIGTERM: end the process; SIGINT: KeyboardInterrupt)
 
 
 def os_error_behind(e: BaseException) -> OSError | None:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
+from . import stopping
 from .errors import DataError
 from .events import Decoding, Progress, ignore
 
@@ -447,16 +448,6 @@ class FileDataset(torch.utils.data.Dataset):
             return index, None
 
 
-def _worker_signals(worker_id: int) -> None:
-    """Ctrl-C is the main process's business (it checkpoints); workers must not die of it. SIGTERM
-    ends a worker at once, as the loader expects when it terminates one: the handler the worker
-    inherited from the CLI would turn it into a KeyboardInterrupt wherever the worker happened to be."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def _strict_error(path) -> DataError:
     return DataError(f"unreadable image {path}; remove it or drop --strict-data")
 
@@ -513,7 +504,7 @@ def decode_all(
         batch_size=64,
         num_workers=workers,
         collate_fn=_collate,
-        worker_init_fn=_worker_signals,
+        worker_init_fn=stopping.loader_worker,
     )
     out = torch.empty((len(images.paths), 3, images.img_size, images.img_size), dtype=torch.uint8)
     ok = torch.zeros(len(images.paths), dtype=torch.bool)
@@ -686,7 +677,7 @@ def _file_loader(images: ImageSet, workers: int, pin: bool) -> tuple[torch.utils
             pin_memory=pin,
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
-            worker_init_fn=_worker_signals,
+            worker_init_fn=stopping.loader_worker,
         )
         cached = _LOADERS[images] = (key, loader, sampler)
     return cached[1], cached[2]

@@ -28,7 +28,8 @@ from typer.testing import CliRunner
 
 import rotnet_cli.pretraining as pretrain_module
 from rotnet_cli import rundir
-from rotnet_cli.checkpoint import atomic_write, load_checkpoint, save_checkpoint, signals_deferred
+from rotnet_cli.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from rotnet_cli.stopping import signals_deferred
 from rotnet_cli.cli import app
 from rotnet_cli.config import PretrainConfig
 from rotnet_cli.errors import ConfigError, DataError, Interrupted, OutputError, WeightsError

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import atexit
-import signal
-import threading
-
-from ._interrupts import ctrl_c_seen, interrupt
+from .. import stopping
 
 # Ctrl-C while the CLI loads: its KeyboardInterrupt normally lands in the except below, but a library
 # that catches broad exceptions while it imports (rich, typer and their dependencies probe optional
 # modules) can swallow it, and the command then ran to its end. So the Ctrl-C is also counted and
-# main() honours it. Installed only over the interpreter's own handler: an importer that set its own keeps it.
-if (
-    threading.current_thread() is threading.main_thread()
-    and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-):
-    signal.signal(signal.SIGINT, interrupt)
+# main() honours it (stopping.py names every state a signal meets).
+stopping.while_loading()
 
 try:  # Ctrl-C while the CLI loads: one line and exit 130, as everywhere else (not an import traceback)
     from typing import Annotated
@@ -25,7 +17,7 @@ try:  # Ctrl-C while the CLI loads: one line and exit 130, as everywhere else (n
 
     from .._version import __version__
     from . import embed, export, predict, pretrain, probe, reproduce, viz
-    from ._common import ignore_signals_at_exit, prepare_streams, set_debug, stop_at_start
+    from ._common import prepare_streams, set_debug
     from ._typer import RotnetCommand, RotnetGroup, show_help_when_bare
 except KeyboardInterrupt:
     import sys
@@ -89,10 +81,6 @@ app.command(cls=RotnetCommand, epilog=reproduce.EXAMPLES)(reproduce.reproduce)
 
 def main() -> None:
     # until a command's error boundary takes them over; SIGTERM (a scheduler's stop) as Ctrl-C
-    signal.signal(signal.SIGINT, stop_at_start)
-    signal.signal(signal.SIGTERM, stop_at_start)
-    if ctrl_c_seen():  # a Ctrl-C while the CLI loaded that an import swallowed
-        stop_at_start(signal.SIGINT, None)
-    atexit.register(ignore_signals_at_exit)  # first registered, so the last to run
+    stopping.starting()
     prepare_streams()  # file names of any bytes print
     app(prog_name="rotnet")

@@ -12,9 +12,7 @@ import json
 import math
 import os
 import re
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -24,8 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import RotnetError
-from ._interrupts import interrupt
-from ._interrupts import reset as reset_ctrl_c
+from .. import stopping
 
 # Results go to stdout; messages, progress and errors to stderr, so `--json` output
 # on stdout stays machine-readable.
@@ -77,22 +74,20 @@ def error_boundary(command: Callable) -> Callable:
 
     Known errors (RotnetError) say what to do; running out of memory says what to lower; anything
     else is a bug and says so. Also where Ctrl-C changes meaning: before a command starts it ends
-    the process at once (stop_at_start); inside the command it is a KeyboardInterrupt that the
-    command may handle; once the command has failed, further Ctrl-Cs cannot interrupt the last line.
+    the process at once (stopping.stop_at_start); inside the command it is a KeyboardInterrupt that the
+    command may handle; once the command has failed, further Ctrl-Cs cannot interrupt the last line
+    (stopping.py names these states).
     """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        reset_ctrl_c()
-        owns_signals = _set_interrupt_handler(interrupt, only_replacing=stop_at_start) is not None  # run by main()
-        _set_interrupt_handler(interrupt, only_replacing=stop_at_start, signum=signal.SIGTERM)
+        owns_signals = stopping.command_started()  # run by main()
         prepare_streams()  # file names of any bytes print (also where a test runner replaced the streams)
         try:
             return _run_to_last_word(command, args, kwargs)
         finally:
             if owns_signals:  # the command has said its last word: a signal now only ends the process, quietly
-                _set_interrupt_handler(_exit_quietly)
-                _set_interrupt_handler(_exit_quietly, signum=signal.SIGTERM)
+                stopping.command_finished()
 
     return wrapper
 
@@ -127,40 +122,16 @@ def _run_to_last_word(command: Callable, args: tuple, kwargs: dict) -> Any:
         raise typer.Exit(1) from None
 
 
-def ignore_signals_at_exit() -> None:
-    """For the interpreter's last teardown: Ctrl-C and SIGTERM are ignored.
-
-    main() registers this with atexit before any command runs, so it runs after every other atexit
-    callback (they run last-registered first). From there to the end Python has no handler of its own
-    and would leave a signal to the default action: the process killed by SIGINT (exit -2) after the
-    command had said its last word and chosen its exit code.
-    """
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
-
-
-def _exit_quietly(signum: int, frame: Any) -> None:
-    """Ctrl-C or SIGTERM once the command has printed its last line (the interpreter is shutting down):
-    end the process at once, exit 130, with nothing more to say (a KeyboardInterrupt here would end it
-    with Python's own exit by SIGINT)."""
-    sys.stderr.flush()
-    os._exit(130)
-
-
 def error_line(prefix: str | None, message: str) -> None:
     """One line on stderr, whatever the message holds: control characters of file names (a newline,
     a terminal escape) are shown as \\n, \\x1b rather than breaking the line or the terminal. A
     further Ctrl-C cannot cut it short (it is the command's last word). No prefix: a stop's own
     message, which begins with "stopped", in yellow."""
     line = f"[bold red]{prefix}:[/] " if prefix == "error" else f"[yellow]{prefix}:[/] " if prefix else ""
-    previous = _set_interrupt_handler(signal.SIG_IGN)
-    try:
+    with stopping.last_word():
         # the message is plain text: square brackets in it (pip extras, paths) must survive
         line += escape(visible(message)) if prefix else f"[yellow]{escape(visible(message))}[/]"
         err_console.print(line, soft_wrap=True, markup=True, highlight=False)
-    finally:
-        if previous is not None:
-            _set_interrupt_handler(previous)
 
 
 def visible(text: str) -> str:
@@ -190,22 +161,6 @@ def _caused_by_ctrl_c(e: BaseException) -> bool:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return False
-
-
-def stop_at_start(signum: int, frame: Any) -> None:
-    """Ctrl-C (or SIGTERM) before a command has started: nothing to save or undo, so one line and exit 130 at once."""
-    sys.stderr.write("stopped: interrupted before the command started; nothing was changed\n")
-    sys.stderr.flush()
-    os._exit(130)
-
-
-def _set_interrupt_handler(handler: Any, only_replacing: Any = None, signum: int = signal.SIGINT) -> Any:
-    """Install a SIGINT (or ``signum``) handler (main thread only) -> the one it replaced, or None when nothing changed."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    if only_replacing is not None and signal.getsignal(signum) is not only_replacing:
-        return None
-    return signal.signal(signum, handler)
 
 
 def _surrogates(error: UnicodeError) -> tuple[bytes, int]:

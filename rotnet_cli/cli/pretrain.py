@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import shlex
-import signal
 from typing import Annotated, Any, Callable, Optional
 
 import typer
@@ -12,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import PretrainConfig, default_workers, format_rotations
-from ._interrupts import ctrl_c_seen
+from ..stopping import StopFlag
 from ._common import (
     print_table,
     StrictDataOpt,
@@ -249,10 +247,11 @@ def pretrain(
         config = PretrainConfig.from_dict(params)
 
     main_rank = dist_from_env().is_main
-    stop = _StopFlag(training=not main_rank)  # the other ranks see no events: they keep the checkpointing stop
+    # the other ranks see no events: they keep the checkpointing stop
+    stop = StopFlag(lambda line: err_console.print(f"[yellow]{line}[/]"), training=not main_rank)
     view = ProgressView(err_console, title="pretrain")
     with stop.installed(), view:
-        result = run_pretrain(config, progress=stop.watching(view), should_stop=stop)
+        result = run_pretrain(config, progress=_telling_when_training(stop, view), should_stop=stop)
     if not main_rank:  # under torchrun, rank 0 alone reports
         return
 
@@ -269,54 +268,17 @@ def _given(ctx: typer.Context, name: str) -> bool:
     return getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT", "DEFAULT_MAP")  # DEFAULT_MAP: --config
 
 
-class _StopFlag:
-    """Ctrl-C (SIGINT) or a scheduler's SIGTERM asks the loop to stop at the next step
-    boundary: it checkpoints, then exits 130. A second Ctrl-C stops at once, and so does the
-    first one before training has begun (building the model, decoding the data can take
-    minutes; there is nothing to save yet, and the run directory goes back as it was).
-    """
+def _telling_when_training(stop: StopFlag, progress: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``progress``, also telling the stop flag when the first epoch starts (from then on a first
+    Ctrl-C checkpoints instead of stopping at once)."""
+    from ..events import EpochStarted
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    def report(event: Any) -> None:
+        if isinstance(event, EpochStarted):
+            stop.training_started()
+        progress(event)
 
-    def __init__(self, training: bool = False) -> None:
-        self.requested = False
-        self.training = training  # the first epoch has started
-
-    def __call__(self) -> bool:
-        return self.requested
-
-    def watching(self, progress: Callable[[Any], None]) -> Callable[[Any], None]:
-        """``progress``, also telling this flag when the first epoch starts."""
-        from ..events import EpochStarted
-
-        def report(event: Any) -> None:
-            if isinstance(event, EpochStarted):
-                self.training = True
-            progress(event)
-
-        return report
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested or not self.training:
-            raise KeyboardInterrupt
-        self.requested = True
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        err_console.print(f"[yellow]{name}: saving a checkpoint at the end of this step (Ctrl-C again to abort)[/]")
-
-    @contextlib.contextmanager
-    def installed(self):
-        if ctrl_c_seen():  # a Ctrl-C while the command started, whose KeyboardInterrupt library code swallowed
-            raise KeyboardInterrupt
-        try:
-            previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        except ValueError:  # not the main thread (e.g. some test runners): no handlers
-            yield
-            return
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+    return report
 
 
 def _fmt(value, pct: bool = False) -> str:
