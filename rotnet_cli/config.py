@@ -311,6 +311,11 @@ class PretrainConfig(_Serializable):
     def num_rotations(self) -> int:
         return len(self.rotations)
 
+    @property
+    def copies_per_image(self) -> int:
+        """Rotated copies a training image makes per step: every rotation (--copies all) or one."""
+        return self.num_rotations if self.copies == "all" else 1
+
     def resolved_best_metric(self, has_val: bool) -> str:
         """--best-metric with auto resolved: the kNN accuracy when features are evaluated (the best stage's),
         else the validation rotation accuracy when checkpoints are kept and there are validation images,

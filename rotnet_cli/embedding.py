@@ -446,13 +446,13 @@ class EmbedResult:
 def check_out_file(out: Path, overwrite: bool, ours: Callable[[Path], bool] | None = None) -> None:
     """Refuse an --out that is a folder, or a file that exists (unless ``overwrite`` and ``ours``
     says rotnet wrote it: the one --overwrite policy); nothing is changed here."""
-    if out.is_dir():
-        raise OutputError(f"--out {out} is a folder; give a file name, e.g. --out {out / ('embeddings' + out.suffix)}")
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise OutputError(f"--out {out} exists; pass --overwrite to replace it, or choose another --out")
-        if out.is_symlink() or not (ours or is_embeddings_file)(out):
-            rundir.raise_foreign(out.parent, out)
+    own = ours or is_embeddings_file
+    rundir.check_out_file(
+        out,
+        overwrite=overwrite,
+        ours=lambda path: not path.is_symlink() and own(path),  # a link is never replaced
+        name_hint=f"a file name, e.g. --out {out / ('embeddings' + out.suffix)}",
+    )
 
 
 def is_embeddings_file(path: Path) -> bool:

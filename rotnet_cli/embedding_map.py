@@ -33,6 +33,7 @@ from .config import EmbeddingMapConfig
 from .embedding import DATASET_ROW, EmbeddingTable, read_embeddings
 from .errors import RotnetError
 from .events import Message, Progress, WarningMessage, ignore
+from .plotting import pyplot
 
 PRE_PCA_DIMS = 50  # t-SNE and UMAP run on this many principal components (their usual preprocessing)
 THUMBNAIL_PX = 48  # thumbnails are decoded at this size
@@ -170,19 +171,6 @@ class ThumbnailSource:
 # ----------------------------------------------------------------------------- drawing
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise RotnetError(
-            "rotnet viz embeddings needs matplotlib: pip install 'rotnet-cli[plot]' (or pip install matplotlib)"
-        ) from None
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def class_colours(plt, count: int) -> list:
     """Distinct colours: tab10 / tab20 for up to 20 classes, evenly spaced hues of a cyclic map beyond."""
     if count <= 10:
@@ -195,7 +183,7 @@ def class_colours(plt, count: int) -> list:
 def draw_embedding_map(cfg: EmbeddingMapConfig, progress: Progress | None = None) -> EmbeddingMapResult:
     """Project the embeddings of ``cfg.embeddings`` to 2-D and draw them as ``cfg.out``; see the module docstring."""
     emit = progress or ignore
-    plt = _pyplot()  # before any work: a missing extra is known at once
+    plt = pyplot("rotnet viz embeddings")  # before any work: a missing extra is known at once
     out = Path(cfg.out).expanduser()
     rundir.check_out_file(out, overwrite=cfg.overwrite)  # an existing picture: only with --overwrite, only rotnet's
     table = read_embeddings(cfg.embeddings)

@@ -76,7 +76,7 @@ from .runtime import (
     set_rng_state,
     shutdown_distributed,
 )
-from .weights import load_weights
+from .weights import load_weights, nonfinite_tensors
 
 NO_STEP = 2**62  # "no such step" for the first non-finite loss (a MIN over ranks keeps real steps)
 CPU_COMFORTABLE_SIZE = 64  # px: above it, a CPU run is told what --img-size 64 would save
@@ -456,7 +456,7 @@ def _train(
     run = set_up(cfg, dist, device, precision, out, report, stop_requested, writer, img_size, mean, std)
     run.batch_norm = normalises_over_batch(model)
     check_batch_norm(run)
-    copies_per_epoch = run.steps_per_epoch * cfg.batch_size * (cfg.num_rotations if cfg.copies == "all" else 1)
+    copies_per_epoch = run.steps_per_epoch * cfg.batch_size * cfg.copies_per_image
     run.evaluator = set_up_eval(cfg, model, img_size, copies_per_epoch, report) if dist.is_main else None
     run.best_metric = cfg.resolved_best_metric(has_val=run.val_set is not None and len(run.val_set) > 0)
     state = new_state(run, model)
@@ -659,7 +659,7 @@ def set_up(
 
 def check_batch_norm(run: Run) -> None:
     """BatchNorm cannot normalise a batch of one: refuse such a step size before anything is written."""
-    copies = run.cfg.num_rotations if run.cfg.copies == "all" else 1
+    copies = run.cfg.copies_per_image
     if run.per_rank_batch * copies < 2 and run.batch_norm:
         per = " per process" if run.dist.enabled else ""
         raise ConfigError(
@@ -745,7 +745,7 @@ def start_run_dir(run: Run, state: TrainState, resumed: bool) -> None:
                     )
                 )
         rundir.write_metrics(run.out, state.history)
-    copies = run.cfg.num_rotations if run.cfg.copies == "all" else 1
+    copies = run.cfg.copies_per_image
     run.report(
         RunStarted(
             str(run.out),
@@ -977,15 +977,14 @@ def check_finite(run: Run, state: TrainState, epoch: int, sums: EpochSums) -> No
     )
 
 
-def check_finite_weights(run: Run, state: TrainState) -> None:
+def stop_if_weights_diverged(run: Run, state: TrainState) -> None:
     """No weights are saved that hold NaN or infinity: a step can blow them up while the loss it
     reported was still finite (the loss is computed before the update). One host read per save."""
-    tensors = {k: v for k, v in state.model.state_dict().items() if v.is_floating_point()}
-    if bool(torch.stack([torch.isfinite(v).all() for v in tensors.values()]).all()):
+    bad = nonfinite_tensors(state.model.state_dict())
+    if not bad:
         return
-    bad = next(k for k, v in tensors.items() if not bool(torch.isfinite(v).all()))
     raise NonFiniteLossError(
-        f"the weights became NaN or infinite by epoch {state.epoch + 1}, step {state.step} (e.g. {bad}); "
+        f"the weights became NaN or infinite by epoch {state.epoch + 1}, step {state.step} (e.g. {bad[0]}); "
         f"{_kept(run, state)}; lower --lr, add --warmup-epochs or use --precision fp32"
     )
 
@@ -1015,7 +1014,7 @@ def stop_now(run: Run, sync_point: bool) -> bool:
 def save_run_weights(run: Run, state: TrainState, path: Path, **facts: Any) -> None:
     """Backbone + rotation head as safetensors with the metadata every loader reads (the run's model.safetensors,
     and the kept checkpoints, which add their epoch). Never weights that hold NaN or infinity."""
-    check_finite_weights(run, state)
+    stop_if_weights_diverged(run, state)
     rundir.save_weights(
         path,
         state.model.state_dict(),
@@ -1084,7 +1083,7 @@ def save_checkpoint(run: Run, state: TrainState, sums: EpochSums | None) -> None
     """
     if sums is not None:
         check_finite(run, state, state.epoch, sums)
-    check_finite_weights(run, state)  # the same weights on every rank (DDP), so every rank agrees
+    stop_if_weights_diverged(run, state)  # the same weights on every rank (DDP), so every rank agrees
     per_rank = gather_objects({"partial": sums.state() if sums is not None else None, "rng": rng_state()}, run.dist)
     if run.dist.is_main:
         run.loggers.flush()  # the figures up to this checkpoint are on disk before it: a resume after a kill misses none

@@ -732,15 +732,22 @@ def _refuse_another_kind(out: Path, writes: str) -> None:
     )
 
 
-def check_out_file(out: Path, *, overwrite: bool) -> None:
-    """The same policy for a single output file (a picture): refused if it exists, unless
-    --overwrite and rotnet drew it."""
+def check_out_file(
+    out: Path,
+    *,
+    overwrite: bool,
+    ours: Callable[[Path], bool] | None = None,
+    name_hint: str = "a file name ending in .png",
+) -> None:
+    """The same policy for a single output file (a picture, an embeddings file): refused if it is a
+    folder (the message asks for ``name_hint``), or exists, unless --overwrite and ``ours`` says the
+    command wrote it (by default: rotnet wrote it)."""
     if out.is_dir():
-        raise OutputError(f"--out {out} is a folder; give a file name ending in .png")
+        raise OutputError(f"--out {out} is a folder; give {name_hint}")
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise OutputError(f"--out {out} exists; pass --overwrite to replace it, or choose another --out")
-        if not written_by_rotnet(out):
+        if not (ours or written_by_rotnet)(out):
             raise_foreign(out.parent, out)
 
 

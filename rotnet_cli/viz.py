@@ -27,10 +27,11 @@ from . import rundir
 from ._version import __version__
 from .checkpoint import atomic_write, make_dir
 from .config import MAX_PICTURE_PIXELS, AttentionConfig, CurvesConfig, FiltersConfig
-from .errors import ConfigError, DataError, ModelError, RotnetError
+from .errors import ConfigError, DataError, ModelError
 from .events import Message, Progress, TaskProgress, ignore
 from .models import forward_stages, num_stages, resolve_stages
 from .rotations import disc_mask, needs_mask, rotate, rotate_all
+from .plotting import pyplot
 from .runtime import resolve_device
 from .weights import load_weights
 
@@ -598,25 +599,12 @@ def read_metrics(run: str) -> tuple[Path, list[dict[str, Any]]]:
     return (path if path.is_dir() else path.parent), rows
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise RotnetError(
-            "rotnet viz curves needs matplotlib: pip install 'rotnet-cli[plot]' (or pip install matplotlib)"
-        ) from None
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def draw_curves(config: CurvesConfig, progress: Progress | None = None) -> CurvesResult:
     """Loss and rotation accuracy per epoch (training and validation) as one PNG; with --eval-data, a panel
     per evaluation head (knn, linear) with a line per stage, at the epochs that were evaluated."""
     rundir.check_out_file(Path(config.out).expanduser(), overwrite=config.overwrite)
     run_dir, rows = read_metrics(config.run)
-    plt = _pyplot()
+    plt = pyplot("rotnet viz curves")
 
     def figure_of(value) -> Callable[[dict], float | None]:
         return value if callable(value) else (lambda row: row.get(value))

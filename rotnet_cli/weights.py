@@ -306,9 +306,17 @@ def _build(
     return backbone, head
 
 
+def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors of ``state`` that hold NaN or infinity (none: one host read)."""
+    tensors = {k: v for k, v in state.items() if v.is_floating_point()}
+    if not tensors or bool(torch.stack([torch.isfinite(v).all() for v in tensors.values()]).all()):
+        return []
+    return [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
+
+
 def check_finite_weights(state: dict[str, torch.Tensor], source: str) -> None:
     """Weights with NaN or infinity come from a diverged run: nothing computed from them means anything."""
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = nonfinite_tensors(state)
     if bad:
         raise WeightsError(
             f"{source} holds NaN or infinite weights ({len(bad)} tensor(s), e.g. {bad[0]}): it comes from a diverged "
