@@ -17,17 +17,33 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = "runs/demo"
 
 
-def readme_commands() -> list[list[str]]:
-    """Every `rotnet ...` line of the README's bash blocks, in order, as argv (comments dropped)."""
+def readme_pages() -> list[Path]:
+    """The README, then every docs/ page it links to, in the order of their first links: the README
+    shows one example per command, the pages the rest, and a reader follows the links in that order."""
     text = (ROOT / "README.md").read_text()
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for line in block.splitlines():
-            for part in line.split("  #")[0].split("&&"):  # the quick start chains install && demo
-                part = part.strip()
-                if part.startswith("rotnet "):
-                    commands.append(shlex.split(part)[1:])
+    linked = [ROOT / link for link in re.findall(r"\]\((docs/[^)#]+\.md)[^)]*\)", text)]
+    return [ROOT / "README.md", *dict.fromkeys(page for page in linked if page.is_file())]
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `rotnet ...` line of the bash blocks of the README and the pages it links to, in order, as
+    argv (comments dropped); a page's copy of an example the reader has already run counts once."""
+    commands: list[list[str]] = []
+    for page in readme_pages():
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S):
+            for line in block.splitlines():
+                for part in line.split("  #")[0].split("&&"):  # the quick start chains install && demo
+                    part = part.strip()
+                    if part.startswith("rotnet ") and shlex.split(part)[1:] not in commands:
+                        commands.append(shlex.split(part)[1:])
     return commands
+
+
+def test_every_moved_section_is_one_click_from_the_readme():
+    pages = {page.name for page in readme_pages()}
+    for name in ("pretrain", "probe", "export", "viz", "predict", "embed", "paper", "performance", "reliability"):
+        assert f"{name}.md" in pages, f"docs/{name}.md is not linked from the README"
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 320  # a newcomer's page, the depth in docs/
 
 
 def click_command(argv: list[str]):
@@ -50,7 +66,9 @@ def test_the_demo_makes_the_run_that_every_later_example_uses():
     assert first[0] == "pretrain" and written_folder(first) == DEMO  # the quick start's demo, named
     writers = [argv for argv in commands if written_folder(argv) == DEMO]
     assert writers == [first]  # nothing later writes the demo's folder again
-    python = "\n".join(re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S))
+    python = "\n".join(
+        code for page in readme_pages() for code in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    )
     assert f'out="{DEMO}"' not in python  # the Python example makes a run of its own
 
 
