@@ -403,3 +403,30 @@ def test_pooled_heads_train_on_one_cpu_thread_and_the_count_comes_back(run_dir, 
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)  # the suite's setting (conftest)
+
+
+# ----------------------------------------------------------------------------- features.py, as score and embed use it
+
+
+def test_pooled_features_are_the_average_of_each_stages_maps_for_every_image():
+    cpu = torch.device("cpu")
+    weights = load_weights("random:test_resnet", cpu, img_size=32)
+    images = probe_lib.data_lib.open_source("digits", 32, workers=0).train.subset(torch.arange(10))
+    stages = [1, num_stages(weights.backbone)]
+    features, skipped = features_lib.pooled_features(weights, images, stages, cpu, batch_size=4)
+    assert list(features) == stages and skipped == []
+    [batch] = probe_lib.data_lib.iterate_batches(images, torch.arange(10), 10, cpu, drop_last=False, workers=0)
+    maps = features_lib.stage_features([("run", weights)], [stages], batch.images, cpu, "fp32")
+    for stage, fmap in zip(stages, maps):
+        assert features[stage].shape == (10, fmap.shape[1])  # (N, C) of the stage
+        torch.testing.assert_close(features[stage], fmap.mean((2, 3)))
+
+
+def test_every_registered_head_type_is_a_probe_head_and_an_unknown_one_never_gets_past_the_config():
+    from rotnet_cli.config import PROBE_HEADS, TRAINED_HEADS
+    from rotnet_cli.errors import ConfigError
+    from rotnet_cli.heads import HEAD_TYPES
+
+    assert PROBE_HEADS == tuple(HEAD_TYPES) and set(TRAINED_HEADS) == {h for h, t in HEAD_TYPES.items() if t.trains}
+    with pytest.raises(ConfigError, match="--head"):
+        ProbeConfig(weights="timm:test_resnet", heads=("linear", "cosine"))
