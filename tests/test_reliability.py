@@ -1153,6 +1153,27 @@ def test_signals_are_held_back_while_a_file_is_written(tmp_path):
     assert reached
 
 
+def test_a_training_stop_flag_takes_the_first_ctrl_c_and_a_second_stops_at_once_and_the_handlers_come_back():
+    from rotnet_cli import stopping
+
+    said: list[str] = []
+    flag = stopping.StopFlag(said.append, training=True)
+    before = {sig: signal.getsignal(sig) for sig in stopping.SIGNALS}
+    with flag.installed():
+        assert stopping.phase() is stopping.Phase.TRAINING
+        with stopping.signals_deferred():  # a checkpoint being written: the Ctrl-C waits for the file
+            assert stopping.phase() is stopping.Phase.DEFERRED
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert not flag()
+        assert flag() and said == ["SIGTERM: saving a checkpoint at the end of this step (Ctrl-C again to abort)"]
+        assert stopping.phase() is stopping.Phase.TRAINING
+        with pytest.raises(KeyboardInterrupt):  # the second one does not wait for the step
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert {sig: signal.getsignal(sig) for sig in stopping.SIGNALS} == before
+
+
 def _loaded(pid: int, library: str) -> bool:
     try:
         return library in Path(f"/proc/{pid}/maps").read_text()
