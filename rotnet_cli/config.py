@@ -409,10 +409,12 @@ __all__ = [
     "parse_int_list",
     "ExportConfig",
     "EXPORT_DTYPES",
+    "EXPORT_FORMATS",
 ]
 
 
 EXPORT_DTYPES = ("fp32", "fp16", "bf16")
+EXPORT_FORMATS = ("safetensors", "onnx")  # onnx: model.onnx as well, beside the safetensors
 
 
 @dataclass(frozen=True)
@@ -423,12 +425,14 @@ class ExportConfig(_Serializable):
     out: str
     with_head: bool = False
     dtype: str = "fp32"
+    format: str = "safetensors"
     overwrite: bool = False
 
     def __post_init__(self) -> None:
         _check_required("WEIGHTS", self.weights, WEIGHTS_SPECS)
         _check_required("--out", self.out, "the folder to write, e.g. --out exported/")
         _check_choice("--dtype", self.dtype, EXPORT_DTYPES)
+        _check_choice("--format", self.format, EXPORT_FORMATS)
 
 
 PROBE_HEADS = ("linear", "mlp", "knn", "conv")
