@@ -45,7 +45,10 @@ HELP_PANELS = {
     "Optimisation": (
         "epochs",
         "batch_size",
+        "accum_steps",
         "lr",
+        "lr_scale",
+        "lr_ref_batch",
         "weight_decay",
         "decay_all_params",
         "momentum",
@@ -117,10 +120,29 @@ def pretrain(
     ] = "all",
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (the paper: 100).")] = 10,
     batch_size: BatchSizeOpt = 128,
+    accum_steps: Annotated[
+        int,
+        typer.Option(
+            "--accum-steps",
+            help="Gradient accumulation: each optimizer step adds the gradients of N batches of --batch-size, "
+            "so it sees batch x N images (steps and the lr schedule count optimizer steps).",
+        ),
+    ] = 1,
     lr: Annotated[
         Optional[float],
         typer.Option("--lr", help="Peak learning rate (default 0.1 for SGD as in the paper, 1e-3 for AdamW)."),
     ] = None,
+    lr_scale: Annotated[
+        str,
+        typer.Option(
+            "--lr-scale",
+            help="none: --lr as given; linear or sqrt: --lr x (global batch / --lr-ref-batch), or its square root "
+            "(global batch: --batch-size x --accum-steps).",
+        ),
+    ] = "none",
+    lr_ref_batch: Annotated[
+        int, typer.Option("--lr-ref-batch", help="The global batch --lr is meant for, with --lr-scale.")
+    ] = 128,
     weight_decay: Annotated[
         Optional[float], typer.Option("--weight-decay", help="Weight decay (default 5e-4 SGD, 0.05 AdamW).")
     ] = None,
