@@ -251,6 +251,36 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> PretrainCon
     return PretrainConfig.from_dict({**given.to_dict(), "out": str(run_dir), "resume": True, "overwrite": False})
 
 
+def auto_resume_config(params: dict[str, Any], given: set[str]) -> PretrainConfig:
+    """--resume auto: continue the run in --out when it has a checkpoint and the options given (``given``
+    names those of ``params`` set on the command line) agree with it, else start it there.
+
+    So a launcher that restarts a dead process with the same command (torchrun --max-restarts, a
+    scheduler's requeue) continues the run. A run in --out that stopped before its first checkpoint
+    starts again when its config is this one; options that contradict the saved run are refused.
+    """
+    if not params.get("out"):
+        raise ConfigError("--resume auto needs --out DIR: the run directory to continue, or to start when it has none")
+    out = Path(params["out"]).expanduser()
+    options = {name: params[name] for name in given if name in params and name not in ("out", "resume")}
+    if (out / rundir.CHECKPOINT).is_file() or rundir.overwrite_pending(out):
+        return resume_config(out, options)
+    fresh = PretrainConfig.from_dict({**params, "resume": False})
+    if (out / rundir.CONFIG).is_file() and rundir.folder_kind(out) == "run":  # killed before its first checkpoint
+        try:
+            saved = rundir.read_run_config(out)
+        except DataError as e:
+            raise ConfigError(f"--resume auto: {e}") from None
+        clashes = saved.contradictions(fresh, [f.name for f in dataclass_fields(PretrainConfig)])
+        if clashes:
+            raise ConfigError(
+                f"--resume auto: {out} holds another run that stopped before its first checkpoint ({'; '.join(clashes)}); "
+                "give another --out, or --overwrite instead of --resume auto to replace it"
+            )
+        return PretrainConfig.from_dict({**fresh.to_dict(), "overwrite": True})
+    return fresh
+
+
 def _start_again(run_dir: Path) -> str:
     """The command that started the run in ``run_dir`` (from its config.json), with --overwrite, to paste."""
     try:
@@ -1299,4 +1329,13 @@ def _fits_on(device: torch.device, images: data_lib.ImageSet) -> bool:
     return images.images.numel() < free // 4
 
 
-__all__ = ["pretrain", "PretrainResult", "resume_config", "EpochSums", "make_optimizer", "make_scheduler", "lr_factor"]
+__all__ = [
+    "pretrain",
+    "PretrainResult",
+    "resume_config",
+    "auto_resume_config",
+    "EpochSums",
+    "make_optimizer",
+    "make_scheduler",
+    "lr_factor",
+]

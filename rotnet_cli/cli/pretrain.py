@@ -81,6 +81,7 @@ EXAMPLES = """
   rotnet pretrain --model resnet50 --data cifar10 --download --rotations 0,90,180,270 -b 128
   rotnet pretrain --resume runs/demo                [dim]# continue where it stopped[/dim]
   rotnet pretrain --resume runs/demo --epochs 30           [dim]# extend a finished run to 30 epochs[/dim]
+  rotnet pretrain --out runs/big --resume auto             [dim]# continue it if it exists, else start it[/dim]
   rotnet pretrain --logger tensorboard --eval-data digits --keep-checkpoints 3   [dim]# watch it: tensorboard --logdir runs[/dim]
   rotnet pretrain --config runs/demo/config.json --seed 1 --out runs/seed1   [dim]# repeat a run with one change[/dim]
   torchrun --nproc-per-node 4 -m rotnet_cli pretrain --model resnet50 --data ~/photos
@@ -199,7 +200,11 @@ def pretrain(
     overwrite: OverwriteOpt = False,
     resume_dir: Annotated[
         Optional[str],
-        typer.Option("--resume", help="Continue the run in this directory exactly where its checkpoint stopped."),
+        typer.Option(
+            "--resume",
+            help="Continue the run in this directory exactly where its checkpoint stopped; auto: continue the run in "
+            "--out if it has a checkpoint (its options must agree), else start it (for torchrun --max-restarts, requeues).",
+        ),
     ] = None,
     save_every: Annotated[
         int, typer.Option("--save-every", help="Also checkpoint every N steps (0: at the end of each epoch only).")
@@ -255,7 +260,7 @@ def pretrain(
     json_out: JsonOpt = False,
 ) -> None:
     """Pretrain a timm backbone by predicting image rotations; writes a run directory."""
-    from ..pretraining import pretrain as run_pretrain, resume_config
+    from ..pretraining import auto_resume_config, pretrain as run_pretrain, resume_config
     from ..runtime import dist_from_env
 
     params = dict(ctx.params)
@@ -265,7 +270,9 @@ def pretrain(
             raise typer.BadParameter("give --augment or --no-augment, not both", param_hint="--no-augment")
         params["augment"] = "none"
         given.add("augment")
-    if resume_dir:  # the saved config, with the options given on this command line (they must agree with it)
+    if resume_dir == "auto":  # continue --out when it has a checkpoint, else start it (torchrun --max-restarts)
+        config = auto_resume_config(params, given)
+    elif resume_dir:  # the saved config, with the options given on this command line (they must agree with it)
         config = resume_config(resume_dir, {name: params[name] for name in given if name in params})
     else:
         config = PretrainConfig.from_dict(params)
