@@ -143,7 +143,7 @@ def stop():
     return False
 
 params = {**options, "out": str(out)}
-P.pretrain(P.auto_resume_config(params, set(params)))  # what rotnet pretrain --resume auto does
+P.pretrain(P.auto_resume_config(params, set(params)), should_stop=stop)  # what pretrain --resume auto does
 """
 
 

@@ -2,7 +2,10 @@
 
 Each model with random weights (random:NAME) at its own input size goes through the export, which
 checks onnxruntime against PyTorch on random and real images; one JSON line per model:
-{"family", "model", "ok", "max_abs_diff" or "error", "seconds"}. Run: python tools/onnx_families.py [MODEL ...]
+{"family", "model", "ok", "max_abs_diff" or "error", "seconds"}. Run:
+
+    python tools/onnx_families.py > tools/onnx_families.jsonl    # then tools/compat_sweep.py puts it in its onnx column
+    python tools/onnx_families.py MODEL ...
 """
 
 from __future__ import annotations
