@@ -227,7 +227,25 @@ def init_distributed(dist: DistInfo, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group(backend=backend, rank=dist.rank, world_size=dist.world_size)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart == "0":
+        torch.distributed.init_process_group(backend=backend, rank=dist.rank, world_size=dist.world_size)
+        return
+    # restarted by torchrun's elastic agent: its store outlives the workers, and the dead attempt's
+    # keys (each rank's gloo address) would send this attempt's ranks to processes that are gone
+    from datetime import timedelta
+
+    from torch.distributed.rendezvous import _create_c10d_store
+
+    store = _create_c10d_store(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), dist.rank, dist.world_size, timedelta(minutes=30)
+    )
+    torch.distributed.init_process_group(
+        backend=backend,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        store=torch.distributed.PrefixStore(f"rotnet/attempt-{restart}", store),
+    )
 
 
 def shutdown_distributed() -> None:
