@@ -505,6 +505,8 @@ def model_card(loaded: LoadedWeights, config: ExportConfig, record: dict[str, An
         "weights": f"{config.dtype}, exported by rotnet {__version__} from `{loaded.source}`",
         "rotation head": f"`{EXPORT_HEAD}`" if config.with_head else "not included (export with --with-head)",
     }
+    if config.format == "onnx":  # onnx.py writes it after the card, under this name
+        facts["ONNX"] = f"`model.onnx`: {'rotation logits' if config.with_head else 'features'}, for onnxruntime"
     lines = [
         "---",
         "library_name: timm",

@@ -162,3 +162,29 @@ def test_a_killed_process_is_restarted_by_torchrun_and_the_run_ends_bitwise_as_u
     assert Path(str(out) + "-killed").exists()  # the kill happened, and the agent's restart finished the run
     restarted, uninterrupted = load_file(out / "model.safetensors"), load_file(ddp_run / "model.safetensors")
     assert all(torch.equal(restarted[k], uninterrupted[k]) for k in uninterrupted)
+
+
+@pytest.mark.slow  # one more torchrun launch (~45 s on 2 cores); single-process accumulation is in test_accumulation.py
+def test_accumulation_under_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+    from test_ddp import losses
+
+    from rotnet_cli.config import PretrainConfig
+    from rotnet_cli.pretraining import pretrain
+
+    # 2 processes x 8 images x 2 micro-batches (gradients averaged once, at the last one) against 1 x 32
+    accumulated = {**OPTIONS, "accum_steps": 2}
+    out = tmp_path / "ddp"
+    (tmp_path / "harness.py").write_text(HARNESS)
+    subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc-per-node", "2", str(tmp_path / "harness.py"), json.dumps(accumulated)]
+        + [str(out), "0"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=True,
+        capture_output=True,
+        timeout=400,
+    )
+    torch.set_num_threads(1)
+    pretrain(PretrainConfig(**{**OPTIONS, "batch_size": 32}, out=str(tmp_path / "single")))
+    for (ddp_loss, ddp_val), (one_loss, one_val) in zip(losses(out), losses(tmp_path / "single"), strict=True):
+        assert ddp_loss == pytest.approx(one_loss, rel=1e-4)
+        assert ddp_val == pytest.approx(one_val, rel=1e-4)
