@@ -59,7 +59,7 @@ def export(
         typer.Option(
             "--format",
             help="safetensors, or onnx: model.onnx as well (features; rotation logits with --with-head), "
-            "checked with onnxruntime; needs pip install 'rotnet-cli[onnx]'.",
+            "checked with onnxruntime; needs pip install 'rotnet-cli\\[onnx]'.",
         ),
     ] = "safetensors",
     overwrite: OverwriteOpt = False,
