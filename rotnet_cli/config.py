@@ -219,7 +219,10 @@ class PretrainConfig(_Serializable):
     copies: str = "all"
     epochs: int = 10  # the demo: resnet18 on digits learns most of what it can in 10 (README "Augmentation")
     batch_size: int = 128
+    accum_steps: int = 1  # micro-batches of --batch-size whose gradients add up to one optimizer step
     lr: float | None = None
+    lr_scale: str = "none"  # the lr in use: --lr x (global batch / --lr-ref-batch) linear, its sqrt, or --lr as given
+    lr_ref_batch: int = 128  # the global batch --lr is meant for (the paper's 0.1 at 128 images)
     weight_decay: float | None = None
     decay_all_params: bool = False  # True: norms and biases decay too (the official RotNet code)
     momentum: float = 0.9
@@ -280,7 +283,10 @@ class PretrainConfig(_Serializable):
         _check_choice("--augment", self.augment, AUGMENTS)
         _check_positive("--epochs", self.epochs)
         _check_positive("--batch-size", self.batch_size)
+        _check_positive("--accum-steps", self.accum_steps)
         _check_positive("--lr", self.lr)
+        _check_choice("--lr-scale", self.lr_scale, LR_SCALES)
+        _check_positive("--lr-ref-batch", self.lr_ref_batch)
         _check_positive("--weight-decay", self.weight_decay, allow_zero=True)
         _check_positive("--warmup-epochs", self.warmup_epochs, allow_zero=True)
         _check_positive("--workers", self.workers, allow_zero=True)
@@ -329,9 +335,21 @@ class PretrainConfig(_Serializable):
         return "val_rot_acc" if self.keep_checkpoints and has_val else "none"
 
     @property
-    def resolved_lr(self) -> float:
+    def global_batch(self) -> int:
+        """Images per optimizer step over all processes: --batch-size (split among them) x --accum-steps."""
+        return self.batch_size * self.accum_steps
+
+    @property
+    def base_lr(self) -> float:
         # The paper: SGD lr 0.1 at 128 images x 4 rotations; AdamW's usual 1e-3.
         return self.lr if self.lr is not None else (0.1 if self.optimizer == "sgd" else 1e-3)
+
+    @property
+    def resolved_lr(self) -> float:
+        """The peak lr in use: --lr (or the optimizer's default) scaled by --lr-scale for the global batch."""
+        ratio = self.global_batch / self.lr_ref_batch
+        factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.lr_scale]
+        return self.base_lr * factor
 
     @property
     def resolved_weight_decay(self) -> float:
@@ -415,10 +433,13 @@ __all__ = [
     "parse_int_list",
     "ExportConfig",
     "EXPORT_DTYPES",
+    "EXPORT_FORMATS",
 ]
 
 
+LR_SCALES = ("none", "linear", "sqrt")
 EXPORT_DTYPES = ("fp32", "fp16", "bf16")
+EXPORT_FORMATS = ("safetensors", "onnx")  # onnx: model.onnx as well, beside the safetensors
 
 
 @dataclass(frozen=True)
@@ -429,12 +450,14 @@ class ExportConfig(_Serializable):
     out: str
     with_head: bool = False
     dtype: str = "fp32"
+    format: str = "safetensors"
     overwrite: bool = False
 
     def __post_init__(self) -> None:
         _check_required("WEIGHTS", self.weights, WEIGHTS_SPECS)
         _check_required("--out", self.out, "the folder to write, e.g. --out exported/")
         _check_choice("--dtype", self.dtype, EXPORT_DTYPES)
+        _check_choice("--format", self.format, EXPORT_FORMATS)
 
 
 PROBE_HEADS = tuple(HEAD_TYPES)  # heads.py's registry: a name not there never gets past --head

@@ -89,6 +89,11 @@ class RunStarted(Event):
     start_epoch: int  # 0-based: a resumed run starts later
     batch_images: int  # model inputs per step (rotated copies), over all processes
     start_step: int = 0  # steps of start_epoch already done (a run resumed mid-epoch)
+    global_batch: int = 0  # images per optimizer step: per process x processes x accumulation (0: not said)
+    per_process_batch: int = 0
+    processes: int = 1
+    accum_steps: int = 1  # micro-batches per optimizer step (--accum-steps)
+    lr: float = 0.0  # the peak lr in use (after --lr-scale)
 
 
 @dataclass(frozen=True)

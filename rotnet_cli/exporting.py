@@ -6,9 +6,11 @@ The folder (timm's ``local-dir:`` / hub layout)::
     DIR/config.json                  timm's save_config_for_hf: architecture, model_args, pretrained_cfg
     DIR/README.md                    a model card
     DIR/rotation_head.safetensors    with --with-head: Linear(head_hidden_size, R) as weight/bias (timm ignores it)
+    DIR/model.onnx                   with --format onnx: the backbone's features, or with --with-head the
+                                     rotation logits, for onnxruntime (see onnx.py); config.json's "onnx" says which
 
 Everything is written into a temporary sibling folder, loaded back through timm both
-ways (and through rotnet's own loader), and only then renamed into place: a failed
+ways (and through rotnet's own loader; model.onnx through onnxruntime), and only then renamed into place: a failed
 export leaves nothing behind and changes no existing file.
 """
 
@@ -63,6 +65,7 @@ class ExportResult:
     with_head: bool
     files: dict[str, int] = field(default_factory=dict)  # file name -> bytes
     round_trip: dict[str, float] = field(default_factory=dict)  # how it was loaded back -> max |feature diff|
+    onnx: dict[str, Any] | None = None  # with --format onnx: file, opset, output, and images -> max |diff| vs PyTorch
 
     @property
     def snippet(self) -> str:
@@ -87,6 +90,7 @@ class ExportResult:
             "files": [{"name": n, "path": str(self.out_dir / n), "bytes": b} for n, b in self.files.items()],
             "total_bytes": sum(self.files.values()),
             "round_trip_max_abs_diff": self.round_trip,
+            "onnx": self.onnx,
             "snippet": self.snippet,
         }
 
@@ -110,6 +114,10 @@ def _export(config: ExportConfig, out: Path, emit: Progress) -> ExportResult:
     def stage(done: int, description: str) -> None:
         emit(TaskProgress("export", description, done, 3))
 
+    if config.format == "onnx":
+        from .onnx import require_onnx
+
+        require_onnx(export=True)  # before any work: a missing extra is one line
     stage(0, "export: loading weights")
     loaded = load_weights(config.weights, device="cpu")
     if config.with_head and (loaded.head is None or not loaded.rotations):
@@ -127,6 +135,7 @@ def _export(config: ExportConfig, out: Path, emit: Progress) -> ExportResult:
             _write_head(staging, loaded, config)
         hf_config = json.loads((staging / EXPORT_CONFIG).read_text())  # what timm's save_config_for_hf wrote
         write_text(staging / MODEL_CARD, model_card(loaded, config, record, hf_config.get("model_args", {})))
+        onnx_check = _write_onnx(staging, loaded, config, record) if config.format == "onnx" else None
         stage(2, "export: loading back")
         round_trip = _verify_round_trip(staging, hf_config, loaded, config.with_head)
         rundir.install_staged(staging, out)
@@ -159,6 +168,7 @@ def _export(config: ExportConfig, out: Path, emit: Progress) -> ExportResult:
         with_head=config.with_head,
         files={p.name: p.stat().st_size for p in sorted(out.iterdir())},
         round_trip=round_trip,
+        onnx=onnx_check,
     )
 
 
@@ -258,6 +268,25 @@ def _write_head(folder: Path, loaded: LoadedWeights, config: ExportConfig) -> No
         rotations=list(loaded.rotations),
         head_hidden_size=feature_width(loaded.backbone),
     )
+
+
+def _write_onnx(folder: Path, loaded: LoadedWeights, config: ExportConfig, record: dict[str, Any]) -> dict[str, Any]:
+    """model.onnx (features, or with the head rotation logits), checked against PyTorch with onnxruntime,
+    and recorded in config.json's "onnx" entry. Returns that entry plus the check's differences."""
+    from .onnx import ONNX_FILE, export_onnx, onnx_metadata, reference_images, verify_onnx
+
+    output = "logits" if config.with_head else "features"
+    module = loaded.rotnet() if config.with_head else loaded.backbone  # weights already rounded to --dtype
+    meta = onnx_metadata(loaded, output, record)
+    export_onnx(module.eval(), folder / ONNX_FILE, loaded.img_size, meta)
+    diffs = verify_onnx(folder / ONNX_FILE, module, reference_images(loaded.img_size, loaded.mean, loaded.std))
+    entry = {"file": ONNX_FILE, "opset": meta["opset"], "exporter": meta["exporter"], "output": output}
+    if output == "logits":
+        entry["rotations"] = meta["rotations"]
+    hf_config = json.loads((folder / EXPORT_CONFIG).read_text())
+    hf_config["onnx"] = entry  # timm reads only its own keys of config.json
+    write_json(folder / EXPORT_CONFIG, hf_config)
+    return {**entry, "max_abs_diff": diffs}
 
 
 # ----------------------------------------------------------------------------- round trip
@@ -476,6 +505,8 @@ def model_card(loaded: LoadedWeights, config: ExportConfig, record: dict[str, An
         "weights": f"{config.dtype}, exported by rotnet {__version__} from `{loaded.source}`",
         "rotation head": f"`{EXPORT_HEAD}`" if config.with_head else "not included (export with --with-head)",
     }
+    if config.format == "onnx":  # onnx.py writes it after the card, under this name
+        facts["ONNX"] = f"`model.onnx`: {'rotation logits' if config.with_head else 'features'}, for onnxruntime"
     lines = [
         "---",
         "library_name: timm",

@@ -17,8 +17,10 @@ import csv
 import errno
 import io
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,25 +150,94 @@ def combine_votes(log_probs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return agreeing.exp().mean(0)
 
 
+# ----------------------------------------------------------------------------- the backend seam
+
+
+@dataclass
+class RotationModel:
+    """A rotation classifier, whatever runs it (PyTorch or onnxruntime), and what feeding it takes."""
+
+    logits: Callable[[torch.Tensor], torch.Tensor]  # (N, 3, S, S) normalised float32 -> (N, R) logits
+    model_name: str
+    rotations: tuple[float, ...]
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+    device: str  # what runs it, in words
+    precision: str  # resolved: fp32, bf16 or fp16 (onnxruntime: fp32)
+    info: dict[str, Any] = field(default_factory=dict)  # the weights' metadata (training data, ...)
+    run_dir: Path | None = None
+
+
+def load_rotation_model(spec: str, device: torch.device, precision: str) -> RotationModel:
+    """Any weights spec predict accepts -> a RotationModel: a .onnx file (or a folder holding model.onnx)
+    runs on onnxruntime, everything else on PyTorch on ``device`` at ``precision``."""
+    from .onnx import is_onnx_spec
+
+    if is_onnx_spec(spec):
+        return _onnx_rotation_model(spec, device)
+    weights = load_weights(spec, device)
+    model = weights.rotnet()
+    assert weights.rotations is not None  # rotnet() raised otherwise
+
+    def logits(images: torch.Tensor) -> torch.Tensor:
+        with autocast(device, precision):
+            return model(images)  # (N, R)
+
+    return RotationModel(
+        logits,
+        weights.model_name,
+        weights.rotations,
+        weights.img_size,
+        weights.mean,
+        weights.std,
+        weights.source,
+        describe_device(device),
+        precision,
+        weights.info,
+        weights.run_dir,
+    )
+
+
+def _onnx_rotation_model(spec: str, device: torch.device) -> RotationModel:
+    from .onnx import load_onnx
+
+    model = load_onnx(spec, device)
+    if model.output != "logits":
+        raise ConfigError(
+            f"{model.path} returns the backbone's features, not rotations (it was exported without --with-head); "
+            "export the run again with --format onnx --with-head"
+        )
+    assert model.rotations is not None  # required by its metadata when the output is logits
+    return RotationModel(
+        model,
+        model.model_name,
+        model.rotations,
+        model.img_size,
+        model.mean,
+        model.std,
+        str(model.path),
+        f"onnxruntime ({model.provider})",
+        "fp32",
+        model.info,
+    )
+
+
 @torch.no_grad()
 def rotation_probabilities(
-    model: torch.nn.Module,
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
     rotations: tuple[float, ...],
-    device: torch.device,
-    precision: str,
     tta_table: torch.Tensor | None,
 ) -> torch.Tensor:
     """(N, 3, S, S) normalised images -> (N, R) probabilities of each rotation."""
     if tta_table is None:
         if needs_mask(rotations):  # the model saw every copy, the 0-degree one too, disc-masked
             images = images * disc_mask(*images.shape[-2:], device=images.device)
-        with autocast(device, precision):
-            logits = model(images)  # (N, R)
-        return logits.float().softmax(1)
+        return logits_of(images).float().softmax(1)  # (N, R)
     copies, _ = rotate_all(images, rotations)  # (R*N, 3, S, S), rotation-major
-    with autocast(device, precision):
-        logits = model(copies)  # (R*N, R)
+    logits = logits_of(copies)  # (R*N, R)
     log_probs = logits.float().log_softmax(1).view(len(rotations), len(images), len(rotations))
     return combine_votes(log_probs, tta_table)
 
@@ -181,12 +252,10 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
     inputs = collect_inputs(cfg.inputs)
     out = Path(cfg.out).expanduser() if cfg.out else None
     check_outputs(cfg, out)
-    weights = load_weights(cfg.weights, device)
-    model = weights.rotnet()
+    weights = load_rotation_model(cfg.weights, device, precision)
     rotations = weights.rotations
-    assert rotations is not None  # rotnet() raised otherwise
     tta_table = tta_index_table(rotations) if cfg.tta else None
-    emit(DeviceChosen(describe_device(device), precision))
+    emit(DeviceChosen(weights.device, weights.precision))
 
     # labels carry each file's index, so predictions map back to files; unreadable files
     # are the indices that never come back from the loader
@@ -200,7 +269,7 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
     done = colour = 0
     for batch in batches:
         x = data_lib.normalize(batch.images, weights.mean, weights.std)  # (n, 3, S, S) float32
-        probs = rotation_probabilities(model, x, rotations, device, precision, tta_table).cpu()  # (n, R)
+        probs = rotation_probabilities(weights.logits, x, rotations, tta_table).cpu()  # (n, R)
         colour += int(is_colour(batch.images).sum())
         confidence, index = probs.max(1)
         for i, c, k in zip(batch.labels.tolist(), confidence.tolist(), index.tolist()):
@@ -218,9 +287,7 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
     if warning:
         emit(WarningMessage(warning))
 
-    result = PredictResult(
-        weights.model_name, weights.source, rotations, describe_device(device), cfg.tta, predictions, out
-    )
+    result = PredictResult(weights.model_name, weights.source, rotations, weights.device, cfg.tta, predictions, out)
     if out is not None:
         make_dir(out)
     try:
@@ -355,7 +422,7 @@ def typical_side(paths: list[Path], sample: int = 32) -> int | None:
     return int(np.median(sides)) if sides else None
 
 
-def unlike_training(weights: LoadedWeights, decoded: int, colour: int, side: int | None) -> str | None:
+def unlike_training(weights: LoadedWeights | RotationModel, decoded: int, colour: int, side: int | None) -> str | None:
     """A warning when the images differ clearly from the data the weights were trained on
     (known for the built-in and torchvision datasets): colour images for a model of grey
     digits, or photos many times the size the model saw."""
@@ -439,6 +506,8 @@ def write_reports(out: Path, predictions: list[ImagePrediction]) -> list[Path]:
 
 __all__ = [
     "predict",
+    "load_rotation_model",
+    "RotationModel",
     "PredictResult",
     "ImagePrediction",
     "combine_votes",

@@ -251,6 +251,36 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> PretrainCon
     return PretrainConfig.from_dict({**given.to_dict(), "out": str(run_dir), "resume": True, "overwrite": False})
 
 
+def auto_resume_config(params: dict[str, Any], given: set[str]) -> PretrainConfig:
+    """--resume auto: continue the run in --out when it has a checkpoint and the options given (``given``
+    names those of ``params`` set on the command line) agree with it, else start it there.
+
+    So a launcher that restarts a dead process with the same command (torchrun --max-restarts, a
+    scheduler's requeue) continues the run. A run in --out that stopped before its first checkpoint
+    starts again when its config is this one; options that contradict the saved run are refused.
+    """
+    if not params.get("out"):
+        raise ConfigError("--resume auto needs --out DIR: the run directory to continue, or to start when it has none")
+    out = Path(params["out"]).expanduser()
+    options = {name: params[name] for name in given if name in params and name not in ("out", "resume")}
+    if (out / rundir.CHECKPOINT).is_file() or rundir.overwrite_pending(out):
+        return resume_config(out, options)
+    fresh = PretrainConfig.from_dict({**params, "resume": False})
+    if (out / rundir.CONFIG).is_file() and rundir.folder_kind(out) == "run":  # killed before its first checkpoint
+        try:
+            saved = rundir.read_run_config(out)
+        except DataError as e:
+            raise ConfigError(f"--resume auto: {e}") from None
+        clashes = saved.contradictions(fresh, [f.name for f in dataclass_fields(PretrainConfig)])
+        if clashes:
+            raise ConfigError(
+                f"--resume auto: {out} holds another run that stopped before its first checkpoint ({'; '.join(clashes)}); "
+                "give another --out, or --overwrite instead of --resume auto to replace it"
+            )
+        return PretrainConfig.from_dict({**fresh.to_dict(), "overwrite": True})
+    return fresh
+
+
 def _start_again(run_dir: Path) -> str:
     """The command that started the run in ``run_dir`` (from its config.json), with --overwrite, to paste."""
     try:
@@ -614,7 +644,13 @@ def set_up(
         )
     per_rank_batch = cfg.batch_size // dist.world_size
     images_per_rank = len(train_set) // dist.world_size
-    if images_per_rank < per_rank_batch:
+    if images_per_rank < per_rank_batch * cfg.accum_steps:
+        if cfg.accum_steps > 1:
+            raise DataError(
+                f"the training set has {len(train_set)} images, fewer than one optimizer step of {cfg.global_batch} "
+                f"(--batch-size {cfg.batch_size} x --accum-steps {cfg.accum_steps}); lower --accum-steps to at most "
+                f"{max(1, images_per_rank // max(1, per_rank_batch))}"
+            )
         raise DataError(
             f"the training set has {len(train_set)} images, fewer than one batch of {cfg.batch_size}; "
             f"lower --batch-size to at most {max(dist.world_size, images_per_rank * dist.world_size)}"
@@ -625,7 +661,7 @@ def set_up(
         train_set = train_set.to(device)
         if val_set is not None and val_set.in_memory:
             val_set = val_set.to(device)
-    steps_per_epoch = images_per_rank // per_rank_batch
+    steps_per_epoch = images_per_rank // (per_rank_batch * cfg.accum_steps)  # optimizer steps
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     padding = max(1, img_size // 8)  # 4 px at 32 px, the paper's CIFAR crop
@@ -689,7 +725,9 @@ def resolved_config(run: Run) -> dict[str, Any]:
         "img_size": run.img_size,
         "mean": list(run.mean),
         "std": list(run.std),
-        "lr": run.cfg.resolved_lr,
+        "lr": run.cfg.resolved_lr,  # in use: --lr scaled by --lr-scale for the global batch
+        "global_batch": run.cfg.global_batch,  # images per optimizer step: per process x processes x accumulation
+        "per_process_batch": run.per_rank_batch,
         "weight_decay": run.cfg.resolved_weight_decay,
         "augment": run.augment,
         "device": str(run.device),
@@ -756,8 +794,13 @@ def start_run_dir(run: Run, state: TrainState, resumed: bool) -> None:
             run.steps_per_epoch,
             run.cfg.epochs,
             state.epoch,
-            run.per_rank_batch * run.dist.world_size * copies,
+            run.per_rank_batch * run.dist.world_size * copies * run.cfg.accum_steps,
             state.step,
+            global_batch=run.cfg.global_batch,
+            per_process_batch=run.per_rank_batch,
+            processes=run.dist.world_size,
+            accum_steps=run.cfg.accum_steps,
+            lr=run.cfg.resolved_lr,
         )
     )
 
@@ -785,10 +828,10 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
     t0 = time.perf_counter()
     waited = 0.0
     lr = state.optimizer.param_groups[0]["lr"]
-    batches = data_lib.iterate_batches(
+    batches = data_lib.iterate_batches(  # one batch per optimizer step: its micro-batches are split off below
         run.train_set,
         order,
-        run.per_rank_batch,
+        run.per_rank_batch * cfg.accum_steps,
         device,
         drop_last=True,
         workers=cfg.workers,
@@ -823,13 +866,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
 
         # unreadable files can leave a streamed batch of one image, which BatchNorm cannot train on: it passes
         if len(x) >= 2 or not run.batch_norm:
-            with autocast(device, run.precision):
-                logits = run.train_model(x)  # (R*B, R)
-            loss = rotation_loss(logits, y)
-            state.optimizer.zero_grad(set_to_none=True)
-            state.scaler.scale(loss).backward()
-            state.scaler.step(state.optimizer)  # fp16: skips the update when the scaled gradients overflowed
-            state.scaler.update()
+            loss, logits, y = optimizer_step(run, state, x, y, len(batch.images))
             # the sums stay on the device; the host reads them every log_every steps only
             sums.add(step, loss, logits, y)
         state.scheduler.step()
@@ -880,6 +917,48 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
 
     check_finite(run, state, epoch, sums)
     return EpochStats(sums, seen_before, time.perf_counter() - t0, waited, lr)
+
+
+def micro_batches(rows: int, images: int, accum_steps: int) -> list[torch.Tensor]:
+    """The rows of a step's rotation batch that each of its ``accum_steps`` micro-batches trains on.
+
+    Row j shows image j % images (all copies are rotation-major, one copy is one row per image), so a
+    micro-batch takes every copy of its slice of the images, as a step of that many images would.
+    """
+    size = -(-images // accum_steps)  # ceil: an uneven streamed batch gives a smaller last micro-batch
+    part = torch.arange(rows) % images // size  # (rows,) the micro-batch of each row
+    return [(part == k).nonzero().squeeze(1) for k in range(accum_steps) if bool((part == k).any())]
+
+
+def optimizer_step(
+    run: Run, state: TrainState, x: torch.Tensor, y: torch.Tensor, images: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step on the step's rotation batch ``x`` (R*B or B, 3, S, S) with labels ``y``, in
+    --accum-steps micro-batches whose gradients add up to the whole batch's (each loss weighted by its
+    share of the rows, so a model without BatchNorm gets the gradient of one step of the whole batch).
+
+    Under DDP the gradients are averaged over processes once, at the last micro-batch (no_sync before).
+    Returns the step's mean loss, its logits (R*B, R) and their labels, in micro-batch order.
+    """
+    accum = run.cfg.accum_steps
+    parts = [torch.arange(len(x))] if accum == 1 else micro_batches(len(x), images, accum)
+    state.optimizer.zero_grad(set_to_none=True)
+    losses, outputs, labels = [], [], []
+    for k, rows in enumerate(parts):
+        xs, ys = (x, y) if accum == 1 else (x[rows.to(x.device)], y[rows.to(y.device)])
+        last = k == len(parts) - 1
+        syncing = contextlib.nullcontext() if last or not run.dist.enabled else run.train_model.no_sync()
+        with syncing:
+            with autocast(run.device, run.precision):
+                logits = run.train_model(xs)  # (rows, R)
+            loss = rotation_loss(logits, ys)
+            state.scaler.scale(loss * (len(ys) / len(y))).backward()
+        losses.append(loss.detach() * (len(ys) / len(y)))
+        outputs.append(logits.detach())
+        labels.append(ys)
+    state.scaler.step(state.optimizer)  # fp16: skips the update when the scaled gradients overflowed
+    state.scaler.update()
+    return torch.stack(losses).sum(), torch.cat(outputs), torch.cat(labels)
 
 
 def finish_epoch(run: Run, state: TrainState, epoch: int, stats: EpochStats) -> dict[str, Any]:
@@ -1249,4 +1328,13 @@ def _fits_on(device: torch.device, images: data_lib.ImageSet) -> bool:
     return images.images.numel() < free // 4
 
 
-__all__ = ["pretrain", "PretrainResult", "resume_config", "EpochSums", "make_optimizer", "make_scheduler", "lr_factor"]
+__all__ = [
+    "pretrain",
+    "PretrainResult",
+    "resume_config",
+    "auto_resume_config",
+    "EpochSums",
+    "make_optimizer",
+    "make_scheduler",
+    "lr_factor",
+]

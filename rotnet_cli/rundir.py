@@ -72,6 +72,7 @@ PROBE = "probe.json"
 EXPORT_CONFIG = "config.json"
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_HEAD = "rotation_head.safetensors"
+EXPORT_ONNX = "model.onnx"  # with --format onnx (see onnx.py)
 MODEL_CARD = "README.md"
 EXPORT_DIR = "export"  # the default place of a run's export (rotnet export RUN --out RUN/export)
 CHECKPOINTS = "checkpoints"
@@ -91,7 +92,7 @@ RUN_ENTRIES = (
     CHECKPOINTS,
     LOGS,
 )  # what --overwrite replaces; anything else in the folder is the user's
-EXPORT_FILES = (EXPORT_WEIGHTS, EXPORT_CONFIG, MODEL_CARD, EXPORT_HEAD)
+EXPORT_FILES = (EXPORT_WEIGHTS, EXPORT_CONFIG, MODEL_CARD, EXPORT_HEAD, EXPORT_ONNX)
 PROBE_FORMAT = "rotnet-probe-results"  # probe.json: {"format": PROBE_FORMAT, "results": [one per setting]}
 # an overwritten run's files while the new run has no checkpoint; the folder's name says how far the move got
 REPLACING, REPLACED, RESTORING = ".rotnet-replacing", ".rotnet-replaced", ".rotnet-restoring"
@@ -592,7 +593,7 @@ def written_by_rotnet(path: Path) -> bool:
             if isinstance(record, dict) and record.get("format") == PROBE_FORMAT:
                 return isinstance(record.get("results"), list)
             return isinstance(record, dict) and "rotnet_version" in record and isinstance(record.get("rows"), list)
-        if name == MODEL_CARD:
+        if name in (MODEL_CARD, EXPORT_ONNX):
             return _marker(path.parent / EXPORT_WEIGHTS) == EXPORT_FORMAT
         if name.lower().endswith(".png"):
             return is_rotnet_picture(path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,9 +166,51 @@ class DistInfo:
         return self.rank == 0
 
 
+def slurm_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """What torchrun would have set, for a process that srun started without torchrun: RANK, WORLD_SIZE,
+    LOCAL_RANK from SLURM_PROCID, SLURM_STEP_NUM_TASKS (or SLURM_NTASKS), SLURM_LOCALID; MASTER_ADDR the first
+    host of the step's (or job's) node list, where srun's default block distribution puts task 0, else
+    SLURM_LAUNCH_NODE_IPADDR; MASTER_PORT derived from SLURM_JOB_ID, so every task of a job agrees on it
+    and two jobs on one node rarely meet. Variables already set win; {} outside srun or under torchrun.
+    """
+    if "SLURM_PROCID" not in environ or "TORCHELASTIC_RUN_ID" in environ or "RANK" in environ:
+        return {}
+    tasks = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS")
+    if not tasks:
+        return {}
+    mapped = {
+        "RANK": environ["SLURM_PROCID"],
+        "WORLD_SIZE": tasks,
+        "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+    }
+    nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    host = first_host(nodes) if nodes else environ.get("SLURM_LAUNCH_NODE_IPADDR")
+    if host:
+        mapped["MASTER_ADDR"] = host
+    job = environ.get("SLURM_JOB_ID", "")
+    mapped["MASTER_PORT"] = str(15000 + int(job) % 20000) if job.isdigit() else "29500"
+    return {k: v for k, v in mapped.items() if k not in environ}
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[03-05,09],cpu1' -> 'gpu03', 'rack[1-2]-n[7,9]' -> 'rack1-n7'."""
+    depth, end = 0, len(nodelist)
+    for i, c in enumerate(nodelist):  # the first comma outside brackets ends the first entry
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\],-]+)[^\]]*\]", r"\1", nodelist[:end].strip())
+
+
 def dist_from_env() -> DistInfo:
-    """torchrun's RANK, WORLD_SIZE and LOCAL_RANK (or SLURM's, MPI's: timm's world_info_from_env)."""
+    """torchrun's RANK, WORLD_SIZE and LOCAL_RANK (or SLURM's, MPI's: timm's world_info_from_env).
+
+    A process srun started without torchrun gets torchrun's variables from SLURM's first (slurm_env).
+    """
     from timm.utils import world_info_from_env
+
+    os.environ.update(slurm_env(os.environ))
 
     local_rank, rank, world = world_info_from_env()
     if world <= 1:
@@ -185,7 +229,25 @@ def init_distributed(dist: DistInfo, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group(backend=backend, rank=dist.rank, world_size=dist.world_size)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart == "0":
+        torch.distributed.init_process_group(backend=backend, rank=dist.rank, world_size=dist.world_size)
+        return
+    # restarted by torchrun's elastic agent: its store outlives the workers, and the dead attempt's
+    # keys (each rank's gloo address) would send this attempt's ranks to processes that are gone
+    from datetime import timedelta
+
+    from torch.distributed.rendezvous import _create_c10d_store
+
+    store = _create_c10d_store(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), dist.rank, dist.world_size, timedelta(minutes=30)
+    )
+    torch.distributed.init_process_group(
+        backend=backend,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        store=torch.distributed.PrefixStore(f"rotnet/attempt-{restart}", store),
+    )
 
 
 def shutdown_distributed() -> None:

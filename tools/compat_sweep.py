@@ -377,6 +377,21 @@ def read_results(work: Path) -> dict[str, dict]:
 # ----------------------------------------------------------------------------- docs/compatibility.md
 
 
+def onnx_results() -> dict[str, str]:
+    """family -> the onnx column's cell, from tools/onnx_families.jsonl (written by tools/onnx_families.py)."""
+    path = Path(__file__).with_name("onnx_families.jsonl")
+    cells: dict[str, str] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(ValueError, KeyError):
+            row = json.loads(line)
+            cells[row["family"]] = (
+                f"ok (`{row['model']}`, max diff {row['max_abs_diff']:.1g})"
+                if row["ok"]
+                else f"`{row['model']}`: {row['error']}".replace("|", "\\|")
+            )
+    return cells
+
+
 def write_markdown(results: dict[str, dict], families: dict[str, dict], out: Path) -> None:
     import timm
     import torch
@@ -411,15 +426,20 @@ def write_markdown(results: dict[str, dict], families: dict[str, dict], out: Pat
         )
         + (f" Unexpected errors (bugs): {', '.join(bugs)}." if bugs else ""),
         "",
-        "| family | model | params | px | " + " | ".join(COMMANDS) + " |",
-        "|---|---|---:|---:|" + "---|" * len(COMMANDS),
+        "The onnx column is `rotnet export --format onnx` (onnxruntime against PyTorch on random and real "
+        "images) for the families `python tools/onnx_families.py` checked, with the model it checked at its "
+        "own input size and random weights; its results are kept in tools/onnx_families.jsonl.",
+        "",
+        "| family | model | params | px | " + " | ".join(COMMANDS) + " | onnx |",
+        "|---|---|---:|---:|" + "---|" * (len(COMMANDS) + 1),
     ]
+    onnx = onnx_results()
     for family in sorted(families):
         if family not in results:  # a sweep still to be continued
             lines.append(
                 f"| {family} | `{families[family]['model']}` | {families[family]['params'] / 1e6:.1f}M | | "
                 + " | ".join(["not swept yet"] * len(COMMANDS))
-                + " |"
+                + f" | {onnx.get(family, 'not checked')} |"
             )
             continue
         record = results[family]
@@ -427,7 +447,7 @@ def write_markdown(results: dict[str, dict], families: dict[str, dict], out: Pat
         lines.append(
             f"| {family} | `{record['model']}` | {record.get('params', 0) / 1e6:.1f}M | {record.get('img_size', '')} | "
             + " | ".join(cells)
-            + " |"
+            + f" | {onnx.get(family, 'not checked')} |"
         )
     if refused:
         lines += [

@@ -29,6 +29,7 @@ EXAMPLES = """
   rotnet export runs/demo --out exported/ --with-head  [dim]# for rotnet predict[/dim]
   rotnet export runs/demo/checkpoint.pt --out exported/ --dtype bf16 --overwrite
   rotnet export runs/demo --out exported/ --json       [dim]# paths and sizes[/dim]
+  rotnet export runs/demo --out exported/ --format onnx --with-head  [dim]# + model.onnx for onnxruntime[/dim]
 """
 
 
@@ -53,6 +54,14 @@ def export(
         ),
     ] = False,
     dtype: Annotated[str, typer.Option("--dtype", help="Weights precision in the files: fp32, fp16 or bf16.")] = "fp32",
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="safetensors, or onnx: model.onnx as well (features; rotation logits with --with-head), "
+            "checked with onnxruntime; needs pip install 'rotnet-cli\\[onnx]'.",
+        ),
+    ] = "safetensors",
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -99,5 +108,14 @@ def _render(result) -> None:
         highlight=False,
         soft_wrap=True,
     )
+    if result.onnx:
+        diffs = ", ".join(f"{name} {diff:.2g}" for name, diff in result.onnx["max_abs_diff"].items())
+        out_console.print(
+            f"{result.onnx['file']}: {result.onnx['output']}, opset {result.onnx['opset']}, dynamic batch; "
+            f"onnxruntime vs PyTorch max abs difference: {diffs}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     out_console.print("load it with timm:")
     out_console.print(result.snippet, markup=False, highlight=False, soft_wrap=True)  # unwrapped: it is copied

@@ -34,6 +34,7 @@ EXAMPLES = """
   rotnet predict runs/demo scans/ --fix --out upright/ --copy-unchanged   [dim]# a complete upright mirror[/dim]
   rotnet predict runs/photos ~/Pictures --fix --in-place --jpeg lossless --out report/  [dim]# originals kept as *.orig[/dim]
   rotnet predict runs/demo scans/ --tta --json         [dim]# agreement over rotated copies, machine output[/dim]
+  rotnet predict exported/model.onnx scans/            [dim]# onnxruntime (rotnet export --format onnx --with-head)[/dim]
 """
 
 _ACTION_STYLE = {"fixed": "green", "skipped-low-confidence": "yellow", "not-fixed": "red", "unreadable": "red"}

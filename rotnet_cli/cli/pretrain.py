@@ -43,7 +43,10 @@ HELP_PANELS = {
     "Optimisation": (
         "epochs",
         "batch_size",
+        "accum_steps",
         "lr",
+        "lr_scale",
+        "lr_ref_batch",
         "weight_decay",
         "decay_all_params",
         "momentum",
@@ -76,6 +79,7 @@ EXAMPLES = """
   rotnet pretrain --model resnet50 --data cifar10 --download --rotations 0,90,180,270 -b 128
   rotnet pretrain --resume runs/demo                [dim]# continue where it stopped[/dim]
   rotnet pretrain --resume runs/demo --epochs 30           [dim]# extend a finished run to 30 epochs[/dim]
+  rotnet pretrain --out runs/big --resume auto             [dim]# continue it if it exists, else start it[/dim]
   rotnet pretrain --logger tensorboard --eval-data digits --keep-checkpoints 3   [dim]# watch it: tensorboard --logdir runs[/dim]
   rotnet pretrain --config runs/demo/config.json --seed 1 --out runs/seed1   [dim]# repeat a run with one change[/dim]
   torchrun --nproc-per-node 4 -m rotnet_cli pretrain --model resnet50 --data ~/photos
@@ -115,10 +119,29 @@ def pretrain(
     ] = "all",
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (the paper: 100).")] = 10,
     batch_size: BatchSizeOpt = 128,
+    accum_steps: Annotated[
+        int,
+        typer.Option(
+            "--accum-steps",
+            help="Gradient accumulation: each optimizer step adds the gradients of N batches of --batch-size, "
+            "so it sees batch x N images (steps and the lr schedule count optimizer steps).",
+        ),
+    ] = 1,
     lr: Annotated[
         Optional[float],
         typer.Option("--lr", help="Peak learning rate (default 0.1 for SGD as in the paper, 1e-3 for AdamW)."),
     ] = None,
+    lr_scale: Annotated[
+        str,
+        typer.Option(
+            "--lr-scale",
+            help="none: --lr as given; linear or sqrt: --lr x (global batch / --lr-ref-batch), or its square root "
+            "(global batch: --batch-size x --accum-steps).",
+        ),
+    ] = "none",
+    lr_ref_batch: Annotated[
+        int, typer.Option("--lr-ref-batch", help="The global batch --lr is meant for, with --lr-scale.")
+    ] = 128,
     weight_decay: Annotated[
         Optional[float], typer.Option("--weight-decay", help="Weight decay (default 5e-4 SGD, 0.05 AdamW).")
     ] = None,
@@ -175,7 +198,11 @@ def pretrain(
     overwrite: OverwriteOpt = False,
     resume_dir: Annotated[
         Optional[str],
-        typer.Option("--resume", help="Continue the run in this directory exactly where its checkpoint stopped."),
+        typer.Option(
+            "--resume",
+            help="Continue the run in this directory exactly where its checkpoint stopped; auto: continue the run in "
+            "--out if it has a checkpoint (its options must agree), else start it (for torchrun --max-restarts, requeues).",
+        ),
     ] = None,
     save_every: Annotated[
         int, typer.Option("--save-every", help="Also checkpoint every N steps (0: at the end of each epoch only).")
@@ -231,7 +258,7 @@ def pretrain(
     json_out: JsonOpt = False,
 ) -> None:
     """Pretrain a timm backbone by predicting image rotations; writes a run directory."""
-    from ..pretraining import pretrain as run_pretrain, resume_config
+    from ..pretraining import auto_resume_config, pretrain as run_pretrain, resume_config
     from ..runtime import dist_from_env
 
     params = dict(ctx.params)
@@ -241,7 +268,9 @@ def pretrain(
             raise typer.BadParameter("give --augment or --no-augment, not both", param_hint="--no-augment")
         params["augment"] = "none"
         given.add("augment")
-    if resume_dir:  # the saved config, with the options given on this command line (they must agree with it)
+    if resume_dir == "auto":  # continue --out when it has a checkpoint, else start it (torchrun --max-restarts)
+        config = auto_resume_config(params, given)
+    elif resume_dir:  # the saved config, with the options given on this command line (they must agree with it)
         config = resume_config(resume_dir, {name: params[name] for name in given if name in params})
     else:
         config = PretrainConfig.from_dict(params)

@@ -273,6 +273,12 @@ class ProgressView:
             f"{event.model} at {event.img_size} px: {event.train_images} training / {event.val_images} validation "
             f"images, {event.steps_per_epoch} steps of {event.batch_images} rotated images per epoch -> {escape(event.out_dir)}"
         )
+        if event.global_batch:
+            self._line(
+                f"global batch {event.global_batch} images per optimizer step ({event.per_process_batch} per process x "
+                f"{event.processes} process{'es' if event.processes != 1 else ''} x {event.accum_steps} accumulation "
+                f"step{'s' if event.accum_steps != 1 else ''}), peak lr {event.lr:.4g}"
+            )
         self.steps_per_epoch, self.epochs = event.steps_per_epoch, event.epochs
         total = event.epochs * event.steps_per_epoch
         done = min(total, event.start_epoch * event.steps_per_epoch + event.start_step)
