@@ -232,11 +232,14 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> PretrainCon
         raise ConfigError(
             f"--resume {run_dir}: no {rundir.CONFIG} there, so it is not a rotnet run; give the run directory to continue"
         )
-    if not (run_dir / rundir.CHECKPOINT).is_file():
+    if rundir.folder_kind(run_dir) == "export":
         raise ConfigError(
-            f"--resume {run_dir}: the run stopped before its first checkpoint, so there is nothing to resume; "
-            f"start it again with: {_start_again(run_dir)}"
+            f"--resume {run_dir}: an exported model, not a training run; give the run directory it was exported "
+            f"from (the folder that holds {rundir.CHECKPOINT}), or pass --init {shlex.quote(str(run_dir))} to start "
+            "a new run from its weights"
         )
+    if not (run_dir / rundir.CHECKPOINT).is_file():
+        _refuse_without_checkpoint(run_dir)
     try:
         saved = rundir.read_run_config(run_dir)
     except DataError as e:
@@ -252,21 +255,57 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> PretrainCon
 
 
 def _start_again(run_dir: Path) -> str:
-    """The command that started the run in ``run_dir`` (from its config.json), with --overwrite, to paste."""
+    """The command that starts the run in ``run_dir`` again, in that folder, to paste. Built from
+    its config.json, not from the command line it recorded: that names the folder the run was
+    started in, which for a moved or copied run is another run (--overwrite would replace it)."""
+    folder = shlex.quote(str(run_dir))
+    return f"rotnet pretrain --config {shlex.quote(str(run_dir / rundir.CONFIG))} --out {folder} --overwrite"
+
+
+def _typed_again(run_dir: Path) -> str:
+    """The command line that started the run in ``run_dir`` (from its config.json), with --overwrite."""
     try:
         argv = rundir.read_config(run_dir).get("command")
     except DataError:
         argv = None
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv) or "pretrain" not in argv:
-        return f"rotnet pretrain ... --out {shlex.quote(str(run_dir))} --overwrite"
+        return _start_again(run_dir)
     argv = [a for a in argv if a != "--resume"]
     return rundir.suggested_command(argv + ([] if "--overwrite" in argv else ["--overwrite"]))
+
+
+def _refuse_without_checkpoint(run_dir: Path) -> None:
+    """--resume of a run without checkpoint.pt: one that stopped before its first checkpoint (start
+    it again), or one that trained and lost it (copied without it, deleted): say which is true."""
+    try:
+        epochs = len(rundir.read_metrics(run_dir)) if (run_dir / rundir.METRICS).is_file() else 0
+    except DataError:
+        epochs = 0
+    weights = run_dir / rundir.WEIGHTS
+    if not epochs and not weights.is_file():
+        raise ConfigError(
+            f"--resume {run_dir}: the run stopped before its first checkpoint, so there is nothing to resume; "
+            f"start it again with: {_start_again(run_dir)}"
+        )
+    trained = f"{rundir.METRICS} records {epochs} epoch(s)" if epochs else f"it has {rundir.WEIGHTS}"
+    if weights.is_file():
+        new = shlex.quote(str(run_dir.parent / f"{run_dir.name}-continued"))
+        advice = (
+            f"to train further from its weights: rotnet pretrain --config {shlex.quote(str(run_dir / rundir.CONFIG))} "
+            f"--init {shlex.quote(str(weights))} --out {new} (a new run; the optimizer's state was in the checkpoint)"
+        )
+    else:
+        advice = f"to start it again there: {_start_again(run_dir)}"
+    raise ConfigError(
+        f"--resume {run_dir}: its {rundir.CHECKPOINT} is missing ({trained}: it was deleted or not copied), so it "
+        f"cannot continue; {advice}"
+    )
 
 
 def _refuse_stopped_overwrite(run_dir: Path) -> None:
     """--resume of a folder where --overwrite was stopped before the new run's first checkpoint:
     put the old run back (that is what the next pretrain on it does) and say what happened."""
-    again = _start_again(run_dir)
+    again = _typed_again(run_dir)  # the new run's command: the config.json put back is the old run's
     with rundir.RunDirWriter(run_dir, resume=True):
         pass  # opening it under its lock repairs it: the old run comes back
     raise ConfigError(
