@@ -251,6 +251,8 @@ def _save_params(image, fmt: str, data: bytes, swapped: bool) -> dict:
         params["quality"] = JPEG_QUALITY
     if fmt == "WEBP" and _webp_is_lossless(data):  # a lossless WebP stays lossless
         params["lossless"] = True
+    if fmt in ("JPEG", "MPO") and (image.info.get("progressive") or image.info.get("progression")):
+        params["progressive"] = True  # a progressive JPEG stays progressive (web pages load it coarse-to-fine)
     if fmt in ("JPEG", "MPO") and isinstance(image, JpegImagePlugin.JpegImageFile):
         sampling = JpegImagePlugin.get_sampling(image)
         if sampling != -1:
@@ -391,8 +393,9 @@ def _lossless_jpeg(data: bytes, image, grid: tuple[bool, int], trim: bool) -> tu
 
     op = getattr(turbojpeg.OP, _TJ_OP[grid])
     width, height = image.size
+    progressive = bool(image.info.get("progressive") or image.info.get("progression"))  # stays as it was
     try:
-        content = turbojpeg.transform(data, op=op, perfect=True)
+        content = turbojpeg.transform(data, op=op, perfect=True, progressive=progressive)
         note = "lossless (JPEG blocks turned, not re-encoded)"
     except RuntimeError as perfect_error:
         if not trim or "not perfect" not in str(perfect_error):
@@ -406,7 +409,7 @@ def _lossless_jpeg(data: bytes, image, grid: tuple[bool, int], trim: bool) -> tu
             )
             content, note = _pil_upright(image, "JPEG", data, grid, 0)
             return content, f"{note}: {reason}"
-        content = turbojpeg.transform(data, op=op, perfect=False, trim=True)
+        content = turbojpeg.transform(data, op=op, perfect=False, trim=True, progressive=progressive)
         note = None
     content = _jpeg_with_orientation(content, 1)  # markers were copied: the tag still says how the old pixels lay
     if note is None:
