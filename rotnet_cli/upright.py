@@ -28,6 +28,7 @@ import io
 import os
 import re
 import shutil
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -519,28 +520,63 @@ def _xmp_upright(xmp: bytes, value: int = 1) -> bytes:
 
 def _install(content: bytes, source: Path, target: Path, backup: Path | None) -> None:
     """Write ``content`` to ``target`` atomically with the source's file times (and, in place,
-    its permission bits, after keeping the original as ``backup``)."""
+    its owner, group, mode and extended attributes, after keeping the original as ``backup``).
+
+    A turn that fails leaves the folder as it was: the backup it made is removed again."""
     before = source.stat()
+    made_backup = False
 
     def write(tmp: Path) -> None:
+        nonlocal made_backup
         tmp.write_bytes(content)
         if backup is not None:
             _keep_backup(source, backup)
+            made_backup = True
+            _keep_ownership(source, tmp, before)  # on the temp file: the rename then installs it whole
 
     try:
         atomic_write(target, write)
-        if backup is not None:
-            os.chmod(target, before.st_mode & 0o7777)
+        if made_backup and not before.st_mode & stat.S_IWUSR:
+            os.chmod(target, before.st_mode & 0o7777)  # the temp file needed its owner's write bit for its fsync
         os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
-    except NotWritten:
-        raise
-    except Exception as e:  # atomic_write names disk-full and permission errors; the rest are OSErrors
-        cause = os_error_behind(e)
+    except BaseException as e:
+        if made_backup and not _replaced(target, before):
+            backup.unlink(missing_ok=True)  # the original is still in place: its backup would block every later run
+        if isinstance(e, NotWritten) or not isinstance(e, Exception):
+            raise
+        cause = os_error_behind(e)  # atomic_write names disk-full and permission errors; the rest are OSErrors
         if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise DiskFull(f"disk full while writing {target}") from e
         if cause is None:
             raise
         raise NotWritten(f"cannot write {target}: {cause.strerror or cause}") from e
+
+
+def _replaced(target: Path, before: os.stat_result) -> bool:
+    """Whether ``target`` is no longer the file ``before`` described (the rename happened)."""
+    try:
+        now = target.stat()
+    except OSError:
+        return True
+    return (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino)
+
+
+def _keep_ownership(source: Path, tmp: Path, before: os.stat_result) -> None:
+    """The original's owner, group, permission bits and extended attributes (ACLs among them) on
+    the file that replaces it. Where they cannot be kept (not root) the file stays the writer's;
+    the caller compares and says so."""
+    try:
+        shutil.copystat(source, tmp)  # mode, times and xattrs
+    except OSError:
+        pass
+    try:
+        os.chown(tmp, before.st_uid, before.st_gid)
+    except OSError:
+        pass
+    try:
+        os.chmod(tmp, before.st_mode & 0o7777 | stat.S_IWUSR)  # again: chown clears set-id bits
+    except OSError:
+        pass
 
 
 def _keep_backup(source: Path, backup: Path) -> None:
