@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shlex
+from .shell import shell_quote
 import time
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
@@ -235,7 +235,7 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> PretrainCon
     if rundir.folder_kind(run_dir) == "export":
         raise ConfigError(
             f"--resume {run_dir}: an exported model, not a training run; give the run directory it was exported "
-            f"from (the folder that holds {rundir.CHECKPOINT}), or pass --init {shlex.quote(str(run_dir))} to start "
+            f"from (the folder that holds {rundir.CHECKPOINT}), or pass --init {shell_quote(str(run_dir))} to start "
             "a new run from its weights"
         )
     if not (run_dir / rundir.CHECKPOINT).is_file():
@@ -258,8 +258,8 @@ def _start_again(run_dir: Path) -> str:
     """The command that starts the run in ``run_dir`` again, in that folder, to paste. Built from
     its config.json, not from the command line it recorded: that names the folder the run was
     started in, which for a moved or copied run is another run (--overwrite would replace it)."""
-    folder = shlex.quote(str(run_dir))
-    return f"rotnet pretrain --config {shlex.quote(str(run_dir / rundir.CONFIG))} --out {folder} --overwrite"
+    folder = shell_quote(str(run_dir))
+    return f"rotnet pretrain --config {shell_quote(str(run_dir / rundir.CONFIG))} --out {folder} --overwrite"
 
 
 def _typed_again(run_dir: Path) -> str:
@@ -289,10 +289,10 @@ def _refuse_without_checkpoint(run_dir: Path) -> None:
         )
     trained = f"{rundir.METRICS} records {epochs} epoch(s)" if epochs else f"it has {rundir.WEIGHTS}"
     if weights.is_file():
-        new = shlex.quote(str(run_dir.parent / f"{run_dir.name}-continued"))
+        new = shell_quote(str(run_dir.parent / f"{run_dir.name}-continued"))
         advice = (
-            f"to train further from its weights: rotnet pretrain --config {shlex.quote(str(run_dir / rundir.CONFIG))} "
-            f"--init {shlex.quote(str(weights))} --out {new} (a new run; the optimizer's state was in the checkpoint)"
+            f"to train further from its weights: rotnet pretrain --config {shell_quote(str(run_dir / rundir.CONFIG))} "
+            f"--init {shell_quote(str(weights))} --out {new} (a new run; the optimizer's state was in the checkpoint)"
         )
     else:
         advice = f"to start it again there: {_start_again(run_dir)}"
@@ -457,7 +457,7 @@ def pretrain(
 def _explained(e: BaseException, out: Path, writer: rundir.RunDirWriter | None) -> BaseException:
     """What a failure means for the run: a second Ctrl-C or a full disk says whether and how to continue."""
     saved = writer is not None and writer.kept
-    resume = f"rotnet pretrain --resume {shlex.quote(str(out))}"
+    resume = f"rotnet pretrain --resume {shell_quote(str(out))}"
     if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C: stopped at once
         if saved:
             return Interrupted(f"stopped at once; the last checkpoint in {out} is intact; resume with: {resume}")
@@ -1038,7 +1038,7 @@ def _kept(run: Run, state: TrainState) -> str:
 
 
 def _resume_command(out: Path) -> str:
-    return f"rotnet pretrain --resume {shlex.quote(str(out))}"
+    return f"rotnet pretrain --resume {shell_quote(str(out))}"
 
 
 def stop_now(run: Run, sync_point: bool) -> bool:

@@ -4,6 +4,8 @@ gave, says what is true of it, and works when pasted (each is run here)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import re
 import shlex
 import shutil
@@ -103,3 +105,22 @@ def test_an_export_given_to_resume_is_named_as_one_and_no_refused_command_is_sug
         app, run_quickly(["pretrain", "--init", str(export), "--model", "test_resnet", "--out", str(tmp_path / "new")])
     )
     assert pasted.exit_code == 0, pasted.output  # the --init it names works
+
+
+def test_next_commands_for_a_run_folder_that_is_not_utf8_paste_back_to_its_bytes(tmp_path):
+    """Smaller item: a name's undecodable bytes were printed raw, which a UTF-8 terminal shows
+    (and copies) as U+FFFD, so the pasted command named another folder. Printed as $'..\\xff',
+    bash reads the word back to the exact bytes."""
+    out = os.fsdecode(os.fsencode(tmp_path) + b"/run-\xff\xfe")
+    result = CliRunner().invoke(
+        app,
+        run_quickly(["pretrain", "--model", "test_resnet", "--rotations", "0,180", "-b", "16", "--out", out]),
+    )
+    assert result.exit_code == 0, result.output
+    raw = next(line for line in result.stdout_bytes.splitlines() if b"rotnet probe" in line)
+    line = raw.decode("utf-8")  # what a terminal shows and copies: text, never a raw undecodable byte
+    assert "\ufffd" not in line
+    start = line.index("rotnet probe ") + len("rotnet probe ")
+    quoted = line[start:].split(" --")[0].strip()
+    echoed = subprocess.run(["bash", "-c", f"printf %s {quoted}"], capture_output=True, check=True).stdout
+    assert echoed == os.fsencode(out), quoted

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import shlex
+from ..shell import shell_quote
 import signal
 from typing import Annotated, Any, Callable, Optional
 
@@ -382,18 +382,18 @@ def _render_summary(result, config: PretrainConfig) -> None:
         out_console.print(
             f"best epoch {best['epoch']} by {best['metric']} ({value}): {best['weights']}", markup=False, soft_wrap=True
         )
-    run = shlex.quote(str(result.out_dir))
+    run = shell_quote(str(result.out_dir))
     # The probe needs labels: digits have them, a folder only with class sub-folders.
     data = (
         ""
         if config.data == "digits"
-        else f" --data {shlex.quote(config.data) if result.labelled else 'LABELLED_FOLDER'}"
+        else f" --data {shell_quote(config.data) if result.labelled else 'LABELLED_FOLDER'}"
     )
     labels_note = "" if result.labelled else " (on labelled images: a folder of class sub-folders)"
     print_commands(
         f"next: its features at every stage against random weights{labels_note}, then the backbone for timm:",
         [
             f"rotnet probe {run}{data} --compare random",
-            f"rotnet export {run} --out {shlex.quote(str(result.out_dir / 'export'))}",
+            f"rotnet export {run} --out {shell_quote(str(result.out_dir / 'export'))}",
         ],
     )
