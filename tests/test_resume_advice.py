@@ -124,3 +124,17 @@ def test_next_commands_for_a_run_folder_that_is_not_utf8_paste_back_to_its_bytes
     quoted = line[start:].split(" --")[0].strip()
     echoed = subprocess.run(["bash", "-c", f"printf %s {quoted}"], capture_output=True, check=True).stdout
     assert echoed == os.fsencode(out), quoted
+
+
+def test_overwrite_says_it_replaces_the_runs_export_which_it_does(copy_of_run, tmp_path):
+    """Smaller item: pretrain --overwrite removed RUN/export without a word; the help says so now."""
+    shown = CliRunner().invoke(app, ["pretrain", "--help"], env={"COLUMNS": "400"})
+    overwrite_help = next(line for line in shown.output.splitlines() if "--overwrite" in line)
+    assert "export/" in overwrite_help
+    exported = CliRunner().invoke(app, ["export", str(copy_of_run), "--out", str(copy_of_run / "export")])
+    assert exported.exit_code == 0, exported.output
+    again = CliRunner().invoke(
+        app, run_quickly(["pretrain", "--model", "test_resnet", "--out", str(copy_of_run), "--overwrite"])
+    )
+    assert again.exit_code == 0, again.output
+    assert not (copy_of_run / "export").exists()

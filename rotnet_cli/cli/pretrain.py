@@ -23,7 +23,6 @@ from ._common import (
     DownloadOpt,
     ImgSizeOpt,
     JsonOpt,
-    OverwriteOpt,
     PrecisionOpt,
     SeedOpt,
     WorkersOpt,
@@ -174,7 +173,17 @@ def pretrain(
     out: Annotated[
         Optional[str], typer.Option("--out", "-o", help="Run directory (default runs/MODEL-DATE-TIME).")
     ] = None,
-    overwrite: OverwriteOpt = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite/--no-overwrite",
+            help=(
+                "Replace the run in --out: its config.json, metrics, checkpoints, logs, probe.json and its export/ "
+                "(an export of the old weights would pass for the new run's); files rotnet did not write are never "
+                "replaced. The old run is kept until the new one writes its first checkpoint."
+            ),
+        ),
+    ] = False,
     resume_dir: Annotated[
         Optional[str],
         typer.Option("--resume", help="Continue the run in this directory exactly where its checkpoint stopped."),
