@@ -94,10 +94,9 @@ def _unsupported_files(folders: list[str], keep_names: bool) -> list[InputImage]
     found = []
     for spec in folders:
         root = Path(spec).expanduser()
-        for path in sorted(root.rglob("*")):
-            if path.suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS and path.is_file():
-                if any(part.startswith(".") for part in path.relative_to(root).parts):
-                    continue  # hidden, as the image scan skips them
+        _, others = data_lib._scan(root)  # the image scan's walk: its rules for links and hidden files
+        for path in others:
+            if path.suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS:
                 relative = path.relative_to(root)
                 found.append(InputImage(path, Path(_folder_name(spec)) / relative if keep_names else relative, False))
     return found
