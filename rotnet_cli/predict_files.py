@@ -33,6 +33,9 @@ from .errors import ConfigError, OutputError
 
 MANIFEST = ".rotnet-predict.json"  # in --out: {"format": MANIFEST_FORMAT, "files": {relative path: sha256}}
 MANIFEST_FORMAT = "rotnet-predict-outputs"
+# A copy about to be written where nothing was: listed before the work starts, so that a copy a
+# killed run wrote is still predict's to replace (the run's end puts its SHA-256 in its place).
+PLANNED = "planned"
 # Formats cameras and phones write that this build cannot decode: a row says so instead of silence.
 UNSUPPORTED_IMAGE_EXTENSIONS = (
     ".heic",
@@ -159,7 +162,7 @@ def is_own(out: Path, relative: Path, owned: dict[str, str] | None) -> bool:
     if owned is None or entry.is_symlink() or not entry.is_file():
         return False
     digest = owned.get(relative.as_posix())
-    return digest is not None and digest == file_digest(entry)
+    return digest == PLANNED or (digest is not None and digest == file_digest(entry))
 
 
 def read_manifest(out: Path) -> dict[str, str] | None:
@@ -174,7 +177,9 @@ def read_manifest(out: Path) -> dict[str, str] | None:
     files = record.get("files") if isinstance(record, dict) and record.get("format") == MANIFEST_FORMAT else None
     if not isinstance(files, dict):
         return None
-    return {k: v for k, v in files.items() if isinstance(k, str) and isinstance(v, str) and len(v) == 64}
+    return {
+        k: v for k, v in files.items() if isinstance(k, str) and isinstance(v, str) and (len(v) == 64 or v == PLANNED)
+    }
 
 
 def record_written(out: Path, written: Iterable[Path]) -> Path:
@@ -186,6 +191,16 @@ def record_written(out: Path, written: Iterable[Path]) -> Path:
         with contextlib.suppress(OSError, ValueError):
             files[Path(path).relative_to(out).as_posix()] = file_digest(Path(path))
     # ensure_ascii: a name that is not UTF-8 is kept as its surrogate escapes and read back exactly
+    return write_json(out / MANIFEST, {"format": MANIFEST_FORMAT, "files": files})
+
+
+def record_planned(out: Path, targets: Iterable[Path]) -> Path:
+    """List the copies about to be written where no file is (paths below ``out``) before writing them."""
+    owned = read_manifest(out) or {}
+    files = {key: digest for key, digest in owned.items() if is_own(out, Path(key), owned)}
+    for path in targets:
+        if not os.path.lexists(path):
+            files.setdefault(Path(path).relative_to(out).as_posix(), PLANNED)
     return write_json(out / MANIFEST, {"format": MANIFEST_FORMAT, "files": files})
 
 
@@ -221,20 +236,34 @@ def turn_lock(path: Path) -> Iterator[bool]:
         os.close(fd)
 
 
-def repair_interrupted_turn(image: Path, backup: Path) -> list[str]:
-    """Remove what a turn of ``image`` that was killed left (call under ``turn_lock``): its temp
-    files, and a backup that is still the very original (the turn never replaced the file).
-    Returns what was removed, for the report."""
+_TEMP_NAME = re.compile(rf"\.(.+)\.[A-Za-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")  # atomic_write's mkstemp names
+
+
+def stale_temp_files(files: Iterable[Path]) -> dict[Path, list[Path]]:
+    """file -> the temp files a killed write of it left beside it (``.NAME.XXXXXXXX.tmp``).
+    One listing per folder, not per file: a folder of 10,000 photos is listed once."""
+    by_folder: dict[Path, dict[str, Path]] = {}
+    for path in files:
+        by_folder.setdefault(path.parent, {})[path.name] = path
+    found: dict[Path, list[Path]] = {}
+    for folder, names in by_folder.items():
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            match = _TEMP_NAME.fullmatch(entry.name)
+            if match and match.group(1) in names and entry.is_file(follow_symlinks=False):
+                found.setdefault(names[match.group(1)], []).append(Path(entry.path))
+    return found
+
+
+def remove_files(paths: Iterable[Path]) -> list[str]:
     removed = []
-    pattern = re.compile(rf"\.{re.escape(image.name)}\.[A-Za-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(image.parent):
-            if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-                os.unlink(entry.path)
-                removed.append(entry.name)
-    if backup_is_the_original(image, backup):
-        os.unlink(backup)
-        removed.append(backup.name)
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path.name)
     return removed
 
 
@@ -273,7 +302,9 @@ __all__ = [
     "record_written",
     "read_manifest",
     "turn_lock",
-    "repair_interrupted_turn",
+    "stale_temp_files",
+    "remove_files",
+    "backup_is_the_original",
     "MANIFEST",
     "UNSUPPORTED_NOTE",
 ]

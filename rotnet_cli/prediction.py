@@ -213,6 +213,10 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
     if out is not None:
         make_dir(out)
     try:
+        if cfg.fix and not cfg.in_place:
+            targets = [out / i.relative for i in inputs]
+            predict_files.record_planned(out, targets)
+            predict_files.remove_files(p for temps in predict_files.stale_temp_files(targets).values() for p in temps)
         if cfg.fix:
             _fix_images(inputs, predictions, cfg, out, emit)
     finally:  # every image has its row, also when a full disk or Ctrl-C stopped the copies
@@ -272,6 +276,7 @@ def _fix_images(
     """Decide each image's action and write what is due: upright copies under ``out``, or the
     originals in place (each kept first under its backup name); --copy-unchanged copies the rest."""
     what = "turning images in place" if cfg.in_place else "writing upright copies"
+    repaired = _repair_interrupted_turns(inputs, cfg) if cfg.in_place else {}
     position = 0
     try:
         for position, (image, p) in enumerate(zip(inputs, predictions)):
@@ -289,6 +294,10 @@ def _fix_images(
         if isinstance(e, KeyboardInterrupt):
             raise
     finally:
+        for image, p in zip(inputs, predictions):
+            if repaired.get(image.path):
+                names = ", ".join(display_path(name) for name in repaired[image.path])
+                p.note = "; ".join(filter(None, [p.note, f"{REPAIRED} {names}"]))
         for line in _in_place_warnings(predictions):
             emit(WarningMessage(line))
 
@@ -331,16 +340,29 @@ REPAIRED = "repaired an interrupted turn: removed"
 NOT_KEPT = "owner, group and mode not kept"
 
 
+def _repair_interrupted_turns(inputs: list[InputImage], cfg: PredictConfig) -> dict[Path, list[str]]:
+    """image -> the temp files a killed in-place turn of it left, now removed under the image's
+    lock, whatever this run then does with it (a backup it left is handled by the next turn)."""
+    repaired = {}
+    for path, temps in predict_files.stale_temp_files(i.path for i in inputs).items():
+        with predict_files.turn_lock(path) as free:
+            if free:
+                repaired[path] = predict_files.remove_files(temps)
+    return repaired
+
+
 def _turn_in_place(path: Path, p: ImagePrediction, cfg: PredictConfig) -> None:
     """Turn the original itself, kept first under its backup name, with its owner, group and mode;
-    one process at a time, after removing what an interrupted turn of it left."""
+    one process at a time."""
     backup = path.with_name(path.name + cfg.resolved_backup_suffix)
     if path.is_symlink():
         raise NotWritten("a symbolic link: not turned in place (give the file it points to)")
     with predict_files.turn_lock(path) as free:
         if not free:
             raise NotWritten("another rotnet predict is turning it; run again when that one has finished")
-        repaired = predict_files.repair_interrupted_turn(path, backup)
+        if predict_files.backup_is_the_original(path, backup):  # a killed turn's: the file was never replaced
+            backup.unlink()
+            p.note = f"{REPAIRED} {display_path(backup.name)}"
         if os.path.lexists(backup):
             raise NotWritten(
                 f"its backup {display_path(str(backup))} exists; move it away or choose another --backup-suffix"
@@ -349,11 +371,9 @@ def _turn_in_place(path: Path, p: ImagePrediction, cfg: PredictConfig) -> None:
         note = write_upright(path, path, p.correction, jpeg=cfg.jpeg, backup=backup)
         after = predict_files.ownership(path)
     extra = []
-    if repaired:
-        extra.append(f"{REPAIRED} {', '.join(display_path(name) for name in repaired)}")
     if before and after and before != after:
         extra.append(predict_files.describe_ownership(before, after))
-    p.note = "; ".join([note, *extra])
+    p.note = "; ".join(filter(None, [note, *extra, p.note]))
     p.action, p.output = "fixed", str(path)
 
 

@@ -161,7 +161,7 @@ import torch
 from rotnet_cli import prediction
 real_replace = os.replace
 def killed(src, dst, *a, **k):
-    if str(dst).endswith("a.png"):
+    if str(dst).endswith(os.environ["KILL_AT"]):
         os.kill(os.getpid(), signal.SIGKILL)
     return real_replace(src, dst, *a, **k)
 os.replace = killed
@@ -175,12 +175,37 @@ app()
 """
 
 
+def kill_at_the_rename(name: str, args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KILL_AT": name}
+    return subprocess.run(
+        [sys.executable, "-c", KILLED_AT_THE_RENAME, *args], capture_output=True, timeout=300, env=env
+    )
+
+
+def test_copies_a_killed_run_wrote_are_still_predicts_to_replace(tiny_run, tmp_path):
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    png(photos / "a.png", 1), png(photos / "b.png", 2)
+    args = [str(tiny_run), str(photos), "--fix", "--out", str(out), "--device", "cpu", "--workers", "0"]
+    assert kill_at_the_rename("b.png", args).returncode == -9
+    assert (out / "a.png").is_file() and not (out / "b.png").exists()
+
+    result = invoke(tiny_run, photos, "--fix", "--out", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".rotnet-predict.json",
+        "a.png",
+        "b.png",
+        "predictions.csv",
+        "predictions.json",
+    ]
+
+
 def test_a_turn_killed_at_the_worst_moment_is_repaired_by_the_next_run_which_says_so(tiny_run, tmp_path):
     photos = tmp_path / "photos"
     photo = png(photos / "a.png")
     original = photo.read_bytes()
     args = [str(tiny_run), str(photo), "--fix", "--in-place", "--device", "cpu", "--workers", "0"]
-    killed = subprocess.run([sys.executable, "-c", KILLED_AT_THE_RENAME, *args], capture_output=True, timeout=300)
+    killed = kill_at_the_rename("a.png", args)
     assert killed.returncode == -9, killed.stderr.decode()
     left = sorted(p.name for p in photos.iterdir())
     assert photo.read_bytes() == original and len(left) == 3, left  # a.png, its backup, a temp file
