@@ -71,8 +71,8 @@ def collect_inputs(specs: tuple[str, ...], writes_copies: bool) -> list[InputIma
     folders = [spec for spec in specs if Path(spec).expanduser().is_dir()]
     keep_names = len(folders) > 1
     found = []
-    for path, relative in data_lib.image_inputs(specs):
-        found.append(InputImage(path, relative))
+    for path, relative in data_lib.image_inputs(specs):  # a file given by name is taken whatever its ending
+        found.append(InputImage(path, relative, path.suffix.lower() not in UNSUPPORTED_IMAGE_EXTENSIONS))
     if keep_names:
         found = [_below_its_folder(image, folders) for image in found]
     found += _unsupported_files(folders, keep_names)
@@ -82,14 +82,15 @@ def collect_inputs(specs: tuple[str, ...], writes_copies: bool) -> list[InputIma
 
 
 def _folder_name(spec: str) -> str:
-    return Path(spec).expanduser().resolve().name or "root"
+    """The folder's name as given (a link keeps its own name); "." and ".." by the folder they mean."""
+    return Path(os.path.abspath(Path(spec).expanduser())).name or "root"
 
 
 def _below_its_folder(image: InputImage, folders: list[str]) -> InputImage:
     for spec in folders:
         root = Path(spec).expanduser()
         if image.path == root / image.relative:
-            return InputImage(image.path, Path(_folder_name(spec)) / image.relative)
+            return InputImage(image.path, Path(_folder_name(spec)) / image.relative, image.supported)
     return image  # a file given by itself keeps its bare name
 
 

@@ -274,6 +274,15 @@ def _typed_again(run_dir: Path) -> str:
     return rundir.suggested_command(argv + ([] if "--overwrite" in argv else ["--overwrite"]))
 
 
+def _unused_folder(folder: Path) -> Path:
+    """``folder``, or folder-2, folder-3 ...: the first that does not exist (a suggested --out that works)."""
+    candidate, n = folder, 1
+    while candidate.exists():
+        n += 1
+        candidate = folder.with_name(f"{folder.name}-{n}")
+    return candidate
+
+
 def _refuse_without_checkpoint(run_dir: Path) -> None:
     """--resume of a run without checkpoint.pt: one that stopped before its first checkpoint (start
     it again), or one that trained and lost it (copied without it, deleted): say which is true."""
@@ -289,7 +298,7 @@ def _refuse_without_checkpoint(run_dir: Path) -> None:
         )
     trained = f"{rundir.METRICS} records {epochs} epoch(s)" if epochs else f"it has {rundir.WEIGHTS}"
     if weights.is_file():
-        new = shell_quote(str(run_dir.parent / f"{run_dir.name}-continued"))
+        new = shell_quote(str(_unused_folder(run_dir.parent / f"{run_dir.name}-continued")))
         advice = (
             f"to train further from its weights: rotnet pretrain --config {shell_quote(str(run_dir / rundir.CONFIG))} "
             f"--init {shell_quote(str(weights))} --out {new} (a new run; the optimizer's state was in the checkpoint)"

@@ -585,8 +585,12 @@ def _keep_backup(source: Path, backup: Path) -> None:
         os.link(source, backup)
     except FileExistsError:
         raise NotWritten(f"its backup {backup.name} exists; move it away or choose another --backup-suffix") from None
-    except OSError:  # a file system without hard links
-        shutil.copy2(source, backup)
+    except OSError:  # a file system without hard links (or an immutable file)
+        try:
+            shutil.copy2(source, backup)
+        except BaseException:
+            backup.unlink(missing_ok=True)  # half a backup would block every later run, and keep nothing
+            raise
 
 
 def copy_unchanged(source: Path, target: Path) -> None:

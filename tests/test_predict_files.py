@@ -259,6 +259,33 @@ def test_a_heic_photo_gets_an_unreadable_row_saying_its_format_is_not_supported(
     report = (tmp_path / "out" / "predictions.csv").read_text()
     assert "IMG_0002.HEIC" in report and "format not supported" in report
 
+    given = invoke(tiny_run, tmp_path / "photos" / "IMG_0002.HEIC", "--json")  # named by itself
+    assert given.exit_code == 0 and "format not supported" in given.stdout, given.output
+
+
+def test_a_backup_copy_that_fails_halfway_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Where hard links fail (another file system, an immutable file) the backup is a copy; a
+    copy stopped by a full disk must not stay as a half backup that blocks every later run."""
+    import shutil
+
+    from rotnet_cli import upright
+
+    photo = png(tmp_path / "a.png")
+    before = snapshot(tmp_path)
+
+    def no_link(*args):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    def half_copy(src, dst, **kwargs):
+        Path(dst).write_bytes(Path(src).read_bytes()[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", no_link)
+    monkeypatch.setattr(shutil, "copy2", half_copy)
+    with pytest.raises(upright.DiskFull):
+        upright.write_upright(photo, photo, 180, backup=tmp_path / "a.png.orig")
+    assert snapshot(tmp_path) == before
+
 
 def test_in_place_with_the_report_among_the_inputs_says_what_in_place_does(tiny_run, tmp_path):
     png(tmp_path / "photos" / "a.png")
