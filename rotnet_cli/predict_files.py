@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 from . import data as data_lib
 from . import rundir
 from .checkpoint import TEMP_SUFFIX, write_json
-from .errors import ConfigError, OutputError
+from .errors import ConfigError, DataError, OutputError
 
 MANIFEST = ".rotnet-predict.json"  # in --out: {"format": MANIFEST_FORMAT, "files": {relative path: sha256}}
 MANIFEST_FORMAT = "rotnet-predict-outputs"
@@ -70,12 +70,21 @@ def collect_inputs(specs: tuple[str, ...], writes_copies: bool) -> list[InputIma
     when ``writes_copies`` (nothing would tell the copies apart), and never otherwise."""
     folders = [spec for spec in specs if Path(spec).expanduser().is_dir()]
     keep_names = len(folders) > 1
-    found = []
-    for path, relative in data_lib.image_inputs(specs):  # a file given by name is taken whatever its ending
-        found.append(InputImage(path, relative, path.suffix.lower() not in UNSUPPORTED_IMAGE_EXTENSIONS))
+    found, seen = [], set()
+    for spec in specs:
+        try:
+            pairs = data_lib.image_inputs([spec])  # a file given by name is taken whatever its ending
+        except DataError:
+            if spec not in folders or not _unsupported_files([spec], False, set()):
+                raise
+            pairs = []  # only HEIC or raw files: each gets its row
+        for path, relative in pairs:
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                found.append(InputImage(path, relative, path.suffix.lower() not in UNSUPPORTED_IMAGE_EXTENSIONS))
     if keep_names:
         found = [_below_its_folder(image, folders) for image in found]
-    found += _unsupported_files(folders, keep_names)
+    found += _unsupported_files(folders, keep_names, {image.path.resolve() for image in found})
     if writes_copies:
         _refuse_collisions(found)
     return found
@@ -94,13 +103,15 @@ def _below_its_folder(image: InputImage, folders: list[str]) -> InputImage:
     return image  # a file given by itself keeps its bare name
 
 
-def _unsupported_files(folders: list[str], keep_names: bool) -> list[InputImage]:
+def _unsupported_files(folders: list[str], keep_names: bool, seen: set[Path]) -> list[InputImage]:
+    """The files of formats rotnet cannot decode below the folders (each once, none already in ``seen``)."""
     found = []
     for spec in folders:
         root = Path(spec).expanduser()
         _, others = data_lib._scan(root)  # the image scan's walk: its rules for links and hidden files
         for path in others:
-            if path.suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS:
+            if path.suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS and path.resolve() not in seen:
+                seen.add(path.resolve())
                 relative = path.relative_to(root)
                 found.append(InputImage(path, Path(_folder_name(spec)) / relative if keep_names else relative, False))
     return found
@@ -121,8 +132,8 @@ def _refuse_collisions(found: list[InputImage]) -> None:
 
 
 def refuse_report_among_inputs(out: Path, specs: tuple[str, ...]) -> None:
-    """--in-place --out: the report's folder must not overlap the inputs (the next run would
-    mirror it, and a report inside a photo folder is easily lost among the photos)."""
+    """--in-place --out: the report's folder must not overlap the inputs (the report would land
+    among the photos it describes); the message says what --out is for under --in-place."""
     resolved = out.expanduser().resolve()
     for spec in specs:
         given = Path(spec).expanduser()

@@ -261,6 +261,10 @@ def test_a_heic_photo_gets_an_unreadable_row_saying_its_format_is_not_supported(
 
     given = invoke(tiny_run, tmp_path / "photos" / "IMG_0002.HEIC", "--json")  # named by itself
     assert given.exit_code == 0 and "format not supported" in given.stdout, given.output
+    (tmp_path / "phone").mkdir()
+    (tmp_path / "photos" / "IMG_0002.HEIC").rename(tmp_path / "phone" / "IMG_0002.HEIC")
+    only = invoke(tiny_run, tmp_path / "phone", "--json")  # a folder of nothing else
+    assert only.exit_code == 0 and only.stdout.count("format not supported") == 1, only.output
 
 
 def test_a_backup_copy_that_fails_halfway_leaves_nothing_behind(tmp_path, monkeypatch):
