@@ -31,11 +31,11 @@ from . import rundir
 from .checkpoint import TEMP_SUFFIX, write_json
 from .errors import ConfigError, DataError, OutputError
 
-MANIFEST = ".rotnet-predict.json"  # in --out: {"format": MANIFEST_FORMAT, "files": {relative path: sha256}}
+# in --out: {"format": MANIFEST_FORMAT, "files": {relative path: sha256}, "planned": [relative path]}; "planned"
+# lists the copies a run is writing (checked before, replaced by their SHA-256 at its end), so
+# that what a killed run wrote is still predict's to replace
+MANIFEST = ".rotnet-predict.json"
 MANIFEST_FORMAT = "rotnet-predict-outputs"
-# A copy about to be written where nothing was: listed before the work starts, so that a copy a
-# killed run wrote is still predict's to replace (the run's end puts its SHA-256 in its place).
-PLANNED = "planned"
 # Formats cameras and phones write that this build cannot decode: a row says so instead of silence.
 UNSUPPORTED_IMAGE_EXTENSIONS = (
     ".heic",
@@ -169,16 +169,24 @@ def check_replaceable(out: Path, names: Iterable[Path]) -> None:
         )
 
 
-def is_own(out: Path, relative: Path, owned: dict[str, str] | None) -> bool:
+@dataclass
+class Manifest:
+    """What predict wrote in an --out: relative path -> SHA-256, and the copies a run was about to write."""
+
+    files: dict[str, str]
+    planned: set[str]
+
+
+def is_own(out: Path, relative: Path, owned: Manifest | None) -> bool:
     entry = out / relative
     if owned is None or entry.is_symlink() or not entry.is_file():
         return False
-    digest = owned.get(relative.as_posix())
-    return digest == PLANNED or (digest is not None and digest == file_digest(entry))
+    key = relative.as_posix()
+    return key in owned.planned or owned.files.get(key) == file_digest(entry)
 
 
-def read_manifest(out: Path) -> dict[str, str] | None:
-    """relative path -> SHA-256 of what predict wrote in ``out``; None when there is no valid manifest."""
+def read_manifest(out: Path) -> Manifest | None:
+    """What predict wrote in ``out``; None when there is no valid manifest."""
     path = out / MANIFEST
     try:
         if path.is_symlink() or path.stat().st_size > 64 * 2**20:
@@ -186,34 +194,42 @@ def read_manifest(out: Path) -> dict[str, str] | None:
         record = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
-    files = record.get("files") if isinstance(record, dict) and record.get("format") == MANIFEST_FORMAT else None
-    if not isinstance(files, dict):
+    if not isinstance(record, dict) or record.get("format") != MANIFEST_FORMAT:
         return None
-    return {
-        k: v for k, v in files.items() if isinstance(k, str) and isinstance(v, str) and (len(v) == 64 or v == PLANNED)
-    }
+    files, planned = record.get("files"), record.get("planned", [])
+    if not isinstance(files, dict) or not isinstance(planned, list):
+        return None
+    return Manifest(
+        {k: v for k, v in files.items() if isinstance(k, str) and isinstance(v, str) and len(v) == 64},
+        {k for k in planned if isinstance(k, str)},
+    )
 
 
 def record_written(out: Path, written: Iterable[Path]) -> Path:
-    """Add the files just written (paths below ``out``) to its manifest; entries whose files
-    are gone or changed are dropped."""
-    owned = read_manifest(out) or {}
-    files = {key: digest for key, digest in owned.items() if is_own(out, Path(key), owned)}
-    for path in written:
-        with contextlib.suppress(OSError, ValueError):
-            files[Path(path).relative_to(out).as_posix()] = file_digest(Path(path))
-    # ensure_ascii: a name that is not UTF-8 is kept as its surrogate escapes and read back exactly
-    return write_json(out / MANIFEST, {"format": MANIFEST_FORMAT, "files": files})
+    """The manifest once the run's files are written: theirs and the earlier files still as
+    predict wrote them, each by its SHA-256 (a copy a killed run was writing counts as written)."""
+    owned = read_manifest(out) or Manifest({}, set())
+    files = {key: digest for key, digest in owned.files.items() if is_own(out, Path(key), Manifest(owned.files, set()))}
+    done = [out / key for key in owned.planned] + [Path(path) for path in written]
+    for path in done:
+        if path.is_file() and not path.is_symlink():
+            with contextlib.suppress(OSError, ValueError):
+                files[path.relative_to(out).as_posix()] = file_digest(path)
+    return _write_manifest(out, Manifest(files, set()))
 
 
 def record_planned(out: Path, targets: Iterable[Path]) -> Path:
-    """List the copies about to be written where no file is (paths below ``out``) before writing them."""
-    owned = read_manifest(out) or {}
-    files = {key: digest for key, digest in owned.items() if is_own(out, Path(key), owned)}
-    for path in targets:
-        if not os.path.lexists(path):
-            files.setdefault(Path(path).relative_to(out).as_posix(), PLANNED)
-    return write_json(out / MANIFEST, {"format": MANIFEST_FORMAT, "files": files})
+    """List the copies about to be written (paths below ``out``) before writing them: a copy that
+    a killed run wrote is then still predict's to replace."""
+    owned = read_manifest(out) or Manifest({}, set())
+    planned = owned.planned | {Path(path).relative_to(out).as_posix() for path in targets}
+    return _write_manifest(out, Manifest(owned.files, planned))
+
+
+def _write_manifest(out: Path, manifest: Manifest) -> Path:
+    # ensure_ascii: a name that is not UTF-8 is kept as its surrogate escapes and read back exactly
+    record = {"format": MANIFEST_FORMAT, "files": manifest.files, "planned": sorted(manifest.planned)}
+    return write_json(out / MANIFEST, record)
 
 
 def file_digest(path: Path) -> str:

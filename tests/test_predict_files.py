@@ -191,6 +191,11 @@ def test_copies_a_killed_run_wrote_are_still_predicts_to_replace(tiny_run, tmp_p
 
     result = invoke(tiny_run, photos, "--fix", "--out", out, "--overwrite")
     assert result.exit_code == 0, result.output
+
+    png(photos / "a.png", 3)  # a new photo under the same name: its copy changes ...
+    assert kill_at_the_rename("b.png", [*args, "--overwrite"]).returncode == -9  # ... and the run is killed again
+    result = invoke(tiny_run, photos, "--fix", "--out", out, "--overwrite")
+    assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == [
         ".rotnet-predict.json",
         "a.png",
