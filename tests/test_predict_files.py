@@ -317,3 +317,25 @@ def test_a_progressive_jpeg_stays_progressive(tiny_run, tmp_path, route):
     assert result.exit_code == 0, result.output
     with Image.open(out / "a.jpg") as copy:
         assert copy.info.get("progressive") or copy.info.get("progression")
+
+
+def test_after_a_full_disk_the_advised_overwrite_run_is_accepted(tiny_run, tmp_path, monkeypatch):
+    from rotnet_cli import upright
+    from rotnet_cli.errors import OutputError
+
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    png(photos / "a.png", 1), png(photos / "b.png", 2)
+    real_atomic_write = upright.atomic_write
+
+    def full_at_b(path, write):
+        if Path(path).name == "b.png":
+            raise OutputError(f"disk full while writing {path}") from OSError(errno.ENOSPC, "No space left")
+        return real_atomic_write(path, write)
+
+    monkeypatch.setattr(upright, "atomic_write", full_at_b)
+    stopped = invoke(tiny_run, photos, "--fix", "--out", out)
+    assert stopped.exit_code == 1 and "run predict again with --overwrite" in one_line(stopped)
+    monkeypatch.setattr(upright, "atomic_write", real_atomic_write)
+    again = invoke(tiny_run, photos, "--fix", "--out", out, "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert (out / "b.png").is_file()
