@@ -263,15 +263,30 @@ def _start_again(run_dir: Path) -> str:
 
 
 def _typed_again(run_dir: Path) -> str:
-    """The command line that started the run in ``run_dir`` (from its config.json), with --overwrite."""
+    """The command line that started the run in ``run_dir`` (from its config.json), with --overwrite
+    and with ``run_dir`` as its --out (the folder may have been moved since)."""
     try:
         argv = rundir.read_config(run_dir).get("command")
     except DataError:
         argv = None
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv) or "pretrain" not in argv:
         return _start_again(run_dir)
-    argv = [a for a in argv if a != "--resume"]
-    return rundir.suggested_command(argv + ([] if "--overwrite" in argv else ["--overwrite"]))
+    kept: list[str] = []
+    pending = None  # the option whose value comes next
+    for arg in argv:
+        if pending == "--out":
+            arg = str(run_dir)
+        elif pending == "--resume" or arg.startswith("--resume="):
+            pending = None
+            continue
+        elif arg.startswith("--out="):
+            arg = f"--out={run_dir}"
+        pending = {"-o": "--out", "--out": "--out", "--resume": "--resume"}.get(arg) if pending is None else None
+        if pending != "--resume":
+            kept.append(arg)
+    if not any(a in ("--out", "-o") or a.startswith("--out=") for a in kept):
+        kept += ["--out", str(run_dir)]
+    return rundir.suggested_command(kept + ([] if "--overwrite" in kept else ["--overwrite"]))
 
 
 def _unused_folder(folder: Path) -> Path:

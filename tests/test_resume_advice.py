@@ -138,3 +138,17 @@ def test_overwrite_says_it_replaces_the_runs_export_which_it_does(copy_of_run, t
     )
     assert again.exit_code == 0, again.output
     assert not (copy_of_run / "export").exists()
+
+
+def test_a_killed_overwrite_in_a_folder_moved_since_is_advised_to_start_again_in_that_folder(copy_of_run, tmp_path):
+    from rotnet_cli import rundir
+
+    elsewhere = tmp_path / "where-it-was-started"
+    rundir.set_aside(copy_of_run)  # what pretrain --overwrite does before its first checkpoint ...
+    killed = ["/usr/local/bin/rotnet", "pretrain", "--model", "test_resnet", "-o", str(elsewhere), "--overwrite"]
+    (copy_of_run / "config.json").write_text(json.dumps({"config": {}, "command": killed}))  # ... killed there
+    result = CliRunner().invoke(app, ["pretrain", "--resume", str(copy_of_run)])
+    message = one_line(result)
+    assert result.exit_code == 1 and "is back in" in message
+    advice = shlex.split(message.split("To start the new run again: ")[1].split(" (the old run")[0])
+    assert str(copy_of_run) in advice and str(elsewhere) not in advice
