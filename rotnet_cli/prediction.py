@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from . import data as data_lib
-from . import rundir
+from . import predict_files, rundir
 from .checkpoint import make_dir, os_error_behind, write_json, write_text
 from .config import DEFAULT_BACKUP_SUFFIX, PredictConfig, format_rotations
 from .errors import ConfigError, DataError, OutputError
+from .predict_files import InputImage
 from .events import DeviceChosen, Progress, TaskProgress, WarningMessage, ignore
 from .rotations import disc_mask, needs_mask, rotate_all
 from .runtime import autocast, configure_backends, describe_device, resolve_device, resolve_precision
@@ -88,27 +89,12 @@ class PredictResult:
         }
 
 
-@dataclass(frozen=True)
-class InputImage:
-    path: Path
-    relative: Path  # where its upright copy goes below --out (mirrors a folder input)
-
-
 # ----------------------------------------------------------------------------- inputs
 
 
-def collect_inputs(specs: tuple[str, ...]) -> list[InputImage]:
-    """Files as given, folders recursively; each image once, in a reproducible order."""
-    found = [InputImage(path, relative) for path, relative in data_lib.image_inputs(specs)]
-    targets: dict[Path, Path] = {}
-    for image in found:
-        other = targets.setdefault(image.relative, image.path)
-        if other != image.path:
-            raise ConfigError(
-                f"{other} and {image.path} would both be written as {image.relative} below --out; "
-                "predict them in separate runs"
-            )
-    return found
+def collect_inputs(cfg: PredictConfig) -> list[InputImage]:
+    """Files as given, folders recursively (several folders keep their names below --out); see predict_files."""
+    return predict_files.collect_inputs(cfg.inputs, writes_copies=cfg.fix and not cfg.in_place)
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -249,9 +235,9 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     configure_backends(device)
-    inputs = collect_inputs(cfg.inputs)
+    inputs = collect_inputs(cfg)
     out = Path(cfg.out).expanduser() if cfg.out else None
-    check_outputs(cfg, out)
+    check_outputs(cfg, out, inputs)
     weights = load_rotation_model(cfg.weights, device, precision)
     rotations = weights.rotations
     tta_table = tta_index_table(rotations) if cfg.tta else None
@@ -279,6 +265,9 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
         emit(TaskProgress("predict", "predicting", done, len(inputs)))
     if done < len(inputs):  # batches whose files were all unreadable yield nothing
         emit(TaskProgress("predict", "predicting", len(inputs), len(inputs)))
+    for image, p in zip(inputs, predictions):
+        if not image.supported and p.action == "unreadable":
+            p.note = predict_files.UNSUPPORTED_NOTE
     unreadable = [p.path for p in predictions if p.action == "unreadable"]
     if unreadable:
         emit(WarningMessage(data_lib.warn_skipped([display_path(p) for p in unreadable])))
@@ -291,11 +280,17 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
     if out is not None:
         make_dir(out)
     try:
+        if cfg.fix and not cfg.in_place:
+            targets = [out / i.relative for i in inputs]
+            predict_files.record_planned(out, targets)
+            predict_files.remove_files(p for temps in predict_files.stale_temp_files(targets).values() for p in temps)
         if cfg.fix:
             _fix_images(inputs, predictions, cfg, out, emit)
     finally:  # every image has its row, also when a full disk or Ctrl-C stopped the copies
         if out is not None:
             result.reports = write_reports(out, predictions)
+            written = [Path(p.output) for p in predictions if p.output and not cfg.in_place]
+            predict_files.record_written(out, [*written, *result.reports])
     full = [p for p in predictions if p.action == "not-fixed" and p.note == DISK_FULL]
     if full and out is not None:
         raise OutputError(
@@ -313,14 +308,21 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
 # ----------------------------------------------------------------------------- outputs: the folder policy in one place
 
 
-def check_outputs(cfg: PredictConfig, out: Path | None) -> None:
+def check_outputs(cfg: PredictConfig, out: Path | None, inputs: list[InputImage] = ()) -> None:
     """Refuse outputs that cannot work before any model is loaded; nothing is created here.
 
     --out must not be (or be inside) an input folder (the originals are never changed) and
-    is new, empty or --overwrite; --in-place backups must not look like images to the next run.
+    is new, empty or --overwrite, which replaces only what predict wrote there (its reports,
+    and with --fix the copies it would write again); --in-place backups must not look like
+    images to the next run.
     """
     if out is not None:
+        if cfg.in_place:  # checked first: the copies' reason ("the originals are never changed") does not hold
+            predict_files.refuse_report_among_inputs(out, cfg.inputs)
         rundir.check_out_dir(out, overwrite=cfg.overwrite, inputs=cfg.inputs, overwrite_does="write into it")
+        if cfg.overwrite:
+            copies = [i.relative for i in inputs] if cfg.fix and not cfg.in_place else []
+            predict_files.check_replaceable(out, [Path(REPORT_CSV), Path(REPORT_JSON), *copies])
     if cfg.in_place and cfg.resolved_backup_suffix.lower().endswith(data_lib.IMAGE_EXTENSIONS):
         raise ConfigError(
             f"--backup-suffix {cfg.resolved_backup_suffix} ends like an image file, so the next predict would take the "
@@ -341,6 +343,7 @@ def _fix_images(
     """Decide each image's action and write what is due: upright copies under ``out``, or the
     originals in place (each kept first under its backup name); --copy-unchanged copies the rest."""
     what = "turning images in place" if cfg.in_place else "writing upright copies"
+    repaired = _repair_interrupted_turns(inputs, cfg) if cfg.in_place else {}
     position = 0
     try:
         for position, (image, p) in enumerate(zip(inputs, predictions)):
@@ -357,6 +360,13 @@ def _fix_images(
                 p.note = "; ".join(filter(None, [p.note, note.replace("not written", "not copied")]))
         if isinstance(e, KeyboardInterrupt):
             raise
+    finally:
+        for image, p in zip(inputs, predictions):
+            if repaired.get(image.path):
+                names = ", ".join(display_path(name) for name in repaired[image.path])
+                p.note = "; ".join(filter(None, [p.note, f"{REPAIRED} {names}"]))
+        for line in _in_place_warnings(predictions):
+            emit(WarningMessage(line))
 
 
 def _due(p: ImagePrediction, min_confidence: float) -> bool:
@@ -371,18 +381,14 @@ def _fix_one(image: InputImage, p: ImagePrediction, cfg: PredictConfig, out: Pat
     elif p.confidence < cfg.min_confidence:
         p.action = "skipped-low-confidence"
     else:
-        target = image.path if cfg.in_place else out / image.relative
-        backup = image.path.with_name(image.path.name + cfg.resolved_backup_suffix) if cfg.in_place else None
         try:
-            if cfg.in_place and image.path.is_symlink():
-                raise NotWritten("a symbolic link: not turned in place (give the file it points to)")
-            if backup is not None and os.path.lexists(backup):
-                raise NotWritten(
-                    f"its backup {display_path(str(backup))} exists; move it away or choose another --backup-suffix"
-                )
-            make_dir(target.parent)
-            p.note = write_upright(image.path, target, p.correction, jpeg=cfg.jpeg, backup=backup)
-            p.action, p.output = "fixed", str(target)
+            if cfg.in_place:
+                _turn_in_place(image.path, p, cfg)
+            else:
+                target = out / image.relative
+                make_dir(target.parent)
+                p.note = write_upright(image.path, target, p.correction, jpeg=cfg.jpeg)
+                p.action, p.output = "fixed", str(target)
         except UnreadableImage as e:  # the file changed or broke since it was decoded
             p.action, p.note = "unreadable", str(e)
         except (NotWritten, OutputError) as e:
@@ -395,6 +401,61 @@ def _fix_one(image: InputImage, p: ImagePrediction, cfg: PredictConfig, out: Pat
             p.output, p.note = str(target), "; ".join(filter(None, [p.note, "copied unchanged"]))
         except (NotWritten, OutputError, OSError) as e:
             p.note = "; ".join(filter(None, [p.note, f"not copied: {e}"]))
+
+
+REPAIRED = "repaired an interrupted turn: removed"
+NOT_KEPT = "owner, group and mode not kept"
+
+
+def _repair_interrupted_turns(inputs: list[InputImage], cfg: PredictConfig) -> dict[Path, list[str]]:
+    """image -> the temp files a killed in-place turn of it left, now removed under the image's
+    lock, whatever this run then does with it (a backup it left is handled by the next turn)."""
+    repaired = {}
+    for path, temps in predict_files.stale_temp_files(i.path for i in inputs).items():
+        with predict_files.turn_lock(path) as free:
+            if free:
+                repaired[path] = predict_files.remove_files(temps)
+    return repaired
+
+
+def _turn_in_place(path: Path, p: ImagePrediction, cfg: PredictConfig) -> None:
+    """Turn the original itself, kept first under its backup name, with its owner, group and mode;
+    one process at a time."""
+    backup = path.with_name(path.name + cfg.resolved_backup_suffix)
+    if path.is_symlink():
+        raise NotWritten("a symbolic link: not turned in place (give the file it points to)")
+    with predict_files.turn_lock(path) as free:
+        if not free:
+            raise NotWritten("another rotnet predict is turning it; run again when that one has finished")
+        if predict_files.backup_is_the_original(path, backup):  # a killed turn's: the file was never replaced
+            backup.unlink()
+            p.note = f"{REPAIRED} {display_path(backup.name)}"
+        if os.path.lexists(backup):
+            raise NotWritten(
+                f"its backup {display_path(str(backup))} exists; move it away or choose another --backup-suffix"
+            )
+        before = predict_files.ownership(path)
+        note = write_upright(path, path, p.correction, jpeg=cfg.jpeg, backup=backup)
+        after = predict_files.ownership(path)
+    extra = []
+    if before and after and before != after:
+        extra.append(predict_files.describe_ownership(before, after))
+    p.note = "; ".join(filter(None, [note, *extra, p.note]))
+    p.action, p.output = "fixed", str(path)
+
+
+def _in_place_warnings(predictions: list[ImagePrediction]) -> list[str]:
+    """One line per kind of trouble an in-place run met on turned files."""
+    lines = []
+    for marker, what in (
+        (REPAIRED, "had what an interrupted turn left removed"),
+        (NOT_KEPT, "lost their owner, group or mode"),
+    ):
+        hit = [p for p in predictions if marker in p.note]
+        if hit:
+            detail = next(part for part in hit[0].note.split("; ") if marker in part)
+            lines.append(f"{len(hit)} image(s) {what}, e.g. {display_path(hit[0].path)}: {detail}")
+    return lines
 
 
 # ----------------------------------------------------------------------------- images unlike the training data
@@ -451,7 +512,7 @@ def unlike_training(weights: LoadedWeights | RotationModel, decoded: int, colour
     return (
         f"{which} differ clearly from what {weights.model_name} was trained on ({data}): {'; '.join(differences)}. "
         "Its predictions on them mean little; to orient photos, pretrain on photos like them "
-        "(e.g. rotnet pretrain --data ~/photos --img-size 224; see the README's 'Orienting photos')"
+        "(e.g. rotnet pretrain --data ~/photos --img-size 224; see docs/predict.md, 'Orienting photos')"
     )
 
 

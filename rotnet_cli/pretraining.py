@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shlex
+from .shell import shell_quote
 import time
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
@@ -232,11 +232,14 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> PretrainCon
         raise ConfigError(
             f"--resume {run_dir}: no {rundir.CONFIG} there, so it is not a rotnet run; give the run directory to continue"
         )
-    if not (run_dir / rundir.CHECKPOINT).is_file():
+    if rundir.folder_kind(run_dir) == "export":
         raise ConfigError(
-            f"--resume {run_dir}: the run stopped before its first checkpoint, so there is nothing to resume; "
-            f"start it again with: {_start_again(run_dir)}"
+            f"--resume {run_dir}: an exported model, not a training run; give the run directory it was exported "
+            f"from (the folder that holds {rundir.CHECKPOINT}), or pass --init {shell_quote(str(run_dir))} to start "
+            "a new run from its weights"
         )
+    if not (run_dir / rundir.CHECKPOINT).is_file():
+        _refuse_without_checkpoint(run_dir)
     try:
         saved = rundir.read_run_config(run_dir)
     except DataError as e:
@@ -282,21 +285,81 @@ def auto_resume_config(params: dict[str, Any], given: set[str]) -> PretrainConfi
 
 
 def _start_again(run_dir: Path) -> str:
-    """The command that started the run in ``run_dir`` (from its config.json), with --overwrite, to paste."""
+    """The command that starts the run in ``run_dir`` again, in that folder, to paste. Built from
+    its config.json, not from the command line it recorded: that names the folder the run was
+    started in, which for a moved or copied run is another run (--overwrite would replace it)."""
+    folder = shell_quote(str(run_dir))
+    return f"rotnet pretrain --config {shell_quote(str(run_dir / rundir.CONFIG))} --out {folder} --overwrite"
+
+
+def _typed_again(run_dir: Path) -> str:
+    """The command line that started the run in ``run_dir`` (from its config.json), with --overwrite
+    and with ``run_dir`` as its --out (the folder may have been moved since)."""
     try:
         argv = rundir.read_config(run_dir).get("command")
     except DataError:
         argv = None
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv) or "pretrain" not in argv:
-        return f"rotnet pretrain ... --out {shlex.quote(str(run_dir))} --overwrite"
-    argv = [a for a in argv if a != "--resume"]
-    return rundir.suggested_command(argv + ([] if "--overwrite" in argv else ["--overwrite"]))
+        return _start_again(run_dir)
+    kept: list[str] = []
+    pending = None  # the option whose value comes next
+    for arg in argv:
+        if pending == "--out":
+            arg = str(run_dir)
+        elif pending == "--resume" or arg.startswith("--resume="):
+            pending = None
+            continue
+        elif arg.startswith("--out="):
+            arg = f"--out={run_dir}"
+        pending = {"-o": "--out", "--out": "--out", "--resume": "--resume"}.get(arg) if pending is None else None
+        if pending != "--resume":
+            kept.append(arg)
+    if not any(a in ("--out", "-o") or a.startswith("--out=") for a in kept):
+        kept += ["--out", str(run_dir)]
+    return rundir.suggested_command(kept + ([] if "--overwrite" in kept else ["--overwrite"]))
+
+
+def _unused_folder(folder: Path) -> Path:
+    """``folder``, or folder-2, folder-3 ...: the first that does not exist (a suggested --out that works)."""
+    candidate, n = folder, 1
+    while candidate.exists():
+        n += 1
+        candidate = folder.with_name(f"{folder.name}-{n}")
+    return candidate
+
+
+def _refuse_without_checkpoint(run_dir: Path) -> None:
+    """--resume of a run without checkpoint.pt: one that stopped before its first checkpoint (start
+    it again), or one that trained and lost it (copied without it, deleted): say which is true."""
+    try:
+        epochs = len(rundir.read_metrics(run_dir)) if (run_dir / rundir.METRICS).is_file() else 0
+    except DataError:
+        epochs = 0
+    weights = run_dir / rundir.WEIGHTS
+    if not epochs and not weights.is_file():
+        raise ConfigError(
+            f"--resume {run_dir}: the run stopped before its first checkpoint, so there is nothing to resume; "
+            f"start it again with: {_start_again(run_dir)}"
+        )
+    trained = f"{rundir.METRICS} records {epochs} epoch(s)" if epochs else f"it has {rundir.WEIGHTS}"
+    if weights.is_file():
+        new = shell_quote(str(_unused_folder(run_dir.parent / f"{run_dir.name}-continued")))
+        advice = (
+            f"to train further from its weights: rotnet pretrain --config {shell_quote(str(run_dir / rundir.CONFIG))} "
+            f"--init {shell_quote(str(weights))} --out {new} (a new run; the optimizer's state was in the checkpoint)"
+        )
+    else:
+        advice = f"to start it again there: {_start_again(run_dir)}"
+    raise ConfigError(
+        f"--resume {run_dir}: its {rundir.CHECKPOINT} is missing ({trained}: it was deleted or not copied), so it "
+        f"cannot continue; {advice}"
+    )
 
 
 def _refuse_stopped_overwrite(run_dir: Path) -> None:
     """--resume of a folder where --overwrite was stopped before the new run's first checkpoint:
     put the old run back (that is what the next pretrain on it does) and say what happened."""
-    again = _start_again(run_dir)
+    again = _typed_again(run_dir)  # the new run's command: the config.json put back is the old run's
     with rundir.RunDirWriter(run_dir, resume=True):
         pass  # opening it under its lock repairs it: the old run comes back
     raise ConfigError(
@@ -448,7 +511,7 @@ def pretrain(
 def _explained(e: BaseException, out: Path, writer: rundir.RunDirWriter | None) -> BaseException:
     """What a failure means for the run: a second Ctrl-C or a full disk says whether and how to continue."""
     saved = writer is not None and writer.kept
-    resume = f"rotnet pretrain --resume {shlex.quote(str(out))}"
+    resume = f"rotnet pretrain --resume {shell_quote(str(out))}"
     if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C: stopped at once
         if saved:
             return Interrupted(f"stopped at once; the last checkpoint in {out} is intact; resume with: {resume}")
@@ -1077,7 +1140,7 @@ def _kept(run: Run, state: TrainState) -> str:
 
 
 def _resume_command(out: Path) -> str:
-    return f"rotnet pretrain --resume {shlex.quote(str(out))}"
+    return f"rotnet pretrain --resume {shell_quote(str(out))}"
 
 
 def stop_now(run: Run, sync_point: bool) -> bool:

@@ -34,7 +34,7 @@ import math
 import os
 import platform
 import re
-import shlex
+from .shell import shell_join, shell_quote
 import shutil
 import socket
 import stat
@@ -551,7 +551,7 @@ def suggested_command(argv: Iterable[str]) -> str:
         argv = ["rotnet", *argv[1:]]
     elif argv and argv[0].endswith(("__main__.py", "-m")):
         argv = ["python", "-m", "rotnet_cli", *argv[1:]]
-    return shlex.join(argv)
+    return shell_join(argv)
 
 
 # ----------------------------------------------------------------------------- which files are rotnet's
@@ -678,7 +678,7 @@ def check_out_dir(
             or (not inside_inputs and given.is_dir() and given in resolved.parents)
         ):
             hint = (
-                f", e.g. --out {shlex.quote(str(out / EXPORT_DIR))}"
+                f", e.g. --out {shell_quote(str(out / EXPORT_DIR))}"
                 if inside_inputs
                 else " (the originals are never changed)"
             )
@@ -688,7 +688,7 @@ def check_out_dir(
     entries = _entries(out)
     if entries and not overwrite:
         options = (
-            f"pass --resume {shlex.quote(str(out))} to continue it, "
+            f"pass --resume {shell_quote(str(out))} to continue it, "
             if resumable and (out / CHECKPOINT).is_file()
             else "pass "
         )
@@ -724,7 +724,7 @@ def _refuse_another_kind(out: Path, writes: str) -> None:
         return
     what = "a training run's files" if held == "run" else "an exported model"
     hint = (
-        f", e.g. --out {shlex.quote(str(out / EXPORT_DIR))}"
+        f", e.g. --out {shell_quote(str(out / EXPORT_DIR))}"
         if folder_kind(out / "..") != "run" and held == "run"
         else ""
     )

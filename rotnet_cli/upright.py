@@ -28,6 +28,7 @@ import io
 import os
 import re
 import shutil
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -251,6 +252,8 @@ def _save_params(image, fmt: str, data: bytes, swapped: bool) -> dict:
         params["quality"] = JPEG_QUALITY
     if fmt == "WEBP" and _webp_is_lossless(data):  # a lossless WebP stays lossless
         params["lossless"] = True
+    if fmt in ("JPEG", "MPO") and (image.info.get("progressive") or image.info.get("progression")):
+        params["progressive"] = True  # a progressive JPEG stays progressive (web pages load it coarse-to-fine)
     if fmt in ("JPEG", "MPO") and isinstance(image, JpegImagePlugin.JpegImageFile):
         sampling = JpegImagePlugin.get_sampling(image)
         if sampling != -1:
@@ -391,8 +394,9 @@ def _lossless_jpeg(data: bytes, image, grid: tuple[bool, int], trim: bool) -> tu
 
     op = getattr(turbojpeg.OP, _TJ_OP[grid])
     width, height = image.size
+    progressive = bool(image.info.get("progressive") or image.info.get("progression"))  # stays as it was
     try:
-        content = turbojpeg.transform(data, op=op, perfect=True)
+        content = turbojpeg.transform(data, op=op, perfect=True, progressive=progressive)
         note = "lossless (JPEG blocks turned, not re-encoded)"
     except RuntimeError as perfect_error:
         if not trim or "not perfect" not in str(perfect_error):
@@ -406,7 +410,7 @@ def _lossless_jpeg(data: bytes, image, grid: tuple[bool, int], trim: bool) -> tu
             )
             content, note = _pil_upright(image, "JPEG", data, grid, 0)
             return content, f"{note}: {reason}"
-        content = turbojpeg.transform(data, op=op, perfect=False, trim=True)
+        content = turbojpeg.transform(data, op=op, perfect=False, trim=True, progressive=progressive)
         note = None
     content = _jpeg_with_orientation(content, 1)  # markers were copied: the tag still says how the old pixels lay
     if note is None:
@@ -516,28 +520,63 @@ def _xmp_upright(xmp: bytes, value: int = 1) -> bytes:
 
 def _install(content: bytes, source: Path, target: Path, backup: Path | None) -> None:
     """Write ``content`` to ``target`` atomically with the source's file times (and, in place,
-    its permission bits, after keeping the original as ``backup``)."""
+    its owner, group, mode and extended attributes, after keeping the original as ``backup``).
+
+    A turn that fails leaves the folder as it was: the backup it made is removed again."""
     before = source.stat()
+    made_backup = False
 
     def write(tmp: Path) -> None:
+        nonlocal made_backup
         tmp.write_bytes(content)
         if backup is not None:
             _keep_backup(source, backup)
+            made_backup = True
+            _keep_ownership(source, tmp, before)  # on the temp file: the rename then installs it whole
 
     try:
         atomic_write(target, write)
-        if backup is not None:
-            os.chmod(target, before.st_mode & 0o7777)
+        if made_backup and not before.st_mode & stat.S_IWUSR:
+            os.chmod(target, before.st_mode & 0o7777)  # the temp file needed its owner's write bit for its fsync
         os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
-    except NotWritten:
-        raise
-    except Exception as e:  # atomic_write names disk-full and permission errors; the rest are OSErrors
-        cause = os_error_behind(e)
+    except BaseException as e:
+        if made_backup and not _replaced(target, before):
+            backup.unlink(missing_ok=True)  # the original is still in place: its backup would block every later run
+        if isinstance(e, NotWritten) or not isinstance(e, Exception):
+            raise
+        cause = os_error_behind(e)  # atomic_write names disk-full and permission errors; the rest are OSErrors
         if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise DiskFull(f"disk full while writing {target}") from e
         if cause is None:
             raise
         raise NotWritten(f"cannot write {target}: {cause.strerror or cause}") from e
+
+
+def _replaced(target: Path, before: os.stat_result) -> bool:
+    """Whether ``target`` is no longer the file ``before`` described (the rename happened)."""
+    try:
+        now = target.stat()
+    except OSError:
+        return True
+    return (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino)
+
+
+def _keep_ownership(source: Path, tmp: Path, before: os.stat_result) -> None:
+    """The original's owner, group, permission bits and extended attributes (ACLs among them) on
+    the file that replaces it. Where they cannot be kept (not root) the file stays the writer's;
+    the caller compares and says so."""
+    try:
+        shutil.copystat(source, tmp)  # mode, times and xattrs
+    except OSError:
+        pass
+    try:
+        os.chown(tmp, before.st_uid, before.st_gid)
+    except OSError:
+        pass
+    try:
+        os.chmod(tmp, before.st_mode & 0o7777 | stat.S_IWUSR)  # again: chown clears set-id bits
+    except OSError:
+        pass
 
 
 def _keep_backup(source: Path, backup: Path) -> None:
@@ -546,8 +585,12 @@ def _keep_backup(source: Path, backup: Path) -> None:
         os.link(source, backup)
     except FileExistsError:
         raise NotWritten(f"its backup {backup.name} exists; move it away or choose another --backup-suffix") from None
-    except OSError:  # a file system without hard links
-        shutil.copy2(source, backup)
+    except OSError:  # a file system without hard links (or an immutable file)
+        try:
+            shutil.copy2(source, backup)
+        except BaseException:
+            backup.unlink(missing_ok=True)  # half a backup would block every later run, and keep nothing
+            raise
 
 
 def copy_unchanged(source: Path, target: Path) -> None:

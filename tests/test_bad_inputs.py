@@ -139,6 +139,11 @@ MATRIX = [
     # -- item 13: the advice names a command that works
     ("pretrain --resume {stopped}", 1, "start it again with: rotnet pretrain"),
     # -- a second process on a run directory (item 3) is refused: see test_reliability
+    # -- issue 27: predict's --overwrite replaces only what predict wrote; advice that is true and works
+    ("predict {run} {img} --fix --out {users_out} --overwrite --device cpu", 1, "was not written by rotnet"),
+    ("predict {run} {img} --out {users_out} --overwrite --device cpu", 1, "predictions.csv was not written by rotnet"),
+    ("predict {run} {few} --fix --in-place --out {few} --device cpu", 1, "--out holds only the report"),
+    ("pretrain --resume {lost_checkpoint}", 1, "checkpoint.pt is missing"),
 ]
 
 
@@ -181,6 +186,8 @@ def sentinel(tmp_path_factory, tiny_run) -> dict[str, Path]:
         "foreign_run": root / "my-project",
         "one": root / "one",
         "stopped": root / "stopped",
+        "users_out": root / "users_out",
+        "lost_checkpoint": root / "lost_checkpoint",
     }
     _png(paths["img"], 0)
     paths["notes"].write_text("not an image\n")
@@ -207,6 +214,11 @@ def sentinel(tmp_path_factory, tiny_run) -> dict[str, Path]:
     _png(paths["one"] / "only.png", 0)
     paths["stopped"].mkdir()  # a run killed before its first checkpoint: config.json, nothing to resume
     shutil.copy(paths["run"] / "config.json", paths["stopped"] / "config.json")
+    paths["users_out"].mkdir()  # the user's own photo and spreadsheet where predict would write
+    _png(paths["users_out"] / "photo.png", 5)
+    (paths["users_out"] / "predictions.csv").write_text("my own notes\n")
+    shutil.copytree(paths["run"], paths["lost_checkpoint"])  # a finished run copied without its checkpoint
+    (paths["lost_checkpoint"] / "checkpoint.pt").unlink()
     return paths
 
 

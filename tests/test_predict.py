@@ -608,6 +608,7 @@ def test_copy_unchanged_makes_a_complete_upright_mirror(tmp_path, run_dir, heldo
     mirrored = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {
         "predictions.csv",
         "predictions.json",
+        ".rotnet-predict.json",  # what predict wrote, so that --overwrite replaces only that
     }
     assert mirrored == {"sure.png", "deep/unsure.png", "upright.png", "broken.png"}
     for name in ("deep/unsure.png", "upright.png", "broken.png"):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import shlex
 from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..shell import shell_quote
 from ..config import PretrainConfig, default_workers, format_rotations
 from ..stopping import StopFlag
 from ._common import (
@@ -21,7 +21,6 @@ from ._common import (
     DownloadOpt,
     ImgSizeOpt,
     JsonOpt,
-    OverwriteOpt,
     PrecisionOpt,
     SeedOpt,
     WorkersOpt,
@@ -195,7 +194,17 @@ def pretrain(
     out: Annotated[
         Optional[str], typer.Option("--out", "-o", help="Run directory (default runs/MODEL-DATE-TIME).")
     ] = None,
-    overwrite: OverwriteOpt = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite/--no-overwrite",
+            help=(
+                "Replace the run in --out: its config.json, metrics, checkpoints, logs, probe.json and its export/ "
+                "(an export of the old weights would pass for the new run's); files rotnet did not write are never "
+                "replaced. The old run is kept until the new one writes its first checkpoint."
+            ),
+        ),
+    ] = False,
     resume_dir: Annotated[
         Optional[str],
         typer.Option(
@@ -373,18 +382,18 @@ def _render_summary(result, config: PretrainConfig) -> None:
         out_console.print(
             f"best epoch {best['epoch']} by {best['metric']} ({value}): {best['weights']}", markup=False, soft_wrap=True
         )
-    run = shlex.quote(str(result.out_dir))
+    run = shell_quote(str(result.out_dir))
     # The probe needs labels: digits have them, a folder only with class sub-folders.
     data = (
         ""
         if config.data == "digits"
-        else f" --data {shlex.quote(config.data) if result.labelled else 'LABELLED_FOLDER'}"
+        else f" --data {shell_quote(config.data) if result.labelled else 'LABELLED_FOLDER'}"
     )
     labels_note = "" if result.labelled else " (on labelled images: a folder of class sub-folders)"
     print_commands(
         f"next: its features at every stage against random weights{labels_note}, then the backbone for timm:",
         [
             f"rotnet probe {run}{data} --compare random",
-            f"rotnet export {run} --out {shlex.quote(str(result.out_dir / 'export'))}",
+            f"rotnet export {run} --out {shell_quote(str(result.out_dir / 'export'))}",
         ],
     )

@@ -1,0 +1,338 @@
+"""predict's files: where each upright copy goes, which files in --out are predict's own, and
+the repair of what an interrupted in-place turn left behind.
+
+- Layout: one folder input is mirrored below --out; with several, each keeps its folder's name
+  (two camera folders that both hold IMG_0001.png predict together). Names that would still
+  collide are refused only when copies are written.
+- Ownership: --overwrite replaces rotnet's own files and refuses anything else (rundir's
+  policy). A picture has no room for a marker that survives every format, so predict lists
+  what it wrote, with each file's SHA-256, in a manifest in --out; a file is predict's own when
+  the manifest names it and its bytes are still the ones predict wrote.
+- In place: one process turns an image at a time (an advisory lock on the file); a turn that a
+  kill -9 stopped left the original untouched, maybe with a temp file and a backup identical to
+  it; the next run on the image removes both and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from . import data as data_lib
+from . import rundir
+from .checkpoint import TEMP_SUFFIX, write_json
+from .errors import ConfigError, DataError, OutputError
+
+# in --out: {"format": MANIFEST_FORMAT, "files": {relative path: sha256}, "planned": [relative path]}; "planned"
+# lists the copies a run is writing (checked before, replaced by their SHA-256 at its end), so
+# that what a killed run wrote is still predict's to replace
+MANIFEST = ".rotnet-predict.json"
+MANIFEST_FORMAT = "rotnet-predict-outputs"
+# Formats cameras and phones write that this build cannot decode: a row says so instead of silence.
+UNSUPPORTED_IMAGE_EXTENSIONS = (
+    ".heic",
+    ".heif",
+    ".cr2",
+    ".cr3",
+    ".nef",
+    ".arw",
+    ".dng",
+    ".raf",
+    ".orf",
+    ".rw2",
+    ".jxl",
+)
+UNSUPPORTED_NOTE = "format not supported (convert it to JPEG or PNG first)"
+
+
+@dataclass(frozen=True)
+class InputImage:
+    path: Path
+    relative: Path  # where its upright copy goes below --out
+    supported: bool = True  # False: a format rotnet cannot decode (a row says so)
+
+
+# ----------------------------------------------------------------------------- inputs and their layout below --out
+
+
+def collect_inputs(specs: tuple[str, ...], writes_copies: bool) -> list[InputImage]:
+    """Files as given, folders recursively; each image once, in a reproducible order.
+
+    Several folders keep their names below --out; a name that still collides is refused
+    when ``writes_copies`` (nothing would tell the copies apart), and never otherwise."""
+    folders = [spec for spec in specs if Path(spec).expanduser().is_dir()]
+    keep_names = len(folders) > 1
+    found, seen = [], set()
+    for spec in specs:
+        try:
+            pairs = data_lib.image_inputs([spec])  # a file given by name is taken whatever its ending
+        except DataError:
+            if spec not in folders or not _unsupported_files([spec], False, set()):
+                raise
+            pairs = []  # only HEIC or raw files: each gets its row
+        for path, relative in pairs:
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                found.append(InputImage(path, relative, path.suffix.lower() not in UNSUPPORTED_IMAGE_EXTENSIONS))
+    if keep_names:
+        found = [_below_its_folder(image, folders) for image in found]
+    found += _unsupported_files(folders, keep_names, {image.path.resolve() for image in found})
+    if writes_copies:
+        _refuse_collisions(found)
+    return found
+
+
+def _folder_name(spec: str) -> str:
+    """The folder's name as given (a link keeps its own name); "." and ".." by the folder they mean."""
+    return Path(os.path.abspath(Path(spec).expanduser())).name or "root"
+
+
+def _below_its_folder(image: InputImage, folders: list[str]) -> InputImage:
+    for spec in folders:
+        root = Path(spec).expanduser()
+        if image.path == root / image.relative:
+            return InputImage(image.path, Path(_folder_name(spec)) / image.relative, image.supported)
+    return image  # a file given by itself keeps its bare name
+
+
+def _unsupported_files(folders: list[str], keep_names: bool, seen: set[Path]) -> list[InputImage]:
+    """The files of formats rotnet cannot decode below the folders (each once, none already in ``seen``)."""
+    found = []
+    for spec in folders:
+        root = Path(spec).expanduser()
+        _, others = data_lib._scan(root)  # the image scan's walk: its rules for links and hidden files
+        for path in others:
+            if path.suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS and path.resolve() not in seen:
+                seen.add(path.resolve())
+                relative = path.relative_to(root)
+                found.append(InputImage(path, Path(_folder_name(spec)) / relative if keep_names else relative, False))
+    return found
+
+
+def _refuse_collisions(found: list[InputImage]) -> None:
+    targets: dict[Path, Path] = {}
+    for image in found:
+        other = targets.setdefault(image.relative, image.path)
+        if other != image.path:
+            raise ConfigError(
+                f"{other} and {image.path} would both be written as {image.relative} below --out; "
+                "give their folders different names, or predict them in separate runs"
+            )
+
+
+# ----------------------------------------------------------------------------- which files in --out are predict's
+
+
+def refuse_report_among_inputs(out: Path, specs: tuple[str, ...]) -> None:
+    """--in-place --out: the report's folder must not overlap the inputs (the report would land
+    among the photos it describes); the message says what --out is for under --in-place."""
+    resolved = out.expanduser().resolve()
+    for spec in specs:
+        given = Path(spec).expanduser()
+        if not given.exists():
+            continue
+        given = given.resolve()
+        if given == resolved or resolved in given.parents or (given.is_dir() and given in resolved.parents):
+            raise OutputError(
+                f"--out {out} overlaps the input {spec}; with --in-place the images are turned where they are "
+                "and --out holds only the report: choose a folder outside the inputs, e.g. --out report"
+            )
+
+
+def check_replaceable(out: Path, names: Iterable[Path]) -> None:
+    """With --overwrite: every existing file predict would write in ``out`` (``names``, relative)
+    must be one predict wrote there and nobody changed since; anything else is refused."""
+    if not out.is_dir():
+        return
+    owned = read_manifest(out)
+    if os.path.lexists(out / MANIFEST) and owned is None:
+        rundir.raise_foreign(out, out / MANIFEST)
+    for relative in names:
+        entry = out / relative
+        if entry.is_dir() and not entry.is_symlink():
+            continue  # never replaced: the copy meant for it fails, and its row says why
+        if os.path.lexists(entry) and not is_own(out, relative, owned):
+            rundir.raise_foreign(out, entry)
+    held = rundir.folder_kind(out)
+    if held is not None:
+        what = "a training run's files" if held == "run" else "an exported model"
+        raise OutputError(
+            f"--out {out} holds {what}, and predict writes only into a folder of its own; choose another --out"
+        )
+
+
+@dataclass
+class Manifest:
+    """What predict wrote in an --out: relative path -> SHA-256, and the copies a run was about to write."""
+
+    files: dict[str, str]
+    planned: set[str]
+
+
+def is_own(out: Path, relative: Path, owned: Manifest | None) -> bool:
+    entry = out / relative
+    if owned is None or entry.is_symlink() or not entry.is_file():
+        return False
+    key = relative.as_posix()
+    return key in owned.planned or owned.files.get(key) == file_digest(entry)
+
+
+def read_manifest(out: Path) -> Manifest | None:
+    """What predict wrote in ``out``; None when there is no valid manifest."""
+    path = out / MANIFEST
+    try:
+        if path.is_symlink() or path.stat().st_size > 64 * 2**20:
+            return None
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != MANIFEST_FORMAT:
+        return None
+    files, planned = record.get("files"), record.get("planned", [])
+    if not isinstance(files, dict) or not isinstance(planned, list):
+        return None
+    return Manifest(
+        {k: v for k, v in files.items() if isinstance(k, str) and isinstance(v, str) and len(v) == 64},
+        {k for k in planned if isinstance(k, str)},
+    )
+
+
+def record_written(out: Path, written: Iterable[Path]) -> Path:
+    """The manifest once the run's files are written: theirs and the earlier files still as
+    predict wrote them, each by its SHA-256 (a copy a killed run was writing counts as written)."""
+    owned = read_manifest(out) or Manifest({}, set())
+    files = {key: digest for key, digest in owned.files.items() if is_own(out, Path(key), Manifest(owned.files, set()))}
+    done = [out / key for key in owned.planned] + [Path(path) for path in written]
+    for path in done:
+        if path.is_file() and not path.is_symlink():
+            with contextlib.suppress(OSError, ValueError):
+                files[path.relative_to(out).as_posix()] = file_digest(path)
+    return _write_manifest(out, Manifest(files, set()))
+
+
+def record_planned(out: Path, targets: Iterable[Path]) -> Path:
+    """List the copies about to be written (paths below ``out``) before writing them: a copy that
+    a killed run wrote is then still predict's to replace."""
+    owned = read_manifest(out) or Manifest({}, set())
+    planned = owned.planned | {Path(path).relative_to(out).as_posix() for path in targets}
+    return _write_manifest(out, Manifest(owned.files, planned))
+
+
+def _write_manifest(out: Path, manifest: Manifest) -> Path:
+    # ensure_ascii: a name that is not UTF-8 is kept as its surrogate escapes and read back exactly
+    record = {"format": MANIFEST_FORMAT, "files": manifest.files, "planned": sorted(manifest.planned)}
+    return write_json(out / MANIFEST, record)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- in place: one turn at a time, repaired
+
+
+@contextlib.contextmanager
+def turn_lock(path: Path) -> Iterator[bool]:
+    """Hold an advisory lock on the image while it is turned; yields False when another process
+    holds it (a second predict on the same file). A file system without locks yields True."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        yield True  # the turn itself reports why the file cannot be read
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                yield False
+                return
+        yield True
+    finally:
+        os.close(fd)
+
+
+_TEMP_NAME = re.compile(rf"\.(.+)\.[A-Za-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")  # atomic_write's mkstemp names
+
+
+def stale_temp_files(files: Iterable[Path]) -> dict[Path, list[Path]]:
+    """file -> the temp files a killed write of it left beside it (``.NAME.XXXXXXXX.tmp``).
+    One listing per folder, not per file: a folder of 10,000 photos is listed once."""
+    by_folder: dict[Path, dict[str, Path]] = {}
+    for path in files:
+        by_folder.setdefault(path.parent, {})[path.name] = path
+    found: dict[Path, list[Path]] = {}
+    for folder, names in by_folder.items():
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            match = _TEMP_NAME.fullmatch(entry.name)
+            if match and match.group(1) in names and entry.is_file(follow_symlinks=False):
+                found.setdefault(names[match.group(1)], []).append(Path(entry.path))
+    return found
+
+
+def remove_files(paths: Iterable[Path]) -> list[str]:
+    removed = []
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
+def backup_is_the_original(image: Path, backup: Path) -> bool:
+    """The backup is the file itself (a hard link) or a byte-for-byte copy: keeping it keeps nothing."""
+    try:
+        if backup.is_symlink() or not backup.is_file():
+            return False
+        if os.path.samefile(image, backup):
+            return True
+        return backup.stat().st_size == image.stat().st_size and file_digest(backup) == file_digest(image)
+    except OSError:
+        return False
+
+
+def ownership(path: Path) -> tuple[int, int, int] | None:
+    """(uid, gid, permission bits) of the file, None when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_uid, st.st_gid, st.st_mode & 0o7777
+
+
+def describe_ownership(before: tuple[int, int, int], after: tuple[int, int, int]) -> str:
+    return (
+        f"owner, group and mode not kept: {before[0]}:{before[1]} {before[2]:o} before, "
+        f"{after[0]}:{after[1]} {after[2]:o} now"
+    )
+
+
+__all__ = [
+    "InputImage",
+    "collect_inputs",
+    "check_replaceable",
+    "record_written",
+    "read_manifest",
+    "turn_lock",
+    "stale_temp_files",
+    "remove_files",
+    "backup_is_the_original",
+    "MANIFEST",
+    "UNSUPPORTED_NOTE",
+]
