@@ -17,6 +17,7 @@ average-pooled, as ``rotnet embed`` gives them). Prints a table on stderr and ON
   python benchmarks/outliers.py                            # test_resnet at 16 px, 15 epochs: a few CPU minutes
   python benchmarks/outliers.py --model resnet18 --img-size 32 --epochs 60 --device cuda
   python benchmarks/outliers.py --classes 0,3 --epochs 5   # a quick look
+  python benchmarks/outliers.py --faces --img-size 32 --epochs 100 --augment crop   # real photos (the issue's check)
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def split_digits(test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarra
 
 
 def write_folder(folder: Path, images: np.ndarray) -> Path:
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True)  # grey PNGs: the loader reads them as rotnet reads any folder
     for i, image in enumerate(images):
         Image.fromarray(image).save(folder / f"{i:05d}.png")
     return folder
@@ -78,11 +79,9 @@ def knn_score(train: torch.Tensor, test: torch.Tensor, k: int) -> np.ndarray:
     return knn_distances(test, train, k, "mean", none).cpu().double().numpy()
 
 
-def one_class(c: int, digits, args, device: torch.device, root: Path) -> dict[str, float]:
-    images, labels, held_out = digits
-    train_images = images[(labels == c) & ~held_out]
-    test_images, truth = images[held_out], (labels[held_out] != c).astype(np.int8)
-    folder = write_folder(root / f"digit-{c}", train_images)
+def compare(name: str, train_images: np.ndarray, test_images: np.ndarray, truth: np.ndarray, args, device, root: Path):
+    """Pretrain on ``train_images`` (N, h, w) uint8, score ``test_images``: AUROC of every column (truth 1 = outlier)."""
+    folder = write_folder(root / name, train_images)
     t0 = time.perf_counter()
     pretrain(
         PretrainConfig(
@@ -92,32 +91,50 @@ def one_class(c: int, digits, args, device: torch.device, root: Path) -> dict[st
             epochs=args.epochs,
             batch_size=args.batch_size,
             val_split=0.0,
-            augment="none",
+            augment=args.augment,
             device=args.device,
             workers=0,
             seed=args.seed,
             logger=(),
-            out=str(root / f"run-{c}"),
+            out=str(root / f"run-{name}"),
         )
     )
     seconds = time.perf_counter() - t0
-    run = load_weights(str(root / f"run-{c}"), device)
+    run = load_weights(str(root / f"run-{name}"), device)
     rand = load_weights(f"random:{args.model}", device, img_size=run.img_size)
     train_x, test_x = to_batch(train_images, run.img_size, device), to_batch(test_images, run.img_size, device)
 
     pixels = lambda x: torch.nn.functional.normalize(x.flatten(1).float(), dim=1)  # noqa: E731
     rotation = torch.cat([rotation_scores(run, chunk, device, "fp32")[0] for chunk in test_x.split(128)])
-    rotation = rotation.cpu().double().numpy()
     figures = {
         "pixel_knn": knn_score(pixels(train_x), pixels(test_x), args.k),
         "random_knn": knn_score(features(rand, train_x, device), features(rand, test_x, device), args.k),
         "rotnet_knn": knn_score(features(run, train_x, device), features(run, test_x, device), args.k),
-        "rotnet_rotation": rotation,
+        "rotnet_rotation": rotation.cpu().double().numpy(),
     }
     figures["both"] = (percentile_ranks(figures["rotnet_rotation"]) + percentile_ranks(figures["rotnet_knn"])) / 2
-    row = {name: auroc(truth, s) for name, s in figures.items()}
+    row = {column: auroc(truth, s) for column, s in figures.items()}
     row["pretrain_s"] = seconds
     return row
+
+
+def one_class_digits(c: int, digits, args, device: torch.device, root: Path) -> dict[str, float]:
+    images, labels, held_out = digits
+    train = images[(labels == c) & ~held_out]
+    truth = (labels[held_out] != c).astype(np.int8)
+    return compare(f"digit-{c}", train, images[held_out], truth, args, device, root)
+
+
+def faces(args, device: torch.device, root: Path) -> dict[str, float]:
+    """Real photos: pretrain on 70 face crops of skimage's lfw_subset; 30 held-out faces vs its 100 non-faces."""
+    from skimage.data import lfw_subset
+
+    crops = (lfw_subset() * 255).round().astype(np.uint8)  # (200, 25, 25): 100 faces, then 100 non-faces
+    order = np.random.default_rng(args.seed).permutation(100)
+    train, held_out = crops[order[:70]], crops[order[70:]]
+    test = np.concatenate([held_out, crops[100:]])
+    truth = np.r_[np.zeros(len(held_out)), np.ones(100)].astype(np.int8)
+    return compare("faces", train, test, truth, args, device, root)
 
 
 def main() -> None:
@@ -129,6 +146,8 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=5)
     parser.add_argument("--test-fraction", type=float, default=0.3)
     parser.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9")
+    parser.add_argument("--augment", default="none", help="pretrain's --augment (faces: crop)")
+    parser.add_argument("--faces", action="store_true", help="the real-image check instead: faces vs non-faces")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -138,16 +157,25 @@ def main() -> None:
     rows = {}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="score-outliers-") as tmp:
+        if args.faces:
+            rows["faces"] = faces(args, device, Path(tmp))
+            classes = []
         for c in classes:
-            rows[c] = one_class(c, digits, args, device, Path(tmp))
-            cells = "  ".join(f"{rows[c][name]:.3f}" for name in COLUMNS)
-            print(f"digit {c}: {cells}  ({rows[c]['pretrain_s']:.0f}s pretraining)", file=sys.stderr, flush=True)
+            rows[c] = one_class_digits(c, digits, args, device, Path(tmp))
+            print(f"digit {c}: " + "  ".join(f"{rows[c][n]:.3f}" for n in COLUMNS), file=sys.stderr, flush=True)
+    for name, row in rows.items():
+        cells = "  ".join(f"{row[column]:.3f}" for column in COLUMNS)
+        print(f"{name}: {cells}  ({row['pretrain_s']:.0f}s pretraining)", file=sys.stderr, flush=True)
     mean = {name: float(np.mean([r[name] for r in rows.values()])) for name in COLUMNS}
     print("mean AUROC  " + "  ".join(f"{name} {mean[name]:.3f}" for name in COLUMNS), file=sys.stderr)
     emit(
         {
             "benchmark": "outliers",
-            "protocol": "one-class digits: pretrain on one digit's training images, score held-out images of all ten",
+            "protocol": (
+                "faces vs non-faces (lfw_subset): pretrain on 70 faces, score 30 held-out faces and 100 non-faces"
+                if args.faces
+                else "one-class digits: pretrain on one digit's training images, score held-out images of all ten"
+            ),
             "settings": vars(args),
             "mean_auroc": mean,
             "per_class": {str(c): {k: round(v, 4) for k, v in r.items()} for c, r in rows.items()},

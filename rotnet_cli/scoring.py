@@ -369,7 +369,7 @@ class ScoreResult:
             "images": len(self.rows),
             "evaluation": self.evaluation.to_dict() if self.evaluation else None,
             "out": str(self.out) if self.out else None,
-            "format": self.format,
+            "out_format": self.format,
             "device": self.device,
             "precision": self.precision,
             "seconds": round(self.seconds, 3),
