@@ -401,7 +401,7 @@ def score(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreResult:
     if cfg.method in ("rotation", "both") and weights.head is None:
         raise WeightsError(
             f"{weights.source} has no rotation head, so it has no rotation score; score with features: --method knn "
-            "(or give a run directory, its model.safetensors, or an export made with --with-head)"
+            "(or give a run directory, its model.safetensors, or an export that kept its rotation head)"
         )
     parts = collect_parts(cfg, weights.img_size, emit)
     t0 = time.perf_counter()
