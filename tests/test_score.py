@@ -256,3 +256,26 @@ def test_rotation_score_tells_faces_from_non_faces(tmp_path):
     result = run_cli("score", run, "--inliers", tmp_path / "faces", "--outliers", tmp_path / "other", "--json", *CPU)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["evaluation"]["auroc"] > 0.75
+
+
+# ----------------------------------------------------------------------------- viz outliers
+
+
+def test_viz_outliers_draws_the_most_unusual_and_most_typical(tiny_run, folders, tmp_path):
+    scores = tmp_path / "scores.csv"
+    assert run_cli("score", tiny_run, folders["zeros"], folders["ones"], "--out", scores, *CPU).exit_code == 0
+    sheet = tmp_path / "sheet.png"
+    result = run_cli("viz", "outliers", scores, "-n", "3", "--out", sheet, "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    table = read_scores(scores)
+    order = np.argsort(-table.score, kind="stable")
+    assert [row["path"] for row in record["unusual"]] == [table.paths[i] for i in order[:3]]
+    assert [row["path"] for row in record["typical"]] == [table.paths[i] for i in order[::-1][:3]]
+    with Image.open(sheet) as image:
+        assert image.size == (record["width"], record["height"])
+        assert image.info.get("Software", "").startswith("rotnet")  # --overwrite may replace it, and only it
+        pixels = np.asarray(image.convert("L"))
+    assert pixels.std() > 10  # thumbnails were drawn, not a blank page
+    again = run_cli("viz", "outliers", tiny_run, folders["zeros"], "-n", "2", "--out", sheet, "--overwrite", *CPU[:2])
+    assert again.exit_code == 0, again.output
