@@ -279,3 +279,15 @@ def test_viz_outliers_draws_the_most_unusual_and_most_typical(tiny_run, folders,
     assert pixels.std() > 10  # thumbnails were drawn, not a blank page
     again = run_cli("viz", "outliers", tiny_run, folders["zeros"], "-n", "2", "--out", sheet, "--overwrite", *CPU[:2])
     assert again.exit_code == 0, again.output
+
+
+def test_every_weights_spec_with_a_head_gives_the_same_scores(tiny_run, folders, tmp_path):
+    export = tmp_path / "export"
+    assert run_cli("export", tiny_run, "--out", export, "--with-head").exit_code == 0
+    specs = [tiny_run, tiny_run / "model.safetensors", export]
+    scores = []
+    for spec in specs:
+        result = run_cli("score", spec, folders["zeros"], "--json", *CPU)
+        assert result.exit_code == 0, result.output
+        scores.append([row["score"] for row in json.loads(result.stdout)["rows"]])
+    assert np.allclose(scores[0], scores[1], rtol=1e-5) and np.allclose(scores[0], scores[2], rtol=1e-4)
