@@ -414,15 +414,10 @@ def score(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreResult:
         device=describe_device(device),
         precision=precision,
     )
-    bank = None
-    if cfg.method in ("knn", "both"):
-        bank_images, bank_names, result.reference = reference_images(cfg, weights, emit)
-        embedder = make_embedder(weights, -1, "avg", True, device, precision)
-        bank, bank_keys, bank_skipped = _features(embedder, bank_images, bank_names, cfg, emit)
-        result.k, result.knn_distance, result.reference_images = cfg.k, cfg.knn_distance, len(bank)
-        if bank_skipped:
-            emit(WarningMessage(f"the knn bank: {data_lib.warn_skipped(bank_skipped)}"))
-        bank = (embedder, bank, {key: i for i, key in enumerate(bank_keys)})
+    bank = knn_bank(cfg, weights, device, precision, emit) if cfg.method in ("knn", "both") else None
+    if bank is not None:
+        result.k, result.knn_distance = cfg.k, cfg.knn_distance
+        result.reference, result.reference_images = bank.source, len(bank.vectors)
     total = sum(len(p.images) for p in parts)
     emit(Message(_describe(cfg, weights, total)))
     result.rows, result.skipped = _score_parts(parts, weights, bank, cfg, device, precision, total, emit)
@@ -460,6 +455,25 @@ def _evaluate(rows: ScoreRows, method: str, emit: Progress) -> Evaluation:
     return evaluate(truth, columns, "score")
 
 
+@dataclass
+class KnnBank:
+    """The features the knn score measures distances to."""
+
+    embedder: Any  # the feature extractor (embedding.Embedder): L2-normalised last-stage features
+    vectors: torch.Tensor  # (M, D) on the device
+    index: dict[str, int]  # row key -> bank row, so an image of the bank is not its own neighbour
+    source: str  # what the bank is: --reference, or the data the run trained on
+
+
+def knn_bank(cfg: ScoreConfig, weights: LoadedWeights, device, precision: str, emit: Progress) -> KnnBank:
+    images, names, source = reference_images(cfg, weights, emit)
+    embedder = make_embedder(weights, -1, "avg", True, device, precision)
+    vectors, keys, skipped = _features(embedder, images, names, cfg, emit)
+    if skipped:
+        emit(WarningMessage(f"the knn bank: {data_lib.warn_skipped(skipped)}"))
+    return KnnBank(embedder, vectors, {key: i for i, key in enumerate(keys)}, source)
+
+
 def _features(embedder, images: data_lib.ImageSet, names: list[str], cfg: ScoreConfig, emit: Progress):
     """L2-normalised (M, D) features of every readable image, their row keys, and the unreadable files."""
     keys_all = _row_keys(images, names)
@@ -486,7 +500,7 @@ def _features(embedder, images: data_lib.ImageSet, names: list[str], cfg: ScoreC
     return torch.cat(vectors), keys, skipped
 
 
-def _score_parts(parts, weights, bank, cfg: ScoreConfig, device, precision, total: int, emit: Progress):
+def _score_parts(parts, weights, bank: KnnBank | None, cfg: ScoreConfig, device, precision, total: int, emit: Progress):
     """(ScoreRows in input order, unreadable files)."""
     paths, truth, rotation, probabilities, knn, skipped = [], [], [], [], [], []
     done = 0
@@ -511,14 +525,9 @@ def _score_parts(parts, weights, bank, cfg: ScoreConfig, device, precision, tota
                 rotation.append(s.cpu().double().numpy())
                 probabilities.append(p.cpu().double().numpy())
             if bank is not None:
-                embedder, vectors, index = bank
-                exclude = torch.tensor([index.get(keys[i], -1) for i in idx], device=vectors.device)
-                knn.append(
-                    knn_distances(embedder(batch.images), vectors, cfg.k, cfg.knn_distance, exclude)
-                    .cpu()
-                    .double()
-                    .numpy()
-                )
+                exclude = torch.tensor([bank.index.get(keys[i], -1) for i in idx], device=bank.vectors.device)
+                distances = knn_distances(bank.embedder(batch.images), bank.vectors, cfg.k, cfg.knn_distance, exclude)
+                knn.append(distances.cpu().double().numpy())
             skipped += batch.skipped
             done += len(batch.images) + len(batch.skipped)
             emit(TaskProgress("score", "scoring", min(done, total), total))
