@@ -14,7 +14,7 @@ AUROC of telling the other nine digits (outliers) from held-out images of the no
 The kNN scores are the mean cosine distance to the k nearest training features (the last stage,
 average-pooled, as ``rotnet embed`` gives them). Prints a table on stderr and ONE JSON line on stdout:
 
-  python benchmarks/outliers.py                            # test_resnet at 16 px, 15 epochs: a few CPU minutes
+  python benchmarks/outliers.py                            # test_resnet at 16 px, 8 epochs: a few CPU minutes (idle)
   python benchmarks/outliers.py --model resnet18 --img-size 32 --epochs 60 --device cuda
   python benchmarks/outliers.py --classes 0,3 --epochs 5   # a quick look
   python benchmarks/outliers.py --faces --img-size 32 --epochs 100 --augment crop   # real photos (the check)
@@ -141,7 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="test_resnet")
     parser.add_argument("--img-size", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("-k", type=int, default=5)
     parser.add_argument("--test-fraction", type=float, default=0.3)
