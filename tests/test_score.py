@@ -55,6 +55,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("seed", range(5))
 def test_metrics_agree_with_scikit_learn(seed):
     from sklearn import metrics  # the test extra's scikit-learn; rotnet itself never imports it
+
     rng = np.random.default_rng(seed)
     n = int(rng.integers(20, 300))
     truth = rng.integers(0, 2, n)
