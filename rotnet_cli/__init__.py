@@ -57,6 +57,8 @@ _LAZY = {
     "ScoreResult": "scoring",
     "ScoreConfig": "config",
     "read_scores": "scoring",
+    "draw_outliers": "outlier_sheet",
+    "OutliersSheetConfig": "config",
     "reproduce": "reproduction",
     "ReproduceConfig": "config",
     "train_supervised": "supervised",
