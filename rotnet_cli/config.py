@@ -1003,3 +1003,105 @@ class EmbeddingMapConfig(_Serializable):
 
 
 __all__ += ["EmbedConfig", "NeighboursConfig", "EmbeddingMapConfig", "EMBEDDING_FORMATS", "EMBED_POOLS", "MAP_METHODS"]
+
+
+# ----------------------------------------------------------------------------- rotnet score (issue 25)
+
+SCORE_METHODS = ("rotation", "knn", "both")  # how unusual an image is: see scoring.py
+SCORE_FORMATS = (".csv", ".parquet", ".npz", ".json")
+KNN_DISTANCES = ("mean", "kth")  # the mean cosine distance to the k nearest training features, or to the k-th
+
+
+@dataclass(frozen=True)
+class ScoreConfig(_Serializable):
+    """Everything `rotnet score` needs; see `rotnet score --help` for each field."""
+
+    weights: str
+    data: tuple[str, ...] = ()  # image files, folders (recursive) or a built-in / torchvision dataset name
+    out: str | None = None  # .csv, .parquet, .npz or .json: one row per image
+    method: str = "rotation"
+    k: int = 5  # neighbours of the knn score
+    knn_distance: str = "mean"
+    reference: str | None = None  # the knn bank: a folder or dataset name; None: the run's own training data
+    inliers: tuple[str, ...] = ()  # evaluation: images known to be normal ...
+    outliers: tuple[str, ...] = ()  # ... and known to be unusual
+    normal: str | None = None  # evaluation on class sub-folders: this class is normal, every other one unusual
+    img_size: int | None = None  # timm:/random: weights only
+    batch_size: int = 64
+    workers: int = field(default_factory=default_workers)
+    data_dir: str | None = None
+    strict_data: bool = False
+    device: str = "auto"
+    precision: str = "auto"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("data", "inliers", "outliers"):
+            object.__setattr__(self, name, tuple(str(p) for p in (getattr(self, name) or ())))
+        _check_required("WEIGHTS", self.weights, WEIGHTS_SPECS)
+        if bool(self.inliers) != bool(self.outliers):
+            given, missing = ("--inliers", "--outliers") if self.inliers else ("--outliers", "--inliers")
+            raise ConfigError(f"{given} needs {missing} too: the evaluation compares the two")
+        if self.inliers and (self.data or self.normal):
+            raise ConfigError(
+                "give either DATA (with --normal CLASS for an evaluation) or --inliers DIR --outliers DIR, not both"
+            )
+        if not self.data and not self.inliers:
+            raise ConfigError(
+                "give the images to score (DATA: files, folders or a dataset name), or --inliers DIR --outliers DIR"
+            )
+        if self.normal is not None and not self.normal.strip():
+            raise ConfigError("--normal is empty: give the name of the class sub-folder that holds the normal images")
+        if self.out is not None:
+            _check_suffix("--out", self.out, SCORE_FORMATS, "the format comes from the extension")
+        _check_choice("--method", self.method, SCORE_METHODS)
+        _check_choice("--knn-distance", self.knn_distance, KNN_DISTANCES)
+        _check_positive("-k", self.k)
+        if self.reference is not None and self.method == "rotation":
+            raise ConfigError("--reference is the bank of the knn score; add --method knn or both, or drop it")
+        _check_choice("--precision", self.precision, PRECISIONS)
+        _check_positive("--batch-size", self.batch_size)
+        _check_positive("--workers", self.workers, allow_zero=True)
+        _check_img_size(self.img_size)
+
+    @property
+    def evaluating(self) -> bool:
+        """Whether the truth is known (--inliers/--outliers or --normal): then AUROC and friends are measured."""
+        return bool(self.inliers) or self.normal is not None
+
+    @property
+    def format(self) -> str | None:
+        return next((s for s in SCORE_FORMATS if self.out.lower().endswith(s)), None) if self.out else None
+
+
+@dataclass(frozen=True)
+class OutliersSheetConfig(_Serializable):
+    """Everything `rotnet viz outliers` needs: a contact sheet of the most unusual and most typical images."""
+
+    scores: str  # a file written by rotnet score, or WEIGHTS (then data says what to score)
+    data: tuple[str, ...] = ()
+    out: str = "outliers.png"
+    n: int = 16  # images in each row group
+    method: str = "rotation"
+    img_size: int | None = None
+    batch_size: int = 64
+    workers: int = field(default_factory=default_workers)
+    device: str = "auto"
+    precision: str = "auto"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", tuple(str(p) for p in (self.data or ())))
+        _check_required("SCORES", self.scores, "a file written by rotnet score, or weights followed by images")
+        _check_png(self.out)
+        _check_positive("-n", self.n)
+        if self.n > 256:
+            raise ConfigError(f"-n {self.n}: a sheet shows at most 256 images of each kind; lower -n")
+        _check_choice("--method", self.method, SCORE_METHODS)
+        _check_choice("--precision", self.precision, PRECISIONS)
+        _check_positive("--batch-size", self.batch_size)
+        _check_positive("--workers", self.workers, allow_zero=True)
+        _check_img_size(self.img_size)
+
+
+__all__ += ["ScoreConfig", "OutliersSheetConfig", "SCORE_METHODS", "SCORE_FORMATS", "KNN_DISTANCES"]

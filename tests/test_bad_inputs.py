@@ -144,6 +144,28 @@ MATRIX = [
     ("predict {run} {img} --out {users_out} --overwrite --device cpu", 1, "predictions.csv was not written by rotnet"),
     ("predict {run} {few} --fix --in-place --out {few} --device cpu", 1, "--out holds only the report"),
     ("pretrain --resume {lost_checkpoint}", 1, "checkpoint.pt is missing"),
+    # -- score and viz outliers (issue 25)
+    ("score {run}", 1, "give the images to score"),
+    ("score {run} {missing} --device cpu", 1, "does not exist"),
+    ("score {missing} {few} --device cpu", 1, "does not exist"),
+    ("score {run} {few} --out {new}.txt", 1, "give a file name ending in .csv"),
+    ("score {run} {few} --method magic", 1, "--method must be one of rotation, knn, both"),
+    ("score {run} {few} -k 0", 1, "-k must be > 0"),
+    ("score {run} {few} --top -1", 2, ""),
+    ("score {run} --inliers {few}", 1, "needs --outliers"),
+    ("score {run} {few} --inliers {few} --outliers {few}", 1, "not both"),
+    ("score {run} {few} --reference {few}", 1, "add --method knn or both"),
+    ("score {run} {few} --normal cats --device cpu", 1, "no class sub-folders"),
+    ("score {run} digits --normal 11 --device cpu", 1, "has the classes 0, 1"),
+    ("score {run} {broken} --device cpu --workers 0", 1, "could be read"),
+    ("score {run} {few} --out {full_dir}/keep.txt --overwrite", 1, "ending in .csv"),
+    ("score random:test_resnet {few} --img-size 32 --device cpu", 1, "--method knn"),
+    ("score random:test_resnet {few} --img-size 32 --method knn --device cpu", 1, "--reference"),
+    ("viz outliers {missing}.csv", 1, "does not exist"),
+    ("viz outliers {notes}", 1, "scores files end in"),
+    ("viz outliers {noise_npz}", 1, "not written by rotnet score"),
+    ("viz outliers {run} {few} -n 0", 1, "-n must be > 0"),
+    ("viz outliers {run} {few} --out {img} --device cpu", 1, "pass --overwrite"),
 ]
 
 

@@ -16,7 +16,7 @@ try:  # Ctrl-C while the CLI loads: one line and exit 130, as everywhere else (n
     import typer
 
     from .._version import __version__
-    from . import embed, export, predict, pretrain, probe, reproduce, viz
+    from . import embed, export, predict, pretrain, probe, reproduce, score, viz
     from ._common import prepare_streams, set_debug
     from ._typer import RotnetCommand, RotnetGroup, show_help_when_bare
 except KeyboardInterrupt:
@@ -28,7 +28,7 @@ except KeyboardInterrupt:
 
 class _Rotnet(RotnetGroup):
     # the workflow, as the README's table
-    order = ("pretrain", "probe", "embed", "neighbours", "export", "viz", "predict", "reproduce")
+    order = ("pretrain", "probe", "embed", "neighbours", "export", "viz", "predict", "score", "reproduce")
 
 
 app = typer.Typer(
@@ -76,6 +76,7 @@ app.command(cls=RotnetCommand, epilog=embed.NEIGHBOURS_EXAMPLES)(embed.neighbour
 app.command("neighbors", cls=RotnetCommand, epilog=embed.NEIGHBOURS_EXAMPLES, hidden=True)(
     embed.neighbours
 )  # the US spelling
+app.command(cls=RotnetCommand, epilog=score.EXAMPLES)(score.score)
 app.command(cls=RotnetCommand, epilog=reproduce.EXAMPLES)(reproduce.reproduce)
 
 

@@ -205,3 +205,54 @@ def curves(
         print_json(result.to_dict())
         return
     out_console.print(f"wrote [bold]{escape(str(result.out))}[/] ({counted(result.epochs, 'epoch')})")
+
+
+OUTLIERS_EXAMPLES = """
+[b]Examples[/b]
+
+  rotnet viz outliers scores.csv --out outliers.png         [dim]# a file written by rotnet score[/dim]
+  rotnet viz outliers runs/demo photos/ -n 24 --out outliers.png   [dim]# weights and images: scored first[/dim]
+"""
+
+
+@viz_app.command(cls=RotnetCommand, epilog=OUTLIERS_EXAMPLES)
+@error_boundary
+def outliers(
+    ctx: typer.Context,
+    scores: Annotated[
+        str,
+        typer.Argument(
+            help="A file written by rotnet score (.csv, .json, .npz, .parquet), or weights followed by the images to score.",
+            show_default=False,
+        ),
+    ],
+    data: Annotated[
+        Optional[List[str]],
+        typer.Argument(help="With weights: image files, folders or a dataset name to score.", show_default=False),
+    ] = None,
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="PNG file to write (an existing one only with --overwrite).")
+    ] = "outliers.png",
+    n: Annotated[int, typer.Option("-n", help="Images of each kind: the N most unusual and the N most typical.")] = 16,
+    method: Annotated[
+        str, typer.Option("--method", help="With weights: rotation, knn or both (see rotnet score --help).")
+    ] = "rotation",
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """A contact sheet of the most unusual and most typical images, with their scores (from rotnet score)."""
+    from ..config import OutliersSheetConfig
+    from ..outlier_sheet import draw_outliers
+
+    with ProgressView(err_console, title="outliers") as view:
+        result = draw_outliers(OutliersSheetConfig.from_dict(ctx.params), progress=view)
+    if json_out:
+        print_json(result.to_dict())
+        return
+    out_console.print(
+        f"wrote [bold]{escape(str(result.out))}[/] ({result.width}x{result.height} px: the {len(result.unusual)} most "
+        f"unusual and {len(result.typical)} most typical of {result.images:,} images)",
+        highlight=False,
+        soft_wrap=True,
+    )
