@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as data_lib
-from . import rundir
+from . import csvfiles, rundir
 from ._version import __version__
 from .checkpoint import atomic_write, make_dir
 from .config import EMBED_POOLS, EmbedConfig
@@ -195,7 +195,7 @@ class CsvWriter:
     def __init__(self, path: Path, dim: int, columns: Columns, meta: dict[str, Any]):
         self.columns = columns
         self.file = open(path, "w", newline="", encoding="utf-8")
-        self.writer = csv.writer(self.file, lineterminator="\n")
+        self.writer = csvfiles.writer(self.file)
         self.writer.writerow(table_columns(columns) + [f"e{i}" for i in range(dim)])
 
     def write(self, rows: Rows, vectors: np.ndarray) -> None:

