@@ -84,3 +84,47 @@ def test_every_csv_writer_goes_through_the_one_quoting_writer():
         if p.name != "csvfiles.py" and ("csv.writer(" in p.read_text() or "csv.DictWriter(" in p.read_text())
     ]
     assert offenders == []
+
+
+# ----------------------------------------------------------------------------- item 9: control characters
+
+
+@pytest.fixture
+def escape_folder(hostile_folder) -> Path:
+    """The hostile folder plus an unreadable file whose name clears the screen: every command warns about it."""
+    (hostile_folder / "bad\x1b[2J.png").write_bytes(b"not an image")
+    return hostile_folder
+
+
+def _assert_no_raw_controls(result) -> None:
+    text = result.stdout + result.stderr
+    assert "\x1b" not in text and "\r" not in text, repr(text[-600:])
+    assert "\\x1b[2J" in text  # shown, escaped
+
+
+def test_predict_shows_control_characters_escaped_in_its_table_and_warnings(tiny_run, escape_folder, tmp_path):
+    result = _rotnet("predict", tiny_run, escape_folder, "--device", "cpu", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    _assert_no_raw_controls(result)
+
+
+def test_embed_and_neighbours_show_control_characters_escaped(tiny_run, escape_folder, tmp_path):
+    table = tmp_path / "x.npz"
+    result = _rotnet("embed", tiny_run, escape_folder, "--out", table, "--device", "cpu", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    _assert_no_raw_controls(result)
+    result = _rotnet("neighbours", table, "--device", "cpu", "-k", "9")
+    assert result.exit_code == 0, result.output
+    _assert_no_raw_controls(result)
+    result = _rotnet("neighbours", table, "--query", escape_folder, "--device", "cpu", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    _assert_no_raw_controls(result)
+
+
+def test_pretrain_warns_about_a_control_character_name_escaped(escape_folder, tmp_path):
+    result = _rotnet(
+        "pretrain", "--model", "test_resnet", "--data", escape_folder, "--epochs", "1", "-b", "4",
+        "--max-steps-per-epoch", "1", "--device", "cpu", "--workers", "0", "--out", tmp_path / "run",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    _assert_no_raw_controls(result)

@@ -27,10 +27,21 @@ from ..errors import RotnetError
 from ._interrupts import interrupt
 from ._interrupts import reset as reset_ctrl_c
 
+
+class PlainConsole(Console):
+    """A console that never hands the terminal a control character from text it prints: a file name
+    holding ESC[2J would clear the screen, a carriage return overwrite the line. Every string it
+    renders (print's arguments, table cells and titles) has them shown as \\x1b, \\r; newlines and
+    tabs stay (a multi-line snippet). One-line places also escape newlines: see ``visible``."""
+
+    def render_str(self, text: str, **kwargs: Any) -> Any:
+        return super().render_str(_TERMINAL_CONTROLS.sub(_escaped_control, text), **kwargs)
+
+
 # Results go to stdout; messages, progress and errors to stderr, so `--json` output
 # on stdout stays machine-readable.
-out_console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+out_console = PlainConsole(highlight=False)
+err_console = PlainConsole(stderr=True, highlight=False)
 
 
 def print_table(table: Any) -> None:
@@ -44,7 +55,7 @@ def print_table(table: Any) -> None:
 
     needed = Measurement.get(out_console, out_console.options.update(max_width=1000), table).maximum
     # print() clamps its width to the console's: a console of the needed width, on the same stream
-    Console(file=out_console.file, width=max(out_console.width, needed), highlight=False).print(table)
+    PlainConsole(file=out_console.file, width=max(out_console.width, needed), highlight=False).print(table)
 
 
 _state = {"debug": False}
@@ -163,11 +174,23 @@ def error_line(prefix: str | None, message: str) -> None:
             _set_interrupt_handler(previous)
 
 
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 (\x9b starts an escape on some terminals)
+_TERMINAL_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # the same but newline and tab
+
+
+def _escaped_control(match: re.Match) -> str:
+    return {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(match[0], f"\\x{ord(match[0]):02x}")
+
+
 def visible(text: str) -> str:
-    """``text`` with its control characters escaped, so it prints as one line."""
-    return re.sub(
-        r"[\x00-\x1f\x7f]", lambda m: {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(m[0], f"\\x{ord(m[0]):02x}"), text
-    )
+    """``text`` with its control characters escaped, so it prints as one line: every file name shown
+    to the user (a message, a warning, a table cell) goes through here."""
+    return _CONTROLS.sub(_escaped_control, text)
+
+
+def shown(text: Any) -> str:
+    """A path or other plain value inside rich markup: control characters escaped, brackets kept."""
+    return escape(visible(str(text)))
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -278,7 +301,7 @@ def warn_skipped(files: list[str]) -> None:
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {shown(message)}", highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------- shared options
