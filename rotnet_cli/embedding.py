@@ -22,6 +22,7 @@ earlier file of that name as it was.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -592,6 +593,19 @@ def embed_batches(
         emit(TaskProgress("embed", "embedding", total, total))
 
 
+def weights_fingerprint(backbone: torch.nn.Module) -> str:
+    """SHA-256 of the backbone's state (parameters and buffers, such as BatchNorm's running statistics):
+    every tensor's name, dtype, shape and bytes, in key order. It names exactly what an embedding depends
+    on, whatever file or spec the weights came from; a retrained run or another run's weights differ."""
+    digest = hashlib.sha256()
+    state = backbone.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def embeddings_metadata(
     cfg: EmbedConfig, weights: LoadedWeights, embedder: Embedder, columns: Columns
 ) -> dict[str, Any]:
@@ -606,6 +620,7 @@ def embeddings_metadata(
         "format": EMBEDDINGS_FORMAT,
         "rotnet_version": __version__,
         "weights": spec,
+        "weights_sha256": weights_fingerprint(weights.backbone),
         "model": weights.model_name,
         "layer": embedder.stage,
         "stages": num_stages(weights.backbone),
@@ -686,7 +701,10 @@ def _meta(path: Path, text: str | bytes | None) -> dict[str, Any]:
         "pool": lambda v: v in EMBED_POOLS,
         "normalized": lambda v: type(v) is bool,
         "img_size": lambda v: v is None or (type(v) is int and v > 0),
+        # files from before the fingerprint have none: neighbours --query then says it cannot check
+        "weights_sha256": lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None),
     }
+    meta.setdefault("weights_sha256", None)
     for key, valid in checks.items():
         if key not in meta or not valid(meta[key]):
             raise DataError(
@@ -813,4 +831,13 @@ def _validated(table: EmbeddingTable) -> EmbeddingTable:
     return table
 
 
-__all__ = ["embed", "EmbedResult", "Embedder", "make_embedder", "read_embeddings", "EmbeddingTable", "WRITERS"]
+__all__ = [
+    "embed",
+    "weights_fingerprint",
+    "EmbedResult",
+    "Embedder",
+    "make_embedder",
+    "read_embeddings",
+    "EmbeddingTable",
+    "WRITERS",
+]

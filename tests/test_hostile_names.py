@@ -128,3 +128,61 @@ def test_pretrain_warns_about_a_control_character_name_escaped(escape_folder, tm
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     _assert_no_raw_controls(result)
+
+
+# ----------------------------------------------------------------------------- item 5: which weights made the embeddings
+
+
+def _retrain_in_place(run: Path) -> None:
+    """The run's weights change (as a retrain with --overwrite would), its metadata stays."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    weights = run / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and tensor.ndim == 4:  # the conv filters
+            tensors[name] = tensor + 0.05 * torch.randn_like(tensor)
+    save_file(tensors, str(weights), metadata=metadata)
+
+
+@pytest.mark.parametrize("fmt", [".npz", ".safetensors"])
+def test_embeddings_record_a_fingerprint_of_the_weights(tiny_run, hostile_folder, tmp_path, fmt):
+    from rotnet_cli.embedding import read_embeddings
+
+    files = []
+    for name in ("a", "b"):
+        files.append(tmp_path / f"{name}{fmt}")
+        result = _rotnet("embed", tiny_run, hostile_folder, "--out", files[-1], "--device", "cpu", "--workers", "0")
+        assert result.exit_code == 0, result.output
+    prints = [read_embeddings(f).meta["weights_sha256"] for f in files]
+    assert prints[0] == prints[1] and len(prints[0]) == 64  # the same weights, the same fingerprint
+
+
+def test_neighbours_refuses_a_query_after_the_run_was_retrained(copy_of_run, hostile_folder, tmp_path):
+    table = tmp_path / "x.npz"
+    result = _rotnet("embed", copy_of_run, hostile_folder, "--out", table, "--device", "cpu", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    query = hostile_folder / "0.png"
+    result = _rotnet("neighbours", table, "--query", query, "--device", "cpu", "--workers", "0")
+    assert result.exit_code == 0, result.output  # the same weights still answer
+    _retrain_in_place(copy_of_run)
+    result = _rotnet("neighbours", table, "--query", query, "--device", "cpu", "--workers", "0")
+    assert result.exit_code == 1, result.output
+    assert "not the weights that made" in result.stderr and "rotnet embed" in result.stderr
+
+
+def test_neighbours_refuses_weights_of_another_run_of_the_same_model(tiny_run, copy_of_run, hostile_folder, tmp_path):
+    table = tmp_path / "x.npz"
+    result = _rotnet("embed", tiny_run, hostile_folder, "--out", table, "--device", "cpu", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    _retrain_in_place(copy_of_run)
+    query = hostile_folder / "0.png"
+    args = ["neighbours", table, "--query", query, "--weights", copy_of_run, "--device", "cpu", "--workers", "0"]
+    result = _rotnet(*args)
+    assert result.exit_code == 1, result.output
+    assert "not the weights that made" in result.stderr and "--weights" in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
