@@ -80,6 +80,7 @@ def set_up_eval(
         raise ConfigError(
             f"--eval-layers: {cfg.model} has {count} stages; use 1..{count} or -{count}..-1, or all"
         ) from None
+    check_best_metric_stage(cfg.best_metric, stages, count, cfg.model)
     probe_cfg = ProbeConfig(
         weights="the model in training",
         data=cfg.eval_data,
@@ -103,6 +104,21 @@ def set_up_eval(
         )
     )
     return FeatureEval(probe_cfg, stages, every, train_set, val_set, num_classes, tuple(skipped))
+
+
+def check_best_metric_stage(metric: str, stages: list[int], count: int, model: str) -> None:
+    """--best-metric knn:S names an evaluated stage: one the run never measures would keep no best
+    checkpoint, silently, to the end of the run."""
+    head, _, stage = metric.partition(":")
+    if not stage:
+        return
+    s = int(stage)
+    if (s > 0 and s in stages) or (s < 0 and -len(stages) <= s):
+        return
+    raise ConfigError(
+        f"--best-metric {metric}: {model} has {count} stages and the run evaluates stages "
+        f"{','.join(map(str, stages))}; use {head}:S with S among them, or {head} (the best stage)"
+    )
 
 
 def auto_eval_every(eval_images: int, copies_per_epoch: int) -> int:

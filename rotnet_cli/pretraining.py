@@ -140,6 +140,15 @@ class EpochSums:
         self.seen += len(labels)
         self.done = step + 1
 
+    def first_diverged_step(self, ceiling: float) -> int | None:
+        """The first of DIVERGED_STEPS steps in a row whose loss per rotated copy was above ``ceiling`` (reads the device)."""
+        if self.done < DIVERGED_STEPS or not self.seen:
+            return None
+        per_copy = self.loss[: self.done] / (self.seen / self.done)  # (done,) every step has as many copies
+        in_a_row = (per_copy > ceiling).float().unfold(0, DIVERGED_STEPS, 1).sum(1)  # (done - K + 1,)
+        hit = (in_a_row == DIVERGED_STEPS).nonzero()
+        return int(hit[0]) if len(hit) else None
+
     def first_nonfinite_step(self) -> int | None:
         """The first step of this epoch whose loss was NaN or inf (reads the device)."""
         bad = (~torch.isfinite(self.loss[: self.done])).nonzero()
@@ -964,17 +973,33 @@ def evaluate(run: Run, state: TrainState, epoch: int) -> dict[str, Any]:
     return {"eval": accuracy, "eval_seconds": seconds}
 
 
+# A diverged run: DIVERGED_STEPS steps in a row (within an epoch) whose loss per copy is above
+# DIVERGED_FACTOR x the loss of guessing, ln(number of rotations). A run starts near that loss and only
+# goes down; a healthy run's spikes last a step or two and stay within a few times it, while 10x means
+# the true rotation gets a probability below e^-10*ln(R) on average (--momentum 1.5 reached loss 6540).
+DIVERGED_STEPS = 10
+DIVERGED_FACTOR = 10.0
+
+
 def check_finite(run: Run, state: TrainState, epoch: int, sums: EpochSums) -> None:
     """Stop before anything is saved from a diverged model; all ranks agree on the step."""
     first_bad = sums.first_nonfinite_step()
     spe = run.steps_per_epoch
     bad = reduce_int(NO_STEP if first_bad is None else epoch * spe + first_bad, "min", run.device, run.dist)
-    if bad == NO_STEP:
-        return
-    raise NonFiniteLossError(
-        f"the loss became NaN or infinite at step {bad + 1} (epoch {bad // spe + 1}, step {bad % spe + 1}); {_kept(run, state)}; "
-        "lower --lr, add --warmup-epochs or use --precision fp32"
-    )
+    if bad != NO_STEP:
+        raise NonFiniteLossError(
+            f"the loss became NaN or infinite at step {bad + 1} (epoch {bad // spe + 1}, step {bad % spe + 1}); "
+            f"{_kept(run, state)}; lower --lr, add --warmup-epochs or use --precision fp32"
+        )
+    ceiling = DIVERGED_FACTOR * math.log(run.cfg.num_rotations)
+    first_high = sums.first_diverged_step(ceiling)
+    high = reduce_int(NO_STEP if first_high is None else epoch * spe + first_high, "min", run.device, run.dist)
+    if high != NO_STEP:
+        raise NonFiniteLossError(
+            f"the loss diverged: {DIVERGED_STEPS} steps in a row from step {high + 1} (epoch {high // spe + 1}) were above "
+            f"{ceiling:.1f}, {DIVERGED_FACTOR:g}x the loss of guessing; {_kept(run, state)}; "
+            "lower --lr or --momentum, or add --warmup-epochs"
+        )
 
 
 def check_finite_weights(run: Run, state: TrainState) -> None:

@@ -38,7 +38,7 @@ MATRIX = [
     ("pretrain --epochs abc", 2, ""),
     ("pretrain --batch-size -4", 1, "--batch-size must be > 0"),
     ("pretrain --lr nan", 1, "--lr must be > 0"),
-    ("pretrain --momentum -1", 1, "--momentum must be >= 0"),
+    ("pretrain --momentum -1", 1, "--momentum must be in [0, 1)"),
     ("pretrain --seed 100000000000000", 1, "--seed must be in"),
     ("pretrain --copies some", 1, "--copies must be one of all, one"),
     ("pretrain --val-split 1.5", 1, "--val-split must be in [0, 1)"),
@@ -139,6 +139,14 @@ MATRIX = [
     # -- item 13: the advice names a command that works
     ("pretrain --resume {stopped}", 1, "start it again with: rotnet pretrain"),
     # -- a second process on a run directory (item 3) is refused: see test_reliability
+    # -- issue 27, item 6: every option's range, before any work
+    ("pretrain --momentum 1.5", 1, "--momentum must be in [0, 1)"),
+    (
+        "pretrain --model test_resnet --eval-data digits --best-metric knn:9 --epochs 1 --max-steps-per-epoch 1 --device cpu",
+        1,
+        "5 stages",
+    ),
+    ("neighbours {foreign} --show -1", 1, "--show must be >= 0"),
 ]
 
 

@@ -186,3 +186,83 @@ def test_neighbours_refuses_weights_of_another_run_of_the_same_model(tiny_run, c
     assert result.exit_code == 1, result.output
     assert "not the weights that made" in result.stderr and "--weights" in result.stderr
     assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+# ----------------------------------------------------------------------------- item 6: every option's range and type
+
+
+def _one_error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error:"), result.output
+    assert "Traceback" not in result.output
+    return lines[-1]
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("epochs: true\n", "epochs"),
+        ("epochs: 1.5\n", "epochs"),
+        ("momentum: 1.5\n", "--momentum must be in [0, 1)"),
+        ("val_split: [0.1, 0.2]\n", "val_split"),
+    ],
+)
+def test_a_config_file_value_is_checked_exactly_like_the_command_line(tmp_path, text, says):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    result = _rotnet("pretrain", "--config", config, "--device", "cpu", "--out", tmp_path / "run")
+    assert result.exit_code in (1, 2), result.output
+    assert says in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_types_are_checked_in_the_dataclass_too():
+    from rotnet_cli.config import PretrainConfig
+    from rotnet_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--epochs"):
+        PretrainConfig(epochs=True)
+    with pytest.raises(ConfigError, match="--momentum"):
+        PretrainConfig(momentum=1.5)
+
+
+def test_a_best_metric_stage_the_model_lacks_is_refused_before_training(tmp_path):
+    out = tmp_path / "run"
+    args = ["pretrain", "--model", "test_resnet", "--eval-data", "digits", "--best-metric", "knn:9"]
+    result = _rotnet(*args, "--epochs", "1", "--max-steps-per-epoch", "1", "--device", "cpu", "--out", out)
+    assert result.exit_code == 1, result.output
+    line = _one_error_line(result)
+    assert "--best-metric knn:9" in line and "5 stages" in line
+    assert not out.exists()
+
+
+def test_a_diverging_loss_stops_the_run_keeps_the_last_good_checkpoint_and_exits_1(tmp_path, monkeypatch):
+    import torch.nn.functional as F
+
+    from rotnet_cli import pretraining
+
+    # from the 2nd epoch on the loss is 100x what it was: far above chance for every step (weights still finite)
+    calls = {"n": 0}
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        loss = F.cross_entropy(logits.float(), labels)
+        return loss if calls["n"] <= 12 else loss * 100 + 50
+
+    monkeypatch.setattr(pretraining, "rotation_loss", poisoned)
+    out = tmp_path / "run"
+    args = ["pretrain", "--model", "test_resnet", "--epochs", "3", "-b", "8", "--max-steps-per-epoch", "12"]
+    result = _rotnet(*args, "--lr", "0.0001", "--device", "cpu", "--workers", "0", "--out", out)
+    assert result.exit_code == 1, result.output
+    line = _one_error_line(result)
+    assert "diverged" in line and "checkpoint" in line
+    assert (out / "checkpoint.pt").is_file() and not (out / "model.safetensors").exists()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert [row["epoch"] for row in rows if "epoch" in row] == [1]
+
+
+def test_a_healthy_run_never_trips_the_divergence_rule(tmp_path):
+    out = tmp_path / "run"
+    args = ["pretrain", "--model", "test_resnet", "--epochs", "2", "-b", "8", "--max-steps-per-epoch", "12"]
+    result = _rotnet(*args, "--device", "cpu", "--workers", "0", "--out", out)
+    assert result.exit_code == 0, result.output

@@ -396,8 +396,7 @@ def read_options_file(path: str, ctx: typer.Context) -> dict[str, Any]:
             close = difflib.get_close_matches(str(key).replace("-", "_"), list(params), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise typer.BadParameter(f"{file}: {key!r} is not an option of this command{hint}", param_hint="--config")
-        if isinstance(value, (list, tuple)):
-            value = ",".join(map(str, value))
+        value = _as_typed(params[name], value, f"{file}: {key}")
         if value is not None:
             try:
                 params[name].process_value(ctx, value)  # converted and checked as the command line's would be
@@ -405,6 +404,31 @@ def read_options_file(path: str, ctx: typer.Context) -> dict[str, Any]:
                 raise typer.BadParameter(f"{file}: {key}: {e.format_message()}", param_hint="--config") from None
         options[name] = value
     return options
+
+
+def _as_typed(param: Any, value: Any, where: str) -> Any:
+    """A --config value as the command line would give it: text (click then parses and checks it as
+    it parses argv), so ``epochs: true`` is refused like ``--epochs true`` rather than read as 1;
+    a flag takes true/false only; a list becomes the comma-separated text, of scalars only."""
+    if value is None:
+        return None
+    if getattr(param, "is_flag", False):
+        if not isinstance(value, bool):
+            raise typer.BadParameter(f"{where}: {_shown_value(value)} is not true or false", param_hint="--config")
+        return value
+    if isinstance(value, (list, tuple)):
+        if any(isinstance(v, (list, tuple, dict)) for v in value):
+            raise typer.BadParameter(f"{where}: a list of lists is not an option's value", param_hint="--config")
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        raise typer.BadParameter(f"{where}: {_shown_value(value)} is not a value of this option", param_hint="--config")
+    if isinstance(value, dict):
+        raise typer.BadParameter(f"{where}: a mapping is not an option's value", param_hint="--config")
+    return str(value)
+
+
+def _shown_value(value: Any) -> str:
+    return "true" if value is True else "false" if value is False else repr(value)[:40]
 
 
 def _load_options_file(ctx: typer.Context, param: Any, value: Optional[str]) -> Optional[str]:

@@ -184,7 +184,7 @@ def neighbours(
     if json_out:
         print_json(result.to_dict())
         return
-    _render_neighbours(result, show)
+    _render_neighbours(result, config.show)
 
 
 def _render_neighbours(result, show: int) -> None:
