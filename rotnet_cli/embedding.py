@@ -40,10 +40,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import jsontext
 from . import data as data_lib
 from . import csvfiles, rundir
 from ._version import __version__
-from .checkpoint import atomic_write, make_dir
+from .checkpoint import atomic_write, make_dir, printable
 from .config import EMBED_POOLS, EmbedConfig
 from .errors import ConfigError, DataError, OutputError, RotnetError
 from .events import DeviceChosen, Message, Progress, TaskProgress, WarningMessage, ignore
@@ -368,10 +369,11 @@ def row_fields(rows: Rows, columns: Columns, missing: Any = "") -> list[list]:
     """The bookkeeping values of every row, in ``table_columns`` order; ``missing`` where a row has no class."""
     out = []
     for i, path in enumerate(rows.paths):
-        fields: list = [path]
+        # a table holds UTF-8 text: a file name's bytes that are not UTF-8 are kept as \xNN (printable)
+        fields: list = [printable(str(path))]
         if columns.classes is not None:
             label = int(rows.labels[i]) if rows.labels is not None else -1
-            fields += [columns.classes[label], label] if label >= 0 else [missing, missing]
+            fields += [printable(columns.classes[label]), label] if label >= 0 else [missing, missing]
         if columns.splits:
             fields.append(rows.split)
         out.append(fields)
@@ -690,7 +692,7 @@ def _not_ours(path: Path, why: str) -> DataError:
 def _meta(path: Path, text: str | bytes | None) -> dict[str, Any]:
     if text is None:
         raise _not_ours(path, "no rotnet metadata")
-    meta = json.loads(text)
+    meta = jsontext.loads(text)
     if not isinstance(meta, dict) or meta.get("format") != EMBEDDINGS_FORMAT:
         raise _not_ours(path, "its metadata is not rotnet's")
     # neighbours --query embeds new images with these settings: a hand-edited value is named, never run
@@ -747,10 +749,10 @@ def _read_safetensors(path: Path) -> EmbeddingTable:
     return EmbeddingTable(
         path,
         vectors,
-        json.loads(raw["paths"]),
+        jsontext.loads(raw["paths"]),
         labels,
-        json.loads(raw["classes"]) if "classes" in raw else None,
-        json.loads(raw["splits"]) if "splits" in raw else None,
+        jsontext.loads(raw["classes"]) if "classes" in raw else None,
+        jsontext.loads(raw["splits"]) if "splits" in raw else None,
         meta,
     )
 

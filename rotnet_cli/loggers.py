@@ -32,6 +32,7 @@ import string
 from pathlib import Path
 from typing import Any
 
+from . import jsontext
 from . import csvfiles, rundir
 from .checkpoint import make_dir, write_text
 from .errors import ConfigError, RotnetError
@@ -383,7 +384,7 @@ def _replace_json(path: Path, record: dict) -> None:
 
 def _read_json(path: Path) -> dict:
     try:
-        record = json.loads(path.read_text())
+        record = jsontext.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}

@@ -147,6 +147,10 @@ MATRIX = [
         "5 stages",
     ),
     ("neighbours {foreign} --show -1", 1, "--show must be >= 0"),
+    # -- issue 27, item 8: a config that would expand without bound, JSON nested beyond the stack
+    ("pretrain --config {yaml_bomb}", 2, ""),
+    ("pretrain --config {deep_json}", 2, ""),
+    ("pretrain --resume {deep_run} --device cpu", 1, "config.json"),
 ]
 
 
@@ -189,6 +193,9 @@ def sentinel(tmp_path_factory, tiny_run) -> dict[str, Path]:
         "foreign_run": root / "my-project",
         "one": root / "one",
         "stopped": root / "stopped",
+        "yaml_bomb": root / "bomb.yaml",
+        "deep_json": root / "deep.json",
+        "deep_run": root / "deep-run",
     }
     _png(paths["img"], 0)
     paths["notes"].write_text("not an image\n")
@@ -215,6 +222,12 @@ def sentinel(tmp_path_factory, tiny_run) -> dict[str, Path]:
     _png(paths["one"] / "only.png", 0)
     paths["stopped"].mkdir()  # a run killed before its first checkpoint: config.json, nothing to resume
     shutil.copy(paths["run"] / "config.json", paths["stopped"] / "config.json")
+    levels = ["&a [x, x, x, x, x, x, x, x, x]"]  # 9**9 strings once expanded
+    levels += [f"&{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    paths["yaml_bomb"].write_text("rotations: [" + ", ".join(levels) + "]\n")
+    paths["deep_json"].write_text('{"epochs": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    shutil.copytree(paths["run"], paths["deep_run"])
+    (paths["deep_run"] / "config.json").write_text("[" * 200_000 + "]" * 200_000)
     return paths
 
 

@@ -266,3 +266,89 @@ def test_a_healthy_run_never_trips_the_divergence_rule(tmp_path):
     args = ["pretrain", "--model", "test_resnet", "--epochs", "2", "-b", "8", "--max-steps-per-epoch", "12"]
     result = _rotnet(*args, "--device", "cpu", "--workers", "0", "--out", out)
     assert result.exit_code == 0, result.output
+
+
+# ----------------------------------------------------------------------------- item 8: one line, not "a bug in rotnet"
+
+
+@pytest.fixture
+def looping_folder(tmp_path) -> Path:
+    """One good image and a link to itself named like one (a.png -> a.png)."""
+    folder = tmp_path / "loop"
+    folder.mkdir()
+    _png(folder / "good.png", 0)
+    (folder / "a.png").symlink_to("a.png")
+    return folder
+
+
+@pytest.mark.parametrize("command", ["predict", "neighbours", "viz attention"])
+def test_a_self_looping_link_is_an_unreadable_file_not_a_crash(tiny_run, looping_folder, tmp_path, command):
+    if command == "predict":
+        args = ["predict", tiny_run, looping_folder]
+    elif command == "neighbours":
+        table = tmp_path / "x.npz"
+        made = _rotnet("embed", tiny_run, looping_folder, "--out", table, "--device", "cpu", "--workers", "0")
+        assert made.exit_code == 0, made.output
+        args = ["neighbours", table, "--query", looping_folder]
+    else:
+        args = ["viz", "attention", tiny_run, looping_folder, "--out", tmp_path / "maps"]
+    result = _rotnet(*args, "--device", "cpu", *(["--workers", "0"] if command != "viz attention" else []))
+    assert "a bug in rotnet" not in result.output
+    assert result.exit_code == 0, result.output
+
+
+def test_a_file_name_that_is_not_utf8_is_written_to_an_embeddings_csv(tiny_run, tmp_path):
+    import os
+
+    folder = tmp_path / "names"
+    folder.mkdir()
+    _png(folder / "good.png", 0)
+    _png(Path(os.fsdecode(bytes(folder) + b"/caf\xe9.png")), 1)
+    table = tmp_path / "x.csv"
+    result = _rotnet("embed", tiny_run, folder, "--out", table, "--device", "cpu", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    from rotnet_cli.embedding import read_embeddings
+
+    assert any(p.endswith("caf\\xe9.png") for p in read_embeddings(table).paths)
+
+
+def test_a_yaml_anchor_bomb_in_config_is_refused_fast(tmp_path):
+    # one option whose value nests 9 levels of 9 aliases: 9**9 strings (gigabytes) once expanded
+    levels = ["&a [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"&{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("rotations: [" + ", ".join(levels) + "]\n")
+    result = _rotnet("pretrain", "--config", bomb, "--out", tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    assert "list of lists" in result.stderr and "a bug" not in result.stderr
+
+
+def _deep_json(depth: int = 200_000) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("where", ["config.json", "metrics.jsonl", "--config"])
+def test_a_deeply_nested_json_is_one_line(copy_of_run, tmp_path, where):
+    if where == "--config":
+        file = tmp_path / "deep.json"
+        file.write_text('{"epochs": ' + _deep_json() + "}")
+        result = _rotnet("pretrain", "--config", file, "--out", tmp_path / "run")
+    elif where == "config.json":
+        (copy_of_run / "config.json").write_text(_deep_json())
+        result = _rotnet("pretrain", "--resume", copy_of_run, "--device", "cpu")
+    else:
+        (copy_of_run / "metrics.jsonl").write_text(_deep_json() + "\n")
+        result = _rotnet("viz", "curves", copy_of_run, "--out", tmp_path / "curves.png")
+    assert result.exit_code in (1, 2), result.output
+    assert "a bug in rotnet" not in result.output and "Traceback" not in result.output
+
+
+def test_a_deeply_nested_safetensors_header_is_one_line(tmp_path):
+    import struct
+
+    header = ('{"__metadata__": {"a": "b"}, "x": ' + _deep_json() + "}").encode()
+    weights = tmp_path / "deep.safetensors"
+    weights.write_bytes(struct.pack("<Q", len(header)) + header)
+    result = _rotnet("viz", "filters", weights, "--out", tmp_path / "f.png")
+    assert result.exit_code == 1, result.output
+    assert "a bug in rotnet" not in result.output

@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from .. import jsontext
 from ..errors import RotnetError
 from ._interrupts import interrupt
 from ._interrupts import reset as reset_ctrl_c
@@ -371,7 +372,7 @@ def read_options_file(path: str, ctx: typer.Context) -> dict[str, Any]:
 
             record = yaml.safe_load(text)
         else:
-            record = json.loads(text)
+            record = jsontext.loads(text)
     except Exception as e:  # yaml's and json's own errors: the file is not what it claims
         first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise typer.BadParameter(
