@@ -22,6 +22,7 @@ values logged again would be the same).
 from __future__ import annotations
 
 import csv
+import errno
 import importlib.util
 import io
 import json
@@ -35,7 +36,7 @@ from typing import Any
 from . import jsontext
 from . import csvfiles, rundir
 from .checkpoint import make_dir, write_text
-from .errors import ConfigError, RotnetError
+from .errors import ConfigError, OutputError, RotnetError
 
 # --logger NAME -> (module it imports, the extra that installs it)
 NEEDS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
@@ -130,7 +131,14 @@ def open_loggers(
     opened: list[Logger] = []
     try:
         for name in names:
-            opened.append(_OPENERS[name](folder, Path(out).name, hparams, resume_step, saved.get(name, {})))
+            try:
+                opened.append(_OPENERS[name](folder, Path(out).name, hparams, resume_step, saved.get(name, {})))
+            except OSError as e:  # a read-only or full logs/: the option and the folder, not a traceback
+                fix = "make it writable (chmod -R u+w), " if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ""
+                raise OutputError(
+                    f"--logger {name} cannot write in {folder} ({e.strerror or e}); {fix}or give --logger without "
+                    f"{name} (--logger none logs nothing but metrics.jsonl)"
+                ) from e
     except BaseException:
         Loggers(opened).close(finished=False)
         raise

@@ -473,18 +473,16 @@ def _train(
         restore(run, state, saved)
         report(Resumed(state.epoch, state.step, cfg.epochs))
     run.train_model = wrap_for_training(run, state.model)
-    start_run_dir(run, state, resumed=saved is not None)
     start_epoch, start_step = state.epoch, state.step
     finished_before = saved is not None and start_epoch >= cfg.epochs and (out / rundir.WEIGHTS).is_file()
-    if dist.is_main and not finished_before:
-        run.loggers = open_loggers(
-            cfg.logger,
-            out,
-            config_record(run),
-            start_epoch * run.steps_per_epoch + start_step if saved is not None else None,
-            state.logger_runs,
-        )
-        state.logger_runs = {**state.logger_runs, **run.loggers.resume_state()}  # kept: a later resume continues them
+    logging = dist.is_main and not finished_before
+    if (
+        saved is not None and logging
+    ):  # a resume opens its loggers first: logs/ it cannot write leaves config.json as it was
+        open_run_loggers(run, state, resume_step=start_epoch * run.steps_per_epoch + start_step)
+    start_run_dir(run, state, resumed=saved is not None)
+    if saved is None and logging:  # a new run's folder exists only now
+        open_run_loggers(run, state, resume_step=None)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             stats = train_one_epoch(run, state, epoch)  # raises Interrupted (after a checkpoint) when asked to stop
@@ -727,6 +725,11 @@ def wrap_for_training(run: Run, model: RotNet) -> torch.nn.Module:
     if run.cfg.compile:
         model = torch.compile(model)
     return model
+
+
+def open_run_loggers(run: Run, state: TrainState, resume_step: int | None) -> None:
+    run.loggers = open_loggers(run.cfg.logger, run.out, config_record(run), resume_step, state.logger_runs)
+    state.logger_runs = {**state.logger_runs, **run.loggers.resume_state()}  # kept: a later resume continues them
 
 
 def start_run_dir(run: Run, state: TrainState, resumed: bool) -> None:

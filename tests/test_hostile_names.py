@@ -352,3 +352,24 @@ def test_a_deeply_nested_safetensors_header_is_one_line(tmp_path):
     result = _rotnet("viz", "filters", weights, "--out", tmp_path / "f.png")
     assert result.exit_code == 1, result.output
     assert "a bug in rotnet" not in result.output
+
+
+# ----------------------------------------------------------------------------- items 8 and 10: a resume that cannot log
+
+
+def test_a_resume_whose_logs_cannot_be_written_is_one_line_and_changes_no_file(copy_of_run, monkeypatch):
+    from conftest import files_in
+
+    from rotnet_cli import loggers
+
+    def read_only(self, folder, *args):
+        raise PermissionError(13, "Permission denied", str(folder / loggers.CSV_FILE))
+
+    monkeypatch.setattr(loggers.CsvLogger, "__init__", read_only)
+    before = files_in(copy_of_run)
+    result = _rotnet("pretrain", "--resume", copy_of_run, "--epochs", "2", "--device", "cpu", "--workers", "0")
+    assert result.exit_code == 1, result.output
+    line = _one_error_line(result)
+    assert "a bug" not in line and "choose another --out" not in line
+    assert "logs" in line and "--logger" in line
+    assert files_in(copy_of_run) == before
