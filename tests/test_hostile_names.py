@@ -373,3 +373,33 @@ def test_a_resume_whose_logs_cannot_be_written_is_one_line_and_changes_no_file(c
     assert "a bug" not in line and "choose another --out" not in line
     assert "logs" in line and "--logger" in line
     assert files_in(copy_of_run) == before
+
+
+# ----------------------------------------------------------------------------- item 8: torch that cannot load
+
+
+def test_torch_that_cannot_load_under_a_memory_limit_is_one_line(tiny_run, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    image = tmp_path / "a.png"
+    _png(image, 0)
+    command = f"ulimit -v 400000; exec {sys.executable} -m rotnet_cli predict {tiny_run} {image} --device cpu"
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=os.environ, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "a bug in rotnet" not in done.stderr and "memory" in done.stderr.splitlines()[-1]
+
+
+def test_no_writable_temporary_folder_is_one_line(capsys):
+    import typer
+
+    from rotnet_cli.cli._common import _run_to_last_word
+
+    def command():
+        raise FileNotFoundError(2, "No usable temporary directory found in ['/tmp', '/var/tmp', '/work']")
+
+    with pytest.raises(typer.Exit):
+        _run_to_last_word(command, (), {})
+    line = capsys.readouterr().err.strip()
+    assert "a bug" not in line and "TMPDIR" in line

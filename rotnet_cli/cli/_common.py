@@ -132,7 +132,10 @@ def _run_to_last_word(command: Callable, args: tuple, kwargs: dict) -> Any:
         if _caused_by_ctrl_c(e):  # Python wraps a Ctrl-C raised while a class is created in a RuntimeError
             error_line("stopped", "interrupted")
             raise typer.Exit(130) from None
-        if _out_of_memory(e):
+        environment = _environment_problem(e)
+        if environment:
+            error_line("error", environment)
+        elif _out_of_memory(e):
             error_line("error", "out of memory; lower --batch-size (or --img-size), or use a device with more memory")
         else:  # a bug: still one line, the traceback only on request
             report_bug(e)
@@ -192,6 +195,32 @@ def visible(text: str) -> str:
 def shown(text: Any) -> str:
     """A path or other plain value inside rich markup: control characters escaped, brackets kept."""
     return escape(visible(str(text)))
+
+
+_LIBRARIES = ("torch", "torchvision", "timm", "safetensors", "numpy", "PIL")
+
+
+def _environment_problem(e: BaseException) -> str | None:
+    """The machine, not rotnet: a library that cannot load (a memory limit too low to map torch's
+    shared objects, a broken install), or no writable temporary folder. None for anything else."""
+    text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    if isinstance(e, FileNotFoundError) and "No usable temporary directory" in text:
+        return (
+            "no writable temporary folder with free space (TMPDIR, /tmp, /var/tmp): free space there, "
+            "or set TMPDIR to a writable folder"
+        )
+    if isinstance(e, (ImportError, OSError)) and (
+        (isinstance(e, ImportError) and (e.name or "").split(".")[0] in _LIBRARIES)
+        or "failed to map segment" in text
+        or any(f"lib{name}" in text for name in _LIBRARIES)
+    ):
+        if "failed to map segment" in text or "cannot allocate memory" in text.lower():
+            return (
+                f"could not load the libraries rotnet runs on ({text}): a memory limit is too low for them; "
+                "raise it (ulimit -v, the job's memory request) and run again"
+            )
+        return f"could not load the libraries rotnet runs on ({text}); reinstall them: pip install --force-reinstall rotnet-cli"
+    return None
 
 
 def _out_of_memory(e: BaseException) -> bool:
