@@ -314,9 +314,17 @@ class PretrainConfig(_Serializable):
         if self.warmup_epochs >= self.epochs:
             raise ConfigError(f"--warmup-epochs ({self.warmup_epochs:g}) must be shorter than --epochs ({self.epochs})")
         milestones = self.milestones
-        if any(m <= 0 or m >= self.epochs for m in milestones) or list(milestones) != sorted(set(milestones)):
+        given = ",".join(map(str, milestones))
+        if milestones and self.epochs < 2:  # "between 1 and 0" named no epoch a user could give
             raise ConfigError(
-                f"--milestones must be increasing epochs between 1 and {self.epochs - 1} (got {','.join(map(str, milestones))})"
+                f"--milestones {given}: --epochs {self.epochs} has no epoch to lower the learning rate after; "
+                "raise --epochs or drop --milestones"
+            )
+        if list(milestones) != sorted(set(milestones)):
+            raise ConfigError(f"--milestones must be increasing epochs, each once (got {given})")
+        if any(m <= 0 or m >= self.epochs for m in milestones):
+            raise ConfigError(
+                f"--milestones must be epochs between 1 and {self.epochs - 1} for --epochs {self.epochs} (got {given})"
             )
         if self.schedule == "step" and not milestones:
             raise ConfigError("--schedule step needs --milestones, e.g. --milestones 30,60,80")

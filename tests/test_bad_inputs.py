@@ -151,6 +151,13 @@ MATRIX = [
     ("pretrain --config {yaml_bomb}", 2, ""),
     ("pretrain --config {deep_json}", 2, ""),
     ("pretrain --resume {deep_run} --device cpu", 1, "config.json"),
+    # -- issue 27, item 10: the message names the option the user gave
+    ("pretrain --milestones 5,2 --epochs 1", 1, "--epochs 1 has no epoch"),
+    ("pretrain --milestones 5,2 --epochs 10", 1, "--milestones must be increasing"),
+    ("pretrain --milestones 3,12 --epochs 10", 1, "between 1 and 9"),
+    ("pretrain --eval-data {missing} --epochs 1 --max-steps-per-epoch 1 --device cpu", 1, "--eval-data"),
+    ("pretrain --eval-data {one} --epochs 1 --max-steps-per-epoch 1 --device cpu", 1, "--eval-data"),
+    ("pretrain --eval-data {empty_class} --epochs 1 --max-steps-per-epoch 1 --device cpu", 1, "--eval-data"),
 ]
 
 
