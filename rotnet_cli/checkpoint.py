@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import jsontext
 from ._version import __version__
 from .errors import DiskFullError, OutputError, WeightsError
 from .stopping import signals_deferred
@@ -251,7 +252,7 @@ def _safetensors_header_metadata(path: Path, header: bytes) -> dict[str, str]:
     try:
         if len(header) < 8 + length:
             raise ValueError("the header is cut short")
-        parsed = json.loads(header[8 : 8 + length].decode("utf-8"))
+        parsed = jsontext.loads(header[8 : 8 + length].decode("utf-8"))
         metadata = parsed.get("__metadata__") or {} if isinstance(parsed, dict) else None
         if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()

@@ -113,6 +113,21 @@ class _Serializable:
     # fields whose files from earlier versions hold another type (read as the field's own in __post_init__)
     _OLDER_TYPES: typing.ClassVar[dict[str, Any]] = {}
 
+    def _check_number_types(self) -> None:
+        """A number field holds a number: True is not 1 epoch, 1.5 is not an integer (a --config file's
+        values, or Python callers, reach here without the command line's parsing). Called first in
+        every config's __post_init__, so the range checks that follow compare numbers."""
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):  # type: ignore[arg-type]
+            value, hint = getattr(self, f.name), hints[f.name]
+            numeric = {int, float} & ({hint} | set(typing.get_args(hint)))
+            if not numeric or isinstance(value, str) or value is None or _value_fits(value, hint):
+                continue
+            if f.name in self._OLDER_TYPES and _value_fits(value, self._OLDER_TYPES[f.name]):
+                continue
+            option = "--" + f.name.replace("_", "-")
+            raise ConfigError(f"{option} must be {_describe(hint).replace(' or null', '')} (got {_shown(value)})")
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)  # type: ignore[arg-type]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
@@ -258,6 +273,7 @@ class PretrainConfig(_Serializable):
     best_metric: str = _resume_free("auto")  # the epoch kept as checkpoints/best (see resolved_best_metric)
 
     def __post_init__(self) -> None:
+        self._check_number_types()
         object.__setattr__(self, "rotations", parse_rotations(self.rotations))
         object.__setattr__(self, "milestones", parse_int_list("--milestones", self.milestones))
         object.__setattr__(self, "logger", parse_loggers(self.logger))
@@ -293,7 +309,8 @@ class PretrainConfig(_Serializable):
         _check_positive("--save-every", self.save_every, allow_zero=True)
         _check_positive("--log-every", self.log_every)
         _check_positive("--max-steps-per-epoch", self.max_steps_per_epoch)
-        _check_positive("--momentum", self.momentum, allow_zero=True)
+        if not 0 <= self.momentum < 1:  # 1 and above: the step grows without bound (1.5 trained to loss 6540)
+            raise ConfigError(f"--momentum must be in [0, 1) (got {self.momentum})")
         _check_img_size(self.img_size)
         if not 0 <= self.seed < 2**32:  # the per-step generators derive their seeds from it (64-bit)
             raise ConfigError(f"--seed must be in [0, 2**32) (got {self.seed})")
@@ -304,9 +321,17 @@ class PretrainConfig(_Serializable):
         if self.warmup_epochs >= self.epochs:
             raise ConfigError(f"--warmup-epochs ({self.warmup_epochs:g}) must be shorter than --epochs ({self.epochs})")
         milestones = self.milestones
-        if any(m <= 0 or m >= self.epochs for m in milestones) or list(milestones) != sorted(set(milestones)):
+        given = ",".join(map(str, milestones))
+        if milestones and self.epochs < 2:  # "between 1 and 0" named no epoch a user could give
             raise ConfigError(
-                f"--milestones must be increasing epochs between 1 and {self.epochs - 1} (got {','.join(map(str, milestones))})"
+                f"--milestones {given}: --epochs {self.epochs} has no epoch to lower the learning rate after; "
+                "raise --epochs or drop --milestones"
+            )
+        if list(milestones) != sorted(set(milestones)):
+            raise ConfigError(f"--milestones must be increasing epochs, each once (got {given})")
+        if any(m <= 0 or m >= self.epochs for m in milestones):
+            raise ConfigError(
+                f"--milestones must be epochs between 1 and {self.epochs - 1} for --epochs {self.epochs} (got {given})"
             )
         if self.schedule == "step" and not milestones:
             raise ConfigError("--schedule step needs --milestones, e.g. --milestones 30,60,80")
@@ -454,6 +479,7 @@ class ExportConfig(_Serializable):
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        self._check_number_types()
         _check_required("WEIGHTS", self.weights, WEIGHTS_SPECS)
         _check_required("--out", self.out, "the folder to write, e.g. --out exported/")
         _check_choice("--dtype", self.dtype, EXPORT_DTYPES)
@@ -555,6 +581,7 @@ class ProbeConfig(_Serializable):
     overwrite: bool = False  # replace a saved result of the same setting in probe.json
 
     def __post_init__(self) -> None:
+        self._check_number_types()
         _check_required("WEIGHTS", self.weights, WEIGHTS_SPECS)
         _check_img_size(self.img_size)
         object.__setattr__(self, "layers", parse_layers(self.layers))
@@ -669,6 +696,7 @@ class FiltersConfig(_Serializable):
     overwrite: bool = False  # replace an existing picture that rotnet drew
 
     def __post_init__(self) -> None:
+        self._check_number_types()
         object.__setattr__(self, "weights", tuple(self.weights))
         object.__setattr__(self, "labels", tuple(self.labels or ()))
         if not self.weights:
@@ -701,6 +729,7 @@ class AttentionConfig(_Serializable):
     overwrite: bool = False  # write into a folder that is not empty (replacing only pictures rotnet drew)
 
     def __post_init__(self) -> None:
+        self._check_number_types()
         _check_required("WEIGHTS", self.weights, WEIGHTS_SPECS)
         object.__setattr__(self, "images", tuple(self.images))
         if not self.images:
@@ -736,6 +765,7 @@ class CurvesConfig(_Serializable):
     overwrite: bool = False  # replace an existing picture that rotnet drew
 
     def __post_init__(self) -> None:
+        self._check_number_types()
         _check_required("RUN", self.run, "a run directory made by rotnet pretrain (it holds metrics.jsonl)")
         _check_png(self.out)
 
@@ -773,6 +803,7 @@ class PredictConfig(_Serializable):
     precision: str = "auto"
 
     def __post_init__(self) -> None:
+        self._check_number_types()
         object.__setattr__(self, "inputs", tuple(str(p) for p in self.inputs))
         _check_required(
             "WEIGHTS", self.weights, "a run directory, checkpoint.pt or model.safetensors with a rotation head"
@@ -835,6 +866,7 @@ class ReproduceConfig(_Serializable):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self._check_number_types()
         _check_choice("recipe", self.recipe, ("paper-cifar10",))
         _check_choice("--schedule", self.schedule, tuple(PRETRAIN_SCHEDULES))
         _check_choice("--precision", self.precision, PRECISIONS)
@@ -877,6 +909,7 @@ class SupervisedConfig(_Serializable):
     out: str | None = None  # a folder for supervised.json; a finished result with the same setting is reused
 
     def __post_init__(self) -> None:
+        self._check_number_types()
         _check_choice("--precision", self.precision, PRECISIONS)
         for option, value in (
             ("--epochs", self.epochs),
@@ -931,6 +964,7 @@ class EmbedConfig(_Serializable):
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        self._check_number_types()
         _check_required("WEIGHTS", self.weights, WEIGHTS_SPECS)
         _check_required(
             "DATA", self.data, "a folder of images (flat or class sub-folders), digits, or a torchvision name"
@@ -966,11 +1000,14 @@ class NeighboursConfig(_Serializable):
     device: str = "auto"
     precision: str = "auto"
     overwrite: bool = False
+    show: int = 20  # rows of the table on screen
 
     def __post_init__(self) -> None:
+        self._check_number_types()
         _check_required("EMBEDDINGS", self.embeddings, "a file written by rotnet embed")
         object.__setattr__(self, "query", tuple(str(q) for q in (self.query or ())))
         _check_positive("-k", self.k)
+        _check_positive("--show", self.show, allow_zero=True)
         if self.threshold is not None and not -1 <= self.threshold <= 1:
             raise ConfigError(f"--threshold is a cosine similarity in [-1, 1] (got {self.threshold})")
         if self.out is not None:
@@ -993,6 +1030,7 @@ class EmbeddingMapConfig(_Serializable):
     overwrite: bool = False  # replace an existing --out that rotnet drew
 
     def __post_init__(self) -> None:
+        self._check_number_types()
         _check_required("EMBEDDINGS", self.embeddings, "a file written by rotnet embed")
         _check_png(self.out)
         _check_choice("--method", self.method, MAP_METHODS)

@@ -302,7 +302,7 @@ def image_inputs(specs: tuple[str, ...] | list[str]) -> list[tuple[Path, Path]]:
     seen: set[Path] = set()
     for spec in specs:
         root = Path(spec).expanduser()
-        if not root.exists():
+        if not os.path.lexists(root):  # a broken or looping link is a file: unreadable, as in a folder
             raise DataError(f"{spec} does not exist; give image files or folders of images")
         if root.is_dir():
             pairs = [(p, p.relative_to(root)) for p in scan_images(root)]
@@ -311,8 +311,11 @@ def image_inputs(specs: tuple[str, ...] | list[str]) -> list[tuple[Path, Path]]:
         else:
             pairs = [(root, Path(root.name))]
         for path, relative in pairs:
-            if path.resolve() not in seen:
-                seen.add(path.resolve())
+            # realpath, not Path.resolve: a link to itself (a.png -> a.png) resolves to where the loop
+            # starts rather than raising RuntimeError; it is then an unreadable image like any broken link
+            real = Path(os.path.realpath(path))
+            if real not in seen:
+                seen.add(real)
                 found.append((path, relative))
     return found
 

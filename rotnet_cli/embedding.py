@@ -22,6 +22,7 @@ earlier file of that name as it was.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -39,10 +40,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import jsontext
 from . import data as data_lib
-from . import rundir
+from . import csvfiles, rundir
 from ._version import __version__
-from .checkpoint import atomic_write, make_dir
+from .checkpoint import atomic_write, make_dir, printable
 from .config import EMBED_POOLS, EmbedConfig
 from .errors import ConfigError, DataError, OutputError, RotnetError
 from .events import DeviceChosen, Message, Progress, TaskProgress, WarningMessage, ignore
@@ -195,7 +197,7 @@ class CsvWriter:
     def __init__(self, path: Path, dim: int, columns: Columns, meta: dict[str, Any]):
         self.columns = columns
         self.file = open(path, "w", newline="", encoding="utf-8")
-        self.writer = csv.writer(self.file, lineterminator="\n")
+        self.writer = csvfiles.writer(self.file)
         self.writer.writerow(table_columns(columns) + [f"e{i}" for i in range(dim)])
 
     def write(self, rows: Rows, vectors: np.ndarray) -> None:
@@ -367,10 +369,11 @@ def row_fields(rows: Rows, columns: Columns, missing: Any = "") -> list[list]:
     """The bookkeeping values of every row, in ``table_columns`` order; ``missing`` where a row has no class."""
     out = []
     for i, path in enumerate(rows.paths):
-        fields: list = [path]
+        # a table holds UTF-8 text: a file name's bytes that are not UTF-8 are kept as \xNN (printable)
+        fields: list = [printable(str(path))]
         if columns.classes is not None:
             label = int(rows.labels[i]) if rows.labels is not None else -1
-            fields += [columns.classes[label], label] if label >= 0 else [missing, missing]
+            fields += [printable(columns.classes[label]), label] if label >= 0 else [missing, missing]
         if columns.splits:
             fields.append(rows.split)
         out.append(fields)
@@ -592,6 +595,19 @@ def embed_batches(
         emit(TaskProgress("embed", "embedding", total, total))
 
 
+def weights_fingerprint(backbone: torch.nn.Module) -> str:
+    """SHA-256 of the backbone's state (parameters and buffers, such as BatchNorm's running statistics):
+    every tensor's name, dtype, shape and bytes, in key order. It names exactly what an embedding depends
+    on, whatever file or spec the weights came from; a retrained run or another run's weights differ."""
+    digest = hashlib.sha256()
+    state = backbone.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def embeddings_metadata(
     cfg: EmbedConfig, weights: LoadedWeights, embedder: Embedder, columns: Columns
 ) -> dict[str, Any]:
@@ -606,6 +622,7 @@ def embeddings_metadata(
         "format": EMBEDDINGS_FORMAT,
         "rotnet_version": __version__,
         "weights": spec,
+        "weights_sha256": weights_fingerprint(weights.backbone),
         "model": weights.model_name,
         "layer": embedder.stage,
         "stages": num_stages(weights.backbone),
@@ -675,7 +692,7 @@ def _not_ours(path: Path, why: str) -> DataError:
 def _meta(path: Path, text: str | bytes | None) -> dict[str, Any]:
     if text is None:
         raise _not_ours(path, "no rotnet metadata")
-    meta = json.loads(text)
+    meta = jsontext.loads(text)
     if not isinstance(meta, dict) or meta.get("format") != EMBEDDINGS_FORMAT:
         raise _not_ours(path, "its metadata is not rotnet's")
     # neighbours --query embeds new images with these settings: a hand-edited value is named, never run
@@ -686,7 +703,10 @@ def _meta(path: Path, text: str | bytes | None) -> dict[str, Any]:
         "pool": lambda v: v in EMBED_POOLS,
         "normalized": lambda v: type(v) is bool,
         "img_size": lambda v: v is None or (type(v) is int and v > 0),
+        # files from before the fingerprint have none: neighbours --query then says it cannot check
+        "weights_sha256": lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None),
     }
+    meta.setdefault("weights_sha256", None)
     for key, valid in checks.items():
         if key not in meta or not valid(meta[key]):
             raise DataError(
@@ -729,10 +749,10 @@ def _read_safetensors(path: Path) -> EmbeddingTable:
     return EmbeddingTable(
         path,
         vectors,
-        json.loads(raw["paths"]),
+        jsontext.loads(raw["paths"]),
         labels,
-        json.loads(raw["classes"]) if "classes" in raw else None,
-        json.loads(raw["splits"]) if "splits" in raw else None,
+        jsontext.loads(raw["classes"]) if "classes" in raw else None,
+        jsontext.loads(raw["splits"]) if "splits" in raw else None,
         meta,
     )
 
@@ -813,4 +833,13 @@ def _validated(table: EmbeddingTable) -> EmbeddingTable:
     return table
 
 
-__all__ = ["embed", "EmbedResult", "Embedder", "make_embedder", "read_embeddings", "EmbeddingTable", "WRITERS"]
+__all__ = [
+    "embed",
+    "weights_fingerprint",
+    "EmbedResult",
+    "Embedder",
+    "make_embedder",
+    "read_embeddings",
+    "EmbeddingTable",
+    "WRITERS",
+]

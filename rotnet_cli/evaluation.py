@@ -23,7 +23,7 @@ import torch
 
 from . import data as data_lib
 from .config import PretrainConfig, ProbeConfig
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .events import Message, Progress
 from .models import RotNet, num_stages, resolve_stages
 from .features import extract_features, labelled_splits, plan_cache, stage_shapes
@@ -73,6 +73,7 @@ def set_up_eval(
         raise ConfigError(
             f"--eval-layers: {cfg.model} has {count} stages; use 1..{count} or -{count}..-1, or all"
         ) from None
+    check_best_metric_stage(cfg.best_metric, stages, count, cfg.model)
     probe_cfg = ProbeConfig(
         weights="the model in training",
         data=cfg.eval_data,
@@ -84,7 +85,10 @@ def set_up_eval(
         workers=cfg.workers,
         seed=cfg.seed,
     )
-    train_set, val_set, num_classes, skipped = labelled_splits(probe_cfg, img_size, report)
+    try:
+        train_set, val_set, num_classes, skipped = labelled_splits(probe_cfg, img_size, report)
+    except DataError as e:
+        raise DataError(as_eval_data_message(str(e), cfg.eval_data)) from None
     every = (
         cfg.eval_every if cfg.eval_every != "auto" else auto_eval_every(len(train_set) + len(val_set), copies_per_epoch)
     )
@@ -96,6 +100,32 @@ def set_up_eval(
         )
     )
     return FeatureEval(probe_cfg, stages, every, train_set, val_set, num_classes, tuple(skipped))
+
+
+def as_eval_data_message(message: str, eval_data: str) -> str:
+    """probe's message about its --data, said of pretrain's --eval-data (the option the user gave;
+    pretrain has no --data of labelled images, no --val-data, no --val-split for them)."""
+    message = message.replace(f"--data {eval_data}: ", "").replace(f"--data {eval_data} ", f"{eval_data} ")
+    message = message.replace("raise --val-split or give --val-data", "give --eval-data more images per class")
+    message = message.replace(
+        "give --val-data with the same class folders", "give --eval-data whose splits have the same class folders"
+    )
+    return f"--eval-data {eval_data}: {message}"
+
+
+def check_best_metric_stage(metric: str, stages: list[int], count: int, model: str) -> None:
+    """--best-metric knn:S names an evaluated stage: one the run never measures would keep no best
+    checkpoint, silently, to the end of the run."""
+    head, _, stage = metric.partition(":")
+    if not stage:
+        return
+    s = int(stage)
+    if (s > 0 and s in stages) or (s < 0 and -len(stages) <= s):
+        return
+    raise ConfigError(
+        f"--best-metric {metric}: {model} has {count} stages and the run evaluates stages "
+        f"{','.join(map(str, stages))}; use {head}:S with S among them, or {head} (the best stage)"
+    )
 
 
 def auto_eval_every(eval_images: int, copies_per_epoch: int) -> int:

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from . import jsontext
 from . import rundir
 from ._version import __version__
 from .checkpoint import write_json, write_text
@@ -133,7 +134,7 @@ def _export(config: ExportConfig, out: Path, emit: Progress) -> ExportResult:
         _write_backbone(staging, loaded, config, record)
         if config.with_head:
             _write_head(staging, loaded, config)
-        hf_config = json.loads((staging / EXPORT_CONFIG).read_text())  # what timm's save_config_for_hf wrote
+        hf_config = jsontext.loads((staging / EXPORT_CONFIG).read_text())  # what timm's save_config_for_hf wrote
         write_text(staging / MODEL_CARD, model_card(loaded, config, record, hf_config.get("model_args", {})))
         onnx_check = _write_onnx(staging, loaded, config, record) if config.format == "onnx" else None
         stage(2, "export: loading back")
@@ -221,7 +222,7 @@ def _write_backbone(folder: Path, loaded: LoadedWeights, config: ExportConfig, r
             "interpolation": "bilinear",
         },
     )
-    hf_config = json.loads((folder / EXPORT_CONFIG).read_text())
+    hf_config = jsontext.loads((folder / EXPORT_CONFIG).read_text())
     hf_config["pretrained_cfg"] = describe_weights(hf_config["pretrained_cfg"], loaded, record)
     write_json(folder / EXPORT_CONFIG, hf_config)
 

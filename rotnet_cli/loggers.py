@@ -22,6 +22,7 @@ values logged again would be the same).
 from __future__ import annotations
 
 import csv
+import errno
 import importlib.util
 import io
 import json
@@ -32,9 +33,10 @@ import string
 from pathlib import Path
 from typing import Any
 
-from . import rundir
+from . import jsontext
+from . import csvfiles, rundir
 from .checkpoint import make_dir, write_text
-from .errors import ConfigError, RotnetError
+from .errors import ConfigError, OutputError, RotnetError
 
 # --logger NAME -> (module it imports, the extra that installs it)
 NEEDS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
@@ -129,7 +131,14 @@ def open_loggers(
     opened: list[Logger] = []
     try:
         for name in names:
-            opened.append(_OPENERS[name](folder, Path(out).name, hparams, resume_step, saved.get(name, {})))
+            try:
+                opened.append(_OPENERS[name](folder, Path(out).name, hparams, resume_step, saved.get(name, {})))
+            except OSError as e:  # a read-only or full logs/: the option and the folder, not a traceback
+                fix = "make it writable (chmod -R u+w), " if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ""
+                raise OutputError(
+                    f"--logger {name} cannot write in {folder} ({e.strerror or e}); {fix}or give --logger without "
+                    f"{name} (--logger none logs nothing but metrics.jsonl)"
+                ) from e
     except BaseException:
         Loggers(opened).close(finished=False)
         raise
@@ -209,11 +218,11 @@ class CsvLogger(Logger):
             # a kill may also leave the file empty (its header unwritten): only whole rows up to the checkpoint stay
             kept = [row for row in rows if len(row) == 3 and row[0].isdigit() and int(row[0]) <= resume_step]
             text = io.StringIO()
-            csv.writer(text, lineterminator="\n").writerows([CSV_HEADER, *kept])
+            csvfiles.writer(text).writerows([CSV_HEADER, *kept])
             write_text(self.path, text.getvalue())
         new = not self.path.is_file()
         self.file = open(self.path, "a", newline="", encoding="utf-8")
-        self.writer = csv.writer(self.file, lineterminator="\n")
+        self.writer = csvfiles.writer(self.file)
         if new:
             self.writer.writerow(CSV_HEADER)
             self.file.flush()
@@ -383,7 +392,7 @@ def _replace_json(path: Path, record: dict) -> None:
 
 def _read_json(path: Path) -> dict:
     try:
-        record = json.loads(path.read_text())
+        record = jsontext.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}

@@ -13,7 +13,6 @@ progress goes to ``progress`` as typed events.
 
 from __future__ import annotations
 
-import csv
 import errno
 import io
 import os
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from . import data as data_lib
-from . import predict_files, rundir
+from . import csvfiles, predict_files, rundir
 from .checkpoint import make_dir, os_error_behind, write_json, write_text
 from .config import DEFAULT_BACKUP_SUFFIX, PredictConfig, format_rotations
 from .errors import ConfigError, DataError, OutputError
@@ -550,7 +549,7 @@ def write_reports(out: Path, predictions: list[ImagePrediction]) -> list[Path]:
     """predictions.csv and predictions.json in ``out``, each written atomically."""
     rows = report_rows(predictions)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=REPORT_FIELDS, lineterminator="\n")
+    writer = csvfiles.DictWriter(buffer, REPORT_FIELDS)
     writer.writeheader()
     writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
     try:

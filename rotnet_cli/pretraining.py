@@ -140,6 +140,15 @@ class EpochSums:
         self.seen += len(labels)
         self.done = step + 1
 
+    def first_diverged_step(self, ceiling: float) -> int | None:
+        """The first of DIVERGED_STEPS steps in a row whose loss per rotated copy was above ``ceiling`` (reads the device)."""
+        if self.done < DIVERGED_STEPS or not self.seen:
+            return None
+        per_copy = self.loss[: self.done] / (self.seen / self.done)  # (done,) every step has as many copies
+        in_a_row = (per_copy > ceiling).float().unfold(0, DIVERGED_STEPS, 1).sum(1)  # (done - K + 1,)
+        hit = (in_a_row == DIVERGED_STEPS).nonzero()
+        return int(hit[0]) if len(hit) else None
+
     def first_nonfinite_step(self) -> int | None:
         """The first step of this epoch whose loss was NaN or inf (reads the device)."""
         bad = (~torch.isfinite(self.loss[: self.done])).nonzero()
@@ -557,18 +566,16 @@ def _train(
         restore(run, state, saved)
         report(Resumed(state.epoch, state.step, cfg.epochs))
     run.train_model = wrap_for_training(run, state.model)
-    start_run_dir(run, state, resumed=saved is not None)
     start_epoch, start_step = state.epoch, state.step
     finished_before = saved is not None and start_epoch >= cfg.epochs and (out / rundir.WEIGHTS).is_file()
-    if dist.is_main and not finished_before:
-        run.loggers = open_loggers(
-            cfg.logger,
-            out,
-            config_record(run),
-            start_epoch * run.steps_per_epoch + start_step if saved is not None else None,
-            state.logger_runs,
-        )
-        state.logger_runs = {**state.logger_runs, **run.loggers.resume_state()}  # kept: a later resume continues them
+    logging = dist.is_main and not finished_before
+    if (
+        saved is not None and logging
+    ):  # a resume opens its loggers first: logs/ it cannot write leaves config.json as it was
+        open_run_loggers(run, state, resume_step=start_epoch * run.steps_per_epoch + start_step)
+    start_run_dir(run, state, resumed=saved is not None)
+    if saved is None and logging:  # a new run's folder exists only now
+        open_run_loggers(run, state, resume_step=None)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             stats = train_one_epoch(run, state, epoch)  # raises Interrupted (after a checkpoint) when asked to stop
@@ -819,6 +826,11 @@ def wrap_for_training(run: Run, model: RotNet) -> torch.nn.Module:
     if run.cfg.compile:
         model = torch.compile(model)
     return model
+
+
+def open_run_loggers(run: Run, state: TrainState, resume_step: int | None) -> None:
+    run.loggers = open_loggers(run.cfg.logger, run.out, config_record(run), resume_step, state.logger_runs)
+    state.logger_runs = {**state.logger_runs, **run.loggers.resume_state()}  # kept: a later resume continues them
 
 
 def start_run_dir(run: Run, state: TrainState, resumed: bool) -> None:
@@ -1106,17 +1118,33 @@ def evaluate(run: Run, state: TrainState, epoch: int) -> dict[str, Any]:
     return {"eval": accuracy, "eval_seconds": seconds}
 
 
+# A diverged run: DIVERGED_STEPS steps in a row (within an epoch) whose loss per copy is above
+# DIVERGED_FACTOR x the loss of guessing, ln(number of rotations). A run starts near that loss and only
+# goes down; a healthy run's spikes last a step or two and stay within a few times it, while 10x means
+# the true rotation gets a probability below e^-10*ln(R) on average (--momentum 1.5 reached loss 6540).
+DIVERGED_STEPS = 10
+DIVERGED_FACTOR = 10.0
+
+
 def check_finite(run: Run, state: TrainState, epoch: int, sums: EpochSums) -> None:
     """Stop before anything is saved from a diverged model; all ranks agree on the step."""
     first_bad = sums.first_nonfinite_step()
     spe = run.steps_per_epoch
     bad = reduce_int(NO_STEP if first_bad is None else epoch * spe + first_bad, "min", run.device, run.dist)
-    if bad == NO_STEP:
-        return
-    raise NonFiniteLossError(
-        f"the loss became NaN or infinite at step {bad + 1} (epoch {bad // spe + 1}, step {bad % spe + 1}); {_kept(run, state)}; "
-        "lower --lr, add --warmup-epochs or use --precision fp32"
-    )
+    if bad != NO_STEP:
+        raise NonFiniteLossError(
+            f"the loss became NaN or infinite at step {bad + 1} (epoch {bad // spe + 1}, step {bad % spe + 1}); "
+            f"{_kept(run, state)}; lower --lr, add --warmup-epochs or use --precision fp32"
+        )
+    ceiling = DIVERGED_FACTOR * math.log(run.cfg.num_rotations)
+    first_high = sums.first_diverged_step(ceiling)
+    high = reduce_int(NO_STEP if first_high is None else epoch * spe + first_high, "min", run.device, run.dist)
+    if high != NO_STEP:
+        raise NonFiniteLossError(
+            f"the loss diverged: {DIVERGED_STEPS} steps in a row from step {high + 1} (epoch {high // spe + 1}) were above "
+            f"{ceiling:.1f}, {DIVERGED_FACTOR:g}x the loss of guessing; {_kept(run, state)}; "
+            "lower --lr or --momentum, or add --warmup-epochs"
+        )
 
 
 def stop_if_weights_diverged(run: Run, state: TrainState) -> None:

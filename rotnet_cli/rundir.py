@@ -46,6 +46,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from . import jsontext
 from ._version import __version__
 from .checkpoint import (
     current_umask,
@@ -249,7 +250,7 @@ def read_weights_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     for key, value in raw.items():
         try:
-            meta[key] = value if key in TEXT_FIELDS else json.loads(value)
+            meta[key] = value if key in TEXT_FIELDS else jsontext.loads(value)
         except ValueError:
             raise WeightsError(
                 f"{path}: its metadata {key!r} is not valid ({value[:40]!r}); the file was not written by rotnet"
@@ -279,7 +280,7 @@ def weights_format(path: Path) -> str:
 
 def _read_json(path: Path, error: type[Exception]) -> Any:
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return jsontext.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise error(f"{path} does not exist") from None
     except PermissionError:
@@ -378,7 +379,7 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = jsontext.loads(line)
         except ValueError:
             row = None
         if not isinstance(row, dict):
@@ -577,19 +578,19 @@ def written_by_rotnet(path: Path) -> bool:
         if name == CHECKPOINT:
             return _is_rotnet_checkpoint(path)
         if name == METRICS:  # every line an epoch's row (even one with NaN, as earlier versions wrote)
-            rows = [json.loads(line) for line in path.read_bytes().decode("utf-8").splitlines() if line.strip()]
+            rows = [jsontext.loads(line) for line in path.read_bytes().decode("utf-8").splitlines() if line.strip()]
             return all(isinstance(row, dict) and "epoch" in row for row in rows)
         if name == CONFIG:
             if (path.parent / EXPORT_WEIGHTS).is_file() and _marker(path.parent / EXPORT_WEIGHTS) == EXPORT_FORMAT:
                 return True  # timm's config.json of a rotnet export
-            record = json.loads(path.read_bytes().decode("utf-8"))
+            record = jsontext.loads(path.read_bytes().decode("utf-8"))
             return (
                 isinstance(record, dict)
                 and isinstance(record.get("config"), dict)
                 and "rotnet" in (record.get("versions") or {})
             )
         if name == PROBE:
-            record = json.loads(path.read_bytes().decode("utf-8"))
+            record = jsontext.loads(path.read_bytes().decode("utf-8"))
             if isinstance(record, dict) and record.get("format") == PROBE_FORMAT:
                 return isinstance(record.get("results"), list)
             return isinstance(record, dict) and "rotnet_version" in record and isinstance(record.get("rows"), list)
@@ -929,7 +930,7 @@ class FolderLock:
 
 def _holder(fd: int) -> str:
     try:
-        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+        info = jsontext.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
         return f"pid {info['pid']} on {info['host']} since {info['since']}: {info['command']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "it is starting"

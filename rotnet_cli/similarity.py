@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 
+from . import csvfiles
 from . import data as data_lib
 from .checkpoint import atomic_write, make_dir
 from .config import NeighboursConfig
-from .embedding import EmbeddingTable, check_out_file, make_embedder, read_embeddings
+from .embedding import EmbeddingTable, check_out_file, make_embedder, read_embeddings, weights_fingerprint
 from .errors import ConfigError, DataError, WeightsError
 from .events import DeviceChosen, Message, Progress, TaskProgress, WarningMessage, ignore
 from .runtime import configure_backends, describe_device, resolve_device, resolve_precision
@@ -267,6 +268,7 @@ def embed_queries(
         raise ConfigError(
             f"--weights {spec} is a {weights.model_name}; {table.path} was embedded with a {meta['model']}"
         )
+    check_same_weights(table, spec, cfg.weights is not None, weights_fingerprint(weights.backbone), emit)
     embedder = make_embedder(weights, meta["layer"], meta["pool"], meta["normalized"], device, precision)
     if embedder.dim != table.vectors.shape[1]:
         raise DataError(
@@ -293,6 +295,29 @@ def embed_queries(
     if not names:
         raise DataError(f"none of the {len(files)} query images could be read")
     return names, torch.cat(vectors), skipped
+
+
+def check_same_weights(table: EmbeddingTable, spec: str, given: bool, fingerprint: str, emit: Progress) -> None:
+    """Queries embedded with other weights than the file's rows are ranked by noise (an exact copy 30th):
+    refuse when the fingerprints differ, warn when the file is too old to have one."""
+    recorded = table.meta.get("weights_sha256")
+    if recorded is None:
+        emit(
+            WarningMessage(
+                f"{table.path} records no fingerprint of the weights that made it (an older rotnet), so rotnet "
+                f"cannot check that {spec} are those weights; re-run rotnet embed to record it"
+            )
+        )
+    elif recorded != fingerprint:
+        fix = (
+            "pass the --weights that made it, or re-run rotnet embed with these weights"
+            if given
+            else f"re-run rotnet embed with {spec}, or pass --weights with the weights that made it"
+        )
+        raise ConfigError(
+            f"{'--weights ' if given else ''}{spec} are not the weights that made {table.path} (their fingerprints "
+            f"differ: retrained since, or another run); {fix}"
+        )
 
 
 def weights_exist(spec: str) -> bool:
@@ -326,7 +351,7 @@ def is_neighbours_csv(path: Path) -> bool:
 def write_neighbours_csv(out: Path, found: list[Neighbour]) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
+            writer = csvfiles.writer(f)
             writer.writerow(NEIGHBOUR_FIELDS)
             for n in found:
                 writer.writerow(

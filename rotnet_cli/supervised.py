@@ -15,7 +15,6 @@ call asks for the same setting. It never prints: progress goes through ``progres
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import jsontext
 from . import data as data_lib
 from ._version import __version__
 from .checkpoint import write_json
@@ -79,7 +79,7 @@ def saved_result(cfg: SupervisedConfig) -> SupervisedResult | None:
     if path is None or not path.is_file():
         return None
     try:
-        saved = json.loads(path.read_text())
+        saved = jsontext.loads(path.read_text())
         names = set(SupervisedResult.__dataclass_fields__)
         result = SupervisedResult(**{k: v for k, v in saved.items() if k in names})
     except (OSError, ValueError, TypeError) as e:

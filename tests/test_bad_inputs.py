@@ -38,7 +38,7 @@ MATRIX = [
     ("pretrain --epochs abc", 2, ""),
     ("pretrain --batch-size -4", 1, "--batch-size must be > 0"),
     ("pretrain --lr nan", 1, "--lr must be > 0"),
-    ("pretrain --momentum -1", 1, "--momentum must be >= 0"),
+    ("pretrain --momentum -1", 1, "--momentum must be in [0, 1)"),
     ("pretrain --seed 100000000000000", 1, "--seed must be in"),
     ("pretrain --copies some", 1, "--copies must be one of all, one"),
     ("pretrain --val-split 1.5", 1, "--val-split must be in [0, 1)"),
@@ -166,6 +166,25 @@ MATRIX = [
     ("viz outliers {noise_npz}", 1, "not written by rotnet score"),
     ("viz outliers {run} {few} -n 0", 1, "-n must be > 0"),
     ("viz outliers {run} {few} --out {img} --device cpu", 1, "pass --overwrite"),
+    # -- issue 27, item 6: every option's range, before any work
+    ("pretrain --momentum 1.5", 1, "--momentum must be in [0, 1)"),
+    (
+        "pretrain --model test_resnet --eval-data digits --best-metric knn:9 --epochs 1 --max-steps-per-epoch 1 --device cpu",
+        1,
+        "5 stages",
+    ),
+    ("neighbours {foreign} --show -1", 1, "--show must be >= 0"),
+    # -- issue 27, item 8: a config that would expand without bound, JSON nested beyond the stack
+    ("pretrain --config {yaml_bomb}", 2, ""),
+    ("pretrain --config {deep_json}", 2, ""),
+    ("pretrain --resume {deep_run} --device cpu", 1, "config.json"),
+    # -- issue 27, item 10: the message names the option the user gave
+    ("pretrain --milestones 5,2 --epochs 1", 1, "--epochs 1 has no epoch"),
+    ("pretrain --milestones 5,2 --epochs 10", 1, "--milestones must be increasing"),
+    ("pretrain --milestones 3,12 --epochs 10", 1, "between 1 and 9"),
+    ("pretrain --eval-data {missing} --epochs 1 --max-steps-per-epoch 1 --device cpu", 1, "--eval-data"),
+    ("pretrain --eval-data {one} --epochs 1 --max-steps-per-epoch 1 --device cpu", 1, "--eval-data"),
+    ("pretrain --eval-data {empty_class} --epochs 1 --max-steps-per-epoch 1 --device cpu", 1, "--eval-data"),
 ]
 
 
@@ -210,6 +229,9 @@ def sentinel(tmp_path_factory, tiny_run) -> dict[str, Path]:
         "stopped": root / "stopped",
         "users_out": root / "users_out",
         "lost_checkpoint": root / "lost_checkpoint",
+        "yaml_bomb": root / "bomb.yaml",
+        "deep_json": root / "deep.json",
+        "deep_run": root / "deep-run",
     }
     _png(paths["img"], 0)
     paths["notes"].write_text("not an image\n")
@@ -241,6 +263,12 @@ def sentinel(tmp_path_factory, tiny_run) -> dict[str, Path]:
     (paths["users_out"] / "predictions.csv").write_text("my own notes\n")
     shutil.copytree(paths["run"], paths["lost_checkpoint"])  # a finished run copied without its checkpoint
     (paths["lost_checkpoint"] / "checkpoint.pt").unlink()
+    levels = ["&a [x, x, x, x, x, x, x, x, x]"]  # 9**9 strings once expanded
+    levels += [f"&{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    paths["yaml_bomb"].write_text("rotations: [" + ", ".join(levels) + "]\n")
+    paths["deep_json"].write_text('{"epochs": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    shutil.copytree(paths["run"], paths["deep_run"])
+    (paths["deep_run"] / "config.json").write_text("[" * 200_000 + "]" * 200_000)
     return paths
 
 

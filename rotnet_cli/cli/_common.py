@@ -21,13 +21,25 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from .. import jsontext
 from ..errors import RotnetError
 from .. import stopping
 
+
+class PlainConsole(Console):
+    """A console that never hands the terminal a control character from text it prints: a file name
+    holding ESC[2J would clear the screen, a carriage return overwrite the line. Every string it
+    renders (print's arguments, table cells and titles) has them shown as \\x1b, \\r; newlines and
+    tabs stay (a multi-line snippet). One-line places also escape newlines: see ``visible``."""
+
+    def render_str(self, text: str, **kwargs: Any) -> Any:
+        return super().render_str(_TERMINAL_CONTROLS.sub(_escaped_control, text), **kwargs)
+
+
 # Results go to stdout; messages, progress and errors to stderr, so `--json` output
 # on stdout stays machine-readable.
-out_console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+out_console = PlainConsole(highlight=False)
+err_console = PlainConsole(stderr=True, highlight=False)
 
 
 def print_table(table: Any) -> None:
@@ -41,7 +53,7 @@ def print_table(table: Any) -> None:
 
     needed = Measurement.get(out_console, out_console.options.update(max_width=1000), table).maximum
     # print() clamps its width to the console's: a console of the needed width, on the same stream
-    Console(file=out_console.file, width=max(out_console.width, needed), highlight=False).print(table)
+    PlainConsole(file=out_console.file, width=max(out_console.width, needed), highlight=False).print(table)
 
 
 _state = {"debug": False}
@@ -115,7 +127,10 @@ def _run_to_last_word(command: Callable, args: tuple, kwargs: dict) -> Any:
         if _caused_by_ctrl_c(e):  # Python wraps a Ctrl-C raised while a class is created in a RuntimeError
             error_line("stopped", "interrupted")
             raise typer.Exit(130) from None
-        if _out_of_memory(e):
+        environment = _environment_problem(e)
+        if environment:
+            error_line("error", environment)
+        elif _out_of_memory(e):
             error_line("error", "out of memory; lower --batch-size (or --img-size), or use a device with more memory")
         else:  # a bug: still one line, the traceback only on request
             report_bug(e)
@@ -134,11 +149,49 @@ def error_line(prefix: str | None, message: str) -> None:
         err_console.print(line, soft_wrap=True, markup=True, highlight=False)
 
 
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 (\x9b starts an escape on some terminals)
+_TERMINAL_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # the same but newline and tab
+
+
+def _escaped_control(match: re.Match) -> str:
+    return {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(match[0], f"\\x{ord(match[0]):02x}")
+
+
 def visible(text: str) -> str:
-    """``text`` with its control characters escaped, so it prints as one line."""
-    return re.sub(
-        r"[\x00-\x1f\x7f]", lambda m: {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(m[0], f"\\x{ord(m[0]):02x}"), text
-    )
+    """``text`` with its control characters escaped, so it prints as one line: every file name shown
+    to the user (a message, a warning, a table cell) goes through here."""
+    return _CONTROLS.sub(_escaped_control, text)
+
+
+def shown(text: Any) -> str:
+    """A path or other plain value inside rich markup: control characters escaped, brackets kept."""
+    return escape(visible(str(text)))
+
+
+_LIBRARIES = ("torch", "torchvision", "timm", "safetensors", "numpy", "PIL")
+
+
+def _environment_problem(e: BaseException) -> str | None:
+    """The machine, not rotnet: a library that cannot load (a memory limit too low to map torch's
+    shared objects, a broken install), or no writable temporary folder. None for anything else."""
+    text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    if isinstance(e, FileNotFoundError) and "No usable temporary directory" in text:
+        return (
+            "no writable temporary folder with free space (TMPDIR, /tmp, /var/tmp): free space there, "
+            "or set TMPDIR to a writable folder"
+        )
+    if isinstance(e, (ImportError, OSError)) and (
+        (isinstance(e, ImportError) and (e.name or "").split(".")[0] in _LIBRARIES)
+        or "failed to map segment" in text
+        or any(f"lib{name}" in text for name in _LIBRARIES)
+    ):
+        if "failed to map segment" in text or "cannot allocate memory" in text.lower():
+            return (
+                f"could not load the libraries rotnet runs on ({text}): a memory limit is too low for them; "
+                "raise it (ulimit -v, the job's memory request) and run again"
+            )
+        return f"could not load the libraries rotnet runs on ({text}); reinstall them: pip install --force-reinstall rotnet-cli"
+    return None
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -233,7 +286,7 @@ def warn_skipped(files: list[str]) -> None:
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {shown(message)}", highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------- shared options
@@ -303,7 +356,7 @@ def read_options_file(path: str, ctx: typer.Context) -> dict[str, Any]:
 
             record = yaml.safe_load(text)
         else:
-            record = json.loads(text)
+            record = jsontext.loads(text)
     except Exception as e:  # yaml's and json's own errors: the file is not what it claims
         first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise typer.BadParameter(
@@ -328,8 +381,7 @@ def read_options_file(path: str, ctx: typer.Context) -> dict[str, Any]:
             close = difflib.get_close_matches(str(key).replace("-", "_"), list(params), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise typer.BadParameter(f"{file}: {key!r} is not an option of this command{hint}", param_hint="--config")
-        if isinstance(value, (list, tuple)):
-            value = ",".join(map(str, value))
+        value = _as_typed(params[name], value, f"{file}: {key}")
         if value is not None:
             try:
                 params[name].process_value(ctx, value)  # converted and checked as the command line's would be
@@ -337,6 +389,31 @@ def read_options_file(path: str, ctx: typer.Context) -> dict[str, Any]:
                 raise typer.BadParameter(f"{file}: {key}: {e.format_message()}", param_hint="--config") from None
         options[name] = value
     return options
+
+
+def _as_typed(param: Any, value: Any, where: str) -> Any:
+    """A --config value as the command line would give it: text (click then parses and checks it as
+    it parses argv), so ``epochs: true`` is refused like ``--epochs true`` rather than read as 1;
+    a flag takes true/false only; a list becomes the comma-separated text, of scalars only."""
+    if value is None:
+        return None
+    if getattr(param, "is_flag", False):
+        if not isinstance(value, bool):
+            raise typer.BadParameter(f"{where}: {_shown_value(value)} is not true or false", param_hint="--config")
+        return value
+    if isinstance(value, (list, tuple)):
+        if any(isinstance(v, (list, tuple, dict)) for v in value):
+            raise typer.BadParameter(f"{where}: a list of lists is not an option's value", param_hint="--config")
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        raise typer.BadParameter(f"{where}: {_shown_value(value)} is not a value of this option", param_hint="--config")
+    if isinstance(value, dict):
+        raise typer.BadParameter(f"{where}: a mapping is not an option's value", param_hint="--config")
+    return str(value)
+
+
+def _shown_value(value: Any) -> str:
+    return "true" if value is True else "false" if value is False else repr(value)[:40]
 
 
 def _load_options_file(ctx: typer.Context, param: Any, value: Optional[str]) -> Optional[str]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Annotated, List, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ..config import EmbeddingMapConfig, EmbedConfig, NeighboursConfig, default_workers
 from ._common import (
+    shown,
     print_table,
     StrictDataOpt,
     DataDirOpt,
@@ -125,7 +125,7 @@ def embed(
     out_console.print(
         f"wrote {result.rows:,} embeddings of {result.dim} dimensions ({result.model} stage {result.layer} of {result.stages}, "
         f"{c} x {h} x {w} {result.pool}-pooled{', L2-normalised' if result.normalized else ''}{classes}) to "
-        f"[bold]{escape(str(result.out))}[/] in {result.seconds:.1f}s ({result.images_per_s:,.0f} images/s)",
+        f"[bold]{shown(str(result.out))}[/] in {result.seconds:.1f}s ({result.images_per_s:,.0f} images/s)",
         highlight=False,
         soft_wrap=True,
     )
@@ -184,7 +184,7 @@ def neighbours(
     if json_out:
         print_json(result.to_dict())
         return
-    _render_neighbours(result, show)
+    _render_neighbours(result, config.show)
 
 
 def _render_neighbours(result, show: int) -> None:
@@ -194,7 +194,7 @@ def _render_neighbours(result, show: int) -> None:
         title = f"The most alike pairs among the {result.rows:,} images of {result.embeddings} (each image's {result.k} nearest)"
     if result.threshold is not None:
         title += f", similarity >= {result.threshold:g}"
-    table = Table(title=escape(title), title_justify="left")
+    table = Table(title=shown(title), title_justify="left")
     table.add_column("image", overflow="fold")
     table.add_column("rank", justify="right")
     table.add_column("neighbour", overflow="fold")
@@ -203,18 +203,18 @@ def _render_neighbours(result, show: int) -> None:
     if classes:
         table.add_column("classes")
     for n in result.neighbours[:show]:
-        cells = [escape(n.image), str(n.rank), escape(n.neighbour), f"{n.similarity:.4f}"]
+        cells = [shown(n.image), str(n.rank), shown(n.neighbour), f"{n.similarity:.4f}"]
         if classes:
             same = n.image_class is not None and n.image_class == n.neighbour_class
             cells.append(
-                escape(f"{n.image_class or '?'} / {n.neighbour_class or '?'}") + (" [green]same[/]" if same else "")
+                shown(f"{n.image_class or '?'} / {n.neighbour_class or '?'}") + (" [green]same[/]" if same else "")
             )
         table.add_row(*cells, style="bold" if n.similarity >= 0.9999 else None)
     print_table(table)
     more = len(result.neighbours) - min(show, len(result.neighbours))
-    tail = f"{len(result.neighbours):,} row(s) in {result.seconds:.1f}s on {escape(result.device)}"
+    tail = f"{len(result.neighbours):,} row(s) in {result.seconds:.1f}s on {shown(result.device)}"
     if result.out:
-        tail += f"; all written to [bold]{escape(str(result.out))}[/]"
+        tail += f"; all written to [bold]{shown(str(result.out))}[/]"
     elif more:
         tail += f"; {more:,} more: --out FILE.csv writes them all"
     out_console.print(tail, highlight=False, soft_wrap=True)
@@ -259,7 +259,7 @@ def embeddings_map(
     if result.explained_variance:
         extra += f"; the axes hold {100 * sum(result.explained_variance):.1f}% of the variance"
     out_console.print(
-        f"wrote [bold]{escape(str(result.out))}[/] ({result.width}x{result.height} px, {drawn}{extra})",
+        f"wrote [bold]{shown(str(result.out))}[/] ({result.width}x{result.height} px, {drawn}{extra})",
         highlight=False,
         soft_wrap=True,
     )

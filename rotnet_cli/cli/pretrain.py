@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Annotated, Any, Callable, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ..shell import shell_quote
 from ..config import PretrainConfig, default_workers, format_rotations
 from ..stopping import StopFlag
 from ._common import (
+    shown,
     print_table,
     StrictDataOpt,
     BatchSizeOpt,
@@ -339,8 +339,8 @@ def _render_summary(result, config: PretrainConfig) -> None:
     from ..rundir import METRICS
 
     final = result.final
-    shown = result.history[-SUMMARY_EPOCHS:]
-    table = Table(title=f"RotNet pretraining: {config.model} on {escape(config.data)}", title_justify="left")
+    recent = result.history[-SUMMARY_EPOCHS:]
+    table = Table(title=f"RotNet pretraining: {config.model} on {shown(config.data)}", title_justify="left")
     table.add_column("epoch", justify="right")
     table.add_column("loss", justify="right")
     table.add_column("rot acc", justify="right")
@@ -350,7 +350,7 @@ def _render_summary(result, config: PretrainConfig) -> None:
     heads = list(dict.fromkeys(head for row in result.history for head in (row.get("eval") or {})))
     for head in heads:  # --eval-data: the best stage's accuracy
         table.add_column(f"{head} (best stage)", justify="right")
-    for row in shown:
+    for row in recent:
         evaluated = row.get("eval") or {}
         table.add_row(
             str(row["epoch"]),
@@ -362,9 +362,9 @@ def _render_summary(result, config: PretrainConfig) -> None:
             *(_best_stage(evaluated.get(head)) for head in heads),
         )
     print_table(table)
-    if len(shown) < len(result.history):
+    if len(recent) < len(result.history):
         out_console.print(
-            f"the last {len(shown)} of {len(result.history)} epochs; all of them: {result.out_dir / METRICS}",
+            f"the last {len(recent)} of {len(result.history)} epochs; all of them: {result.out_dir / METRICS}",
             markup=False,
             soft_wrap=True,
         )
@@ -375,7 +375,7 @@ def _render_summary(result, config: PretrainConfig) -> None:
         )
     if final.get("val_rot_acc") is None:
         note("no validation split (--val-split 0); accuracy above is on training images")
-    out_console.print(f"run directory: [bold]{escape(str(result.out_dir))}[/]", soft_wrap=True)
+    out_console.print(f"run directory: [bold]{shown(str(result.out_dir))}[/]", soft_wrap=True)
     if result.best:  # --best-metric: the epoch worth probing
         best = result.best
         value = f"{best['value']:.4f}" if best["metric"] == "val_loss" else f"{100 * best['value']:.2f}%"

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ..config import ProbeConfig, default_workers
 from ..errors import OutputError
 from ._common import (
+    shown,
     print_table,
     DataDirOpt,
     DeviceOpt,
@@ -215,7 +215,7 @@ def against_baselines(result) -> list[str]:
 def _render(result) -> None:
     best = result.best()
     table = Table(
-        title=f"Frozen-feature probe: {result.model} on {escape(result.data)} ({result.num_classes} classes, "
+        title=f"Frozen-feature probe: {result.model} on {shown(result.data)} ({result.num_classes} classes, "
         f"{result.train_images} train / {result.val_images} val, top-1, recipe {result.recipe})",
         title_justify="left",
     )
@@ -239,20 +239,20 @@ def _render(result) -> None:
                 accuracy, epoch = row.best[head]
                 cells.append(f"{100 * accuracy:.2f}% ({epoch})")
         style = None if row.weights == "run" else "dim"
-        table.add_row(escape(row.weights), str(row.stage), " x ".join(map(str, row.shape)), *cells, style=style)
+        table.add_row(shown(row.weights), str(row.stage), " x ".join(map(str, row.shape)), *cells, style=style)
     print_table(table)
     if best:
         line = f"best: stage {best[0].stage} with the {best[1]} head, {100 * best[0].accuracy[best[1]]:.2f}%"
         for other in dict.fromkeys(r.weights for r in result.rows if r.weights != "run"):  # in row order
             same = next((r for r in result.rows if r.weights == other and r.stage == best[0].stage), None)
             if same is not None:
-                line += f" ({escape(other)}: {100 * same.accuracy[best[1]]:.2f}%)"
+                line += f" ({shown(other)}: {100 * same.accuracy[best[1]]:.2f}%)"
         out_console.print(line)
     for line in against_baselines(result):
-        out_console.print(escape(line), soft_wrap=True)
+        out_console.print(shown(line), soft_wrap=True)
     if any(row.weights == "random" for row in result.rows):
         out_console.print(
-            f"[dim]{escape(WHY_RANDOM_IS_STRONG)}{'' if result.labels_per_class else ' (--labels-per-class 10)'}[/]",
+            f"[dim]{shown(WHY_RANDOM_IS_STRONG)}{'' if result.labels_per_class else ' (--labels-per-class 10)'}[/]",
             soft_wrap=True,
         )
     if result.reports_best and result.epochs:
@@ -263,7 +263,7 @@ def _render(result) -> None:
     seconds = result.extract_seconds + sum(result.train_seconds.values())
     out_console.print(
         f"[dim]features {result.extract_seconds:.1f}s, heads {sum(result.train_seconds.values()):.1f}s, "
-        f"total {seconds:.1f}s on {escape(result.device)}[/]"
+        f"total {seconds:.1f}s on {shown(result.device)}[/]"
     )
     if result.saved_to:
-        out_console.print(f"saved: {escape(str(result.saved_to))}")
+        out_console.print(f"saved: {shown(str(result.saved_to))}")

@@ -18,7 +18,7 @@ import time
 from typing import Callable
 
 from rich.console import Console
-from rich.markup import escape
+from ._common import shown
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..events import (
@@ -208,9 +208,9 @@ class ProgressView:
             case Phase():
                 if self.progress is not None:
                     self._remove("phase")  # a new phase: its elapsed time starts now
-                    self._bar("phase", "now", 0, None, stats=escape(event.text), eta="")  # the text in the wide column
+                    self._bar("phase", "now", 0, None, stats=shown(event.text), eta="")  # the text in the wide column
                 elif not event.every_epoch:
-                    self._line(escape(event.text))
+                    self._line(shown(event.text))
             case DeviceChosen():
                 extra = f", {event.world_size} processes" if event.world_size > 1 else ""
                 self._line(f"device: {event.device}, precision {event.precision}{extra}")
@@ -219,9 +219,9 @@ class ProgressView:
             case RunStarted():
                 self._run_started(event)
             case Message():
-                self._line(escape(event.text))  # library text is plain: brackets in paths stay
+                self._line(shown(event.text))  # library text is plain: brackets in paths stay
             case WarningMessage():
-                self._line("[yellow]warning:[/] " + escape(event.text))
+                self._line("[yellow]warning:[/] " + shown(event.text))
             case Decoding():
                 self._decoding(event)
             case EpochStarted():
@@ -251,13 +251,13 @@ class ProgressView:
                 if self.progress is not None:
                     self._bar(
                         event.task,
-                        escape(event.description),
+                        shown(event.description),
                         event.done,
                         event.total,
                         count=f"{event.done}/{event.total}",
                     )
                 elif event.done == event.total or self._due():
-                    self._line(f"{escape(event.description)}: {event.done}/{event.total}")
+                    self._line(f"{shown(event.description)}: {event.done}/{event.total}")
 
     @staticmethod
     def _resumed_text(event: Resumed) -> str:
@@ -271,7 +271,7 @@ class ProgressView:
     def _run_started(self, event: RunStarted) -> None:
         self._line(
             f"{event.model} at {event.img_size} px: {event.train_images} training / {event.val_images} validation "
-            f"images, {event.steps_per_epoch} steps of {event.batch_images} rotated images per epoch -> {escape(event.out_dir)}"
+            f"images, {event.steps_per_epoch} steps of {event.batch_images} rotated images per epoch -> {shown(event.out_dir)}"
         )
         if event.global_batch:
             self._line(

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ..config import ReproduceConfig, default_workers
 from ._common import (
+    shown,
     DataDirOpt,
     DeviceOpt,
     DownloadOpt,
@@ -82,7 +82,7 @@ def reproduce(
         return
     # escaped: rich would take the bracketed smoke note for a style tag and drop it
     title = f"Gidaris et al. 2018 on CIFAR-10: ours vs the paper (top-1 %, --schedule {result.schedule})" + (
-        escape("  [smoke mode: digits, a few steps]") if smoke else ""
+        shown("  [smoke mode: digits, a few steps]") if smoke else ""
     )
     table = Table(title=title, title_justify="left")
     numbers = ("ours (last)", "ours (best, epoch)", "paper", "last - paper")
@@ -105,4 +105,4 @@ def reproduce(
         "[dim]last: the final epoch (honest); best: the best epoch on the test set itself, what the "
         "official code keeps and the paper reports[/]"
     )
-    out_console.print(f"runs: {escape(str(result.out_dir))}")
+    out_console.print(f"runs: {shown(str(result.out_dir))}")

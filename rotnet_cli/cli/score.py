@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Annotated, List, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ..config import ScoreConfig, default_workers
 from ._common import (
+    shown,
     DataDirOpt,
     DeviceOpt,
     JsonOpt,
@@ -128,7 +128,7 @@ def score(
 
 
 def _view(result, title: str, rows: list[int]) -> None:
-    table = Table(title=escape(title), title_justify="left")
+    table = Table(title=shown(title), title_justify="left")
     table.add_column("rank", justify="right")
     table.add_column("image", overflow="fold")
     table.add_column("score", justify="right")
@@ -142,7 +142,7 @@ def _view(result, title: str, rows: list[int]) -> None:
     from ..prediction import display_path
 
     for rank, i in enumerate(rows, start=1):
-        cells = [str(rank), escape(display_path(result.rows.paths[i])), f"{result.rows.score[i]:.4g}"]
+        cells = [str(rank), shown(display_path(result.rows.paths[i])), f"{result.rows.score[i]:.4g}"]
         if both:
             cells += [f"{result.rows.rotation[i]:.4g}", f"{result.rows.knn[i]:.4g}"]
         if truth:
@@ -173,11 +173,11 @@ def render(result, top: int, bottom: int) -> None:
             label = result.method if name == "score" else name
             table.add_row(label, *(f"{figures[key]:.4f}" for key in ("auroc", "aupr", "fpr_at_95_tpr")))
         print_table(table)
-    tail = f"{n:,} image(s) scored in {result.seconds:.1f}s on {escape(result.device)}"
+    tail = f"{n:,} image(s) scored in {result.seconds:.1f}s on {shown(result.device)}"
     if result.reference:
-        tail += f"; knn bank: {result.reference_images:,} images of {escape(result.reference)}"
+        tail += f"; knn bank: {result.reference_images:,} images of {shown(result.reference)}"
     if result.out:
-        tail += f"; all rows written to [bold]{escape(str(result.out))}[/]"
+        tail += f"; all rows written to [bold]{shown(str(result.out))}[/]"
     elif n > top:
         tail += "; --out FILE.csv writes every row"
     out_console.print(tail, highlight=False, soft_wrap=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Annotated, List, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ..config import AttentionConfig, CurvesConfig, FiltersConfig, counted
 from ._common import (
+    shown,
     DeviceOpt,
     JsonOpt,
     OverwriteOpt,
@@ -100,11 +100,11 @@ def filters(
     for panel in result.panels:
         kernel = "x".join(map(str, panel.kernel))
         out_console.print(
-            f"{escape(panel.label)}: {panel.num_filters} filters of {panel.model}.{panel.layer} "
+            f"{shown(panel.label)}: {panel.num_filters} filters of {panel.model}.{panel.layer} "
             f"({panel.in_channels} x {kernel}, scale {panel.scale})"
         )
     out_console.print(
-        f"wrote [bold]{escape(str(result.out))}[/] ({result.width}x{result.height} px, {result.num_filters} filters)"
+        f"wrote [bold]{shown(str(result.out))}[/] ({result.width}x{result.height} px, {result.num_filters} filters)"
     )
 
 
@@ -170,7 +170,7 @@ def attention(
         print_json(result.to_dict())
         return
     for image in result.images:
-        out_console.print(f"{escape(image.source)} -> {escape(str(image.out))}")
+        out_console.print(f"{shown(image.source)} -> {shown(str(image.out))}")
     table = Table(title=f"{result.model}, {len(result.images)} image(s)", title_justify="left")
     table.add_column("stage", justify="right")
     table.add_column("p", justify="right")
@@ -204,7 +204,7 @@ def curves(
     if json_out:
         print_json(result.to_dict())
         return
-    out_console.print(f"wrote [bold]{escape(str(result.out))}[/] ({counted(result.epochs, 'epoch')})")
+    out_console.print(f"wrote [bold]{shown(str(result.out))}[/] ({counted(result.epochs, 'epoch')})")
 
 
 OUTLIERS_EXAMPLES = """
@@ -251,7 +251,7 @@ def outliers(
         print_json(result.to_dict())
         return
     out_console.print(
-        f"wrote [bold]{escape(str(result.out))}[/] ({result.width}x{result.height} px: the {len(result.unusual)} most "
+        f"wrote [bold]{shown(str(result.out))}[/] ({result.width}x{result.height} px: the {len(result.unusual)} most "
         f"unusual and {len(result.typical)} most typical of {result.images:,} images)",
         highlight=False,
         soft_wrap=True,
