@@ -44,9 +44,12 @@ class DictWriter:
     def writeheader(self) -> None:
         self.rows.writerow(self.fieldnames)
 
+    def writerow(self, row: dict[str, Any]) -> None:
+        self.rows.writerow([row.get(name, "") for name in self.fieldnames])
+
     def writerows(self, rows: Iterable[dict[str, Any]]) -> None:
         for row in rows:
-            self.rows.writerow([row.get(name, "") for name in self.fieldnames])
+            self.writerow(row)
 
 
 __all__ = ["writer", "Writer", "DictWriter"]

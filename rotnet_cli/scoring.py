@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import data as data_lib
+from . import csvfiles, data as data_lib
 from . import rundir
 from ._version import __version__
 from .checkpoint import atomic_write, make_dir
@@ -589,7 +589,7 @@ def scores_metadata(result: ScoreResult) -> dict[str, Any]:
 def _write_csv(path: Path, result: ScoreResult) -> None:
     names = column_names(result)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
+    writer = csvfiles.DictWriter(buffer, fieldnames=names)
     writer.writeheader()
     for row in table_rows(result):
         writer.writerow({k: (f"{v:.9g}" if isinstance(v, float) else v) for k, v in row.items()})
