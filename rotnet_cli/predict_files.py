@@ -79,15 +79,21 @@ def collect_inputs(specs: tuple[str, ...], writes_copies: bool) -> list[InputIma
                 raise
             pairs = []  # only HEIC or raw files: each gets its row
         for path, relative in pairs:
-            if path.resolve() not in seen:
-                seen.add(path.resolve())
+            if _identity(path) not in seen:
+                seen.add(_identity(path))
                 found.append(InputImage(path, relative, path.suffix.lower() not in UNSUPPORTED_IMAGE_EXTENSIONS))
     if keep_names:
         found = [_below_its_folder(image, folders) for image in found]
-    found += _unsupported_files(folders, keep_names, {image.path.resolve() for image in found})
+    found += _unsupported_files(folders, keep_names, {_identity(image.path) for image in found})
     if writes_copies:
         _refuse_collisions(found)
     return found
+
+
+def _identity(path: Path) -> str:
+    """Where a file really is, for telling one image given twice: os.path.realpath, since
+    Path.resolve raises on a self-looping link (which is an unreadable file, given its row)."""
+    return os.path.realpath(path)
 
 
 def _folder_name(spec: str) -> str:
@@ -110,8 +116,8 @@ def _unsupported_files(folders: list[str], keep_names: bool, seen: set[Path]) ->
         root = Path(spec).expanduser()
         _, others = data_lib._scan(root)  # the image scan's walk: its rules for links and hidden files
         for path in others:
-            if path.suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS and path.resolve() not in seen:
-                seen.add(path.resolve())
+            if path.suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS and _identity(path) not in seen:
+                seen.add(_identity(path))
                 relative = path.relative_to(root)
                 found.append(InputImage(path, Path(_folder_name(spec)) / relative if keep_names else relative, False))
     return found
