@@ -216,8 +216,8 @@ class PretrainConfig(_Serializable):
     val_split: float = 0.1
     rotations: tuple[float, ...] = (0.0, 90.0, 180.0, 270.0)
     copies: str = "all"
-    epochs: int = 10  # the demo: resnet18 on digits learns most of what it can in 10 (README "Augmentation")
-    batch_size: int = 128
+    epochs: int | None = None  # None: the data plan decides (planning.plan_epochs: a step budget, at least 10)
+    batch_size: int | None = None  # None: the data plan decides (planning.plan_batch_size: 128 where it fits)
     lr: float | None = None
     weight_decay: float | None = None
     decay_all_params: bool = False  # True: norms and biases decay too (the official RotNet code)
@@ -228,7 +228,7 @@ class PretrainConfig(_Serializable):
     gamma: float = 0.2
     warmup_epochs: float = 0.0
     img_size: int | None = None
-    augment: str = "auto"  # auto: none for grey images, crop+flip for colour (data.auto_augment)
+    augment: str = "auto"  # auto: the data plan decides by what the images are (planning.plan_augment)
     workers: int = _resume_free(default_factory=default_workers)
     seed: int = 0
     init: str | None = None
@@ -294,13 +294,13 @@ class PretrainConfig(_Serializable):
             raise ConfigError(f"--val-split must be in [0, 1) (got {self.val_split})")
         if not 0 < self.gamma <= 1:
             raise ConfigError(f"--gamma must be in (0, 1] (got {self.gamma})")
-        if self.warmup_epochs >= self.epochs:
+        if self.epochs is not None and self.warmup_epochs >= self.epochs:
             raise ConfigError(f"--warmup-epochs ({self.warmup_epochs:g}) must be shorter than --epochs ({self.epochs})")
         milestones = self.milestones
-        if any(m <= 0 or m >= self.epochs for m in milestones) or list(milestones) != sorted(set(milestones)):
-            raise ConfigError(
-                f"--milestones must be increasing epochs between 1 and {self.epochs - 1} (got {','.join(map(str, milestones))})"
-            )
+        last = self.epochs - 1 if self.epochs is not None else math.inf  # None: checked again once planned
+        if any(m <= 0 or m > last for m in milestones) or list(milestones) != sorted(set(milestones)):
+            shown = f"between 1 and {last}" if self.epochs is not None else "from 1 on"
+            raise ConfigError(f"--milestones must be increasing epochs {shown} (got {','.join(map(str, milestones))})")
         if self.schedule == "step" and not milestones:
             raise ConfigError("--schedule step needs --milestones, e.g. --milestones 30,60,80")
         if self.overwrite and self.resume:
