@@ -138,7 +138,11 @@ def plan_image_size(
         return Decision(model.default_size, f"{model.name} takes only {model.default_size} px")
     if native is not None:
         return Decision(native, "the dataset's own size")
-    if sizes is None or not sizes.sides:
+    if sizes is None or not sizes.sides:  # no header read: the model's own size
+        if device_type == "cpu" and model.default_size > CPU_MAX_SIZE:
+            return Decision(
+                CPU_MAX_SIZE, f"{CPU_MAX_SIZE} px keeps a CPU run short (--img-size {model.default_size} for more)"
+            )
         return Decision(model.default_size, f"the model's own size ({model.name})")
     own = sizes.median
     size = max(MIN_SIZE, 8 * math.ceil(own / 8))

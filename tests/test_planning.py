@@ -33,6 +33,11 @@ def test_huge_images_get_the_models_own_size_on_a_gpu_and_a_cpu_size_on_a_cpu():
     assert cpu.value == planning.CPU_MAX_SIZE and "--img-size" in cpu.why
 
 
+def test_unknown_sizes_take_the_models_size_except_on_a_cpu():
+    assert _size(None, device="cuda").value == 224
+    assert _size(None, device="cpu").value == planning.CPU_MAX_SIZE
+
+
 def test_mixed_sizes_take_the_median_rounded_up_to_a_multiple_of_8():
     decision = _size([24, 30, 37, 40, 41], device="cuda")
     assert decision.value == 40 and "24-41 px (median 37)" in decision.why
