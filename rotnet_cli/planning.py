@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from .config import counted
+
 MIN_SIZE = 32  # px: below it the ResNets' stride-32 stages have nothing left to see (the demo's size)
 CPU_MAX_SIZE = 64  # px: on a CPU, larger images are shrunk to this by default (pretraining.CPU_COMFORTABLE_SIZE)
 DEFAULT_BATCH = 128  # today's default, the paper's: large folders keep it
@@ -173,19 +175,20 @@ def plan_batch_size(given: int | None, images: int, world_size: int = 1) -> Deci
     elif batch > MIN_BATCH:
         why = f"{images} training images: at least {steps}"
     else:
-        why = f"{images} training images: {math.ceil(images / batch)} steps per epoch"
+        why = f"{images} training images: {counted(math.ceil(images / batch), 'step')} per epoch"
     return Decision(max(world_size, batch - batch % world_size), why)
 
 
 def plan_epochs(given: int | None, images: int, batch_size: int, world_size: int = 1) -> Decision:
     """--epochs, else enough for STEP_BUDGET optimizer steps, between MIN_EPOCHS and MAX_EPOCHS."""
     steps = max(1, math.ceil(images // world_size / max(1, batch_size // world_size)))
+    per_epoch = f"{counted(steps, 'step')} per epoch"
     if given is not None:
-        return Decision(given, f"asked for: {given * steps} steps")
+        return Decision(given, f"asked for: {counted(given * steps, 'step')}")
     epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(STEP_BUDGET / steps)))
     if epochs == MIN_EPOCHS:
-        return Decision(epochs, f"{steps} steps per epoch: {epochs * steps} steps")
-    return Decision(epochs, f"{steps} steps per epoch: {epochs * steps} steps (at least {STEP_BUDGET})")
+        return Decision(epochs, f"{per_epoch}, {epochs * steps} in all")
+    return Decision(epochs, f"{per_epoch}, {epochs * steps} in all: a budget of at least {STEP_BUDGET}")
 
 
 def plan_augment(given: str, content: Content | None, source: str | None = None) -> Decision:

@@ -110,7 +110,7 @@ def test_the_bare_command_on_a_tiny_folder_plans_prints_and_records(tmp_path):
     record = json.loads((out / "config.json").read_text())
     resolved = record["resolved"]
     assert resolved["img_size"] == 32 and resolved["batch_size"] == 11 and resolved["train_images"] == 11
-    assert resolved["plan"]["epochs"] == {"value": 1, "why": "asked for: 1 steps"}
+    assert resolved["plan"]["epochs"] == {"value": 1, "why": "asked for: 1 step"}
     assert resolved["plan"]["augment"]["value"] == "crop"  # grey tones, not scans
     assert record["config"]["batch_size"] == 11  # what the run used: --config and --resume repeat it
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
