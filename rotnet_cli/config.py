@@ -232,8 +232,8 @@ class PretrainConfig(_Serializable):
     val_split: float = 0.1
     rotations: tuple[float, ...] = (0.0, 90.0, 180.0, 270.0)
     copies: str = "all"
-    epochs: int = 10  # the demo: resnet18 on digits learns most of what it can in 10 (README "Augmentation")
-    batch_size: int = 128
+    epochs: int | None = None  # None: the data plan decides (planning.plan_epochs: a step budget, at least 10)
+    batch_size: int | None = None  # None: the data plan decides (planning.plan_batch_size: 128 where it fits)
     accum_steps: int = 1  # micro-batches of --batch-size whose gradients add up to one optimizer step
     lr: float | None = None
     lr_scale: str = "none"  # the lr in use: --lr x (global batch / --lr-ref-batch) linear, its sqrt, or --lr as given
@@ -247,7 +247,7 @@ class PretrainConfig(_Serializable):
     gamma: float = 0.2
     warmup_epochs: float = 0.0
     img_size: int | None = None
-    augment: str = "auto"  # auto: none for grey images, crop+flip for colour (data.auto_augment)
+    augment: str = "auto"  # auto: the data plan decides by what the images are (planning.plan_augment)
     workers: int = _resume_free(default_factory=default_workers)
     seed: int = 0
     init: str | None = None
@@ -318,18 +318,21 @@ class PretrainConfig(_Serializable):
             raise ConfigError(f"--val-split must be in [0, 1) (got {self.val_split})")
         if not 0 < self.gamma <= 1:
             raise ConfigError(f"--gamma must be in (0, 1] (got {self.gamma})")
-        if self.warmup_epochs >= self.epochs:
+        if self.epochs is not None and self.warmup_epochs >= self.epochs:
             raise ConfigError(f"--warmup-epochs ({self.warmup_epochs:g}) must be shorter than --epochs ({self.epochs})")
         milestones = self.milestones
         given = ",".join(map(str, milestones))
-        if milestones and self.epochs < 2:  # "between 1 and 0" named no epoch a user could give
+        if milestones and self.epochs is not None and self.epochs < 2:  # "between 1 and 0" named no epoch
             raise ConfigError(
                 f"--milestones {given}: --epochs {self.epochs} has no epoch to lower the learning rate after; "
                 "raise --epochs or drop --milestones"
             )
         if list(milestones) != sorted(set(milestones)):
             raise ConfigError(f"--milestones must be increasing epochs, each once (got {given})")
-        if any(m <= 0 or m >= self.epochs for m in milestones):
+        last = self.epochs - 1 if self.epochs is not None else math.inf  # None: checked again once planned
+        if any(m <= 0 or m > last for m in milestones):
+            if self.epochs is None:
+                raise ConfigError(f"--milestones must be epochs from 1 on (got {given})")
             raise ConfigError(
                 f"--milestones must be epochs between 1 and {self.epochs - 1} for --epochs {self.epochs} (got {given})"
             )

@@ -94,6 +94,12 @@ def _dataset_key(spec: str) -> str:
     return spec.lower().replace("-", "").replace("_", "")
 
 
+def dataset_key(spec: str) -> str | None:
+    """The built-in or torchvision dataset ``spec`` names ('digits', 'cifar10', ...), None for a folder."""
+    key = _dataset_key(spec)
+    return key if key == "digits" or (key in TORCHVISION_DATASETS and not Path(spec).exists()) else None
+
+
 # What an export's model card and config say about the training data: the source as its authors
 # name it, and its licence where the source states one (a folder's licence is its owner's to say).
 DATA_PROVENANCE = {
@@ -734,47 +740,52 @@ def _crop_grid(n: int, h: int, w: int, device: torch.device) -> tuple[torch.Tens
 # --augment auto where the pixels cannot tell: SVHN is colour photos, but of house numbers,
 # and a mirrored digit is no digit (its digits sit in a wider view: a crop leaves them whole).
 # Every other source is decided by its pixels (below).
-AUTO_AUGMENT_BY_SOURCE = {"svhn": "crop"}
-GREY_SPREAD = 4.0  # mean max-min over R, G, B (0..255) below which images count as grey (JPEG noise)
 AUTO_SAMPLE = (256, 32)  # images looked at to decide: in memory, and decoded from files (slower)
 
 
 def auto_augment(spec: str, images: ImageSet) -> tuple[str, str]:
-    """What ``--augment auto`` means for this data -> (choice, why), decided by the pixels.
+    """What ``--augment auto`` means for this data -> (choice, why), decided by what the images are
+    (planning.plan_augment: scans and digits none, other grey images crop, colour photos crop+flip)."""
+    from .planning import measure_content, plan_augment
 
-    Grey images (digits, MNIST-like sets, scanned documents) are not augmented: a mirrored
-    character is no character (a mirrored "2" turned by 180 degrees looks like no upright
-    digit, so flips make the rotation task partly unlearnable), and a crop cuts strokes off
-    characters that fill the frame. Colour images get crop + flip, the paper's CIFAR-10
-    augmentation: a mirrored photo is still a photo. Measured (benchmarks/augmentation.py,
-    README "Augmentation"): on digits, at 10 epochs, the crop costs 1-4.5 points of rotation
-    accuracy (1-4 px of padding) and helps no probe measurably, the flip costs 6; both 15.
-    After 30 epochs the crop has caught up and gives the better probes.
-    """
-    choice = AUTO_AUGMENT_BY_SOURCE.get(_dataset_key(spec))
-    if choice is not None:
-        return choice, f"{spec} holds pictures of characters"
-    if _colour_spread(images) < GREY_SPREAD:
-        return (
-            "none",
-            "grey images, like digits and scans: mirrored characters are no characters, and a crop pays off only in long runs (--augment crop)",
-        )
-    return "crop+flip", "colour images, flipped as in the paper"
+    sample = sample_images(images)
+    decision = plan_augment("auto", measure_content(sample) if sample is not None else None, dataset_key(spec))
+    return decision.value, decision.why
 
 
-def _colour_spread(images: ImageSet) -> float:
-    """Mean over pixels of (max - min over R, G, B) of a few evenly spaced images; 0 for grey."""
+def sample_images(images: ImageSet) -> torch.Tensor | None:
+    """A few evenly spaced images, uint8 (n, 3, S, S), to decide by; None when none of them decodes."""
     in_memory, from_files = AUTO_SAMPLE
     if images.in_memory:
-        sample = images.images[_evenly_spaced(len(images), in_memory).to(images.images.device)]
-    else:
-        files = FileDataset(images.paths, images.img_size)  # an unreadable file gives None, as in training
-        decoded = [x for _, x in (files[i] for i in _evenly_spaced(len(images), from_files).tolist()) if x is not None]
-        if not decoded:
-            return math.inf  # nothing readable: training itself will say so
-        sample = torch.stack(decoded)
-    pixels = sample.float()  # (n, 3, S, S)
-    return (pixels.amax(1) - pixels.amin(1)).mean().item()
+        return images.images[_evenly_spaced(len(images), in_memory).to(images.images.device)].cpu()
+    files = FileDataset(images.paths, images.img_size)  # an unreadable file gives None, as in training
+    decoded = [x for _, x in (files[i] for i in _evenly_spaced(len(images), from_files).tolist()) if x is not None]
+    return torch.stack(decoded) if decoded else None
+
+
+SIZE_SAMPLE = 256  # image files whose headers are read to plan the image size
+
+
+def image_sides(spec: str) -> list[int] | None:
+    """The shorter side, in pixels, of up to SIZE_SAMPLE evenly spaced image files of a folder
+    (only their headers are read); None for a dataset name or a path that is not a folder
+    (opening the data says what is wrong), [] when no header reads."""
+    from PIL import Image
+
+    path = Path(spec).expanduser()
+    if _dataset_key(spec) == "digits" or not path.is_dir():
+        return None
+    if (path / "train").is_dir() and (path / "val").is_dir():
+        path = path / "train"
+    paths = scan_images(path)
+    sides = []
+    for i in _evenly_spaced(len(paths), SIZE_SAMPLE).tolist() if paths else []:
+        try:
+            with Image.open(paths[i]) as im:
+                sides.append(min(im.size))
+        except Exception:  # unreadable files are skipped (and counted) when the data is decoded
+            continue
+    return sides
 
 
 def _evenly_spaced(n: int, k: int) -> torch.Tensor:

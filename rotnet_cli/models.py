@@ -138,6 +138,12 @@ def model_default_size(name: str) -> int:
     return int(cfg.input_size[-1]) if cfg is not None else 224
 
 
+def takes_only_default_size(name: str) -> bool:
+    """Whether the model runs on timm's input size for it alone (no img_size argument, a fixed size)."""
+    name = canonical_model_name(name)
+    return not takes_img_size(name) and _fixed_input_size(name)
+
+
 def _fixed_input_size(name: str) -> bool:
     import timm
 

@@ -22,6 +22,7 @@ one never interrupted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from .shell import shell_quote
 import time
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as data_lib
-from . import rundir
+from . import planning, rundir
 from .checkpoint import CHECKPOINT_FORMAT, make_dir
 from .config import PretrainConfig
 from .errors import ConfigError, DataError, DiskFullError, InputSizeError, Interrupted, NonFiniteLossError, RotnetError
@@ -55,7 +56,16 @@ from .events import (
     ignore,
 )
 from .loggers import Loggers, check_installed, open_loggers, step_scalars
-from .models import RotNet, create_backbone, data_config, feature_width, normalises_over_batch, rotation_head
+from .models import (
+    RotNet,
+    create_backbone,
+    data_config,
+    feature_width,
+    model_default_size,
+    normalises_over_batch,
+    rotation_head,
+    takes_only_default_size,
+)
 from .rotations import make_rotation_batch, rotate_all
 from .runtime import (
     FUSED_OPTIMIZER_DEVICES,
@@ -250,7 +260,7 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> PretrainCon
     if not (run_dir / rundir.CHECKPOINT).is_file():
         _refuse_without_checkpoint(run_dir)
     try:
-        saved = rundir.read_run_config(run_dir)
+        saved = _as_planned(run_dir, rundir.read_run_config(run_dir))
     except DataError as e:
         raise ConfigError(f"--resume {run_dir}: {e}") from None
     given = PretrainConfig.from_dict({**saved.to_dict(), **overrides})
@@ -283,7 +293,13 @@ def auto_resume_config(params: dict[str, Any], given: set[str]) -> PretrainConfi
             saved = rundir.read_run_config(out)
         except DataError as e:
             raise ConfigError(f"--resume auto: {e}") from None
-        clashes = saved.contradictions(fresh, [f.name for f in dataclass_fields(PretrainConfig)])
+        # a planned value left unset (None) is planned again from the same data: not a clash
+        names = [
+            f.name
+            for f in dataclass_fields(PretrainConfig)
+            if not (f.name in PLANNED and getattr(fresh, f.name) is None)
+        ]
+        clashes = saved.contradictions(fresh, names)
         if clashes:
             raise ConfigError(
                 f"--resume auto: {out} holds another run that stopped before its first checkpoint ({'; '.join(clashes)}); "
@@ -291,6 +307,23 @@ def auto_resume_config(params: dict[str, Any], given: set[str]) -> PretrainConfi
             )
         return PretrainConfig.from_dict({**fresh.to_dict(), "overwrite": True})
     return fresh
+
+
+PLANNED = ("img_size", "batch_size", "epochs", "augment")  # the config fields the data plan sets
+
+
+def _as_planned(run_dir: Path, saved: PretrainConfig) -> PretrainConfig:
+    """A run's config with what its plan (or, before plans, its auto choices) resolved to: runs written
+    before the data plan saved img_size None and augment auto, and resume them as they were resolved."""
+    resolved = rundir.read_config(run_dir).get("resolved") or {}
+    fill = {
+        name: resolved[name]
+        for name in PLANNED
+        if getattr(saved, name) in (None, "auto") and resolved.get(name) is not None
+    }
+    if not fill:
+        return saved
+    return PretrainConfig.from_dict({**saved.to_dict(), **fill}, source=f"{run_dir / rundir.CONFIG} 'resolved'")
 
 
 def _start_again(run_dir: Path) -> str:
@@ -378,9 +411,9 @@ def _refuse_stopped_overwrite(run_dir: Path) -> None:
     )
 
 
-def check_extension(run_dir: Path, planned: int, asked: int) -> None:
+def check_extension(run_dir: Path, planned: int | None, asked: int | None) -> None:
     """--resume with --epochs: as many as planned, or more to extend the run (see lr_factor); never fewer."""
-    if asked < planned:
+    if planned is not None and asked is not None and asked < planned:
         raise ConfigError(
             f"--resume {run_dir} --epochs {asked}: the run plans {planned} epochs; a resumed run can be extended "
             f"(--epochs more than {planned}), not shortened; stop it where you want with Ctrl-C"
@@ -411,6 +444,7 @@ class Run:
     steps_per_epoch: int
     padding: int  # of the random crop
     augment: str  # none, crop or crop+flip (--augment auto resolved for this data)
+    plan: planning.Plan  # the data plan: each value and why (config.json's resolved.plan)
     writer: rundir.RunDirWriter | None  # rank 0's hold on the run directory (lock, --overwrite's old run)
     skipped: tuple[str, ...]  # files left out when the data was opened (not images, or unreadable)
     data_files: int  # image files the data source found (before decoding): what a resume compares
@@ -474,7 +508,7 @@ def pretrain(
     device = resolve_device(cfg.device, dist.local_rank)
     precision = resolve_precision(cfg.precision, device)
     configure_backends(device)
-    if dist.enabled and cfg.batch_size % dist.world_size:
+    if dist.enabled and cfg.batch_size is not None and cfg.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} must divide by the {dist.world_size} processes of torchrun")
     made = None
     if cfg.out:
@@ -553,9 +587,13 @@ def _train(
 ) -> PretrainResult:
     report(DeviceChosen(describe_device(device), precision, dist.world_size))
     report(Phase(f"building {cfg.model}"))
-    model, img_size, mean, std = build_model(cfg, init=saved is None, report=report)
+    size = plan_image_size(cfg, device)
+    model, img_size, mean, std = build_model(cfg, init=saved is None, report=report, planned_size=size.value)
+    if img_size != size.value:  # the model could not run on the planned size
+        size = planning.Decision(img_size, f"the model's own size: {cfg.model} cannot run on {size.value} px")
     seed_everything(cfg.seed, dist.rank)  # from here on each rank draws its own dropout/drop-path noise
-    run = set_up(cfg, dist, device, precision, out, report, stop_requested, writer, img_size, mean, std)
+    run = set_up(cfg, dist, device, precision, out, report, stop_requested, writer, size, mean, std, saved is None)
+    cfg = run.cfg  # with the plan's values: batch size, epochs, augmentation, image size
     run.batch_norm = normalises_over_batch(model)
     check_batch_norm(run)
     copies_per_epoch = run.steps_per_epoch * cfg.batch_size * cfg.copies_per_image
@@ -642,12 +680,13 @@ def _train(
 
 
 def build_model(
-    cfg: PretrainConfig, init: bool, report: Progress = ignore
+    cfg: PretrainConfig, init: bool, report: Progress = ignore, planned_size: int | None = None
 ) -> tuple[RotNet, int, tuple[float, ...], tuple[float, ...]]:
     """A headless timm backbone + Linear(width, R) rotation head, the same on every rank;
-    -> (model, img_size, mean, std). ``init``: start from --init weights (not on resume)."""
+    -> (model, img_size, mean, std). ``init``: start from --init weights (not on resume);
+    ``planned_size``: the data plan's image size, used when --img-size is not given."""
     seed_everything(cfg.seed)  # the same initial weights on every rank
-    backbone, img_size = run_backbone(cfg, report)
+    backbone, img_size = run_backbone(cfg, report, planned_size)
     dcfg = data_config(backbone)
     img_size = img_size or int(dcfg["input_size"][-1])
     model = RotNet(backbone, rotation_head(backbone, cfg.num_rotations))
@@ -656,11 +695,13 @@ def build_model(
     return model, img_size, tuple(dcfg["mean"]), tuple(dcfg["std"])
 
 
-def run_backbone(cfg: PretrainConfig, report: Progress = ignore) -> tuple[torch.nn.Module, int | None]:
-    """The run's backbone and input size: --img-size, else the data's own size, else the model's
-    (None: timm's size for it). A dataset's own size (digits, CIFAR: 32 px) gives way to the
-    model's when the model cannot run on it; the images are then resized to that size."""
-    img_size = cfg.img_size or data_lib.native_size(cfg.data)
+def run_backbone(
+    cfg: PretrainConfig, report: Progress = ignore, planned_size: int | None = None
+) -> tuple[torch.nn.Module, int | None]:
+    """The run's backbone and input size: --img-size, else the planned size, else the data's own size,
+    else the model's (None: timm's size for it). A planned or dataset's own size (digits, CIFAR: 32 px)
+    gives way to the model's when the model cannot run on it; the images are then resized to that size."""
+    img_size = cfg.img_size or planned_size or data_lib.native_size(cfg.data)
     try:
         return create_backbone(cfg.model, img_size=img_size), img_size
     except InputSizeError as e:
@@ -674,6 +715,15 @@ def run_backbone(cfg: PretrainConfig, report: Progress = ignore) -> tuple[torch.
         return create_backbone(cfg.model, img_size=e.size), e.size
 
 
+def plan_image_size(cfg: PretrainConfig, device: torch.device) -> planning.Decision:
+    """The data plan's image size (decided before the images are decoded at it): from the sizes in
+    the image files' headers, the model's input size and the device."""
+    model = planning.ModelFacts(cfg.model, model_default_size(cfg.model), takes_only_default_size(cfg.model))
+    sides = data_lib.image_sides(cfg.data) if cfg.img_size is None else None
+    sizes = planning.ImageSizes(tuple(sides)) if sides else None
+    return planning.plan_image_size(cfg.img_size, model, device.type, data_lib.native_size(cfg.data), sizes)
+
+
 def set_up(
     cfg: PretrainConfig,
     dist: DistInfo,
@@ -683,11 +733,14 @@ def set_up(
     report: Progress,
     stop_requested: Callable[[], bool],
     writer: rundir.RunDirWriter | None,
-    img_size: int,
+    size: planning.Decision,
     mean: tuple[float, ...],
     std: tuple[float, ...],
+    new_run: bool = True,
 ) -> Run:
-    """The data (uint8 (N, 3, S, S) train and validation sets) and the sizes of an epoch."""
+    """The data (uint8 (N, 3, S, S) train and validation sets), the data plan (cfg with its values)
+    and the sizes of an epoch."""
+    img_size = size.value
     report(Phase(f"reading {cfg.data}"))
     source = data_lib.open_source(
         cfg.data,
@@ -712,18 +765,28 @@ def set_up(
             f"no training images are left after holding out {len(val_set or [])} for validation; add images, "
             "or pass --val-split 0 to train on all of them"
         )
-    per_rank_batch = cfg.batch_size // dist.world_size
+    sample = data_lib.sample_images(train_set)
+    plan = planning.make_plan(
+        images=len(train_set),
+        content=planning.measure_content(sample) if sample is not None else None,
+        img_size=size,
+        batch_size=cfg.batch_size,
+        epochs=cfg.epochs,
+        augment=cfg.augment,
+        source=data_lib.dataset_key(cfg.data),
+        world_size=dist.world_size,
+    )
+    cfg = dataclasses.replace(cfg, **plan.values())  # validated again: milestones against the planned epochs
+    if new_run:  # a resumed run keeps the plan it was started with (config.json)
+        report(Message("\n".join(plan.lines())))
+    if dist.enabled and cfg.batch_size % dist.world_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} must divide by the {dist.world_size} processes of torchrun")
+    per_rank_batch = max(1, cfg.batch_size // dist.world_size)
     images_per_rank = len(train_set) // dist.world_size
-    if images_per_rank < per_rank_batch * cfg.accum_steps:
-        if cfg.accum_steps > 1:
-            raise DataError(
-                f"the training set has {len(train_set)} images, fewer than one optimizer step of {cfg.global_batch} "
-                f"(--batch-size {cfg.batch_size} x --accum-steps {cfg.accum_steps}); lower --accum-steps to at most "
-                f"{max(1, images_per_rank // max(1, per_rank_batch))}"
-            )
+    if images_per_rank == 0:
         raise DataError(
-            f"the training set has {len(train_set)} images, fewer than one batch of {cfg.batch_size}; "
-            f"lower --batch-size to at most {max(dist.world_size, images_per_rank * dist.world_size)}"
+            f"the training set has {len(train_set)} images, fewer than the {dist.world_size} processes of torchrun; "
+            "add images or start fewer processes"
         )
     if cfg.cache == "device" or (
         cfg.cache == "auto" and device.type == "cuda" and train_set.in_memory and _fits_on(device, train_set)
@@ -731,12 +794,12 @@ def set_up(
         train_set = train_set.to(device)
         if val_set is not None and val_set.in_memory:
             val_set = val_set.to(device)
-    steps_per_epoch = images_per_rank // (per_rank_batch * cfg.accum_steps)  # optimizer steps
+    # optimizer steps, the last (partial) one too: every image every epoch (planning.py)
+    steps_per_epoch = math.ceil(images_per_rank / (per_rank_batch * cfg.accum_steps))
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     padding = max(1, img_size // 8)  # 4 px at 32 px, the paper's CIFAR crop
-    augment, why = (cfg.augment, "asked for") if cfg.augment != "auto" else data_lib.auto_augment(cfg.data, train_set)
-    report(Message(f"augmentation: {augment} ({why}){'' if augment == 'none' else f'; crop padding {padding} px'}"))
+    augment = cfg.augment
     if hint := slow_device_hint(device, img_size):
         report(Message(hint))
     return Run(
@@ -757,6 +820,7 @@ def set_up(
         steps_per_epoch=steps_per_epoch,
         padding=padding,
         augment=augment,
+        plan=plan,
         writer=writer,
         skipped=source.skipped,
         data_files=source.files,
@@ -800,6 +864,9 @@ def resolved_config(run: Run) -> dict[str, Any]:
         "per_process_batch": run.per_rank_batch,
         "weight_decay": run.cfg.resolved_weight_decay,
         "augment": run.augment,
+        "batch_size": run.cfg.batch_size,
+        "epochs": run.cfg.epochs,
+        "plan": run.plan.to_dict(),
         "device": str(run.device),
         "precision": run.precision,
         "world_size": run.dist.world_size,
@@ -908,7 +975,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
         order,
         run.per_rank_batch * cfg.accum_steps,
         device,
-        drop_last=True,
+        drop_last=False,  # every image every epoch: the last batch may be smaller (planning.py)
         workers=cfg.workers,
         start_batch=first,
         strict=cfg.strict_data,
@@ -972,7 +1039,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
             )
             if loss_correct_recent:
                 loss_recent, correct_recent = loss_correct_recent
-                copies = sums.seen * (step - logged) / step  # every step has as many copies (drop_last)
+                copies = sums.seen * (step - logged) / step  # about: the epoch's last batch may be smaller
                 run.loggers.log_step(
                     epoch * run.steps_per_epoch + step,
                     step_scalars(loss_recent / copies, correct_recent / copies, lr, images_per_s, waited / elapsed),
@@ -1300,6 +1367,7 @@ def restore(run: Run, state: TrainState, saved: dict) -> None:
         for f in dataclass_fields(PretrainConfig)
         if not f.metadata.get("resume_free")
         and f.name != "epochs"  # a larger --epochs extends the run: check_extension below
+        and not (f.name in PLANNED and getattr(written_for, f.name) in (None, "auto"))  # a run from before plans
         and getattr(written_for, f.name) != getattr(run.cfg, f.name)
     ]
     if differ:

@@ -56,7 +56,6 @@ MATRIX = [
     ("pretrain --data {missing}", 1, "not a known dataset name"),
     ("pretrain --data {empty}", 1, "holds no images"),
     ("pretrain --data {notes}", 1, "give a folder of images"),
-    ("pretrain --data {few} -b 16 --device cpu", 1, "lower --batch-size"),
     ("pretrain --data {empty_class} --device cpu", 1, "remove it or add images"),
     ("pretrain --data {broken} --device cpu", 1, "could be read"),
     ("pretrain --data cifar10 --data-dir {empty}", 1, "pass --download"),

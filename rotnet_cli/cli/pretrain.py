@@ -14,12 +14,10 @@ from ._common import (
     shown,
     print_table,
     StrictDataOpt,
-    BatchSizeOpt,
     ConfigOpt,
     DataDirOpt,
     DeviceOpt,
     DownloadOpt,
-    ImgSizeOpt,
     JsonOpt,
     PrecisionOpt,
     SeedOpt,
@@ -116,8 +114,21 @@ def pretrain(
             help="all: every rotated copy of each image in the batch (the paper); one: one sampled rotation per image.",
         ),
     ] = "all",
-    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (the paper: 100).")] = 10,
-    batch_size: BatchSizeOpt = 128,
+    epochs: Annotated[
+        Optional[int],
+        typer.Option(
+            "--epochs",
+            help="Training epochs (the paper: 100). Default: planned from the data, enough for 500 optimizer steps and at least 10.",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        Optional[int],
+        typer.Option(
+            "--batch-size",
+            "-b",
+            help="Images per batch (before rotation). Default: planned from the data, 128 where it makes 32 steps per epoch, smaller for a small folder.",
+        ),
+    ] = None,
     accum_steps: Annotated[
         int,
         typer.Option(
@@ -162,12 +173,18 @@ def pretrain(
     ] = None,
     gamma: Annotated[float, typer.Option("--gamma", help="lr factor at each milestone (the paper: 0.2).")] = 0.2,
     warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear lr warm-up, in epochs.")] = 0.0,
-    img_size: ImgSizeOpt = None,
+    img_size: Annotated[
+        Optional[int],
+        typer.Option(
+            "--img-size",
+            help="Square input size in pixels. Default: planned from the data: a dataset's own size, a folder's median image size (at least 32, at most the model's own; at most 64 on a CPU).",
+        ),
+    ] = None,
     augment: Annotated[
         str,
         typer.Option(
             "--augment",
-            help="Before rotating: none, crop (random crop with padding), crop+flip (and horizontal flips, the paper's), or auto: none for grey images (digits, scans), crop+flip for colour ones.",
+            help="Before rotating: none, crop (random crop with padding), crop+flip (and horizontal flips, the paper's), or auto: planned from what the images are: none for scans and digits, crop for other grey images (faces), crop+flip for colour photos.",
         ),
     ] = "auto",
     no_augment: Annotated[bool, typer.Option("--no-augment", hidden=True, help="The same as --augment none.")] = False,
