@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import data as data_lib
-from .rotations import disc_mask, needs_mask
+from .rotations import disc_mask, needs_mask, rotate_all
 from .runtime import autocast
 
 SAMPLE_IMAGES = 512  # training images described (and as many held-out ones to set the threshold)
@@ -92,12 +92,14 @@ def feature_distance(features: torch.Tensor, stats: dict) -> torch.Tensor:
 
 
 def _features_of(images: data_lib.ImageSet, model, mean, std, rotations, device, precision, batch_size) -> tuple:
-    """(features (n, D), colour (n,) bool, pixel sums) of up to SAMPLE_IMAGES images of ``images``."""
+    """(features (R*n, D) of every rotated copy, colour (n,) bool, (n, 3) channel means) of up to
+    SAMPLE_IMAGES images of ``images``. predict sees rotated images: a fingerprint of upright ones
+    alone would call every sideways image unlike them."""
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:SAMPLE_IMAGES]
     feats, colour, pixels = [], [], []
     for batch in data_lib.iterate_batches(images, order, batch_size, device, drop_last=False, workers=0):
-        x = data_lib.normalize(batch.images, mean, std)
-        feats.append(pooled_features(model, x, rotations, device, precision).cpu())
+        copies, _ = rotate_all(data_lib.normalize(batch.images, mean, std), rotations)  # (R*n, 3, S, S)
+        feats.append(pooled_features(model, copies, rotations, device, precision).cpu())
         colour.append(is_colour(batch.images).cpu())
         pixels.append(batch.images.float().div(255).mean((2, 3)).cpu())  # (n, 3) per-image channel means
     if not feats:
@@ -135,7 +137,7 @@ def describe_training_images(
     distances = feature_distance(reference, stats)
     stats["threshold"] = float(torch.quantile(distances, 0.99)) * FEATURE_MARGIN
     return {
-        "images": len(feats),
+        "images": len(colour),
         "side": training_side(data, train_set),
         "colour": float(colour.float().mean()),
         "mean": pixels.mean(0).tolist(),

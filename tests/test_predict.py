@@ -294,8 +294,13 @@ def test_fix_writes_exact_full_resolution_upright_copies_and_leaves_inputs_alone
                 assert fixed.format == "PNG" and fixed.size == (image.shape[1], image.shape[0])
                 assert np.array_equal(np.asarray(fixed), image)
     csv_lines = (out / "predictions.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("path,predicted,correction,confidence,action")
+    assert csv_lines[0].startswith("path,predicted,correction,rotated,to_fix,confidence,action")
     assert len(csv_lines) == 1 + len(rows)
+    # one vocabulary: the CSV and JSON say an angle in the table's words, and the note says what was predicted
+    turned = rows[f"{reliable_digits[0]}_90.png"]
+    assert turned["rotated"] == "90° counter-clockwise" and turned["to_fix"] == "turn 90° clockwise"
+    assert turned["note"].startswith("turn 90° clockwise: predicted 90° counter-clockwise at ")
+    assert "turn 90° clockwise" in result.output and "90° counter-clockwise" in result.output
 
 
 def test_exif_orientation_is_applied_first_as_a_viewer_would(tmp_path, run_dir, held_out, reliable_digits):
