@@ -349,6 +349,8 @@ def test_only_confident_predictions_are_fixed(tmp_path, run_dir, rotated_folder,
     assert all(r["confidence"] < threshold + 1e-6 and r["predicted"] != 0 for r in doubtful)
     written = {p.name for p in out.rglob("*.png")}
     assert written == {Path(r["path"]).name for r in fixed}
+    # --json and predictions.json are one shape: the same object, the rows under "predictions"
+    assert json.loads((out / "predictions.json").read_text()) == json.loads(result.stdout)
 
 
 # ----------------------------------------------------------------------------- the copy itself
