@@ -26,9 +26,9 @@ from . import data as data_lib
 from .rotations import disc_mask, needs_mask, rotate_all
 from .runtime import autocast
 
-SAMPLE_IMAGES = 512  # training images described (and as many held-out ones to set the threshold)
+SAMPLE_IMAGES = 256  # training images described, at every rotation (and as many held-out ones for the threshold)
 SIZE_RATIO = 8  # an image this many times larger (or smaller) than the training images is unlike them
-FEATURE_MARGIN = 1.5  # x the held-out images' 99th-percentile distance: beyond it, unlike the training images
+FEATURE_MARGIN = 2.0  # x the held-out images' 99th-percentile distance: beyond it, unlike the training images
 GREY_TRAINING = 0.02  # at most this fraction of colour images: a model of grey images
 MIN_REFERENCE = 5  # held-out images needed to set the threshold from them (else the training sample's own)
 

@@ -103,7 +103,7 @@ def predict(
         float,
         typer.Option(
             "--min-confidence",
-            help="Turn only images predicted with at least this probability; the rest stay byte for byte as they were. The default keeps wrong turns rare: an image left sideways costs one manual turn, an upright photo turned wrong costs more.",
+            help="Turn only images predicted with at least this probability (calibrated on the run's validation images; chance for images unlike its training images); the rest stay byte for byte as they were. The default keeps wrong turns rare: an image left sideways costs one manual turn, an upright photo turned wrong costs more.",
         ),
     ] = DEFAULT_MIN_CONFIDENCE,
     overwrite: OverwriteOpt = False,
