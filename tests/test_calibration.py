@@ -18,8 +18,8 @@ def sampled(true_logits: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return torch.multinomial(true_logits.softmax(1), 1, generator=torch.Generator().manual_seed(seed)).squeeze(1)
 
 
-@pytest.mark.parametrize("scale", [3.0, 0.5])
-def test_an_over_or_under_confident_head_recovers_its_temperature(scale):
+@pytest.mark.parametrize("scale", [3.0, 1.6])
+def test_an_over_confident_head_recovers_its_temperature(scale):
     """Logits scaled by ``scale`` from calibrated ones: the fitted temperature is ``scale``."""
     generator = torch.Generator().manual_seed(1)
     true_logits = torch.randn(20000, 4, generator=generator) * 2  # (N, 4)
@@ -33,6 +33,15 @@ def test_an_over_or_under_confident_head_recovers_its_temperature(scale):
     assert fitted.ece_after < 0.02 < fitted.ece_before  # the fit removes the gap it was built with
     assert fitted.nll_after < fitted.nll_before
     assert fitted.samples == 20000
+
+
+def test_an_under_confident_head_or_a_perfect_validation_split_is_never_sharpened():
+    """T < 1 would be the NLL optimum here; on a validation split the model gets all right the optimum is
+    T -> 0 (every answer certain, the wrong ones on new images too). The fit stays at 1."""
+    true_logits = torch.randn(5000, 4, generator=torch.Generator().manual_seed(3)) * 2
+    assert fit_temperature(true_logits * 0.5, sampled(true_logits)) == 1.0
+    perfect = torch.tensor([[4.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 0.0]] * 14)  # 28 answers, all right
+    assert fit_temperature(perfect, perfect.argmax(1)) == 1.0
 
 
 def test_calibration_never_changes_the_predicted_rotation():
