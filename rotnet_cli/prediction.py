@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import data as data_lib
@@ -34,11 +33,26 @@ from .events import DeviceChosen, Progress, TaskProgress, WarningMessage, ignore
 from .rotations import disc_mask, needs_mask, rotate_all
 from .runtime import autocast, configure_backends, describe_device, resolve_device, resolve_precision
 from .upright import DiskFull, NotWritten, UnreadableImage, copy_unchanged, require_jpeg_route, write_upright
-from .weights import LoadedWeights, load_weights
+from .angle_words import describe_correction, describe_rotation
+from .calibration import temperature_of
+from .fingerprint import feature_distance, is_colour, shorter_side, unlike_reasons
+from .weights import load_weights
 
 REPORT_CSV = "predictions.csv"
 REPORT_JSON = "predictions.json"
-REPORT_FIELDS = ("path", "predicted", "correction", "confidence", "action", "output", "note", "path_hex")
+REPORT_FIELDS = (
+    "path",
+    "predicted",
+    "correction",
+    "rotated",
+    "to_fix",
+    "confidence",
+    "action",
+    "output",
+    "note",
+    "unlike_training",
+    "path_hex",
+)
 # What happened to each image; "predicted" is the action when nothing is written (no --fix).
 # not-fixed: confidently rotated, but it could not be turned (the note says why).
 ACTIONS = ("fixed", "skipped-upright", "skipped-low-confidence", "not-fixed", "unreadable", "predicted")
@@ -52,7 +66,10 @@ class ImagePrediction:
     confidence: float | None = None  # softmax probability of the predicted angle
     action: str = "predicted"
     output: str | None = None  # the file written: the upright copy (or, in place, the original), or an unchanged copy
-    note: str = ""  # how the file was turned (exact, lossless, re-encoded ...), or why it was not
+    note: str = ""  # what was predicted and how the file was turned (lossless, re-encoded ...), or why it was not
+    rotated: str = ""  # the predicted rotation in words, as the table says it ("90° clockwise")
+    to_fix: str = ""  # the turn that makes it upright in words ("turn 90° counter-clockwise")
+    unlike_training: str = ""  # why the image differs from the training images (its confidence is then chance)
 
 
 @dataclass
@@ -65,6 +82,7 @@ class PredictResult:
     predictions: list[ImagePrediction] = field(default_factory=list)
     out_dir: Path | None = None
     reports: list[Path] = field(default_factory=list)
+    temperature: float = 1.0  # the run's calibration: confidences are softmax(logits / temperature)
 
     def count(self, action: str) -> int:
         return sum(p.action == action for p in self.predictions)
@@ -81,11 +99,19 @@ class PredictResult:
             "rotations": list(self.rotations),
             "device": self.device,
             "tta": self.tta,
+            "temperature": self.temperature,
+            "angles": ANGLES_NOTE,
             "out_dir": str(self.out_dir) if self.out_dir else None,
             "reports": [str(p) for p in self.reports],
             "counts": self.counts(),
             "predictions": report_rows(self.predictions),
         }
+
+
+ANGLES_NOTE = (
+    "predicted and correction are counter-clockwise degrees; rotated and to_fix say the same in words, "
+    "the short way round, as the table does"
+)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -142,7 +168,9 @@ def combine_votes(log_probs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 class RotationModel:
     """A rotation classifier, whatever runs it (PyTorch or onnxruntime), and what feeding it takes."""
 
-    logits: Callable[[torch.Tensor], torch.Tensor]  # (N, 3, S, S) normalised float32 -> (N, R) logits
+    # (N, 3, S, S) normalised float32 -> (N, R) logits and (N, D) float32 pooled features (None where the
+    # runtime gives the logits only: onnxruntime)
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
     model_name: str
     rotations: tuple[float, ...]
     img_size: int
@@ -166,12 +194,13 @@ def load_rotation_model(spec: str, device: torch.device, precision: str) -> Rota
     model = weights.rotnet()
     assert weights.rotations is not None  # rotnet() raised otherwise
 
-    def logits(images: torch.Tensor) -> torch.Tensor:
+    def forward(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast(device, precision):
-            return model(images)  # (N, R)
+            features = model.backbone(images)  # (N, D)
+            return model.head(features), features.float()  # (N, R), (N, D)
 
     return RotationModel(
-        logits,
+        forward,
         weights.model_name,
         weights.rotations,
         weights.img_size,
@@ -196,7 +225,7 @@ def _onnx_rotation_model(spec: str, device: torch.device) -> RotationModel:
         )
     assert model.rotations is not None  # required by its metadata when the output is logits
     return RotationModel(
-        model,
+        lambda images: (model(images), None),
         model.model_name,
         model.rotations,
         model.img_size,
@@ -211,20 +240,32 @@ def _onnx_rotation_model(spec: str, device: torch.device) -> RotationModel:
 
 @torch.no_grad()
 def rotation_probabilities(
-    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
     images: torch.Tensor,
     rotations: tuple[float, ...],
     tta_table: torch.Tensor | None,
-) -> torch.Tensor:
-    """(N, 3, S, S) normalised images -> (N, R) probabilities of each rotation."""
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N, 3, S, S) normalised images -> (N, R) probabilities of each rotation (the logits divided by the
+    run's calibrated ``temperature``), and (N, D) pooled features of the images as given (None where
+    the runtime gives logits only)."""
     if tta_table is None:
         if needs_mask(rotations):  # the model saw every copy, the 0-degree one too, disc-masked
             images = images * disc_mask(*images.shape[-2:], device=images.device)
-        return logits_of(images).float().softmax(1)  # (N, R)
+        logits, features = forward(images)  # (N, R), (N, D) or None
+        return (logits.float() / temperature).softmax(1), features
     copies, _ = rotate_all(images, rotations)  # (R*N, 3, S, S), rotation-major
-    logits = logits_of(copies)  # (R*N, R)
-    log_probs = logits.float().log_softmax(1).view(len(rotations), len(images), len(rotations))
-    return combine_votes(log_probs, tta_table)
+    logits, features = forward(copies)  # (R*N, R), (R*N, D) or None
+    log_probs = (logits.float() / temperature).log_softmax(1).view(len(rotations), len(images), len(rotations))
+    upright = [i for i, a in enumerate(rotations) if a % 360 == 0]
+    if features is None:  # a runtime that gives logits only (onnxruntime)
+        own = None
+    elif upright:  # the copy turned by 0 is the image itself
+        own = features.view(len(rotations), len(images), -1)[upright[0]]
+    else:  # as the fingerprint saw them: disc-masked where the rotations need it
+        masked = images * disc_mask(*images.shape[-2:], device=images.device) if needs_mask(rotations) else images
+        own = forward(masked)[1]
+    return combine_votes(log_probs, tta_table), own
 
 
 def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResult:
@@ -240,6 +281,8 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
     weights = load_rotation_model(cfg.weights, device, precision)
     rotations = weights.rotations
     tta_table = tta_index_table(rotations) if cfg.tta else None
+    temperature = temperature_of(weights.info)
+    record = training_record(weights)
     emit(DeviceChosen(weights.device, weights.precision))
 
     # labels carry each file's index, so predictions map back to files; unreadable files
@@ -251,15 +294,23 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
     batches = data_lib.iterate_batches(
         files, torch.arange(len(inputs)), cfg.batch_size, device, drop_last=False, workers=cfg.workers
     )
-    done = colour = 0
+    done = 0
     for batch in batches:
         x = data_lib.normalize(batch.images, weights.mean, weights.std)  # (n, 3, S, S) float32
-        probs = rotation_probabilities(weights.logits, x, rotations, tta_table).cpu()  # (n, R)
-        colour += int(is_colour(batch.images).sum())
-        confidence, index = probs.max(1)
-        for i, c, k in zip(batch.labels.tolist(), confidence.tolist(), index.tolist()):
+        probs, features = rotation_probabilities(weights.forward, x, rotations, tta_table, temperature)
+        confidence, index = probs.cpu().max(1)  # (n,), (n,)
+        colour = is_colour(batch.images).tolist()
+        distances = features_distances(record, features, len(x))
+        for j, (i, c, k) in enumerate(zip(batch.labels.tolist(), confidence.tolist(), index.tolist())):
             angle = rotations[k]
-            predictions[i] = ImagePrediction(str(inputs[i].path), angle, (360 - angle) % 360, c)
+            p = ImagePrediction(str(inputs[i].path), angle, (360 - angle) % 360, c)
+            p.rotated, p.to_fix = describe_rotation(angle), describe_correction(p.correction)
+            if record is not None:
+                side = shorter_side(inputs[i].path)
+                reasons = unlike_reasons(record, colour[j], side, distances[j], weights.img_size)
+                if reasons:  # the answer means little: its confidence is withheld (chance), so --fix leaves it
+                    p.unlike_training, p.confidence = "; ".join(reasons), 1 / len(rotations)
+            predictions[i] = p
         done += len(batch.images) + len(batch.skipped)
         emit(TaskProgress("predict", "predicting", done, len(inputs)))
     if done < len(inputs):  # batches whose files were all unreadable yield nothing
@@ -271,11 +322,12 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
     if unreadable:
         emit(WarningMessage(data_lib.warn_skipped([display_path(p) for p in unreadable])))
     decoded = len(inputs) - len(unreadable)
-    warning = unlike_training(weights, decoded, colour, typical_side([i.path for i in inputs]))
+    warning = unlike_training(weights, decoded, predictions)
     if warning:
         emit(WarningMessage(warning))
 
     result = PredictResult(weights.model_name, weights.source, rotations, weights.device, cfg.tta, predictions, out)
+    result.temperature = temperature
     if out is not None:
         make_dir(out)
     try:
@@ -287,7 +339,7 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
             _fix_images(inputs, predictions, cfg, out, emit)
     finally:  # every image has its row, also when a full disk or Ctrl-C stopped the copies
         if out is not None:
-            result.reports = write_reports(out, predictions)
+            result.reports = write_reports(out, result)
             written = [Path(p.output) for p in predictions if p.output and not cfg.in_place]
             predict_files.record_written(out, [*written, *result.reports])
     full = [p for p in predictions if p.action == "not-fixed" and p.note == DISK_FULL]
@@ -386,7 +438,8 @@ def _fix_one(image: InputImage, p: ImagePrediction, cfg: PredictConfig, out: Pat
             else:
                 target = out / image.relative
                 make_dir(target.parent)
-                p.note = write_upright(image.path, target, p.correction, jpeg=cfg.jpeg)
+                how = write_upright(image.path, target, p.correction, jpeg=cfg.jpeg)
+                p.note = f"{_what_was_predicted(p)}; {how}"
                 p.action, p.output = "fixed", str(target)
         except UnreadableImage as e:  # the file changed or broke since it was decoded
             p.action, p.note = "unreadable", str(e)
@@ -417,6 +470,12 @@ def _repair_interrupted_turns(inputs: list[InputImage], cfg: PredictConfig) -> d
     return repaired
 
 
+def _what_was_predicted(p: ImagePrediction) -> str:
+    """The first words of a written image's note: which turn, and why (whether the turn was right,
+    rotnet cannot know; it says what it predicted and how sure it was)."""
+    return f"{p.to_fix}: predicted {p.rotated} at {100 * p.confidence:.0f}% confidence"
+
+
 def _turn_in_place(path: Path, p: ImagePrediction, cfg: PredictConfig) -> None:
     """Turn the original itself, kept first under its backup name, with its owner, group and mode;
     one process at a time."""
@@ -434,7 +493,8 @@ def _turn_in_place(path: Path, p: ImagePrediction, cfg: PredictConfig) -> None:
                 f"its backup {display_path(str(backup))} exists; move it away or choose another --backup-suffix"
             )
         before = predict_files.ownership(path)
-        note = write_upright(path, path, p.correction, jpeg=cfg.jpeg, backup=backup)
+        how = write_upright(path, path, p.correction, jpeg=cfg.jpeg, backup=backup)
+        note = f"{_what_was_predicted(p)}; {how}"
         after = predict_files.ownership(path)
     extra = []
     if before and after and before != after:
@@ -460,57 +520,62 @@ def _in_place_warnings(predictions: list[ImagePrediction]) -> list[str]:
 # ----------------------------------------------------------------------------- images unlike the training data
 
 
-def is_colour(images: torch.Tensor) -> torch.Tensor:
-    """(n, 3, S, S) uint8 -> (n,) bool: images whose channels clearly differ. Grey pictures
-    saved as colour JPEGs differ by a few levels of chroma noise, far below this."""
-    spread = images.amax(1).float() - images.amin(1).float()  # (n, S, S)
-    return spread.mean((1, 2)) > 8
+def training_record(weights: RotationModel) -> dict | None:
+    """What the weights' training images looked like: the run's own record (fingerprint.py), or for
+    older runs on a built-in or torchvision dataset what that dataset is known to hold; else None."""
+    record = weights.info.get("training_images")
+    if record is not None:
+        return record
+    trained_on = data_lib.dataset_images(training_data(weights))
+    if trained_on is None:
+        return None
+    pixels, grey = trained_on
+    return {"side": pixels, "colour": 0.0 if grey else 1.0}
 
 
-def typical_side(paths: list[Path], sample: int = 32) -> int | None:
-    """The median shorter side of up to ``sample`` of the files, read from their headers."""
-    from PIL import Image
-
-    step = max(1, len(paths) // sample)
-    sides = []
-    for path in paths[::step][:sample]:
-        try:
-            with Image.open(path) as image:
-                sides.append(min(image.size))
-        except (OSError, ValueError, Image.DecompressionBombError):
-            continue
-    return int(np.median(sides)) if sides else None
-
-
-def unlike_training(weights: LoadedWeights | RotationModel, decoded: int, colour: int, side: int | None) -> str | None:
-    """A warning when the images differ clearly from the data the weights were trained on
-    (known for the built-in and torchvision datasets): colour images for a model of grey
-    digits, or photos many times the size the model saw."""
+def training_data(weights: RotationModel) -> str | None:
+    """The --data the weights were trained on, from their metadata or their run's config.json."""
     data = weights.info.get("data")
     if data is None and weights.run_dir is not None:
         try:
             data = rundir.read_config(weights.run_dir)["config"].get("data")
         except DataError:  # a warning is not worth failing the predictions for
             return None
-    trained_on = data_lib.dataset_images(data)
-    if trained_on is None or not decoded:
+    return data
+
+
+def features_distances(record: dict | None, features: torch.Tensor | None, n: int) -> list[float | None]:
+    """(n, D) pooled features -> each image's distance from the training images' (None without a
+    fingerprint, or without features: onnxruntime gives the logits only)."""
+    stats = (record or {}).get("features")
+    if features is None or stats is None or len(stats["mean"]) != features.shape[1]:
+        return [None] * n
+    return feature_distance(features, stats).cpu().tolist()
+
+
+def unlike_training(weights: RotationModel, decoded: int, predictions: list[ImagePrediction]) -> str | None:
+    """One warning for the images that differ clearly from the data the weights were trained on
+    (colour for a model of grey images, many times its images' size, features unlike theirs):
+    how many, why, and that their confidence was withheld."""
+    unlike = [p.unlike_training for p in predictions if p.unlike_training]
+    if not unlike or not decoded:
         return None
-    pixels, grey = trained_on
-    differences = []
-    # every colour image is named, also one among grey scans: the model's answer on it means as little
-    if grey and colour:
-        differences.append(f"{colour} of {decoded} are in colour, its training images were grey")
-    too_large = side is not None and side >= 8 * max(pixels, weights.img_size)  # a blown-up digit is still a digit
-    if too_large:
-        differences.append(
-            f"they are about {side} px on the shorter side, its training images {pixels} px (seen at {weights.img_size} px)"
-        )
-    if not differences:
-        return None
-    which = "these images" if too_large or colour == decoded else "some of these images"
+    parts = []
+    colour = sum("in colour" in u for u in unlike)
+    if colour:
+        parts.append(f"{colour} of {decoded} are in colour, its training images were grey")
+    sized = [r for u in unlike for r in u.split("; ") if " px" in r]
+    if sized:
+        parts.append(f"{len(sized)} of {decoded} differ in size (e.g. {sized[0]})")
+    featured = sum("features lie" in u for u in unlike)
+    if featured:
+        parts.append(f"{featured} of {decoded} have features unlike its training images'")
+    which = "these images" if len(unlike) == decoded else "some of these images"
+    chance = 100 / len(weights.rotations or (0,))
     return (
-        f"{which} differ clearly from what {weights.model_name} was trained on ({data}): {'; '.join(differences)}. "
-        "Its predictions on them mean little; to orient photos, pretrain on photos like them "
+        f"{which} differ clearly from what {weights.model_name} was trained on ({training_data(weights) or 'its data'}): "
+        f"{'; '.join(parts)}. Their confidence is withheld (set to chance, {chance:.0f}%), so --fix leaves them; "
+        "to orient photos, pretrain on photos like them "
         "(e.g. rotnet pretrain --data ~/photos --img-size 224; see docs/predict.md, 'Orienting photos')"
     )
 
@@ -545,15 +610,17 @@ def report_rows(predictions: list[ImagePrediction]) -> list[dict]:
     return rows
 
 
-def write_reports(out: Path, predictions: list[ImagePrediction]) -> list[Path]:
-    """predictions.csv and predictions.json in ``out``, each written atomically."""
-    rows = report_rows(predictions)
+def write_reports(out: Path, result: PredictResult) -> list[Path]:
+    """predictions.csv and predictions.json in ``out``, each written atomically; the JSON is the object
+    ``--json`` prints (its rows under "predictions"), the CSV has one line per row."""
+    result.reports = [out / REPORT_CSV, out / REPORT_JSON]
+    rows = report_rows(result.predictions)
     buffer = io.StringIO()
     writer = csvfiles.DictWriter(buffer, REPORT_FIELDS)
     writer.writeheader()
     writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
     try:
-        return [write_text(out / REPORT_CSV, buffer.getvalue()), write_json(out / REPORT_JSON, rows)]
+        return [write_text(out / REPORT_CSV, buffer.getvalue()), write_json(out / REPORT_JSON, result.to_dict())]
     except OutputError as e:
         cause = os_error_behind(e)
         if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):

@@ -36,7 +36,9 @@ import torch.nn.functional as F
 
 from . import data as data_lib
 from . import planning, rundir
+from .calibration import calibrate
 from .checkpoint import CHECKPOINT_FORMAT, make_dir
+from .fingerprint import describe_training_images
 from .config import PretrainConfig
 from .errors import ConfigError, DataError, DiskFullError, InputSizeError, Interrupted, NonFiniteLossError, RotnetError
 from .evaluation import FeatureEval, best_value, evaluate_features, set_up_eval, should_evaluate
@@ -105,6 +107,8 @@ class PretrainResult:
     best: dict | None = None  # {"epoch", "metric", "value", "weights"} of checkpoints/best (--best-metric)
     kept: list[str] = field(default_factory=list)  # weights specs of the kept checkpoints (RUN:epoch-12, ...)
     labelled: bool = True  # the training data has classes, so probe can score its features on it
+    calibration: dict | None = None  # the rotation head's temperature and ECE before/after (calibration.py)
+    val_images: int = 0  # held-out images (each seen at every rotation): how much the validation figures mean
 
     @property
     def final(self) -> dict:
@@ -122,6 +126,8 @@ class PretrainResult:
             "resumed_from": self.resumed_from,
             "best": self.best,
             "kept": self.kept,
+            "calibration": self.calibration,
+            "val_images": self.val_images,
         }
 
 
@@ -472,6 +478,8 @@ class TrainState:
     saved_at: tuple[int, int] | None = None  # (epoch, step) of the last checkpoint
     skipped: dict[str, None] = field(default_factory=dict)  # unreadable files met while training, in order
     logger_runs: dict[str, dict] = field(default_factory=dict)  # --logger runs to continue on resume (W&B, MLflow ids)
+    # the last epoch's validation logits (V*R, R) and labels (V*R,) on this rank: what calibration fits (not saved)
+    val_logits: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -650,6 +658,7 @@ def _train(
     finally:
         run.loggers.close(finished=state.epoch >= cfg.epochs)
 
+    calibrated = None
     if finished_before:
         # a finished run resumed again (a scheduler's requeue) keeps its files as they are
         report(
@@ -658,7 +667,21 @@ def _train(
             )
         )
     elif dist.is_main:
-        save_run_weights(run, state, out / rundir.WEIGHTS)
+        calibrated = calibrate_head(run, state)
+        report(Phase("describing the training images (for predict's check of new images)"))
+        described = describe_training_images(
+            state.model,
+            cfg.data,
+            run.train_set,
+            run.val_set,
+            run.mean,
+            run.std,
+            cfg.rotations,
+            device,
+            precision,
+            run.per_rank_batch,
+        )
+        save_run_weights(run, state, out / rundir.WEIGHTS, calibration=calibrated, training_images=described)
     return PretrainResult(
         out_dir=out,
         model=cfg.model,
@@ -673,6 +696,8 @@ def _train(
         best=best_checkpoint(run),
         kept=[f"{out}:{name}" for name in rundir.kept_checkpoint_names(out)],
         labelled=run.train_set.labels is not None,
+        calibration=calibrated,
+        val_images=len(run.val_set) if run.val_set is not None else 0,
     )
 
 
@@ -1114,7 +1139,10 @@ def finish_epoch(run: Run, state: TrainState, epoch: int, stats: EpochStats) -> 
             f"no step of epoch {epoch + 1} had 2 or more readable images to train on ({len(state.skipped)} unreadable "
             f"file(s) so far, e.g. {next(iter(state.skipped), '-')}); remove or restore them, then {then}"
         )
-    val = validate(run, state) if run.val_set is not None and len(run.val_set) else {}
+    last = epoch + 1 == run.cfg.epochs
+    val = validate(run, state, keep_logits=last) if run.val_set is not None and len(run.val_set) else {}
+    if last:
+        state.val_logits = val.pop("logits", None)
     if val and not math.isfinite(val["loss"]):
         raise NonFiniteLossError(
             f"the validation loss became NaN or infinite after epoch {epoch + 1}: the weights diverged; "
@@ -1135,8 +1163,9 @@ def finish_epoch(run: Run, state: TrainState, epoch: int, stats: EpochStats) -> 
 
 
 @torch.no_grad()
-def validate(run: Run, state: TrainState) -> dict:
-    """Rotation accuracy on every rotated copy of the held-out images (no augmentation)."""
+def validate(run: Run, state: TrainState, keep_logits: bool = False) -> dict:
+    """Rotation accuracy on every rotated copy of the held-out images (no augmentation); with
+    ``keep_logits`` also this rank's (logits, labels) under "logits", for calibration."""
     cfg, device = run.cfg, run.device
     R = cfg.num_rotations
     run.report(Phase(f"validating: {len(run.val_set)} images x {R} rotations", every_epoch=True))
@@ -1145,6 +1174,7 @@ def validate(run: Run, state: TrainState) -> dict:
     correct = torch.zeros(R, device=device)
     count = torch.zeros(R, device=device)
     loss_sum = torch.zeros((), device=device)
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
     batches = data_lib.iterate_batches(
         run.val_set,
         order,
@@ -1164,12 +1194,26 @@ def validate(run: Run, state: TrainState) -> dict:
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += torch.bincount(y, weights=(logits.argmax(1) == y).float(), minlength=R)
         count += torch.bincount(y, minlength=R).float()
+        if keep_logits:
+            kept.append((logits.detach().float(), y))  # (n*R, R), (n*R,): stay on the device until the end
     all_reduce_sum(correct, count, loss_sum, dist=run.dist)
     total = count.sum().item()
     if total == 0:
         return {}
     per_rotation = {f"{a:g}": (correct[i] / count[i]).item() for i, a in enumerate(cfg.rotations)}
-    return {"loss": loss_sum.item() / total, "acc": correct.sum().item() / total, "per_rotation": per_rotation}
+    result = {"loss": loss_sum.item() / total, "acc": correct.sum().item() / total, "per_rotation": per_rotation}
+    if kept:
+        result["logits"] = (torch.cat([k[0] for k in kept]).cpu(), torch.cat([k[1] for k in kept]).cpu())
+    return result
+
+
+def calibrate_head(run: Run, state: TrainState) -> dict | None:
+    """The rotation head's temperature, fitted on the last validation pass's logits (rank 0's share
+    under torchrun); None without a validation split, or with too few images to fit one."""
+    if state.val_logits is None:
+        return None
+    fitted = calibrate(*state.val_logits)
+    return fitted.to_dict() if fitted is not None else None
 
 
 def evaluate(run: Run, state: TrainState, epoch: int) -> dict[str, Any]:

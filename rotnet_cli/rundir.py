@@ -267,7 +267,49 @@ def read_weights_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
     fields.number("val_rot_acc", 0.0, 1.0, required=False)
     for key in ("data", "source", "dtype"):
         fields.text(key, required=False)
+    _calibration_fields(fields)
+    _training_images_fields(fields)
     return {k: v for k, v in meta.items() if v is not None}
+
+
+TEMPERATURE_RANGE = (0.05, 20.0)  # calibration.py fits within it: outside, the logits carry no usable signal
+
+
+def _calibration_fields(fields: FileFields) -> None:
+    """The rotation head's temperature and what it changed (calibration.Calibration.to_dict)."""
+    value = fields.mapping("calibration", required=False)
+    if value is None:
+        return
+    inner = FileFields(value, f"{fields.source} calibration", fields.error)
+    inner.number("temperature", *TEMPERATURE_RANGE)
+    for key in ("ece_before", "ece_after"):
+        inner.number(key, 0.0, 1.0)
+    for key in ("nll_before", "nll_after"):
+        inner.number(key, 0.0, 1e6)
+    inner.integer("samples", 1)
+
+
+def _training_images_fields(fields: FileFields) -> None:
+    """What the training images looked like (fingerprint.py): sizes, colour, feature statistics."""
+    value = fields.mapping("training_images", required=False)
+    if value is None:
+        return
+    inner = FileFields(value, f"{fields.source} training_images", fields.error)
+    inner.integer("images", 1)
+    inner.integer("side", 1, required=False)
+    inner.number("colour", 0.0, 1.0)
+    inner.channel_stats("mean", positive=False, required=True)
+    inner.channel_stats("std", positive=False, required=True)
+    features = inner.mapping("features", required=False)
+    if features is None:
+        return
+    stats = FileFields(features, f"{fields.source} training_images.features", fields.error)
+    centre, spread = stats.listing("mean"), stats.listing("std")
+    if not centre or len(centre) != len(spread) or not all(_is_number(v) for v in centre):
+        stats.fail("mean", "a list of numbers as long as 'std'")
+    if not all(_is_number(v) and v > 0 for v in spread):
+        stats.fail("std", "a list of numbers above 0")
+    stats.number("threshold", 0.0, 1e6)
 
 
 def weights_format(path: Path) -> str:

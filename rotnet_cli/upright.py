@@ -3,13 +3,15 @@
 ``write_upright(source, target, correction)`` turns the picture a viewer shows (EXIF
 orientation applied) counter-clockwise by ``correction`` degrees and writes it atomically
 to ``target`` (which may be ``source`` itself, after a backup). It returns a note that says
-exactly how the file was made, and claims "exact" only after the written file was decoded
-again and compared with the turned original, every frame and every bit. The routes:
+exactly how the file was made, and claims "pixels turned losslessly (checked)" only after the
+written file was decoded again and compared with the turned original, every frame and every
+bit. (Whether the turn itself was the right one only the prediction can say: predict's report
+adds what it predicted and how sure it was.) The routes:
 
 - lossless formats through PIL (PNG, TIFF, BMP, GIF, lossless WebP ...), every frame of an
-  animation or multi-page file, metadata kept: exact, checked;
+  animation or multi-page file, metadata kept: lossless, checked;
 - 16-bit-per-channel PNGs, which PIL decodes to 8 bits: decoded by torchvision, turned,
-  written as 16-bit PNG with every other chunk kept: exact, checked;
+  written as 16-bit PNG with every other chunk kept: lossless, checked;
 - JPEG: re-encoded (lossy, quality 95) by default; ``jpeg="lossless"`` moves the DCT blocks
   with libjpeg-turbo's lossless transform (the optional ``turbojpeg`` package), which is
   only possible when the edges that move are whole JPEG blocks ("lossless-trim" then drops
@@ -43,6 +45,7 @@ from .rotations import is_exact
 JPEG_QUALITY = 95
 ORIENTATION = 0x0112  # the EXIF tag
 LOSSLESS_EXTRA = "pip install 'rotnet-cli[jpeg]'"
+LOSSLESS_CHECKED = "pixels turned losslessly (checked)"  # decoded again and compared, every frame and every bit
 
 # A flip and rotation of the pixel grid as (mirror, turns): mirror left-right first (when
 # True), then turn counter-clockwise by turns x 90 degrees. Turning it further by c is
@@ -292,7 +295,9 @@ def _compare_frames(expected: list, content: bytes) -> str:
             return f"written as {b.shape} instead of {a.shape}"
         worst = max(worst, float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max(initial=0)))
     frames = f", {len(got)} frames" if len(got) > 1 else ""
-    return f"exact{frames}" if worst == 0 else f"not exact: pixel values differ by up to {worst:g}{frames}"
+    if worst == 0:
+        return f"{LOSSLESS_CHECKED}{frames}"
+    return f"not lossless: pixel values differ by up to {worst:g}{frames}"
 
 
 # ----------------------------------------------------------------------------- 16-bit PNG
@@ -377,7 +382,7 @@ def _png16_upright(data: bytes, grid: tuple[bool, int]) -> tuple[bytes, str]:
     content = b"".join(out)
     if not np.array_equal(_decode_png16(content).permute(1, 2, 0).numpy(), upright):
         raise NotWritten("its 16-bit copy did not decode to the turned pixels; not turned")
-    return content, "exact, 16 bits per channel"
+    return content, f"{LOSSLESS_CHECKED}, 16 bits per channel"
 
 
 # ----------------------------------------------------------------------------- JPEG without re-encoding

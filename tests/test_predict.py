@@ -271,7 +271,8 @@ def test_fix_writes_exact_full_resolution_upright_copies_and_leaves_inputs_alone
     assert result.exit_code == 0, result.output
     assert snapshot(inputs) == before
     rows = {
-        Path(r["path"]).relative_to(inputs).as_posix(): r for r in json.loads((out / "predictions.json").read_text())
+        Path(r["path"]).relative_to(inputs).as_posix(): r
+        for r in json.loads((out / "predictions.json").read_text())["predictions"]
     }
     assert rows["broken.png"]["action"] == "unreadable"
     assert "broken.png" in result.output
@@ -283,14 +284,23 @@ def test_fix_writes_exact_full_resolution_upright_copies_and_leaves_inputs_alone
             if angle == 0:
                 assert row["action"] == "skipped-upright" and not (out / relative).exists()
                 continue
-            assert row["action"] == "fixed" and row["output"] == str(out / relative) and row["note"] == "exact"
+            assert (
+                row["action"] == "fixed"
+                and row["output"] == str(out / relative)
+                and row["note"].endswith("pixels turned losslessly (checked)")
+            )
             assert (out / relative).stat().st_mtime == old_times
             with Image.open(out / relative) as fixed:
                 assert fixed.format == "PNG" and fixed.size == (image.shape[1], image.shape[0])
                 assert np.array_equal(np.asarray(fixed), image)
     csv_lines = (out / "predictions.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("path,predicted,correction,confidence,action")
+    assert csv_lines[0].startswith("path,predicted,correction,rotated,to_fix,confidence,action")
     assert len(csv_lines) == 1 + len(rows)
+    # one vocabulary: the CSV and JSON say an angle in the table's words, and the note says what was predicted
+    turned = rows[f"{reliable_digits[0]}_90.png"]
+    assert turned["rotated"] == "90° counter-clockwise" and turned["to_fix"] == "turn 90° clockwise"
+    assert turned["note"].startswith("turn 90° clockwise: predicted 90° counter-clockwise at ")
+    assert "turn 90° clockwise" in result.output and "90° counter-clockwise" in result.output
 
 
 def test_exif_orientation_is_applied_first_as_a_viewer_would(tmp_path, run_dir, held_out, reliable_digits):
@@ -339,6 +349,8 @@ def test_only_confident_predictions_are_fixed(tmp_path, run_dir, rotated_folder,
     assert all(r["confidence"] < threshold + 1e-6 and r["predicted"] != 0 for r in doubtful)
     written = {p.name for p in out.rglob("*.png")}
     assert written == {Path(r["path"]).name for r in fixed}
+    # --json and predictions.json are one shape: the same object, the rows under "predictions"
+    assert json.loads((out / "predictions.json").read_text()) == json.loads(result.stdout)
 
 
 # ----------------------------------------------------------------------------- the copy itself
@@ -360,7 +372,7 @@ def test_correcting_a_rotated_png_restores_it_bitwise(tmp_path, angle):
 
     note = write_upright(tmp_path / "rotated.png", tmp_path / "fixed.png", (360 - angle) % 360)
 
-    assert note == "exact"
+    assert note == "pixels turned losslessly (checked)"
     with Image.open(tmp_path / "fixed.png") as fixed:
         assert fixed.mode == "P" and fixed.size == (36, 20)
         assert np.array_equal(np.asarray(fixed), original)
@@ -451,7 +463,7 @@ def report(out: Path) -> tuple[list[dict], list[dict]]:
     import csv
 
     csv_rows = list(csv.DictReader(io.StringIO((out / "predictions.csv").read_bytes().decode("utf-8"))))
-    return csv_rows, json.loads((out / "predictions.json").read_bytes().decode("utf-8"))
+    return csv_rows, json.loads((out / "predictions.json").read_bytes().decode("utf-8"))["predictions"]
 
 
 def test_fix_gives_every_awkward_image_a_row_and_always_writes_the_report(tmp_path, run_dir, held_out, reliable_digits):
@@ -480,7 +492,9 @@ def test_fix_gives_every_awkward_image_a_row_and_always_writes_the_report(tmp_pa
     assert os.path.isfile(os.fsdecode(os.fsencode(out) + b"/scan-\xff\xfe-90.png"))
     assert rows["xpm-90.png"]["action"] == "not-fixed" and "cannot write" in rows["xpm-90.png"]["note"]
     assert rows["blocked-90.png"]["action"] == "not-fixed" and "Is a directory" in rows["blocked-90.png"]["note"]
-    assert rows["fine-270.png"]["action"] == "fixed" and rows["fine-270.png"]["note"] == "exact"
+    assert rows["fine-270.png"]["action"] == "fixed" and rows["fine-270.png"]["note"].endswith(
+        "pixels turned losslessly (checked)"
+    )
     assert rows["broken.png"]["action"] == "unreadable"
     assert {r["path"] for r in csv_rows} == set(r["path"] for r in json_rows)
     assert "could not be turned" in result.output and "Traceback" not in result.output
@@ -664,13 +678,13 @@ def lossless_files(folder: Path, rng) -> dict[str, tuple[Path, str | None]]:
 
 @pytest.mark.parametrize("turn", [90, 270])
 def test_lossless_formats_are_turned_exactly_every_frame_and_say_so(tmp_path, turn):
-    """Issue 14, item 15: an animated GIF keeps every frame and its timing; "exact" is said
+    """Issue 14, item 15: an animated GIF keeps every frame and its timing; "losslessly" is said
     only after the written file was decoded and compared with the turned original."""
     for kind, (path, mode) in lossless_files(tmp_path, np.random.default_rng(turn)).items():
         target = tmp_path / f"upright-{path.name}"
         note = write_upright(path, target, turn)
         original, fixed = frames_of(path, mode), frames_of(target, mode)
-        assert note.startswith("exact") and len(fixed) == len(original), (kind, note)
+        assert note.startswith("pixels turned losslessly (checked)") and len(fixed) == len(original), (kind, note)
         assert all(np.array_equal(f, rot90(o, turn)) for f, o in zip(fixed, original)), kind
     with Image.open(tmp_path / "upright-anim.gif") as gif:
         assert [frame.info["duration"] for frame in ImageSequence.Iterator(gif)] == [100, 200, 300, 400]
@@ -710,7 +724,7 @@ def test_a_48_or_64_bit_png_keeps_all_16_bits_and_its_chunks(tmp_path, channels)
 
     data = (tmp_path / "fixed.png").read_bytes()
     decoded = decode_png(torch_.frombuffer(bytearray(data), dtype=torch_.uint8), mode=ImageReadMode.UNCHANGED)
-    assert note == "exact, 16 bits per channel"
+    assert note == "pixels turned losslessly (checked), 16 bits per channel"
     assert decoded.dtype == torch_.uint16 and np.array_equal(decoded.permute(1, 2, 0).numpy(), rot90(pixels, 90))
     with Image.open(tmp_path / "fixed.png") as fixed:
         assert fixed.info["Title"] == "kept"
@@ -821,16 +835,22 @@ def test_photos_for_a_model_of_grey_digits_get_a_warning(tmp_path, run_dir, rota
 # ----------------------------------------------------------------------------- messages and refusals
 
 
-def test_corrections_read_as_a_person_says_them():
+def test_angles_read_as_a_person_says_them():
+    """One vocabulary: the short way round, in words; the numbers stay counter-clockwise degrees."""
     assert [format_correction(a) for a in (0, 90, 180, 270, 45, 315)] == [
         "none",
-        "90° ccw",
-        "180°",
-        "90° cw",
-        "45° ccw",
-        "45° cw",
+        "turn 90° counter-clockwise",
+        "turn 180°",
+        "turn 90° clockwise",
+        "turn 45° counter-clockwise",
+        "turn 45° clockwise",
     ]
-    assert [format_rotation(a) for a in (0, 90, 270, 360)] == ["none", "90° ccw", "270° ccw", "none"]  # not "0° ccw"
+    assert [format_rotation(a) for a in (0, 90, 270, 360)] == [
+        "upright",
+        "90° counter-clockwise",
+        "90° clockwise",
+        "upright",
+    ]
 
 
 def test_batch_size_help_speaks_of_images_not_rotations():

@@ -31,7 +31,7 @@ def every_image_upside_down(monkeypatch):
     def sure_180(model, images, rotations, *args):
         probs = torch.zeros(len(images), len(rotations))
         probs[:, rotations.index(180)] = 1.0
-        return probs
+        return probs, None
 
     monkeypatch.setattr(prediction, "rotation_probabilities", sure_180)
 
@@ -167,7 +167,7 @@ def killed(src, dst, *a, **k):
 os.replace = killed
 def sure_180(model, images, rotations, *args):
     probs = torch.zeros(len(images), len(rotations)); probs[:, rotations.index(180)] = 1.0
-    return probs
+    return probs, None
 prediction.rotation_probabilities = sure_180
 from rotnet_cli.cli import app
 sys.argv = ["rotnet", "predict", *sys.argv[1:]]

@@ -29,7 +29,7 @@ from .progress import ProgressView
 EXAMPLES = """
 [b]Examples[/b]
 
-  rotnet predict runs/demo photo.jpg scans/            [dim]# a table: rotation, correction, confidence[/dim]
+  rotnet predict runs/demo photo.jpg scans/            [dim]# a table: rotated, to fix, confidence[/dim]
   rotnet predict runs/demo scans/ --fix --out upright/ [dim]# upright copies + predictions.csv/.json[/dim]
   rotnet predict runs/demo scans/ --fix --out upright/ --copy-unchanged   [dim]# a complete upright mirror[/dim]
   rotnet predict runs/photos ~/Pictures --fix --in-place --jpeg lossless --out report/  [dim]# originals kept as *.orig[/dim]
@@ -104,7 +104,7 @@ def predict(
         float,
         typer.Option(
             "--min-confidence",
-            help="Turn only images predicted with at least this probability; the rest stay byte for byte as they were. The default keeps wrong turns rare: an image left sideways costs one manual turn, an upright photo turned wrong costs more.",
+            help="Turn only images predicted with at least this probability (calibrated on the run's validation images; chance for images unlike its training images); the rest stay byte for byte as they were. The default keeps wrong turns rare: an image left sideways costs one manual turn, an upright photo turned wrong costs more.",
         ),
     ] = DEFAULT_MIN_CONFIDENCE,
     overwrite: OverwriteOpt = False,
@@ -132,18 +132,17 @@ def predict(
 
 
 def format_correction(angle: float) -> str:
-    """How to turn the image upright, in words: none, 90° ccw, 180°, 90° cw, 45° ccw ..."""
-    angle = angle % 360
-    if angle == 0:
-        return "none"
-    if angle == 180:
-        return "180°"
-    return f"{angle:g}° ccw" if angle < 180 else f"{360 - angle:g}° cw"
+    """How to turn the image upright, in the words of the report: none, turn 90° clockwise ..."""
+    from ..angle_words import describe_correction
+
+    return describe_correction(angle)
 
 
 def format_rotation(angle: float) -> str:
-    """How the image was turned from upright, in words: none, 90° ccw, 270° ccw ..."""
-    return f"{angle % 360:g}° ccw" if angle % 360 else "none"
+    """How the image appears rotated from upright, in the words of the report: upright, 90° clockwise ..."""
+    from ..angle_words import describe_rotation
+
+    return describe_rotation(angle)
 
 
 def _render(result, config: PredictConfig) -> None:
@@ -152,22 +151,34 @@ def _render(result, config: PredictConfig) -> None:
     title = f"Rotation of {len(result.predictions)} image(s): {result.model}{' with test-time agreement' if result.tta else ''}"
     table = Table(title=title, title_justify="left")
     table.add_column("image", overflow="fold")
-    table.add_column("rotated by", justify="right")
-    table.add_column("correction", justify="right")
+    table.add_column("rotated", justify="right")
+    table.add_column("to fix", justify="right")
     table.add_column("confidence", justify="right")
     table.add_column("action")
     for p in result.predictions:
         readable = p.predicted is not None
+        withheld = " [yellow](withheld)[/]" if p.unlike_training else ""
         table.add_row(
             shown(display_path(p.path)),
             format_rotation(p.predicted) if readable else "-",
             format_correction(p.correction) if readable else "-",
-            f"{100 * p.confidence:.1f}%" if readable else "-",
+            f"{100 * p.confidence:.1f}%{withheld}" if readable else "-",
             f"[{_ACTION_STYLE.get(p.action, 'default')}]{p.action}[/]",
         )
     print_table(table)
     counts = ", ".join(f"{n} {action}" for action, n in result.counts().items())
-    out_console.print(f"{counts}; confidence = probability of the predicted rotation", soft_wrap=True)
+    calibrated = (
+        f", calibrated on its validation images (temperature {result.temperature:.2f})"
+        if result.temperature != 1.0
+        else ""
+    )
+    out_console.print(f"{counts}; confidence = probability of the predicted rotation{calibrated}", soft_wrap=True)
+    if any(p.unlike_training for p in result.predictions):
+        out_console.print(
+            "(withheld) = unlike the training images: the confidence is set to chance, so --fix leaves it "
+            "(the report's unlike_training column says why)",
+            soft_wrap=True,
+        )
     if result.reports:
         out_console.print(
             f"report: [bold]{shown(str(result.reports[0]))}[/] and {shown(result.reports[1].name)}", soft_wrap=True
@@ -180,7 +191,8 @@ def _render(result, config: PredictConfig) -> None:
     if any("re-encoded as JPEG" in p.note for p in fixed):
         note(
             "JPEGs were re-encoded (quality 95, EXIF and ICC profile kept); --jpeg lossless or orientation-tag leave "
-            "their pixels as they were; PNG and other lossless copies are exact (the report says so per image)"
+            "their pixels as they were; PNG and other lossless copies have their pixels turned losslessly, checked "
+            "(the report says so per image)"
         )
     not_fixed = [p for p in result.predictions if p.action == "not-fixed"]
     if not_fixed:

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ..shell import shell_quote
 from ..config import PretrainConfig, default_workers, format_rotations
+from ..intervals import SMALL_VALIDATION, accuracy_text
 from ..stopping import StopFlag
 from ._common import (
     shown,
@@ -28,6 +29,7 @@ from ._common import (
     out_console,
     print_commands,
     print_json,
+    warn,
     warn_skipped,
 )
 from ._typer import help_panels
@@ -352,6 +354,34 @@ def _best_stage(per_stage: dict | None) -> str:
     return f"{100 * acc:.2f}% ({stage})"
 
 
+def _render_honest_figures(result, config: PretrainConfig) -> None:
+    """The validation accuracy with its count and interval (a warning when the split is too small to
+    mean much), and what calibration did to the confidences predict reports."""
+    final = result.final
+    if final.get("val_rot_acc") is not None and result.val_images:
+        answers = result.val_images * config.num_rotations
+        unit = f"answers on {result.val_images} held-out images x {config.num_rotations} rotations"
+        out_console.print(
+            f"validation: {accuracy_text(final['val_rot_acc'], answers, unit)}",
+            markup=False,
+            soft_wrap=True,
+        )
+        if result.val_images < SMALL_VALIDATION:
+            warn(
+                f"the validation split holds only {result.val_images} images, too few for its accuracy to mean "
+                "much (and for a sure calibration); hold out more (--val-split) or add images"
+            )
+    calibration = result.calibration
+    if calibration:
+        out_console.print(
+            f"calibration: temperature {calibration['temperature']:.2f} fitted on {calibration['samples']} held-out "
+            f"answers; expected calibration error {100 * calibration['ece_before']:.1f}% -> "
+            f"{100 * calibration['ece_after']:.1f}%; predict reports the calibrated confidences",
+            markup=False,
+            soft_wrap=True,
+        )
+
+
 def _render_summary(result, config: PretrainConfig) -> None:
     from ..rundir import METRICS
 
@@ -388,10 +418,13 @@ def _render_summary(result, config: PretrainConfig) -> None:
     if result.val_rot_acc_per_rotation:
         per = "  ".join(f"{angle}°: {100 * acc:.1f}%" for angle, acc in result.val_rot_acc_per_rotation.items())
         out_console.print(
-            f"validation accuracy per rotation ({format_rotations(config.rotations)}): {per}", soft_wrap=True
+            f"validation accuracy per rotation ({format_rotations(config.rotations)}): {per}"
+            + (f" ({result.val_images} images each)" if result.val_images < SMALL_VALIDATION else ""),
+            soft_wrap=True,
         )
     if final.get("val_rot_acc") is None:
         note("no validation split (--val-split 0); accuracy above is on training images")
+    _render_honest_figures(result, config)
     out_console.print(f"run directory: [bold]{shown(str(result.out_dir))}[/]", soft_wrap=True)
     if result.best:  # --best-metric: the epoch worth probing
         best = result.best

@@ -212,6 +212,25 @@ def against_baselines(result) -> list[str]:
     return lines
 
 
+def best_line(result, best) -> str:
+    """The best run cell against each baseline's best cell (any stage, any head) and its cell at the
+    same stage and head; accuracies with the count of validation images, and their interval when wide."""
+    from ..intervals import accuracy_text
+
+    row, head = best
+    n = result.val_images
+    line = f"best: stage {row.stage} with the {head} head, {accuracy_text(row.accuracy[head], n, 'val images')}"
+    for other in dict.fromkeys(r.weights for r in result.rows if r.weights != "run"):  # in row order
+        cells = [(r.accuracy[h], r, h) for r in result.rows if r.weights == other for h in result.heads]
+        accuracy, top, top_head = max(cells, key=lambda cell: cell[0])
+        verdict = "above" if row.accuracy[head] > accuracy else "not above"
+        line += f"; {verdict} {other}'s best, stage {top.stage} with the {top_head} head, {100 * accuracy:.2f}%"
+        same = next((r for r in result.rows if r.weights == other and r.stage == row.stage), None)
+        if same is not None and (same is not top or top_head != head):
+            line += f" ({other} at the same stage and head: {100 * same.accuracy[head]:.2f}%)"
+    return line
+
+
 def _render(result) -> None:
     best = result.best()
     table = Table(
@@ -242,12 +261,7 @@ def _render(result) -> None:
         table.add_row(shown(row.weights), str(row.stage), " x ".join(map(str, row.shape)), *cells, style=style)
     print_table(table)
     if best:
-        line = f"best: stage {best[0].stage} with the {best[1]} head, {100 * best[0].accuracy[best[1]]:.2f}%"
-        for other in dict.fromkeys(r.weights for r in result.rows if r.weights != "run"):  # in row order
-            same = next((r for r in result.rows if r.weights == other and r.stage == best[0].stage), None)
-            if same is not None:
-                line += f" ({shown(other)}: {100 * same.accuracy[best[1]]:.2f}%)"
-        out_console.print(line)
+        out_console.print(shown(best_line(result, best)), soft_wrap=True)
     for line in against_baselines(result):
         out_console.print(shown(line), soft_wrap=True)
     if any(row.weights == "random" for row in result.rows):

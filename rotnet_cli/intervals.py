@@ -1,0 +1,38 @@
+"""Honest small numbers: an accuracy on a few images carries its interval and its count.
+
+An accuracy of 71% on 7 images is anything from about 36% to 92%; printed as "71.4%" it
+reads as exact. ``wilson_interval`` is the Wilson score interval (good at small n and near
+0 or 1, unlike the normal approximation); ``accuracy_text`` says the figure with its count
+and, when the interval is wide, the interval.
+"""
+
+from __future__ import annotations
+
+import math
+
+Z95 = 1.959964  # two-sided 95%
+WIDE = 0.05  # a half-width above this is worth printing (the figure alone would overstate it)
+SMALL_VALIDATION = 50  # fewer held-out images than this: the validation accuracy means little
+
+
+def wilson_interval(correct: float, total: int, z: float = Z95) -> tuple[float, float]:
+    """(low, high) of the Wilson score interval of correct/total; (0, 1) for no answers."""
+    if total <= 0:
+        return 0.0, 1.0
+    p = correct / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy_text(accuracy: float, total: int, unit: str = "images") -> str:
+    """'71.4% of 28 answers (95% interval 52-85%)', or '94.0% of 1,440 images' when the interval is narrow."""
+    low, high = wilson_interval(accuracy * total, total)
+    text = f"{100 * accuracy:.1f}% of {total:,} {unit}"
+    if (high - low) / 2 > WIDE:
+        text += f" (95% interval {100 * low:.0f}-{100 * high:.0f}%)"
+    return text
+
+
+__all__ = ["wilson_interval", "accuracy_text", "SMALL_VALIDATION"]

@@ -1,0 +1,70 @@
+"""Honest small numbers: accuracies on a few images carry their count and a Wilson interval,
+a tiny validation split is called too small, and probe's summary compares the best run cell
+with each baseline's best cell, not only the same stage."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from rotnet_cli.cli.pretrain import _render_honest_figures
+from rotnet_cli.cli.probe import best_line
+from rotnet_cli.config import PretrainConfig
+from rotnet_cli.intervals import accuracy_text, wilson_interval
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    # 7 of 10: the Wilson 95% interval is 0.397 to 0.892 (Newcombe 1998's worked values, to 3 places)
+    low, high = wilson_interval(7, 10)
+    assert low == pytest.approx(0.3968, abs=1e-3) and high == pytest.approx(0.8922, abs=1e-3)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)  # stays within [0, 1]
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_a_small_count_says_its_interval_a_large_one_does_not_need_to():
+    assert accuracy_text(5 / 7, 7, "images") == "71.4% of 7 images (95% interval 36-92%)"
+    assert accuracy_text(0.94, 10_000, "answers") == "94.0% of 10,000 answers"
+
+
+def summary(val_images: int, acc: float, calibration: dict | None = None):
+    return SimpleNamespace(final={"val_rot_acc": acc}, val_images=val_images, calibration=calibration)
+
+
+def test_a_tiny_validation_split_is_called_too_small(capsys):
+    calibration = {"temperature": 1.83, "samples": 28, "ece_before": 0.121, "ece_after": 0.034}
+    _render_honest_figures(summary(7, 0.75, calibration), PretrainConfig(data="faces"))
+    out, err = capsys.readouterr()
+    text = " ".join((out + err).split())
+    assert "validation: 75.0% of 28 answers on 7 held-out images x 4 rotations (95% interval" in text
+    assert "holds only 7 images, too few for its accuracy to mean much" in text
+    assert (
+        "calibration: temperature 1.83 fitted on 28 held-out answers; expected calibration error 12.1% -> 3.4%" in text
+    )
+
+
+def test_a_large_validation_split_is_not_warned_about(capsys):
+    _render_honest_figures(summary(2000, 0.94), PretrainConfig())
+    out, err = capsys.readouterr()
+    assert "too few" not in out + err and "94.0% of 8,000 answers" in out
+
+
+def row(weights: str, stage: int, linear: float, knn: float):
+    return SimpleNamespace(weights=weights, stage=stage, accuracy={"linear": linear, "knn": knn})
+
+
+def test_probe_compares_the_best_run_cell_with_the_best_random_cell():
+    """The issue's case: the run's best stage (0.80) against random's best (0.83, at another stage)."""
+    rows = [
+        row("run", 1, 0.60, 0.55),
+        row("run", 2, 0.80, 0.70),
+        row("random", 1, 0.83, 0.75),
+        row("random", 2, 0.50, 0.40),
+    ]
+    result = SimpleNamespace(rows=rows, heads=("linear", "knn"), val_images=100)
+
+    line = best_line(result, (rows[1], "linear"))
+
+    assert line.startswith("best: stage 2 with the linear head, 80.0% of 100 val images (95% interval")
+    assert "not above random's best, stage 1 with the linear head, 83.00%" in line
+    assert "random at the same stage and head: 50.00%" in line
