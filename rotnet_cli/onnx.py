@@ -119,6 +119,11 @@ def onnx_metadata(loaded, output: str, record: dict[str, Any]) -> dict[str, Any]
     }
     if output == "logits":
         meta["rotations"] = list(loaded.rotations)
+        # predict on onnxruntime answers as on PyTorch: the calibrated temperature and the record of the
+        # training images (for its warning on unlike images) travel with the classifier
+        for key in ("calibration", "training_images"):
+            if loaded.info.get(key) is not None:
+                meta[key] = loaded.info[key]
     if record.get("data"):
         meta["data"] = str(record["data"])
     return meta
@@ -272,6 +277,8 @@ def _read_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
     fields.integer("opset", 1, required=False)
     for key in ("data", "source", "exporter"):
         fields.text(key, required=False)
+    rundir.check_calibration_fields(fields)
+    rundir.check_training_images_fields(fields)
     return {k: v for k, v in meta.items() if v is not None}
 
 

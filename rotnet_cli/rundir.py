@@ -267,15 +267,15 @@ def read_weights_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
     fields.number("val_rot_acc", 0.0, 1.0, required=False)
     for key in ("data", "source", "dtype"):
         fields.text(key, required=False)
-    _calibration_fields(fields)
-    _training_images_fields(fields)
+    check_calibration_fields(fields)
+    check_training_images_fields(fields)
     return {k: v for k, v in meta.items() if v is not None}
 
 
 TEMPERATURE_RANGE = (0.05, 20.0)  # calibration.py fits within it: outside, the logits carry no usable signal
 
 
-def _calibration_fields(fields: FileFields) -> None:
+def check_calibration_fields(fields: FileFields) -> None:
     """The rotation head's temperature and what it changed (calibration.Calibration.to_dict)."""
     value = fields.mapping("calibration", required=False)
     if value is None:
@@ -289,7 +289,7 @@ def _calibration_fields(fields: FileFields) -> None:
     inner.integer("samples", 1)
 
 
-def _training_images_fields(fields: FileFields) -> None:
+def check_training_images_fields(fields: FileFields) -> None:
     """What the training images looked like (fingerprint.py): sizes, colour, feature statistics."""
     value = fields.mapping("training_images", required=False)
     if value is None:
