@@ -26,11 +26,13 @@ if [ "$has_cuda" = 1 ]; then
     bench benchmarks/pipeline.py --precision bf16 --channels-last --official-workers 4 --skip digits,jpeg
     bench benchmarks/embed.py --device cuda --precision bf16
     bench benchmarks/online_eval.py --device cuda
+    bench benchmarks/onnx_predict.py   # onnxruntime's CPU provider against PyTorch on the CPU
     "$python" -m pytest -m gpu -q
 else
     bench benchmarks/probe.py --device cpu
     bench benchmarks/pipeline.py
     bench benchmarks/embed.py --device cpu
     bench benchmarks/online_eval.py --device cpu
+    bench benchmarks/onnx_predict.py
 fi
 echo "figures in $results" >&2
