@@ -100,9 +100,10 @@ def embed(
             help="Input size in pixels for timm:NAME and random:NAME weights (default: the model's own); saved weights embed at the size they were trained at.",
         ),
     ] = option_default(EmbedConfig, "img_size"),
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")] = option_default(
-        EmbedConfig, "batch_size"
-    ),
+    batch_size: Annotated[
+        int,
+        typer.Option("--batch-size", "-b", help="Images per batch."),
+    ] = option_default(EmbedConfig, "batch_size"),
     workers: WorkersOpt = option_default(EmbedConfig, "workers"),
     data_dir: DataDirOpt = option_default(EmbedConfig, "data_dir"),
     download: DownloadOpt = option_default(EmbedConfig, "download"),
@@ -171,9 +172,10 @@ def neighbours(
     show: Annotated[
         int, typer.Option("--show", help="Rows of the table on screen (all of them go to --out and --json).")
     ] = option_default(NeighboursConfig, "show"),
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Query images per batch.")] = option_default(
-        NeighboursConfig, "batch_size"
-    ),
+    batch_size: Annotated[
+        int,
+        typer.Option("--batch-size", "-b", help="Query images per batch."),
+    ] = option_default(NeighboursConfig, "batch_size"),
     workers: WorkersOpt = option_default(NeighboursConfig, "workers"),
     device: DeviceOpt = option_default(NeighboursConfig, "device"),
     precision: PrecisionOpt = option_default(NeighboursConfig, "precision"),
@@ -230,9 +232,10 @@ def _render_neighbours(result, show: int) -> None:
 def embeddings_map(
     ctx: typer.Context,
     embeddings: EmbeddingsArg,
-    out: Annotated[str, typer.Option("--out", "-o", help="PNG file to write.")] = option_default(
-        EmbeddingMapConfig, "out"
-    ),
+    out: Annotated[
+        str,
+        typer.Option("--out", "-o", help="PNG file to write."),
+    ] = option_default(EmbeddingMapConfig, "out"),
     method: Annotated[
         str,
         typer.Option(
@@ -246,9 +249,10 @@ def embeddings_map(
     max_points: Annotated[
         int, typer.Option("--max-points", help="Draw a seeded sample of this many rows when the file has more.")
     ] = option_default(EmbeddingMapConfig, "max_points"),
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample, t-SNE and UMAP.")] = option_default(
-        EmbeddingMapConfig, "seed"
-    ),
+    seed: Annotated[
+        int,
+        typer.Option("--seed", help="Seed of the sample, t-SNE and UMAP."),
+    ] = option_default(EmbeddingMapConfig, "seed"),
     overwrite: OverwriteOpt = option_default(EmbeddingMapConfig, "overwrite"),
     json_out: JsonOpt = False,
 ) -> None:

@@ -89,9 +89,10 @@ EXAMPLES = """
 @error_boundary
 def pretrain(
     ctx: typer.Context,
-    model: Annotated[str, typer.Option("--model", "-m", help="Any timm model name (also timm/NAME).")] = option_default(
-        PretrainConfig, "model"
-    ),
+    model: Annotated[
+        str,
+        typer.Option("--model", "-m", help="Any timm model name (also timm/NAME)."),
+    ] = option_default(PretrainConfig, "model"),
     data: Annotated[
         str,
         typer.Option(
@@ -166,9 +167,10 @@ def pretrain(
             help="Weight decay on norms and biases too (the official RotNet code); by default they are exempt, as in timm.",
         ),
     ] = option_default(PretrainConfig, "decay_all_params"),
-    momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum (Nesterov).")] = option_default(
-        PretrainConfig, "momentum"
-    ),
+    momentum: Annotated[
+        float,
+        typer.Option("--momentum", help="SGD momentum (Nesterov)."),
+    ] = option_default(PretrainConfig, "momentum"),
     optimizer: Annotated[
         str, typer.Option("--optimizer", "--opt", help="sgd (Nesterov, the paper) or adamw.")
     ] = option_default(PretrainConfig, "optimizer"),
@@ -214,9 +216,10 @@ def pretrain(
         bool,
         typer.Option("--channels-last/--no-channels-last", help="channels_last memory format (faster convs on GPU)."),
     ] = option_default(PretrainConfig, "channels_last"),
-    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = option_default(
-        PretrainConfig, "compile"
-    ),
+    compile: Annotated[
+        bool,
+        typer.Option("--compile/--no-compile", help="torch.compile the model."),
+    ] = option_default(PretrainConfig, "compile"),
     cache: Annotated[
         str,
         typer.Option("--cache", help="auto, none, ram or device: keep decoded uint8 images in memory / on the GPU."),
@@ -250,9 +253,10 @@ def pretrain(
     log_every: Annotated[
         int, typer.Option("--log-every", help="Read loss/accuracy from the device every N steps (fewer host syncs).")
     ] = option_default(PretrainConfig, "log_every"),
-    max_steps_per_epoch: Annotated[Optional[int], typer.Option("--max-steps-per-epoch", hidden=True)] = option_default(
-        PretrainConfig, "max_steps_per_epoch"
-    ),
+    max_steps_per_epoch: Annotated[
+        Optional[int],
+        typer.Option("--max-steps-per-epoch", hidden=True),
+    ] = option_default(PretrainConfig, "max_steps_per_epoch"),
     logger: Annotated[
         str,
         typer.Option(

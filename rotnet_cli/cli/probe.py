@@ -131,9 +131,10 @@ def probe(
             help="Keep only K labelled training images per class (seeded); the paper's semi-supervised study.",
         ),
     ] = option_default(ProbeConfig, "labels_per_class"),
-    knn_k: Annotated[int, typer.Option("--knn-k", help="Neighbours that vote in the knn head.")] = option_default(
-        ProbeConfig, "knn_k"
-    ),
+    knn_k: Annotated[
+        int,
+        typer.Option("--knn-k", help="Neighbours that vote in the knn head."),
+    ] = option_default(ProbeConfig, "knn_k"),
     compare: Annotated[
         Optional[str],
         typer.Option(

@@ -41,9 +41,10 @@ def reproduce(
         str,
         typer.Argument(help="The experiment set: paper-cifar10 (Gidaris et al. 2018, Tables 1-3, NIN on CIFAR-10)."),
     ] = option_default(ReproduceConfig, "recipe"),
-    data: Annotated[str, typer.Option("--data", help="The dataset (the paper: cifar10).")] = option_default(
-        ReproduceConfig, "data"
-    ),
+    data: Annotated[
+        str,
+        typer.Option("--data", help="The dataset (the paper: cifar10)."),
+    ] = option_default(ReproduceConfig, "data"),
     data_dir: DataDirOpt = option_default(ReproduceConfig, "data_dir"),
     download: DownloadOpt = option_default(ReproduceConfig, "download"),
     out: Annotated[

@@ -152,9 +152,10 @@ def attention(
     scale: Annotated[
         Optional[int], typer.Option("--scale", help="Enlarge tiles SCALE times (default: to at least 128 px).")
     ] = option_default(AttentionConfig, "scale"),
-    cmap: Annotated[str, typer.Option("--cmap", help="Colour map of the attention: jet or inferno.")] = option_default(
-        AttentionConfig, "cmap"
-    ),
+    cmap: Annotated[
+        str,
+        typer.Option("--cmap", help="Colour map of the attention: jet or inferno."),
+    ] = option_default(AttentionConfig, "cmap"),
     alpha: Annotated[
         float, typer.Option("--alpha", help="Opacity of the attention colours over the image, 0..1.")
     ] = option_default(AttentionConfig, "alpha"),
