@@ -447,7 +447,7 @@ NONE_ON_THE_COMMAND_LINE = {"layers": "all", "eval_layers": "all", "power": "aut
 def option_default(config: type, name: str) -> Any:
     """The default of a command's option ``--name``: its config field's default, as the command line
     spells it. Each option's default is declared once, in its config class; the commands take it
-    from here (``knn_k: KnnKOpt = option_default(ProbeConfig, "knn_k")``).
+    from here (``knn_k: Annotated[int, typer.Option(...)] = option_default(ProbeConfig, "knn_k")``).
 
     A tuple is a comma list (rotations 0,90,180,270), an empty one None (a list option not given),
     and None a word where NONE_ON_THE_COMMAND_LINE names one. Works for default_factory fields too.
