@@ -437,6 +437,37 @@ def _option_text(value: Any) -> str:
     return str(value)
 
 
+# The one place where a command line spells a default differently from its config: a field whose
+# None means "every stage" or "by depth" shows the word the option takes for it (and parses back to
+# None: parse_layers("all"), parse_power("auto")). Every other default is spelled by the rule in
+# option_default.
+NONE_ON_THE_COMMAND_LINE = {"layers": "all", "eval_layers": "all", "power": "auto"}
+
+
+def option_default(config: type, name: str) -> Any:
+    """The default of a command's option ``--name``: its config field's default, as the command line
+    spells it. Each option's default is declared once, in its config class; the commands take it
+    from here (``knn_k: Annotated[int, typer.Option(...)] = option_default(ProbeConfig, "knn_k")``).
+
+    A tuple is a comma list (rotations 0,90,180,270), an empty one None (a list option not given),
+    and None a word where NONE_ON_THE_COMMAND_LINE names one. Works for default_factory fields too.
+    """
+    spec = next((f for f in fields(config) if f.name == name), None)
+    if spec is None:
+        raise AttributeError(f"{config.__name__} has no field {name!r}")  # a command option without a field
+    if spec.default is not dataclasses.MISSING:
+        value = spec.default
+    elif spec.default_factory is not dataclasses.MISSING:
+        value = spec.default_factory()
+    else:
+        raise AttributeError(f"{config.__name__}.{name} has no default (a required argument takes none)")
+    if value is None:
+        return NONE_ON_THE_COMMAND_LINE.get(name)
+    if isinstance(value, tuple):
+        return _option_text(value) if value else None
+    return value
+
+
 def parse_int_list(option: str, text: str | tuple | list | None) -> tuple[int, ...]:
     """'30,60,80' (or a sequence of numbers) -> (30, 60, 80); None or '' -> ()."""
     if isinstance(text, (tuple, list)):

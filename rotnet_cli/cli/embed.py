@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 import typer
 from rich.table import Table
 
-from ..config import EmbeddingMapConfig, EmbedConfig, NeighboursConfig, default_workers
+from ..config import EmbeddingMapConfig, EmbedConfig, NeighboursConfig, option_default
 from ._common import (
     shown,
     print_table,
@@ -85,29 +85,32 @@ def embed(
         typer.Option(
             "--layer", help="Stage whose map is pooled: 1-based, negative from the last (-1: the last stage)."
         ),
-    ] = -1,
+    ] = option_default(EmbedConfig, "layer"),
     pool: Annotated[
         str, typer.Option("--pool", help="How a stage's map becomes one vector: avg or max over its positions.")
-    ] = "avg",
+    ] = option_default(EmbedConfig, "pool"),
     normalize: Annotated[
         bool,
         typer.Option("--normalize", help="L2-normalise every embedding (cosine similarity becomes a dot product)."),
-    ] = False,
+    ] = option_default(EmbedConfig, "normalize"),
     img_size: Annotated[
         Optional[int],
         typer.Option(
             "--img-size",
             help="Input size in pixels for timm:NAME and random:NAME weights (default: the model's own); saved weights embed at the size they were trained at.",
         ),
-    ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")] = 256,
-    workers: WorkersOpt = default_workers(),
-    data_dir: DataDirOpt = None,
-    download: DownloadOpt = False,
-    strict_data: StrictDataOpt = False,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
-    overwrite: OverwriteOpt = False,
+    ] = option_default(EmbedConfig, "img_size"),
+    batch_size: Annotated[
+        int,
+        typer.Option("--batch-size", "-b", help="Images per batch."),
+    ] = option_default(EmbedConfig, "batch_size"),
+    workers: WorkersOpt = option_default(EmbedConfig, "workers"),
+    data_dir: DataDirOpt = option_default(EmbedConfig, "data_dir"),
+    download: DownloadOpt = option_default(EmbedConfig, "download"),
+    strict_data: StrictDataOpt = option_default(EmbedConfig, "strict_data"),
+    device: DeviceOpt = option_default(EmbedConfig, "device"),
+    precision: PrecisionOpt = option_default(EmbedConfig, "precision"),
+    overwrite: OverwriteOpt = option_default(EmbedConfig, "overwrite"),
     json_out: JsonOpt = False,
 ) -> None:
     """One embedding per image (a stage of the backbone, pooled), with its path and class, streamed to a file."""
@@ -149,29 +152,34 @@ def neighbours(
             "-q",
             help="Image file or folder to look up (repeatable), embedded as the file was; default: the most alike pairs of the file's own images.",
         ),
-    ] = None,
-    k: Annotated[int, typer.Option("-k", help="Neighbours per image.")] = 5,
+    ] = option_default(NeighboursConfig, "query"),
+    k: Annotated[int, typer.Option("-k", help="Neighbours per image.")] = option_default(NeighboursConfig, "k"),
     threshold: Annotated[
         Optional[float],
         typer.Option(
             "--threshold", help="Keep only neighbours at least this cosine-similar, e.g. 0.98 for near-duplicates."
         ),
-    ] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write every row found to this CSV file.")] = None,
+    ] = option_default(NeighboursConfig, "threshold"),
+    out: Annotated[
+        Optional[str], typer.Option("--out", "-o", help="Write every row found to this CSV file.")
+    ] = option_default(NeighboursConfig, "out"),
     weights: Annotated[
         Optional[str],
         typer.Option(
             "--weights", help="For --query: the weights to embed with, when those the file names are elsewhere now."
         ),
-    ] = None,
+    ] = option_default(NeighboursConfig, "weights"),
     show: Annotated[
         int, typer.Option("--show", help="Rows of the table on screen (all of them go to --out and --json).")
-    ] = 20,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Query images per batch.")] = 256,
-    workers: WorkersOpt = default_workers(),
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
-    overwrite: OverwriteOpt = False,
+    ] = option_default(NeighboursConfig, "show"),
+    batch_size: Annotated[
+        int,
+        typer.Option("--batch-size", "-b", help="Query images per batch."),
+    ] = option_default(NeighboursConfig, "batch_size"),
+    workers: WorkersOpt = option_default(NeighboursConfig, "workers"),
+    device: DeviceOpt = option_default(NeighboursConfig, "device"),
+    precision: PrecisionOpt = option_default(NeighboursConfig, "precision"),
+    overwrite: OverwriteOpt = option_default(NeighboursConfig, "overwrite"),
     json_out: JsonOpt = False,
 ) -> None:
     """The nearest images by cosine similarity: of query images, or the most alike pairs (near-duplicates) of a file."""
@@ -224,22 +232,28 @@ def _render_neighbours(result, show: int) -> None:
 def embeddings_map(
     ctx: typer.Context,
     embeddings: EmbeddingsArg,
-    out: Annotated[str, typer.Option("--out", "-o", help="PNG file to write.")] = "embeddings.png",
+    out: Annotated[
+        str,
+        typer.Option("--out", "-o", help="PNG file to write."),
+    ] = option_default(EmbeddingMapConfig, "out"),
     method: Annotated[
         str,
         typer.Option(
             "--method",
             help="pca (built in), tsne (needs the tsne extra: scikit-learn) or umap (needs the umap extra: umap-learn).",
         ),
-    ] = "pca",
+    ] = option_default(EmbeddingMapConfig, "method"),
     thumbnails: Annotated[
         int, typer.Option("--thumbnails", help="Draw the images at this many points spread over the map.")
-    ] = 0,
+    ] = option_default(EmbeddingMapConfig, "thumbnails"),
     max_points: Annotated[
         int, typer.Option("--max-points", help="Draw a seeded sample of this many rows when the file has more.")
-    ] = 20000,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample, t-SNE and UMAP.")] = 0,
-    overwrite: OverwriteOpt = False,
+    ] = option_default(EmbeddingMapConfig, "max_points"),
+    seed: Annotated[
+        int,
+        typer.Option("--seed", help="Seed of the sample, t-SNE and UMAP."),
+    ] = option_default(EmbeddingMapConfig, "seed"),
+    overwrite: OverwriteOpt = option_default(EmbeddingMapConfig, "overwrite"),
     json_out: JsonOpt = False,
 ) -> None:
     """A 2-D map of embeddings (PCA; t-SNE or UMAP), coloured by class, optionally with thumbnails (needs matplotlib)."""

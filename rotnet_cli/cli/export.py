@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..config import ExportConfig, format_rotations
+from ..config import ExportConfig, format_rotations, option_default
 from ._common import (
     shown,
     JsonOpt,
@@ -52,8 +52,10 @@ def export(
             "--with-head",
             help="Also write the rotation head (rotation_head.safetensors, needed by rotnet predict); timm still loads the backbone strictly.",
         ),
-    ] = False,
-    dtype: Annotated[str, typer.Option("--dtype", help="Weights precision in the files: fp32, fp16 or bf16.")] = "fp32",
+    ] = option_default(ExportConfig, "with_head"),
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Weights precision in the files: fp32, fp16 or bf16.")
+    ] = option_default(ExportConfig, "dtype"),
     format: Annotated[
         str,
         typer.Option(
@@ -61,8 +63,8 @@ def export(
             help="safetensors, or onnx: model.onnx as well (features; rotation logits with --with-head), "
             "checked with onnxruntime; needs pip install 'rotnet-cli\\[onnx]'.",
         ),
-    ] = "safetensors",
-    overwrite: OverwriteOpt = False,
+    ] = option_default(ExportConfig, "format"),
+    overwrite: OverwriteOpt = option_default(ExportConfig, "overwrite"),
     json_out: JsonOpt = False,
 ) -> None:
     """Export the backbone as safetensors + config.json that timm loads with one line; verified by loading it back."""

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..config import DEFAULT_BACKUP_SUFFIX, DEFAULT_MIN_CONFIDENCE, JPEG_ROUTES, PredictConfig, default_workers
+from ..config import DEFAULT_BACKUP_SUFFIX, JPEG_ROUTES, PredictConfig, option_default
 from ._common import (
     shown,
     print_table,
@@ -61,14 +61,14 @@ def predict(
         typer.Option(
             "--tta", help="Test-time agreement: also predict the image's rotated copies and average their votes."
         ),
-    ] = False,
+    ] = option_default(PredictConfig, "tta"),
     fix: Annotated[
         bool,
         typer.Option(
             "--fix",
             help="Turn each confidently rotated image upright: a copy in --out (originals never change), or with --in-place the original itself.",
         ),
-    ] = False,
+    ] = option_default(PredictConfig, "fix"),
     out: Annotated[
         Optional[str],
         typer.Option(
@@ -76,14 +76,14 @@ def predict(
             "-o",
             help="Folder for predictions.csv/.json and, with --fix, the upright copies (folder inputs are mirrored).",
         ),
-    ] = None,
+    ] = option_default(PredictConfig, "out"),
     in_place: Annotated[
         bool,
         typer.Option(
             "--in-place",
             help="With --fix: turn the originals themselves, each first kept as NAME.orig (--backup-suffix); file times are kept, unsure and upright images are not touched.",
         ),
-    ] = False,
+    ] = option_default(PredictConfig, "in_place"),
     backup_suffix: Annotated[
         Optional[str],
         typer.Option(
@@ -91,32 +91,32 @@ def predict(
             help=f"With --in-place: the ending of each original's backup (default {DEFAULT_BACKUP_SUFFIX}).",
             show_default=False,
         ),
-    ] = None,
-    jpeg: Annotated[str, typer.Option("--jpeg", help=_JPEG_HELP)] = "reencode",
+    ] = option_default(PredictConfig, "backup_suffix"),
+    jpeg: Annotated[str, typer.Option("--jpeg", help=_JPEG_HELP)] = option_default(PredictConfig, "jpeg"),
     copy_unchanged: Annotated[
         bool,
         typer.Option(
             "--copy-unchanged",
             help="With --fix --out: copy the images left as they are (upright, unsure, not turnable) too, byte for byte: a complete upright mirror.",
         ),
-    ] = False,
+    ] = option_default(PredictConfig, "copy_unchanged"),
     min_confidence: Annotated[
         float,
         typer.Option(
             "--min-confidence",
             help="Turn only images predicted with at least this probability (calibrated on the run's validation images; chance for images unlike its training images); the rest stay byte for byte as they were. The default keeps wrong turns rare: an image left sideways costs one manual turn, an upright photo turned wrong costs more.",
         ),
-    ] = DEFAULT_MIN_CONFIDENCE,
-    overwrite: OverwriteOpt = False,
+    ] = option_default(PredictConfig, "min_confidence"),
+    overwrite: OverwriteOpt = option_default(PredictConfig, "overwrite"),
     batch_size: Annotated[
         int,
         typer.Option(
             "--batch-size", "-b", help="Images per forward pass (with --tta each image adds its rotated copies)."
         ),
-    ] = 64,
-    workers: WorkersOpt = default_workers(),
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
+    ] = option_default(PredictConfig, "batch_size"),
+    workers: WorkersOpt = option_default(PredictConfig, "workers"),
+    device: DeviceOpt = option_default(PredictConfig, "device"),
+    precision: PrecisionOpt = option_default(PredictConfig, "precision"),
     json_out: JsonOpt = False,
 ) -> None:
     """Predict how each image is rotated (and how to turn it upright); --fix turns them upright."""

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..shell import shell_quote
-from ..config import PretrainConfig, default_workers, format_rotations
+from ..config import PretrainConfig, format_rotations, option_default
 from ..intervals import SMALL_VALIDATION, accuracy_text
 from ..stopping import StopFlag
 from ._common import (
@@ -89,40 +89,43 @@ EXAMPLES = """
 @error_boundary
 def pretrain(
     ctx: typer.Context,
-    model: Annotated[str, typer.Option("--model", "-m", help="Any timm model name (also timm/NAME).")] = "resnet18",
+    model: Annotated[
+        str,
+        typer.Option("--model", "-m", help="Any timm model name (also timm/NAME)."),
+    ] = option_default(PretrainConfig, "model"),
     data: Annotated[
         str,
         typer.Option(
             "--data",
             help="digits (built in), a folder of images (flat or class sub-folders; train/ + val/ used as such), or cifar10, cifar100, stl10, mnist, fashionmnist, svhn.",
         ),
-    ] = "digits",
-    data_dir: DataDirOpt = None,
-    download: DownloadOpt = False,
+    ] = option_default(PretrainConfig, "data"),
+    data_dir: DataDirOpt = option_default(PretrainConfig, "data_dir"),
+    download: DownloadOpt = option_default(PretrainConfig, "download"),
     val_split: Annotated[
         float, typer.Option("--val-split", help="Share of images held out for validation rotation accuracy (seeded).")
-    ] = 0.1,
+    ] = option_default(PretrainConfig, "val_split"),
     rotations: Annotated[
         str,
         typer.Option(
             "--rotations",
             help="Angles in degrees, comma-separated; the label of a copy is its angle's index. Non-multiples of 90 are interpolated and disc-masked.",
         ),
-    ] = "0,90,180,270",
+    ] = option_default(PretrainConfig, "rotations"),
     copies: Annotated[
         str,
         typer.Option(
             "--copies",
             help="all: every rotated copy of each image in the batch (the paper); one: one sampled rotation per image.",
         ),
-    ] = "all",
+    ] = option_default(PretrainConfig, "copies"),
     epochs: Annotated[
         Optional[int],
         typer.Option(
             "--epochs",
             help="Training epochs (the paper: 100). Default: planned from the data, enough for 500 optimizer steps and at least 10.",
         ),
-    ] = None,
+    ] = option_default(PretrainConfig, "epochs"),
     batch_size: Annotated[
         Optional[int],
         typer.Option(
@@ -130,7 +133,7 @@ def pretrain(
             "-b",
             help="Images per batch (before rotation). Default: planned from the data, 128 where it makes 32 steps per epoch, smaller for a small folder.",
         ),
-    ] = None,
+    ] = option_default(PretrainConfig, "batch_size"),
     accum_steps: Annotated[
         int,
         typer.Option(
@@ -138,11 +141,11 @@ def pretrain(
             help="Gradient accumulation: each optimizer step adds the gradients of N batches of --batch-size, "
             "so it sees batch x N images (steps and the lr schedule count optimizer steps).",
         ),
-    ] = 1,
+    ] = option_default(PretrainConfig, "accum_steps"),
     lr: Annotated[
         Optional[float],
         typer.Option("--lr", help="Peak learning rate (default 0.1 for SGD as in the paper, 1e-3 for AdamW)."),
-    ] = None,
+    ] = option_default(PretrainConfig, "lr"),
     lr_scale: Annotated[
         str,
         typer.Option(
@@ -150,69 +153,81 @@ def pretrain(
             help="none: --lr as given; linear or sqrt: --lr x (global batch / --lr-ref-batch), or its square root "
             "(global batch: --batch-size x --accum-steps).",
         ),
-    ] = "none",
+    ] = option_default(PretrainConfig, "lr_scale"),
     lr_ref_batch: Annotated[
         int, typer.Option("--lr-ref-batch", help="The global batch --lr is meant for, with --lr-scale.")
-    ] = 128,
+    ] = option_default(PretrainConfig, "lr_ref_batch"),
     weight_decay: Annotated[
         Optional[float], typer.Option("--weight-decay", help="Weight decay (default 5e-4 SGD, 0.05 AdamW).")
-    ] = None,
+    ] = option_default(PretrainConfig, "weight_decay"),
     decay_all_params: Annotated[
         bool,
         typer.Option(
             "--decay-all-params/--no-decay-all-params",
             help="Weight decay on norms and biases too (the official RotNet code); by default they are exempt, as in timm.",
         ),
-    ] = False,
-    momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum (Nesterov).")] = 0.9,
-    optimizer: Annotated[str, typer.Option("--optimizer", "--opt", help="sgd (Nesterov, the paper) or adamw.")] = "sgd",
+    ] = option_default(PretrainConfig, "decay_all_params"),
+    momentum: Annotated[
+        float,
+        typer.Option("--momentum", help="SGD momentum (Nesterov)."),
+    ] = option_default(PretrainConfig, "momentum"),
+    optimizer: Annotated[
+        str, typer.Option("--optimizer", "--opt", help="sgd (Nesterov, the paper) or adamw.")
+    ] = option_default(PretrainConfig, "optimizer"),
     schedule: Annotated[
         str, typer.Option("--schedule", "--sched", help="cosine, or step (with --milestones and --gamma).")
-    ] = "cosine",
+    ] = option_default(PretrainConfig, "schedule"),
     milestones: Annotated[
         Optional[str],
         typer.Option("--milestones", help="Epochs where a step schedule multiplies the lr by --gamma, e.g. 30,60,80."),
-    ] = None,
-    gamma: Annotated[float, typer.Option("--gamma", help="lr factor at each milestone (the paper: 0.2).")] = 0.2,
-    warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear lr warm-up, in epochs.")] = 0.0,
+    ] = option_default(PretrainConfig, "milestones"),
+    gamma: Annotated[
+        float, typer.Option("--gamma", help="lr factor at each milestone (the paper: 0.2).")
+    ] = option_default(PretrainConfig, "gamma"),
+    warmup_epochs: Annotated[
+        float, typer.Option("--warmup-epochs", help="Linear lr warm-up, in epochs.")
+    ] = option_default(PretrainConfig, "warmup_epochs"),
     img_size: Annotated[
         Optional[int],
         typer.Option(
             "--img-size",
             help="Square input size in pixels. Default: planned from the data: a dataset's own size, a folder's median image size (at least 32, at most the model's own; at most 64 on a CPU).",
         ),
-    ] = None,
+    ] = option_default(PretrainConfig, "img_size"),
     augment: Annotated[
         str,
         typer.Option(
             "--augment",
             help="Before rotating: none, crop (random crop with padding), crop+flip (and horizontal flips, the paper's), or auto: planned from what the images are: none for scans and digits, crop for other grey images (faces), crop+flip for colour photos.",
         ),
-    ] = "auto",
+    ] = option_default(PretrainConfig, "augment"),
     no_augment: Annotated[bool, typer.Option("--no-augment", hidden=True, help="The same as --augment none.")] = False,
-    workers: WorkersOpt = default_workers(),
-    seed: SeedOpt = 0,
+    workers: WorkersOpt = option_default(PretrainConfig, "workers"),
+    seed: SeedOpt = option_default(PretrainConfig, "seed"),
     init: Annotated[
         Optional[str],
         typer.Option(
             "--init", help="Start from these weights (a run, checkpoint, safetensors, export, timm:NAME); a new run."
         ),
-    ] = None,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
+    ] = option_default(PretrainConfig, "init"),
+    device: DeviceOpt = option_default(PretrainConfig, "device"),
+    precision: PrecisionOpt = option_default(PretrainConfig, "precision"),
     channels_last: Annotated[
         bool,
         typer.Option("--channels-last/--no-channels-last", help="channels_last memory format (faster convs on GPU)."),
-    ] = False,
-    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = False,
+    ] = option_default(PretrainConfig, "channels_last"),
+    compile: Annotated[
+        bool,
+        typer.Option("--compile/--no-compile", help="torch.compile the model."),
+    ] = option_default(PretrainConfig, "compile"),
     cache: Annotated[
         str,
         typer.Option("--cache", help="auto, none, ram or device: keep decoded uint8 images in memory / on the GPU."),
-    ] = "auto",
-    strict_data: StrictDataOpt = False,
+    ] = option_default(PretrainConfig, "cache"),
+    strict_data: StrictDataOpt = option_default(PretrainConfig, "strict_data"),
     out: Annotated[
         Optional[str], typer.Option("--out", "-o", help="Run directory (default runs/MODEL-DATE-TIME).")
-    ] = None,
+    ] = option_default(PretrainConfig, "out"),
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -223,7 +238,7 @@ def pretrain(
                 "replaced. The old run is kept until the new one writes its first checkpoint."
             ),
         ),
-    ] = False,
+    ] = option_default(PretrainConfig, "overwrite"),
     resume_dir: Annotated[
         Optional[str],
         typer.Option(
@@ -234,54 +249,57 @@ def pretrain(
     ] = None,
     save_every: Annotated[
         int, typer.Option("--save-every", help="Also checkpoint every N steps (0: at the end of each epoch only).")
-    ] = 0,
+    ] = option_default(PretrainConfig, "save_every"),
     log_every: Annotated[
         int, typer.Option("--log-every", help="Read loss/accuracy from the device every N steps (fewer host syncs).")
-    ] = 10,
-    max_steps_per_epoch: Annotated[Optional[int], typer.Option("--max-steps-per-epoch", hidden=True)] = None,
+    ] = option_default(PretrainConfig, "log_every"),
+    max_steps_per_epoch: Annotated[
+        Optional[int],
+        typer.Option("--max-steps-per-epoch", hidden=True),
+    ] = option_default(PretrainConfig, "max_steps_per_epoch"),
     logger: Annotated[
         str,
         typer.Option(
             "--logger",
             help="Where else the figures go, comma-separated: csv (logs/scalars.csv), tensorboard, wandb, mlflow (each an extra: pip install 'rotnet-cli\\[tensorboard]'), or none.",
         ),
-    ] = "csv",
+    ] = option_default(PretrainConfig, "logger"),
     eval_data: Annotated[
         Optional[str],
         typer.Option(
             "--eval-data",
             help="Labelled images (digits, a class folder, a torchvision name) on which the features' kNN accuracy is measured during training.",
         ),
-    ] = None,
+    ] = option_default(PretrainConfig, "eval_data"),
     eval_every: Annotated[
         str,
         typer.Option(
             "--eval-every",
             help="Measure it every N epochs (and after the last); auto: as often as keeps it at about 3% of the training compute.",
         ),
-    ] = "auto",
+    ] = option_default(PretrainConfig, "eval_every"),
     eval_layers: Annotated[
         str,
         typer.Option("--eval-layers", help="Stages to measure, 1-based (negative from the last), e.g. 2,-1, or all."),
-    ] = "all",
+    ] = option_default(PretrainConfig, "eval_layers"),
     eval_heads: Annotated[
         str,
         typer.Option("--eval-heads", help="knn, and/or linear (a quick linear probe: a few times the cost of knn)."),
-    ] = "knn",
+    ] = option_default(PretrainConfig, "eval_heads"),
     keep_checkpoints: Annotated[
         int,
         typer.Option(
             "--keep-checkpoints",
             help="Keep the weights of the last N epochs (RUN:epoch-E) besides the best one (RUN:best).",
         ),
-    ] = 0,
+    ] = option_default(PretrainConfig, "keep_checkpoints"),
     best_metric: Annotated[
         str,
         typer.Option(
             "--best-metric",
             help="The epoch kept as RUN:best: knn, linear (the best stage; knn:3 for stage 3), val_rot_acc, val_loss, none, or auto (knn with --eval-data, else val_rot_acc with --keep-checkpoints).",
         ),
-    ] = "auto",
+    ] = option_default(PretrainConfig, "best_metric"),
     config_file: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:

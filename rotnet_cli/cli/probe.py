@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..config import ProbeConfig, default_workers
+from ..config import ProbeConfig, option_default
 from ..errors import OutputError
 from ._common import (
     shown,
@@ -49,73 +49,73 @@ def probe(
             "--data",
             help="Labelled data: digits (built in), a folder of class sub-folders (train/ + val/ used as such), or cifar10, cifar100, stl10, mnist, fashionmnist, svhn.",
         ),
-    ] = "digits",
-    data_dir: DataDirOpt = None,
-    download: DownloadOpt = False,
+    ] = option_default(ProbeConfig, "data"),
+    data_dir: DataDirOpt = option_default(ProbeConfig, "data_dir"),
+    download: DownloadOpt = option_default(ProbeConfig, "download"),
     val_data: Annotated[
         Optional[str],
         typer.Option(
             "--val-data",
             help="Labelled validation data (same classes); default: the dataset's own split, else --val-split.",
         ),
-    ] = None,
+    ] = option_default(ProbeConfig, "val_data"),
     val_split: Annotated[
         float,
         typer.Option("--val-split", help="Share of the labelled images held out for validation (stratified, seeded)."),
-    ] = 0.2,
+    ] = option_default(ProbeConfig, "val_split"),
     layers: Annotated[
         str,
         typer.Option(
             "--layers", help="Stages to probe: all, or 1-based indices such as 1,2,-1 (negative: from the last)."
         ),
-    ] = "all",
+    ] = option_default(ProbeConfig, "layers"),
     heads: Annotated[
         str,
         typer.Option(
             "--head",
             help="Comma list of linear (BN + linear on pooled features), mlp (2x200 hidden, BN + ReLU), knn (cosine k-NN vote), conv (NIN block + linear on spatial maps).",
         ),
-    ] = "linear,knn",
+    ] = option_default(ProbeConfig, "heads"),
     pool: Annotated[
         str,
         typer.Option(
             "--pool", help="How the mlp head sees a stage: avg or max (global pooling) or flatten (every position)."
         ),
-    ] = "avg",
+    ] = option_default(ProbeConfig, "pool"),
     recipe: Annotated[
         str,
         typer.Option(
             "--recipe",
             help="quick: features extracted once, AdamW, cosine, 100 epochs, batch 256. paper: the official code's classifier training (features of cropped+flipped images recomputed every batch, SGD Nesterov lr 0.1, weight decay 5e-4, lr/5 steps, mlp 50 / conv 100 epochs, batch 128, fp32, best and last epoch).",
         ),
-    ] = "quick",
+    ] = option_default(ProbeConfig, "recipe"),
     features: Annotated[
         Optional[str],
         typer.Option(
             "--features",
             help="cached (extracted once: fast) or augmented (recomputed every batch from cropped+flipped images: epochs x one forward pass); default: the recipe's.",
         ),
-    ] = None,
+    ] = option_default(ProbeConfig, "features"),
     epochs: Annotated[
         Optional[int],
         typer.Option(
             "--epochs",
             help="Training epochs of every head (default: the recipe's; a step schedule keeps its steps at the same share of the run).",
         ),
-    ] = None,
+    ] = option_default(ProbeConfig, "epochs"),
     lr: Annotated[
         Optional[float],
         typer.Option(
             "--lr",
             help="Learning rate of the heads (default: the recipe's: quick 1e-2 linear, 1e-3 mlp and conv; paper 0.1).",
         ),
-    ] = None,
+    ] = option_default(ProbeConfig, "lr"),
     weight_decay: Annotated[
         Optional[float],
         typer.Option(
             "--weight-decay", help="Weight decay of the heads, on every parameter (default: the recipe's, 5e-4)."
         ),
-    ] = None,
+    ] = option_default(ProbeConfig, "weight_decay"),
     batch_size: Annotated[
         Optional[int],
         typer.Option(
@@ -123,47 +123,50 @@ def probe(
             "-b",
             help="Images per batch, for extracting features and for training the heads (default: the recipe's, 256 quick, 128 paper).",
         ),
-    ] = None,
+    ] = option_default(ProbeConfig, "batch_size"),
     labels_per_class: Annotated[
         Optional[int],
         typer.Option(
             "--labels-per-class",
             help="Keep only K labelled training images per class (seeded); the paper's semi-supervised study.",
         ),
-    ] = None,
-    knn_k: Annotated[int, typer.Option("--knn-k", help="Neighbours that vote in the knn head.")] = 20,
+    ] = option_default(ProbeConfig, "labels_per_class"),
+    knn_k: Annotated[
+        int,
+        typer.Option("--knn-k", help="Neighbours that vote in the knn head."),
+    ] = option_default(ProbeConfig, "knn_k"),
     compare: Annotated[
         Optional[str],
         typer.Option(
             "--compare",
             help="Baseline rows: random (the same architecture, random weights) and/or other weights, e.g. timm:resnet18; comma list.",
         ),
-    ] = None,
+    ] = option_default(ProbeConfig, "compare"),
     img_size: Annotated[
         Optional[int],
         typer.Option(
             "--img-size",
             help="Input size in pixels for timm:NAME and random:NAME weights (default: the model's own); saved weights are probed at the size they were trained at.",
         ),
-    ] = None,
-    workers: WorkersOpt = default_workers(),
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
+    ] = option_default(ProbeConfig, "img_size"),
+    workers: WorkersOpt = option_default(ProbeConfig, "workers"),
+    seed: SeedOpt = option_default(ProbeConfig, "seed"),
+    device: DeviceOpt = option_default(ProbeConfig, "device"),
+    precision: PrecisionOpt = option_default(ProbeConfig, "precision"),
     save: Annotated[
         bool,
         typer.Option(
             "--save/--no-save",
             help="Keep the result in the run directory's probe.json (one result per setting) when WEIGHTS is one.",
         ),
-    ] = True,
+    ] = option_default(ProbeConfig, "save"),
     overwrite: Annotated[
         bool,
         typer.Option(
             "--overwrite",
             help="Replace a result with the same settings in probe.json (results of other settings are always kept).",
         ),
-    ] = False,
+    ] = option_default(ProbeConfig, "overwrite"),
     json_out: JsonOpt = False,
 ) -> None:
     """Measure frozen features: a classifier per stage and head, top-1 on held-out labelled images."""

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..config import ReproduceConfig, default_workers
+from ..config import ReproduceConfig, option_default
 from ._common import (
     shown,
     DataDirOpt,
@@ -40,10 +40,13 @@ def reproduce(
     recipe: Annotated[
         str,
         typer.Argument(help="The experiment set: paper-cifar10 (Gidaris et al. 2018, Tables 1-3, NIN on CIFAR-10)."),
-    ] = "paper-cifar10",
-    data: Annotated[str, typer.Option("--data", help="The dataset (the paper: cifar10).")] = "cifar10",
-    data_dir: DataDirOpt = None,
-    download: DownloadOpt = False,
+    ] = option_default(ReproduceConfig, "recipe"),
+    data: Annotated[
+        str,
+        typer.Option("--data", help="The dataset (the paper: cifar10)."),
+    ] = option_default(ReproduceConfig, "data"),
+    data_dir: DataDirOpt = option_default(ReproduceConfig, "data_dir"),
+    download: DownloadOpt = option_default(ReproduceConfig, "download"),
     out: Annotated[
         Optional[str],
         typer.Option(
@@ -51,24 +54,24 @@ def reproduce(
             "-o",
             help="Folder for the runs (default runs/paper-cifar10, or runs/paper-cifar10-smoke); a rerun reuses finished runs and resumes stopped ones of the same settings.",
         ),
-    ] = None,
+    ] = option_default(ReproduceConfig, "out"),
     schedule: Annotated[
         str,
         typer.Option(
             "--schedule",
             help="RotNet pretraining: paper (100 epochs, lr/5 after 30, 60, 80: the paper's text) or official (200 epochs, lr/5 after 60, 120, 160: the released code's config).",
         ),
-    ] = "paper",
+    ] = option_default(ReproduceConfig, "schedule"),
     smoke: Annotated[
         bool,
         typer.Option(
             "--smoke", help="Run every step on the built-in digits for a few steps (checks the recipe, not the paper)."
         ),
-    ] = False,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
-    workers: WorkersOpt = default_workers(),
-    seed: SeedOpt = 0,
+    ] = option_default(ReproduceConfig, "smoke"),
+    device: DeviceOpt = option_default(ReproduceConfig, "device"),
+    precision: PrecisionOpt = option_default(ReproduceConfig, "precision"),
+    workers: WorkersOpt = option_default(ReproduceConfig, "workers"),
+    seed: SeedOpt = option_default(ReproduceConfig, "seed"),
     json_out: JsonOpt = False,
 ) -> None:
     """Pretrain the paper's NIN on CIFAR-10 with its recipe, probe every block, print the paper's tables beside ours."""

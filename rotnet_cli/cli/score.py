@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 import typer
 from rich.table import Table
 
-from ..config import ScoreConfig, default_workers
+from ..config import ScoreConfig, option_default
 from ._common import (
     shown,
     DataDirOpt,
@@ -57,7 +57,7 @@ def score(
             help="Image files, folders (searched recursively) or a dataset name (digits, cifar10, ...).",
             show_default=False,
         ),
-    ] = None,
+    ] = option_default(ScoreConfig, "data"),
     out: Annotated[
         Optional[str],
         typer.Option(
@@ -66,50 +66,50 @@ def score(
             help="File of one row per image; its extension picks the format: .csv, .parquet (parquet extra), .npz or .json.",
             show_default=False,
         ),
-    ] = None,
-    method: MethodOpt = "rotation",
+    ] = option_default(ScoreConfig, "out"),
+    method: MethodOpt = option_default(ScoreConfig, "method"),
     top: Annotated[int, typer.Option("--top", help="Show the N most unusual images.")] = 10,
     bottom: Annotated[int, typer.Option("--bottom", help="Show the N most typical images.")] = 0,
-    k: Annotated[int, typer.Option("-k", help="Neighbours of the knn score.")] = 5,
+    k: Annotated[int, typer.Option("-k", help="Neighbours of the knn score.")] = option_default(ScoreConfig, "k"),
     knn_distance: Annotated[
         str, typer.Option("--knn-distance", help="mean (of the k nearest) or kth (the k-th nearest's distance).")
-    ] = "mean",
+    ] = option_default(ScoreConfig, "knn_distance"),
     reference: Annotated[
         Optional[str],
         typer.Option(
             "--reference",
             help="The knn bank: a folder or dataset name (default: the data the run trained on, from its config.json).",
         ),
-    ] = None,
+    ] = option_default(ScoreConfig, "reference"),
     inliers: Annotated[
         Optional[List[str]],
         typer.Option("--inliers", help="Evaluation: images known to be normal (repeatable); needs --outliers."),
-    ] = None,
+    ] = option_default(ScoreConfig, "inliers"),
     outliers: Annotated[
         Optional[List[str]],
         typer.Option("--outliers", help="Evaluation: images known to be unusual (repeatable); needs --inliers."),
-    ] = None,
+    ] = option_default(ScoreConfig, "outliers"),
     normal: Annotated[
         Optional[str],
         typer.Option(
             "--normal", help="Evaluation on class sub-folders (or a dataset): this class is normal, the rest unusual."
         ),
-    ] = None,
+    ] = option_default(ScoreConfig, "normal"),
     img_size: Annotated[
         Optional[int],
         typer.Option(
             "--img-size", help="Input size for timm:NAME and random:NAME weights (saved weights know theirs)."
         ),
-    ] = None,
+    ] = option_default(ScoreConfig, "img_size"),
     batch_size: Annotated[
         int, typer.Option("--batch-size", "-b", help="Images per batch (each adds one copy per rotation).")
-    ] = 64,
-    workers: WorkersOpt = default_workers(),
-    data_dir: DataDirOpt = None,
-    strict_data: StrictDataOpt = False,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
-    overwrite: OverwriteOpt = False,
+    ] = option_default(ScoreConfig, "batch_size"),
+    workers: WorkersOpt = option_default(ScoreConfig, "workers"),
+    data_dir: DataDirOpt = option_default(ScoreConfig, "data_dir"),
+    strict_data: StrictDataOpt = option_default(ScoreConfig, "strict_data"),
+    device: DeviceOpt = option_default(ScoreConfig, "device"),
+    precision: PrecisionOpt = option_default(ScoreConfig, "precision"),
+    overwrite: OverwriteOpt = option_default(ScoreConfig, "overwrite"),
     json_out: JsonOpt = False,
 ) -> None:
     """How unusual each image is to the run (higher = more unusual); with known outliers, AUROC, AUPR and FPR@95."""

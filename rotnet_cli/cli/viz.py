@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 import typer
 from rich.table import Table
 
-from ..config import AttentionConfig, CurvesConfig, FiltersConfig, counted
+from ..config import AttentionConfig, CurvesConfig, FiltersConfig, OutliersSheetConfig, counted, option_default
 from ._common import (
     shown,
     DeviceOpt,
@@ -74,19 +74,21 @@ def filters(
     ],
     out: Annotated[
         str, typer.Option("--out", "-o", help="PNG file to write (an existing one only with --overwrite).")
-    ] = "filters.png",
+    ] = option_default(FiltersConfig, "out"),
     labels: Annotated[
         Optional[List[str]],
         typer.Option("--label", help="Text above a panel, once per weights in order (default: the weights as given)."),
-    ] = None,
+    ] = option_default(FiltersConfig, "labels"),
     scale: Annotated[
         Optional[int],
         typer.Option(
             "--scale", help="Enlarge every filter pixel to SCALE x SCALE pixels (default: tiles of about 32 px)."
         ),
-    ] = None,
-    cols: Annotated[Optional[int], typer.Option("--cols", help="Filters per row (default: a square-ish grid).")] = None,
-    overwrite: OverwriteOpt = False,
+    ] = option_default(FiltersConfig, "scale"),
+    cols: Annotated[
+        Optional[int], typer.Option("--cols", help="Filters per row (default: a square-ish grid).")
+    ] = option_default(FiltersConfig, "cols"),
+    overwrite: OverwriteOpt = option_default(FiltersConfig, "overwrite"),
     json_out: JsonOpt = False,
 ) -> None:
     """The first-layer (stem) filters of a model as a grid of tiles (paper Figure 4)."""
@@ -124,38 +126,41 @@ def attention(
             "-o",
             help="Folder for the PNGs, one per image (made if missing; one that is not empty only with --overwrite).",
         ),
-    ] = "attention",
+    ] = option_default(AttentionConfig, "out"),
     layers: Annotated[
         str, typer.Option("--layers", help="Stages to draw, 1-based (negative from the last), e.g. 1,2,3, or all.")
-    ] = "all",
+    ] = option_default(AttentionConfig, "layers"),
     power: Annotated[
         str,
         typer.Option(
             "--power",
             help="p in sum over channels of |activation|^p; auto: 1, 2, 4 for early, middle, late stages (the paper).",
         ),
-    ] = "auto",
+    ] = option_default(AttentionConfig, "power"),
     rotations: Annotated[
         Optional[str],
         typer.Option("--rotations", help="Angles for the rows (default: the model's rotation set, else 0,90,180,270)."),
-    ] = None,
+    ] = option_default(AttentionConfig, "rotations"),
     align: Annotated[
         bool,
         typer.Option("--align", help="Turn every rotated copy and its maps back upright, so the rows can be compared."),
-    ] = False,
+    ] = option_default(AttentionConfig, "align"),
     img_size: Annotated[
         Optional[int],
         typer.Option("--img-size", help="Input size in pixels (default: the size the weights were trained at)."),
-    ] = None,
+    ] = option_default(AttentionConfig, "img_size"),
     scale: Annotated[
         Optional[int], typer.Option("--scale", help="Enlarge tiles SCALE times (default: to at least 128 px).")
-    ] = None,
-    cmap: Annotated[str, typer.Option("--cmap", help="Colour map of the attention: jet or inferno.")] = "jet",
+    ] = option_default(AttentionConfig, "scale"),
+    cmap: Annotated[
+        str,
+        typer.Option("--cmap", help="Colour map of the attention: jet or inferno."),
+    ] = option_default(AttentionConfig, "cmap"),
     alpha: Annotated[
         float, typer.Option("--alpha", help="Opacity of the attention colours over the image, 0..1.")
-    ] = 0.5,
-    device: DeviceOpt = "auto",
-    overwrite: OverwriteOpt = False,
+    ] = option_default(AttentionConfig, "alpha"),
+    device: DeviceOpt = option_default(AttentionConfig, "device"),
+    overwrite: OverwriteOpt = option_default(AttentionConfig, "overwrite"),
     json_out: JsonOpt = False,
 ) -> None:
     """Attention maps of every stage for every rotated copy of each image (paper Figures 3 and 6)."""
@@ -193,8 +198,8 @@ def curves(
     ],
     out: Annotated[
         str, typer.Option("--out", "-o", help="PNG file to write (an existing one only with --overwrite).")
-    ] = "curves.png",
-    overwrite: OverwriteOpt = False,
+    ] = option_default(CurvesConfig, "out"),
+    overwrite: OverwriteOpt = option_default(CurvesConfig, "overwrite"),
     json_out: JsonOpt = False,
 ) -> None:
     """Loss and rotation accuracy per epoch of a run, training and validation (needs matplotlib)."""
@@ -229,20 +234,21 @@ def outliers(
     data: Annotated[
         Optional[List[str]],
         typer.Argument(help="With weights: image files, folders or a dataset name to score.", show_default=False),
-    ] = None,
+    ] = option_default(OutliersSheetConfig, "data"),
     out: Annotated[
         str, typer.Option("--out", "-o", help="PNG file to write (an existing one only with --overwrite).")
-    ] = "outliers.png",
-    n: Annotated[int, typer.Option("-n", help="Images of each kind: the N most unusual and the N most typical.")] = 16,
+    ] = option_default(OutliersSheetConfig, "out"),
+    n: Annotated[
+        int, typer.Option("-n", help="Images of each kind: the N most unusual and the N most typical.")
+    ] = option_default(OutliersSheetConfig, "n"),
     method: Annotated[
         str, typer.Option("--method", help="With weights: rotation, knn or both (see rotnet score --help).")
-    ] = "rotation",
-    device: DeviceOpt = "auto",
-    overwrite: OverwriteOpt = False,
+    ] = option_default(OutliersSheetConfig, "method"),
+    device: DeviceOpt = option_default(OutliersSheetConfig, "device"),
+    overwrite: OverwriteOpt = option_default(OutliersSheetConfig, "overwrite"),
     json_out: JsonOpt = False,
 ) -> None:
     """A contact sheet of the most unusual and most typical images, with their scores (from rotnet score)."""
-    from ..config import OutliersSheetConfig
     from ..outlier_sheet import draw_outliers
 
     with ProgressView(err_console, title="outliers") as view:
