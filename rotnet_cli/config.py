@@ -363,9 +363,10 @@ class PretrainConfig(_Serializable):
         return "val_rot_acc" if self.keep_checkpoints and has_val else "none"
 
     @property
-    def global_batch(self) -> int:
-        """Images per optimizer step over all processes: --batch-size (split among them) x --accum-steps."""
-        return self.batch_size * self.accum_steps
+    def global_batch(self) -> int | None:
+        """Images per optimizer step over all processes: --batch-size (split among them) x --accum-steps;
+        None while the data plan has not chosen the batch."""
+        return None if self.batch_size is None else self.batch_size * self.accum_steps
 
     @property
     def base_lr(self) -> float:
@@ -373,8 +374,13 @@ class PretrainConfig(_Serializable):
         return self.lr if self.lr is not None else (0.1 if self.optimizer == "sgd" else 1e-3)
 
     @property
-    def resolved_lr(self) -> float:
-        """The peak lr in use: --lr (or the optimizer's default) scaled by --lr-scale for the global batch."""
+    def resolved_lr(self) -> float | None:
+        """The peak lr in use: --lr (or the optimizer's default) scaled by --lr-scale for the global batch
+        (None while a scaled lr waits for the data plan's batch)."""
+        if self.lr_scale == "none":
+            return self.base_lr
+        if self.global_batch is None:
+            return None
         ratio = self.global_batch / self.lr_ref_batch
         factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.lr_scale]
         return self.base_lr * factor

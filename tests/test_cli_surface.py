@@ -142,7 +142,14 @@ def test_summary_says_what_the_table_leaves_out_and_prints_next_commands_whole(t
         for e in range(1, 13)
     ]
     result = SimpleNamespace(
-        out_dir=out_dir, history=rows, final=rows[-1], val_rot_acc_per_rotation={}, labelled=True, best=None
+        out_dir=out_dir,
+        history=rows,
+        final=rows[-1],
+        val_rot_acc_per_rotation={},
+        labelled=True,
+        best=None,
+        val_images=None,
+        calibration=None,
     )
     with out_console.capture() as captured:
         _render_summary(result, PretrainConfig(epochs=12))
@@ -155,7 +162,14 @@ def test_summary_says_what_the_table_leaves_out_and_prints_next_commands_whole(t
 def test_next_probe_command_asks_for_labelled_images_after_an_unlabelled_folder(tmp_path):
     rows = [{"epoch": 1, "loss": 0.5, "rot_acc": 0.8, "val_loss": 0.6, "val_rot_acc": 0.75, "images_per_s": 900.0}]
     result = SimpleNamespace(
-        out_dir=tmp_path / "run", history=rows, final=rows[-1], val_rot_acc_per_rotation={}, labelled=False, best=None
+        out_dir=tmp_path / "run",
+        history=rows,
+        final=rows[-1],
+        val_rot_acc_per_rotation={},
+        labelled=False,
+        best=None,
+        val_images=None,
+        calibration=None,
     )
     with out_console.capture() as captured:
         _render_summary(result, PretrainConfig(data=str(tmp_path / "photos"), epochs=1))
