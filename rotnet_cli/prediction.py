@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import functools
 import io
 import os
 from collections.abc import Callable
@@ -282,7 +283,7 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
     try:
         if cfg.fix and not cfg.in_place:
             targets = [out / i.relative for i in inputs]
-            predict_files.record_planned(out, targets)
+            predict_files.record_started(out)
             predict_files.remove_files(p for temps in predict_files.stale_temp_files(targets).values() for p in temps)
         if cfg.fix:
             _fix_images(inputs, predictions, cfg, out, emit)
@@ -387,7 +388,7 @@ def _fix_one(image: InputImage, p: ImagePrediction, cfg: PredictConfig, out: Pat
             else:
                 target = out / image.relative
                 make_dir(target.parent)
-                p.note = write_upright(image.path, target, p.correction, jpeg=cfg.jpeg)
+                p.note = write_upright(image.path, target, p.correction, jpeg=cfg.jpeg, pending=_pending(out))
                 p.action, p.output = "fixed", str(target)
         except UnreadableImage as e:  # the file changed or broke since it was decoded
             p.action, p.note = "unreadable", str(e)
@@ -397,10 +398,15 @@ def _fix_one(image: InputImage, p: ImagePrediction, cfg: PredictConfig, out: Pat
         target = out / image.relative
         try:
             make_dir(target.parent)
-            copy_unchanged(image.path, target)
+            copy_unchanged(image.path, target, pending=_pending(out))
             p.output, p.note = str(target), "; ".join(filter(None, [p.note, "copied unchanged"]))
         except (NotWritten, OutputError, OSError) as e:
             p.note = "; ".join(filter(None, [p.note, f"not copied: {e}"]))
+
+
+def _pending(out: Path):
+    """Notes each copy's content in --out before it is renamed into place (see predict_files.PENDING)."""
+    return functools.partial(predict_files.record_pending, out)
 
 
 REPAIRED = "repaired an interrupted turn: removed"

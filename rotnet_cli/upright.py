@@ -31,6 +31,7 @@ import shutil
 import stat
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -100,13 +101,19 @@ class DiskFull(Exception):
 
 
 def write_upright(
-    source: Path, target: Path, correction: float, *, jpeg: str = "reencode", backup: Path | None = None
+    source: Path,
+    target: Path,
+    correction: float,
+    *,
+    jpeg: str = "reencode",
+    backup: Path | None = None,
+    pending: Callable[[Path, bytes], None] | None = None,
 ) -> str:
     """Write ``source`` turned counter-clockwise by ``correction`` degrees to ``target``; see the module docstring.
 
     ``target`` gets the source's access and modification times; with ``target == source``
     the original is first kept as ``backup`` (a hard link, else a copy) and the file keeps its
-    permission bits. Returns the report note.
+    permission bits. ``pending(target, content)`` is called before the rename. Returns the report note.
     """
     from PIL import Image
 
@@ -133,7 +140,7 @@ def write_upright(
         content, note = _pil_upright(image, fmt, data, grid, correction)
         if fmt == "MPO" and jpeg != "reencode":
             note += f" ({jpeg} handles single-picture JPEGs; this MPO holds {image.n_frames} pictures)"
-    _install(content, source, target, backup)
+    _install(content, source, target, backup, pending)
     return note
 
 
@@ -518,7 +525,13 @@ def _xmp_upright(xmp: bytes, value: int = 1) -> bytes:
 # ----------------------------------------------------------------------------- writing the file
 
 
-def _install(content: bytes, source: Path, target: Path, backup: Path | None) -> None:
+def _install(
+    content: bytes,
+    source: Path,
+    target: Path,
+    backup: Path | None,
+    pending: Callable[[Path, bytes], None] | None = None,
+) -> None:
     """Write ``content`` to ``target`` atomically with the source's file times (and, in place,
     its owner, group, mode and extended attributes, after keeping the original as ``backup``).
 
@@ -533,6 +546,8 @@ def _install(content: bytes, source: Path, target: Path, backup: Path | None) ->
             _keep_backup(source, backup)
             made_backup = True
             _keep_ownership(source, tmp, before)  # on the temp file: the rename then installs it whole
+        if pending is not None:
+            pending(target, content)  # before the rename: a kill right after leaves a copy known by its content
 
     try:
         atomic_write(target, write)
@@ -593,9 +608,9 @@ def _keep_backup(source: Path, backup: Path) -> None:
             raise
 
 
-def copy_unchanged(source: Path, target: Path) -> None:
+def copy_unchanged(source: Path, target: Path, pending: Callable[[Path, bytes], None] | None = None) -> None:
     """``source`` byte for byte at ``target`` (atomically, with its file times)."""
-    _install(source.read_bytes(), source, target, None)
+    _install(source.read_bytes(), source, target, None, pending)
 
 
 __all__ = [

@@ -205,6 +205,27 @@ def test_copies_a_killed_run_wrote_are_still_predicts_to_replace(tiny_run, tmp_p
     ]
 
 
+def test_after_a_killed_run_the_users_own_files_in_out_are_still_never_replaced(tiny_run, tmp_path):
+    """A killed run listed the copies it was about to write; a file the user put or edited there
+    afterwards is theirs: --overwrite replaces a copy only when it is what predict wrote."""
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    png(photos / "a.png", 1), png(photos / "b.png", 2), png(photos / "c.png", 3)
+    args = [str(tiny_run), str(photos), "--fix", "--out", str(out), "--device", "cpu", "--workers", "0"]
+    assert kill_at_the_rename("b.png", args).returncode == -9
+    assert (out / "a.png").is_file() and not (out / "b.png").exists()
+
+    for name in ("a.png", "c.png"):  # the user edits the killed run's copy, and puts a file of theirs
+        png(out / name, 9)
+        before = snapshot(out)
+        result = invoke(tiny_run, photos, "--fix", "--out", out, "--overwrite")
+        assert result.exit_code == 1 and name in one_line(result), result.output
+        assert snapshot(out) == before
+        (out / name).unlink()
+
+    result = invoke(tiny_run, photos, "--fix", "--out", out, "--overwrite")  # what predict wrote is still its own
+    assert result.exit_code == 0, result.output
+
+
 def test_a_turn_killed_at_the_worst_moment_is_repaired_by_the_next_run_which_says_so(tiny_run, tmp_path):
     photos = tmp_path / "photos"
     photo = png(photos / "a.png")
