@@ -37,6 +37,10 @@ from .errors import ConfigError, DataError, OutputError
 # file the user put or edited there afterwards is theirs (a bare list of names would take it too)
 MANIFEST = ".rotnet-predict.json"
 PENDING = ".rotnet-predict.pending"
+REPORT_CSV = "predictions.csv"
+REPORT_JSON = "predictions.json"
+# names at the top of --out that are predict's own: no copy may be written there
+OWN_NAMES = (REPORT_CSV, REPORT_JSON, MANIFEST, PENDING)
 MANIFEST_FORMAT = "rotnet-predict-outputs"
 # Formats cameras and phones write that this build cannot decode: a row says so instead of silence.
 UNSUPPORTED_IMAGE_EXTENSIONS = (
@@ -122,6 +126,11 @@ def _unsupported_files(folders: list[str], keep_names: bool, seen: set[Path]) ->
 def _refuse_collisions(found: list[InputImage]) -> None:
     targets: dict[Path, Path] = {}
     for image in found:
+        if image.relative.parts[0] in OWN_NAMES:  # the report (or the list of predict's files) would replace it
+            raise ConfigError(
+                f"{image.path} would be written as {image.relative} below --out, where predict writes "
+                f"its own {image.relative.parts[0]}; rename it, or predict it without --fix"
+            )
         other = targets.setdefault(image.relative, image.path)
         if other != image.path:
             raise ConfigError(
@@ -157,6 +166,9 @@ def check_replaceable(out: Path, names: Iterable[Path]) -> None:
     owned = read_manifest(out)
     if os.path.lexists(out / MANIFEST) and owned is None:
         rundir.raise_foreign(out, out / MANIFEST)
+    pending = out / PENDING
+    if os.path.lexists(pending) and (pending.is_symlink() or not pending.is_file()):
+        rundir.raise_foreign(out, pending)
     for relative in names:
         entry = out / relative
         if entry.is_dir() and not entry.is_symlink():
@@ -375,5 +387,7 @@ __all__ = [
     "remove_files",
     "backup_is_the_original",
     "MANIFEST",
+    "REPORT_CSV",
+    "REPORT_JSON",
     "UNSUPPORTED_NOTE",
 ]

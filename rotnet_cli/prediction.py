@@ -31,15 +31,13 @@ from . import predict_files, rundir
 from .checkpoint import make_dir, os_error_behind, write_json, write_text
 from .config import DEFAULT_BACKUP_SUFFIX, PredictConfig, format_rotations
 from .errors import ConfigError, DataError, OutputError
-from .predict_files import InputImage
+from .predict_files import REPORT_CSV, REPORT_JSON, InputImage
 from .events import DeviceChosen, Progress, TaskProgress, WarningMessage, ignore
 from .rotations import disc_mask, needs_mask, rotate_all
 from .runtime import autocast, configure_backends, describe_device, resolve_device, resolve_precision
 from .upright import DiskFull, NotWritten, UnreadableImage, copy_unchanged, require_jpeg_route, write_upright
 from .weights import LoadedWeights, load_weights
 
-REPORT_CSV = "predictions.csv"
-REPORT_JSON = "predictions.json"
 REPORT_FIELDS = ("path", "predicted", "correction", "confidence", "action", "output", "note", "path_hex")
 # What happened to each image; "predicted" is the action when nothing is written (no --fix).
 # not-fixed: confidently rotated, but it could not be turned (the note says why).

@@ -360,3 +360,26 @@ def test_after_a_full_disk_the_advised_overwrite_run_is_accepted(tiny_run, tmp_p
     again = invoke(tiny_run, photos, "--fix", "--out", out, "--overwrite")
     assert again.exit_code == 0, again.output
     assert (out / "b.png").is_file()
+
+
+# ----------------------------------------------------------------------------- sweep 27f: names predict keeps for itself
+
+
+@pytest.mark.parametrize("name", ["predictions.csv", "predictions.json", ".rotnet-predict.json"])
+def test_an_image_named_like_predicts_report_is_refused_before_its_copy_is_lost(tiny_run, tmp_path, name):
+    """A file given by name is taken whatever its ending; its copy would have been replaced by the report."""
+    photo = png(tmp_path / "in" / "a.png")
+    given = photo.rename(photo.with_name(name))
+    out = tmp_path / "out"
+    result = invoke(tiny_run, given, "--fix", "--out", out)
+    assert result.exit_code == 1 and "rename it" in one_line(result), result.output
+    assert not out.exists()
+    result = invoke(tiny_run, given, "--out", out)  # without --fix no copy is written: nothing to refuse
+    assert result.exit_code == 0, result.output
+
+
+def test_a_folder_named_like_predicts_report_is_refused_with_fix(tiny_run, tmp_path):
+    png(tmp_path / "predictions.json" / "a.png"), png(tmp_path / "b" / "a.png", 2)
+    result = invoke(tiny_run, tmp_path / "predictions.json", tmp_path / "b", "--fix", "--out", tmp_path / "out")
+    assert result.exit_code == 1 and "rename it" in one_line(result), result.output
+    assert not (tmp_path / "out").exists()
