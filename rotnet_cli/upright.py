@@ -556,7 +556,10 @@ def _install(
         os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
     except BaseException as e:
         if made_backup and not _replaced(target, before):
-            backup.unlink(missing_ok=True)  # the original is still in place: its backup would block every later run
+            try:
+                backup.unlink(missing_ok=True)  # the original is still in place: its backup would block every later run
+            except OSError:
+                pass  # an append-only folder: the backup is identical to the file, so the next run removes it
         if isinstance(e, NotWritten) or not isinstance(e, Exception):
             raise
         cause = os_error_behind(e)  # atomic_write names disk-full and permission errors; the rest are OSErrors

@@ -383,3 +383,31 @@ def test_a_folder_named_like_predicts_report_is_refused_with_fix(tiny_run, tmp_p
     result = invoke(tiny_run, tmp_path / "predictions.json", tmp_path / "b", "--fix", "--out", tmp_path / "out")
     assert result.exit_code == 1 and "rename it" in one_line(result), result.output
     assert not (tmp_path / "out").exists()
+
+
+def _chattr(flag: str, path: Path) -> bool:
+    return (
+        subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0 if os.geteuid() == 0 else False
+    )
+
+
+def test_an_append_only_folder_is_a_one_line_not_fixed_row_and_the_next_run_repairs_it(tiny_run, tmp_path):
+    """chattr +a: the backup link and the temp file can be made, but neither the rename nor their
+    removal is allowed; the turn is a row saying why, not "a bug in rotnet", and the next run repairs."""
+    photos = tmp_path / "photos"
+    photo = png(photos / "a.png")
+    original = photo.read_bytes()
+    if not _chattr("+a", photos):
+        pytest.skip("needs root and a file system with chattr +a")
+    try:
+        result = invoke(tiny_run, photo, "--fix", "--in-place", "--json")
+    finally:
+        _chattr("-a", photos)
+    assert result.exit_code == 0, result.output
+    assert "not-fixed" in result.stdout and "Operation not permitted" in result.stdout
+    assert photo.read_bytes() == original
+
+    result = invoke(tiny_run, photo, "--fix", "--in-place")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in photos.iterdir()) == ["a.png", "a.png.orig"]
+    assert (photos / "a.png.orig").read_bytes() == original and photo.read_bytes() != original
