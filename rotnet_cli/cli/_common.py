@@ -141,6 +141,12 @@ def visible(text: str) -> str:
     )
 
 
+def printable(path: Any) -> str:
+    """A path (or other text from outside) for rich markup: not-UTF-8 bytes as \\xNN, control characters
+    escaped (a name holding ESC[2J must not clear the screen), square brackets kept as text."""
+    return escape(visible(os.fsencode(str(path)).decode("utf-8", "backslashreplace")))
+
+
 def _out_of_memory(e: BaseException) -> bool:
     text = str(e)
     return (

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..config import EmbeddingMapConfig, EmbedConfig, NeighboursConfig, default_workers
 from ._common import (
+    printable,
     print_table,
     StrictDataOpt,
     DataDirOpt,
@@ -125,7 +126,7 @@ def embed(
     out_console.print(
         f"wrote {result.rows:,} embeddings of {result.dim} dimensions ({result.model} stage {result.layer} of {result.stages}, "
         f"{c} x {h} x {w} {result.pool}-pooled{', L2-normalised' if result.normalized else ''}{classes}) to "
-        f"[bold]{escape(str(result.out))}[/] in {result.seconds:.1f}s ({result.images_per_s:,.0f} images/s)",
+        f"[bold]{printable(result.out)}[/] in {result.seconds:.1f}s ({result.images_per_s:,.0f} images/s)",
         highlight=False,
         soft_wrap=True,
     )
@@ -214,7 +215,7 @@ def _render_neighbours(result, show: int) -> None:
     more = len(result.neighbours) - min(show, len(result.neighbours))
     tail = f"{len(result.neighbours):,} row(s) in {result.seconds:.1f}s on {escape(result.device)}"
     if result.out:
-        tail += f"; all written to [bold]{escape(str(result.out))}[/]"
+        tail += f"; all written to [bold]{printable(result.out)}[/]"
     elif more:
         tail += f"; {more:,} more: --out FILE.csv writes them all"
     out_console.print(tail, highlight=False, soft_wrap=True)
@@ -259,7 +260,7 @@ def embeddings_map(
     if result.explained_variance:
         extra += f"; the axes hold {100 * sum(result.explained_variance):.1f}% of the variance"
     out_console.print(
-        f"wrote [bold]{escape(str(result.out))}[/] ({result.width}x{result.height} px, {drawn}{extra})",
+        f"wrote [bold]{printable(result.out)}[/] ({result.width}x{result.height} px, {drawn}{extra})",
         highlight=False,
         soft_wrap=True,
     )

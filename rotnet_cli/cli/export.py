@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ..config import ExportConfig, format_rotations
 from ._common import (
+    printable,
     JsonOpt,
     OverwriteOpt,
     WeightsArg,
@@ -91,7 +91,7 @@ def _render(result) -> None:
     rotations = f", rotations {format_rotations(result.rotations)}" if result.rotations else ""
     out_console.print(
         f"exported {result.model} ({result.num_params:,} parameters, {result.head_hidden_size} features, "
-        f"{result.img_size} px, {result.dtype}{rotations}) to [bold]{escape(str(result.out_dir))}[/]",
+        f"{result.img_size} px, {result.dtype}{rotations}) to [bold]{printable(result.out_dir)}[/]",
         highlight=False,
         soft_wrap=True,
     )

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ..config import DEFAULT_BACKUP_SUFFIX, DEFAULT_MIN_CONFIDENCE, JPEG_ROUTES, PredictConfig, default_workers
 from ._common import (
+    printable,
     print_table,
     DeviceOpt,
     JsonOpt,
@@ -159,7 +159,7 @@ def _render(result, config: PredictConfig) -> None:
     for p in result.predictions:
         readable = p.predicted is not None
         table.add_row(
-            escape(display_path(p.path)),
+            printable(p.path),
             format_rotation(p.predicted) if readable else "-",
             format_correction(p.correction) if readable else "-",
             f"{100 * p.confidence:.1f}%" if readable else "-",
@@ -170,7 +170,7 @@ def _render(result, config: PredictConfig) -> None:
     out_console.print(f"{counts}; confidence = probability of the predicted rotation", soft_wrap=True)
     if result.reports:
         out_console.print(
-            f"report: [bold]{escape(str(result.reports[0]))}[/] and {escape(result.reports[1].name)}", soft_wrap=True
+            f"report: [bold]{printable(result.reports[0])}[/] and {printable(result.reports[1].name)}", soft_wrap=True
         )
     fixed = [p for p in result.predictions if p.action == "fixed"]
     if config.in_place and fixed:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Annotated, Any, Callable, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ..shell import shell_quote
 from ..config import PretrainConfig, default_workers, format_rotations
 from ..stopping import StopFlag
 from ._common import (
+    printable,
     print_table,
     StrictDataOpt,
     BatchSizeOpt,
@@ -340,7 +340,7 @@ def _render_summary(result, config: PretrainConfig) -> None:
 
     final = result.final
     shown = result.history[-SUMMARY_EPOCHS:]
-    table = Table(title=f"RotNet pretraining: {config.model} on {escape(config.data)}", title_justify="left")
+    table = Table(title=f"RotNet pretraining: {config.model} on {printable(config.data)}", title_justify="left")
     table.add_column("epoch", justify="right")
     table.add_column("loss", justify="right")
     table.add_column("rot acc", justify="right")
@@ -375,7 +375,7 @@ def _render_summary(result, config: PretrainConfig) -> None:
         )
     if final.get("val_rot_acc") is None:
         note("no validation split (--val-split 0); accuracy above is on training images")
-    out_console.print(f"run directory: [bold]{escape(str(result.out_dir))}[/]", soft_wrap=True)
+    out_console.print(f"run directory: [bold]{printable(result.out_dir)}[/]", soft_wrap=True)
     if result.best:  # --best-metric: the epoch worth probing
         best = result.best
         value = f"{best['value']:.4f}" if best["metric"] == "val_loss" else f"{100 * best['value']:.2f}%"

@@ -11,6 +11,7 @@ from rich.table import Table
 from ..config import ProbeConfig, default_workers
 from ..errors import OutputError
 from ._common import (
+    printable,
     print_table,
     DataDirOpt,
     DeviceOpt,
@@ -215,7 +216,7 @@ def against_baselines(result) -> list[str]:
 def _render(result) -> None:
     best = result.best()
     table = Table(
-        title=f"Frozen-feature probe: {result.model} on {escape(result.data)} ({result.num_classes} classes, "
+        title=f"Frozen-feature probe: {result.model} on {printable(result.data)} ({result.num_classes} classes, "
         f"{result.train_images} train / {result.val_images} val, top-1, recipe {result.recipe})",
         title_justify="left",
     )
@@ -266,4 +267,4 @@ def _render(result) -> None:
         f"total {seconds:.1f}s on {escape(result.device)}[/]"
     )
     if result.saved_to:
-        out_console.print(f"saved: {escape(str(result.saved_to))}")
+        out_console.print(f"saved: {printable(result.saved_to)}")

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..config import ReproduceConfig, default_workers
 from ._common import (
+    printable,
     DataDirOpt,
     DeviceOpt,
     DownloadOpt,
@@ -105,4 +106,4 @@ def reproduce(
         "[dim]last: the final epoch (honest); best: the best epoch on the test set itself, what the "
         "official code keeps and the paper reports[/]"
     )
-    out_console.print(f"runs: {escape(str(result.out_dir))}")
+    out_console.print(f"runs: {printable(result.out_dir)}")

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..config import AttentionConfig, CurvesConfig, FiltersConfig, counted
 from ._common import (
+    printable,
     DeviceOpt,
     JsonOpt,
     OverwriteOpt,
@@ -104,7 +105,7 @@ def filters(
             f"({panel.in_channels} x {kernel}, scale {panel.scale})"
         )
     out_console.print(
-        f"wrote [bold]{escape(str(result.out))}[/] ({result.width}x{result.height} px, {result.num_filters} filters)"
+        f"wrote [bold]{printable(result.out)}[/] ({result.width}x{result.height} px, {result.num_filters} filters)"
     )
 
 
@@ -170,7 +171,7 @@ def attention(
         print_json(result.to_dict())
         return
     for image in result.images:
-        out_console.print(f"{escape(image.source)} -> {escape(str(image.out))}")
+        out_console.print(f"{printable(image.source)} -> {printable(image.out)}")
     table = Table(title=f"{result.model}, {len(result.images)} image(s)", title_justify="left")
     table.add_column("stage", justify="right")
     table.add_column("p", justify="right")
@@ -204,4 +205,4 @@ def curves(
     if json_out:
         print_json(result.to_dict())
         return
-    out_console.print(f"wrote [bold]{escape(str(result.out))}[/] ({counted(result.epochs, 'epoch')})")
+    out_console.print(f"wrote [bold]{printable(result.out)}[/] ({counted(result.epochs, 'epoch')})")

@@ -1,0 +1,39 @@
+"""What a hostile sweep (27f) of predict's files, in-place turns and messages found, one test per cause."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from rotnet_cli.cli import app
+
+# ESC[2J clears a terminal; \xff is not UTF-8 (a file name from an old camera or a Latin-1 disk)
+HOSTILE = os.fsdecode(b"x\x1b[2J\xff")
+
+
+def test_paths_in_result_lines_and_tables_reach_the_terminal_escaped(tiny_run, tmp_path):
+    """Not only error lines: the "run directory", "to DIR", "report:" lines and the predict table
+    print the path a user gave, so a control character there must not act on the terminal."""
+    out = tmp_path / f"export-{HOSTILE}"
+    result = CliRunner().invoke(app, ["export", str(tiny_run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout and "\\x1b[2J\\xff" in result.stdout
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.zeros((12, 20, 3), np.uint8)).save(photos / f"{HOSTILE}.png")
+    report = tmp_path / f"report-{HOSTILE}"
+    args = ["predict", str(tiny_run), str(photos), "--out", str(report), "--device", "cpu", "--workers", "0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout and result.stdout.count("\\x1b[2J\\xff") == 2  # the table's row and "report:"
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / f"run-{HOSTILE}"))
+    result = CliRunner().invoke(app, ["pretrain", "--resume", str(run), "--epochs", "2", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout and "run directory: " in result.stdout
