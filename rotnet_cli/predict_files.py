@@ -133,9 +133,12 @@ def _refuse_collisions(found: list[InputImage]) -> None:
             )
         other = targets.setdefault(image.relative, image.path)
         if other != image.path:
+            # below a folder kept by name: renaming a folder helps; a bare name (a file given by
+            # itself, or one folder's mirror) needs the file renamed
+            fix = "give their folders different names" if len(image.relative.parts) > 1 else "rename one of them"
             raise ConfigError(
                 f"{other} and {image.path} would both be written as {image.relative} below --out; "
-                "give their folders different names, or predict them in separate runs"
+                f"{fix}, or predict them in separate runs"
             )
 
 

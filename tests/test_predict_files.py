@@ -411,3 +411,12 @@ def test_an_append_only_folder_is_a_one_line_not_fixed_row_and_the_next_run_repa
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in photos.iterdir()) == ["a.png", "a.png.orig"]
     assert (photos / "a.png.orig").read_bytes() == original and photo.read_bytes() != original
+
+
+def test_a_folder_and_a_file_of_the_same_name_are_refused_with_a_fix_that_works(tiny_run, tmp_path):
+    """One folder is mirrored and a file given by itself keeps its bare name: different folder
+    names do not tell them apart, so the message must not advise that."""
+    png(tmp_path / "dirA" / "x.png"), png(tmp_path / "dirB" / "x.png", 2)
+    result = invoke(tiny_run, tmp_path / "dirA", tmp_path / "dirB" / "x.png", "--fix", "--out", tmp_path / "out")
+    assert result.exit_code == 1 and "rename one of them" in one_line(result), result.output
+    assert "folders different names" not in one_line(result)
