@@ -173,6 +173,7 @@ def check_replaceable(out: Path, names: Iterable[Path]) -> None:
     if os.path.lexists(pending) and (pending.is_symlink() or not pending.is_file()):
         rundir.raise_foreign(out, pending)
     for relative in names:
+        _refuse_link_below(out, relative)
         entry = out / relative
         if entry.is_dir() and not entry.is_symlink():
             continue  # never replaced: the copy meant for it fails, and its row says why
@@ -184,6 +185,19 @@ def check_replaceable(out: Path, names: Iterable[Path]) -> None:
         raise OutputError(
             f"--out {out} holds {what}, and predict writes only into a folder of its own; choose another --out"
         )
+
+
+def _refuse_link_below(out: Path, relative: Path) -> None:
+    """A folder below --out that is a link (perhaps to the photos themselves) would take the copy
+    out of --out: a file there may be byte for byte predict's and still be the user's only one."""
+    folder = out
+    for part in relative.parent.parts:
+        folder = folder / part
+        if folder.is_symlink():
+            raise OutputError(
+                f"--out {out}: {folder} is a link (to {os.readlink(folder)}), and predict writes only inside "
+                "--out itself; remove the link or choose another --out"
+            )
 
 
 @dataclass

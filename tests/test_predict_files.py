@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -420,3 +421,19 @@ def test_a_folder_and_a_file_of_the_same_name_are_refused_with_a_fix_that_works(
     result = invoke(tiny_run, tmp_path / "dirA", tmp_path / "dirB" / "x.png", "--fix", "--out", tmp_path / "out")
     assert result.exit_code == 1 and "rename one of them" in one_line(result), result.output
     assert "folders different names" not in one_line(result)
+
+
+def test_overwrite_never_writes_through_a_link_in_out_into_the_users_photos(tiny_run, tmp_path):
+    """The user took predict's upright copy as their photo, then linked the copies' subfolder to
+    their photo folder: the file there is byte for byte predict's, but it is their only photo."""
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    png(photos / "sub" / "x.png")
+    assert invoke(tiny_run, photos, "--fix", "--out", out).exit_code == 0
+    (photos / "sub" / "x.png").write_bytes((out / "sub" / "x.png").read_bytes())
+    shutil.rmtree(out / "sub")
+    (out / "sub").symlink_to(photos / "sub")
+    before = snapshot(photos)
+
+    result = invoke(tiny_run, photos, "--fix", "--out", out, "--overwrite")
+    assert result.exit_code == 1 and "link" in one_line(result), result.output
+    assert snapshot(photos) == before
