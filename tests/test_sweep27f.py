@@ -37,3 +37,12 @@ def test_paths_in_result_lines_and_tables_reach_the_terminal_escaped(tiny_run, t
     result = CliRunner().invoke(app, ["pretrain", "--resume", str(run), "--epochs", "2", "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert "\x1b" not in result.stdout and "run directory: " in result.stdout
+
+
+def test_a_backup_suffix_with_a_control_character_is_refused_before_anything_is_turned(tiny_run, tmp_path):
+    photo = tmp_path / "a.png"
+    Image.fromarray(np.zeros((12, 20, 3), np.uint8)).save(photo)
+    args = ["predict", str(tiny_run), str(photo), "--fix", "--in-place", "--backup-suffix", "\n.bak"]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu", "--workers", "0"])
+    assert result.exit_code == 1 and "--backup-suffix" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
