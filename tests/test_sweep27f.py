@@ -46,3 +46,13 @@ def test_a_backup_suffix_with_a_control_character_is_refused_before_anything_is_
     result = CliRunner().invoke(app, [*args, "--device", "cpu", "--workers", "0"])
     assert result.exit_code == 1 and "--backup-suffix" in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_resume_of_a_run_whose_config_was_deleted_says_so_instead_of_asking_for_the_run(copy_of_run):
+    (copy_of_run / "config.json").unlink()
+    before = sorted(p.name for p in copy_of_run.iterdir())
+    result = CliRunner().invoke(app, ["pretrain", "--resume", str(copy_of_run)])
+    assert result.exit_code == 1, result.output
+    line = " ".join(result.output.split())
+    assert "config.json is missing" in line and "not a rotnet run" not in line
+    assert sorted(p.name for p in copy_of_run.iterdir()) == before
