@@ -479,6 +479,8 @@ def typical_side(paths: list[Path], sample: int = 32) -> int | None:
     step = max(1, len(paths) // sample)
     sides = []
     for path in paths[::step][:sample]:
+        if data_lib.special_file(path):  # a fifo given by name: opening it would block
+            continue
         try:
             with Image.open(path) as image:
                 sides.append(min(image.size))

@@ -613,6 +613,8 @@ def _keep_backup(source: Path, backup: Path) -> None:
 
 def copy_unchanged(source: Path, target: Path, pending: Callable[[Path, bytes], None] | None = None) -> None:
     """``source`` byte for byte at ``target`` (atomically, with its file times)."""
+    if not stat.S_ISREG(os.stat(source).st_mode):  # a fifo given by name: reading it would block
+        raise NotWritten("not a regular file (a fifo, socket or device)")
     _install(source.read_bytes(), source, target, None, pending)
 
 

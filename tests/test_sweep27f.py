@@ -56,3 +56,33 @@ def test_resume_of_a_run_whose_config_was_deleted_says_so_instead_of_asking_for_
     line = " ".join(result.output.split())
     assert "config.json is missing" in line and "not a rotnet run" not in line
     assert sorted(p.name for p in copy_of_run.iterdir()) == before
+
+
+def test_a_fifo_given_by_name_is_an_unreadable_row_not_a_hang(tiny_run, tmp_path):
+    """A folder scan skips fifos; one given by name was opened, which blocks until a writer comes."""
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    Image.fromarray(np.zeros((12, 20, 3), np.uint8)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    args = [str(tiny_run), str(fifo), str(tmp_path / "a.png"), "--fix", "--copy-unchanged", "--out", str(out)]
+    command = [sys.executable, "-m", "rotnet_cli", "predict", *args, "--device", "cpu", "--workers", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert "pipe.png,,,,unreadable" in (out / "predictions.csv").read_text()
+
+    command = [
+        sys.executable,
+        "-m",
+        "rotnet_cli",
+        "viz",
+        "attention",
+        str(tiny_run),
+        str(fifo),
+        "--out",
+        str(tmp_path / "v"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
