@@ -47,7 +47,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             _fsync_dir(path.parent)
     except BaseException as e:
         if tmp is not None:
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass  # a folder that forbids it (append-only): the error that stopped the write is the one to tell
         os_error = os_error_behind(e) if isinstance(e, Exception) else None
         if os_error is not None and os_error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             # what to do next depends on the command (resume, start again, export again): callers may say more

@@ -861,7 +861,8 @@ class PredictConfig(_Serializable):
             raise ConfigError("--backup-suffix names the backups that --in-place keeps; add --in-place or drop it")
         if self.in_place:
             suffix = self.resolved_backup_suffix
-            if not suffix or "/" in suffix or suffix in (".", ".."):
+            # a control character (a newline pasted in) would make every backup a name no listing shows whole
+            if not suffix or "/" in suffix or suffix in (".", "..") or not suffix.isprintable():
                 raise ConfigError(f"--backup-suffix must be a non-empty file-name ending like .orig (got {suffix!r})")
         if self.copy_unchanged and not (self.fix and self.out) or self.copy_unchanged and self.in_place:
             raise ConfigError(

@@ -284,12 +284,12 @@ def _scan(folder: Path) -> tuple[list[Path], list[Path]]:
         for name in files:
             if not name.startswith("."):
                 path = Path(root) / name
-                image = has_file_allowed_extension(name, IMAGE_EXTENSIONS) and not _special_file(path)
+                image = has_file_allowed_extension(name, IMAGE_EXTENSIONS) and not special_file(path)
                 (images if image else others).append(path)
     return sorted(images), sorted(others)
 
 
-def _special_file(path: Path) -> bool:
+def special_file(path: Path) -> bool:
     """A fifo, socket or device under an image's name: reading it could block forever, so it is no image
     (a broken link is not special: it is an unreadable image, counted as such)."""
     try:
@@ -390,6 +390,8 @@ def decode_file(path: Path, size: int) -> torch.Tensor:
     resized to ``size`` (antialiased), centre crop. Raises on unreadable files."""
     from PIL import Image, ImageOps
 
+    if special_file(path):  # given by name (a folder scan skips them): opening a fifo blocks until a writer comes
+        raise OSError(f"{path} is not a regular file (a fifo, socket or device)")
     with Image.open(path) as im:
         # JPEG draft mode decodes at a reduced scale directly: much cheaper for big photos.
         im.draft("RGB", (size * 2, size * 2))

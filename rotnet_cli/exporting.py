@@ -73,7 +73,12 @@ class ExportResult:
         """The two lines that load the export in timm (no rotnet needed, unless rotnet defines the model)."""
         registration = registration_import(self.model)
         lines = [registration] if registration else []
-        lines += ["import timm", f'model = timm.create_model("local-dir:{self.out_dir}", pretrained=True)']
+        # json's quoting is a Python string literal too: a control character or a byte that is not
+        # UTF-8 in the folder's name is escaped, so the line is safe to show and pastes as the same path
+        lines += [
+            "import timm",
+            f"model = timm.create_model({json.dumps(f'local-dir:{self.out_dir}')}, pretrained=True)",
+        ]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:

@@ -47,6 +47,8 @@ def shorter_side(path: Path) -> int | None:
     """The shorter side of an image file, read from its header; None when it cannot be read."""
     from PIL import Image
 
+    if data_lib.special_file(path):  # a fifo given by name: opening it would block
+        return None
     try:
         with Image.open(path) as image:
             return min(image.size)

@@ -31,10 +31,16 @@ from . import rundir
 from .checkpoint import TEMP_SUFFIX, write_json
 from .errors import ConfigError, DataError, OutputError
 
-# in --out: {"format": MANIFEST_FORMAT, "files": {relative path: sha256}, "planned": [relative path]}; "planned"
-# lists the copies a run is writing (checked before, replaced by their SHA-256 at its end), so
-# that what a killed run wrote is still predict's to replace
+# in --out: {"format": MANIFEST_FORMAT, "files": {relative path: sha256}}, and while a run writes
+# copies, PENDING: one line per copy, [relative path, sha256], appended before the copy is renamed
+# into place, so that what a killed run wrote is still predict's to replace -- by its content: a
+# file the user put or edited there afterwards is theirs (a bare list of names would take it too)
 MANIFEST = ".rotnet-predict.json"
+PENDING = ".rotnet-predict.pending"
+REPORT_CSV = "predictions.csv"
+REPORT_JSON = "predictions.json"
+# names at the top of --out that are predict's own: no copy may be written there
+OWN_NAMES = (REPORT_CSV, REPORT_JSON, MANIFEST, PENDING)
 MANIFEST_FORMAT = "rotnet-predict-outputs"
 # Formats cameras and phones write that this build cannot decode: a row says so instead of silence.
 UNSUPPORTED_IMAGE_EXTENSIONS = (
@@ -126,11 +132,19 @@ def _unsupported_files(folders: list[str], keep_names: bool, seen: set[Path]) ->
 def _refuse_collisions(found: list[InputImage]) -> None:
     targets: dict[Path, Path] = {}
     for image in found:
+        if image.relative.parts[0] in OWN_NAMES:  # the report (or the list of predict's files) would replace it
+            raise ConfigError(
+                f"{image.path} would be written as {image.relative} below --out, where predict writes "
+                f"its own {image.relative.parts[0]}; rename it, or predict it without --fix"
+            )
         other = targets.setdefault(image.relative, image.path)
         if other != image.path:
+            # below a folder kept by name: renaming a folder helps; a bare name (a file given by
+            # itself, or one folder's mirror) needs the file renamed
+            fix = "give their folders different names" if len(image.relative.parts) > 1 else "rename one of them"
             raise ConfigError(
                 f"{other} and {image.path} would both be written as {image.relative} below --out; "
-                "give their folders different names, or predict them in separate runs"
+                f"{fix}, or predict them in separate runs"
             )
 
 
@@ -161,7 +175,11 @@ def check_replaceable(out: Path, names: Iterable[Path]) -> None:
     owned = read_manifest(out)
     if os.path.lexists(out / MANIFEST) and owned is None:
         rundir.raise_foreign(out, out / MANIFEST)
+    pending = out / PENDING
+    if os.path.lexists(pending) and (pending.is_symlink() or not pending.is_file()):
+        rundir.raise_foreign(out, pending)
     for relative in names:
+        _refuse_link_below(out, relative)
         entry = out / relative
         if entry.is_dir() and not entry.is_symlink():
             continue  # never replaced: the copy meant for it fails, and its row says why
@@ -175,12 +193,26 @@ def check_replaceable(out: Path, names: Iterable[Path]) -> None:
         )
 
 
+def _refuse_link_below(out: Path, relative: Path) -> None:
+    """A folder below --out that is a link (perhaps to the photos themselves) would take the copy
+    out of --out: a file there may be byte for byte predict's and still be the user's only one."""
+    folder = out
+    for part in relative.parent.parts:
+        folder = folder / part
+        if folder.is_symlink():
+            raise OutputError(
+                f"--out {out}: {folder} is a link (to {os.readlink(folder)}), and predict writes only inside "
+                "--out itself; remove the link or choose another --out"
+            )
+
+
 @dataclass
 class Manifest:
-    """What predict wrote in an --out: relative path -> SHA-256, and the copies a run was about to write."""
+    """What predict wrote in an --out: relative path -> SHA-256, and the copies a killed run was
+    writing: relative path -> the SHA-256s it was about to put there."""
 
     files: dict[str, str]
-    planned: set[str]
+    pending: dict[str, set[str]]
 
 
 def is_own(out: Path, relative: Path, owned: Manifest | None) -> bool:
@@ -188,7 +220,8 @@ def is_own(out: Path, relative: Path, owned: Manifest | None) -> bool:
     if owned is None or entry.is_symlink() or not entry.is_file():
         return False
     key = relative.as_posix()
-    return key in owned.planned or owned.files.get(key) == file_digest(entry)
+    digest = file_digest(entry)
+    return owned.files.get(key) == digest or digest in owned.pending.get(key, ())
 
 
 def read_manifest(out: Path) -> Manifest | None:
@@ -202,39 +235,74 @@ def read_manifest(out: Path) -> Manifest | None:
         return None
     if not isinstance(record, dict) or record.get("format") != MANIFEST_FORMAT:
         return None
-    files, planned = record.get("files"), record.get("planned", [])
-    if not isinstance(files, dict) or not isinstance(planned, list):
+    files = record.get("files")
+    if not isinstance(files, dict):
         return None
     return Manifest(
         {k: v for k, v in files.items() if isinstance(k, str) and isinstance(v, str) and len(v) == 64},
-        {k for k in planned if isinstance(k, str)},
+        _read_pending(out),
     )
+
+
+def _read_pending(out: Path) -> dict[str, set[str]]:
+    """The copies a killed run was writing (PENDING's lines); a line that is not one is ignored."""
+    pending: dict[str, set[str]] = {}
+    path = out / PENDING
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 64 * 2**20:
+            return pending
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return pending
+    for line in lines:
+        try:
+            key, digest = json.loads(line)
+        except (ValueError, TypeError, RecursionError):
+            continue
+        if isinstance(key, str) and isinstance(digest, str) and len(digest) == 64:
+            pending.setdefault(key, set()).add(digest)
+    return pending
 
 
 def record_written(out: Path, written: Iterable[Path]) -> Path:
     """The manifest once the run's files are written: theirs and the earlier files still as
-    predict wrote them, each by its SHA-256 (a copy a killed run was writing counts as written)."""
-    owned = read_manifest(out) or Manifest({}, set())
-    files = {key: digest for key, digest in owned.files.items() if is_own(out, Path(key), Manifest(owned.files, set()))}
-    done = [out / key for key in owned.planned] + [Path(path) for path in written]
-    for path in done:
+    predict wrote them, each by its SHA-256 (a copy a killed run wrote counts as written)."""
+    owned = read_manifest(out) or Manifest({}, {})
+    files = {}
+    for key in {*owned.files, *owned.pending}:
+        with contextlib.suppress(OSError, ValueError):
+            if is_own(out, Path(key), owned):
+                files[key] = file_digest(out / key)
+    for path in map(Path, written):
         if path.is_file() and not path.is_symlink():
             with contextlib.suppress(OSError, ValueError):
                 files[path.relative_to(out).as_posix()] = file_digest(path)
-    return _write_manifest(out, Manifest(files, set()))
+    manifest = _write_manifest(out, Manifest(files, {}))
+    with contextlib.suppress(OSError):
+        (out / PENDING).unlink(missing_ok=True)
+    return manifest
 
 
-def record_planned(out: Path, targets: Iterable[Path]) -> Path:
-    """List the copies about to be written (paths below ``out``) before writing them: a copy that
-    a killed run wrote is then still predict's to replace."""
-    owned = read_manifest(out) or Manifest({}, set())
-    planned = owned.planned | {Path(path).relative_to(out).as_posix() for path in targets}
-    return _write_manifest(out, Manifest(owned.files, planned))
+def record_started(out: Path) -> Path:
+    """The manifest before any copy is written: the folder of a run killed before its end is predict's."""
+    return _write_manifest(out, read_manifest(out) or Manifest({}, {}))
+
+
+def record_pending(out: Path, target: Path, content: bytes) -> None:
+    """Before ``content`` is renamed into ``target`` (below ``out``): note it, flushed to disk,
+    so that the copy is predict's to replace even if this run is killed right after."""
+    line = json.dumps([target.relative_to(out).as_posix(), hashlib.sha256(content).hexdigest()]) + "\n"
+    fd = os.open(out / PENDING, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, line.encode("ascii"))  # ensure_ascii: a name that is not UTF-8 stays its surrogate escapes
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_manifest(out: Path, manifest: Manifest) -> Path:
     # ensure_ascii: a name that is not UTF-8 is kept as its surrogate escapes and read back exactly
-    record = {"format": MANIFEST_FORMAT, "files": manifest.files, "planned": sorted(manifest.planned)}
+    record = {"format": MANIFEST_FORMAT, "files": manifest.files}
     return write_json(out / MANIFEST, record)
 
 
@@ -334,11 +402,15 @@ __all__ = [
     "collect_inputs",
     "check_replaceable",
     "record_written",
+    "record_pending",
+    "record_started",
     "read_manifest",
     "turn_lock",
     "stale_temp_files",
     "remove_files",
     "backup_is_the_original",
     "MANIFEST",
+    "REPORT_CSV",
+    "REPORT_JSON",
     "UNSUPPORTED_NOTE",
 ]

@@ -14,6 +14,7 @@ progress goes to ``progress`` as typed events.
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import os
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from . import csvfiles, predict_files, rundir
 from .checkpoint import make_dir, os_error_behind, write_json, write_text
 from .config import DEFAULT_BACKUP_SUFFIX, PredictConfig, format_rotations
 from .errors import ConfigError, DataError, OutputError
-from .predict_files import InputImage
+from .predict_files import REPORT_CSV, REPORT_JSON, InputImage
 from .events import DeviceChosen, Progress, TaskProgress, WarningMessage, ignore
 from .rotations import disc_mask, needs_mask, rotate_all
 from .runtime import autocast, configure_backends, describe_device, resolve_device, resolve_precision
@@ -38,8 +39,6 @@ from .calibration import temperature_of
 from .fingerprint import feature_distance, is_colour, shorter_side, unlike_reasons
 from .weights import load_weights
 
-REPORT_CSV = "predictions.csv"
-REPORT_JSON = "predictions.json"
 REPORT_FIELDS = (
     "path",
     "predicted",
@@ -333,7 +332,7 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
     try:
         if cfg.fix and not cfg.in_place:
             targets = [out / i.relative for i in inputs]
-            predict_files.record_planned(out, targets)
+            predict_files.record_started(out)
             predict_files.remove_files(p for temps in predict_files.stale_temp_files(targets).values() for p in temps)
         if cfg.fix:
             _fix_images(inputs, predictions, cfg, out, emit)
@@ -438,7 +437,7 @@ def _fix_one(image: InputImage, p: ImagePrediction, cfg: PredictConfig, out: Pat
             else:
                 target = out / image.relative
                 make_dir(target.parent)
-                how = write_upright(image.path, target, p.correction, jpeg=cfg.jpeg)
+                how = write_upright(image.path, target, p.correction, jpeg=cfg.jpeg, pending=_pending(out))
                 p.note = f"{_what_was_predicted(p)}; {how}"
                 p.action, p.output = "fixed", str(target)
         except UnreadableImage as e:  # the file changed or broke since it was decoded
@@ -449,10 +448,15 @@ def _fix_one(image: InputImage, p: ImagePrediction, cfg: PredictConfig, out: Pat
         target = out / image.relative
         try:
             make_dir(target.parent)
-            copy_unchanged(image.path, target)
+            copy_unchanged(image.path, target, pending=_pending(out))
             p.output, p.note = str(target), "; ".join(filter(None, [p.note, "copied unchanged"]))
         except (NotWritten, OutputError, OSError) as e:
             p.note = "; ".join(filter(None, [p.note, f"not copied: {e}"]))
+
+
+def _pending(out: Path):
+    """Notes each copy's content in --out before it is renamed into place (see predict_files.PENDING)."""
+    return functools.partial(predict_files.record_pending, out)
 
 
 REPAIRED = "repaired an interrupted turn: removed"

@@ -253,6 +253,12 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> PretrainCon
         raise ConfigError("--overwrite and --resume contradict each other: choose one")
     if rundir.overwrite_pending(run_dir):
         _refuse_stopped_overwrite(run_dir)
+    if not (run_dir / rundir.CONFIG).is_file() and (run_dir / rundir.CHECKPOINT).is_file():
+        # the folder the user gave is the run: "give the run directory" would send them in circles
+        raise ConfigError(
+            f"--resume {run_dir}: its {rundir.CONFIG} is missing (deleted, or not copied with {rundir.CHECKPOINT}), so "
+            f"the run's options are unknown; copy {rundir.CONFIG} back into {run_dir} from where the run came from"
+        )
     if not (run_dir / rundir.CONFIG).is_file():
         raise ConfigError(
             f"--resume {run_dir}: no {rundir.CONFIG} there, so it is not a rotnet run; give the run directory to continue"

@@ -33,6 +33,7 @@ import shutil
 import stat
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -103,13 +104,19 @@ class DiskFull(Exception):
 
 
 def write_upright(
-    source: Path, target: Path, correction: float, *, jpeg: str = "reencode", backup: Path | None = None
+    source: Path,
+    target: Path,
+    correction: float,
+    *,
+    jpeg: str = "reencode",
+    backup: Path | None = None,
+    pending: Callable[[Path, bytes], None] | None = None,
 ) -> str:
     """Write ``source`` turned counter-clockwise by ``correction`` degrees to ``target``; see the module docstring.
 
     ``target`` gets the source's access and modification times; with ``target == source``
     the original is first kept as ``backup`` (a hard link, else a copy) and the file keeps its
-    permission bits. Returns the report note.
+    permission bits. ``pending(target, content)`` is called before the rename. Returns the report note.
     """
     from PIL import Image
 
@@ -136,7 +143,7 @@ def write_upright(
         content, note = _pil_upright(image, fmt, data, grid, correction)
         if fmt == "MPO" and jpeg != "reencode":
             note += f" ({jpeg} handles single-picture JPEGs; this MPO holds {image.n_frames} pictures)"
-    _install(content, source, target, backup)
+    _install(content, source, target, backup, pending)
     return note
 
 
@@ -523,7 +530,13 @@ def _xmp_upright(xmp: bytes, value: int = 1) -> bytes:
 # ----------------------------------------------------------------------------- writing the file
 
 
-def _install(content: bytes, source: Path, target: Path, backup: Path | None) -> None:
+def _install(
+    content: bytes,
+    source: Path,
+    target: Path,
+    backup: Path | None,
+    pending: Callable[[Path, bytes], None] | None = None,
+) -> None:
     """Write ``content`` to ``target`` atomically with the source's file times (and, in place,
     its owner, group, mode and extended attributes, after keeping the original as ``backup``).
 
@@ -538,6 +551,8 @@ def _install(content: bytes, source: Path, target: Path, backup: Path | None) ->
             _keep_backup(source, backup)
             made_backup = True
             _keep_ownership(source, tmp, before)  # on the temp file: the rename then installs it whole
+        if pending is not None:
+            pending(target, content)  # before the rename: a kill right after leaves a copy known by its content
 
     try:
         atomic_write(target, write)
@@ -546,7 +561,10 @@ def _install(content: bytes, source: Path, target: Path, backup: Path | None) ->
         os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
     except BaseException as e:
         if made_backup and not _replaced(target, before):
-            backup.unlink(missing_ok=True)  # the original is still in place: its backup would block every later run
+            try:
+                backup.unlink(missing_ok=True)  # the original is still in place: its backup would block every later run
+            except OSError:
+                pass  # an append-only folder: the backup is identical to the file, so the next run removes it
         if isinstance(e, NotWritten) or not isinstance(e, Exception):
             raise
         cause = os_error_behind(e)  # atomic_write names disk-full and permission errors; the rest are OSErrors
@@ -598,9 +616,11 @@ def _keep_backup(source: Path, backup: Path) -> None:
             raise
 
 
-def copy_unchanged(source: Path, target: Path) -> None:
+def copy_unchanged(source: Path, target: Path, pending: Callable[[Path, bytes], None] | None = None) -> None:
     """``source`` byte for byte at ``target`` (atomically, with its file times)."""
-    _install(source.read_bytes(), source, target, None)
+    if not stat.S_ISREG(os.stat(source).st_mode):  # a fifo given by name: reading it would block
+        raise NotWritten("not a regular file (a fifo, socket or device)")
+    _install(source.read_bytes(), source, target, None, pending)
 
 
 __all__ = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -207,6 +208,27 @@ def test_copies_a_killed_run_wrote_are_still_predicts_to_replace(tiny_run, tmp_p
     ]
 
 
+def test_after_a_killed_run_the_users_own_files_in_out_are_still_never_replaced(tiny_run, tmp_path):
+    """A killed run listed the copies it was about to write; a file the user put or edited there
+    afterwards is theirs: --overwrite replaces a copy only when it is what predict wrote."""
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    png(photos / "a.png", 1), png(photos / "b.png", 2), png(photos / "c.png", 3)
+    args = [str(tiny_run), str(photos), "--fix", "--out", str(out), "--device", "cpu", "--workers", "0"]
+    assert kill_at_the_rename("b.png", args).returncode == -9
+    assert (out / "a.png").is_file() and not (out / "b.png").exists()
+
+    for name in ("a.png", "c.png"):  # the user edits the killed run's copy, and puts a file of theirs
+        png(out / name, 9)
+        before = snapshot(out)
+        result = invoke(tiny_run, photos, "--fix", "--out", out, "--overwrite")
+        assert result.exit_code == 1 and name in one_line(result), result.output
+        assert snapshot(out) == before
+        (out / name).unlink()
+
+    result = invoke(tiny_run, photos, "--fix", "--out", out, "--overwrite")  # what predict wrote is still its own
+    assert result.exit_code == 0, result.output
+
+
 def test_a_turn_killed_at_the_worst_moment_is_repaired_by_the_next_run_which_says_so(tiny_run, tmp_path):
     photos = tmp_path / "photos"
     photo = png(photos / "a.png")
@@ -341,3 +363,79 @@ def test_after_a_full_disk_the_advised_overwrite_run_is_accepted(tiny_run, tmp_p
     again = invoke(tiny_run, photos, "--fix", "--out", out, "--overwrite")
     assert again.exit_code == 0, again.output
     assert (out / "b.png").is_file()
+
+
+# ----------------------------------------------------------------------------- sweep 27f: names predict keeps for itself
+
+
+@pytest.mark.parametrize("name", ["predictions.csv", "predictions.json", ".rotnet-predict.json"])
+def test_an_image_named_like_predicts_report_is_refused_before_its_copy_is_lost(tiny_run, tmp_path, name):
+    """A file given by name is taken whatever its ending; its copy would have been replaced by the report."""
+    photo = png(tmp_path / "in" / "a.png")
+    given = photo.rename(photo.with_name(name))
+    out = tmp_path / "out"
+    result = invoke(tiny_run, given, "--fix", "--out", out)
+    assert result.exit_code == 1 and "rename it" in one_line(result), result.output
+    assert not out.exists()
+    result = invoke(tiny_run, given, "--out", out)  # without --fix no copy is written: nothing to refuse
+    assert result.exit_code == 0, result.output
+
+
+def test_a_folder_named_like_predicts_report_is_refused_with_fix(tiny_run, tmp_path):
+    png(tmp_path / "predictions.json" / "a.png"), png(tmp_path / "b" / "a.png", 2)
+    result = invoke(tiny_run, tmp_path / "predictions.json", tmp_path / "b", "--fix", "--out", tmp_path / "out")
+    assert result.exit_code == 1 and "rename it" in one_line(result), result.output
+    assert not (tmp_path / "out").exists()
+
+
+def _chattr(flag: str, path: Path) -> bool:
+    return (
+        subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0 if os.geteuid() == 0 else False
+    )
+
+
+def test_an_append_only_folder_is_a_one_line_not_fixed_row_and_the_next_run_repairs_it(tiny_run, tmp_path):
+    """chattr +a: the backup link and the temp file can be made, but neither the rename nor their
+    removal is allowed; the turn is a row saying why, not "a bug in rotnet", and the next run repairs."""
+    photos = tmp_path / "photos"
+    photo = png(photos / "a.png")
+    original = photo.read_bytes()
+    if not _chattr("+a", photos):
+        pytest.skip("needs root and a file system with chattr +a")
+    try:
+        result = invoke(tiny_run, photo, "--fix", "--in-place", "--json")
+    finally:
+        _chattr("-a", photos)
+    assert result.exit_code == 0, result.output
+    assert "not-fixed" in result.stdout and "Operation not permitted" in result.stdout
+    assert photo.read_bytes() == original
+
+    result = invoke(tiny_run, photo, "--fix", "--in-place")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in photos.iterdir()) == ["a.png", "a.png.orig"]
+    assert (photos / "a.png.orig").read_bytes() == original and photo.read_bytes() != original
+
+
+def test_a_folder_and_a_file_of_the_same_name_are_refused_with_a_fix_that_works(tiny_run, tmp_path):
+    """One folder is mirrored and a file given by itself keeps its bare name: different folder
+    names do not tell them apart, so the message must not advise that."""
+    png(tmp_path / "dirA" / "x.png"), png(tmp_path / "dirB" / "x.png", 2)
+    result = invoke(tiny_run, tmp_path / "dirA", tmp_path / "dirB" / "x.png", "--fix", "--out", tmp_path / "out")
+    assert result.exit_code == 1 and "rename one of them" in one_line(result), result.output
+    assert "folders different names" not in one_line(result)
+
+
+def test_overwrite_never_writes_through_a_link_in_out_into_the_users_photos(tiny_run, tmp_path):
+    """The user took predict's upright copy as their photo, then linked the copies' subfolder to
+    their photo folder: the file there is byte for byte predict's, but it is their only photo."""
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    png(photos / "sub" / "x.png")
+    assert invoke(tiny_run, photos, "--fix", "--out", out).exit_code == 0
+    (photos / "sub" / "x.png").write_bytes((out / "sub" / "x.png").read_bytes())
+    shutil.rmtree(out / "sub")
+    (out / "sub").symlink_to(photos / "sub")
+    before = snapshot(photos)
+
+    result = invoke(tiny_run, photos, "--fix", "--out", out, "--overwrite")
+    assert result.exit_code == 1 and "link" in one_line(result), result.output
+    assert snapshot(photos) == before

@@ -164,8 +164,9 @@ def visible(text: str) -> str:
 
 
 def shown(text: Any) -> str:
-    """A path or other plain value inside rich markup: control characters escaped, brackets kept."""
-    return escape(visible(str(text)))
+    """A path (or other text from outside) inside rich markup: not-UTF-8 bytes as \\xNN, control
+    characters escaped (a name holding ESC[2J must not clear the screen), square brackets kept as text."""
+    return escape(visible(os.fsencode(str(text)).decode("utf-8", "backslashreplace")))
 
 
 _LIBRARIES = ("torch", "torchvision", "timm", "safetensors", "numpy", "PIL")
