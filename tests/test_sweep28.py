@@ -68,3 +68,33 @@ def test_an_installed_but_broken_onnxruntime_names_the_extra_not_a_bug(tiny_run,
         assert "pip install --force-reinstall 'rotnet-cli[onnx]'" in lines[-1] and "bug" not in lines[-1]
         assert "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+PRETRAIN = ["pretrain", "--model", "test_resnet", "--epochs", "1", "-b", "16", "--max-steps-per-epoch", "1"]
+PRETRAIN += ["--device", "cpu", "--workers", "0"]
+
+
+@pytest.mark.parametrize(
+    "slurm, named",
+    [
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "abc"}, "SLURM_NTASKS is 'abc'"),
+        ({"SLURM_PROCID": "x", "SLURM_NTASKS": "2"}, "SLURM_PROCID is 'x'"),
+        ({"SLURM_PROCID": "5", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost"}, "rank 5 of a world of 2"),
+    ],
+)
+def test_nonsense_slurm_variables_are_one_line_naming_them(tmp_path, slurm, named):
+    # before: a ValueError reported as a bug in rotnet, or (rank 5 of 2) a wait for ever for ranks that never come
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env = {**clean, **slurm, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "rotnet_cli", *PRETRAIN, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert named in last and "bug" not in last and "Traceback" not in done.stderr
+    assert not out.exists()
