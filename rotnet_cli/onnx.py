@@ -46,11 +46,22 @@ TEXT_FIELDS = ("rotnet_format", "output", "model", "exporter", "source", "data",
 def require_onnx(export: bool = False) -> None:
     """The one-line error naming the extra when onnx, onnxruntime (or, to export, onnxscript) are missing."""
     needed = ("onnx", "onnxruntime", "onnxscript") if export else ("onnx", "onnxruntime")
+    import importlib
     import importlib.util
 
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    what = "ONNX export" if export else "running an ONNX model"
     if missing:
-        raise RotnetError(f"{'ONNX export' if export else 'running an ONNX model'} needs {', '.join(missing)}: {EXTRA}")
+        raise RotnetError(f"{what} needs {', '.join(missing)}: {EXTRA}")
+    for name in needed:  # installed is not importable: a broken wheel or a missing shared library
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # ImportError, OSError from a native library, ...
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            raise RotnetError(
+                f"{what} needs {name}, which is installed but cannot be imported ({reason}): "
+                f"pip install --force-reinstall 'rotnet-cli[onnx]'"
+            ) from None
 
 
 def is_onnx_spec(spec: str) -> bool:
@@ -239,6 +250,7 @@ def load_onnx(spec: str, device: torch.device | str = "cpu") -> OnnxModel:
     except Exception as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise WeightsError(f"onnxruntime cannot load {path}: {reason}; export it again with this rotnet") from None
+    _check_signature(path, session, meta)
     return OnnxModel(
         path=path,
         session=session,
@@ -251,6 +263,42 @@ def load_onnx(spec: str, device: torch.device | str = "cpu") -> OnnxModel:
         provider=session.get_providers()[0],
         info=meta,
     )
+
+
+def _check_signature(path: Path, session, meta: dict[str, Any]) -> None:
+    """The graph must take what the metadata says it takes and return what it says it returns.
+
+    Metadata and graph can disagree in a file edited (or put together) by hand: without this check
+    predict would feed it images of the wrong size or read R logits as another rotation set.
+    """
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    size = meta["img_size"]
+    expected_input = [None, 3, size, size]  # None: any (the dynamic batch)
+    got = list(inputs[0].shape) if len(inputs) == 1 else None
+    input_ok = (
+        got is not None
+        and inputs[0].name == INPUT_NAME
+        and len(got) == 4
+        and all(want is None or not isinstance(dim, int) or dim == want for dim, want in zip(got, expected_input))
+    )
+    width = len(meta["rotations"]) if meta["output"] == "logits" else None
+    out_shape = list(outputs[0].shape) if outputs else []
+    output_ok = (
+        len(outputs) >= 1
+        and len(out_shape) == 2
+        and (width is None or not isinstance(out_shape[1], int) or out_shape[1] == width)
+    )
+    if not (input_ok and output_ok):
+        graph = (
+            ", ".join(f"{i.name} {list(i.shape)}" for i in inputs)
+            + " -> "
+            + ", ".join(f"{o.name} {list(o.shape)}" for o in outputs)
+        )
+        want = f"{INPUT_NAME} [N, 3, {size}, {size}] -> {meta['output']} [N, {width if width is not None else 'D'}]"
+        raise WeightsError(
+            f"{path}: its graph ({graph}) does not match its metadata ({want}); the file was changed or "
+            "not written by rotnet: export the run again with rotnet export RUN --format onnx --out DIR"
+        )
 
 
 def _read_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:

@@ -203,6 +203,26 @@ def first_host(nodelist: str) -> str:
     return re.sub(r"\[([^\],-]+)[^\]]*\]", r"\1", nodelist[:end].strip())
 
 
+# the variables timm's world_info_from_env reads, each a whole number (world sizes at least 1)
+LAUNCHER_RANKS = ("LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "RANK", "PMI_RANK")
+LAUNCHER_RANKS += ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK")
+LAUNCHER_SIZES = ("WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def check_launcher_env(environ: Mapping[str, str]) -> None:
+    """A launcher variable that is no whole number (SLURM_NTASKS=abc) is one line naming it, not a ValueError."""
+    for name in LAUNCHER_RANKS + LAUNCHER_SIZES:
+        if name not in environ:
+            continue
+        value = environ[name].strip()
+        least = 1 if name in LAUNCHER_SIZES else 0
+        if not value.isdigit() or int(value) < least:
+            raise ConfigError(
+                f"the environment variable {name} is {environ[name]!r}, not a whole number from {least}; "
+                f"unset it (unset {name}) or launch with torchrun or srun, which set it"
+            )
+
+
 def dist_from_env() -> DistInfo:
     """torchrun's RANK, WORLD_SIZE and LOCAL_RANK (or SLURM's, MPI's: timm's world_info_from_env).
 
@@ -210,11 +230,17 @@ def dist_from_env() -> DistInfo:
     """
     from timm.utils import world_info_from_env
 
+    check_launcher_env(os.environ)  # before mapping SLURM's: the message names the variable the user set
     os.environ.update(slurm_env(os.environ))
 
     local_rank, rank, world = world_info_from_env()
     if world <= 1:
         return DistInfo()
+    if rank >= world:  # the other ranks would wait for this one forever in init_process_group
+        raise ConfigError(
+            f"this process is rank {rank} of a world of {world} processes (RANK/SLURM_PROCID must be below "
+            "WORLD_SIZE/SLURM_NTASKS); launch with torchrun or srun, which set both, or fix the variables you exported"
+        )
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
 
 
