@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from . import data as data_lib
 from . import planning, rundir
 from .calibration import calibrate
-from .checkpoint import CHECKPOINT_FORMAT, make_dir
+from .checkpoint import CHECKPOINT_FORMAT
+from .atomicfiles import make_dir
 from .fingerprint import describe_training_images
 from .config import PretrainConfig
 from .errors import ConfigError, DataError, DiskFullError, InputSizeError, Interrupted, NonFiniteLossError, RotnetError

@@ -2,7 +2,7 @@
 
 Every fact about the folders rotnet writes lives here: file names, how each file is read
 (validated like user input: a DataError or WeightsError that names the file), how it is
-written (atomically, through checkpoint.py), the safetensors metadata with its format
+written (atomically, through atomicfiles.py), the safetensors metadata with its format
 marker, and the output-folder policy that every command shares::
 
     runs/NAME/                      rotnet pretrain
@@ -48,16 +48,13 @@ from typing import Any, Callable, Iterable
 
 from . import jsontext
 from ._version import __version__
-from .checkpoint import (
+from .checkpoint import load_checkpoint, safetensors_metadata, save_checkpoint, save_safetensors
+from .atomicfiles import (
     current_umask,
     encode_text,
-    load_checkpoint,
     make_dir,
     printable,
     remove_stale_temp_files,
-    safetensors_metadata,
-    save_checkpoint,
-    save_safetensors,
     write_json,
     write_text,
 )
@@ -120,7 +117,7 @@ TEXT_FIELDS = (
 
 
 def plain_text(text: str) -> str:
-    """``text`` as valid Unicode (see checkpoint.printable): for safetensors metadata."""
+    """``text`` as valid Unicode (see atomicfiles.printable): for safetensors metadata."""
     return printable(text)
 
 

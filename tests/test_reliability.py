@@ -28,7 +28,8 @@ from typer.testing import CliRunner
 
 import rotnet_cli.pretraining as pretrain_module
 from rotnet_cli import rundir
-from rotnet_cli.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from rotnet_cli.checkpoint import load_checkpoint, save_checkpoint
+from rotnet_cli.atomicfiles import atomic_write
 from rotnet_cli.stopping import signals_deferred
 from rotnet_cli.cli import app
 from rotnet_cli.config import PretrainConfig
@@ -921,7 +922,7 @@ def test_weights_that_blow_up_while_the_loss_is_finite_are_never_saved(tmp_path,
 
 
 def test_json_written_or_printed_is_never_bare_nan(tmp_path, capsys):
-    from rotnet_cli.checkpoint import write_json
+    from rotnet_cli.atomicfiles import write_json
     from rotnet_cli.cli._common import print_json
 
     with pytest.raises(ValueError):
@@ -1448,11 +1449,14 @@ def test_disk_full_before_the_first_checkpoint_says_start_again_and_leaves_nothi
 
 
 def test_disk_full_during_an_export_says_export_again(tiny_run, tmp_path, monkeypatch):
+    import rotnet_cli.atomicfiles as atomicfiles
     import rotnet_cli.checkpoint as checkpoint
+    from rotnet_cli.errors import DiskFullError
 
     def full(path, write):
-        raise checkpoint.DiskFullError(path, f"disk full while writing {path}")
+        raise DiskFullError(path, f"disk full while writing {path}")
 
+    monkeypatch.setattr(atomicfiles, "atomic_write", full)
     monkeypatch.setattr(checkpoint, "atomic_write", full)
     monkeypatch.setattr(rundir, "save_safetensors", lambda path, tensors, meta: full(path, None))
     error = one_error_line(CliRunner().invoke(app, ["export", str(tiny_run), "--out", str(tmp_path / "e")]))
