@@ -2,7 +2,7 @@
 
 ``pretrain(config, progress)`` builds everything from a validated PretrainConfig, trains
 backbone + rotation head on the rotation pretext task, writes the run directory
-(config.json, metrics.jsonl, checkpoint.pt, model.safetensors; see rundir.py) and returns a
+(config.json, metrics.jsonl, checkpoint.pt, model.safetensors; see rundir/layout.py) and returns a
 result. It never prints: progress goes to the ``progress`` callback as typed events.
 
 Two objects carry the run. ``Run`` is what stays fixed once it is set up (config, device,
