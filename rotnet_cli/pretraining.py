@@ -620,41 +620,7 @@ def _train(
     start_run_dir(run, state, resumed=saved is not None)
     if saved is None and logging:  # a new run's folder exists only now
         open_run_loggers(run, state, resume_step=None)
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            stats = train_one_epoch(run, state, epoch)  # raises Interrupted (after a checkpoint) when asked to stop
-            row = finish_epoch(run, state, epoch, stats)
-            row.update(evaluate(run, state, epoch))  # kNN (linear) accuracy on --eval-data, every --eval-every epochs
-            state.history.append(row)
-            state.epoch, state.step, state.partial = epoch + 1, 0, None
-            state.loggers.log_epoch(state.epoch * run.steps_per_epoch, row, state.model)
-            keep_checkpoints(
-                run, state
-            )  # before checkpoint.pt: a kill between them trains this epoch again, to the same weights
-            save_checkpoint(run, state, sums=None)
-            if dist.is_main:  # after the checkpoint: a kill between the two leaves metrics a row short, never ahead
-                rundir.write_metrics(out, state.history)
-            report(
-                EpochEnded(
-                    epoch + 1,
-                    cfg.epochs,
-                    row["loss"],
-                    row["rot_acc"],
-                    row["val_loss"],
-                    row["val_rot_acc"],
-                    row["lr"],
-                    row["images_per_s"],
-                    row["seconds"],
-                )
-            )
-            if "eval" in row:
-                report(FeaturesEvaluated(epoch + 1, row["eval"], row["eval_seconds"]))
-            if stop_now(run, sync_point=True) and epoch + 1 < cfg.epochs:
-                raise Interrupted(
-                    f"stopped after epoch {epoch + 1} of {cfg.epochs}; checkpoint saved; resume with: {_resume_command(out)}"
-                )
-    finally:
-        state.loggers.close(finished=state.epoch >= cfg.epochs)
+    train_epochs(run, state, start_epoch)
 
     calibrated = None
     if finished_before:
@@ -697,6 +663,48 @@ def _train(
         calibration=calibrated,
         val_images=len(run.val_set) if run.val_set is not None else 0,
     )
+
+
+def train_epochs(run: Run, state: TrainState, start_epoch: int) -> None:
+    """Every epoch from ``start_epoch`` on: train, validate, evaluate, log, keep and save, write the metrics.
+
+    A stop request (Ctrl-C) ends the run after an epoch's checkpoint with Interrupted; the loggers
+    are closed whatever happens.
+    """
+    try:
+        for epoch in range(start_epoch, run.cfg.epochs):
+            stats = train_one_epoch(run, state, epoch)  # raises Interrupted (after a checkpoint) when asked to stop
+            row = finish_epoch(run, state, epoch, stats)
+            row.update(evaluate(run, state, epoch))  # kNN (linear) accuracy on --eval-data, every --eval-every epochs
+            state.history.append(row)
+            state.epoch, state.step, state.partial = epoch + 1, 0, None
+            state.loggers.log_epoch(state.epoch * run.steps_per_epoch, row, state.model)
+            # before checkpoint.pt: a kill between them trains this epoch again, to the same weights
+            keep_checkpoints(run, state)
+            save_checkpoint(run, state, sums=None)
+            if run.dist.is_main:  # after the checkpoint: a kill between the two leaves metrics a row short, never ahead
+                rundir.write_metrics(run.out, state.history)
+            run.report(
+                EpochEnded(
+                    epoch + 1,
+                    run.cfg.epochs,
+                    row["loss"],
+                    row["rot_acc"],
+                    row["val_loss"],
+                    row["val_rot_acc"],
+                    row["lr"],
+                    row["images_per_s"],
+                    row["seconds"],
+                )
+            )
+            if "eval" in row:
+                run.report(FeaturesEvaluated(epoch + 1, row["eval"], row["eval_seconds"]))
+            if stop_now(run, sync_point=True) and epoch + 1 < run.cfg.epochs:
+                raise Interrupted(
+                    f"stopped after epoch {epoch + 1} of {run.cfg.epochs}; checkpoint saved; resume with: {_resume_command(run.out)}"
+                )
+    finally:
+        state.loggers.close(finished=state.epoch >= run.cfg.epochs)
 
 
 # ----------------------------------------------------------------------------- set up
@@ -1034,16 +1042,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
         step = batch.index
         global_step = epoch * run.steps_per_epoch + step
         lr = state.optimizer.param_groups[0]["lr"]  # the scheduler set it for this step
-
-        # on-device: crop (and flip) on uint8, normalise, then the rotated copies and their labels
-        gen = step_generator(device, cfg.seed, global_step, dist.rank)
-        x = batch.images  # (B, 3, S, S) uint8
-        if run.augment != "none":
-            x = data_lib.random_crop_flip(x, run.padding, gen, flip=run.augment == "crop+flip")
-        x = data_lib.normalize(x, run.mean, run.std)  # (B, 3, S, S) float32
-        x, y = make_rotation_batch(x, cfg.rotations, cfg.copies, gen)  # (R*B or B, 3, S, S), labels
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, y = rotation_inputs(run, batch.images, step_generator(device, cfg.seed, global_step, dist.rank))
 
         # unreadable files can leave a streamed batch of one image, which BatchNorm cannot train on: it passes
         if len(x) >= 2 or not run.batch_norm:
@@ -1055,35 +1054,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
         run.report(StepFinished(epoch + 1, step, run.steps_per_epoch))  # host counters only: no device read
         log_now = step % cfg.log_every == 0 or step == run.steps_per_epoch
         if log_now:
-            check_finite(run, state, epoch, sums)
-            figures = sums.totals()
-            if state.loggers.loggers:  # and the steps since the last log, in the same read from the device
-                figures = torch.cat([figures, sums.since(logged)])
-            loss_total, correct_total, seen_total, *loss_correct_recent = figures.tolist()
-            elapsed = max(time.perf_counter() - t0, 1e-9)
-            seen = max(seen_total, 1.0)  # every batch so far unreadable: report zeros, not a division by zero
-            images_per_s = (seen_total - seen_before) * dist.world_size / elapsed
-            run.report(
-                StepDone(
-                    epoch + 1,
-                    cfg.epochs,
-                    step,
-                    run.steps_per_epoch,
-                    loss_total / seen,
-                    correct_total / seen,
-                    lr,
-                    images_per_s,
-                    waited / elapsed,
-                )
-            )
-            if loss_correct_recent:
-                loss_recent, correct_recent = loss_correct_recent
-                copies = sums.seen * (step - logged) / step  # about: the epoch's last batch may be smaller
-                state.loggers.log_step(
-                    epoch * run.steps_per_epoch + step,
-                    step_scalars(loss_recent / copies, correct_recent / copies, lr, images_per_s, waited / elapsed),
-                )
-                logged = step
+            logged = report_step(run, state, epoch, step, sums, logged, seen_before, t0, waited, lr)
         if step == run.steps_per_epoch:
             break  # the epoch-end checkpoint follows (a Ctrl-C now is handled after it)
         state.step = step
@@ -1098,6 +1069,69 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
 
     check_finite(run, state, epoch, sums)
     return EpochStats(sums, seen_before, time.perf_counter() - t0, waited, lr)
+
+
+def rotation_inputs(run: Run, images: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """On-device: crop (and flip) on uint8, normalise, then the rotated copies and their labels.
+
+    images (B, 3, S, S) uint8 -> inputs (R*B or B, 3, S, S) float32, labels (R*B or B,)
+    """
+    cfg = run.cfg
+    x = images
+    if run.augment != "none":
+        x = data_lib.random_crop_flip(x, run.padding, gen, flip=run.augment == "crop+flip")
+    x = data_lib.normalize(x, run.mean, run.std)  # (B, 3, S, S) float32
+    x, y = make_rotation_batch(x, cfg.rotations, cfg.copies, gen)  # (R*B or B, 3, S, S), labels
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+def report_step(
+    run: Run,
+    state: TrainState,
+    epoch: int,
+    step: int,
+    sums: EpochSums,
+    logged: int,
+    seen_before: int,
+    t0: float,
+    waited: float,
+    lr: float,
+) -> int:
+    """A log point (every --log-every steps): the epoch's figures so far as a StepDone event, and the
+    mean of the steps since the last log point to --logger (``t0``: the epoch's start, perf_counter;
+    ``waited``: seconds spent waiting for batches since). Returns the step logged last."""
+    check_finite(run, state, epoch, sums)
+    figures = sums.totals()
+    if state.loggers.loggers:  # and the steps since the last log, in the same read from the device
+        figures = torch.cat([figures, sums.since(logged)])
+    loss_total, correct_total, seen_total, *loss_correct_recent = figures.tolist()
+    elapsed = max(time.perf_counter() - t0, 1e-9)  # after the read: the device has finished the steps timed
+    seen = max(seen_total, 1.0)  # every batch so far unreadable: report zeros, not a division by zero
+    images_per_s = (seen_total - seen_before) * run.dist.world_size / elapsed
+    run.report(
+        StepDone(
+            epoch + 1,
+            run.cfg.epochs,
+            step,
+            run.steps_per_epoch,
+            loss_total / seen,
+            correct_total / seen,
+            lr,
+            images_per_s,
+            waited / elapsed,
+        )
+    )
+    if not loss_correct_recent:
+        return logged
+    loss_recent, correct_recent = loss_correct_recent
+    copies = sums.seen * (step - logged) / step  # about: the epoch's last batch may be smaller
+    state.loggers.log_step(
+        epoch * run.steps_per_epoch + step,
+        step_scalars(loss_recent / copies, correct_recent / copies, lr, images_per_s, waited / elapsed),
+    )
+    return step
 
 
 def micro_batches(rows: int, images: int, accum_steps: int) -> list[torch.Tensor]:
