@@ -9,7 +9,8 @@ A package by concern (callers keep writing ``rundir.X``):
     policy.py    which files are rotnet's, and the output-folder policy (--overwrite)
     writing.py   writers, the lock, RunDirWriter, set-aside/recovery, staged installs
 
-Layering: layout <- fields <- metadata, reading <- policy <- writing (no arrows back up).
+Layering: layout and fields import no other rundir module; metadata, reading and policy only
+those two; writing builds on layout, reading and policy (no arrows back up).
 """
 
 from __future__ import annotations
