@@ -44,7 +44,7 @@ from . import jsontext
 from . import data as data_lib
 from . import csvfiles, rundir
 from ._version import __version__
-from .checkpoint import atomic_write, make_dir, printable
+from .atomicfiles import atomic_write, make_dir, printable
 from .config import EMBED_POOLS, EmbedConfig
 from .errors import ConfigError, DataError, OutputError, RotnetError
 from .events import DeviceChosen, Message, Progress, TaskProgress, WarningMessage, ignore

@@ -28,7 +28,7 @@ import torch
 from . import data as data_lib
 from . import rundir
 from ._version import __version__
-from .checkpoint import atomic_write, make_dir
+from .atomicfiles import atomic_write, make_dir
 from .config import EmbeddingMapConfig
 from .embedding import DATASET_ROW, EmbeddingTable, read_embeddings
 from .errors import RotnetError

@@ -32,7 +32,7 @@ import torch
 from . import jsontext
 from . import rundir
 from ._version import __version__
-from .checkpoint import write_json, write_text
+from .atomicfiles import write_json, write_text
 from .config import ExportConfig, counted, format_rotations
 from .data import data_provenance
 from .errors import DataError, DiskFullError, OutputError, WeightsError

@@ -35,7 +35,7 @@ from typing import Any
 
 from . import jsontext
 from . import csvfiles, rundir
-from .checkpoint import make_dir, write_text
+from .atomicfiles import make_dir, write_text
 from .errors import ConfigError, OutputError, RotnetError
 
 # --logger NAME -> (module it imports, the extra that installs it)

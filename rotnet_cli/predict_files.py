@@ -28,7 +28,7 @@ from typing import Iterable, Iterator
 
 from . import data as data_lib
 from . import rundir
-from .checkpoint import TEMP_SUFFIX, write_json
+from .atomicfiles import TEMP_SUFFIX, write_json
 from .errors import ConfigError, DataError, OutputError
 
 # in --out: {"format": MANIFEST_FORMAT, "files": {relative path: sha256}}, and while a run writes

@@ -26,7 +26,7 @@ import torch
 
 from . import data as data_lib
 from . import csvfiles, predict_files, rundir
-from .checkpoint import make_dir, os_error_behind, write_json, write_text
+from .atomicfiles import make_dir, os_error_behind, write_json, write_text
 from .config import DEFAULT_BACKUP_SUFFIX, PredictConfig, format_rotations
 from .errors import ConfigError, DataError, OutputError
 from .predict_files import REPORT_CSV, REPORT_JSON, InputImage

@@ -2,7 +2,7 @@
 
 ``pretrain(config, progress)`` builds everything from a validated PretrainConfig, trains
 backbone + rotation head on the rotation pretext task, writes the run directory
-(config.json, metrics.jsonl, checkpoint.pt, model.safetensors; see rundir.py) and returns a
+(config.json, metrics.jsonl, checkpoint.pt, model.safetensors; see rundir/layout.py) and returns a
 result. It never prints: progress goes to the ``progress`` callback as typed events.
 
 Two objects carry the run. ``Run`` is what stays fixed once it is set up (config, device,
@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from . import data as data_lib
 from . import planning, rundir
 from .calibration import calibrate
-from .checkpoint import CHECKPOINT_FORMAT, make_dir
+from .checkpoint import CHECKPOINT_FORMAT
+from .atomicfiles import make_dir
 from .fingerprint import describe_training_images
 from .config import PretrainConfig
 from .errors import ConfigError, DataError, DiskFullError, InputSizeError, Interrupted, NonFiniteLossError, RotnetError
@@ -435,9 +436,9 @@ def check_extension(run_dir: Path, planned: int | None, asked: int | None) -> No
 # ----------------------------------------------------------------------------- the run and its state
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
-    """What stays fixed once the run is set up."""
+    """What stays fixed once the run is set up (frozen: built once, by set_up, with every value)."""
 
     cfg: PretrainConfig
     dist: DistInfo
@@ -460,13 +461,9 @@ class Run:
     writer: rundir.RunDirWriter | None  # rank 0's hold on the run directory (lock, --overwrite's old run)
     skipped: tuple[str, ...]  # files left out when the data was opened (not images, or unreadable)
     data_files: int  # image files the data source found (before decoding): what a resume compares
-    batch_norm: bool = False  # the model normalises over the batch (a step needs at least 2 inputs)
-    train_model: torch.nn.Module | None = (
-        None  # the model as trained (DDP-wrapped, compiled): set once the state exists
-    )
-    evaluator: FeatureEval | None = None  # --eval-data, decoded once (rank 0 evaluates)
-    best_metric: str = "none"  # --best-metric resolved for this data
-    loggers: Loggers = field(default_factory=lambda: Loggers([]))  # --logger, on rank 0 once the run directory exists
+    batch_norm: bool  # the model normalises over the batch (a step needs at least 2 inputs)
+    evaluator: FeatureEval | None  # --eval-data, decoded once (rank 0 evaluates)
+    best_metric: str  # --best-metric resolved for this data
 
 
 @dataclass
@@ -486,6 +483,10 @@ class TrainState:
     logger_runs: dict[str, dict] = field(default_factory=dict)  # --logger runs to continue on resume (W&B, MLflow ids)
     # the last epoch's validation logits (V*R, R) and labels (V*R,) on this rank: what calibration fits (not saved)
     val_logits: tuple[torch.Tensor, torch.Tensor] | None = None
+    # not saved either: the model as trained (DDP-wrapped, compiled), set once the state is restored,
+    # and --logger's open loggers (rank 0, once the run directory exists)
+    train_model: torch.nn.Module | None = None
+    loggers: Loggers = field(default_factory=lambda: Loggers([]))
 
 
 @dataclass
@@ -606,18 +607,15 @@ def _train(
     if img_size != size.value:  # the model could not run on the planned size
         size = planning.Decision(img_size, f"the model's own size: {cfg.model} cannot run on {size.value} px")
     seed_everything(cfg.seed, dist.rank)  # from here on each rank draws its own dropout/drop-path noise
-    run = set_up(cfg, dist, device, precision, out, report, stop_requested, writer, size, mean, std, saved is None)
+    run = set_up(
+        cfg, dist, device, precision, out, report, stop_requested, writer, size, mean, std, model, saved is None
+    )
     cfg = run.cfg  # with the plan's values: batch size, epochs, augmentation, image size
-    run.batch_norm = normalises_over_batch(model)
-    check_batch_norm(run)
-    copies_per_epoch = run.steps_per_epoch * cfg.batch_size * cfg.copies_per_image
-    run.evaluator = set_up_eval(cfg, model, img_size, copies_per_epoch, report) if dist.is_main else None
-    run.best_metric = cfg.resolved_best_metric(has_val=run.val_set is not None and len(run.val_set) > 0)
     state = new_state(run, model)
     if saved is not None:
         restore(run, state, saved)
         report(Resumed(state.epoch, state.step, cfg.epochs))
-    run.train_model = wrap_for_training(run, state.model)
+    state.train_model = wrap_for_training(run, state.model)
     start_epoch, start_step = state.epoch, state.step
     finished_before = saved is not None and start_epoch >= cfg.epochs and (out / rundir.WEIGHTS).is_file()
     logging = dist.is_main and not finished_before
@@ -628,41 +626,7 @@ def _train(
     start_run_dir(run, state, resumed=saved is not None)
     if saved is None and logging:  # a new run's folder exists only now
         open_run_loggers(run, state, resume_step=None)
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            stats = train_one_epoch(run, state, epoch)  # raises Interrupted (after a checkpoint) when asked to stop
-            row = finish_epoch(run, state, epoch, stats)
-            row.update(evaluate(run, state, epoch))  # kNN (linear) accuracy on --eval-data, every --eval-every epochs
-            state.history.append(row)
-            state.epoch, state.step, state.partial = epoch + 1, 0, None
-            run.loggers.log_epoch(state.epoch * run.steps_per_epoch, row, state.model)
-            keep_checkpoints(
-                run, state
-            )  # before checkpoint.pt: a kill between them trains this epoch again, to the same weights
-            save_checkpoint(run, state, sums=None)
-            if dist.is_main:  # after the checkpoint: a kill between the two leaves metrics a row short, never ahead
-                rundir.write_metrics(out, state.history)
-            report(
-                EpochEnded(
-                    epoch + 1,
-                    cfg.epochs,
-                    row["loss"],
-                    row["rot_acc"],
-                    row["val_loss"],
-                    row["val_rot_acc"],
-                    row["lr"],
-                    row["images_per_s"],
-                    row["seconds"],
-                )
-            )
-            if "eval" in row:
-                report(FeaturesEvaluated(epoch + 1, row["eval"], row["eval_seconds"]))
-            if stop_now(run, sync_point=True) and epoch + 1 < cfg.epochs:
-                raise Interrupted(
-                    f"stopped after epoch {epoch + 1} of {cfg.epochs}; checkpoint saved; resume with: {_resume_command(out)}"
-                )
-    finally:
-        run.loggers.close(finished=state.epoch >= cfg.epochs)
+    train_epochs(run, state, start_epoch)
 
     calibrated = None
     if finished_before:
@@ -705,6 +669,48 @@ def _train(
         calibration=calibrated,
         val_images=len(run.val_set) if run.val_set is not None else 0,
     )
+
+
+def train_epochs(run: Run, state: TrainState, start_epoch: int) -> None:
+    """Every epoch from ``start_epoch`` on: train, validate, evaluate, log, keep and save, write the metrics.
+
+    A stop request (Ctrl-C) ends the run after an epoch's checkpoint with Interrupted; the loggers
+    are closed whatever happens.
+    """
+    try:
+        for epoch in range(start_epoch, run.cfg.epochs):
+            stats = train_one_epoch(run, state, epoch)  # raises Interrupted (after a checkpoint) when asked to stop
+            row = finish_epoch(run, state, epoch, stats)
+            row.update(evaluate(run, state, epoch))  # kNN (linear) accuracy on --eval-data, every --eval-every epochs
+            state.history.append(row)
+            state.epoch, state.step, state.partial = epoch + 1, 0, None
+            state.loggers.log_epoch(state.epoch * run.steps_per_epoch, row, state.model)
+            # before checkpoint.pt: a kill between them trains this epoch again, to the same weights
+            keep_checkpoints(run, state)
+            save_checkpoint(run, state, sums=None)
+            if run.dist.is_main:  # after the checkpoint: a kill between the two leaves metrics a row short, never ahead
+                rundir.write_metrics(run.out, state.history)
+            run.report(
+                EpochEnded(
+                    epoch + 1,
+                    run.cfg.epochs,
+                    row["loss"],
+                    row["rot_acc"],
+                    row["val_loss"],
+                    row["val_rot_acc"],
+                    row["lr"],
+                    row["images_per_s"],
+                    row["seconds"],
+                )
+            )
+            if "eval" in row:
+                run.report(FeaturesEvaluated(epoch + 1, row["eval"], row["eval_seconds"]))
+            if stop_now(run, sync_point=True) and epoch + 1 < run.cfg.epochs:
+                raise Interrupted(
+                    f"stopped after epoch {epoch + 1} of {run.cfg.epochs}; checkpoint saved; resume with: {_resume_command(run.out)}"
+                )
+    finally:
+        state.loggers.close(finished=state.epoch >= run.cfg.epochs)
 
 
 # ----------------------------------------------------------------------------- set up
@@ -767,35 +773,13 @@ def set_up(
     size: planning.Decision,
     mean: tuple[float, ...],
     std: tuple[float, ...],
+    model: RotNet,
     new_run: bool = True,
 ) -> Run:
-    """The data (uint8 (N, 3, S, S) train and validation sets), the data plan (cfg with its values)
-    and the sizes of an epoch."""
+    """The data (uint8 (N, 3, S, S) train and validation sets), the data plan (cfg with its values),
+    the sizes of an epoch and what the model and data decide (BatchNorm, evaluation, --best-metric)."""
     img_size = size.value
-    report(Phase(f"reading {cfg.data}"))
-    source = data_lib.open_source(
-        cfg.data,
-        img_size,
-        download=cfg.download,
-        data_dir=cfg.data_dir,
-        cache=cfg.cache,
-        workers=cfg.workers,
-        strict=cfg.strict_data,
-        progress=report,
-    )
-    train_set, val_set = source.train, source.val
-    if not train_set.in_memory:  # streamed: read while training, so prove now that something decodes
-        data_lib.check_readable(train_set, strict=cfg.strict_data)
-    if val_set is None and cfg.val_split > 0:
-        train_idx, val_idx = data_lib.split_indices(len(train_set), cfg.val_split, cfg.seed)
-        train_set, val_set = train_set.subset(train_idx), train_set.subset(val_idx)
-    if source.skipped:
-        report(WarningMessage(data_lib.warn_skipped(list(source.skipped))))
-    if len(train_set) == 0:
-        raise DataError(
-            f"no training images are left after holding out {len(val_set or [])} for validation; add images, "
-            "or pass --val-split 0 to train on all of them"
-        )
+    source, train_set, val_set = read_training_data(cfg, img_size, report)
     sample = data_lib.sample_images(train_set)
     plan = planning.make_plan(
         images=len(train_set),
@@ -833,6 +817,10 @@ def set_up(
     augment = cfg.augment
     if hint := slow_device_hint(device, img_size):
         report(Message(hint))
+    batch_norm = normalises_over_batch(model)
+    check_batch_norm(cfg, dist, per_rank_batch, batch_norm)
+    copies_per_epoch = steps_per_epoch * cfg.batch_size * cfg.copies_per_image
+    evaluator = set_up_eval(cfg, model, img_size, copies_per_epoch, report) if dist.is_main else None
     return Run(
         cfg=cfg,
         dist=dist,
@@ -855,16 +843,50 @@ def set_up(
         writer=writer,
         skipped=source.skipped,
         data_files=source.files,
+        batch_norm=batch_norm,
+        evaluator=evaluator,
+        best_metric=cfg.resolved_best_metric(has_val=val_set is not None and len(val_set) > 0),
     )
 
 
-def check_batch_norm(run: Run) -> None:
+def read_training_data(
+    cfg: PretrainConfig, img_size: int, report: Progress
+) -> tuple[data_lib.DataSource, data_lib.ImageSet, data_lib.ImageSet | None]:
+    """The data source and its train and validation sets (a --val-split held out); none left to train on is an error."""
+    report(Phase(f"reading {cfg.data}"))
+    source = data_lib.open_source(
+        cfg.data,
+        img_size,
+        download=cfg.download,
+        data_dir=cfg.data_dir,
+        cache=cfg.cache,
+        workers=cfg.workers,
+        strict=cfg.strict_data,
+        progress=report,
+    )
+    train_set, val_set = source.train, source.val
+    if not train_set.in_memory:  # streamed: read while training, so prove now that something decodes
+        data_lib.check_readable(train_set, strict=cfg.strict_data)
+    if val_set is None and cfg.val_split > 0:
+        train_idx, val_idx = data_lib.split_indices(len(train_set), cfg.val_split, cfg.seed)
+        train_set, val_set = train_set.subset(train_idx), train_set.subset(val_idx)
+    if source.skipped:
+        report(WarningMessage(data_lib.warn_skipped(list(source.skipped))))
+    if len(train_set) == 0:
+        raise DataError(
+            f"no training images are left after holding out {len(val_set or [])} for validation; add images, "
+            "or pass --val-split 0 to train on all of them"
+        )
+    return source, train_set, val_set
+
+
+def check_batch_norm(cfg: PretrainConfig, dist: DistInfo, per_rank_batch: int, batch_norm: bool) -> None:
     """BatchNorm cannot normalise a batch of one: refuse such a step size before anything is written."""
-    copies = run.cfg.copies_per_image
-    if run.per_rank_batch * copies < 2 and run.batch_norm:
-        per = " per process" if run.dist.enabled else ""
+    copies = cfg.copies_per_image
+    if per_rank_batch * copies < 2 and batch_norm:
+        per = " per process" if dist.enabled else ""
         raise ConfigError(
-            f"{run.cfg.model} uses BatchNorm, which cannot train on {run.per_rank_batch * copies} image{per} per step "
+            f"{cfg.model} uses BatchNorm, which cannot train on {per_rank_batch * copies} image{per} per step "
             "(--batch-size 1 with --copies one); use --batch-size 2 or more, or --copies all"
         )
 
@@ -927,8 +949,8 @@ def wrap_for_training(run: Run, model: RotNet) -> torch.nn.Module:
 
 
 def open_run_loggers(run: Run, state: TrainState, resume_step: int | None) -> None:
-    run.loggers = open_loggers(run.cfg.logger, run.out, config_record(run), resume_step, state.logger_runs)
-    state.logger_runs = {**state.logger_runs, **run.loggers.resume_state()}  # kept: a later resume continues them
+    state.loggers = open_loggers(run.cfg.logger, run.out, config_record(run), resume_step, state.logger_runs)
+    state.logger_runs = {**state.logger_runs, **state.loggers.resume_state()}  # kept: a later resume continues them
 
 
 def start_run_dir(run: Run, state: TrainState, resumed: bool) -> None:
@@ -997,7 +1019,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
     seen_before = sums.seen
     # --logger plots the mean of the steps since the last log point; a resumed epoch's slots hold its earlier steps
     logged = first - first % cfg.log_every
-    run.train_model.train()
+    state.train_model.train()
     t0 = time.perf_counter()
     waited = 0.0
     lr = state.optimizer.param_groups[0]["lr"]
@@ -1026,16 +1048,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
         step = batch.index
         global_step = epoch * run.steps_per_epoch + step
         lr = state.optimizer.param_groups[0]["lr"]  # the scheduler set it for this step
-
-        # on-device: crop (and flip) on uint8, normalise, then the rotated copies and their labels
-        gen = step_generator(device, cfg.seed, global_step, dist.rank)
-        x = batch.images  # (B, 3, S, S) uint8
-        if run.augment != "none":
-            x = data_lib.random_crop_flip(x, run.padding, gen, flip=run.augment == "crop+flip")
-        x = data_lib.normalize(x, run.mean, run.std)  # (B, 3, S, S) float32
-        x, y = make_rotation_batch(x, cfg.rotations, cfg.copies, gen)  # (R*B or B, 3, S, S), labels
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, y = rotation_inputs(run, batch.images, step_generator(device, cfg.seed, global_step, dist.rank))
 
         # unreadable files can leave a streamed batch of one image, which BatchNorm cannot train on: it passes
         if len(x) >= 2 or not run.batch_norm:
@@ -1047,35 +1060,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
         run.report(StepFinished(epoch + 1, step, run.steps_per_epoch))  # host counters only: no device read
         log_now = step % cfg.log_every == 0 or step == run.steps_per_epoch
         if log_now:
-            check_finite(run, state, epoch, sums)
-            figures = sums.totals()
-            if run.loggers.loggers:  # and the steps since the last log, in the same read from the device
-                figures = torch.cat([figures, sums.since(logged)])
-            loss_total, correct_total, seen_total, *loss_correct_recent = figures.tolist()
-            elapsed = max(time.perf_counter() - t0, 1e-9)
-            seen = max(seen_total, 1.0)  # every batch so far unreadable: report zeros, not a division by zero
-            images_per_s = (seen_total - seen_before) * dist.world_size / elapsed
-            run.report(
-                StepDone(
-                    epoch + 1,
-                    cfg.epochs,
-                    step,
-                    run.steps_per_epoch,
-                    loss_total / seen,
-                    correct_total / seen,
-                    lr,
-                    images_per_s,
-                    waited / elapsed,
-                )
-            )
-            if loss_correct_recent:
-                loss_recent, correct_recent = loss_correct_recent
-                copies = sums.seen * (step - logged) / step  # about: the epoch's last batch may be smaller
-                run.loggers.log_step(
-                    epoch * run.steps_per_epoch + step,
-                    step_scalars(loss_recent / copies, correct_recent / copies, lr, images_per_s, waited / elapsed),
-                )
-                logged = step
+            logged = report_step(run, state, epoch, step, sums, logged, seen_before, t0, waited, lr)
         if step == run.steps_per_epoch:
             break  # the epoch-end checkpoint follows (a Ctrl-C now is handled after it)
         state.step = step
@@ -1090,6 +1075,69 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
 
     check_finite(run, state, epoch, sums)
     return EpochStats(sums, seen_before, time.perf_counter() - t0, waited, lr)
+
+
+def rotation_inputs(run: Run, images: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """On-device: crop (and flip) on uint8, normalise, then the rotated copies and their labels.
+
+    images (B, 3, S, S) uint8 -> inputs (R*B or B, 3, S, S) float32, labels (R*B or B,)
+    """
+    cfg = run.cfg
+    x = images
+    if run.augment != "none":
+        x = data_lib.random_crop_flip(x, run.padding, gen, flip=run.augment == "crop+flip")
+    x = data_lib.normalize(x, run.mean, run.std)  # (B, 3, S, S) float32
+    x, y = make_rotation_batch(x, cfg.rotations, cfg.copies, gen)  # (R*B or B, 3, S, S), labels
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+def report_step(
+    run: Run,
+    state: TrainState,
+    epoch: int,
+    step: int,
+    sums: EpochSums,
+    logged: int,
+    seen_before: int,
+    t0: float,
+    waited: float,
+    lr: float,
+) -> int:
+    """A log point (every --log-every steps): the epoch's figures so far as a StepDone event, and the
+    mean of the steps since the last log point to --logger (``t0``: the epoch's start, perf_counter;
+    ``waited``: seconds spent waiting for batches since). Returns the step logged last."""
+    check_finite(run, state, epoch, sums)
+    figures = sums.totals()
+    if state.loggers.loggers:  # and the steps since the last log, in the same read from the device
+        figures = torch.cat([figures, sums.since(logged)])
+    loss_total, correct_total, seen_total, *loss_correct_recent = figures.tolist()
+    elapsed = max(time.perf_counter() - t0, 1e-9)  # after the read: the device has finished the steps timed
+    seen = max(seen_total, 1.0)  # every batch so far unreadable: report zeros, not a division by zero
+    images_per_s = (seen_total - seen_before) * run.dist.world_size / elapsed
+    run.report(
+        StepDone(
+            epoch + 1,
+            run.cfg.epochs,
+            step,
+            run.steps_per_epoch,
+            loss_total / seen,
+            correct_total / seen,
+            lr,
+            images_per_s,
+            waited / elapsed,
+        )
+    )
+    if not loss_correct_recent:
+        return logged
+    loss_recent, correct_recent = loss_correct_recent
+    copies = sums.seen * (step - logged) / step  # about: the epoch's last batch may be smaller
+    state.loggers.log_step(
+        epoch * run.steps_per_epoch + step,
+        step_scalars(loss_recent / copies, correct_recent / copies, lr, images_per_s, waited / elapsed),
+    )
+    return step
 
 
 def micro_batches(rows: int, images: int, accum_steps: int) -> list[torch.Tensor]:
@@ -1120,10 +1168,10 @@ def optimizer_step(
     for k, rows in enumerate(parts):
         xs, ys = (x, y) if accum == 1 else (x[rows.to(x.device)], y[rows.to(y.device)])
         last = k == len(parts) - 1
-        syncing = contextlib.nullcontext() if last or not run.dist.enabled else run.train_model.no_sync()
+        syncing = contextlib.nullcontext() if last or not run.dist.enabled else state.train_model.no_sync()
         with syncing:
             with autocast(run.device, run.precision):
-                logits = run.train_model(xs)  # (rows, R)
+                logits = state.train_model(xs)  # (rows, R)
             loss = rotation_loss(logits, ys)
             state.scaler.scale(loss * (len(ys) / len(y))).backward()
         losses.append(loss.detach() * (len(ys) / len(y)))
@@ -1175,7 +1223,7 @@ def validate(run: Run, state: TrainState, keep_logits: bool = False) -> dict:
     cfg, device = run.cfg, run.device
     R = cfg.num_rotations
     run.report(Phase(f"validating: {len(run.val_set)} images x {R} rotations", every_epoch=True))
-    run.train_model.eval()
+    state.train_model.eval()
     order = torch.arange(len(run.val_set))[run.dist.rank :: run.dist.world_size]
     correct = torch.zeros(R, device=device)
     count = torch.zeros(R, device=device)
@@ -1196,7 +1244,7 @@ def validate(run: Run, state: TrainState, keep_logits: bool = False) -> dict:
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, run.precision):
-            logits = run.train_model(x)
+            logits = state.train_model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += torch.bincount(y, weights=(logits.argmax(1) == y).float(), minlength=R)
         count += torch.bincount(y, minlength=R).float()
@@ -1373,7 +1421,7 @@ def save_checkpoint(run: Run, state: TrainState, sums: EpochSums | None) -> None
     stop_if_weights_diverged(run, state)  # the same weights on every rank (DDP), so every rank agrees
     per_rank = gather_objects({"partial": sums.state() if sums is not None else None, "rng": rng_state()}, run.dist)
     if run.dist.is_main:
-        run.loggers.flush()  # the figures up to this checkpoint are on disk before it: a resume after a kill misses none
+        state.loggers.flush()  # the figures up to this checkpoint are on disk before it: a resume after a kill misses none
         rundir.write_checkpoint(
             run.out,
             {

@@ -39,7 +39,7 @@ import torch
 from . import csvfiles, data as data_lib
 from . import rundir
 from ._version import __version__
-from .checkpoint import atomic_write, make_dir
+from .atomicfiles import atomic_write, make_dir
 from .config import ScoreConfig, format_rotations
 from .errors import ConfigError, DataError, RotnetError, WeightsError
 from .events import DeviceChosen, Message, Progress, TaskProgress, WarningMessage, ignore

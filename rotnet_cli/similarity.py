@@ -30,7 +30,7 @@ import torch
 
 from . import csvfiles
 from . import data as data_lib
-from .checkpoint import atomic_write, make_dir
+from .atomicfiles import atomic_write, make_dir
 from .config import NeighboursConfig
 from .embedding import EmbeddingTable, check_out_file, make_embedder, read_embeddings, weights_fingerprint
 from .errors import ConfigError, DataError, WeightsError

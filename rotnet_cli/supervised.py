@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from . import jsontext
 from . import data as data_lib
 from ._version import __version__
-from .checkpoint import write_json
+from .atomicfiles import write_json
 from .config import SupervisedConfig, json_safe
 from .errors import OutputError
 from .events import DeviceChosen, Message, Progress, TaskProgress, ignore

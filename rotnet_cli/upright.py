@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write, os_error_behind
+from .atomicfiles import atomic_write, os_error_behind
 from .config import JPEG_ROUTES
 from .errors import ConfigError
 from .rotations import is_exact

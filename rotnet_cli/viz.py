@@ -25,7 +25,7 @@ from torch import nn
 from . import data as data_lib
 from . import rundir
 from ._version import __version__
-from .checkpoint import atomic_write, make_dir
+from .atomicfiles import atomic_write, make_dir
 from .config import MAX_PICTURE_PIXELS, AttentionConfig, CurvesConfig, FiltersConfig
 from .errors import ConfigError, DataError, ModelError
 from .events import Message, Progress, TaskProgress, ignore

@@ -4,7 +4,7 @@ Specs: a run directory, its checkpoint.pt or model.safetensors, a kept checkpoin
 (``RUN:best``, ``RUN:epoch-12``, or the path ``RUN/checkpoints/epoch-12[.safetensors]``), an
 exported folder (or its model.safetensors), ``timm:NAME`` (timm's pretrained weights: the hub,
 or its local cache when the hub is out of reach) and ``random:NAME`` (the baseline). A safetensors file says what it is through the format marker
-in its metadata (see rundir.py); a folder is what its model.safetensors says it is, or a
+in its metadata (see rundir/metadata.py); a folder is what its model.safetensors says it is, or a
 run that stopped before its final weights when it holds only checkpoint.pt.
 """
 

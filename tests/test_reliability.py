@@ -28,7 +28,8 @@ from typer.testing import CliRunner
 
 import rotnet_cli.pretraining as pretrain_module
 from rotnet_cli import rundir
-from rotnet_cli.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from rotnet_cli.checkpoint import load_checkpoint, save_checkpoint
+from rotnet_cli.atomicfiles import atomic_write
 from rotnet_cli.stopping import signals_deferred
 from rotnet_cli.cli import app
 from rotnet_cli.config import PretrainConfig
@@ -657,7 +658,7 @@ def _kill_at(monkeypatch, call: int) -> None:
         count["n"] += 1
         REAL_REPLACE(src, dst)
 
-    monkeypatch.setattr(rundir.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
 
 
 def _new_run_that_fails(out: Path) -> None:
@@ -665,7 +666,7 @@ def _new_run_that_fails(out: Path) -> None:
     rundir.set_aside(out)
     (out / "config.json").write_text("new config")
     (out / "metrics.jsonl").write_text("")
-    rundir._discard_new_run(out)
+    rundir.writing._discard_new_run(out)
     rundir.restore_replaced(out)
 
 
@@ -687,7 +688,7 @@ def test_the_set_aside_run_comes_back_whatever_order_of_kills_and_retries(tmp_pa
             break
         except Killed:
             continue
-    monkeypatch.setattr(rundir.os, "replace", REAL_REPLACE)
+    monkeypatch.setattr(os, "replace", REAL_REPLACE)
     rundir.recover_replaced(out)
     assert files_of(out) == old
     assert not rundir.overwrite_pending(out)
@@ -866,7 +867,7 @@ def test_a_lock_path_taken_by_something_else_is_refused_and_never_written_throug
 def test_runs_started_in_the_same_second_get_their_own_default_directories(tmp_path, monkeypatch):
     """Issue 19, item 4: the default run directory is claimed atomically (mkdir), with a suffix on collision."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(rundir, "default_run_dir", lambda model: Path("runs") / f"{model}-20261124-101500")
+    monkeypatch.setattr(rundir.policy, "default_run_dir", lambda model: Path("runs") / f"{model}-20261124-101500")
     first, made = rundir.claim_default_run_dir("resnet18")
     second, _ = rundir.claim_default_run_dir("resnet18")
     assert (first.name, second.name) == ("resnet18-20261124-101500", "resnet18-20261124-101500-2")
@@ -921,7 +922,7 @@ def test_weights_that_blow_up_while_the_loss_is_finite_are_never_saved(tmp_path,
 
 
 def test_json_written_or_printed_is_never_bare_nan(tmp_path, capsys):
-    from rotnet_cli.checkpoint import write_json
+    from rotnet_cli.atomicfiles import write_json
     from rotnet_cli.cli._common import print_json
 
     with pytest.raises(ValueError):
@@ -1020,7 +1021,7 @@ def test_an_export_killed_between_its_renames_is_put_back_by_the_next_one(tiny_r
     old = files_of(out)
 
     def killed_between_the_renames(staging: Path, out: Path) -> None:
-        os.replace(out, rundir._previous_of(out))  # the old export aside ...
+        os.replace(out, rundir.writing._previous_of(out))  # the old export aside ...
         raise Killed  # ... and the new one never renamed into place
 
     monkeypatch.setattr(rundir, "install_staged", killed_between_the_renames)
@@ -1406,7 +1407,7 @@ def test_ctrl_c_twice_is_one_line_exit_130_and_an_intact_checkpoint(tmp_path, ga
 
 
 def test_probe_that_cannot_save_prints_its_results_and_says_what_to_do(copy_of_run, monkeypatch):
-    monkeypatch.setattr(rundir, "PROBE_SAVE_WAIT_S", 0.2)  # a run holds the lock for its whole length: waiting ends
+    monkeypatch.setattr(rundir.writing, "PROBE_SAVE_WAIT_S", 0.2)  # a run holds the lock for its whole length: waiting ends
     with rundir.FolderLock(copy_of_run / rundir.LOCK, copy_of_run):  # another process writes the run
         result = CliRunner().invoke(
             app, ["probe", str(copy_of_run), "--head", "knn", "--epochs", "1", "--device", "cpu", "--workers", "0"]
@@ -1448,13 +1449,16 @@ def test_disk_full_before_the_first_checkpoint_says_start_again_and_leaves_nothi
 
 
 def test_disk_full_during_an_export_says_export_again(tiny_run, tmp_path, monkeypatch):
+    import rotnet_cli.atomicfiles as atomicfiles
     import rotnet_cli.checkpoint as checkpoint
+    from rotnet_cli.errors import DiskFullError
 
     def full(path, write):
-        raise checkpoint.DiskFullError(path, f"disk full while writing {path}")
+        raise DiskFullError(path, f"disk full while writing {path}")
 
+    monkeypatch.setattr(atomicfiles, "atomic_write", full)
     monkeypatch.setattr(checkpoint, "atomic_write", full)
-    monkeypatch.setattr(rundir, "save_safetensors", lambda path, tensors, meta: full(path, None))
+    monkeypatch.setattr(rundir.metadata, "save_safetensors", lambda path, tensors, meta: full(path, None))
     error = one_error_line(CliRunner().invoke(app, ["export", str(tiny_run), "--out", str(tmp_path / "e")]))
     assert "export again" in error and "resume" not in error
     assert list(tmp_path.iterdir()) == []
