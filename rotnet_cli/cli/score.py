@@ -16,7 +16,6 @@ from ._common import (
     OverwriteOpt,
     PrecisionOpt,
     StrictDataOpt,
-    WeightsArg,
     WorkersOpt,
     err_console,
     error_boundary,
@@ -47,10 +46,20 @@ MethodOpt = Annotated[
 ]
 
 
+ScoreWeightsArg = Annotated[
+    str,
+    typer.Argument(
+        help="Weights: a run directory, checkpoint.pt, model.safetensors, an exported folder, a model.onnx "
+        "exported with --with-head (--method rotation), timm:NAME or random:NAME.",
+        show_default=False,
+    ),
+]
+
+
 @error_boundary
 def score(
     ctx: typer.Context,
-    weights: WeightsArg,
+    weights: ScoreWeightsArg,
     data: Annotated[
         Optional[List[str]],
         typer.Argument(
