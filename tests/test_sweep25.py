@@ -13,7 +13,6 @@ from tests.test_score import CPU, folders, run_cli  # noqa: F401 (folders is a f
 
 @pytest.fixture(scope="module")
 def onnx_export(tiny_run, tmp_path_factory):
-    pytest.importorskip("onnxruntime")
     out = tmp_path_factory.mktemp("onnx") / "export"
     result = run_cli("export", tiny_run, "--out", out, "--format", "onnx", "--with-head")
     assert result.exit_code == 0, result.output
