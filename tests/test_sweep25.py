@@ -60,3 +60,13 @@ def test_k_beyond_the_bank_less_the_image_itself_uses_the_others(tiny_run, folde
     )
     assert result.exit_code == 0, result.output
     assert all(math.isfinite(row["score"]) for row in json.loads(result.stdout)["rows"])
+
+
+def test_an_unreadable_file_is_warned_of_once(tiny_run, folders, tmp_path):  # noqa: F811
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes(next(folders["zeros"].glob("*.png")).read_bytes())
+    (data / "broken.png").write_bytes(b"not an image")
+    result = run_cli("score", tiny_run, data, *CPU)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("broken.png") == 1, result.output

@@ -22,7 +22,6 @@ from ._common import (
     out_console,
     print_json,
     print_table,
-    warn_skipped,
 )
 from .progress import ProgressView
 
@@ -128,8 +127,7 @@ def score(
         raise typer.BadParameter("must be >= 0", param_hint="--top" if top < 0 else "--bottom")
     config = ScoreConfig.from_dict(ctx.params)
     with ProgressView(err_console, title="score") as view:
-        result = run_score(config, progress=view)
-    warn_skipped(result.skipped)
+        result = run_score(config, progress=view)  # the library warns of unreadable files itself
     if json_out:
         print_json(result.to_dict(rows=result.out is None))
         return
