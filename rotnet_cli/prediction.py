@@ -37,7 +37,7 @@ from .upright import DiskFull, NotWritten, UnreadableImage, copy_unchanged, requ
 from .angle_words import describe_correction, describe_rotation
 from .calibration import temperature_of
 from .fingerprint import feature_distance, is_colour, shorter_side, unlike_reasons
-from .weights import load_weights
+from .weights import LoadedWeights, load_weights
 
 REPORT_FIELDS = (
     "path",
@@ -189,7 +189,11 @@ def load_rotation_model(spec: str, device: torch.device, precision: str) -> Rota
 
     if is_onnx_spec(spec):
         return _onnx_rotation_model(spec, device)
-    weights = load_weights(spec, device)
+    return rotation_model(load_weights(spec, device), device, precision)
+
+
+def rotation_model(weights: LoadedWeights, device: torch.device, precision: str) -> RotationModel:
+    """Weights already loaded on ``device`` (with a rotation head) -> the PyTorch RotationModel."""
     model = weights.rotnet()
     assert weights.rotations is not None  # rotnet() raised otherwise
 

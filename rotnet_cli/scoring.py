@@ -43,9 +43,10 @@ from .atomicfiles import atomic_write, make_dir
 from .config import ScoreConfig, format_rotations
 from .errors import ConfigError, DataError, RotnetError, WeightsError
 from .events import DeviceChosen, Message, Progress, TaskProgress, WarningMessage, ignore
-from .prediction import display_path
+from .onnx import is_onnx_spec
+from .prediction import RotationModel, display_path, load_rotation_model, rotation_model
 from .rotations import rotate_all
-from .runtime import autocast, configure_backends, describe_device, resolve_device, resolve_precision
+from .runtime import configure_backends, describe_device, resolve_device, resolve_precision
 from .weights import LoadedWeights, load_weights
 
 # The feature library, in one place: it is moving from embedding.py/probing.py to features.py (issue 26);
@@ -150,17 +151,15 @@ def evaluate(truth: np.ndarray, columns: dict[str, np.ndarray], main: str) -> Ev
 
 
 @torch.no_grad()
-def rotation_scores(
-    weights: LoadedWeights, images: torch.Tensor, device: torch.device, precision: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rotation_scores(model: RotationModel, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, 3, S, S) uint8 on the device -> score (n,) = -sum_r log p(r | image rotated by r), and
-    p(r | image rotated by r) (n, R): the Hendrycks et al. (2019) score over the run's own rotation set."""
-    model = weights.rotnet()
-    rotations = weights.rotations
-    x = data_lib.normalize(images, weights.mean, weights.std)  # (n, 3, S, S) float32
+    p(r | image rotated by r) (n, R): the Hendrycks et al. (2019) score over the run's own rotation set.
+    ``model`` is predict's backend seam (PyTorch or onnxruntime); its raw logits, not calibrated ones."""
+    rotations = model.rotations
+    x = data_lib.normalize(images, model.mean, model.std)  # (n, 3, S, S) float32
     copies, labels = rotate_all(x, rotations)  # (R*n, 3, S, S), rotation-major; disc-masked where needed
-    with autocast(device, precision):
-        logits = model(copies)  # (R*n, R)
+    logits, _ = model.forward(copies)  # (R*n, R)
+    labels = labels.to(logits.device)
     applied = logits.float().log_softmax(1).gather(1, labels[:, None]).view(len(rotations), len(images))  # (R, n)
     return -applied.sum(0), applied.exp().T
 
@@ -173,7 +172,14 @@ def knn_distances(queries: torch.Tensor, bank: torch.Tensor, k: int, how: str, e
     if mine.any():
         rows = torch.nonzero(mine).squeeze(1)
         similarity[rows, exclude[rows]] = -float("inf")
-    nearest = similarity.topk(min(k, bank.shape[0]), dim=1).values  # (n, k), most similar first
+    # an image of the bank has one neighbour fewer: never count its own masked-out row as a neighbour
+    k = min(k, bank.shape[0] - 1 if mine.any() else bank.shape[0])
+    if k < 1:
+        raise DataError(
+            "the knn bank holds only the image being scored, so it has no neighbour; give a --reference "
+            "folder with other images"
+        )
+    nearest = similarity.topk(k, dim=1).values  # (n, k), most similar first
     distance = 1 - nearest
     return distance.mean(1) if how == "mean" else distance[:, -1]
 
@@ -392,35 +398,26 @@ def score(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreResult:
     precision = resolve_precision(cfg.precision, device)
     configure_backends(device)
     emit(DeviceChosen(describe_device(device), precision))
-    weights = load_weights(cfg.weights, device, img_size=cfg.img_size)
-    if cfg.img_size and weights.kind not in ("timm", "random") and cfg.img_size != weights.img_size:
-        raise ConfigError(
-            f"--img-size {cfg.img_size}: {cfg.weights} was trained at {weights.img_size} px and scores at that size; "
-            "drop --img-size (it sets the size of timm:NAME and random:NAME weights)"
-        )
-    if cfg.method in ("rotation", "both") and weights.head is None:
-        raise WeightsError(
-            f"{weights.source} has no rotation head, so it has no rotation score; score with features: --method knn "
-            "(or give a run directory, its model.safetensors, or an export that kept its rotation head)"
-        )
-    parts = collect_parts(cfg, weights.img_size, emit)
+    weights, model = load_scorer(cfg, device, precision)
+    about = model if model is not None else weights  # names, size and rotations: either has them
+    parts = collect_parts(cfg, about.img_size, emit)
     t0 = time.perf_counter()
     result = ScoreResult(
         cfg.method,
-        weights.model_name,
-        weights.source,
-        weights.rotations,
+        about.model_name,
+        about.source,
+        about.rotations,
         None,  # type: ignore[arg-type]
-        device=describe_device(device),
-        precision=precision,
+        device=model.device if model is not None else describe_device(device),
+        precision=model.precision if model is not None else precision,
     )
     bank = knn_bank(cfg, weights, device, precision, emit) if cfg.method in ("knn", "both") else None
     if bank is not None:
         result.k, result.knn_distance = cfg.k, cfg.knn_distance
         result.reference, result.reference_images = bank.source, len(bank.vectors)
     total = sum(len(p.images) for p in parts)
-    emit(Message(_describe(cfg, weights, total)))
-    result.rows, result.skipped = _score_parts(parts, weights, bank, cfg, device, precision, total, emit)
+    emit(Message(_describe(cfg, about, total)))
+    result.rows, result.skipped = _score_parts(parts, model, bank, cfg, device, total, emit)
     if len(result.rows) == 0:
         raise DataError(f"none of the {total} images could be read; nothing was scored")
     if result.skipped:
@@ -435,7 +432,42 @@ def score(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreResult:
     return result
 
 
-def _describe(cfg: ScoreConfig, weights: LoadedWeights, total: int) -> str:
+def _runs_on_onnx(spec: str) -> bool:
+    """A .onnx file, or a folder holding model.onnx and no PyTorch weights (an export with both is read
+    on PyTorch, which also gives the features --method knn needs)."""
+    path = Path(str(spec)).expanduser()
+    return is_onnx_spec(spec) and (path.suffix.lower() == ".onnx" or not (path / "model.safetensors").is_file())
+
+
+def load_scorer(cfg: ScoreConfig, device, precision: str) -> tuple[LoadedWeights | None, RotationModel | None]:
+    """(PyTorch weights for the knn features, or None on onnxruntime; the rotation model through
+    predict's backend seam, or None for --method knn)."""
+    if _runs_on_onnx(cfg.weights):
+        if cfg.method != "rotation":
+            raise ConfigError(
+                f"{cfg.weights} runs on onnxruntime, which gives the rotation logits only, not the features "
+                f"--method {cfg.method} needs; use --method rotation, or give the run directory the ONNX file came from"
+            )
+        if cfg.img_size:
+            raise ConfigError(f"--img-size {cfg.img_size}: an ONNX model scores at its own size; drop --img-size")
+        return None, load_rotation_model(cfg.weights, device, precision)
+    weights = load_weights(cfg.weights, device, img_size=cfg.img_size)
+    if cfg.img_size and weights.kind not in ("timm", "random") and cfg.img_size != weights.img_size:
+        raise ConfigError(
+            f"--img-size {cfg.img_size}: {cfg.weights} was trained at {weights.img_size} px and scores at that size; "
+            "drop --img-size (it sets the size of timm:NAME and random:NAME weights)"
+        )
+    if cfg.method == "knn":
+        return weights, None
+    if weights.head is None:
+        raise WeightsError(
+            f"{weights.source} has no rotation head, so it has no rotation score; score with features: --method knn "
+            "(or give a run directory, its model.safetensors, or an export that kept its rotation head)"
+        )
+    return weights, rotation_model(weights, device, precision)
+
+
+def _describe(cfg: ScoreConfig, weights, total: int) -> str:
     rule = {
         "rotation": f"rotation score over {format_rotations(weights.rotations or ())}",
         "knn": f"knn score (k={cfg.k}, {cfg.knn_distance} cosine distance)",
@@ -500,7 +532,7 @@ def _features(embedder, images: data_lib.ImageSet, names: list[str], cfg: ScoreC
     return torch.cat(vectors), keys, skipped
 
 
-def _score_parts(parts, weights, bank: KnnBank | None, cfg: ScoreConfig, device, precision, total: int, emit: Progress):
+def _score_parts(parts, model: RotationModel | None, bank: KnnBank | None, cfg: ScoreConfig, device, total: int, emit):
     """(ScoreRows in input order, unreadable files)."""
     paths, truth, rotation, probabilities, knn, skipped = [], [], [], [], [], []
     done = 0
@@ -521,7 +553,7 @@ def _score_parts(parts, weights, bank: KnnBank | None, cfg: ScoreConfig, device,
             if part.truth is not None:
                 truth.append(part.truth[idx])
             if cfg.method in ("rotation", "both"):
-                s, p = rotation_scores(weights, batch.images, device, precision)
+                s, p = rotation_scores(model, batch.images)
                 rotation.append(s.cpu().double().numpy())
                 probabilities.append(p.cpu().double().numpy())
             if bank is not None:

@@ -16,14 +16,12 @@ from ._common import (
     OverwriteOpt,
     PrecisionOpt,
     StrictDataOpt,
-    WeightsArg,
     WorkersOpt,
     err_console,
     error_boundary,
     out_console,
     print_json,
     print_table,
-    warn_skipped,
 )
 from .progress import ProgressView
 
@@ -47,10 +45,20 @@ MethodOpt = Annotated[
 ]
 
 
+ScoreWeightsArg = Annotated[
+    str,
+    typer.Argument(
+        help="Weights: a run directory, checkpoint.pt, model.safetensors, an exported folder, a model.onnx "
+        "exported with --with-head (--method rotation), timm:NAME or random:NAME.",
+        show_default=False,
+    ),
+]
+
+
 @error_boundary
 def score(
     ctx: typer.Context,
-    weights: WeightsArg,
+    weights: ScoreWeightsArg,
     data: Annotated[
         Optional[List[str]],
         typer.Argument(
@@ -119,8 +127,7 @@ def score(
         raise typer.BadParameter("must be >= 0", param_hint="--top" if top < 0 else "--bottom")
     config = ScoreConfig.from_dict(ctx.params)
     with ProgressView(err_console, title="score") as view:
-        result = run_score(config, progress=view)
-    warn_skipped(result.skipped)
+        result = run_score(config, progress=view)  # the library warns of unreadable files itself
     if json_out:
         print_json(result.to_dict(rows=result.out is None))
         return
