@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from tests.test_score import CPU, folders, run_cli  # noqa: F401 (folders is a fixture)
+from test_score import CPU, folders, run_cli  # noqa: F401 (folders is a fixture)
 
 
 @pytest.fixture(scope="module")
