@@ -793,7 +793,8 @@ def set_up(
     )
     cfg = dataclasses.replace(cfg, **plan.values())  # validated again: milestones against the planned epochs
     if new_run:  # a resumed run keeps the plan it was started with (config.json)
-        report(Message("\n".join(plan.lines())))
+        for line in plan.lines():  # one event a line: a message's control characters are shown escaped
+            report(Message(line))
     if dist.enabled and cfg.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} must divide by the {dist.world_size} processes of torchrun")
     per_rank_batch = max(1, cfg.batch_size // dist.world_size)

@@ -121,7 +121,7 @@ def test_the_choice_is_printed_at_start_and_recorded(tmp_path):
     events = []
     pretrain(PretrainConfig(**FAST, out=str(tmp_path / "auto")), progress=events.append)
     messages = [event.text for event in events if isinstance(event, Message)]
-    plan = next(m for m in messages if m.startswith("data plan"))
+    plan = "\n".join(messages[messages.index("data plan (every option you give wins):") :])  # one event a line
     assert "augmentation none  (grey, " in plan and "like scans and digits" in plan, plan
     saved = json.loads((tmp_path / "auto" / "config.json").read_text())
     assert saved["config"]["augment"] == "none" and saved["resolved"]["augment"] == "none"

@@ -107,6 +107,7 @@ def test_the_bare_command_on_a_tiny_folder_plans_prints_and_records(tmp_path):
     result = CliRunner().invoke(app, [*args, "--epochs", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "data plan" in result.stderr and "25 px" in result.stderr
+    assert "\n  image size   32 px" in result.stderr  # a line of its own, not an escaped "\\n"
     record = json.loads((out / "config.json").read_text())
     resolved = record["resolved"]
     assert resolved["img_size"] == 32 and resolved["batch_size"] == 11 and resolved["train_images"] == 11
