@@ -38,8 +38,8 @@ from rotnet_cli import data as data_lib
 from rotnet_cli.config import EmbedConfig, NeighboursConfig, default_workers
 from rotnet_cli.embedding import EMBEDDINGS_FORMAT, embed, make_embedder
 from rotnet_cli.models import forward_stages
-from rotnet_cli.similarity import neighbours
 from rotnet_cli.runtime import autocast, configure_backends, resolve_device, resolve_precision
+from rotnet_cli.similarity import neighbours
 from rotnet_cli.weights import load_weights
 
 

@@ -37,8 +37,8 @@ from _common import emit, machine, peak_rss_mb
 from rotnet_cli import __version__
 from rotnet_cli import data as data_lib
 from rotnet_cli.config import ProbeConfig
-from rotnet_cli.models import forward_stages, num_stages
 from rotnet_cli.head_training import HeadTrainer, StackedLinear
+from rotnet_cli.models import forward_stages, num_stages
 from rotnet_cli.probing import probe
 from rotnet_cli.runtime import autocast, configure_backends, resolve_device, resolve_precision
 from rotnet_cli.weights import load_weights

@@ -13,8 +13,9 @@ import math
 import os
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import ConfigError
 from .heads import HEAD_TYPES, HeadRecipe, trained_heads
@@ -391,7 +392,7 @@ class PretrainConfig(_Serializable):
             return self.weight_decay
         return 5e-4 if self.optimizer == "sgd" else 0.05
 
-    def contradictions(self, other: "PretrainConfig", names: Iterable[str]) -> list[str]:
+    def contradictions(self, other: PretrainConfig, names: Iterable[str]) -> list[str]:
         """'--NAME VALUE (the run used SAVED)' for each of ``names`` in which ``other`` would
         compute something else than this config (options marked resume-free never do; names
         that are not fields, a command's --json say, are not options of the run)."""

@@ -18,9 +18,9 @@ import os
 import stat
 import warnings
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ class ImageSet:
     def in_memory(self) -> bool:
         return self.images is not None
 
-    def subset(self, indices: torch.Tensor | list[int]) -> "ImageSet":
+    def subset(self, indices: torch.Tensor | list[int]) -> ImageSet:
         idx = torch.as_tensor(indices, dtype=torch.long)
         return dataclasses.replace(
             self,
@@ -70,7 +70,7 @@ class ImageSet:
             labels=self.labels[idx] if self.labels is not None else None,
         )
 
-    def to(self, device: torch.device) -> "ImageSet":
+    def to(self, device: torch.device) -> ImageSet:
         """The same set with its decoded images on ``device`` (files stay files)."""
         return dataclasses.replace(self, images=self.images.to(device)) if self.images is not None else self
 

@@ -31,25 +31,25 @@ import struct
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import jsontext
+from . import csvfiles, jsontext, rundir
 from . import data as data_lib
-from . import csvfiles, rundir
 from ._version import __version__
 from .atomicfiles import atomic_write, make_dir, printable
 from .config import EMBED_POOLS, EmbedConfig
 from .errors import ConfigError, DataError, OutputError, RotnetError
 from .events import DeviceChosen, Message, Progress, TaskProgress, WarningMessage, ignore
-from .models import num_stages
 from .features import stage_features, stage_shapes
+from .models import num_stages
 from .runtime import configure_backends, describe_device, resolve_device, resolve_precision
 from .weights import LoadedWeights, kept_checkpoint_path, load_weights
 

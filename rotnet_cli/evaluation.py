@@ -25,10 +25,10 @@ from . import data as data_lib
 from .config import PretrainConfig, ProbeConfig
 from .errors import ConfigError, DataError
 from .events import Message, Progress
-from .models import RotNet, num_stages, resolve_stages
 from .features import extract_features, labelled_splits, plan_cache, stage_shapes
 from .head_training import HeadTrainer, knn_accuracy, train_heads
 from .heads import HEAD_TYPES, views_needed
+from .models import RotNet, num_stages, resolve_stages
 from .weights import LoadedWeights
 
 # --eval-every auto: evaluate as often as keeps the evaluations at about this share of the training compute,

@@ -29,8 +29,7 @@ from typing import Any
 
 import torch
 
-from . import jsontext
-from . import rundir
+from . import jsontext, rundir
 from ._version import __version__
 from .atomicfiles import write_json, write_text
 from .config import ExportConfig, counted, format_rotations

@@ -174,7 +174,7 @@ class FeatureCache:
     skipped: list[str] = field(default_factory=list)  # files found unreadable while extracting
 
     @classmethod
-    def allocate(cls, n: int, shapes: list[tuple[int, int, int]], plan: CachePlan) -> "FeatureCache":
+    def allocate(cls, n: int, shapes: list[tuple[int, int, int]], plan: CachePlan) -> FeatureCache:
         width = sum(c for c, _, _ in shapes)
         pooled = {v: torch.empty(n, width, device=plan.device) for v in plan.views - {"maps"}}
         maps = (
@@ -185,7 +185,7 @@ class FeatureCache:
         return cls(torch.empty(n, dtype=torch.long, device=plan.device), shapes, pooled, maps)
 
     @classmethod
-    def of_batch(cls, maps: list[torch.Tensor], labels: torch.Tensor, views: set[str]) -> "FeatureCache":
+    def of_batch(cls, maps: list[torch.Tensor], labels: torch.Tensor, views: set[str]) -> FeatureCache:
         """The ``views`` of one batch's freshly computed stage maps, where they are (the maps are not copied)."""
         shapes = [tuple(m.shape[1:]) for m in maps]
         plan = CachePlan(frozenset(views - {"maps"}), labels.device, torch.float32)
@@ -205,7 +205,7 @@ class FeatureCache:
         if self.maps is not None:
             self.maps[r][rows] = fmap
 
-    def truncate(self, n: int) -> "FeatureCache":
+    def truncate(self, n: int) -> FeatureCache:
         """The first ``n`` images (when unreadable files left the end unfilled)."""
         return FeatureCache(
             self.labels[:n],

@@ -33,8 +33,7 @@ import string
 from pathlib import Path
 from typing import Any
 
-from . import jsontext
-from . import csvfiles, rundir
+from . import csvfiles, jsontext, rundir
 from .atomicfiles import make_dir, write_text
 from .errors import ConfigError, OutputError, RotnetError
 

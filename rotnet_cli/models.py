@@ -151,7 +151,7 @@ def _fixed_input_size(name: str) -> bool:
     return bool(cfg is not None and cfg.fixed_input_size)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def takes_img_size(name: str) -> bool:
     """Whether the model's class takes an ``img_size`` argument (its own or a parent's, through **kwargs).
 

@@ -20,15 +20,14 @@ Feature shapes on a 32x32 input: block 1 -> 96x16x16, blocks 2+ -> 192x8x8.
 """
 
 import math
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any
 
 import torch
-from torch import nn
-
 from timm.layers import SelectAdaptivePool2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
+from torch import nn
 
 __all__ = ["NetworkInNetwork"]  # register_model appends the model entrypoint names
 
@@ -85,8 +84,8 @@ class NinHead(nn.Module):
     def reset(
         self,
         num_classes: int,
-        pool_type: Optional[str] = None,
-        in_features: Optional[int] = None,
+        pool_type: str | None = None,
+        in_features: int | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -108,7 +107,7 @@ class NinHead(nn.Module):
         return x if pre_logits else self.fc(x)
 
 
-def _block_layout(num_blocks: int) -> List[Tuple[Tuple[Tuple[int, int], ...], Optional[str]]]:
+def _block_layout(num_blocks: int) -> list[tuple[tuple[tuple[int, int], ...], str | None]]:
     """Per block: ((kernel_size, out_chs) for its three convs, pooling after the convs or None).
 
     Straight from the official NetworkInNetwork.py; the final width (192) is the model's num_features.
@@ -171,7 +170,7 @@ class NetworkInNetwork(nn.Module):
         prev_chs = in_chans
         reduction = 1
         for block_idx, (convs, pool) in enumerate(_block_layout(num_blocks)):
-            layers: List[nn.Module] = []
+            layers: list[nn.Module] = []
             for kernel_size, out_chs in convs:
                 layers.append(ConvBnAct(prev_chs, out_chs, kernel_size, **dd))
                 prev_chs = out_chs
@@ -192,7 +191,7 @@ class NetworkInNetwork(nn.Module):
         self.apply(_INITS[weight_init])
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups for layer-wise LR decay: block 0 is the stem, then one group per later block
         (per conv when not coarse); the head lands in the last group."""
         return dict(
@@ -209,7 +208,7 @@ class NetworkInNetwork(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier with a freshly initialised one with ``num_classes`` outputs (0 = Identity)."""
         first_param = next(self.parameters())
         self.num_classes = num_classes
@@ -226,12 +225,12 @@ class NetworkInNetwork(nn.Module):
     def forward_intermediates(
         self,
         x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
+        indices: int | list[int] | None = None,
         norm: bool = False,
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Forward features and return the output of selected blocks.
 
         Args:
@@ -269,10 +268,10 @@ class NetworkInNetwork(nn.Module):
 
     def prune_intermediate_layers(
         self,
-        indices: Union[int, List[int]] = 1,
+        indices: int | list[int] = 1,
         prune_norm: bool = False,
         prune_head: bool = True,
-    ) -> List[int]:
+    ) -> list[int]:
         """Drop the blocks after the last one needed for ``indices`` (and the classifier if asked).
 
         Returns:
@@ -342,7 +341,7 @@ def _create_nin(variant: str, num_blocks: int, pretrained: bool = False, **kwarg
     )
 
 
-def _cfg(**kwargs) -> Dict[str, Any]:
+def _cfg(**kwargs) -> dict[str, Any]:
     # No url / hf_hub_id: no pretrained weights are published in timm format, so pretrained=True errors out.
     return {
         "num_classes": 10,

@@ -24,19 +24,19 @@ from typing import Any
 
 import torch
 
-from . import data as data_lib
 from . import csvfiles, predict_files, rundir
+from . import data as data_lib
+from .angle_words import describe_correction, describe_rotation
 from .atomicfiles import make_dir, os_error_behind, write_json, write_text
+from .calibration import temperature_of
 from .config import DEFAULT_BACKUP_SUFFIX, PredictConfig, format_rotations
 from .errors import ConfigError, DataError, OutputError
-from .predict_files import REPORT_CSV, REPORT_JSON, InputImage
 from .events import DeviceChosen, Progress, TaskProgress, WarningMessage, ignore
+from .fingerprint import feature_distance, is_colour, shorter_side, unlike_reasons
+from .predict_files import REPORT_CSV, REPORT_JSON, InputImage
 from .rotations import disc_mask, needs_mask, rotate_all
 from .runtime import autocast, configure_backends, describe_device, resolve_device, resolve_precision
 from .upright import DiskFull, NotWritten, UnreadableImage, copy_unchanged, require_jpeg_route, write_upright
-from .angle_words import describe_correction, describe_rotation
-from .calibration import temperature_of
-from .fingerprint import feature_distance, is_colour, shorter_side, unlike_reasons
 from .weights import LoadedWeights, load_weights
 
 REPORT_FIELDS = (

@@ -24,22 +24,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from .shell import shell_quote
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from . import data as data_lib
 from . import planning, rundir
+from .atomicfiles import make_dir
 from .calibration import calibrate
 from .checkpoint import CHECKPOINT_FORMAT
-from .atomicfiles import make_dir
-from .fingerprint import describe_training_images
 from .config import PretrainConfig
 from .errors import ConfigError, DataError, DiskFullError, InputSizeError, Interrupted, NonFiniteLossError, RotnetError
 from .evaluation import FeatureEval, best_value, evaluate_features, set_up_eval, should_evaluate
@@ -58,6 +57,7 @@ from .events import (
     WarningMessage,
     ignore,
 )
+from .fingerprint import describe_training_images
 from .loggers import Loggers, check_installed, open_loggers, step_scalars
 from .models import (
     RotNet,
@@ -89,6 +89,7 @@ from .runtime import (
     set_rng_state,
     shutdown_distributed,
 )
+from .shell import shell_quote
 from .weights import load_weights, nonfinite_tensors
 
 NO_STEP = 2**62  # "no such step" for the first non-finite loss (a MIN over ranks keeps real steps)

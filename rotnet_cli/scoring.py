@@ -36,11 +36,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import csvfiles, data as data_lib
-from . import rundir
+from . import csvfiles, rundir
+from . import data as data_lib
 from ._version import __version__
 from .atomicfiles import atomic_write, make_dir
 from .config import ScoreConfig, format_rotations
+
+# The feature library, in one place: it is moving from embedding.py/probing.py to features.py (issue 26);
+# then this import is the one line to change.
+from .embedding import check_out_file, make_embedder, require_pyarrow
 from .errors import ConfigError, DataError, RotnetError, WeightsError
 from .events import DeviceChosen, Message, Progress, TaskProgress, WarningMessage, ignore
 from .onnx import is_onnx_spec
@@ -48,10 +52,6 @@ from .prediction import RotationModel, display_path, load_rotation_model, rotati
 from .rotations import rotate_all
 from .runtime import configure_backends, describe_device, resolve_device, resolve_precision
 from .weights import LoadedWeights, load_weights
-
-# The feature library, in one place: it is moving from embedding.py/probing.py to features.py (issue 26);
-# then this import is the one line to change.
-from .embedding import check_out_file, make_embedder, require_pyarrow
 
 SCORES_FORMAT = "rotnet-scores"  # the marker in every scores file (a CSV's is its header)
 METADATA_KEY = "rotnet"

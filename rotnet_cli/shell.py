@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def shell_quote(arg: str) -> str:

@@ -19,20 +19,21 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
-from . import jsontext
 from . import data as data_lib
+from . import jsontext
 from ._version import __version__
 from .atomicfiles import write_json
 from .config import SupervisedConfig, json_safe
 from .errors import OutputError
 from .events import DeviceChosen, Message, Progress, TaskProgress, ignore
-from .models import create_backbone, data_config
 from .features import labelled_splits
 from .head_training import head_lr, make_head_optimizer
 from .heads import HeadRecipe
+from .models import create_backbone, data_config
 from .runtime import autocast, configure_backends, describe_device, resolve_device, resolve_precision, seed_everything
 
 SUPERVISED_FILE = "supervised.json"

@@ -14,9 +14,10 @@ code: nothing here prints; progress goes to ``progress`` as typed events.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +31,8 @@ from .config import MAX_PICTURE_PIXELS, AttentionConfig, CurvesConfig, FiltersCo
 from .errors import ConfigError, DataError, ModelError
 from .events import Message, Progress, TaskProgress, ignore
 from .models import forward_stages, num_stages, resolve_stages
-from .rotations import disc_mask, needs_mask, rotate, rotate_all
 from .plotting import pyplot
+from .rotations import disc_mask, needs_mask, rotate, rotate_all
 from .runtime import resolve_device
 from .weights import load_weights
 

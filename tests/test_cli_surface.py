@@ -4,11 +4,11 @@ commands to copy printed whole; the test extra that runs every test."""
 
 import ast
 import re
-import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import tomllib
 import torch
 import typer
 from typer.testing import CliRunner

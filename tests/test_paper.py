@@ -17,8 +17,8 @@ from torch import nn
 
 import rotnet_cli.nin  # noqa: F401  (registers rotnet_nin3/4/5)
 from rotnet_cli.config import PRETRAIN_SCHEDULES, ProbeConfig, ReproduceConfig, SupervisedConfig
-from rotnet_cli.pretraining import make_optimizer
 from rotnet_cli.head_training import HeadTrainer, head_lr, make_head_optimizer, official_head_init, spatial_head
+from rotnet_cli.pretraining import make_optimizer
 from rotnet_cli.reproduction import pretrain_config, probe_config, supervised_config
 
 # ----------------------------------------------------------------------------- the official definitions

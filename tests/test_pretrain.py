@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import files_in
 from PIL import Image
 from safetensors import safe_open
-from conftest import files_in
 from typer.testing import CliRunner
 
 from rotnet_cli.cli import app
@@ -185,7 +185,8 @@ def test_installed_rotnet_command_runs():
 
 def test_python_api_names_are_the_functions_even_after_the_cli_loaded_the_modules():
     import rotnet_cli.cli  # noqa: F401 - imports the library modules behind the commands
-    from rotnet_cli import export, pretrain as api_pretrain, predict, probe
+    from rotnet_cli import export, predict, probe
+    from rotnet_cli import pretrain as api_pretrain
 
     assert api_pretrain is pretrain
     assert all(

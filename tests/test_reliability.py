@@ -21,21 +21,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import files_in
 from PIL import Image
 from safetensors.torch import load_file
-from conftest import files_in
 from typer.testing import CliRunner
 
 import rotnet_cli.pretraining as pretrain_module
 from rotnet_cli import rundir
-from rotnet_cli.checkpoint import load_checkpoint, save_checkpoint
 from rotnet_cli.atomicfiles import atomic_write
-from rotnet_cli.stopping import signals_deferred
+from rotnet_cli.checkpoint import load_checkpoint, save_checkpoint
 from rotnet_cli.cli import app
 from rotnet_cli.config import PretrainConfig
 from rotnet_cli.errors import ConfigError, DataError, Interrupted, OutputError, WeightsError
 from rotnet_cli.events import WarningMessage
 from rotnet_cli.pretraining import pretrain, resume_config
+from rotnet_cli.stopping import signals_deferred
 from rotnet_cli.weights import load_weights
 
 TIMING = ("images_per_s", "seconds", "data_wait", "eval_seconds")
@@ -1407,7 +1407,9 @@ def test_ctrl_c_twice_is_one_line_exit_130_and_an_intact_checkpoint(tmp_path, ga
 
 
 def test_probe_that_cannot_save_prints_its_results_and_says_what_to_do(copy_of_run, monkeypatch):
-    monkeypatch.setattr(rundir.writing, "PROBE_SAVE_WAIT_S", 0.2)  # a run holds the lock for its whole length: waiting ends
+    monkeypatch.setattr(
+        rundir.writing, "PROBE_SAVE_WAIT_S", 0.2
+    )  # a run holds the lock for its whole length: waiting ends
     with rundir.FolderLock(copy_of_run / rundir.LOCK, copy_of_run):  # another process writes the run
         result = CliRunner().invoke(
             app, ["probe", str(copy_of_run), "--head", "knn", "--epochs", "1", "--device", "cpu", "--workers", "0"]

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import re
 import shlex
 import shutil
+import subprocess
 from pathlib import Path
 
+from conftest import files_in
 from typer.testing import CliRunner
 
 from rotnet_cli.cli import app
-from conftest import files_in
 
 
 def recorded_as_typed(run: Path, out: Path) -> None:

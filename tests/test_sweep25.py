@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-
 from test_score import CPU, folders, run_cli  # noqa: F401 (folders is a fixture)
 
 

@@ -13,17 +13,17 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any
 
 import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .. import jsontext
+from .. import jsontext, stopping
 from ..errors import RotnetError
-from .. import stopping
 
 
 class PlainConsole(Console):
@@ -309,11 +309,11 @@ WorkersOpt = Annotated[
 ]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch (before rotation).")]
 ImgSizeOpt = Annotated[
-    Optional[int],
+    int | None,
     typer.Option("--img-size", help="Square input size in pixels (default: the dataset's own, else the model's)."),
 ]
 DataDirOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--data-dir", help="Where torchvision datasets live (default ~/.cache/rotnet/datasets/NAME)."),
 ]
 DownloadOpt = Annotated[
@@ -417,7 +417,7 @@ def _shown_value(value: Any) -> str:
     return "true" if value is True else "false" if value is False else repr(value)[:40]
 
 
-def _load_options_file(ctx: typer.Context, param: Any, value: Optional[str]) -> Optional[str]:
+def _load_options_file(ctx: typer.Context, param: Any, value: str | None) -> str | None:
     """--config: the file's values become the defaults of this invocation, so the command line wins."""
     if value:
         ctx.default_map = {**(ctx.default_map or {}), **read_options_file(value, ctx)}
@@ -425,7 +425,7 @@ def _load_options_file(ctx: typer.Context, param: Any, value: Optional[str]) -> 
 
 
 ConfigOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--config",
         is_eager=True,

@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Annotated, List, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from ..config import EmbeddingMapConfig, EmbedConfig, NeighboursConfig, option_default
+from ..config import EmbedConfig, EmbeddingMapConfig, NeighboursConfig, option_default
 from ._common import (
-    shown,
-    print_table,
-    StrictDataOpt,
     DataDirOpt,
     DeviceOpt,
     DownloadOpt,
     JsonOpt,
     OverwriteOpt,
     PrecisionOpt,
+    StrictDataOpt,
     WeightsArg,
     WorkersOpt,
     err_console,
     error_boundary,
     out_console,
     print_json,
+    print_table,
+    shown,
     warn_skipped,
 )
 from .progress import ProgressView
@@ -94,7 +94,7 @@ def embed(
         typer.Option("--normalize", help="L2-normalise every embedding (cosine similarity becomes a dot product)."),
     ] = option_default(EmbedConfig, "normalize"),
     img_size: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             "--img-size",
             help="Input size in pixels for timm:NAME and random:NAME weights (default: the model's own); saved weights embed at the size they were trained at.",
@@ -146,7 +146,7 @@ def neighbours(
     ctx: typer.Context,
     embeddings: EmbeddingsArg,
     query: Annotated[
-        Optional[List[str]],
+        list[str] | None,
         typer.Option(
             "--query",
             "-q",
@@ -155,16 +155,16 @@ def neighbours(
     ] = option_default(NeighboursConfig, "query"),
     k: Annotated[int, typer.Option("-k", help="Neighbours per image.")] = option_default(NeighboursConfig, "k"),
     threshold: Annotated[
-        Optional[float],
+        float | None,
         typer.Option(
             "--threshold", help="Keep only neighbours at least this cosine-similar, e.g. 0.98 for near-duplicates."
         ),
     ] = option_default(NeighboursConfig, "threshold"),
     out: Annotated[
-        Optional[str], typer.Option("--out", "-o", help="Write every row found to this CSV file.")
+        str | None, typer.Option("--out", "-o", help="Write every row found to this CSV file.")
     ] = option_default(NeighboursConfig, "out"),
     weights: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--weights", help="For --query: the weights to embed with, when those the file names are elsewhere now."
         ),

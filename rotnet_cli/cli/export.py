@@ -9,7 +9,6 @@ from rich.table import Table
 
 from ..config import ExportConfig, format_rotations, option_default
 from ._common import (
-    shown,
     JsonOpt,
     OverwriteOpt,
     WeightsArg,
@@ -18,6 +17,7 @@ from ._common import (
     out_console,
     print_json,
     print_table,
+    shown,
 )
 from .progress import ProgressView
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from ..config import DEFAULT_BACKUP_SUFFIX, JPEG_ROUTES, PredictConfig, option_default
 from ._common import (
-    shown,
-    print_table,
     DeviceOpt,
     JsonOpt,
     OverwriteOpt,
@@ -22,6 +20,8 @@ from ._common import (
     note,
     out_console,
     print_json,
+    print_table,
+    shown,
     warn,
 )
 from .progress import ProgressView
@@ -70,7 +70,7 @@ def predict(
         ),
     ] = option_default(PredictConfig, "fix"),
     out: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--out",
             "-o",
@@ -85,7 +85,7 @@ def predict(
         ),
     ] = option_default(PredictConfig, "in_place"),
     backup_suffix: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--backup-suffix",
             help=f"With --in-place: the ending of each original's backup (default {DEFAULT_BACKUP_SUFFIX}).",

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Callable, Optional
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from ..shell import shell_quote
 from ..config import PretrainConfig, format_rotations, option_default
 from ..intervals import SMALL_VALIDATION, accuracy_text
+from ..shell import shell_quote
 from ..stopping import StopFlag
 from ._common import (
-    shown,
-    print_table,
-    StrictDataOpt,
     ConfigOpt,
     DataDirOpt,
     DeviceOpt,
@@ -22,6 +20,7 @@ from ._common import (
     JsonOpt,
     PrecisionOpt,
     SeedOpt,
+    StrictDataOpt,
     WorkersOpt,
     err_console,
     error_boundary,
@@ -29,6 +28,8 @@ from ._common import (
     out_console,
     print_commands,
     print_json,
+    print_table,
+    shown,
     warn,
     warn_skipped,
 )
@@ -120,14 +121,14 @@ def pretrain(
         ),
     ] = option_default(PretrainConfig, "copies"),
     epochs: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             "--epochs",
             help="Training epochs (the paper: 100). Default: planned from the data, enough for 500 optimizer steps and at least 10.",
         ),
     ] = option_default(PretrainConfig, "epochs"),
     batch_size: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             "--batch-size",
             "-b",
@@ -143,7 +144,7 @@ def pretrain(
         ),
     ] = option_default(PretrainConfig, "accum_steps"),
     lr: Annotated[
-        Optional[float],
+        float | None,
         typer.Option("--lr", help="Peak learning rate (default 0.1 for SGD as in the paper, 1e-3 for AdamW)."),
     ] = option_default(PretrainConfig, "lr"),
     lr_scale: Annotated[
@@ -158,7 +159,7 @@ def pretrain(
         int, typer.Option("--lr-ref-batch", help="The global batch --lr is meant for, with --lr-scale.")
     ] = option_default(PretrainConfig, "lr_ref_batch"),
     weight_decay: Annotated[
-        Optional[float], typer.Option("--weight-decay", help="Weight decay (default 5e-4 SGD, 0.05 AdamW).")
+        float | None, typer.Option("--weight-decay", help="Weight decay (default 5e-4 SGD, 0.05 AdamW).")
     ] = option_default(PretrainConfig, "weight_decay"),
     decay_all_params: Annotated[
         bool,
@@ -178,7 +179,7 @@ def pretrain(
         str, typer.Option("--schedule", "--sched", help="cosine, or step (with --milestones and --gamma).")
     ] = option_default(PretrainConfig, "schedule"),
     milestones: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--milestones", help="Epochs where a step schedule multiplies the lr by --gamma, e.g. 30,60,80."),
     ] = option_default(PretrainConfig, "milestones"),
     gamma: Annotated[
@@ -188,7 +189,7 @@ def pretrain(
         float, typer.Option("--warmup-epochs", help="Linear lr warm-up, in epochs.")
     ] = option_default(PretrainConfig, "warmup_epochs"),
     img_size: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             "--img-size",
             help="Square input size in pixels. Default: planned from the data: a dataset's own size, a folder's median image size (at least 32, at most the model's own; at most 64 on a CPU).",
@@ -205,7 +206,7 @@ def pretrain(
     workers: WorkersOpt = option_default(PretrainConfig, "workers"),
     seed: SeedOpt = option_default(PretrainConfig, "seed"),
     init: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--init", help="Start from these weights (a run, checkpoint, safetensors, export, timm:NAME); a new run."
         ),
@@ -226,7 +227,7 @@ def pretrain(
     ] = option_default(PretrainConfig, "cache"),
     strict_data: StrictDataOpt = option_default(PretrainConfig, "strict_data"),
     out: Annotated[
-        Optional[str], typer.Option("--out", "-o", help="Run directory (default runs/MODEL-DATE-TIME).")
+        str | None, typer.Option("--out", "-o", help="Run directory (default runs/MODEL-DATE-TIME).")
     ] = option_default(PretrainConfig, "out"),
     overwrite: Annotated[
         bool,
@@ -240,7 +241,7 @@ def pretrain(
         ),
     ] = option_default(PretrainConfig, "overwrite"),
     resume_dir: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--resume",
             help="Continue the run in this directory exactly where its checkpoint stopped; auto: continue the run in "
@@ -254,7 +255,7 @@ def pretrain(
         int, typer.Option("--log-every", help="Read loss/accuracy from the device every N steps (fewer host syncs).")
     ] = option_default(PretrainConfig, "log_every"),
     max_steps_per_epoch: Annotated[
-        Optional[int],
+        int | None,
         typer.Option("--max-steps-per-epoch", hidden=True),
     ] = option_default(PretrainConfig, "max_steps_per_epoch"),
     logger: Annotated[
@@ -265,7 +266,7 @@ def pretrain(
         ),
     ] = option_default(PretrainConfig, "logger"),
     eval_data: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--eval-data",
             help="Labelled images (digits, a class folder, a torchvision name) on which the features' kNN accuracy is measured during training.",
@@ -304,7 +305,8 @@ def pretrain(
     json_out: JsonOpt = False,
 ) -> None:
     """Pretrain a timm backbone by predicting image rotations; writes a run directory."""
-    from ..pretraining import auto_resume_config, pretrain as run_pretrain, resume_config
+    from ..pretraining import auto_resume_config, resume_config
+    from ..pretraining import pretrain as run_pretrain
     from ..runtime import dist_from_env
 
     params = dict(ctx.params)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -10,8 +10,6 @@ from rich.table import Table
 from ..config import ProbeConfig, option_default
 from ..errors import OutputError
 from ._common import (
-    shown,
-    print_table,
     DataDirOpt,
     DeviceOpt,
     DownloadOpt,
@@ -24,6 +22,8 @@ from ._common import (
     error_boundary,
     out_console,
     print_json,
+    print_table,
+    shown,
     warn_skipped,
 )
 from .progress import ProgressView
@@ -53,7 +53,7 @@ def probe(
     data_dir: DataDirOpt = option_default(ProbeConfig, "data_dir"),
     download: DownloadOpt = option_default(ProbeConfig, "download"),
     val_data: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--val-data",
             help="Labelled validation data (same classes); default: the dataset's own split, else --val-split.",
@@ -90,34 +90,34 @@ def probe(
         ),
     ] = option_default(ProbeConfig, "recipe"),
     features: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--features",
             help="cached (extracted once: fast) or augmented (recomputed every batch from cropped+flipped images: epochs x one forward pass); default: the recipe's.",
         ),
     ] = option_default(ProbeConfig, "features"),
     epochs: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             "--epochs",
             help="Training epochs of every head (default: the recipe's; a step schedule keeps its steps at the same share of the run).",
         ),
     ] = option_default(ProbeConfig, "epochs"),
     lr: Annotated[
-        Optional[float],
+        float | None,
         typer.Option(
             "--lr",
             help="Learning rate of the heads (default: the recipe's: quick 1e-2 linear, 1e-3 mlp and conv; paper 0.1).",
         ),
     ] = option_default(ProbeConfig, "lr"),
     weight_decay: Annotated[
-        Optional[float],
+        float | None,
         typer.Option(
             "--weight-decay", help="Weight decay of the heads, on every parameter (default: the recipe's, 5e-4)."
         ),
     ] = option_default(ProbeConfig, "weight_decay"),
     batch_size: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             "--batch-size",
             "-b",
@@ -125,7 +125,7 @@ def probe(
         ),
     ] = option_default(ProbeConfig, "batch_size"),
     labels_per_class: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             "--labels-per-class",
             help="Keep only K labelled training images per class (seeded); the paper's semi-supervised study.",
@@ -136,14 +136,14 @@ def probe(
         typer.Option("--knn-k", help="Neighbours that vote in the knn head."),
     ] = option_default(ProbeConfig, "knn_k"),
     compare: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--compare",
             help="Baseline rows: random (the same architecture, random weights) and/or other weights, e.g. timm:resnet18; comma list.",
         ),
     ] = option_default(ProbeConfig, "compare"),
     img_size: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             "--img-size",
             help="Input size in pixels for timm:NAME and random:NAME weights (default: the model's own); saved weights are probed at the size they were trained at.",

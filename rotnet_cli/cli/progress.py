@@ -15,10 +15,9 @@ without a line (long epochs, slow first steps).
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from rich.console import Console
-from ._common import shown
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..events import (
@@ -37,6 +36,7 @@ from ..events import (
     TaskProgress,
     WarningMessage,
 )
+from ._common import shown
 
 LINE_INTERVAL = 30.0  # seconds: piped output shows progress at least this often while steps finish
 _KEEP_PHASE = (Message, WarningMessage, DeviceChosen, Phase)  # lines that do not end what is happening now
@@ -132,7 +132,7 @@ class ProgressView:
         self.stats = ""  # the epoch's latest running figures (StepDone)
         self.last_line_at = clock()
 
-    def __enter__(self) -> "ProgressView":
+    def __enter__(self) -> ProgressView:
         if self.live:
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"),

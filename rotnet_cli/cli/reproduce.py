@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from ..config import ReproduceConfig, option_default
 from ._common import (
-    shown,
     DataDirOpt,
     DeviceOpt,
     DownloadOpt,
@@ -22,6 +21,7 @@ from ._common import (
     out_console,
     print_json,
     print_table,
+    shown,
 )
 from .progress import ProgressView
 
@@ -48,7 +48,7 @@ def reproduce(
     data_dir: DataDirOpt = option_default(ReproduceConfig, "data_dir"),
     download: DownloadOpt = option_default(ReproduceConfig, "download"),
     out: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--out",
             "-o",

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, List, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from ..config import ScoreConfig, option_default
 from ._common import (
-    shown,
     DataDirOpt,
     DeviceOpt,
     JsonOpt,
@@ -22,6 +21,7 @@ from ._common import (
     out_console,
     print_json,
     print_table,
+    shown,
 )
 from .progress import ProgressView
 
@@ -60,14 +60,14 @@ def score(
     ctx: typer.Context,
     weights: ScoreWeightsArg,
     data: Annotated[
-        Optional[List[str]],
+        list[str] | None,
         typer.Argument(
             help="Image files, folders (searched recursively) or a dataset name (digits, cifar10, ...).",
             show_default=False,
         ),
     ] = option_default(ScoreConfig, "data"),
     out: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--out",
             "-o",
@@ -83,28 +83,28 @@ def score(
         str, typer.Option("--knn-distance", help="mean (of the k nearest) or kth (the k-th nearest's distance).")
     ] = option_default(ScoreConfig, "knn_distance"),
     reference: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--reference",
             help="The knn bank: a folder or dataset name (default: the data the run trained on, from its config.json).",
         ),
     ] = option_default(ScoreConfig, "reference"),
     inliers: Annotated[
-        Optional[List[str]],
+        list[str] | None,
         typer.Option("--inliers", help="Evaluation: images known to be normal (repeatable); needs --outliers."),
     ] = option_default(ScoreConfig, "inliers"),
     outliers: Annotated[
-        Optional[List[str]],
+        list[str] | None,
         typer.Option("--outliers", help="Evaluation: images known to be unusual (repeatable); needs --inliers."),
     ] = option_default(ScoreConfig, "outliers"),
     normal: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--normal", help="Evaluation on class sub-folders (or a dataset): this class is normal, the rest unusual."
         ),
     ] = option_default(ScoreConfig, "normal"),
     img_size: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             "--img-size", help="Input size for timm:NAME and random:NAME weights (saved weights know theirs)."
         ),

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, List, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from ..config import AttentionConfig, CurvesConfig, FiltersConfig, OutliersSheetConfig, counted, option_default
 from ._common import (
-    shown,
     DeviceOpt,
     JsonOpt,
     OverwriteOpt,
@@ -19,6 +18,7 @@ from ._common import (
     out_console,
     print_json,
     print_table,
+    shown,
     warn,
 )
 from ._typer import RotnetCommand, RotnetGroup, show_help_when_bare
@@ -66,7 +66,7 @@ CURVES_EXAMPLES = """
 def filters(
     ctx: typer.Context,
     weights: Annotated[
-        List[str],
+        list[str],
         typer.Argument(
             help="One or more weights (run directory, checkpoint.pt, .safetensors, export, timm:NAME, random:NAME); several are drawn side by side.",
             show_default=False,
@@ -76,17 +76,17 @@ def filters(
         str, typer.Option("--out", "-o", help="PNG file to write (an existing one only with --overwrite).")
     ] = option_default(FiltersConfig, "out"),
     labels: Annotated[
-        Optional[List[str]],
+        list[str] | None,
         typer.Option("--label", help="Text above a panel, once per weights in order (default: the weights as given)."),
     ] = option_default(FiltersConfig, "labels"),
     scale: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             "--scale", help="Enlarge every filter pixel to SCALE x SCALE pixels (default: tiles of about 32 px)."
         ),
     ] = option_default(FiltersConfig, "scale"),
     cols: Annotated[
-        Optional[int], typer.Option("--cols", help="Filters per row (default: a square-ish grid).")
+        int | None, typer.Option("--cols", help="Filters per row (default: a square-ish grid).")
     ] = option_default(FiltersConfig, "cols"),
     overwrite: OverwriteOpt = option_default(FiltersConfig, "overwrite"),
     json_out: JsonOpt = False,
@@ -116,7 +116,7 @@ def attention(
     ctx: typer.Context,
     weights: WeightsArg,
     images: Annotated[
-        List[str],
+        list[str],
         typer.Argument(help="Image files and/or folders of images (searched recursively).", show_default=False),
     ],
     out: Annotated[
@@ -138,7 +138,7 @@ def attention(
         ),
     ] = option_default(AttentionConfig, "power"),
     rotations: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--rotations", help="Angles for the rows (default: the model's rotation set, else 0,90,180,270)."),
     ] = option_default(AttentionConfig, "rotations"),
     align: Annotated[
@@ -146,11 +146,11 @@ def attention(
         typer.Option("--align", help="Turn every rotated copy and its maps back upright, so the rows can be compared."),
     ] = option_default(AttentionConfig, "align"),
     img_size: Annotated[
-        Optional[int],
+        int | None,
         typer.Option("--img-size", help="Input size in pixels (default: the size the weights were trained at)."),
     ] = option_default(AttentionConfig, "img_size"),
     scale: Annotated[
-        Optional[int], typer.Option("--scale", help="Enlarge tiles SCALE times (default: to at least 128 px).")
+        int | None, typer.Option("--scale", help="Enlarge tiles SCALE times (default: to at least 128 px).")
     ] = option_default(AttentionConfig, "scale"),
     cmap: Annotated[
         str,
@@ -232,7 +232,7 @@ def outliers(
         ),
     ],
     data: Annotated[
-        Optional[List[str]],
+        list[str] | None,
         typer.Argument(help="With weights: image files, folders or a dataset name to score.", show_default=False),
     ] = option_default(OutliersSheetConfig, "data"),
     out: Annotated[

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterable
 
 from .. import jsontext
 from ..atomicfiles import (

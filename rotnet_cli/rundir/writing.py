@@ -14,9 +14,10 @@ import stat
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .. import jsontext
 from .._version import __version__
@@ -166,7 +167,7 @@ class FolderLock:
         self.made: list[Path] = []  # folders made for the lock file, removed again when left empty
         self.fd: int | None = None
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         self.acquire()
         return self
 
@@ -290,7 +291,7 @@ class RunDirWriter:
         self.started = False
         self.recovered: str | None = None  # what __enter__ repaired, for the user to read
 
-    def __enter__(self) -> "RunDirWriter":
+    def __enter__(self) -> RunDirWriter:
         if self.out.exists() and not self.out.is_dir():
             raise OutputError(f"--out {self.out} is a file; choose a folder name")
         make_dir(self.out)
