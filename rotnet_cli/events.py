@@ -29,6 +29,12 @@ class Message(Event):
 
 
 @dataclass(frozen=True)
+class Lines(Message):
+    """A block of information, one line per "\\n" of ``text`` (each plain text, like a Message's): the
+    renderer shows the lines as lines, where a Message's own newlines (from a file name) are escaped."""
+
+
+@dataclass(frozen=True)
 class WarningMessage(Event):
     """Something the user should know, that does not stop the work."""
 

@@ -47,6 +47,7 @@ from .events import (
     EpochEnded,
     EpochStarted,
     FeaturesEvaluated,
+    Lines,
     Message,
     Phase,
     Progress,
@@ -803,7 +804,7 @@ def set_up(
     )
     cfg = dataclasses.replace(cfg, **plan.values())  # validated again: milestones against the planned epochs
     if new_run:  # a resumed run keeps the plan it was started with (config.json)
-        report(Message("\n".join(plan.lines())))
+        report(Lines("\n".join(plan.lines())))
     if dist.enabled and cfg.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} must divide by the {dist.world_size} processes of torchrun")
     per_rank_batch = max(1, cfg.batch_size // dist.world_size)

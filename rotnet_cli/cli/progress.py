@@ -28,6 +28,7 @@ from ..events import (
     EpochStarted,
     Event,
     FeaturesEvaluated,
+    Lines,
     Message,
     Phase,
     Resumed,
@@ -218,6 +219,9 @@ class ProgressView:
                 self._line(self._resumed_text(event))
             case RunStarted():
                 self._run_started(event)
+            case Lines():  # before Message, which it is: each line escaped on its own
+                for line in event.text.split("\n"):
+                    self._line(shown(line))
             case Message():
                 self._line(shown(event.text))  # library text is plain: brackets in paths stay
             case WarningMessage():
