@@ -801,6 +801,8 @@ def set_up(
         augment=cfg.augment,
         source=data_lib.dataset_key(cfg.data),
         world_size=dist.world_size,
+        accum_steps=cfg.accum_steps,
+        max_steps_per_epoch=cfg.max_steps_per_epoch,
     )
     cfg = dataclasses.replace(cfg, **plan.values())  # validated again: milestones against the planned epochs
     if new_run:  # a resumed run keeps the plan it was started with (config.json)
@@ -962,7 +964,8 @@ def start_run_dir(run: Run, state: TrainState, resumed: bool) -> None:
             run.steps_per_epoch,
             run.cfg.epochs,
             state.epoch,
-            run.per_rank_batch * run.dist.world_size * copies * run.cfg.accum_steps,
+            # a step's model inputs: never more than the training images hold (a small folder, --accum-steps)
+            min(run.per_rank_batch * run.cfg.accum_steps, run.images_per_rank) * run.dist.world_size * copies,
             state.step,
             global_batch=run.cfg.global_batch,
             per_process_batch=run.per_rank_batch,

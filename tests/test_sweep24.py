@@ -34,3 +34,22 @@ def test_the_data_plan_prints_as_a_block_of_lines_not_escaped_newlines(tmp_path)
         "augmentation",
         "every",
     ]
+
+
+def test_the_plans_step_count_counts_optimizer_steps_with_accumulation_and_a_step_cap():
+    from rotnet_cli import planning
+
+    # 18 images in batches of 16 are 2 batches; 4 accumulated batches make 1 optimizer step (was: "2 steps per epoch")
+    accumulated = planning.plan_epochs(None, 18, 16, accum_steps=4)
+    assert accumulated.why.startswith("1 step per epoch") and accumulated.value == planning.MAX_EPOCHS
+    capped = planning.plan_epochs(None, 18, 16, max_steps_per_epoch=1)
+    assert capped.why.startswith("1 step per epoch"), capped.why
+    assert planning.plan_epochs(3, 18, 16, max_steps_per_epoch=1).why == "asked for: 3 steps"
+
+
+def test_a_step_never_claims_more_images_than_the_folder_holds(tmp_path):
+    data = _faces(tmp_path / "faces", 6)
+    args = ["pretrain", "--data", str(data), *FAST, "--val-split", "0", "--accum-steps", "4"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "1 step of 24 rotated images per epoch" in result.stderr  # 6 images x 4 rotations (was: 96)
