@@ -53,3 +53,16 @@ def test_a_step_never_claims_more_images_than_the_folder_holds(tmp_path):
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     assert "1 step of 24 rotated images per epoch" in result.stderr  # 6 images x 4 rotations (was: 96)
+
+
+def test_extending_a_planned_run_keeps_resolved_epochs_true(tmp_path):
+    import json
+
+    data, out = _faces(tmp_path / "faces", 4), tmp_path / "run"
+    first = CliRunner().invoke(app, ["pretrain", "--data", str(data), *FAST, "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    more = CliRunner().invoke(app, ["pretrain", "--resume", str(out), "--epochs", "2", "-j", "0"])
+    assert more.exit_code == 0, more.output
+    record = json.loads((out / "config.json").read_text())
+    assert record["config"]["epochs"] == 2 and record["resolved"]["epochs"] == 2  # was 1: the epochs it no longer ran
+    assert record["resolved"]["plan"]["epochs"]["value"] == 1  # the plan it started with, kept as it was
