@@ -66,3 +66,26 @@ def test_extending_a_planned_run_keeps_resolved_epochs_true(tmp_path):
     record = json.loads((out / "config.json").read_text())
     assert record["config"]["epochs"] == 2 and record["resolved"]["epochs"] == 2  # was 1: the epochs it no longer ran
     assert record["resolved"]["plan"]["epochs"]["value"] == 1  # the plan it started with, kept as it was
+
+
+def test_the_feature_distance_note_names_the_images_its_threshold_came_from():
+    from rotnet_cli import fingerprint
+
+    record = {"colour": 0.0, "side": 25, "features": {"mean": [0.0], "std": [1.0], "threshold": 1.0}}
+    trained_on = {**record, "features": {**record["features"], "reference": "training"}}
+    # --val-split 0 (or under 5 held-out images): the threshold comes from the training images themselves
+    (note,) = fingerprint.unlike_reasons(trained_on, False, 25, 3.0, 32)
+    assert "held-out" not in note and "training images themselves" in note, note
+    held_out = {**record, "features": {**record["features"], "reference": "held-out"}}
+    assert "than held-out ones do" in fingerprint.unlike_reasons(held_out, False, 25, 3.0, 32)[0]
+
+
+def test_a_run_without_held_out_images_records_its_threshold_came_from_training(tmp_path):
+    from rotnet_cli import rundir
+
+    data, out = _faces(tmp_path / "faces", 4), tmp_path / "run"
+    result = CliRunner().invoke(app, ["pretrain", "--data", str(data), *FAST, "--val-split", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    path = out / "model.safetensors"
+    meta = rundir.read_weights_metadata(path, rundir.safetensors_metadata(path))
+    assert meta["training_images"]["features"]["reference"] == "training"
