@@ -89,3 +89,23 @@ def test_a_run_without_held_out_images_records_its_threshold_came_from_training(
     path = out / "model.safetensors"
     meta = rundir.read_weights_metadata(path, rundir.safetensors_metadata(path))
     assert meta["training_images"]["features"]["reference"] == "training"
+
+
+def test_fix_never_turns_an_image_whose_confidence_is_withheld_whatever_min_confidence(tmp_path):
+    import json
+
+    data, run = _faces(tmp_path / "faces", 4), tmp_path / "run"
+    trained = CliRunner().invoke(app, ["pretrain", "--data", str(data), *FAST, "--val-split", "0", "--out", str(run)])
+    assert trained.exit_code == 0, trained.output
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (400, 300, 3), dtype=np.uint8)).save(photos / "colour.png")
+    out = tmp_path / "fixed"
+    args = ["predict", str(run), str(photos), "--fix", "--min-confidence", "0", "--out", str(out), "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads((out / "predictions.json").read_text())["predictions"]
+    assert row["unlike_training"] and row["confidence"] == 0.25
+    assert row["action"] != "fixed" and row["output"] is None  # was: turned and written at --min-confidence 0
+    assert not (out / "colour.png").exists()
