@@ -1173,7 +1173,10 @@ def validate(run: Run, state: TrainState, keep_logits: bool = False) -> dict:
     cfg, device = run.cfg, run.device
     R = cfg.num_rotations
     run.report(Phase(f"validating: {len(run.val_set)} images x {R} rotations", every_epoch=True))
-    run.train_model.eval()
+    # the plain model, not its DDP wrapper: DDP's forward syncs buffers with every rank, so a rank with
+    # fewer validation images than another (1 image, 2 processes) would leave the others waiting forever
+    model = state.model
+    model.eval()
     order = torch.arange(len(run.val_set))[run.dist.rank :: run.dist.world_size]
     correct = torch.zeros(R, device=device)
     count = torch.zeros(R, device=device)
@@ -1194,7 +1197,7 @@ def validate(run: Run, state: TrainState, keep_logits: bool = False) -> dict:
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, run.precision):
-            logits = run.train_model(x)
+            logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += torch.bincount(y, weights=(logits.argmax(1) == y).float(), minlength=R)
         count += torch.bincount(y, minlength=R).float()

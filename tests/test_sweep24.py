@@ -109,3 +109,19 @@ def test_fix_never_turns_an_image_whose_confidence_is_withheld_whatever_min_conf
     assert row["unlike_training"] and row["confidence"] == 0.25
     assert row["action"] != "fixed" and row["output"] is None  # was: turned and written at --min-confidence 0
     assert not (out / "colour.png").exists()
+
+
+def test_torchrun_with_fewer_validation_images_than_processes_ends(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = _faces(tmp_path / "faces", 7)  # 6 training images, 1 held out: rank 1 validates none
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    command = [torchrun, "--nproc-per-node", "2", "-m", "rotnet_cli", "pretrain", "--data", str(data), *FAST]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # was: rank 0's validation forward waited forever in DDP's buffer sync for rank 1, which had no batch
+    done = subprocess.run([*command, "--out", str(tmp_path / "run")], env=env, capture_output=True, timeout=240)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert (tmp_path / "run" / "model.safetensors").exists()
