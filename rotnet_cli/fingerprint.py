@@ -131,11 +131,11 @@ def describe_training_images(
     spread = feats.std(0, unbiased=False)
     spread = spread.clamp_min(max(float(spread.median()) * 0.1, 1e-6))
     stats = {"mean": centre.tolist(), "std": spread.tolist()}
-    reference = feats
+    reference, stats["reference"] = feats, "training"
     if val_set is not None and len(val_set) >= MIN_REFERENCE:
         held_out = _features_of(val_set, model, mean, std, rotations, device, precision, batch_size)[0]
         if held_out is not None and len(held_out) >= MIN_REFERENCE:
-            reference = held_out
+            reference, stats["reference"] = held_out, "held-out"
     distances = feature_distance(reference, stats)
     stats["threshold"] = float(torch.quantile(distances, 0.99)) * FEATURE_MARGIN
     return {
@@ -149,6 +149,10 @@ def describe_training_images(
 
 
 # ----------------------------------------------------------------------------- new images against the record
+
+
+# what the threshold's distances were measured on (a record from before "reference" names neither)
+_REFERENCE_WORDS = {"held-out": "held-out ones do", "training": "the training images themselves do"}
 
 
 def unlike_reasons(record: dict, colour: bool, side: int | None, distance: float | None, seen_at: int) -> list[str]:
@@ -166,7 +170,7 @@ def unlike_reasons(record: dict, colour: bool, side: int | None, distance: float
     if distance is not None and features is not None and distance > features["threshold"]:
         reasons.append(
             f"its features lie {distance / features['threshold'] * FEATURE_MARGIN:.1f}x farther from the training "
-            "images' than held-out ones do"
+            f"images' than {_REFERENCE_WORDS.get(features.get('reference'), 'the images its limit was set on do')}"
         )
     return reasons
 

@@ -179,9 +179,20 @@ def plan_batch_size(given: int | None, images: int, world_size: int = 1) -> Deci
     return Decision(max(world_size, batch - batch % world_size), why)
 
 
-def plan_epochs(given: int | None, images: int, batch_size: int, world_size: int = 1) -> Decision:
-    """--epochs, else enough for STEP_BUDGET optimizer steps, between MIN_EPOCHS and MAX_EPOCHS."""
-    steps = max(1, math.ceil(images // world_size / max(1, batch_size // world_size)))
+def plan_epochs(
+    given: int | None,
+    images: int,
+    batch_size: int,
+    world_size: int = 1,
+    accum_steps: int = 1,
+    max_steps_per_epoch: int | None = None,
+) -> Decision:
+    """--epochs, else enough for STEP_BUDGET optimizer steps, between MIN_EPOCHS and MAX_EPOCHS. A step is
+    an optimizer step, as training counts it: ``accum_steps`` batches, at most ``max_steps_per_epoch``."""
+    batches = images // world_size / max(1, batch_size // world_size)
+    steps = max(1, math.ceil(batches / accum_steps))
+    if max_steps_per_epoch:
+        steps = min(steps, max_steps_per_epoch)
     per_epoch = f"{counted(steps, 'step')} per epoch"
     if given is not None:
         return Decision(given, f"asked for: {counted(given * steps, 'step')}")
@@ -230,13 +241,15 @@ def make_plan(
     augment: str,
     source: str | None = None,
     world_size: int = 1,
+    accum_steps: int = 1,
+    max_steps_per_epoch: int | None = None,
 ) -> Plan:
     """The whole plan, once the training images are known (``img_size`` was planned before decoding them)."""
     batch = plan_batch_size(batch_size, images, world_size)
     return Plan(
         img_size=img_size,
         batch_size=batch,
-        epochs=plan_epochs(epochs, images, batch.value, world_size),
+        epochs=plan_epochs(epochs, images, batch.value, world_size, accum_steps, max_steps_per_epoch),
         augment=plan_augment(augment, content, source),
         partial_batch=plan_partial_batch(images, batch.value, world_size),
     )

@@ -424,7 +424,13 @@ def _fix_images(
 
 
 def _due(p: ImagePrediction, min_confidence: float) -> bool:
-    return p.predicted is not None and p.correction != 0 and p.confidence >= min_confidence
+    return p.predicted is not None and p.correction != 0 and not _too_unsure(p, min_confidence)
+
+
+def _too_unsure(p: ImagePrediction, min_confidence: float) -> bool:
+    """Below --min-confidence, or unlike the training images: a withheld confidence (chance) is no
+    confidence at all, so even --min-confidence 0 (or anything up to chance) never turns the image."""
+    return p.confidence < min_confidence or bool(p.unlike_training)
 
 
 def _fix_one(image: InputImage, p: ImagePrediction, cfg: PredictConfig, out: Path | None) -> None:
@@ -432,7 +438,7 @@ def _fix_one(image: InputImage, p: ImagePrediction, cfg: PredictConfig, out: Pat
         pass
     elif p.correction == 0:
         p.action = "skipped-upright"
-    elif p.confidence < cfg.min_confidence:
+    elif _too_unsure(p, cfg.min_confidence):
         p.action = "skipped-low-confidence"
     else:
         try:

@@ -791,6 +791,8 @@ def set_up(
         augment=cfg.augment,
         source=data_lib.dataset_key(cfg.data),
         world_size=dist.world_size,
+        accum_steps=cfg.accum_steps,
+        max_steps_per_epoch=cfg.max_steps_per_epoch,
     )
     cfg = dataclasses.replace(cfg, **plan.values())  # validated again: milestones against the planned epochs
     if new_run:  # a resumed run keeps the plan it was started with (config.json)
@@ -991,7 +993,8 @@ def start_run_dir(run: Run, state: TrainState, resumed: bool) -> None:
             run.steps_per_epoch,
             run.cfg.epochs,
             state.epoch,
-            run.per_rank_batch * run.dist.world_size * copies * run.cfg.accum_steps,
+            # a step's model inputs: never more than the training images hold (a small folder, --accum-steps)
+            min(run.per_rank_batch * run.cfg.accum_steps, run.images_per_rank) * run.dist.world_size * copies,
             state.step,
             global_batch=run.cfg.global_batch,
             per_process_batch=run.per_rank_batch,
@@ -1225,7 +1228,10 @@ def validate(run: Run, state: TrainState, keep_logits: bool = False) -> dict:
     cfg, device = run.cfg, run.device
     R = cfg.num_rotations
     run.report(Phase(f"validating: {len(run.val_set)} images x {R} rotations", every_epoch=True))
-    state.train_model.eval()
+    # the plain model, not its DDP wrapper: DDP's forward syncs buffers with every rank, so a rank with
+    # fewer validation images than another (1 image, 2 processes) would leave the others waiting forever
+    model = state.model
+    model.eval()
     order = torch.arange(len(run.val_set))[run.dist.rank :: run.dist.world_size]
     correct = torch.zeros(R, device=device)
     count = torch.zeros(R, device=device)
@@ -1246,7 +1252,7 @@ def validate(run: Run, state: TrainState, keep_logits: bool = False) -> dict:
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, run.precision):
-            logits = state.train_model(x)
+            logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += torch.bincount(y, weights=(logits.argmax(1) == y).float(), minlength=R)
         count += torch.bincount(y, minlength=R).float()

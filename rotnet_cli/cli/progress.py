@@ -271,7 +271,7 @@ class ProgressView:
     def _run_started(self, event: RunStarted) -> None:
         self._line(
             f"{event.model} at {event.img_size} px: {event.train_images} training / {event.val_images} validation "
-            f"images, {event.steps_per_epoch} steps of {event.batch_images} rotated images per epoch -> {shown(event.out_dir)}"
+            f"images, {event.steps_per_epoch} step{'s' if event.steps_per_epoch != 1 else ''} of {event.batch_images} rotated images per epoch -> {shown(event.out_dir)}"
         )
         if event.global_batch:
             self._line(

@@ -139,3 +139,5 @@ def check_training_images_fields(fields: FileFields) -> None:
     if not all(is_number(v) and v > 0 for v in spread):
         stats.fail("std", "a list of numbers above 0")
     stats.number("threshold", 0.0, 1e6)
+    if stats.text("reference", required=False) not in (None, "held-out", "training"):
+        stats.fail("reference", "'held-out' or 'training'")

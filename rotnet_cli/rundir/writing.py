@@ -119,6 +119,8 @@ def record_extension(out: Path, epochs: int, at_epoch: int) -> Path:
         }
     )
     record["config"]["epochs"] = epochs
+    if isinstance(record.get("resolved"), dict) and "epochs" in record["resolved"]:  # what the run now trains to
+        record["resolved"]["epochs"] = epochs  # (resolved.plan keeps the plan it started with)
     return write_json(Path(out) / CONFIG, record)
 
 
