@@ -664,22 +664,8 @@ class EmbeddingTable:
 
 def read_embeddings(path: str | Path) -> EmbeddingTable:
     """Read a file written by rotnet embed (.parquet, .npz, .safetensors or .csv); a DataError names what is wrong."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; write embeddings with rotnet embed WEIGHTS DATA --out {path.name}")
     readers = {".parquet": _read_parquet, ".npz": _read_npz, ".safetensors": _read_safetensors, ".csv": _read_csv}
-    reader = readers.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(f"{path}: embeddings files end in {', '.join(readers)}; give a file written by rotnet embed")
-    try:
-        table = reader(path)
-    except RotnetError:
-        raise
-    except Exception as e:  # every library raises its own types for a broken file
-        raise DataError(
-            f"{path} is not a readable embeddings file ({type(e).__name__}: {str(e)[:120]}); "
-            "write it again with rotnet embed"
-        ) from e
+    table = rundir.read_table_file(path, readers, "embeddings", "rotnet embed")
     return _validated(table)
 
 

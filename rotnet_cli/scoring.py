@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import csvfiles, rundir
+from . import csvfiles, jsontext, rundir
 from . import data as data_lib
 from ._version import __version__
 from .atomicfiles import atomic_write, make_dir
@@ -680,21 +680,9 @@ class ScoresTable:
 
 def read_scores(path: str | Path) -> ScoresTable:
     """Read a file written by rotnet score (.csv, .json, .npz, .parquet); a DataError names what is wrong."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; write scores with rotnet score WEIGHTS DATA --out {path.name}")
     readers = {".csv": _read_csv, ".json": _read_json, ".npz": _read_npz, ".parquet": _read_parquet}
-    reader = readers.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(f"{path}: scores files end in {', '.join(readers)}; give a file written by rotnet score")
-    try:
-        paths, scores, method = reader(path)
-    except RotnetError:
-        raise
-    except Exception as e:  # every library raises its own types for a broken file
-        raise DataError(
-            f"{path} is not a readable scores file ({type(e).__name__}: {str(e)[:120]}); write it again with rotnet score"
-        ) from e
+    path = Path(path).expanduser()
+    paths, scores, method = rundir.read_table_file(path, readers, "scores", "rotnet score")
     scores = np.asarray(scores, dtype=np.float64)
     if len(paths) != len(scores) or len(scores) == 0 or not np.isfinite(scores).all():
         raise DataError(
@@ -708,7 +696,7 @@ def _not_ours(path: Path) -> DataError:
 
 
 def _checked_meta(path: Path, text: Any) -> dict[str, Any]:
-    meta = json.loads(text) if isinstance(text, (str, bytes)) else text
+    meta = jsontext.loads(text) if isinstance(text, (str, bytes)) else text
     if not isinstance(meta, dict) or meta.get("format") != SCORES_FORMAT:
         raise _not_ours(path)
     return meta

@@ -77,6 +77,7 @@ from .reading import (
     read_metrics,
     read_probe,
     read_run_config,
+    read_table_file,
     run_dir_of,
 )
 from .writing import (
@@ -150,6 +151,7 @@ __all__ = [
     "read_metrics",
     "read_probe",
     "read_run_config",
+    "read_table_file",
     "run_dir_of",
     "EVERYTHING",
     "check_out_dir",

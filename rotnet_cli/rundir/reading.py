@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import jsontext
 from ..checkpoint import load_checkpoint
 from ..config import FILE_FIX, MAX_IMG_SIZE, MIN_IMG_SIZE, PretrainConfig
-from ..errors import ConfigError, DataError, WeightsError
+from ..errors import ConfigError, DataError, RotnetError, WeightsError
 from .fields import FileFields, img_size_field, is_int, is_number
 from .layout import BEST, CHECKPOINT, CHECKPOINTS, CONFIG, EXPORT_CONFIG, METRICS, PROBE, PROBE_FORMAT, WEIGHTS
 
@@ -201,3 +202,25 @@ def run_dir_of(path: Path) -> Path | None:
     """The run directory a checkpoint.pt or model.safetensors lies in (None for a file on its own)."""
     path = Path(path)
     return path.parent if path.name in (CHECKPOINT, WEIGHTS) and (path.parent / CONFIG).is_file() else None
+
+
+Table = TypeVar("Table")
+
+
+def read_table_file(path: str | Path, readers: dict[str, Callable[[Path], Table]], kind: str, command: str) -> Table:
+    """A table file a command wrote (embeddings, scores), read by the reader its ending names; a missing
+    file, another ending or a file its library cannot read is a DataError naming the command that writes it."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; write {kind} with {command} WEIGHTS DATA --out {path.name}")
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: {kind} files end in {', '.join(readers)}; give a file written by {command}")
+    try:
+        return reader(path)
+    except RotnetError:
+        raise
+    except Exception as e:  # every library raises its own types for a broken file
+        raise DataError(
+            f"{path} is not a readable {kind} file ({type(e).__name__}: {str(e)[:120]}); write it again with {command}"
+        ) from e
