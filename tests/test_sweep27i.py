@@ -47,3 +47,25 @@ def test_a_config_file_list_still_fills_a_comma_separated_option(tmp_path):
     click_cmd = typer.main.get_command(app).commands["pretrain"]
     ctx = click_cmd.make_context("pretrain", ["--model", "test_resnet"], resilient_parsing=True)
     assert read_options_file(str(config), ctx)["rotations"] == "0,180"
+
+
+def test_a_collapsed_model_whose_loss_swings_between_huge_and_small_is_diverged():
+    """--momentum 0.999 --lr 10 (11 steps an epoch) gave these per-step losses and exited 0: the rule
+    wanted every one of 10 steps high, and a collapsed model is right now and then (loss ~ ln 4)."""
+    import math
+
+    import torch
+
+    from rotnet_cli.pretraining import DIVERGED_FACTOR, EpochSums
+
+    observed = [1.5, 9.6, 1929.1, 68498.0, 96365.4, 441169.1, 1864441.5, 1415170.9, 336603.4, 2.6, 1721938.5]
+    sums = EpochSums(len(observed), torch.device("cpu"))
+    for step, loss in enumerate(observed):
+        sums.add(step, torch.tensor(loss), torch.zeros(8, 4), torch.zeros(8, dtype=torch.long))
+    assert sums.first_diverged_step(DIVERGED_FACTOR * math.log(4)) == 2  # the first high step
+
+    healthy = [1.4, 1.3, 30.0, 40.0, 1.2, 1.1, 1.0, 25.0, 0.9, 0.9, 0.8]  # spikes of a step or two
+    sums = EpochSums(len(healthy), torch.device("cpu"))
+    for step, loss in enumerate(healthy):
+        sums.add(step, torch.tensor(loss), torch.zeros(8, 4), torch.zeros(8, dtype=torch.long))
+    assert sums.first_diverged_step(DIVERGED_FACTOR * math.log(4)) is None
