@@ -69,3 +69,18 @@ def test_a_collapsed_model_whose_loss_swings_between_huge_and_small_is_diverged(
     for step, loss in enumerate(healthy):
         sums.add(step, torch.tensor(loss), torch.zeros(8, 4), torch.zeros(8, dtype=torch.long))
     assert sums.first_diverged_step(DIVERGED_FACTOR * math.log(4)) is None
+
+
+def test_every_csv_rotnet_writes_keeps_a_name_that_is_not_utf8_as_hex(tmp_path):
+    """neighbours --query FOLDER --out x.csv with a file named b"bad\\xff.png" failed with
+    UnicodeEncodeError ("a bug in rotnet"): the one CSV writer now writes such a name as \\xNN."""
+    import csv
+    import os
+
+    from rotnet_cli import csvfiles
+
+    out = tmp_path / "t.csv"
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        csvfiles.writer(f).writerow([os.fsdecode(b"bad\xff.png"), 1, "cr\rx.png"])
+    with open(out, newline="", encoding="utf-8") as f:
+        assert list(csv.reader(f)) == [["bad\\xff.png", "1", "cr\rx.png"]]
