@@ -13,6 +13,8 @@ import csv
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
+from .atomicfiles import printable
+
 
 class Writer:
     """``csv.writer`` with rotnet's dialect: "\\n" line ends, and carriage returns kept inside quotes."""
@@ -22,6 +24,9 @@ class Writer:
         self.quoted = csv.writer(file, lineterminator="\n", quoting=csv.QUOTE_ALL)
 
     def writerow(self, row: Sequence[Any]) -> None:
+        # a file name that is not UTF-8 (surrogate escapes) goes in as \xNN, as in every table rotnet writes:
+        # the UTF-8 file could not hold it, and neighbours --query --out failed on it with UnicodeEncodeError
+        row = [printable(value) if isinstance(value, str) else value for value in row]
         has_cr = any(isinstance(value, str) and "\r" in value for value in row)
         (self.quoted if has_cr else self.plain).writerow(row)
 

@@ -159,13 +159,18 @@ class EpochSums:
         self.done = step + 1
 
     def first_diverged_step(self, ceiling: float) -> int | None:
-        """The first of DIVERGED_STEPS steps in a row whose loss per rotated copy was above ``ceiling`` (reads the device)."""
+        """The first step of DIVERGED_STEPS in a row of which DIVERGED_HIGH_STEPS had a loss per rotated copy above
+        ``ceiling`` (reads the device). Not all of them: a collapsed model's loss swings between huge (its one class
+        is wrong) and near ln(R) (it happens to be right), so "every step high" missed it (observed)."""
         if self.done < DIVERGED_STEPS or not self.seen:
             return None
         per_copy = self.loss[: self.done] / (self.seen / self.done)  # (done,) every step has as many copies
         in_a_row = (per_copy > ceiling).float().unfold(0, DIVERGED_STEPS, 1).sum(1)  # (done - K + 1,)
-        hit = (in_a_row == DIVERGED_STEPS).nonzero()
-        return int(hit[0]) if len(hit) else None
+        hit = (in_a_row >= DIVERGED_HIGH_STEPS).nonzero()
+        if not len(hit):
+            return None
+        start = int(hit[0])
+        return start + int((per_copy[start:] > ceiling).nonzero()[0])  # the window's first high step
 
     def first_nonfinite_step(self) -> int | None:
         """The first step of this epoch whose loss was NaN or inf (reads the device)."""
@@ -1295,7 +1300,10 @@ def evaluate(run: Run, state: TrainState, epoch: int) -> dict[str, Any]:
 # DIVERGED_FACTOR x the loss of guessing, ln(number of rotations). A run starts near that loss and only
 # goes down; a healthy run's spikes last a step or two and stay within a few times it, while 10x means
 # the true rotation gets a probability below e^-10*ln(R) on average (--momentum 1.5 reached loss 6540).
+# Counting 7 of 10 rather than all 10: --momentum 0.999 --lr 10 gave per-step losses like 1929, 68498, ...,
+# then 9.5e6, 2.4e7, 3.2, 2.6, 1.1e6, 5.9e7 (a collapsed model is sometimes right), and ran to exit 0.
 DIVERGED_STEPS = 10
+DIVERGED_HIGH_STEPS = 7
 DIVERGED_FACTOR = 10.0
 
 
@@ -1314,7 +1322,8 @@ def check_finite(run: Run, state: TrainState, epoch: int, sums: EpochSums) -> No
     high = reduce_int(NO_STEP if first_high is None else epoch * spe + first_high, "min", run.device, run.dist)
     if high != NO_STEP:
         raise NonFiniteLossError(
-            f"the loss diverged: {DIVERGED_STEPS} steps in a row from step {high + 1} (epoch {high // spe + 1}) were above "
+            f"the loss diverged: {DIVERGED_HIGH_STEPS} of {DIVERGED_STEPS} steps in a row from step {high + 1} "
+            f"(epoch {high // spe + 1}) were above "
             f"{ceiling:.1f}, {DIVERGED_FACTOR:g}x the loss of guessing; {_kept(run, state)}; "
             "lower --lr or --momentum, or add --warmup-epochs"
         )

@@ -355,9 +355,12 @@ def read_options_file(path: str, ctx: typer.Context) -> dict[str, Any]:
         if file.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
-            record = yaml.safe_load(text)
+            record = yaml.load(
+                text, Loader=_unique_keys_yaml_loader()
+            )  # a SafeLoader subclass: no tags that build objects
         else:
             record = jsontext.loads(text)
+            json.loads(text, object_pairs_hook=_refuse_duplicate_keys)  # depth already bounded by jsontext
     except Exception as e:  # yaml's and json's own errors: the file is not what it claims
         first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise typer.BadParameter(
@@ -392,6 +395,34 @@ def read_options_file(path: str, ctx: typer.Context) -> dict[str, Any]:
     return options
 
 
+class DuplicateOptionKey(ValueError):
+    """A --config file names one option twice: which value the user meant is unknowable."""
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    seen: dict[Any, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateOptionKey(f"{key!r} is given twice; keep one")
+        seen[key] = value
+    return seen
+
+
+def _unique_keys_yaml_loader() -> Any:
+    """yaml's SafeLoader keeps the last of two equal keys without a word; this one refuses them."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            keys = [self.construct_object(k, deep=deep) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
+            for i, key in enumerate(keys):
+                if isinstance(key, str | int | float | bool) and key in keys[:i]:
+                    raise DuplicateOptionKey(f"{key!r} is given twice; keep one")
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def _as_typed(param: Any, value: Any, where: str) -> Any:
     """A --config value as the command line would give it: text (click then parses and checks it as
     it parses argv), so ``epochs: true`` is refused like ``--epochs true`` rather than read as 1;
@@ -403,6 +434,10 @@ def _as_typed(param: Any, value: Any, where: str) -> Any:
             raise typer.BadParameter(f"{where}: {_shown_value(value)} is not true or false", param_hint="--config")
         return value
     if isinstance(value, (list, tuple)):
+        if "str" not in _declared_type(param):  # only text options take a comma list (rotations, milestones)
+            raise typer.BadParameter(
+                f"{where}: a list is not a value of this option; give one value", param_hint="--config"
+            )
         if any(isinstance(v, (list, tuple, dict)) for v in value):
             raise typer.BadParameter(f"{where}: a list of lists is not an option's value", param_hint="--config")
         return ",".join(map(str, value))
@@ -411,6 +446,14 @@ def _as_typed(param: Any, value: Any, where: str) -> Any:
     if isinstance(value, dict):
         raise typer.BadParameter(f"{where}: a mapping is not an option's value", param_hint="--config")
     return str(value)
+
+
+def _declared_type(param: Any) -> str:
+    """The option's annotation as text ("int", "float | None", "str"); "str" where typer cannot say."""
+    try:
+        return str(param.bare_type())
+    except Exception:  # an older typer without bare_type: keep lists working as before
+        return "str"
 
 
 def _shown_value(value: Any) -> str:
