@@ -772,22 +772,28 @@ def image_sides(spec: str) -> list[int] | None:
     """The shorter side, in pixels, of up to SIZE_SAMPLE evenly spaced image files of a folder
     (only their headers are read); None for a dataset name or a path that is not a folder
     (opening the data says what is wrong), [] when no header reads."""
-    from PIL import Image
-
     path = Path(spec).expanduser()
     if _dataset_key(spec) == "digits" or not path.is_dir():
         return None
     if (path / "train").is_dir() and (path / "val").is_dir():
         path = path / "train"
     paths = scan_images(path)
-    sides = []
-    for i in _evenly_spaced(len(paths), SIZE_SAMPLE).tolist() if paths else []:
-        try:
-            with Image.open(paths[i]) as im:
-                sides.append(min(im.size))
-        except Exception:  # unreadable files are skipped (and counted) when the data is decoded
-            continue
-    return sides
+    # unreadable files are skipped (and counted) when the data is decoded
+    sides = [header_side(paths[i]) for i in (_evenly_spaced(len(paths), SIZE_SAMPLE).tolist() if paths else [])]
+    return [side for side in sides if side is not None]
+
+
+def header_side(path: Path) -> int | None:
+    """The shorter side of an image file, read from its header only; None when it cannot be read."""
+    from PIL import Image
+
+    if special_file(path):  # a fifo given by name: opening it would block
+        return None
+    try:
+        with Image.open(path) as image:
+            return min(image.size)
+    except Exception:  # any decoder's own error: the file is unreadable here, as when it is decoded
+        return None
 
 
 def _evenly_spaced(n: int, k: int) -> torch.Tensor:

@@ -43,23 +43,10 @@ def is_colour(images: torch.Tensor) -> torch.Tensor:
     return spread.mean((1, 2)) > 8
 
 
-def shorter_side(path: Path) -> int | None:
-    """The shorter side of an image file, read from its header; None when it cannot be read."""
-    from PIL import Image
-
-    if data_lib.special_file(path):  # a fifo given by name: opening it would block
-        return None
-    try:
-        with Image.open(path) as image:
-            return min(image.size)
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-
-
 def typical_side(paths: list[Path], sample: int = 32) -> int | None:
     """The median shorter side of up to ``sample`` of the files, read from their headers."""
     step = max(1, len(paths) // sample)
-    sides = [s for s in (shorter_side(p) for p in paths[::step][:sample]) if s is not None]
+    sides = [s for s in (data_lib.header_side(p) for p in paths[::step][:sample]) if s is not None]
     return int(np.median(sides)) if sides else None
 
 
@@ -182,5 +169,4 @@ __all__ = [
     "pooled_features",
     "is_colour",
     "typical_side",
-    "shorter_side",
 ]

@@ -32,7 +32,7 @@ from .calibration import temperature_of
 from .config import DEFAULT_BACKUP_SUFFIX, PredictConfig, format_rotations
 from .errors import ConfigError, DataError, OutputError
 from .events import DeviceChosen, Progress, TaskProgress, WarningMessage, ignore
-from .fingerprint import feature_distance, is_colour, shorter_side, unlike_reasons
+from .fingerprint import feature_distance, is_colour, unlike_reasons
 from .predict_files import REPORT_CSV, REPORT_JSON, InputImage
 from .rotations import disc_mask, needs_mask, rotate_all
 from .runtime import autocast, configure_backends, describe_device, resolve_device, resolve_precision
@@ -309,7 +309,7 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
             p = ImagePrediction(str(inputs[i].path), angle, (360 - angle) % 360, c)
             p.rotated, p.to_fix = describe_rotation(angle), describe_correction(p.correction)
             if record is not None:
-                side = shorter_side(inputs[i].path)
+                side = data_lib.header_side(inputs[i].path)
                 reasons = unlike_reasons(record, colour[j], side, distances[j], weights.img_size)
                 if reasons:  # the answer means little: its confidence is withheld (chance), so --fix leaves it
                     p.unlike_training, p.confidence = "; ".join(reasons), 1 / len(rotations)
