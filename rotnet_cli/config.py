@@ -22,7 +22,7 @@ from .heads import HEAD_TYPES, HeadRecipe, trained_heads
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CACHE_MODES = ("auto", "none", "ram", "device")
-AUGMENTS = ("auto", "none", "crop", "crop+flip")
+AUGMENTS = ("auto", "none", "shift", "crop", "crop+flip")
 MIN_IMG_SIZE = 8
 # Sizes are bounded before anything is allocated: 8192 px is 200 MB per RGB float image, and a
 # picture rotnet draws is bounded by PIL's decompression-bomb limit (about 89 million pixels).

@@ -705,6 +705,17 @@ def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
 # ----------------------------------------------------------------------------- on-device transforms
 
 
+def crop_padding(augment: str, img_size: int) -> int:
+    """Pixels of zero padding before the random crop: ``crop`` and ``crop+flip`` pad 1/8 of the side (the
+    paper's 4 px at 32 px); ``shift`` pads 1/16 (2 px at 32 px), a smaller move that leaves a character
+    that fills its frame whole. Measured on the digits demo (resnet18, 10 epochs, batch 32): shift 0.953
+    val rotation accuracy and probe features above random weights on 4 of 4 label draws; crop 0.939;
+    none 0.947 and below random on 1 draw (docs/own-folder.md)."""
+    if augment == "none":
+        return 0
+    return max(1, img_size // (16 if augment == "shift" else 8))
+
+
 def random_crop_flip(
     images: torch.Tensor, padding: int, generator: torch.Generator | None, flip: bool = True
 ) -> torch.Tensor:
@@ -747,7 +758,7 @@ AUTO_SAMPLE = (256, 32)  # images looked at to decide: in memory, and decoded fr
 
 def auto_augment(spec: str, images: ImageSet) -> tuple[str, str]:
     """What ``--augment auto`` means for this data -> (choice, why), decided by what the images are
-    (planning.plan_augment: scans and digits none, other grey images crop, colour photos crop+flip)."""
+    (planning.plan_augment: scans and digits shift, other grey images crop, colour photos crop+flip)."""
     from .planning import measure_content, plan_augment
 
     sample = sample_images(images)
@@ -838,6 +849,7 @@ __all__ = [
     "iterate_batches",
     "random_crop_flip",
     "auto_augment",
+    "crop_padding",
     "normalize",
     "decode_file",
     "scan_images",

@@ -22,8 +22,10 @@ The rules, and what they were measured on (benchmarks/own_folder.py, docs/own-fo
   folders keep), at most MAX_EPOCHS: 63 images in batches of 16 get 125 epochs, as many steps
   as the digits demo takes.
 - every image every epoch: the last, partial batch of an epoch is trained on, not dropped.
-- augmentation (--augment auto): characters and scans (grey, most pixels paper or ink) are not
-  augmented (a mirrored character is no character; a crop cuts strokes off); other grey images
+- augmentation (--augment auto): characters and scans (grey, most pixels paper or ink) are
+  shifted by up to 1/16 of the side, never mirrored (a mirrored character is no character; the
+  paper's 1/8 crop cuts strokes off; no augmentation over-fits the 1,617 demo digits: 0.947
+  against shift's 0.953, and features below random weights on one label draw); other grey images
   (faces, grey photos) are cropped, not mirrored; colour photos are cropped and mirrored (the
   paper's); colour images of ink on paper are cropped, not mirrored.
 """
@@ -212,7 +214,7 @@ def plan_augment(given: str, content: Content | None, source: str | None = None)
         return Decision("none", "no image could be looked at")
     ink = f"{100 * content.ink_share:.0f}% of pixels paper or ink"
     if content.grey and content.ink_on_paper:
-        return Decision("none", f"grey, {ink}: like scans and digits, which are neither mirrored nor cut")
+        return Decision("shift", f"grey, {ink}: like scans and digits, shifted a little, never mirrored")
     if content.ink_on_paper:
         return Decision("crop", f"colour, {ink}: cropped, not mirrored (it may hold writing)")
     if content.grey:

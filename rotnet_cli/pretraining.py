@@ -462,7 +462,7 @@ class Run:
     images_per_rank: int  # training images this process sees per epoch
     steps_per_epoch: int
     padding: int  # of the random crop
-    augment: str  # none, crop or crop+flip (--augment auto resolved for this data)
+    augment: str  # none, shift, crop or crop+flip (--augment auto resolved for this data)
     plan: planning.Plan  # the data plan: each value and why (config.json's resolved.plan)
     writer: rundir.RunDirWriter | None  # rank 0's hold on the run directory (lock, --overwrite's old run)
     skipped: tuple[str, ...]  # files left out when the data was opened (not images, or unreadable)
@@ -822,8 +822,8 @@ def set_up(
     steps_per_epoch = math.ceil(images_per_rank / (per_rank_batch * cfg.accum_steps))
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    padding = max(1, img_size // 8)  # 4 px at 32 px, the paper's CIFAR crop
     augment = cfg.augment
+    padding = data_lib.crop_padding(augment, img_size)
     if hint := slow_device_hint(device, img_size):
         report(Message(hint))
     batch_norm = normalises_over_batch(model)

@@ -48,9 +48,9 @@ def _smooth(n=12, size=32, colour=False):
 @pytest.mark.parametrize(
     "spec, pixels, expected",
     [
-        ("digits", "scans", "none"),
-        ("mnist", "scans", "none"),
-        ("~/scans", "scans+jpeg-noise", "none"),  # a scanned page's JPEG chroma noise is still grey
+        ("digits", "scans", "shift"),
+        ("mnist", "scans", "shift"),
+        ("~/scans", "scans+jpeg-noise", "shift"),  # a scanned page's JPEG chroma noise is still grey
         ("~/faces", "grey-tones", "crop"),  # grey faces and photos: cropped, never mirrored
         ("~/letters", "colour-scans", "crop"),  # colour images of ink on paper: not mirrored either
         ("svhn", "colour-tones", "crop"),  # colour photos of house numbers: the one name in the table
@@ -72,7 +72,7 @@ def test_auto_policy_table(spec, pixels, expected):
 
 
 def test_auto_policy_of_the_built_in_digits():
-    assert data.auto_augment("digits", data.open_source("digits", 32).train)[0] == "none"
+    assert data.auto_augment("digits", data.open_source("digits", 32).train)[0] == "shift"
 
 
 @pytest.mark.parametrize("mode, expected", [("L", "crop"), ("RGB", "crop+flip")])
@@ -96,12 +96,24 @@ def test_crop_without_flip_is_the_crop_alone():
     assert torch.equal(data.random_crop_flip(images, 0, torch.Generator().manual_seed(0), flip=False), images)
 
 
+def test_shift_moves_an_image_half_as_far_as_crop_and_never_mirrors():
+    # digits fill their 32 px frame: the paper's 4 px crop cuts strokes off, shift's 2 px leaves them whole
+    assert data.crop_padding("shift", 32) == 2 and data.crop_padding("crop", 32) == 4
+    assert data.crop_padding("crop+flip", 32) == 4 and data.crop_padding("none", 32) == 0
+    assert data.crop_padding("shift", 8) == 1  # a tiny image still moves
+    line = torch.zeros((64, 3, 32, 32), dtype=torch.uint8)
+    line[:, :, 10:22, 16] = 255  # an upright stroke, left of no centre: a mirror would move it to column 15
+    out = data.random_crop_flip(line, data.crop_padding("shift", 32), torch.Generator().manual_seed(0), flip=False)
+    cols = out.amax(dim=(1, 2)).float().argmax(dim=1)  # (64,) the column each shifted stroke landed in
+    assert cols.min() >= 14 and cols.max() <= 18 and len(cols.unique()) == 5  # every shift of -2..2 px, no more
+
+
 def test_choices_and_what_old_configs_meant():
     assert PretrainConfig().augment == "auto"
     assert PretrainConfig(augment=True).augment == "crop+flip"  # runs saved before the choices: augment: true
     assert PretrainConfig(augment=False).augment == "none"
     assert PretrainConfig.from_dict(PretrainConfig(augment="crop").to_dict()).augment == "crop"
-    with pytest.raises(ConfigError, match="--augment must be one of auto, none, crop, crop\\+flip"):
+    with pytest.raises(ConfigError, match="--augment must be one of auto, none, shift, crop, crop\\+flip"):
         PretrainConfig(augment="flip")
 
 
@@ -122,10 +134,10 @@ def test_the_choice_is_printed_at_start_and_recorded(tmp_path):
     pretrain(PretrainConfig(**FAST, out=str(tmp_path / "auto")), progress=events.append)
     messages = [event.text for event in events if isinstance(event, Message)]
     plan = "\n".join(messages[messages.index("data plan (every option you give wins):") :])  # one event a line
-    assert "augmentation none  (grey, " in plan and "like scans and digits" in plan, plan
+    assert "augmentation shift  (grey, " in plan and "like scans and digits" in plan, plan
     saved = json.loads((tmp_path / "auto" / "config.json").read_text())
-    assert saved["config"]["augment"] == "none" and saved["resolved"]["augment"] == "none"
-    assert saved["resolved"]["plan"]["augment"]["value"] == "none"
+    assert saved["config"]["augment"] == "shift" and saved["resolved"]["augment"] == "shift"
+    assert saved["resolved"]["plan"]["augment"]["value"] == "shift"
 
 
 def test_no_augment_flag_of_earlier_versions_still_works(tmp_path):

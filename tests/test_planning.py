@@ -75,7 +75,7 @@ def test_every_image_is_seen_every_epoch():
 
 @pytest.mark.parametrize(
     "content, expected",
-    [(SCANS, "none"), (FACES, "crop"), (PHOTOS, "crop+flip"), (Content(40.0, 0.7), "crop")],
+    [(SCANS, "shift"), (FACES, "crop"), (PHOTOS, "crop+flip"), (Content(40.0, 0.7), "crop")],
     ids=["scans-and-digits", "grey-faces", "colour-photos", "colour-writing"],
 )
 def test_augmentation_follows_what_the_images_are(content, expected):
