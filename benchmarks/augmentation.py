@@ -9,10 +9,10 @@ draws of the labelled images), and prints ONE JSON line per variant:
   python benchmarks/augmentation.py --data runs/photos --variants none,crop4,crop4+flip --epochs 10
   python benchmarks/augmentation.py --table runs/augment/*.jsonl      # markdown tables for the README
 
-Variants: ``none``; ``cropP`` (random crop after P px of zero padding); ``cropP+flip`` (and a
+Variants: ``none``; ``shift`` (rotnet's: a crop after img_size // 16 px of padding); ``cropP`` (random crop after P px of zero padding); ``cropP+flip`` (and a
 random horizontal flip); ``flip`` (flip only); ``random`` (no pretraining: random weights,
 the probe's baseline). ``auto`` is what rotnet picks for the data. The padding is an
-experiment knob, not a rotnet option: rotnet pads img_size // 8 (4 px at 32 px).
+experiment knob, not a rotnet option: rotnet's crop pads img_size // 8 (4 px at 32 px).
 
 The photo set: crops of the colour photos scikit-image ships (``pip install scikit-image``;
 only this script needs it), the photo as the class label. Every photo is cut into a 4x4
@@ -49,13 +49,13 @@ FEW_LABEL_SEEDS = (0, 1, 2)
 
 def parse_variant(name: str) -> tuple[str, int | None]:
     """'crop2+flip' -> ('crop+flip', 2); 'flip' -> ('crop+flip', 0); 'none' -> ('none', None)."""
-    if name in ("none", "auto", "random"):
+    if name in ("none", "auto", "random", "shift"):  # shift: rotnet's own 1/16 of the side
         return name, None
     if name == "flip":
         return "crop+flip", 0
     m = re.fullmatch(r"crop(\d+)(\+flip)?", name)
     if not m:
-        raise SystemExit(f"unknown variant {name!r}: none, auto, random, flip, cropP, cropP+flip")
+        raise SystemExit(f"unknown variant {name!r}: none, auto, random, shift, flip, cropP, cropP+flip")
     return ("crop+flip" if m.group(2) else "crop"), int(m.group(1))
 
 
