@@ -111,6 +111,7 @@ class PretrainResult:
     labelled: bool = True  # the training data has classes, so probe can score its features on it
     calibration: dict | None = None  # the rotation head's temperature and ECE before/after (calibration.py)
     val_images: int = 0  # held-out images (each seen at every rotation): how much the validation figures mean
+    own_validation: bool = False  # they came with the data (DIR/val, a test split), not from --val-split
 
     @property
     def final(self) -> dict:
@@ -467,6 +468,7 @@ class Run:
     writer: rundir.RunDirWriter | None  # rank 0's hold on the run directory (lock, --overwrite's old run)
     skipped: tuple[str, ...]  # files left out when the data was opened (not images, or unreadable)
     data_files: int  # image files the data source found (before decoding): what a resume compares
+    own_validation: bool  # the data brought its validation images (DIR/val, a test split); else --val-split
     batch_norm: bool  # the model normalises over the batch (a step needs at least 2 inputs)
     evaluator: FeatureEval | None  # --eval-data, decoded once (rank 0 evaluates)
     best_metric: str  # --best-metric resolved for this data
@@ -674,6 +676,7 @@ def _train(
         labelled=run.train_set.labels is not None,
         calibration=calibrated,
         val_images=len(run.val_set) if run.val_set is not None else 0,
+        own_validation=run.own_validation,
     )
 
 
@@ -852,6 +855,7 @@ def set_up(
         writer=writer,
         skipped=source.skipped,
         data_files=source.files,
+        own_validation=source.val is not None,
         batch_norm=batch_norm,
         evaluator=evaluator,
         best_metric=cfg.resolved_best_metric(has_val=val_set is not None and len(val_set) > 0),

@@ -27,8 +27,10 @@ def test_a_small_count_says_its_interval_a_large_one_does_not_need_to():
     assert accuracy_text(0.94, 10_000, "answers") == "94.0% of 10,000 answers"
 
 
-def summary(val_images: int, acc: float, calibration: dict | None = None):
-    return SimpleNamespace(final={"val_rot_acc": acc}, val_images=val_images, calibration=calibration)
+def summary(val_images: int, acc: float, calibration: dict | None = None, own_validation: bool = False):
+    return SimpleNamespace(
+        final={"val_rot_acc": acc}, val_images=val_images, calibration=calibration, own_validation=own_validation
+    )
 
 
 def test_a_tiny_validation_split_is_called_too_small(capsys):
@@ -41,6 +43,14 @@ def test_a_tiny_validation_split_is_called_too_small(capsys):
     assert (
         "calibration: temperature 1.83 fitted on 28 held-out answers; expected calibration error 12.1% -> 3.4%" in text
     )
+
+
+def test_a_folder_with_its_own_val_is_told_to_add_images_there_not_to_use_val_split(capsys, tmp_path):
+    _render_honest_figures(summary(10, 0.9), PretrainConfig(data=str(tmp_path)))
+    assert "hold out more (--val-split)" in " ".join(capsys.readouterr().err.split())
+    _render_honest_figures(summary(10, 0.9, own_validation=True), PretrainConfig(data=str(tmp_path)))
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"add images to {tmp_path / 'val'}" in err and "--val-split" not in err
 
 
 def test_a_large_validation_split_is_not_warned_about(capsys):
@@ -68,3 +78,23 @@ def test_probe_compares_the_best_run_cell_with_the_best_random_cell():
     assert line.startswith("best: stage 2 with the linear head, 80.0% of 100 val images (95% interval")
     assert "not above random's best, stage 1 with the linear head, 83.00%" in line
     assert "random at the same stage and head: 50.00%" in line
+
+
+def test_a_run_knows_whether_its_validation_images_came_with_the_folder(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from rotnet_cli.pretraining import pretrain
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 4)):
+        (tmp_path / "data" / split).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / split / f"{i}.png"
+            )
+    fast = dict(model="test_resnet", epochs=1, workers=0, device="cpu", img_size=16)
+    own = pretrain(PretrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "own"), **fast))
+    assert own.own_validation and own.val_images == 4  # DIR/val, not a --val-split share of DIR/train
+    split = pretrain(PretrainConfig(data=str(tmp_path / "data" / "train"), out=str(tmp_path / "split"), **fast))
+    assert not split.own_validation

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -387,9 +388,14 @@ def _render_honest_figures(result, config: PretrainConfig) -> None:
             soft_wrap=True,
         )
         if result.val_images < SMALL_VALIDATION:
+            more = (
+                f"add images to {Path(config.data).expanduser() / 'val'}"
+                if result.own_validation
+                else "hold out more (--val-split) or add images"
+            )
             warn(
                 f"the validation split holds only {result.val_images} images, too few for its accuracy to mean "
-                "much (and for a sure calibration); hold out more (--val-split) or add images"
+                f"much (and for a sure calibration); {more}"
             )
     calibration = result.calibration
     if calibration:
