@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import math
 import os
 import stat
@@ -31,7 +32,11 @@ from . import stopping
 from .errors import DataError
 from .events import Decoding, Progress, ignore
 
-IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")  # torchvision's, and GIF: PIL reads it, torchvision's list leaves it out
+# AVIF (phones and browsers write it): Pillow decodes it from 11.2 on, in builds with its _avif module;
+# older builds leave it to predict's "format not supported" rows (predict_files.UNSUPPORTED_IMAGE_EXTENSIONS)
+AVIF = (".avif",) if importlib.util.find_spec("PIL._avif") is not None else ()
+# torchvision's, GIF (PIL reads it, torchvision's list leaves it out) and AVIF where this Pillow reads it
+IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif", *AVIF)
 TORCHVISION_DATASETS = ("cifar10", "cifar100", "stl10", "mnist", "fashionmnist", "svhn")
 BUILTIN_DIGITS = Path(__file__).parent / "data" / "digits.npz"
 DEFAULT_DATA_DIR = Path(os.environ.get("ROTNET_DATA_DIR", Path.home() / ".cache" / "rotnet" / "datasets"))

@@ -55,6 +55,7 @@ UNSUPPORTED_IMAGE_EXTENSIONS = (
     ".orf",
     ".rw2",
     ".jxl",
+    *((".avif",) if not data_lib.AVIF else ()),  # an older Pillow: no AVIF decoder
 )
 UNSUPPORTED_NOTE = "format not supported (convert it to JPEG or PNG first)"
 

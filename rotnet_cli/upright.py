@@ -46,6 +46,7 @@ from .rotations import is_exact
 JPEG_QUALITY = 95
 ORIENTATION = 0x0112  # the EXIF tag
 LOSSLESS_EXTRA = "pip install 'rotnet-cli[jpeg]'"
+LOSSY_FORMATS = ("JPEG", "AVIF")  # always re-encoded: PIL writes AVIF lossy (its pixels would not compare equal)
 LOSSLESS_CHECKED = "pixels turned losslessly (checked)"  # decoded again and compared, every frame and every bit
 
 # A flip and rotation of the pixel grid as (mirror, turns): mirror left-right first (when
@@ -221,7 +222,7 @@ def _pil_upright(image, fmt: str, data: bytes, grid: tuple[bool, int] | None, co
         raise NotWritten(f"PIL could not write it as {fmt}: {e}; not turned") from e
     content = buffer.getvalue()
     notes = [] if grid is not None else [f"resampled (bicubic) for {correction:g} degrees"]
-    if fmt == "JPEG" or (fmt == "WEBP" and not params.get("lossless")) or params.get("compression") == "jpeg":
+    if fmt in LOSSY_FORMATS or (fmt == "WEBP" and not params.get("lossless")) or params.get("compression") == "jpeg":
         notes.append(f"re-encoded as {fmt} (lossy, quality {JPEG_QUALITY})")
     elif grid is not None:
         notes.append(_compare_frames(frames, content))
@@ -258,7 +259,7 @@ def _save_params(image, fmt: str, data: bytes, swapped: bool) -> dict:
     xmp = image.info.get("xmp") or image.info.get("XML:com.adobe.xmp")
     if xmp:
         params["xmp"] = _xmp_upright(xmp if isinstance(xmp, bytes) else xmp.encode())
-    if fmt in ("JPEG", "WEBP", "MPO"):
+    if fmt in ("JPEG", "WEBP", "MPO", "AVIF"):
         params["quality"] = JPEG_QUALITY
     if fmt == "WEBP" and _webp_is_lossless(data):  # a lossless WebP stays lossless
         params["lossless"] = True

@@ -96,10 +96,11 @@ def escape_folder(hostile_folder) -> Path:
     return hostile_folder
 
 
-def _assert_no_raw_controls(result) -> None:
+def _assert_no_raw_controls(result, shown: bool = True) -> None:
     text = result.stdout + result.stderr
     assert "\x1b" not in text and "\r" not in text, repr(text[-600:])
-    assert "\\x1b[2J" in text  # shown, escaped
+    if shown:
+        assert "\\x1b[2J" in text  # shown, escaped
 
 
 def test_predict_shows_control_characters_escaped_in_its_table_and_warnings(tiny_run, escape_folder, tmp_path):
@@ -115,7 +116,9 @@ def test_embed_and_neighbours_show_control_characters_escaped(tiny_run, escape_f
     _assert_no_raw_controls(result)
     result = _rotnet("neighbours", table, "--device", "cpu", "-k", "9")
     assert result.exit_code == 0, result.output
-    _assert_no_raw_controls(result)
+    _assert_no_raw_controls(
+        result, shown=False
+    )  # its 10 most alike pairs need not hold that image: the weights rank them
     result = _rotnet("neighbours", table, "--query", escape_folder, "--device", "cpu", "--workers", "0")
     assert result.exit_code == 0, result.output
     _assert_no_raw_controls(result)
