@@ -489,7 +489,7 @@ class TrainState:
     saved_at: tuple[int, int] | None = None  # (epoch, step) of the last checkpoint
     skipped: dict[str, None] = field(default_factory=dict)  # unreadable files met while training, in order
     logger_runs: dict[str, dict] = field(default_factory=dict)  # --logger runs to continue on resume (W&B, MLflow ids)
-    # the last epoch's validation logits (V*R, R) and labels (V*R,) on this rank: what calibration fits (not saved)
+    # the last epoch's validation logits (V*R, R) and labels (V*R,) of every rank: what calibration fits (not saved)
     val_logits: tuple[torch.Tensor, torch.Tensor] | None = None
     # not saved either: the model as trained (DDP-wrapped, compiled), set once the state is restored,
     # and --logger's open loggers (rank 0, once the run directory exists)
@@ -1273,13 +1273,16 @@ def validate(run: Run, state: TrainState, keep_logits: bool = False) -> dict:
         return {}
     per_rotation = {f"{a:g}": (correct[i] / count[i]).item() for i, a in enumerate(cfg.rotations)}
     result = {"loss": loss_sum.item() / total, "acc": correct.sum().item() / total, "per_rotation": per_rotation}
-    if kept:
-        result["logits"] = (torch.cat([k[0] for k in kept]).cpu(), torch.cat([k[1] for k in kept]).cpu())
+    if keep_logits:  # every rank's share: calibration fits on all the held-out images, not rank 0's part
+        logits = torch.cat([k[0] for k in kept]).cpu() if kept else torch.zeros((0, R))
+        labels = torch.cat([k[1] for k in kept]).cpu() if kept else torch.zeros((0,), dtype=torch.long)
+        shares = gather_objects((logits, labels), run.dist)  # once per run: pickled CPU tensors will do
+        result["logits"] = (torch.cat([share[0] for share in shares]), torch.cat([share[1] for share in shares]))
     return result
 
 
 def calibrate_head(run: Run, state: TrainState) -> dict | None:
-    """The rotation head's temperature, fitted on the last validation pass's logits (rank 0's share
+    """The rotation head's temperature, fitted on the last validation pass's logits (every rank's share
     under torchrun); None without a validation split, or with too few images to fit one."""
     if state.val_logits is None:
         return None

@@ -138,3 +138,15 @@ def test_a_stopped_torchrun_resumes_to_the_same_weights(ddp_run, tmp_path):
     resumed, uninterrupted = load_file(run / "model.safetensors"), load_file(ddp_run / "model.safetensors")
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
     assert losses(run) == losses(ddp_run)
+
+
+def test_calibration_fits_on_every_ranks_share_of_the_validation_images(ddp_run):
+    from safetensors import safe_open
+
+    from rotnet_cli import rundir
+
+    with safe_open(str(ddp_run / "model.safetensors"), "pt") as f:
+        raw = f.metadata()
+    calibration = rundir.read_weights_metadata(ddp_run / "model.safetensors", raw)["calibration"]
+    val_images = json.loads((ddp_run / "config.json").read_text())["resolved"]["val_images"]
+    assert val_images == 180 and calibration["samples"] == val_images * 4  # all 180 x 4 rotations, not rank 0's 90
