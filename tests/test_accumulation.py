@@ -80,3 +80,13 @@ def test_micro_batches_keep_every_copy_of_an_image_together():
     assert [sorted({int(r) % 6 for r in p}) for p in parts] == [[0, 1], [2, 3], [4, 5]]
     assert sorted(torch.cat(parts).tolist()) == list(range(24))
     assert [len(p) for p in micro_batches(5, 5, 2)] == [3, 2]  # an uneven streamed batch: a smaller last part
+
+
+def test_lr_ref_batch_without_lr_scale_is_a_usage_error_not_silently_ignored(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["pretrain", "--lr-ref-batch", "256", "--out", str(out)])
+    assert result.exit_code == 2 and "--lr-scale linear or sqrt" in " ".join(result.output.split())
+    assert not out.exists()
+    (tmp_path / "c.yaml").write_text("lr_ref_batch: 256\n")  # the same from a --config file
+    result = CliRunner().invoke(app, ["pretrain", "--config", str(tmp_path / "c.yaml"), "--out", str(out)])
+    assert result.exit_code == 2 and not out.exists()

@@ -317,6 +317,11 @@ def pretrain(
             raise typer.BadParameter("give --augment or --no-augment, not both", param_hint="--no-augment")
         params["augment"] = "none"
         given.add("augment")
+    if "lr_ref_batch" in given and params.get("lr_scale") == "none" and "lr_scale" not in given:
+        # it only says what --lr-scale scales against: alone it would be silently ignored
+        raise typer.BadParameter(
+            "it sets what --lr-scale scales against; add --lr-scale linear or sqrt", param_hint="--lr-ref-batch"
+        )
     if resume_dir == "auto":  # continue --out when it has a checkpoint, else start it (torchrun --max-restarts)
         config = auto_resume_config(params, given)
     elif resume_dir:  # the saved config, with the options given on this command line (they must agree with it)
