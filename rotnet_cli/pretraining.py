@@ -159,19 +159,28 @@ class EpochSums:
         self.seen += len(labels)
         self.done = step + 1
 
-    def first_diverged_step(self, ceiling: float) -> int | None:
+    def per_copy(self) -> torch.Tensor:
+        """(done,) on the host: each step's loss per rotated copy (reads the device)."""
+        if not self.done:
+            return torch.zeros(0)
+        return (self.loss[: self.done] / (self.seen / self.done)).cpu()  # every step has as many copies
+
+    def first_diverged_step(self, ceiling: float, before: torch.Tensor | None = None) -> int | None:
         """The first step of DIVERGED_STEPS in a row of which DIVERGED_HIGH_STEPS had a loss per rotated copy above
         ``ceiling`` (reads the device). Not all of them: a collapsed model's loss swings between huge (its one class
-        is wrong) and near ln(R) (it happens to be right), so "every step high" missed it (observed)."""
-        if self.done < DIVERGED_STEPS or not self.seen:
+        is wrong) and near ln(R) (it happens to be right), so "every step high" missed it (observed).
+        ``before``: the last steps of the epochs before (per copy), so that a folder of a few steps an epoch is
+        judged too; a step among them comes back negative (-1: the step before this epoch's first)."""
+        earlier = before if before is not None else torch.zeros(0)
+        losses = torch.cat([earlier, self.per_copy()])  # (earlier + done,)
+        if len(losses) < DIVERGED_STEPS:
             return None
-        per_copy = self.loss[: self.done] / (self.seen / self.done)  # (done,) every step has as many copies
-        in_a_row = (per_copy > ceiling).float().unfold(0, DIVERGED_STEPS, 1).sum(1)  # (done - K + 1,)
+        in_a_row = (losses > ceiling).float().unfold(0, DIVERGED_STEPS, 1).sum(1)  # (n - K + 1,)
         hit = (in_a_row >= DIVERGED_HIGH_STEPS).nonzero()
         if not len(hit):
             return None
         start = int(hit[0])
-        return start + int((per_copy[start:] > ceiling).nonzero()[0])  # the window's first high step
+        return start + int((losses[start:] > ceiling).nonzero()[0]) - len(earlier)  # the window's first high step
 
     def first_nonfinite_step(self) -> int | None:
         """The first step of this epoch whose loss was NaN or inf (reads the device)."""
@@ -486,6 +495,9 @@ class TrainState:
     epoch: int = 0  # the epoch to train next (0-based)
     step: int = 0  # steps of that epoch already done (a mid-epoch resume)
     partial: dict | None = None  # this rank's sums of those steps (EpochSums.state())
+    # the per-copy losses of the last DIVERGED_STEPS - 1 steps before this epoch (host): with a few steps an
+    # epoch the divergence rule looks across epochs (not saved: a resumed run starts the window again)
+    loss_tail: torch.Tensor | None = None
     saved_at: tuple[int, int] | None = None  # (epoch, step) of the last checkpoint
     skipped: dict[str, None] = field(default_factory=dict)  # unreadable files met while training, in order
     logger_runs: dict[str, dict] = field(default_factory=dict)  # --logger runs to continue on resume (W&B, MLflow ids)
@@ -1088,6 +1100,8 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
             )
 
     check_finite(run, state, epoch, sums)
+    earlier = state.loss_tail if state.loss_tail is not None else torch.zeros(0)
+    state.loss_tail = torch.cat([earlier, sums.per_copy()])[-(DIVERGED_STEPS - 1) :]
     return EpochStats(sums, seen_before, time.perf_counter() - t0, waited, lr)
 
 
@@ -1303,7 +1317,7 @@ def evaluate(run: Run, state: TrainState, epoch: int) -> dict[str, Any]:
     return {"eval": accuracy, "eval_seconds": seconds}
 
 
-# A diverged run: DIVERGED_STEPS steps in a row (within an epoch) whose loss per copy is above
+# A diverged run: DIVERGED_STEPS steps in a row (across epochs: a small folder has a few steps an epoch) whose loss per copy is above
 # DIVERGED_FACTOR x the loss of guessing, ln(number of rotations). A run starts near that loss and only
 # goes down; a healthy run's spikes last a step or two and stay within a few times it, while 10x means
 # the true rotation gets a probability below e^-10*ln(R) on average (--momentum 1.5 reached loss 6540).
@@ -1325,13 +1339,19 @@ def check_finite(run: Run, state: TrainState, epoch: int, sums: EpochSums) -> No
             f"{_kept(run, state)}; lower --lr, add --warmup-epochs or use --precision fp32"
         )
     ceiling = DIVERGED_FACTOR * math.log(run.cfg.num_rotations)
-    first_high = sums.first_diverged_step(ceiling)
+    first_high = sums.first_diverged_step(ceiling, before=state.loss_tail)
     high = reduce_int(NO_STEP if first_high is None else epoch * spe + first_high, "min", run.device, run.dist)
     if high != NO_STEP:
+        kept = _kept(run, state)
+        if state.saved_at and state.saved_at[0] * spe + state.saved_at[1] > high:  # seen across epochs: saved since
+            kept = (
+                f"the checkpoint {run.out / rundir.CHECKPOINT} ({_position(*state.saved_at)}) was written after the "
+                "loss rose, so it is kept but not worth resuming: start again with --overwrite"
+            )
         raise NonFiniteLossError(
             f"the loss diverged: {DIVERGED_HIGH_STEPS} of {DIVERGED_STEPS} steps in a row from step {high + 1} "
             f"(epoch {high // spe + 1}) were above "
-            f"{ceiling:.1f}, {DIVERGED_FACTOR:g}x the loss of guessing; {_kept(run, state)}; "
+            f"{ceiling:.1f}, {DIVERGED_FACTOR:g}x the loss of guessing; {kept}; "
             "lower --lr or --momentum, or add --warmup-epochs"
         )
 

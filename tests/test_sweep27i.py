@@ -84,3 +84,33 @@ def test_every_csv_rotnet_writes_keeps_a_name_that_is_not_utf8_as_hex(tmp_path):
         csvfiles.writer(f).writerow([os.fsdecode(b"bad\xff.png"), 1, "cr\rx.png"])
     with open(out, newline="", encoding="utf-8") as f:
         assert list(csv.reader(f)) == [["bad\\xff.png", "1", "cr\rx.png"]]
+
+
+def test_divergence_is_seen_across_epochs_of_a_few_steps():
+    """A small folder's plan gives 4 steps an epoch: the 7-of-10 rule never had 10 steps to look at."""
+    import math
+
+    import torch
+
+    from rotnet_cli.pretraining import DIVERGED_FACTOR, EpochSums
+
+    ceiling = DIVERGED_FACTOR * math.log(4)
+    tail = torch.tensor([1.4, 1.3, 2e3, 5e4, 3e5, 1.2, 9e5, 2e6])  # the epochs before (per copy)
+    sums = EpochSums(4, torch.device("cpu"))
+    for step, loss in enumerate([4e6, 2.0, 7e6, 8e6]):
+        sums.add(step, torch.tensor(loss), torch.zeros(8, 4), torch.zeros(8, dtype=torch.long))
+    assert sums.first_diverged_step(ceiling) is None  # 4 steps alone: too few to judge
+    assert sums.first_diverged_step(ceiling, before=tail) == -6  # the first high step, 6 before this epoch's first
+    calm = torch.tensor([1.4, 1.3, 1.2, 1.2, 1.1, 1.0, 0.9, 0.9])
+    assert sums.first_diverged_step(ceiling, before=calm) is None  # 3 high of the last 10: not diverged
+
+
+def test_a_run_of_two_steps_an_epoch_that_diverges_stops_and_says_its_checkpoint_came_after(tmp_path):
+    out = tmp_path / "run"
+    args = ["pretrain", "--model", "test_resnet", "--img-size", "16", "--lr", "10", "--momentum", "0.999"]
+    args += ["--max-steps-per-epoch", "2", "--epochs", "20", "-b", "32", "--workers", "0", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "the loss diverged: 7 of 10 steps in a row" in text, text[-800:]
+    assert "was written after the loss rose, so it is kept but not worth resuming" in text
+    assert not (out / "model.safetensors").exists()  # nothing is saved from a diverged model
