@@ -1317,9 +1317,10 @@ def evaluate(run: Run, state: TrainState, epoch: int) -> dict[str, Any]:
     return {"eval": accuracy, "eval_seconds": seconds}
 
 
-# A diverged run: DIVERGED_STEPS steps in a row (across epochs: a small folder has a few steps an epoch) whose loss per copy is above
-# DIVERGED_FACTOR x the loss of guessing, ln(number of rotations). A run starts near that loss and only
-# goes down; a healthy run's spikes last a step or two and stay within a few times it, while 10x means
+# A diverged run: DIVERGED_STEPS steps in a row (across epochs: a small folder has a few steps an epoch)
+# whose loss per copy is above DIVERGED_FACTOR x the loss of guessing, ln(number of rotations). A run
+# starts near that loss and only goes down; a healthy run's spikes last a step or two and stay within a
+# few times it, while 10x means
 # the true rotation gets a probability below e^-10*ln(R) on average (--momentum 1.5 reached loss 6540).
 # Counting 7 of 10 rather than all 10: --momentum 0.999 --lr 10 gave per-step losses like 1929, 68498, ...,
 # then 9.5e6, 2.4e7, 3.2, 2.6, 1.1e6, 5.9e7 (a collapsed model is sometimes right), and ran to exit 0.
