@@ -282,6 +282,9 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> PretrainCon
         saved = _as_planned(run_dir, rundir.read_run_config(run_dir))
     except DataError as e:
         raise ConfigError(f"--resume {run_dir}: {e}") from None
+    # --augment auto (or a planned value left unset) asks for the plan, and a resumed run keeps the one it made:
+    # the command line that started the run resumes it (a launcher's --resume auto repeats that line)
+    overrides = {name: value for name, value in overrides.items() if not _asks_for_the_plan(name, value)}
     given = PretrainConfig.from_dict({**saved.to_dict(), **overrides})
     check_extension(run_dir, saved.epochs, given.epochs)
     clashes = saved.contradictions(given, [name for name in overrides if name != "epochs"])
@@ -312,11 +315,9 @@ def auto_resume_config(params: dict[str, Any], given: set[str]) -> PretrainConfi
             saved = rundir.read_run_config(out)
         except DataError as e:
             raise ConfigError(f"--resume auto: {e}") from None
-        # a planned value left unset (None) is planned again from the same data: not a clash
+        # a planned value left unset (None, --augment auto) is planned again from the same data: not a clash
         names = [
-            f.name
-            for f in dataclass_fields(PretrainConfig)
-            if not (f.name in PLANNED and getattr(fresh, f.name) is None)
+            f.name for f in dataclass_fields(PretrainConfig) if not _asks_for_the_plan(f.name, getattr(fresh, f.name))
         ]
         clashes = saved.contradictions(fresh, names)
         if clashes:
@@ -329,6 +330,11 @@ def auto_resume_config(params: dict[str, Any], given: set[str]) -> PretrainConfi
 
 
 PLANNED = ("img_size", "batch_size", "epochs", "augment")  # the config fields the data plan sets
+
+
+def _asks_for_the_plan(name: str, value: Any) -> bool:
+    """An option value that leaves a planned field to the data plan: unset (None), or --augment auto."""
+    return name in PLANNED and value in (None, "auto")
 
 
 def _as_planned(run_dir: Path, saved: PretrainConfig) -> PretrainConfig:

@@ -1,0 +1,48 @@
+"""A hostile new user's own folder (sweep 24b): resumes that must keep the plan, and the plan's odd corners."""
+
+import dataclasses
+
+import pytest
+
+from rotnet_cli import rundir
+from rotnet_cli.config import PretrainConfig
+from rotnet_cli.errors import ConfigError
+from rotnet_cli.pretraining import auto_resume_config, resume_config
+
+# what a bare `rotnet pretrain --data DIR` saves: the plan's values in "config"
+PLANNED = dict(data="/tmp/faces", model="test_resnet", img_size=32, batch_size=16, epochs=125, augment="crop")
+
+
+def _run_dir(tmp_path, checkpoint: bool):
+    """A run directory as the bare command leaves it: with a checkpoint, or killed before the first one."""
+    run = tmp_path / "run"
+    run.mkdir()
+    config = PretrainConfig(**PLANNED, out=str(run))
+    rundir.write_config(run, config.to_dict(), {**dataclasses.asdict(config), "augment": "crop"})
+    (run / rundir.METRICS).write_text("")
+    if checkpoint:
+        (run / rundir.CHECKPOINT).write_bytes(b"")  # resume_config only checks that it is there
+    return run
+
+
+def test_resume_with_augment_auto_keeps_the_plans_augmentation(tmp_path):
+    run = _run_dir(tmp_path, checkpoint=True)
+    # was: "options contradict the saved run: --augment auto (the run used crop)"
+    assert resume_config(run, {"augment": "auto"}).augment == "crop"
+    with pytest.raises(ConfigError, match="--augment shift \\(the run used crop\\)"):
+        resume_config(run, {"augment": "shift"})  # another augmentation is still refused
+
+
+def test_resume_auto_restarts_the_bare_command_killed_before_its_first_checkpoint(tmp_path):
+    run = _run_dir(tmp_path, checkpoint=False)
+    # the launcher repeats the command line: --augment is its default, auto; img size, batch, epochs unset
+    params = {**PretrainConfig(data="/tmp/faces", model="test_resnet").to_dict(), "out": str(run)}
+    given = {"data", "model", "out", "resume"}
+    # was: "holds another run that stopped before its first checkpoint (--augment auto (the run used crop))"
+    config = auto_resume_config(params, given)
+    assert config.overwrite and not config.resume and config.augment == "auto"  # planned again from the same data
+    with pytest.raises(ConfigError, match="--augment shift"):
+        auto_resume_config({**params, "augment": "shift"}, given | {"augment"})
+    (run / rundir.CHECKPOINT).write_bytes(b"")  # it checkpointed: the line with --augment auto given continues it
+    resumed = auto_resume_config(params, given | {"augment"})
+    assert resumed.resume and resumed.augment == "crop"
