@@ -46,3 +46,27 @@ def test_resume_auto_restarts_the_bare_command_killed_before_its_first_checkpoin
     (run / rundir.CHECKPOINT).write_bytes(b"")  # it checkpointed: the line with --augment auto given continues it
     resumed = auto_resume_config(params, given | {"augment"})
     assert resumed.resume and resumed.augment == "crop"
+
+
+def test_the_plan_says_when_a_step_cap_leaves_images_out_of_an_epoch():
+    from rotnet_cli import planning
+
+    # was: "all of them each epoch (the last batch holds 6)" for 54 images with --max-steps-per-epoch 2
+    capped = planning.plan_partial_batch(54, 16, max_steps_per_epoch=2)
+    assert capped.value == "capped" and capped.why.startswith("32 of 54 each epoch (--max-steps-per-epoch 2)")
+    assert (
+        planning.plan_partial_batch(54, 16, max_steps_per_epoch=4).why
+        == "all of them each epoch (the last batch holds 6)"
+    )
+    # a step of --accum-steps 2 takes two batches: 54 images make steps of 32 and 22
+    assert planning.plan_partial_batch(54, 16, accum_steps=2).why == "all of them each epoch (the last batch holds 22)"
+    plan = planning.make_plan(
+        images=54,
+        content=None,
+        img_size=planning.Decision(32, "asked for"),
+        batch_size=16,
+        epochs=1,
+        augment="none",
+        max_steps_per_epoch=2,
+    )
+    assert "32 of 54" in plan.lines()[-1]
