@@ -639,6 +639,11 @@ def _train(
     if saved is None and logging:  # a new run's folder exists only now
         open_run_loggers(run, state, resume_step=None)
     train_epochs(run, state, start_epoch)
+    if not finished_before and state.val_logits is None and run.val_set is not None and len(run.val_set):
+        # a run stopped after its last epoch's checkpoint but before its weights were written (a second Ctrl-C
+        # or a kill while calibrating) trains nothing when resumed: the last validation pass again, on every
+        # rank, so that its weights are calibrated as they would have been
+        state.val_logits = validate(run, state, keep_logits=True).get("logits")
 
     calibrated = None
     if finished_before:

@@ -3,8 +3,10 @@
 import dataclasses
 
 import pytest
+from typer.testing import CliRunner
 
 from rotnet_cli import rundir
+from rotnet_cli.cli import app
 from rotnet_cli.config import PretrainConfig
 from rotnet_cli.errors import ConfigError
 from rotnet_cli.pretraining import auto_resume_config, resume_config
@@ -70,3 +72,42 @@ def test_the_plan_says_when_a_step_cap_leaves_images_out_of_an_epoch():
         max_steps_per_epoch=2,
     )
     assert "32 of 54" in plan.lines()[-1]
+
+
+def _faces(path, n, side=25):
+    import numpy as np
+    from PIL import Image
+
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        ramp = np.linspace(0, 255, side)[None, :] * np.linspace(0.3, 1, side)[:, None]
+        Image.fromarray((ramp * 0.8 + rng.integers(0, 30, (side, side))).astype(np.uint8)).save(path / f"{i}.png")
+    return path
+
+
+def _calibration(run):
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(run / rundir.WEIGHTS), "pt") as f:
+        text = (f.metadata() or {}).get("calibration")
+    return json.loads(text) if text else None
+
+
+def test_a_run_stopped_before_its_weights_were_written_resumes_calibrated(tmp_path):
+    data = _faces(tmp_path / "faces", 10)
+    out = tmp_path / "run"
+    common = ["--model", "test_resnet", "--device", "cpu", "-j", "0", "--val-split", "0.3"]
+    args = ["pretrain", "--data", str(data), *common, "--epochs", "1", "--max-steps-per-epoch", "1"]
+    assert CliRunner().invoke(app, [*args, "--out", str(out)]).exit_code == 0
+    before = _calibration(out)
+    assert before is not None and before["samples"] == 12  # 3 held-out images x 4 rotations
+    (out / rundir.WEIGHTS).unlink()  # killed after the last checkpoint, while calibrating: no weights yet
+    resumed = CliRunner().invoke(app, ["pretrain", "--resume", str(out)])
+    assert resumed.exit_code == 0, resumed.output
+    after = _calibration(out)  # was: None, so predict used T = 1 and the summary had no calibration line
+    assert after is not None and after["samples"] == before["samples"]
+    assert after["temperature"] == pytest.approx(before["temperature"], rel=1e-4)
+    assert "calibration: temperature" in resumed.stdout
