@@ -39,7 +39,7 @@ from . import planning, rundir
 from .atomicfiles import make_dir
 from .calibration import calibrate
 from .checkpoint import CHECKPOINT_FORMAT
-from .config import PretrainConfig
+from .config import PLANNED_FIELDS, PretrainConfig
 from .errors import ConfigError, DataError, DiskFullError, InputSizeError, Interrupted, NonFiniteLossError, RotnetError
 from .evaluation import FeatureEval, best_value, evaluate_features, set_up_eval, should_evaluate
 from .events import (
@@ -329,7 +329,7 @@ def auto_resume_config(params: dict[str, Any], given: set[str]) -> PretrainConfi
     return fresh
 
 
-PLANNED = ("img_size", "batch_size", "epochs", "augment")  # the config fields the data plan sets
+PLANNED = PLANNED_FIELDS  # the config fields the data plan sets
 
 
 def _asks_for_the_plan(name: str, value: Any) -> bool:

@@ -111,3 +111,36 @@ def test_a_run_stopped_before_its_weights_were_written_resumes_calibrated(tmp_pa
     assert after is not None and after["samples"] == before["samples"]
     assert after["temperature"] == pytest.approx(before["temperature"], rel=1e-4)
     assert "calibration: temperature" in resumed.stdout
+
+
+@pytest.mark.parametrize("saved, expected", [(True, "crop+flip"), (False, "none"), ("auto", "crop+flip")])
+def test_config_of_an_old_run_repeats_what_it_trained_with(tmp_path, saved, expected):
+    import json
+
+    data = _faces(tmp_path / "faces", 6)
+    old = tmp_path / "old"
+    old.mkdir()
+    # a run from before --augment had choices (true/false) or before the plan (img_size unset, augment auto)
+    config = {**PretrainConfig(data=str(data), model="test_resnet").to_dict(), "augment": saved, "out": str(old)}
+    resolved = {"img_size": 40, "augment": "crop+flip"}
+    (old / "config.json").write_text(json.dumps({"config": config, "resolved": resolved}))
+    out = tmp_path / "again"
+    fast = ["--device", "cpu", "-j", "0", "--epochs", "1", "--max-steps-per-epoch", "1"]
+    result = CliRunner().invoke(app, ["pretrain", "--config", str(old / "config.json"), *fast, "--out", str(out)])
+    # was: exit 2, "augment: true is not a value of this option"; and a planned 32 px where the run had 40
+    assert result.exit_code == 0, result.output
+    again = json.loads((out / "config.json").read_text())["resolved"]
+    assert (again["augment"], again["img_size"]) == (expected, 40)
+
+
+def test_augment_shift_from_a_yaml_config(tmp_path):
+    import json
+
+    data = _faces(tmp_path / "faces", 6)
+    options = tmp_path / "options.yaml"
+    options.write_text(f"data: {data}\nmodel: test_resnet\naugment: shift\nimg-size: 15\n")
+    out = tmp_path / "run"
+    fast = ["--device", "cpu", "-j", "0", "--epochs", "1", "--max-steps-per-epoch", "1"]
+    result = CliRunner().invoke(app, ["pretrain", "--config", str(options), *fast, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["resolved"]["augment"] == "shift"
