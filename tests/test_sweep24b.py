@@ -1,6 +1,10 @@
 """A hostile new user's own folder (sweep 24b): resumes that must keep the plan, and the plan's odd corners."""
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -144,3 +148,28 @@ def test_augment_shift_from_a_yaml_config(tmp_path):
     result = CliRunner().invoke(app, ["pretrain", "--config", str(options), *fast, "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text())["resolved"]["augment"] == "shift"
+
+
+BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "own_folder.py"
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--folders", "faces,bogus"], "unknown folder 'bogus'"),  # was: built faces first
+        (["--folders", "faces,objects", "--stamps", "/nonexistent"], "objects needs Debian's tuxpaint"),
+        (["--folders", "faces", "--cases", "tunned"], "unknown case 'tunned'"),  # was: ran the tuned options
+    ],
+)
+def test_the_own_folder_benchmark_refuses_before_building_anything(tmp_path, args, says):
+    if "objects" in args and Path("/usr/share/tuxpaint/stamps").is_dir():
+        pytest.skip("Debian's stamps are installed here")
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--keep", str(tmp_path / "kept"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TUXPAINT_STAMPS": ""},
+        timeout=120,
+    )
+    assert done.returncode == 1 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "kept" / "faces").exists()
