@@ -172,7 +172,7 @@ def plan_batch_size(given: int | None, images: int, world_size: int = 1) -> Deci
     while batch > MIN_BATCH and images < batch * MIN_STEPS_PER_EPOCH:
         batch //= 2
     if images <= batch:
-        why = f"all {images} training images in one batch"
+        why = f"all {images} training images in one batch" if images > 1 else "the one training image is the batch"
         batch = images
     elif batch > MIN_BATCH:
         why = f"{images} training images: at least {steps}"

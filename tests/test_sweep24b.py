@@ -173,3 +173,14 @@ def test_the_own_folder_benchmark_refuses_before_building_anything(tmp_path, arg
     )
     assert done.returncode == 1 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "kept" / "faces").exists()
+
+
+def test_one_held_out_image_is_counted_as_one_and_its_missing_calibration_said(tmp_path):
+    data = _faces(tmp_path / "faces", 2)
+    args = ["pretrain", "--data", str(data), "--model", "test_resnet", "--device", "cpu", "-j", "0", "--epochs", "1"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "the one training image is the batch" in result.stderr  # was: "all 1 training images in one batch"
+    assert "on 1 held-out image x 4 rotations" in result.stdout and "holds only 1 image," in result.stderr
+    assert "(1 image each)" in result.stdout  # was: "1 images"
+    assert "calibration: none, 1 held-out image too few to fit a temperature on" in result.stdout
