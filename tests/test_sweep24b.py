@@ -184,3 +184,21 @@ def test_one_held_out_image_is_counted_as_one_and_its_missing_calibration_said(t
     assert "on 1 held-out image x 4 rotations" in result.stdout and "holds only 1 image," in result.stderr
     assert "(1 image each)" in result.stdout  # was: "1 images"
     assert "calibration: none, 1 held-out image too few to fit a temperature on" in result.stdout
+
+
+def test_a_picture_over_pils_bomb_limit_decodes_without_pils_warning(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / "big.png"
+    Image.fromarray(np.zeros((30, 30), np.uint8)).save(path)
+    # in a process of its own, as a command runs: the filters a module sets on import are in force there
+    code = (
+        "import sys; from PIL import Image; from rotnet_cli import data; "
+        "Image.MAX_IMAGE_PIXELS = 500; "  # 900 pixels: over the limit, under twice it (like a 10000 x 10000 PNG)
+        "assert data.header_side(sys.argv[1]) == 30 and data.decode_file(sys.argv[1], 8).shape == (3, 8, 8)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    # was: "PIL/Image.py:3593: DecompressionBombWarning: Image size (100000000 pixels) exceeds ..." and its source line
+    assert "exceeds limit" not in done.stderr, done.stderr
