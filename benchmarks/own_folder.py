@@ -64,6 +64,7 @@ TUNED = {
     "scans": ["--epochs", "20"],
 }
 FOLDERS = tuple(TUNED)
+CASES = ("defaults", "tuned")
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "stereo_motorcycle")
 
 
@@ -214,9 +215,14 @@ MAKERS = {"faces": make_faces, "objects": make_objects, "crops": make_crops, "sc
 
 
 def make(root: Path, names=FOLDERS, stamps: str | None = None) -> None:
+    # every name is checked, and the stamps found, before any folder is built: a typo or a missing
+    # package fails at once rather than after minutes of building the others
+    unknown = [name for name in names if name not in MAKERS]
+    if unknown:
+        raise SystemExit(f"unknown folder {unknown[0]!r}: {', '.join(FOLDERS)}")
+    if "objects" in names and not (root / "objects" / "train").is_dir():
+        _stamps_folder(stamps)
     for name in names:
-        if name not in MAKERS:
-            raise SystemExit(f"unknown folder {name!r}: {', '.join(FOLDERS)}")
         if not (root / name / "train").is_dir():
             if name == "objects":
                 make_objects(root / name, stamps=stamps)
@@ -295,6 +301,10 @@ def main() -> None:
     parser.add_argument("--stamps", metavar="DIR", help="Tux Paint's stamps folder (objects; default: Debian's place)")
     args = parser.parse_args()
     names = [n for n in args.folders.split(",") if n]
+    cases = [c for c in args.cases.split(",") if c]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:  # was: any other word ran the tuned options under that name
+        raise SystemExit(f"unknown case {unknown[0]!r}: {', '.join(CASES)}")
     if args.make:
         make(Path(args.make), names, args.stamps)
         return
@@ -302,7 +312,7 @@ def main() -> None:
     try:
         make(root, names, args.stamps)
         for name in names:
-            for case in args.cases.split(","):
+            for case in cases:
                 emit(run_case(root, name, case, root / "runs"))
     finally:
         if not args.keep:

@@ -295,8 +295,8 @@ class PretrainConfig(_Serializable):
         _check_choice("--schedule", self.schedule, ("cosine", "step"))
         _check_choice("--precision", self.precision, PRECISIONS)
         _check_choice("--cache", self.cache, CACHE_MODES)
-        if isinstance(self.augment, bool):  # configs of runs before --augment had choices: what true/false meant then
-            object.__setattr__(self, "augment", "crop+flip" if self.augment else "none")
+        # configs of runs before --augment had choices: what true/false meant then
+        object.__setattr__(self, "augment", older_augment(self.augment))
         _check_choice("--augment", self.augment, AUGMENTS)
         _check_positive("--epochs", self.epochs)
         _check_positive("--batch-size", self.batch_size)
@@ -411,6 +411,28 @@ class PretrainConfig(_Serializable):
             return _option_text(value)
         resolved = getattr(self, f"resolved_{name}", None)
         return "the default" + ("" if resolved is None else f", {_option_text(resolved)}")
+
+
+PLANNED_FIELDS = ("img_size", "batch_size", "epochs", "augment")  # what the data plan sets (planning.py)
+
+
+def older_augment(value: Any) -> Any:
+    """--augment as runs saved it before it had choices (true/false), as what that meant then."""
+    if isinstance(value, bool):
+        return "crop+flip" if value else "none"
+    return value
+
+
+def as_trained(config: dict[str, Any], resolved: Any) -> dict[str, Any]:
+    """A run's config.json "config" as the values the run trained with, for --config RUN/config.json to
+    repeat it: augment true/false of runs from before --augment had choices as what it meant then, and
+    the planned values a run from before the data plan left unset (None, auto) as its "resolved" has them."""
+    config = {**config, "augment": older_augment(config.get("augment"))} if "augment" in config else dict(config)
+    if isinstance(resolved, dict):
+        for name in PLANNED_FIELDS:
+            if config.get(name) in (None, "auto") and resolved.get(name) is not None:
+                config[name] = resolved[name]
+    return config
 
 
 def parse_loggers(text: str | tuple | list | None) -> tuple[str, ...]:

@@ -868,3 +868,7 @@ __all__ = [
 ]
 
 warnings.filterwarnings("ignore", message=".*Palette images with Transparency.*")
+# a picture over PIL's decompression-bomb limit (89 M pixels) but under twice it is decoded and shrunk like
+# any other: PIL's warning about it, with its source line, is noise among rotnet's own lines (over twice the
+# limit PIL refuses it, and it is counted with the unreadable files)
+warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit of \d+ pixels")

@@ -106,7 +106,7 @@ class Plan:
     batch_size: Decision
     epochs: Decision
     augment: Decision
-    partial_batch: Decision  # "kept": the last batch of an epoch is smaller and trained on
+    partial_batch: Decision  # "kept": the last batch of an epoch is smaller and trained on ("capped": a step cap)
 
     def values(self) -> dict[str, Any]:
         """The config fields the plan sets (img_size, batch_size, epochs, augment)."""
@@ -172,7 +172,7 @@ def plan_batch_size(given: int | None, images: int, world_size: int = 1) -> Deci
     while batch > MIN_BATCH and images < batch * MIN_STEPS_PER_EPOCH:
         batch //= 2
     if images <= batch:
-        why = f"all {images} training images in one batch"
+        why = f"all {images} training images in one batch" if images > 1 else "the one training image is the batch"
         batch = images
     elif batch > MIN_BATCH:
         why = f"{images} training images: at least {steps}"
@@ -222,11 +222,23 @@ def plan_augment(given: str, content: Content | None, source: str | None = None)
     return Decision("crop+flip", f"colour photos ({ink}): cropped and mirrored, as in the paper")
 
 
-def plan_partial_batch(images: int, batch_size: int, world_size: int = 1) -> Decision:
-    """The last batch of an epoch is trained on; what a torchrun split leaves over is said."""
+def plan_partial_batch(
+    images: int, batch_size: int, world_size: int = 1, accum_steps: int = 1, max_steps_per_epoch: int | None = None
+) -> Decision:
+    """The last batch of an epoch is trained on; what a torchrun split leaves over is said, and so is an
+    epoch that --max-steps-per-epoch ends before every image came (an optimizer step takes ``accum_steps``
+    batches, as training counts it)."""
     per_rank = images // world_size
-    left = per_rank % max(1, batch_size // world_size)
+    per_step = max(1, batch_size // world_size) * accum_steps  # images a step takes on one process
     over = images - per_rank * world_size
+    if max_steps_per_epoch and max_steps_per_epoch * per_step < per_rank:
+        seen = max_steps_per_epoch * per_step * world_size
+        return Decision(
+            "capped",
+            f"{seen} of {images} each epoch (--max-steps-per-epoch {max_steps_per_epoch}); "
+            "each epoch's order brings others",
+        )
+    left = per_rank % per_step
     why = "all of them each epoch" if not left else f"all of them each epoch (the last batch holds {left * world_size})"
     if over:
         why += f"; {over} left over by the {world_size} processes wait for the next epoch's order"
@@ -253,7 +265,7 @@ def make_plan(
         batch_size=batch,
         epochs=plan_epochs(epochs, images, batch.value, world_size, accum_steps, max_steps_per_epoch),
         augment=plan_augment(augment, content, source),
-        partial_batch=plan_partial_batch(images, batch.value, world_size),
+        partial_batch=plan_partial_batch(images, batch.value, world_size, accum_steps, max_steps_per_epoch),
     )
 
 

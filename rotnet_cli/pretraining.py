@@ -39,7 +39,7 @@ from . import planning, rundir
 from .atomicfiles import make_dir
 from .calibration import calibrate
 from .checkpoint import CHECKPOINT_FORMAT
-from .config import PretrainConfig
+from .config import PLANNED_FIELDS, PretrainConfig
 from .errors import ConfigError, DataError, DiskFullError, InputSizeError, Interrupted, NonFiniteLossError, RotnetError
 from .evaluation import FeatureEval, best_value, evaluate_features, set_up_eval, should_evaluate
 from .events import (
@@ -292,6 +292,9 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> PretrainCon
         saved = _as_planned(run_dir, rundir.read_run_config(run_dir))
     except DataError as e:
         raise ConfigError(f"--resume {run_dir}: {e}") from None
+    # --augment auto (or a planned value left unset) asks for the plan, and a resumed run keeps the one it made:
+    # the command line that started the run resumes it (a launcher's --resume auto repeats that line)
+    overrides = {name: value for name, value in overrides.items() if not _asks_for_the_plan(name, value)}
     given = PretrainConfig.from_dict({**saved.to_dict(), **overrides})
     check_extension(run_dir, saved.epochs, given.epochs)
     clashes = saved.contradictions(given, [name for name in overrides if name != "epochs"])
@@ -322,11 +325,9 @@ def auto_resume_config(params: dict[str, Any], given: set[str]) -> PretrainConfi
             saved = rundir.read_run_config(out)
         except DataError as e:
             raise ConfigError(f"--resume auto: {e}") from None
-        # a planned value left unset (None) is planned again from the same data: not a clash
+        # a planned value left unset (None, --augment auto) is planned again from the same data: not a clash
         names = [
-            f.name
-            for f in dataclass_fields(PretrainConfig)
-            if not (f.name in PLANNED and getattr(fresh, f.name) is None)
+            f.name for f in dataclass_fields(PretrainConfig) if not _asks_for_the_plan(f.name, getattr(fresh, f.name))
         ]
         clashes = saved.contradictions(fresh, names)
         if clashes:
@@ -338,7 +339,12 @@ def auto_resume_config(params: dict[str, Any], given: set[str]) -> PretrainConfi
     return fresh
 
 
-PLANNED = ("img_size", "batch_size", "epochs", "augment")  # the config fields the data plan sets
+PLANNED = PLANNED_FIELDS  # the config fields the data plan sets
+
+
+def _asks_for_the_plan(name: str, value: Any) -> bool:
+    """An option value that leaves a planned field to the data plan: unset (None), or --augment auto."""
+    return name in PLANNED and value in (None, "auto")
 
 
 def _as_planned(run_dir: Path, saved: PretrainConfig) -> PretrainConfig:
@@ -647,6 +653,11 @@ def _train(
     if saved is None and logging:  # a new run's folder exists only now
         open_run_loggers(run, state, resume_step=None)
     train_epochs(run, state, start_epoch)
+    if not finished_before and state.val_logits is None and run.val_set is not None and len(run.val_set):
+        # a run stopped after its last epoch's checkpoint but before its weights were written (a second Ctrl-C
+        # or a kill while calibrating) trains nothing when resumed: the last validation pass again, on every
+        # rank, so that its weights are calibrated as they would have been
+        state.val_logits = validate(run, state, keep_logits=True).get("logits")
 
     calibrated = None
     if finished_before:
@@ -1320,8 +1331,8 @@ def evaluate(run: Run, state: TrainState, epoch: int) -> dict[str, Any]:
 # A diverged run: DIVERGED_STEPS steps in a row (across epochs: a small folder has a few steps an epoch)
 # whose loss per copy is above DIVERGED_FACTOR x the loss of guessing, ln(number of rotations). A run
 # starts near that loss and only goes down; a healthy run's spikes last a step or two and stay within a
-# few times it, while 10x means
-# the true rotation gets a probability below e^-10*ln(R) on average (--momentum 1.5 reached loss 6540).
+# few times it, while 10x means the true rotation gets a probability below e^-10*ln(R) on average
+# (--momentum 1.5 reached loss 6540).
 # Counting 7 of 10 rather than all 10: --momentum 0.999 --lr 10 gave per-step losses like 1929, 68498, ...,
 # then 9.5e6, 2.4e7, 3.2, 2.6, 1.1e6, 5.9e7 (a collapsed model is sometimes right), and ran to exit 0.
 DIVERGED_STEPS = 10

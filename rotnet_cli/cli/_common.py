@@ -370,7 +370,11 @@ def read_options_file(path: str, ctx: typer.Context) -> dict[str, Any]:
     if (
         isinstance(record, dict) and isinstance(record.get("config"), dict) and "resolved" in record
     ):  # a run's config.json
-        record = {k: v for k, v in record["config"].items() if k not in RUN_IDENTITY}
+        from ..config import as_trained
+
+        # what that run trained with: an old run's augment true/false, or its plan's values left unset
+        trained = as_trained(record["config"], record.get("resolved"))
+        record = {k: v for k, v in trained.items() if k not in RUN_IDENTITY}
     if not isinstance(record, dict):
         raise typer.BadParameter(
             f"{file} must hold a mapping of option names to values, e.g. epochs: 30", param_hint="--config"

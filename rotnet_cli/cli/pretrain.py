@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ..config import PretrainConfig, format_rotations, option_default
+from ..config import PretrainConfig, counted, format_rotations, option_default
 from ..intervals import SMALL_VALIDATION, accuracy_text
 from ..shell import shell_quote
 from ..stopping import StopFlag
@@ -386,7 +386,7 @@ def _render_honest_figures(result, config: PretrainConfig) -> None:
     final = result.final
     if final.get("val_rot_acc") is not None and result.val_images:
         answers = result.val_images * config.num_rotations
-        unit = f"answers on {result.val_images} held-out images x {config.num_rotations} rotations"
+        unit = f"answers on {counted(result.val_images, 'held-out image')} x {config.num_rotations} rotations"
         out_console.print(
             f"validation: {accuracy_text(final['val_rot_acc'], answers, unit)}",
             markup=False,
@@ -399,10 +399,19 @@ def _render_honest_figures(result, config: PretrainConfig) -> None:
                 else "hold out more (--val-split) or add images"
             )
             warn(
-                f"the validation split holds only {result.val_images} images, too few for its accuracy to mean "
-                f"much (and for a sure calibration); {more}"
+                f"the validation split holds only {counted(result.val_images, 'image')}, too few for its accuracy "
+                f"to mean much (and for a sure calibration); {more}"
             )
+    from ..calibration import MIN_CALIBRATION_IMAGES  # inside: calibration.py imports torch (fast --help)
+
     calibration = result.calibration
+    if not calibration and 0 < result.val_images < MIN_CALIBRATION_IMAGES:  # too few to fit a temperature on
+        out_console.print(
+            f"calibration: none, {counted(result.val_images, 'held-out image')} too few to fit a temperature on; "
+            "predict reports the softmax's own confidences (temperature 1)",
+            markup=False,
+            soft_wrap=True,
+        )
     if calibration:
         out_console.print(
             f"calibration: temperature {calibration['temperature']:.2f} fitted on {calibration['samples']} held-out "
@@ -450,7 +459,7 @@ def _render_summary(result, config: PretrainConfig) -> None:
         per = "  ".join(f"{angle}°: {100 * acc:.1f}%" for angle, acc in result.val_rot_acc_per_rotation.items())
         out_console.print(
             f"validation accuracy per rotation ({format_rotations(config.rotations)}): {per}"
-            + (f" ({result.val_images} images each)" if result.val_images < SMALL_VALIDATION else ""),
+            + (f" ({counted(result.val_images, 'image')} each)" if result.val_images < SMALL_VALIDATION else ""),
             soft_wrap=True,
         )
     if final.get("val_rot_acc") is None:
