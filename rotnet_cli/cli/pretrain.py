@@ -200,7 +200,7 @@ def pretrain(
         str,
         typer.Option(
             "--augment",
-            help="Before rotating: none, shift (a random shift of up to 1/16 of the side), crop (random crop after 1/8 of the side of padding), crop+flip (and horizontal flips, the paper's), or auto: planned from what the images are: shift for scans and digits, crop for other grey images (faces), crop+flip for colour photos.",
+            help="Before rotating: none, shift (a random shift of up to 1/16 of the side, at least 1 px), crop (random crop after 1/8 of the side of padding), crop+flip (and horizontal flips, the paper's), or auto: planned from what the images are: shift for scans and digits, crop for other grey images (faces), crop+flip for colour photos.",
         ),
     ] = option_default(PretrainConfig, "augment"),
     no_augment: Annotated[bool, typer.Option("--no-augment", hidden=True, help="The same as --augment none.")] = False,
