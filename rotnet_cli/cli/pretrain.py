@@ -405,7 +405,7 @@ def _render_honest_figures(result, config: PretrainConfig) -> None:
     from ..calibration import MIN_CALIBRATION_IMAGES  # inside: calibration.py imports torch (fast --help)
 
     calibration = result.calibration
-    if not calibration and 0 < result.val_images < MIN_CALIBRATION_IMAGES:  # too few to fit a temperature on
+    if not calibration and 0 < (result.val_images or 0) < MIN_CALIBRATION_IMAGES:  # too few to fit a temperature on
         out_console.print(
             f"calibration: none, {counted(result.val_images, 'held-out image')} too few to fit a temperature on; "
             "predict reports the softmax's own confidences (temperature 1)",
