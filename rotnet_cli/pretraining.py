@@ -903,7 +903,14 @@ def read_training_data(
     train_set, val_set = source.train, source.val
     if not train_set.in_memory:  # streamed: read while training, so prove now that something decodes
         data_lib.check_readable(train_set, strict=cfg.strict_data)
-    if val_set is None and cfg.val_split > 0:
+    if val_set is None and cfg.val_split > 0 and len(train_set) == 1:  # a small folder trains, even one image
+        report(
+            WarningMessage(
+                "1 image: none can be held out for validation, so it trains on it alone (no validation accuracy, "
+                "no calibration); add images for those"
+            )
+        )
+    elif val_set is None and cfg.val_split > 0:
         train_idx, val_idx = data_lib.split_indices(len(train_set), cfg.val_split, cfg.seed)
         train_set, val_set = train_set.subset(train_idx), train_set.subset(val_idx)
     if source.skipped:

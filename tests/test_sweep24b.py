@@ -202,3 +202,24 @@ def test_a_picture_over_pils_bomb_limit_decodes_without_pils_warning(tmp_path):
     assert done.returncode == 0, done.stderr
     # was: "PIL/Image.py:3593: DecompressionBombWarning: Image size (100000000 pixels) exceeds ..." and its source line
     assert "exceeds limit" not in done.stderr, done.stderr
+
+
+def test_a_folder_of_one_image_trains_on_it_and_says_there_is_nothing_to_validate_on(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from rotnet_cli.cli import app
+
+    (tmp_path / "one").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+        tmp_path / "one" / "a.png"
+    )
+    out = tmp_path / "run"
+    args = ["pretrain", "--data", str(tmp_path / "one"), "--model", "test_resnet", "--epochs", "2", "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--workers", "0", "--device", "cpu"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, text[-600:]  # it failed: "no training images are left after holding out 1"
+    assert "1 image: none can be held out for validation, so it trains on it alone" in text
+    assert "no validation split (one image: all of it trains)" in text
+    assert (out / "model.safetensors").exists()

@@ -463,7 +463,8 @@ def _render_summary(result, config: PretrainConfig) -> None:
             soft_wrap=True,
         )
     if final.get("val_rot_acc") is None:
-        note("no validation split (--val-split 0); accuracy above is on training images")
+        why = "--val-split 0" if config.val_split == 0 else "one image: all of it trains"
+        note(f"no validation split ({why}); accuracy above is on training images")
     _render_honest_figures(result, config)
     out_console.print(f"run directory: [bold]{shown(str(result.out_dir))}[/]", soft_wrap=True)
     if result.best:  # --best-metric: the epoch worth probing
