@@ -130,7 +130,6 @@ MATRIX = [
     ("pretrain --data {broken} --cache none --device cpu", 1, "none of the 2 image files"),
     ("pretrain --model test_resnet -b 1 --copies one --device cpu", 1, "BatchNorm"),
     ("probe {run} -b 1 --device cpu", 1, "BatchNorm"),
-    ("pretrain --data {one} --device cpu", 1, "--val-split 0"),
     # -- item 11: sizes bounded before anything is allocated
     ("viz filters {run} --scale 100000 --out {new_png}", 1, "pixels"),
     ("viz attention {run} {img} --scale 100000 --out {new} --device cpu", 1, "pixels"),
