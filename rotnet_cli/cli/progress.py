@@ -20,6 +20,7 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ..config import counted
 from ..events import (
     Decoding,
     DeviceChosen,
@@ -294,7 +295,7 @@ class ProgressView:
         if event.done == event.total:
             seconds = self.clock() - self.bar_start["decode"][0]
             self._remove("decode")
-            self._line(f"decoded {event.total} images in {duration(seconds)}")
+            self._line(f"decoded {counted(event.total, 'image')} in {duration(seconds)}")
         elif self.progress is not None:
             self._bar(
                 "decode",
