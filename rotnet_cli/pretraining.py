@@ -39,7 +39,7 @@ from . import planning, rundir
 from .atomicfiles import make_dir
 from .calibration import calibrate
 from .checkpoint import CHECKPOINT_FORMAT
-from .config import PLANNED_FIELDS, PretrainConfig
+from .config import PLANNED_FIELDS, PretrainConfig, as_trained
 from .errors import ConfigError, DataError, DiskFullError, InputSizeError, Interrupted, NonFiniteLossError, RotnetError
 from .evaluation import FeatureEval, best_value, evaluate_features, set_up_eval, should_evaluate
 from .events import (
@@ -339,26 +339,19 @@ def auto_resume_config(params: dict[str, Any], given: set[str]) -> PretrainConfi
     return fresh
 
 
-PLANNED = PLANNED_FIELDS  # the config fields the data plan sets
-
-
 def _asks_for_the_plan(name: str, value: Any) -> bool:
     """An option value that leaves a planned field to the data plan: unset (None), or --augment auto."""
-    return name in PLANNED and value in (None, "auto")
+    return name in PLANNED_FIELDS and value in (None, "auto")
 
 
 def _as_planned(run_dir: Path, saved: PretrainConfig) -> PretrainConfig:
     """A run's config with what its plan (or, before plans, its auto choices) resolved to: runs written
     before the data plan saved img_size None and augment auto, and resume them as they were resolved."""
-    resolved = rundir.read_config(run_dir).get("resolved") or {}
-    fill = {
-        name: resolved[name]
-        for name in PLANNED
-        if getattr(saved, name) in (None, "auto") and resolved.get(name) is not None
-    }
-    if not fill:
+    values = saved.to_dict()
+    trained = as_trained(values, rundir.read_config(run_dir).get("resolved"))
+    if trained == values:
         return saved
-    return PretrainConfig.from_dict({**saved.to_dict(), **fill}, source=f"{run_dir / rundir.CONFIG} 'resolved'")
+    return PretrainConfig.from_dict(trained, source=f"{run_dir / rundir.CONFIG} 'resolved'")
 
 
 def _start_again(run_dir: Path) -> str:
@@ -1361,16 +1354,10 @@ def check_finite(run: Run, state: TrainState, epoch: int, sums: EpochSums) -> No
     first_high = sums.first_diverged_step(ceiling, before=state.loss_tail)
     high = reduce_int(NO_STEP if first_high is None else epoch * spe + first_high, "min", run.device, run.dist)
     if high != NO_STEP:
-        kept = _kept(run, state)
-        if state.saved_at and state.saved_at[0] * spe + state.saved_at[1] > high:  # seen across epochs: saved since
-            kept = (
-                f"the checkpoint {run.out / rundir.CHECKPOINT} ({_position(*state.saved_at)}) was written after the "
-                "loss rose, so it is kept but not worth resuming: start again with --overwrite"
-            )
         raise NonFiniteLossError(
             f"the loss diverged: {DIVERGED_HIGH_STEPS} of {DIVERGED_STEPS} steps in a row from step {high + 1} "
             f"(epoch {high // spe + 1}) were above "
-            f"{ceiling:.1f}, {DIVERGED_FACTOR:g}x the loss of guessing; {kept}; "
+            f"{ceiling:.1f}, {DIVERGED_FACTOR:g}x the loss of guessing; {_kept(run, state, since=high)}; "
             "lower --lr or --momentum, or add --warmup-epochs"
         )
 
@@ -1387,7 +1374,15 @@ def stop_if_weights_diverged(run: Run, state: TrainState) -> None:
     )
 
 
-def _kept(run: Run, state: TrainState) -> str:
+def _kept(run: Run, state: TrainState, since: int | None = None) -> str:
+    """What of the run is kept after it went wrong at global step ``since`` (None: at the current step). A rule
+    that looks across epochs can find it went wrong before the last checkpoint, which then holds those weights."""
+    saved = state.saved_at
+    if saved and since is not None and saved[0] * run.steps_per_epoch + saved[1] > since:
+        return (
+            f"the checkpoint {run.out / rundir.CHECKPOINT} ({_position(*saved)}) was written after the "
+            "loss rose, so it is kept but not worth resuming: start again with --overwrite"
+        )
     if state.saved_at:
         return f"the last good checkpoint {run.out / rundir.CHECKPOINT} ({_position(*state.saved_at)}) is kept"
     if run.cfg.overwrite and not run.cfg.resume:
@@ -1528,7 +1523,7 @@ def restore(run: Run, state: TrainState, saved: dict) -> None:
         for f in dataclass_fields(PretrainConfig)
         if not f.metadata.get("resume_free")
         and f.name != "epochs"  # a larger --epochs extends the run: check_extension below
-        and not (f.name in PLANNED and getattr(written_for, f.name) in (None, "auto"))  # a run from before plans
+        and not _asks_for_the_plan(f.name, getattr(written_for, f.name))  # a run from before plans
         and getattr(written_for, f.name) != getattr(run.cfg, f.name)
     ]
     if differ:

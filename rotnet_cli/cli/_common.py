@@ -312,6 +312,14 @@ ImgSizeOpt = Annotated[
     int | None,
     typer.Option("--img-size", help="Square input size in pixels (default: the dataset's own, else the model's)."),
 ]
+WeightsImgSizeOpt = Annotated[  # commands that read weights: a saved run knows its size, timm:NAME does not
+    int | None,
+    typer.Option(
+        "--img-size",
+        help="Input size in pixels for timm:NAME and random:NAME weights (default: the model's own); saved weights "
+        "run at the size they were trained at.",
+    ),
+]
 DataDirOpt = Annotated[
     str | None,
     typer.Option("--data-dir", help="Where torchvision datasets live (default ~/.cache/rotnet/datasets/NAME)."),

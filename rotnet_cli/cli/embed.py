@@ -17,6 +17,7 @@ from ._common import (
     PrecisionOpt,
     StrictDataOpt,
     WeightsArg,
+    WeightsImgSizeOpt,
     WorkersOpt,
     err_console,
     error_boundary,
@@ -93,13 +94,7 @@ def embed(
         bool,
         typer.Option("--normalize", help="L2-normalise every embedding (cosine similarity becomes a dot product)."),
     ] = option_default(EmbedConfig, "normalize"),
-    img_size: Annotated[
-        int | None,
-        typer.Option(
-            "--img-size",
-            help="Input size in pixels for timm:NAME and random:NAME weights (default: the model's own); saved weights embed at the size they were trained at.",
-        ),
-    ] = option_default(EmbedConfig, "img_size"),
+    img_size: WeightsImgSizeOpt = option_default(EmbedConfig, "img_size"),
     batch_size: Annotated[
         int,
         typer.Option("--batch-size", "-b", help="Images per batch."),

@@ -17,6 +17,7 @@ from ._common import (
     PrecisionOpt,
     SeedOpt,
     WeightsArg,
+    WeightsImgSizeOpt,
     WorkersOpt,
     err_console,
     error_boundary,
@@ -142,13 +143,7 @@ def probe(
             help="Baseline rows: random (the same architecture, random weights) and/or other weights, e.g. timm:resnet18; comma list.",
         ),
     ] = option_default(ProbeConfig, "compare"),
-    img_size: Annotated[
-        int | None,
-        typer.Option(
-            "--img-size",
-            help="Input size in pixels for timm:NAME and random:NAME weights (default: the model's own); saved weights are probed at the size they were trained at.",
-        ),
-    ] = option_default(ProbeConfig, "img_size"),
+    img_size: WeightsImgSizeOpt = option_default(ProbeConfig, "img_size"),
     workers: WorkersOpt = option_default(ProbeConfig, "workers"),
     seed: SeedOpt = option_default(ProbeConfig, "seed"),
     device: DeviceOpt = option_default(ProbeConfig, "device"),

@@ -15,6 +15,7 @@ from ._common import (
     OverwriteOpt,
     PrecisionOpt,
     StrictDataOpt,
+    WeightsImgSizeOpt,
     WorkersOpt,
     err_console,
     error_boundary,
@@ -103,12 +104,7 @@ def score(
             "--normal", help="Evaluation on class sub-folders (or a dataset): this class is normal, the rest unusual."
         ),
     ] = option_default(ScoreConfig, "normal"),
-    img_size: Annotated[
-        int | None,
-        typer.Option(
-            "--img-size", help="Input size for timm:NAME and random:NAME weights (saved weights know theirs)."
-        ),
-    ] = option_default(ScoreConfig, "img_size"),
+    img_size: WeightsImgSizeOpt = option_default(ScoreConfig, "img_size"),
     batch_size: Annotated[
         int, typer.Option("--batch-size", "-b", help="Images per batch (each adds one copy per rotation).")
     ] = option_default(ScoreConfig, "batch_size"),
