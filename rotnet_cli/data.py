@@ -835,11 +835,44 @@ def _pixel_stats(
 
 
 def warn_skipped(skipped: list[str]) -> str | None:
-    """The one-line warning about unreadable files (None when there were none)."""
+    """The one-line warning about unreadable files (None when there were none); a picture Pillow
+    refuses for its size (over twice its decompression-bomb limit: a 14000 x 14000 scan) says so,
+    since nothing else about it is broken."""
     if not skipped:
         return None
     first = ", ".join(skipped[:3])
-    return f"skipped {len(skipped)} file(s) that are not readable images: {first}{' ...' if len(skipped) > 3 else ''}"
+    more = " ..." if len(skipped) > 3 else ""
+    oversized = next((why for why in map(_too_many_pixels, skipped[:3]) if why), "")
+    return f"skipped {len(skipped)} file(s) that are not readable images: {first}{more}{oversized}"
+
+
+def _too_many_pixels(path: str) -> str | None:
+    """' (PATH: N pixels, over Pillow's limit ...)' when Pillow refuses ``path`` for its size, else None."""
+    from PIL import Image
+
+    file = Path(path)
+    if not file.is_file() or special_file(file):
+        return None
+    try:
+        with Image.open(file):
+            return None
+    except Image.DecompressionBombError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # only to read the header's size
+            try:
+                with Image.open(file) as image:
+                    pixels = image.size[0] * image.size[1]
+            except Exception:  # noqa: BLE001  anything else wrong with it: no reason to give
+                return None
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+        return (
+            f" ({path}: {image.size[0]} x {image.size[1]} = {pixels:,} pixels, over Pillow's limit of "
+            f"{2 * limit:,} against decompression bombs; shrink it to use it)"
+        )
+    except Exception:  # noqa: BLE001  broken in another way: the list says enough
+        return None
 
 
 __all__ = [
