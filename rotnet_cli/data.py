@@ -772,11 +772,16 @@ def auto_augment(spec: str, images: ImageSet) -> tuple[str, str]:
 
 
 def sample_images(images: ImageSet) -> torch.Tensor | None:
-    """A few evenly spaced images, uint8 (n, 3, S, S), to decide by; None when none of them decodes."""
+    """A few evenly spaced images, uint8 (n, 3, S, S), to decide by; None when none of them decodes.
+    Files are decoded at S = min(the set's size, planning.CONTENT_SIZE): 32 of them at --img-size 8192
+    would be 6 GB of pixels to say whether they are grey."""
+    from .planning import CONTENT_SIZE
+
     in_memory, from_files = AUTO_SAMPLE
     if images.in_memory:
         return images.images[_evenly_spaced(len(images), in_memory).to(images.images.device)].cpu()
-    files = FileDataset(images.paths, images.img_size)  # an unreadable file gives None, as in training
+    # an unreadable file gives None, as in training
+    files = FileDataset(images.paths, min(images.img_size, CONTENT_SIZE))
     decoded = [x for _, x in (files[i] for i in _evenly_spaced(len(images), from_files).tolist()) if x is not None]
     return torch.stack(decoded) if decoded else None
 

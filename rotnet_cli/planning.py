@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .config import counted
 
@@ -49,6 +50,7 @@ STEP_BUDGET = 500  # optimizer steps a run gets at least (digits at batch 32: 51
 MIN_EPOCHS = 10  # today's default: large folders keep it
 MAX_EPOCHS = 300  # a handful of images: no more than this many passes
 INK_SHARE = 0.55  # share of pixels at the ends of an image's own range above which it looks like ink on paper
+CONTENT_SIZE = 256  # px: larger images are looked at shrunk to this (data.sample_images decodes files at it)
 GREY_SPREAD = 4.0  # mean max-min over R, G, B (0..255) below which images count as grey (JPEG noise)
 AUGMENT_BY_SOURCE = {"svhn": ("crop", "svhn holds pictures of house numbers: digits are not mirrored")}
 
@@ -273,7 +275,12 @@ def make_plan(
 
 
 def measure_content(sample: torch.Tensor) -> Content:
-    """Content of uint8 images (n, 3, S, S): colour spread and the share of pixels that are paper or ink."""
+    """Content of uint8 images (n, 3, S, S): colour spread and the share of pixels that are paper or ink.
+    Images larger than CONTENT_SIZE are looked at shrunk to it, one at a time (floats at full size cost
+    4x the sample's own memory)."""
+    if sample.shape[-1] > CONTENT_SIZE or sample.shape[-2] > CONTENT_SIZE:
+        shrunk = [F.interpolate(image[None].float(), size=CONTENT_SIZE, mode="area") for image in sample]
+        sample = torch.cat(shrunk).round().to(torch.uint8)
     pixels = sample.float()
     spread = (pixels.amax(1) - pixels.amin(1)).mean().item()
     grey = pixels.mean(1).flatten(1)  # (n, S*S)

@@ -91,6 +91,23 @@ def test_text_like_pixels_are_measured_as_ink_on_paper():
     assert not planning.measure_content(tones).ink_on_paper
 
 
+def test_large_images_are_measured_shrunk_and_decided_alike(tmp_path):
+    # a scanned page at --img-size 2048 is judged as its 256 px copy would be, not as 32 floats of 4M pixels
+    page = torch.full((2, 3, 2048, 2048), 240, dtype=torch.uint8)
+    page[:, :, 256:1792:128, 128:1920] = 10  # lines of ink, 64 px thick
+    small = torch.nn.functional.interpolate(page.float(), size=planning.CONTENT_SIZE, mode="area").to(torch.uint8)
+    assert planning.measure_content(page) == planning.measure_content(small)
+    assert planning.measure_content(page).ink_on_paper
+
+    # files are decoded for the look at no more than CONTENT_SIZE, whatever size training decodes them at
+    from rotnet_cli import data as data_lib
+
+    folder = tmp_path / "scans"
+    _folder(folder, 3, 40)
+    images = data_lib.ImageSet(name="scans", img_size=1024, paths=sorted(folder.glob("*.png")))
+    assert data_lib.sample_images(images).shape == (3, 3, planning.CONTENT_SIZE, planning.CONTENT_SIZE)
+
+
 def _folder(path, n, side, mode="L"):
     path.mkdir()
     rng = np.random.default_rng(0)
