@@ -868,7 +868,7 @@ def _too_many_pixels(path: str) -> str | None:
             try:
                 with Image.open(file) as image:
                     pixels = image.size[0] * image.size[1]
-            except Exception:  # noqa: BLE001  anything else wrong with it: no reason to give
+            except Exception:  # anything else wrong with it: no reason to give
                 return None
             finally:
                 Image.MAX_IMAGE_PIXELS = limit
@@ -876,7 +876,7 @@ def _too_many_pixels(path: str) -> str | None:
             f" ({path}: {image.size[0]} x {image.size[1]} = {pixels:,} pixels, over Pillow's limit of "
             f"{2 * limit:,} against decompression bombs; shrink it to use it)"
         )
-    except Exception:  # noqa: BLE001  broken in another way: the list says enough
+    except Exception:  # broken in another way: the list says enough
         return None
 
 
