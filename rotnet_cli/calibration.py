@@ -29,6 +29,7 @@ ECE_BINS = 15  # the usual choice (Guo et al.); equal-width confidence bins
 # ran to the lower bound and every answer, the wrong ones too, came out at 100%. A few
 # held-out images cannot prove a model surer than its own softmax says.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1.0, TEMPERATURE_RANGE[1]
+NOTABLE_ECE = 0.02  # an error below this is within the noise of a few hundred held-out answers
 MIN_CALIBRATION_IMAGES = 2  # held-out images (each seen at every rotation) needed to fit anything
 
 

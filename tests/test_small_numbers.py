@@ -45,6 +45,19 @@ def test_a_tiny_validation_split_is_called_too_small(capsys):
     )
 
 
+def test_a_calibration_that_leaves_under_confident_answers_as_they_are_says_why(capsys):
+    # the fit stops at temperature 1: a large error left unchanged is answers less sure than right
+    calibration = {"temperature": 1.0, "samples": 188, "ece_before": 0.154, "ece_after": 0.154}
+    _render_honest_figures(summary(47, 0.505, calibration), PretrainConfig(data="objects"))
+    text = " ".join(capsys.readouterr().out.split())
+    assert "15.4% -> 15.4% (the answers were less sure than right; rotnet never makes them surer" in text
+    # a softened head, or an error within the noise, needs no such words
+    for temperature, ece in ((1.21, 0.154), (1.0, 0.01)):
+        calibration = {"temperature": temperature, "samples": 188, "ece_before": ece, "ece_after": ece}
+        _render_honest_figures(summary(47, 0.505, calibration), PretrainConfig(data="objects"))
+        assert "less sure than right" not in capsys.readouterr().out
+
+
 def test_a_folder_with_its_own_val_is_told_to_add_images_there_not_to_use_val_split(capsys, tmp_path):
     _render_honest_figures(summary(10, 0.9), PretrainConfig(data=str(tmp_path)))
     assert "hold out more (--val-split)" in " ".join(capsys.readouterr().err.split())

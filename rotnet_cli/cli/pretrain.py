@@ -402,7 +402,8 @@ def _render_honest_figures(result, config: PretrainConfig) -> None:
                 f"the validation split holds only {counted(result.val_images, 'image')}, too few for its accuracy "
                 f"to mean much (and for a sure calibration); {more}"
             )
-    from ..calibration import MIN_CALIBRATION_IMAGES  # inside: calibration.py imports torch (fast --help)
+    # inside: calibration.py imports torch (fast --help)
+    from ..calibration import MIN_CALIBRATION_IMAGES, MIN_TEMPERATURE, NOTABLE_ECE
 
     calibration = result.calibration
     if not calibration and 0 < (result.val_images or 0) < MIN_CALIBRATION_IMAGES:  # too few to fit a temperature on
@@ -413,10 +414,18 @@ def _render_honest_figures(result, config: PretrainConfig) -> None:
             soft_wrap=True,
         )
     if calibration:
+        # the fit stops at MIN_TEMPERATURE: an error left as it was means the answers were less sure than right
+        kept = calibration["temperature"] <= MIN_TEMPERATURE and calibration["ece_after"] >= NOTABLE_ECE
+        why = (
+            " (the answers were less sure than right; rotnet never makes them surer than the softmax says, "
+            "so they stay as they are: on the safe side)"
+            if kept
+            else ""
+        )
         out_console.print(
             f"calibration: temperature {calibration['temperature']:.2f} fitted on {calibration['samples']} held-out "
             f"answers; expected calibration error {100 * calibration['ece_before']:.1f}% -> "
-            f"{100 * calibration['ece_after']:.1f}%; predict reports the calibrated confidences",
+            f"{100 * calibration['ece_after']:.1f}%{why}; predict reports the calibrated confidences",
             markup=False,
             soft_wrap=True,
         )
