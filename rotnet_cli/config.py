@@ -83,8 +83,10 @@ def format_rotations(angles: tuple[float, ...]) -> str:
 
 
 def counted(n: Any, noun: str) -> str:
-    """'1 epoch', '2 epochs': a count with its noun, singular for exactly one."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+    """'1 epoch', '2 epochs', '3 batches': a count with its noun, singular for exactly one."""
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {noun}es" if noun.endswith(("s", "x", "sh", "tch")) else f"{n} {noun}s"  # batches; epochs
 
 
 def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:

@@ -167,7 +167,8 @@ def plan_batch_size(given: int | None, images: int, world_size: int = 1) -> Deci
     """--batch-size, else today's 128 where it makes MIN_STEPS_PER_EPOCH steps, else smaller (a multiple of the processes)."""
     if given is not None:
         return Decision(given, "asked for")
-    steps = f"{MIN_STEPS_PER_EPOCH} steps per epoch"
+    # batches, not steps: --accum-steps and --max-steps-per-epoch change the steps (the epochs line says them)
+    steps = f"{MIN_STEPS_PER_EPOCH} batches"
     if images >= DEFAULT_BATCH * MIN_STEPS_PER_EPOCH:
         return Decision(DEFAULT_BATCH, f"{images} training images make at least {steps}")
     batch = DEFAULT_BATCH
@@ -179,7 +180,7 @@ def plan_batch_size(given: int | None, images: int, world_size: int = 1) -> Deci
     elif batch > MIN_BATCH:
         why = f"{images} training images: at least {steps}"
     else:
-        why = f"{images} training images: {counted(math.ceil(images / batch), 'step')} per epoch"
+        why = f"{images} training images make {counted(math.ceil(images / batch), 'batch')}"
     return Decision(max(world_size, batch - batch % world_size), why)
 
 

@@ -60,6 +60,23 @@ def test_a_small_folder_trains_in_small_batches_and_a_large_one_keeps_128():
     assert planning.plan_batch_size(64, 63) == Decision(64, "asked for")
 
 
+def test_the_batch_line_counts_batches_which_step_options_do_not_change(tmp_path):
+    # under --max-steps-per-epoch 1 an epoch is 1 step: the batch line said "3 steps per epoch"
+    assert planning.plan_batch_size(None, 37).why == "37 training images make 3 batches"
+    folder = tmp_path / "few"
+    _folder(folder, 40, 40)
+    result = CliRunner().invoke(
+        app,
+        ["pretrain", "--data", str(folder), "--out", str(tmp_path / "run"), "--max-steps-per-epoch", "1"]
+        + ["--epochs", "1", "--model", "test_resnet", "--device", "cpu"],
+    )
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "batch 16 (36 training images make 3 batches)" in text
+    assert "epochs 1 (asked for: 1 step)" in text
+    assert "every image 16 of 36 each epoch (--max-steps-per-epoch 1)" in text
+
+
 def test_epochs_come_from_a_step_budget_and_large_folders_keep_10():
     small = planning.plan_epochs(None, 63, 16)  # 4 steps per epoch (the last batch kept)
     assert small.value * 4 >= planning.STEP_BUDGET and small.value == 125
