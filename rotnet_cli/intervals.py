@@ -13,6 +13,9 @@ import math
 Z95 = 1.959964  # two-sided 95%
 WIDE = 0.05  # a half-width above this is worth printing (the figure alone would overstate it)
 SMALL_VALIDATION = 50  # fewer held-out images than this: the validation accuracy means little
+# a validation accuracy surely below this (its interval's top) is a run that learned little of which way is up:
+# the benchmark's faces and scans end at 0.95-0.98, its 466 varied objects at 0.38-0.50 (docs/own-folder.md)
+LEARNED_LITTLE = 0.75
 
 
 def wilson_interval(correct: float, total: int, z: float = Z95) -> tuple[float, float]:
@@ -35,4 +38,4 @@ def accuracy_text(accuracy: float, total: int, unit: str = "images") -> str:
     return text
 
 
-__all__ = ["wilson_interval", "accuracy_text", "SMALL_VALIDATION"]
+__all__ = ["wilson_interval", "accuracy_text", "SMALL_VALIDATION", "LEARNED_LITTLE"]

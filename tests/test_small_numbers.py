@@ -58,6 +58,22 @@ def test_a_calibration_that_leaves_under_confident_answers_as_they_are_says_why(
         assert "less sure than right" not in capsys.readouterr().out
 
 
+def test_a_run_that_learned_little_is_told_what_would_help(capsys):
+    # the objects benchmark's bare run: 50.5% of 188 answers (interval 43-58%), from random weights
+    _render_honest_figures(summary(47, 0.505), PretrainConfig(data="objects", model="resnet18"))
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the run learned little of which way is up (50.5% right, chance 25%)" in err
+    assert "start from pretrained weights (--init timm:resnet18)" in err
+    # from pretrained weights already: more images or steps are what is left
+    _render_honest_figures(summary(47, 0.505), PretrainConfig(data="objects", init="timm:resnet18"))
+    err = " ".join(capsys.readouterr().err.split())
+    assert "learned little" in err and "add images or train longer (--epochs)" in err and "--init" not in err
+    # a run that learned, and one whose few validation images cannot show it did not: no such warning
+    for images, accuracy in ((120, 0.975), (7, 0.6)):
+        _render_honest_figures(summary(images, accuracy), PretrainConfig(data="faces"))
+        assert "learned little" not in capsys.readouterr().err
+
+
 def test_a_folder_with_its_own_val_is_told_to_add_images_there_not_to_use_val_split(capsys, tmp_path):
     _render_honest_figures(summary(10, 0.9), PretrainConfig(data=str(tmp_path)))
     assert "hold out more (--val-split)" in " ".join(capsys.readouterr().err.split())

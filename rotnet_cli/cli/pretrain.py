@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..config import PretrainConfig, counted, format_rotations, option_default
-from ..intervals import SMALL_VALIDATION, accuracy_text
+from ..intervals import LEARNED_LITTLE, SMALL_VALIDATION, accuracy_text, wilson_interval
 from ..shell import shell_quote
 from ..stopping import StopFlag
 from ._common import (
@@ -402,6 +402,8 @@ def _render_honest_figures(result, config: PretrainConfig) -> None:
                 f"the validation split holds only {counted(result.val_images, 'image')}, too few for its accuracy "
                 f"to mean much (and for a sure calibration); {more}"
             )
+        if wilson_interval(final["val_rot_acc"] * answers, answers)[1] < LEARNED_LITTLE:
+            _warn_learned_little(final["val_rot_acc"], config)
     # inside: calibration.py imports torch (fast --help)
     from ..calibration import MIN_CALIBRATION_IMAGES, MIN_TEMPERATURE, NOTABLE_ECE
 
@@ -429,6 +431,21 @@ def _render_honest_figures(result, config: PretrainConfig) -> None:
             markup=False,
             soft_wrap=True,
         )
+
+
+def _warn_learned_little(accuracy: float, config: PretrainConfig) -> None:
+    """What to do about a run that ended far from knowing which way is up (surely below LEARNED_LITTLE)."""
+    ways = "add images or train longer (--epochs)"
+    if config.init is None:  # from random weights: pretrained ones are the likeliest help
+        ways = (
+            "from random weights, a few hundred pictures of varied things were too few in our measurements "
+            f"(docs/own-folder.md): add images, train longer (--epochs), or start from pretrained weights "
+            f"(--init timm:{config.model})"
+        )
+    warn(
+        f"the run learned little of which way is up ({100 * accuracy:.1f}% right, chance "
+        f"{100 / config.num_rotations:.0f}%): its features and predict's answers will be weak; {ways}"
+    )
 
 
 def _render_summary(result, config: PretrainConfig) -> None:
