@@ -37,6 +37,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -94,10 +95,49 @@ def _restore(replaced: dict[int, Any]) -> None:
 # ----------------------------------------------------------------------------- LOADING, RUNNING: counted
 
 
+# Raised while one of these imports, a KeyboardInterrupt can cross torch's C++ (pybind11 calls back into
+# Python as torch/__init__ runs) and abort the process: "terminate called after throwing an instance of
+# 'pybind11::error_already_set'", exit -6, instead of one line and exit 130.
+NATIVE_IMPORTS = ("torch", "torchvision", "timm")
+
+
 def interrupt(signum: int, frame: Any) -> None:
-    """The handler while the CLI loads and while a command runs: counted, then a KeyboardInterrupt."""
+    """The handler while the CLI loads and while a command runs: counted, then a KeyboardInterrupt
+    (sent again once a native import under way has finished, see NATIVE_IMPORTS)."""
     _state["seen"] += 1
+    if _native_import_under_way():
+        _send_again_after_import(signum)
+        return
     raise KeyboardInterrupt
+
+
+def _native_import_under_way() -> bool:
+    """Whether torch (or torchvision, timm) is being imported: importlib marks a module's spec
+    ``_initializing`` while its code runs."""
+    for name in NATIVE_IMPORTS:
+        spec = getattr(sys.modules.get(name), "__spec__", None)
+        if spec is not None and getattr(spec, "_initializing", False):
+            return True
+    return False
+
+
+def _send_again_after_import(signum: int) -> None:
+    """Send ``signum`` to the main thread again once the native import is done (from a watcher thread:
+    signal handlers run in the main thread only, between its bytecodes); it then reaches whatever handler
+    the process has by then. One watcher at a time; the count stays one per signal."""
+    _state["seen"] -= 1  # the handler counts it when it comes again
+    if _state.get("watching"):
+        return
+    _state["watching"] = True
+    main = threading.main_thread().ident
+
+    def watch() -> None:
+        while _native_import_under_way():
+            time.sleep(0.01)
+        _state["watching"] = False
+        signal.pthread_kill(main, signum)
+
+    threading.Thread(target=watch, name="rotnet-signal-after-import", daemon=True).start()
 
 
 def ctrl_c_seen() -> bool:

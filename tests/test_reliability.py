@@ -1175,6 +1175,35 @@ def test_a_training_stop_flag_takes_the_first_ctrl_c_and_a_second_stops_at_once_
     assert {sig: signal.getsignal(sig) for sig in stopping.SIGNALS} == before
 
 
+def test_a_ctrl_c_while_torch_imports_waits_for_the_import_then_interrupts(monkeypatch):
+    # raised inside torch's import, the KeyboardInterrupt crossed pybind11 and aborted the process (exit -6,
+    # "terminate called after throwing an instance of 'pybind11::error_already_set'"); a module whose spec
+    # says it is initialising stands in for torch/__init__ running
+    import types
+    from importlib.machinery import ModuleSpec
+
+    from rotnet_cli import stopping
+
+    importing = types.ModuleType("torchvision")
+    importing.__spec__ = ModuleSpec("torchvision", None)
+    importing.__spec__._initializing = True
+    monkeypatch.setitem(sys.modules, "torchvision", importing)
+    before = signal.signal(signal.SIGINT, stopping.interrupt)
+    try:
+        stopping.reset()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the import goes on: nothing raised in its middle
+        assert not stopping.ctrl_c_seen()
+        with pytest.raises(KeyboardInterrupt):
+            importing.__spec__._initializing = False  # the import is done: the Ctrl-C comes now
+            time.sleep(2)
+        assert stopping.ctrl_c_seen()  # counted once
+        assert stopping._state["seen"] == 1
+    finally:
+        signal.signal(signal.SIGINT, before)
+        stopping.reset()
+
+
 def _loaded(pid: int, library: str) -> bool:
     try:
         return library in Path(f"/proc/{pid}/maps").read_text()
