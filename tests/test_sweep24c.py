@@ -1,13 +1,17 @@
 """A hostile new user's own folder (sweep 24c): the plan's reasons, one-line errors that name a fix,
-a fingerprint limit of 0, and predict on weights that hold no record of their training images."""
+a fingerprint limit of 0, predict on weights that hold no record of their training images, and a
+run's config.json read by export and score like user input."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
 from rotnet_cli import data as data_lib
+from rotnet_cli.cli import app
 from rotnet_cli.errors import DataError
 from rotnet_cli.fingerprint import unlike_reasons
 from rotnet_cli.planning import MAX_EPOCHS, STEP_BUDGET, plan_epochs
@@ -72,3 +76,29 @@ def test_predict_says_when_nothing_checks_the_images_against_the_training_images
     exported = unchecked(_model(str(tmp_path / "export"), None), decoded=1)
     assert exported and "holds no record of its training images" in exported
     assert unchecked(_model(str(tmp_path / "export"), None), decoded=0) is None
+
+
+def _edit_config(run: Path, **changes) -> None:
+    path = run / "config.json"
+    record = json.loads(path.read_text())
+    record["config"].update(changes)
+    path.write_text(json.dumps(record))
+
+
+def test_export_of_a_run_whose_config_names_data_as_a_number(copy_of_run, tmp_path):
+    # was: AttributeError: 'int' object has no attribute 'encode' (unexpected: a bug in rotnet)
+    _edit_config(copy_of_run, data=5)
+    out = tmp_path / "export"
+    result = CliRunner().invoke(app, ["export", str(copy_of_run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "digits" in (out / "README.md").read_text()  # what the weights' own metadata says
+
+
+@pytest.mark.parametrize("changes", [{"seed": "x"}, {"seed": 1e30}, {"val_split": "abc"}, {"val_split": 5}])
+def test_score_reads_the_runs_seed_and_split_as_user_input(copy_of_run, changes):
+    # was: ValueError / OverflowError as "a bug in rotnet" (seed), a silently different knn bank (split)
+    _edit_config(copy_of_run, **changes)
+    result = CliRunner().invoke(app, ["score", str(copy_of_run), "digits", "--method", "knn", "--device", "cpu"])
+    assert result.exit_code == 1
+    line = " ".join(result.output.split())
+    assert "config.json" in line and "use the file rotnet wrote" in line and "a bug in rotnet" not in line
