@@ -318,7 +318,10 @@ def image_inputs(specs: tuple[str, ...] | list[str]) -> list[tuple[Path, Path]]:
         if root.is_dir():
             pairs = [(p, p.relative_to(root)) for p in scan_images(root)]
             if not pairs:
-                raise DataError(f"{spec} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)")
+                raise DataError(
+                    f"{spec} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively); "
+                    "give image files or a folder that holds some"
+                )
         else:
             pairs = [(root, Path(root.name))]
         for path, relative in pairs:
@@ -354,6 +357,17 @@ def _class_layout(folder: Path, image_paths: list[Path]) -> tuple[list[str], lis
     return classes, paths, labels
 
 
+def _no_images_fix(folder: Path) -> str:
+    """What to do about a folder without images: a train/ or val/ split folder has its own way out."""
+    if folder.name in ("train", "val") and (folder.parent / "train").is_dir() and (folder.parent / "val").is_dir():
+        other = "val" if folder.name == "train" else "train"
+        return (
+            f"add images to it, or remove the empty {folder.name}/ and give {folder.parent / other} as --data "
+            "(a folder without train/ and val/ is split by --val-split)"
+        )
+    return "add images to it or give another folder"
+
+
 def _folder(
     folder: Path,
     img_size: int,
@@ -377,7 +391,10 @@ def _folder(
         classes, paths, label_list = layout
         labels = torch.tensor(label_list, dtype=torch.long)
     if not paths:
-        raise DataError(f"{folder} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)")
+        raise DataError(
+            f"{folder} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively); "
+            + _no_images_fix(folder)
+        )
     images = ImageSet(folder.name, img_size, paths=paths, labels=labels, classes=classes)
     skipped = [str(p) for p in non_images]  # files that are not images are skipped and counted, like unreadable ones
     decoded_bytes = len(paths) * 3 * img_size * img_size
@@ -464,6 +481,14 @@ class FileDataset(torch.utils.data.Dataset):
             return index, None
 
 
+def _none_readable(paths: list[Path]) -> DataError:
+    where = Path(paths[0]).parent
+    return DataError(
+        f"none of the {len(paths)} image files in {where} could be read (e.g. {paths[0]}); "
+        "replace the broken files with readable images, or remove them"
+    )
+
+
 def _strict_error(path) -> DataError:
     return DataError(f"unreadable image {path}; remove it or drop --strict-data")
 
@@ -507,7 +532,7 @@ def check_readable(images: ImageSet, strict: bool = False) -> None:
         except Exception:  # PIL raises many types for broken files
             if strict:
                 raise _strict_error(path) from None
-    raise DataError(f"none of the {len(images.paths)} image files in {images.name} could be read")
+    raise _none_readable(images.paths)
 
 
 def decode_all(
@@ -538,7 +563,7 @@ def decode_all(
         progress(Decoding(done, len(images.paths)))
     keep = ok.nonzero().squeeze(1)
     if len(keep) == 0:
-        raise DataError(f"none of the {len(images.paths)} image files in {images.name} could be read")
+        raise _none_readable(images.paths)
     decoded = dataclasses.replace(
         images,
         images=out[keep],

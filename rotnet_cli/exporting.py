@@ -396,10 +396,10 @@ def _run_record(loaded: LoadedWeights) -> dict[str, Any]:
     }
     if loaded.run_dir is None:
         return record
-    try:
-        config = rundir.read_config(loaded.run_dir)["config"]
-        record["data"] = config.get("data", record["data"])
-        record["init"] = config.get("init") or None
+    try:  # checked field by field like user input: a hand-edited "data": 5 is no crash in the card
+        config = rundir.read_run_config(loaded.run_dir)
+        record["data"] = config.data or record["data"]
+        record["init"] = config.init or None
     except DataError:
         pass
     try:

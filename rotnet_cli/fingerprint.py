@@ -155,8 +155,10 @@ def unlike_reasons(record: dict, colour: bool, side: int | None, distance: float
             reasons.append(f"{side} px on the shorter side, the training images {trained} px")
     features = record.get("features")
     if distance is not None and features is not None and distance > features["threshold"]:
+        # a limit of 0 (every image the record was measured on had the same features) has no ratio
+        farther = f"{distance / features['threshold'] * FEATURE_MARGIN:.1f}x " if features["threshold"] > 0 else ""
         reasons.append(
-            f"its features lie {distance / features['threshold'] * FEATURE_MARGIN:.1f}x farther from the training "
+            f"its features lie {farther}farther from the training "
             f"images' than {_REFERENCE_WORDS.get(features.get('reference'), 'the images its limit was set on do')}"
         )
     return reasons

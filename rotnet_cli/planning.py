@@ -204,6 +204,10 @@ def plan_epochs(
     epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(STEP_BUDGET / steps)))
     if epochs == MIN_EPOCHS:
         return Decision(epochs, f"{per_epoch}, {epochs * steps} in all")
+    if epochs * steps < STEP_BUDGET:  # held at MAX_EPOCHS: the budget is not met, and the reason says so
+        return Decision(
+            epochs, f"{per_epoch}, {epochs * steps} in all: at most {MAX_EPOCHS} epochs, short of {STEP_BUDGET} steps"
+        )
     return Decision(epochs, f"{per_epoch}, {epochs * steps} in all: a budget of at least {STEP_BUDGET}")
 
 

@@ -325,7 +325,7 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
     if unreadable:
         emit(WarningMessage(data_lib.warn_skipped([display_path(p) for p in unreadable])))
     decoded = len(inputs) - len(unreadable)
-    warning = unlike_training(weights, decoded, predictions)
+    warning = unlike_training(weights, decoded, predictions) if record is not None else unchecked(weights, decoded)
     if warning:
         emit(WarningMessage(warning))
 
@@ -591,6 +591,26 @@ def unlike_training(weights: RotationModel, decoded: int, predictions: list[Imag
         f"{'; '.join(parts)}. Their confidence is withheld (set to chance, {chance:.0f}%), so --fix leaves them; "
         "to orient photos, pretrain on photos like them "
         "(e.g. rotnet pretrain --data ~/photos --img-size 224; see docs/predict.md, 'Orienting photos')"
+    )
+
+
+def unchecked(weights: RotationModel, decoded: int) -> str | None:
+    """One warning when the weights hold no record of their training images: nothing then tells an
+    image unlike them (a large colour photo for a model of grey faces) from one like them, and its
+    confidence, which can be high and wrong there, is not withheld."""
+    if not decoded:
+        return None
+    source = Path(weights.source)
+    if source.name == rundir.CHECKPOINT and weights.run_dir is not None:
+        return (
+            f"{weights.run_dir} stopped before its end, so it holds no record of its training images and no "
+            "calibration: images unlike them are not found and their confidences are not withheld; finish it "
+            f"first (rotnet pretrain --resume {weights.run_dir})"
+        )
+    return (
+        f"{weights.source} holds no record of its training images (kept checkpoints, exports and runs made "
+        "before rotnet kept one have none): images unlike them are not found and their confidences are not "
+        "withheld; predict with the finished run directory for that check"
     )
 
 

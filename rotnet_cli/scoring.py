@@ -281,7 +281,8 @@ def reference_images(
             raise ConfigError(
                 f"{weights.source} does not name the data it was trained on; give the knn bank with --reference DIR"
             )
-        spec, seed, val_split = record["data"], record.get("seed", 0), record.get("val_split", 0.0)
+        checked = rundir.read_run_config(weights.run_dir)  # seed and split validated like user input
+        spec, seed, val_split = checked.data, checked.seed, checked.val_split
         if not _dataset_name(spec) and not Path(spec).expanduser().is_dir():
             raise ConfigError(
                 f"the data {weights.source} was trained on ({spec}) is not here; give the knn bank with --reference DIR"
