@@ -853,7 +853,7 @@ class PredictConfig(_Serializable):
 
     weights: str
     inputs: tuple[str, ...]
-    tta: bool = False
+    tta: bool | None = None  # None: test-time agreement where the rotation set allows it (prediction.plan_tta)
     fix: bool = False
     out: str | None = None
     in_place: bool = False

@@ -143,6 +143,27 @@ def tta_index_table(rotations: tuple[float, ...]) -> torch.Tensor:
     return torch.tensor(table, dtype=torch.long)
 
 
+def plan_tta(asked: bool | None, rotations: tuple[float, ...]) -> torch.Tensor | None:
+    """The TTA index table, or None for one pass: --tta (an error where the set is not closed), --no-tta,
+    else (None) test-time agreement wherever the rotation set allows it.
+
+    On by default because one pass is sure of what the model has no way to know: a run on 70 grey faces
+    answered a flat grey square at 94.6% and an upright crop of a photo as turned by 90 degrees at 98.3% in
+    one pass; the copies' average
+    gives a flat square exactly 1/R (its copies are one picture) and kept all 20 such images under 0.83.
+    On the faces' held-out images it was also right more often (120 of 120 against 116) and let no
+    wrong answer through --min-confidence 0.9 (one pass: 1 of 105); it costs R forward passes an image.
+    """
+    if asked is False:
+        return None
+    if asked is None:
+        try:
+            return tta_index_table(rotations)
+        except ConfigError:  # a set like 0,90: one pass, as before
+            return None
+    return tta_index_table(rotations)
+
+
 def combine_votes(log_probs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Test-time agreement: (R, N, R) log-probabilities of the copies -> (N, R) probabilities.
 
@@ -283,7 +304,7 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
     check_outputs(cfg, out, inputs)
     weights = load_rotation_model(cfg.weights, device, precision)
     rotations = weights.rotations
-    tta_table = tta_index_table(rotations) if cfg.tta else None
+    tta_table = plan_tta(cfg.tta, rotations)
     temperature = temperature_of(weights.info)
     record = training_record(weights)
     emit(DeviceChosen(weights.device, weights.precision))
@@ -329,7 +350,8 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResu
     if warning:
         emit(WarningMessage(warning))
 
-    result = PredictResult(weights.model_name, weights.source, rotations, weights.device, cfg.tta, predictions, out)
+    tta = tta_table is not None
+    result = PredictResult(weights.model_name, weights.source, rotations, weights.device, tta, predictions, out)
     result.temperature = temperature
     if out is not None:
         make_dir(out)
@@ -673,6 +695,7 @@ __all__ = [
     "ImagePrediction",
     "combine_votes",
     "tta_index_table",
+    "plan_tta",
     "display_path",
     "check_outputs",
     "unlike_training",

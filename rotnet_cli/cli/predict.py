@@ -57,9 +57,12 @@ def predict(
         typer.Argument(help="Image files and folders (searched recursively).", metavar="images", show_default=False),
     ],
     tta: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--tta", help="Test-time agreement: also predict the image's rotated copies and average their votes."
+            "--tta/--no-tta",
+            help="Test-time agreement: also predict the image's rotated copies and average their votes "
+            "(default: on where the model's rotation set allows it); --no-tta: one pass, R times cheaper.",
+            show_default=False,
         ),
     ] = option_default(PredictConfig, "tta"),
     fix: Annotated[
@@ -172,7 +175,10 @@ def _render(result, config: PredictConfig) -> None:
         if result.temperature != 1.0
         else ""
     )
-    out_console.print(f"{counts}; confidence = probability of the predicted rotation{calibrated}", soft_wrap=True)
+    votes = f", averaged over the image's {len(result.rotations)} rotated copies" if result.tta else ""
+    out_console.print(
+        f"{counts}; confidence = probability of the predicted rotation{votes}{calibrated}", soft_wrap=True
+    )
     if any(p.unlike_training for p in result.predictions):
         out_console.print(
             "(withheld) = unlike the training images: the confidence is set to chance, so --fix leaves it "
