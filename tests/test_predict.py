@@ -26,7 +26,7 @@ from rotnet_cli.cli import app
 from rotnet_cli.cli.predict import format_correction, format_rotation
 from rotnet_cli.config import PredictConfig, PretrainConfig
 from rotnet_cli.errors import ConfigError, OutputError
-from rotnet_cli.prediction import combine_votes, predict, tta_index_table
+from rotnet_cli.prediction import combine_votes, plan_tta, predict, tta_index_table
 from rotnet_cli.pretraining import pretrain
 from rotnet_cli.upright import ORIENTATIONS, NotWritten, apply_grid, write_upright
 
@@ -101,7 +101,8 @@ def rotated_folder(tmp_path_factory, held_out) -> tuple[Path, dict[str, int]]:
 @pytest.fixture(scope="module")
 def heldout_predictions(run_dir, rotated_folder) -> dict[str, dict]:
     folder, _ = rotated_folder
-    result = predict(PredictConfig(weights=str(run_dir), inputs=(str(folder),), workers=0, device="cpu"))
+    # one pass an image (--no-tta): the tests below compare it with the copies' votes (the default)
+    result = predict(PredictConfig(weights=str(run_dir), inputs=(str(folder),), tta=False, workers=0, device="cpu"))
     return {Path(p.path).name: p for p in result.predictions}
 
 
@@ -406,6 +407,28 @@ def test_votes_of_rotated_copies_combine_on_the_implied_original_rotation():
 def test_tta_refuses_a_rotation_set_whose_copies_cannot_vote():
     with pytest.raises(ConfigError, match="--tta"):
         tta_index_table((0.0, 90.0, 180.0))
+    # asked for, it is refused; by default such a set gets one pass, as does --no-tta
+    with pytest.raises(ConfigError, match="--tta"):
+        plan_tta(True, (0.0, 90.0, 180.0))
+    assert plan_tta(None, (0.0, 90.0, 180.0)) is None and plan_tta(False, (0.0, 90.0, 180.0, 270.0)) is None
+    assert torch.equal(plan_tta(None, (0.0, 90.0, 180.0, 270.0)), tta_index_table((0.0, 90.0, 180.0, 270.0)))
+
+
+def test_by_default_a_picture_without_an_up_gets_chance_not_a_sure_answer(tmp_path, run_dir):
+    # a flat grey square: its rotated copies are one picture, so their votes cancel out to 1/R; one
+    # pass gives whatever the head says of it (a faces run said 94.6%, and --fix would have turned it)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for level in (0, 90, 160, 255):
+        Image.fromarray(np.full((32, 32), level, np.uint8)).save(flat / f"grey{level}.png")
+    result = invoke(str(run_dir), str(flat), "--json")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert answer["tta"] is True
+    assert all(row["confidence"] == pytest.approx(0.25, abs=1e-4) for row in answer["predictions"])
+    one_pass = json.loads(invoke(str(run_dir), str(flat), "--no-tta", "--json").stdout)
+    assert one_pass["tta"] is False
+    assert max(row["confidence"] for row in one_pass["predictions"]) > 0.25 + 1e-3
 
 
 # ----------------------------------------------------------------------------- refusals
