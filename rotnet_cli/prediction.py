@@ -293,7 +293,17 @@ def rotation_probabilities(
 
 
 def predict(cfg: PredictConfig, progress: Progress | None = None) -> PredictResult:
-    """Predict the rotation of every input image; with ``cfg.fix`` turn them upright; see the module docstring."""
+    """Predict the rotation of every input image; with ``cfg.fix`` turn them upright; see the module docstring.
+
+    One process at a time writes an --out: two predicts started together both found it empty, both
+    wrote into it and both said so, and the report named only the second's images."""
+    if not cfg.out:
+        return _predict(cfg, progress)
+    with rundir.export_lock(Path(cfg.out).expanduser()):
+        return _predict(cfg, progress)
+
+
+def _predict(cfg: PredictConfig, progress: Progress | None) -> PredictResult:
     emit = progress or ignore
     require_jpeg_route(cfg.jpeg)
     device = resolve_device(cfg.device)

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import struct
+import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -899,3 +900,32 @@ def test_option_combinations_that_cannot_work_are_refused_before_anything_is_wri
     result = invoke(str(run_dir), str(tmp_path / "a.png"), *[a if a != "x" else str(tmp_path / "x") for a in args])
     assert result.exit_code == 1 and message in " ".join(result.output.split())
     assert snapshot(tmp_path) == before
+
+
+def test_a_second_predict_into_the_same_out_while_one_writes_is_refused(tmp_path, run_dir, rotated_folder):
+    # two predicts started together both found --out empty, both wrote and both said "report: OUT/..."
+    out = tmp_path / "upright"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import time; from pathlib import Path; from rotnet_cli import rundir; "
+                f"rundir.export_lock(Path({str(out)!r})).acquire(); print('held', flush=True); time.sleep(600)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = invoke(str(run_dir), str(rotated_folder[0]), "--fix", "--out", str(out))
+        assert result.exit_code == 1
+        assert f"is in use by another rotnet process (pid {holder.pid} on " in result.output
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    result = invoke(str(run_dir), str(rotated_folder[0]), "--fix", "--out", str(out))  # the holder is gone
+    assert result.exit_code == 0, result.output
+    assert (out / "predictions.csv").is_file() and not list(tmp_path.glob(".*lock*"))
