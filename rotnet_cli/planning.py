@@ -211,6 +211,17 @@ def plan_epochs(
     return Decision(epochs, f"{per_epoch}, {epochs * steps} in all: a budget of at least {STEP_BUDGET}")
 
 
+def larger_sizes(size: int, own: int) -> list[int]:
+    """Sizes to try, smallest first, for a model that cannot run on ``size``: about 1.5x apart (multiples
+    of 8), below ``own`` (the model's own size, tried last by the caller)."""
+    sizes, step = [], size
+    while True:
+        step = 8 * math.ceil(step * 1.5 / 8)
+        if step >= own:
+            return sizes
+        sizes.append(step)
+
+
 def plan_augment(given: str, content: Content | None, source: str | None = None) -> Decision:
     """--augment, else decided by what the images are (see the module docstring)."""
     if given != "auto":

@@ -624,7 +624,8 @@ def _train(
     size = plan_image_size(cfg, device)
     model, img_size, mean, std = build_model(cfg, init=saved is None, report=report, planned_size=size.value)
     if img_size != size.value:  # the model could not run on the planned size
-        size = planning.Decision(img_size, f"the model's own size: {cfg.model} cannot run on {size.value} px")
+        smallest = "its own size" if img_size == model_default_size(cfg.model) else "the smallest tried it runs on"
+        size = planning.Decision(img_size, f"{smallest}: {cfg.model} cannot run on {size.value} px")
     seed_everything(cfg.seed, dist.rank)  # from here on each rank draws its own dropout/drop-path noise
     run = set_up(
         cfg, dist, device, precision, out, report, stop_requested, writer, size, mean, std, model, saved is None
@@ -769,12 +770,19 @@ def run_backbone(
     except InputSizeError as e:
         if cfg.img_size is not None:
             raise
-        report(
-            Message(
-                f"{cfg.model} cannot run on {img_size} px images; {cfg.data} is resized to {e.size} px, its own size"
-            )
-        )
-        return create_backbone(cfg.model, img_size=e.size), e.size
+        own = e.size
+    # the smallest of a few larger sizes it runs on, not its own size at once: inception_v3 runs on 112 px,
+    # and 25 px faces blown up to its 299 px cost 7x the pixels for nothing
+    larger = [] if takes_only_default_size(cfg.model) else planning.larger_sizes(img_size, own)
+    for size in larger:
+        try:
+            backbone = create_backbone(cfg.model, img_size=size)
+        except InputSizeError:
+            continue
+        report(Message(f"{cfg.model} cannot run on {img_size} px images; {cfg.data} is resized to {size} px"))
+        return backbone, size
+    report(Message(f"{cfg.model} cannot run on {img_size} px images; {cfg.data} is resized to {own} px, its own size"))
+    return create_backbone(cfg.model, img_size=own), own
 
 
 def plan_image_size(cfg: PretrainConfig, device: torch.device) -> planning.Decision:

@@ -170,3 +170,32 @@ def test_explicit_options_win_over_the_plan(tmp_path):
     assert "the last batch holds 2" in plan["partial_batch"]["why"]  # 10 images in batches of 4: 3 steps
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1
+
+
+def test_a_model_that_cannot_run_on_the_planned_size_gets_the_smallest_larger_size_it_runs_on(monkeypatch):
+    # inception_v3 on 25 px faces: 299 px (its own) was 7x the pixels of the 112 px it runs on
+    from rotnet_cli import pretraining
+    from rotnet_cli.config import PretrainConfig
+    from rotnet_cli.errors import InputSizeError
+
+    tried = []
+
+    def create_backbone(name, img_size=None):
+        tried.append(img_size)
+        if img_size < 75:  # inception_v3's own limit
+            raise InputSizeError(f"{name} cannot run on {img_size} px", size=299)
+        return torch.nn.Identity()
+
+    monkeypatch.setattr(pretraining, "create_backbone", create_backbone)
+    monkeypatch.setattr(pretraining, "takes_only_default_size", lambda name: False)
+    said = []
+    _, size = pretraining.run_backbone(PretrainConfig(model="inception_v3", data="faces"), said.append, planned_size=32)
+    assert size == 112 and tried == [32, 48, 72, 112]
+    assert said[-1].text == "inception_v3 cannot run on 32 px images; faces is resized to 112 px"
+    assert planning.larger_sizes(32, 299) == [48, 72, 112, 168, 256] and planning.larger_sizes(32, 40) == []
+
+    # a model timm builds for one size only goes there at once
+    tried.clear()
+    monkeypatch.setattr(pretraining, "takes_only_default_size", lambda name: True)
+    _, size = pretraining.run_backbone(PretrainConfig(model="inception_v3", data="faces"), said.append, planned_size=32)
+    assert size == 299 and tried == [32, 299]
