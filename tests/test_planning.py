@@ -199,3 +199,37 @@ def test_a_model_that_cannot_run_on_the_planned_size_gets_the_smallest_larger_si
     monkeypatch.setattr(pretraining, "takes_only_default_size", lambda name: True)
     _, size = pretraining.run_backbone(PretrainConfig(model="inception_v3", data="faces"), said.append, planned_size=32)
     assert size == 299 and tried == [32, 299]
+
+
+def test_config_of_a_run_on_other_data_plans_that_runs_planned_values_again(tmp_path):
+    # --config RUN/config.json --data OTHER applied RUN's plan (made for RUN's images) to OTHER as "asked for"
+    _folder(tmp_path / "faces", 20, 24)  # grey, 24 px
+    _folder(tmp_path / "photos", 20, 56, mode="RGB")
+    args = ["pretrain", "--model", "test_resnet", "--device", "cpu", "-j", "0", "--max-steps-per-epoch", "1"]
+    first = CliRunner().invoke(
+        app, [*args, "--data", str(tmp_path / "faces"), "--epochs", "1", "--out", str(tmp_path / "a")]
+    )
+    assert first.exit_code == 0, first.output
+
+    def plan_of(run):
+        plan = json.loads((run / "config.json").read_text())["resolved"]["plan"]
+        return {
+            name: (plan[name]["value"], plan[name]["why"]) for name in ("img_size", "batch_size", "epochs", "augment")
+        }
+
+    config = str(tmp_path / "a" / "config.json")
+    again = CliRunner().invoke(
+        app, [*args, "--config", config, "--data", str(tmp_path / "photos"), "-b", "4", "--out", str(tmp_path / "b")]
+    )
+    assert again.exit_code == 0, again.output
+    plan = plan_of(tmp_path / "b")
+    assert plan["img_size"][0] == 56 and not plan["img_size"][1].startswith("asked for")  # the photos' own size
+    assert not plan["augment"][1].startswith("asked for")  # decided by the photos' pixels
+    assert plan["batch_size"] == (4, "asked for")  # this command line still wins
+    assert plan["epochs"] == (1, "asked for: 1 step")  # the first run asked for it: repeated as asked
+    # the same data: the run is repeated as it trained
+    same = CliRunner().invoke(app, [*args, "--config", config, "--out", str(tmp_path / "c")])
+    assert same.exit_code == 0, same.output
+    assert {name: value for name, (value, _) in plan_of(tmp_path / "c").items()} == {
+        name: value for name, (value, _) in plan_of(tmp_path / "a").items()
+    }

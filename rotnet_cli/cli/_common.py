@@ -382,6 +382,8 @@ def read_options_file(path: str, ctx: typer.Context) -> dict[str, Any]:
 
         # what that run trained with: an old run's augment true/false, or its plan's values left unset
         trained = as_trained(record["config"], record.get("resolved"))
+        # which of those its data plan chose, not its command line (pretrain plans them again for other --data)
+        ctx.meta[PLANNED_BY_CONFIG] = (planned_fields(record), record["config"].get("data"))
         record = {k: v for k, v in trained.items() if k not in RUN_IDENTITY}
     if not isinstance(record, dict):
         raise typer.BadParameter(
@@ -405,6 +407,27 @@ def read_options_file(path: str, ctx: typer.Context) -> dict[str, Any]:
                 raise typer.BadParameter(f"{file}: {key}: {e.format_message()}", param_hint="--config") from None
         options[name] = value
     return options
+
+
+# ctx.meta key: (the options a --config run's data plan chose, the data that run planned them for)
+PLANNED_BY_CONFIG = "rotnet.planned_by_config"
+
+
+def planned_fields(record: dict[str, Any]) -> set[str]:
+    """The options a run's config.json says its data plan chose (resolved.plan: each value's why), not
+    its command line ("asked for"); a run from before the plan: those it left unset."""
+    from ..config import PLANNED_FIELDS
+
+    config, resolved = record["config"], record.get("resolved")
+    plan = resolved.get("plan") if isinstance(resolved, dict) else None
+    if not isinstance(plan, dict):
+        return {name for name in PLANNED_FIELDS if config.get(name) in (None, "auto")}
+    decisions = {name: plan.get(name) for name in PLANNED_FIELDS}
+    return {
+        name
+        for name, decision in decisions.items()
+        if isinstance(decision, dict) and not str(decision.get("why", "")).startswith("asked for")
+    }
 
 
 class DuplicateOptionKey(ValueError):

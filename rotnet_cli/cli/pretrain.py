@@ -14,6 +14,7 @@ from ..intervals import LEARNED_LITTLE, SMALL_VALIDATION, accuracy_text, wilson_
 from ..shell import shell_quote
 from ..stopping import StopFlag
 from ._common import (
+    PLANNED_BY_CONFIG,
     ConfigOpt,
     DataDirOpt,
     DeviceOpt,
@@ -311,7 +312,8 @@ def pretrain(
     from ..runtime import dist_from_env
 
     params = dict(ctx.params)
-    given = {name for name in params if _given(ctx, name)}
+    planned_again = _plan_again_for_other_data(ctx, params)
+    given = {name for name in params if _given(ctx, name)} - planned_again
     if params.pop("no_augment"):  # the flag of earlier versions
         if "augment" in given:
             raise typer.BadParameter("give --augment or --no-augment, not both", param_hint="--no-augment")
@@ -345,10 +347,26 @@ def pretrain(
     _render_summary(result, config)
 
 
-def _given(ctx: typer.Context, name: str) -> bool:
+def _plan_again_for_other_data(ctx: typer.Context, params: dict[str, Any]) -> set[str]:
+    """--config RUN/config.json --data OTHER: the values RUN's data plan chose for its own data (image size,
+    batch, epochs, augmentation) are planned again for OTHER, unless this command line gives them; they
+    were applied to OTHER and called "asked for". -> the names planned again."""
+    planned, their_data = ctx.meta.get(PLANNED_BY_CONFIG, (set(), None))
+    if not planned or _source(ctx, "data") != "COMMANDLINE" or params.get("data") == their_data:
+        return set()
+    again = {name for name in planned if _source(ctx, name) == "DEFAULT_MAP"}
+    for name in again:
+        params[name] = PretrainConfig.__dataclass_fields__[name].default
+    return again
+
+
+def _source(ctx: typer.Context, name: str) -> str | None:
     # compared by name: typer may bring its own copy of click's ParameterSource enum
-    source = ctx.get_parameter_source(name)
-    return getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT", "DEFAULT_MAP")  # DEFAULT_MAP: --config
+    return getattr(ctx.get_parameter_source(name), "name", None)
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    return _source(ctx, name) in ("COMMANDLINE", "ENVIRONMENT", "DEFAULT_MAP")  # DEFAULT_MAP: --config
 
 
 def _telling_when_training(stop: StopFlag, progress: Callable[[Any], None]) -> Callable[[Any], None]:
