@@ -86,6 +86,10 @@ def make_dir(folder: str | Path) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        # a file where a folder of the path should be: name it (mkdir -p names only the folder it could not make)
+        in_the_way = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        if in_the_way is not None:
+            raise OutputError(f"{in_the_way} is a file, not a folder; choose another --out") from None
         raise OutputError(f"cannot create {folder}: {e.strerror}; choose another --out") from None
     return folder
 

@@ -1,4 +1,4 @@
-"""A picture Pillow refuses for its size is skipped like a broken file, but the warning says why."""
+"""Failures that name what is in the way: a picture over Pillow's size limit, a file where --out needs a folder."""
 
 from __future__ import annotations
 
@@ -31,3 +31,17 @@ def test_a_broken_file_gets_no_made_up_reason(tmp_path):
     line = data_lib.warn_skipped([str(broken), str(tmp_path / "gone.png")])
 
     assert line.endswith(f"{broken}, {tmp_path / 'gone.png'}")
+
+
+def test_an_out_below_a_file_names_the_file_in_the_way(tmp_path):
+    from rotnet_cli.atomicfiles import make_dir
+    from rotnet_cli.errors import OutputError
+
+    (tmp_path / "afile").write_text("mine")
+    try:
+        make_dir(tmp_path / "afile" / "sub" / "deeper")
+    except OutputError as e:
+        assert str(e) == f"{tmp_path / 'afile'} is a file, not a folder; choose another --out"
+    else:
+        raise AssertionError("a folder was made below a file")
+    assert (tmp_path / "afile").read_text() == "mine"
