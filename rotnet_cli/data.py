@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import math
 import os
@@ -89,6 +90,7 @@ class DataSource:
     val: ImageSet | None = None
     skipped: tuple[str, ...] = ()
     files: int = 0  # image files found, before decoding (a resume compares it: unreadable ones included)
+    names: str | None = None  # a digest of their names below --data (files_digest): a resume compares it too
 
 
 # ----------------------------------------------------------------------------- resolving --data
@@ -187,13 +189,30 @@ def open_source(
         progress=progress or ignore,
     )
     if (path / "train").is_dir() and (path / "val").is_dir():
-        (train, train_skipped, n_train), (val, val_skipped, n_val) = (
+        (train, train_skipped, train_found), (val, val_skipped, val_found) = (
             _folder(path / "train", **load),
             _folder(path / "val", **load),
         )
-        return DataSource(train, val, tuple(train_skipped + val_skipped), n_train + n_val)
+        found = train_found + val_found
+        return DataSource(train, val, tuple(train_skipped + val_skipped), len(found), files_digest(found, path))
     train, skipped, found = _folder(path, **load)
-    return DataSource(train, None, tuple(skipped), found)
+    return DataSource(train, None, tuple(skipped), len(found), files_digest(found, path))
+
+
+def files_digest(paths: list[Path], root: Path) -> str:
+    """A digest of the image files' names below ``root`` (sorted): a folder whose files were swapped for
+    as many others has another one, while the same folder moved elsewhere keeps it."""
+
+    def name(path: Path) -> str:
+        try:
+            return path.relative_to(root).as_posix()
+        except ValueError:  # not below root as written (a link followed elsewhere): its whole path
+            return path.as_posix()
+
+    digest = hashlib.sha256()
+    for each in sorted(map(name, paths)):
+        digest.update(each.encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()
 
 
 def _digits(img_size: int) -> ImageSet:
@@ -376,9 +395,9 @@ def _folder(
     workers: int,
     strict: bool,
     progress: Progress,
-) -> tuple[ImageSet, list[str], int]:
+) -> tuple[ImageSet, list[str], list[Path]]:
     """The images below ``folder`` (labelled when it holds class sub-folders), the files left out,
-    and the number of image files found (readable or not)."""
+    and the image files found (readable or not)."""
     paths, non_images = _scan(folder)
     layout = _class_layout(folder, paths)
     if layout is None:
@@ -401,7 +420,7 @@ def _folder(
     if cache in ("ram", "device") or (cache == "auto" and decoded_bytes <= AUTO_RAM_CACHE_BYTES):
         images, unreadable = decode_all(images, workers=workers, strict=strict, progress=progress)
         skipped += unreadable
-    return images, skipped, len(paths)
+    return images, skipped, list(paths)
 
 
 # ----------------------------------------------------------------------------- decoding files

@@ -476,6 +476,7 @@ class Run:
     writer: rundir.RunDirWriter | None  # rank 0's hold on the run directory (lock, --overwrite's old run)
     skipped: tuple[str, ...]  # files left out when the data was opened (not images, or unreadable)
     data_files: int  # image files the data source found (before decoding): what a resume compares
+    data_names: str | None  # a digest of their names (data.files_digest; None for built-in datasets): compared too
     own_validation: bool  # the data brought its validation images (DIR/val, a test split); else --val-split
     batch_norm: bool  # the model normalises over the batch (a step needs at least 2 inputs)
     evaluator: FeatureEval | None  # --eval-data, decoded once (rank 0 evaluates)
@@ -879,6 +880,7 @@ def set_up(
         writer=writer,
         skipped=source.skipped,
         data_files=source.files,
+        data_names=source.names,
         own_validation=source.val is not None,
         batch_norm=batch_norm,
         evaluator=evaluator,
@@ -1506,6 +1508,7 @@ def save_checkpoint(run: Run, state: TrainState, sums: EpochSums | None) -> None
                 "world_size": run.dist.world_size,
                 "threads": torch.get_num_threads(),
                 "data_files": run.data_files,
+                "data_names": run.data_names,
                 "in_memory": run.train_set.in_memory,
                 "partial": [r["partial"] for r in per_rank],
                 "rng": [r["rng"] for r in per_rank],
@@ -1545,6 +1548,14 @@ def restore(run: Run, state: TrainState, saved: dict) -> None:
         saved_world = int(saved["world_size"])
         if train_images != len(run.train_set):
             raise DataError(_data_changed(run, saved, train_images))
+        names_then = saved.get("data_names")  # None: a checkpoint from before it was kept, or a built-in dataset
+        if isinstance(names_then, str) and run.data_names is not None and names_then != run.data_names:
+            # as many files, but others: the seeded split would be drawn anew over them, and the validation
+            # and calibration could hold images the run trained on
+            raise DataError(
+                f"--resume {run.out}: the training data changed ({run.data_files} image files when the run started "
+                "and now, but not the same files); restore the data or start a new run"
+            )
         threads = saved.get("threads")
         if run.device.type == "cpu" and threads and threads != torch.get_num_threads():
             run.report(

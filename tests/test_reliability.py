@@ -256,6 +256,14 @@ def test_resume_refuses_changed_data(tmp_path):
     (data / "0.png").unlink()
     with pytest.raises(Exception, match="the training data changed"):
         pretrain(resume_config(run, {}))
+    # as many files as before, but another one in its place: the split would be drawn anew over them
+    _png(data / "new.png", 0)
+    before = files_in(run)
+    with pytest.raises(DataError, match=r"the training data changed \(40 image files when the run started and now"):
+        pretrain(resume_config(run, {}))
+    assert files_in(run) == before
+    (data / "new.png").rename(data / "0.png")  # the same names again: it resumes
+    pretrain(resume_config(run, {}))
 
 
 # ----------------------------------------------------------------------------- broken data
