@@ -352,12 +352,25 @@ def _plan_again_for_other_data(ctx: typer.Context, params: dict[str, Any]) -> se
     batch, epochs, augmentation) are planned again for OTHER, unless this command line gives them; they
     were applied to OTHER and called "asked for". -> the names planned again."""
     planned, their_data = ctx.meta.get(PLANNED_BY_CONFIG, (set(), None))
-    if not planned or _source(ctx, "data") != "COMMANDLINE" or params.get("data") == their_data:
+    if not planned or _source(ctx, "data") != "COMMANDLINE" or _same_data(params.get("data"), their_data):
         return set()
     again = {name for name in planned if _source(ctx, name) == "DEFAULT_MAP"}
     for name in again:
         params[name] = PretrainConfig.__dataclass_fields__[name].default
     return again
+
+
+def _same_data(data: Any, their_data: Any) -> bool:
+    """One data source however it is spelled: ``small``, ``./small/`` and its absolute path name one folder
+    (compared as text they re-planned RUN's own data as if it were other data)."""
+    if data == their_data:
+        return True
+    if not isinstance(data, (str, Path)) or not isinstance(their_data, (str, Path)):
+        return False
+    try:
+        return Path(data).expanduser().samefile(Path(their_data).expanduser())
+    except OSError:  # a dataset name, or a folder that is not there: only the same text is the same data
+        return False
 
 
 def _source(ctx: typer.Context, name: str) -> str | None:
