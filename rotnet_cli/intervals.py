@@ -13,9 +13,18 @@ import math
 Z95 = 1.959964  # two-sided 95%
 WIDE = 0.05  # a half-width above this is worth printing (the figure alone would overstate it)
 SMALL_VALIDATION = 50  # fewer held-out images than this: the validation accuracy means little
-# a validation accuracy surely below this (its interval's top) is a run that learned little of which way is up:
-# the benchmark's faces and scans end at 0.95-0.98, its 466 varied objects at 0.38-0.50 (docs/own-folder.md)
-LEARNED_LITTLE = 0.75
+# a validation accuracy surely below chance + LEARNED_LITTLE x (1 - chance) (0.75 for four rotations; the top of
+# its interval over held-out images) is a run that learned little of which way is up: the benchmark's faces and
+# scans end at 0.95-0.98, its 466 varied objects at 0.38-0.52 (docs/own-folder.md)
+LEARNED_LITTLE = 2 / 3
+
+
+def learned_little(accuracy: float, images: int, rotations: int) -> bool:
+    """Whether a validation accuracy on ``images`` held-out images (each at every one of ``rotations``) is surely
+    far from knowing which way is up. The interval counts images, not answers: the rotated copies of one image
+    are not independent answers (one image at 12.5% of 8 answers proves nothing)."""
+    chance = 1 / rotations
+    return wilson_interval(accuracy * images, images)[1] < chance + LEARNED_LITTLE * (1 - chance)
 
 
 def wilson_interval(correct: float, total: int, z: float = Z95) -> tuple[float, float]:
@@ -38,4 +47,4 @@ def accuracy_text(accuracy: float, total: int, unit: str = "images") -> str:
     return text
 
 
-__all__ = ["wilson_interval", "accuracy_text", "SMALL_VALIDATION", "LEARNED_LITTLE"]
+__all__ = ["wilson_interval", "accuracy_text", "learned_little", "SMALL_VALIDATION", "LEARNED_LITTLE"]

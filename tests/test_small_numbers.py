@@ -51,6 +51,12 @@ def test_a_calibration_that_leaves_under_confident_answers_as_they_are_says_why(
     _render_honest_figures(summary(47, 0.505, calibration), PretrainConfig(data="objects"))
     text = " ".join(capsys.readouterr().out.split())
     assert "15.4% -> 15.4% (the answers were less sure than right; rotnet never makes them surer" in text
+    # a fit that ran to its limit says the answers carried nothing (sweep 24d: "20.00 ... 75.0% -> 75.0%")
+    calibration = {"temperature": 20.0, "samples": 16, "ece_before": 0.75, "ece_after": 0.75}
+    _render_honest_figures(summary(4, 0.25, calibration), PretrainConfig(data="few"))
+    assert "(the fit's limit: the held-out answers carried almost no information" in " ".join(
+        capsys.readouterr().out.split()
+    )
     # a softened head, or an error within the noise, needs no such words
     for temperature, ece in ((1.21, 0.154), (1.0, 0.01)):
         calibration = {"temperature": temperature, "samples": 188, "ece_before": ece, "ece_after": ece}
@@ -72,6 +78,12 @@ def test_a_run_that_learned_little_is_told_what_would_help(capsys):
     for images, accuracy in ((120, 0.975), (7, 0.6)):
         _render_honest_figures(summary(images, accuracy), PretrainConfig(data="faces"))
         assert "learned little" not in capsys.readouterr().err
+    # one held-out image at 8 rotations: 8 answers, but of one picture, prove nothing (sweep 24d)
+    eight = PretrainConfig(data="few", rotations=tuple(range(0, 360, 45)))
+    _render_honest_figures(summary(1, 0.125), eight)
+    assert "learned little" not in capsys.readouterr().err
+    _render_honest_figures(summary(100, 0.3), eight)  # the bar follows chance: 12.5% of 8 rotations
+    assert "(30.0% right, chance 12.5%)" in " ".join(capsys.readouterr().err.split())
 
 
 def test_a_folder_with_its_own_val_is_told_to_add_images_there_not_to_use_val_split(capsys, tmp_path):

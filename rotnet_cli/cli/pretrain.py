@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..config import PretrainConfig, counted, format_rotations, option_default
-from ..intervals import LEARNED_LITTLE, SMALL_VALIDATION, accuracy_text, wilson_interval
+from ..intervals import SMALL_VALIDATION, accuracy_text, learned_little
 from ..shell import shell_quote
 from ..stopping import StopFlag
 from ._common import (
@@ -433,10 +433,10 @@ def _render_honest_figures(result, config: PretrainConfig) -> None:
                 f"the validation split holds only {counted(result.val_images, 'image')}, too few for its accuracy "
                 f"to mean much (and for a sure calibration); {more}"
             )
-        if wilson_interval(final["val_rot_acc"] * answers, answers)[1] < LEARNED_LITTLE:
+        if learned_little(final["val_rot_acc"], result.val_images, config.num_rotations):
             _warn_learned_little(final["val_rot_acc"], config)
     # inside: calibration.py imports torch (fast --help)
-    from ..calibration import MIN_CALIBRATION_IMAGES, MIN_TEMPERATURE, NOTABLE_ECE
+    from ..calibration import MAX_TEMPERATURE, MIN_CALIBRATION_IMAGES, MIN_TEMPERATURE, NOTABLE_ECE
 
     calibration = result.calibration
     if not calibration and 0 < (result.val_images or 0) < MIN_CALIBRATION_IMAGES:  # too few to fit a temperature on
@@ -449,12 +449,16 @@ def _render_honest_figures(result, config: PretrainConfig) -> None:
     if calibration:
         # the fit stops at MIN_TEMPERATURE: an error left as it was means the answers were less sure than right
         kept = calibration["temperature"] <= MIN_TEMPERATURE and calibration["ece_after"] >= NOTABLE_ECE
-        why = (
-            " (the answers were less sure than right; rotnet never makes them surer than the softmax says, "
-            "so they stay as they are: on the safe side)"
-            if kept
-            else ""
-        )
+        why = ""
+        if kept:
+            why = (
+                " (the answers were less sure than right; rotnet never makes them surer than the softmax says, "
+                "so they stay as they are: on the safe side)"
+            )
+        elif calibration["temperature"] >= MAX_TEMPERATURE:  # the fit ran to its limit: every answer near chance
+            why = (
+                " (the fit's limit: the held-out answers carried almost no information, so every answer is near chance)"
+            )
         out_console.print(
             f"calibration: temperature {calibration['temperature']:.2f} fitted on {calibration['samples']} held-out "
             f"answers; expected calibration error {100 * calibration['ece_before']:.1f}% -> "
@@ -469,13 +473,13 @@ def _warn_learned_little(accuracy: float, config: PretrainConfig) -> None:
     ways = "add images or train longer (--epochs)"
     if config.init is None:  # from random weights: pretrained ones are the likeliest help
         ways = (
-            "from random weights, a few hundred pictures of varied things were too few in our measurements "
+            "from random weights, even a few hundred pictures of varied things were too few in our measurements "
             f"(docs/own-folder.md): add images, train longer (--epochs), or start from pretrained weights "
             f"(--init timm:{config.model})"
         )
     warn(
         f"the run learned little of which way is up ({100 * accuracy:.1f}% right, chance "
-        f"{100 / config.num_rotations:.0f}%): its features and predict's answers will be weak; {ways}"
+        f"{100 / config.num_rotations:.3g}%): its features and predict's answers will be weak; {ways}"
     )
 
 
