@@ -891,12 +891,12 @@ def warn_skipped(skipped: list[str]) -> str | None:
         return None
     first = ", ".join(skipped[:3])
     more = " ..." if len(skipped) > 3 else ""
-    oversized = next((why for why in map(_too_many_pixels, skipped[:3]) if why), "")
+    oversized = next((f" ({path}: {why})" for path in skipped[:3] if (why := too_many_pixels(path))), "")
     return f"skipped {len(skipped)} file(s) that are not readable images: {first}{more}{oversized}"
 
 
-def _too_many_pixels(path: str) -> str | None:
-    """' (PATH: N pixels, over Pillow's limit ...)' when Pillow refuses ``path`` for its size, else None."""
+def too_many_pixels(path: str | Path) -> str | None:
+    """'W x H = N pixels, over Pillow's limit ...' when Pillow refuses ``path`` for its size, else None."""
     from PIL import Image
 
     file = Path(path)
@@ -917,8 +917,8 @@ def _too_many_pixels(path: str) -> str | None:
             finally:
                 Image.MAX_IMAGE_PIXELS = limit
         return (
-            f" ({path}: {image.size[0]} x {image.size[1]} = {pixels:,} pixels, over Pillow's limit of "
-            f"{2 * limit:,} against decompression bombs; shrink it to use it)"
+            f"{image.size[0]} x {image.size[1]} = {pixels:,} pixels, over Pillow's limit of "
+            f"{2 * limit:,} against decompression bombs; shrink it to use it"
         )
     except Exception:  # broken in another way: the list says enough
         return None
@@ -942,6 +942,7 @@ __all__ = [
     "scan_images",
     "num_batches",
     "warn_skipped",
+    "too_many_pixels",
     "Batch",
     "data_provenance",
     "to_rgb",

@@ -352,6 +352,8 @@ def _predict(cfg: PredictConfig, progress: Progress | None) -> PredictResult:
     for image, p in zip(inputs, predictions):
         if not image.supported and p.action == "unreadable":
             p.note = predict_files.UNSUPPORTED_NOTE
+        elif p.action == "unreadable" and (oversized := data_lib.too_many_pixels(image.path)):
+            p.note = oversized  # not broken: too large for Pillow to open
     unreadable = [p.path for p in predictions if p.action == "unreadable"]
     if unreadable:
         emit(WarningMessage(data_lib.warn_skipped([display_path(p) for p in unreadable])))

@@ -929,3 +929,16 @@ def test_a_second_predict_into_the_same_out_while_one_writes_is_refused(tmp_path
     result = invoke(str(run_dir), str(rotated_folder[0]), "--fix", "--out", str(out))  # the holder is gone
     assert result.exit_code == 0, result.output
     assert (out / "predictions.csv").is_file() and not list(tmp_path.glob(".*lock*"))
+
+
+def test_a_picture_over_pillows_size_limit_is_reported_as_such_not_as_broken(tmp_path, run_dir, monkeypatch):
+    # its row said "could not be decoded", as if the file were broken (sweep 24d)
+    Image.new("L", (100, 100)).save(tmp_path / "scan.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 100 x 100 picture is over twice this
+    result = invoke(str(run_dir), str(tmp_path / "scan.png"), "--json")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)["predictions"]
+    assert row["action"] == "unreadable"
+    assert (
+        row["note"].startswith("100 x 100 = 10,000 pixels, over Pillow's limit of 2,000") and "shrink it" in row["note"]
+    )
