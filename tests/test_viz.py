@@ -357,7 +357,7 @@ def test_curves_into_a_folder_that_is_a_file_is_a_one_line_error_that_changes_no
     blocker = tmp_path / "taken"
     blocker.write_text("mine")
     line = one_line_error(invoke("viz", "curves", tmp_path / "run", "--out", blocker / "c.png"))
-    assert "cannot create" in line and "--out" in line
+    assert f"{blocker} is a file, not a folder" in line and "--out" in line
     assert blocker.read_text() == "mine"
 
 
