@@ -33,7 +33,7 @@ EXAMPLES = """
   rotnet predict runs/demo scans/ --fix --out upright/ [dim]# upright copies + predictions.csv/.json[/dim]
   rotnet predict runs/demo scans/ --fix --out upright/ --copy-unchanged   [dim]# a complete upright mirror[/dim]
   rotnet predict runs/photos ~/Pictures --fix --in-place --jpeg lossless --out report/  [dim]# originals kept as *.orig[/dim]
-  rotnet predict runs/demo scans/ --tta --json         [dim]# agreement over rotated copies, machine output[/dim]
+  rotnet predict runs/demo scans/ --no-tta --json      [dim]# one pass an image (4x cheaper), machine output[/dim]
   rotnet predict exported/model.onnx scans/            [dim]# onnxruntime (rotnet export --format onnx --with-head)[/dim]
 """
 
@@ -114,7 +114,7 @@ def predict(
     batch_size: Annotated[
         int,
         typer.Option(
-            "--batch-size", "-b", help="Images per forward pass (with --tta each image adds its rotated copies)."
+            "--batch-size", "-b", help="Images per forward pass (each image adds its rotated copies, unless --no-tta)."
         ),
     ] = option_default(PredictConfig, "batch_size"),
     workers: WorkersOpt = option_default(PredictConfig, "workers"),
