@@ -69,6 +69,20 @@ def copy_of_run(tiny_run, tmp_path) -> Path:
     return Path(shutil.copytree(tiny_run, tmp_path / "run-copy"))
 
 
+def ramp_folder(path: Path, n: int, side: int, mode: str = "L") -> None:
+    """``n`` grey ramps with a little noise, ``side`` px square, saved as PNG in a new folder ``path``
+    (``mode="RGB"``: the same pixels as colour files): pictures with an up, for the data plan's tests."""
+    import numpy as np
+    from PIL import Image
+
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        ramp = np.linspace(0, 255, side)[None, :] * np.linspace(0.3, 1, side)[:, None]
+        noise = rng.integers(0, 30, (side, side))
+        Image.fromarray((ramp * 0.8 + noise).astype(np.uint8)).convert(mode).save(path / f"{i}.png")
+
+
 def files_in(folder: Path, with_times: bool = False) -> dict:
     """Every file under ``folder`` (logs/ and checkpoints/ too), by relative path: its bytes (and mtime)."""
     return {

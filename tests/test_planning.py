@@ -2,10 +2,9 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import ramp_folder
 from typer.testing import CliRunner
 
 from rotnet_cli import planning
@@ -64,7 +63,7 @@ def test_the_batch_line_counts_batches_which_step_options_do_not_change(tmp_path
     # under --max-steps-per-epoch 1 an epoch is 1 step: the batch line said "3 steps per epoch"
     assert planning.plan_batch_size(None, 37).why == "37 training images make 3 batches"
     folder = tmp_path / "few"
-    _folder(folder, 40, 40)
+    ramp_folder(folder, 40, 40)
     result = CliRunner().invoke(
         app,
         ["pretrain", "--data", str(folder), "--out", str(tmp_path / "run"), "--max-steps-per-epoch", "1"]
@@ -120,22 +119,13 @@ def test_large_images_are_measured_shrunk_and_decided_alike(tmp_path):
     from rotnet_cli import data as data_lib
 
     folder = tmp_path / "scans"
-    _folder(folder, 3, 40)
+    ramp_folder(folder, 3, 40)
     images = data_lib.ImageSet(name="scans", img_size=1024, paths=sorted(folder.glob("*.png")))
     assert data_lib.sample_images(images).shape == (3, 3, planning.CONTENT_SIZE, planning.CONTENT_SIZE)
 
 
-def _folder(path, n, side, mode="L"):
-    path.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        ramp = np.linspace(0, 255, side)[None, :] * np.linspace(0.3, 1, side)[:, None]
-        noise = rng.integers(0, 30, (side, side))
-        Image.fromarray((ramp * 0.8 + noise).astype(np.uint8)).convert(mode).save(path / f"{i}.png")
-
-
 def test_the_bare_command_on_a_tiny_folder_plans_prints_and_records(tmp_path):
-    _folder(tmp_path / "faces", 12, 25)
+    ramp_folder(tmp_path / "faces", 12, 25)
     out = tmp_path / "run"
     args = ["pretrain", "--data", str(tmp_path / "faces"), "--model", "test_resnet", "--device", "cpu", "-j", "0"]
     result = CliRunner().invoke(app, [*args, "--epochs", "1", "--out", str(out)])
@@ -153,7 +143,7 @@ def test_the_bare_command_on_a_tiny_folder_plans_prints_and_records(tmp_path):
 
 
 def test_explicit_options_win_over_the_plan(tmp_path):
-    _folder(tmp_path / "photos", 10, 40, mode="RGB")
+    ramp_folder(tmp_path / "photos", 10, 40, mode="RGB")
     out = tmp_path / "run"
     args = ["pretrain", "--data", str(tmp_path / "photos"), "--model", "test_resnet", "--device", "cpu", "-j", "0"]
     given = ["--img-size", "48", "-b", "4", "--epochs", "1", "--augment", "none", "--val-split", "0"]
@@ -203,8 +193,8 @@ def test_a_model_that_cannot_run_on_the_planned_size_gets_the_smallest_larger_si
 
 def test_config_of_a_run_on_other_data_plans_that_runs_planned_values_again(tmp_path):
     # --config RUN/config.json --data OTHER applied RUN's plan (made for RUN's images) to OTHER as "asked for"
-    _folder(tmp_path / "faces", 20, 24)  # grey, 24 px
-    _folder(tmp_path / "photos", 20, 56, mode="RGB")
+    ramp_folder(tmp_path / "faces", 20, 24)  # grey, 24 px
+    ramp_folder(tmp_path / "photos", 20, 56, mode="RGB")
     args = ["pretrain", "--model", "test_resnet", "--device", "cpu", "-j", "0", "--max-steps-per-epoch", "1"]
     first = CliRunner().invoke(
         app, [*args, "--data", str(tmp_path / "faces"), "--epochs", "1", "--out", str(tmp_path / "a")]

@@ -3,22 +3,12 @@
 import json
 import os
 
-import numpy as np
 import pytest
-from PIL import Image
+from conftest import ramp_folder
 from typer.testing import CliRunner
 
 from rotnet_cli.cli import app
 from rotnet_cli.rundir.fields import FileFields, check_calibration_fields
-
-
-def _folder(path, n, side, mode="L"):
-    path.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        ramp = np.linspace(0, 255, side)[None, :] * np.linspace(0.3, 1, side)[:, None]
-        noise = rng.integers(0, 30, (side, side))
-        Image.fromarray((ramp * 0.8 + noise).astype(np.uint8)).convert(mode).save(path / f"{i}.png")
 
 
 def test_a_diverged_runs_calibration_record_is_read_back():
@@ -44,7 +34,7 @@ def test_config_with_the_runs_own_folder_spelled_otherwise_repeats_the_run(tmp_p
     # --config RUN/config.json --data /abs/path/of/RUN's/folder re-planned RUN's values as for other data:
     # the paths were compared as text ("faces" against "/tmp/.../faces/")
     monkeypatch.chdir(tmp_path)
-    _folder(tmp_path / "faces", 20, 24)
+    ramp_folder(tmp_path / "faces", 20, 24)
     args = [
         "pretrain",
         "--model",
